@@ -1,0 +1,187 @@
+"""Safe expressions: spec text -> sympy (a whitelist over Python's `ast`), sympy -> torch.
+
+Nothing from a spec is ever passed to `eval`, `exec` or `sympify`: the text is parsed with
+`ast.parse`, every node is checked against a small grammar (numbers, whitelisted names, + - * / **,
+comparisons, whitelisted function calls) and translated node by node into sympy.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Mapping
+
+import sympy as sp
+import torch
+
+from mirasc.spec import FieldError
+
+MAX_LENGTH = 400
+MAX_EXPONENT = 64
+
+
+def _sigmoid(x):
+    return 1 / (1 + sp.exp(-x))
+
+
+def _softplus(x):
+    return sp.log(1 + sp.exp(x))
+
+
+def _where(cond, a, b):
+    return sp.Piecewise((a, cond), (b, True))
+
+
+FUNCTIONS: dict[str, tuple[int, Callable]] = {
+    "abs": (1, sp.Abs),
+    "sign": (1, sp.sign),
+    "sqrt": (1, sp.sqrt),
+    "exp": (1, sp.exp),
+    "log": (1, sp.log),
+    "tanh": (1, sp.tanh),
+    "sinh": (1, sp.sinh),
+    "cosh": (1, sp.cosh),
+    "atan": (1, sp.atan),
+    "erf": (1, sp.erf),
+    "sigmoid": (1, _sigmoid),
+    "softplus": (1, _softplus),
+    "where": (3, _where),
+}
+CONSTANTS = {"pi": sp.pi}
+
+_BINARY = {ast.Add: sp.Add, ast.Sub: lambda a, b: a - b, ast.Mult: sp.Mul,
+           ast.Div: lambda a, b: a / b, ast.Pow: sp.Pow}
+_COMPARE = {ast.Lt: sp.Lt, ast.LtE: sp.Le, ast.Gt: sp.Gt, ast.GtE: sp.Ge}
+_WHY = {ast.Attribute: "attribute access", ast.Lambda: "lambda", ast.Subscript: "subscripts",
+        ast.BitXor: "'^' (use ** for powers)", ast.Starred: "starred arguments",
+        ast.IfExp: "if-expressions (use where(cond, a, b))", ast.BoolOp: "and/or",
+        ast.NamedExpr: "assignment", ast.JoinedStr: "f-strings", ast.Await: "await"}
+
+
+def parse_expression(text: str, symbols: Mapping[str, sp.Symbol], field: str) -> sp.Expr:
+    """Parse `text` into a sympy expression over `symbols` (plus `pi`), or raise `FieldError`."""
+    allowed = ", ".join(sorted(symbols)) or "none"
+    functions = ", ".join(FUNCTIONS)
+
+    def fail(why: str) -> FieldError:
+        return FieldError(field, f"{why} in {text!r}; allowed: numbers, + - * / **, < <= > >=, "
+                                 f"the variables {allowed}, and the functions {functions}")
+
+    if not isinstance(text, str) or len(text) > MAX_LENGTH:
+        raise FieldError(field, f"an expression is a string of at most {MAX_LENGTH} characters")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise fail(f"syntax error ({exc.msg})") from None
+
+    def visit(node: ast.AST) -> sp.Expr:
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, int | float):
+                raise fail(f"the constant {node.value!r} is not a number")
+            return sp.Float(node.value) if isinstance(node.value, float) else sp.Integer(node.value)
+        if isinstance(node, ast.Name):
+            if node.id in symbols:
+                return symbols[node.id]
+            if node.id in CONSTANTS:
+                return CONSTANTS[node.id]
+            raise fail(f"unknown name {node.id!r}")
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+            value = visit(node.operand)
+            return -value if isinstance(node.op, ast.USub) else value
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            left, right = visit(node.left), visit(node.right)
+            if isinstance(node.op, ast.Pow) and right.is_number and abs(right) > MAX_EXPONENT:
+                raise fail(f"an exponent above {MAX_EXPONENT}")
+            return _BINARY[type(node.op)](left, right)
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
+            return _COMPARE[type(node.ops[0])](visit(node.left), visit(node.comparators[0]))
+        if isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else None
+            if name not in FUNCTIONS:
+                raise fail(f"the call {ast.unparse(node.func)}(...) is not allowed")
+            arity, build = FUNCTIONS[name]
+            if node.keywords or len(node.args) != arity:
+                raise fail(f"{name} takes {arity} positional argument(s)")
+            return build(*(visit(arg) for arg in node.args))
+        kind = type(node.op) if isinstance(node, ast.BinOp) else type(node)
+        raise fail(f"{_WHY.get(kind, type(node).__name__)} is not allowed")
+
+    return visit(tree.body)
+
+
+# ---- sympy -> torch ---------------------------------------------------------------------------
+# Constants are folded by sympy (params and constant gates are substituted before printing), so
+# every function argument below contains a symbol and is a tensor at run time.
+
+TORCH_FUNCTIONS: dict[type, Callable] = {
+    sp.Abs: torch.abs, sp.sign: torch.sign, sp.exp: torch.exp, sp.log: torch.log,
+    sp.tanh: torch.tanh, sp.sinh: torch.sinh, sp.cosh: torch.cosh, sp.atan: torch.atan,
+    sp.erf: torch.erf,
+}
+_COMPARE_OPS = {sp.StrictLessThan: "<", sp.LessThan: "<=", sp.StrictGreaterThan: ">",
+                sp.GreaterThan: ">=", sp.Eq: "==", sp.Ne: "!=", sp.And: "&", sp.Or: "|"}
+_COMPARE_FNS = {sp.StrictLessThan: torch.lt, sp.LessThan: torch.le, sp.StrictGreaterThan: torch.gt,
+                sp.GreaterThan: torch.ge, sp.Eq: torch.eq, sp.Ne: torch.ne,
+                sp.And: torch.logical_and, sp.Or: torch.logical_or}
+
+
+def to_torch(expr: sp.Expr, env: Mapping[sp.Symbol, torch.Tensor]) -> torch.Tensor:
+    """Evaluate a sympy expression on tensors by walking its tree (the reference's evaluator)."""
+    if expr.is_Symbol:
+        return env[expr]
+    if expr.is_Number or expr.is_NumberSymbol:
+        return float(expr)
+    if isinstance(expr, sp.Piecewise):
+        *branches, (out, _) = expr.args
+        out = to_torch(out, env)
+        for value, cond in reversed(branches):
+            out = torch.where(to_torch(cond, env), to_torch(value, env), out)
+        return out
+    args = [to_torch(a, env) for a in expr.args]
+    if isinstance(expr, sp.Add):
+        return sum(args[1:], args[0])
+    if isinstance(expr, sp.Mul):
+        out = args[0]
+        for a in args[1:]:
+            out = out * a
+        return out
+    if isinstance(expr, sp.Pow):
+        return args[0] ** args[1]
+    if type(expr) in TORCH_FUNCTIONS:
+        return TORCH_FUNCTIONS[type(expr)](args[0])
+    if type(expr) in _COMPARE_FNS:
+        out = args[0]
+        for a in args[1:]:
+            out = _COMPARE_FNS[type(expr)](out, a)
+        return out
+    if isinstance(expr, sp.Heaviside):
+        return (args[0] > 0).to(args[0].dtype)
+    raise TypeError(f"no torch form for {expr.func.__name__}")
+
+
+def torch_source(expr: sp.Expr, names: Mapping[sp.Symbol, str]) -> str:
+    """Print a sympy expression as torch code in the variables `names` (for codegen)."""
+
+    def show(e) -> str:
+        if e.is_Symbol:
+            return names[e]
+        if e.is_Number or e.is_NumberSymbol:
+            return repr(float(e))
+        if isinstance(e, sp.Add | sp.Mul):
+            return "(" + (" + " if isinstance(e, sp.Add) else " * ").join(map(show, e.args)) + ")"
+        if isinstance(e, sp.Pow):
+            return f"{show(e.args[0])} ** {show(e.args[1])}"
+        if type(e) in TORCH_FUNCTIONS:
+            return f"torch.{TORCH_FUNCTIONS[type(e)].__name__}({show(e.args[0])})"
+        if type(e) in _COMPARE_OPS:
+            return "(" + f" {_COMPARE_OPS[type(e)]} ".join(map(show, e.args)) + ")"
+        if isinstance(e, sp.Heaviside):
+            return f"({show(e.args[0])} > 0).to({show(e.args[0])}.dtype)"
+        if isinstance(e, sp.Piecewise):
+            *branches, (out, _) = e.args
+            out = show(out)
+            for value, cond in reversed(branches):
+                out = f"torch.where({show(cond)}, {show(value)}, {out})"
+            return out
+        raise TypeError(f"no torch form for {e.func.__name__}")
+
+    return show(expr)

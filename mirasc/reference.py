@@ -1,0 +1,229 @@
+"""The oracle: a slow, plain PyTorch statement of a spec's recurrence, token by token.
+
+For token t (per batch and head), with the state carrying Z (the retention's dual variable):
+    W = phi^-1(Z_{t-1}),  r = M_W(k_t) - v_t,  grad_t = dl/dW = vjp of M_W(k_t) with g(r)
+    U_t = eta_t grad_t (GD) or S_t = m_t S_{t-1} + eta_t grad_t (momentum)
+    Z_t = alpha_t Z_{t-1} - U_t,   o_t = M_{phi^-1(Z_t)}(q_t)
+`chunked` is the same recurrence with mini-batch gradients at each chunk's start state (the form
+the kernels compute); with chunk_size 1 it is the token recurrence. Autograd gives the backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mirasc.derive import DELTA, RNORM, Derivation, R, V, Z
+from mirasc.expr import to_torch
+
+RNORM_EPS = 1e-12
+LN_EPS = 1e-5
+ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
+
+
+@dataclass
+class Inputs:
+    """Head-major views of the op's inputs: q, k [B,H,T,Dk], v [B,H,T,Dv]; gates [B,H,T(,D)]."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    gates: dict[str, torch.Tensor | float]
+
+    @classmethod
+    def from_op(cls, d: Derivation, q, k, v, gates: dict[str, torch.Tensor | None]) -> Inputs:
+        values: dict[str, torch.Tensor | float] = {}
+        for name, gate in d.op_gates().items():
+            if gate.value is not None:
+                values[name] = gate.value
+            else:
+                values[name] = gates[name].transpose(1, 2)
+        if "log_alpha" in values:  # the decay enters the reference as alpha = exp(log_alpha)
+            alpha = values.pop("log_alpha")
+            values["alpha"] = alpha.exp() if isinstance(alpha, torch.Tensor) else alpha
+        return cls(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), values)
+
+    def gate(self, name: str, t: int, like: torch.Tensor):
+        """Gate `name` at token t shaped to broadcast onto `like` ([B,H,...]); a channel-wise gate
+        runs along the last (input) dimension. None when the spec has no such gate."""
+        g = self.gates.get(name)
+        if g is None or isinstance(g, float):
+            return g
+        g = g[:, :, t]
+        if g.dim() == 2:
+            return g.reshape(*g.shape, *([1] * (like.dim() - 2)))
+        return g.reshape(*g.shape[:2], *([1] * (like.dim() - 3)), g.shape[-1])
+
+
+# ---- the memory ------------------------------------------------------------------------------
+
+
+def memory_apply(d: Derivation, weights: tuple[torch.Tensor, ...], x: torch.Tensor):
+    """M_W(x) for x [B,H,Dk] and per-layer weights [B,H,out,in] (a vector memory: [B,H,D])."""
+    mem = d.spec.memory
+    if mem.kind == "vector":
+        y = weights[0] * x
+    else:
+        y = x
+        for i, w in enumerate(weights):
+            y = torch.einsum("bhoi,bhi->bho", w, y)
+            if i < len(weights) - 1:
+                y = ACTIVATIONS[mem.activation](y)
+    if mem.layer_norm:
+        y = F.layer_norm(y, y.shape[-1:], eps=LN_EPS)
+    return x + y if mem.residual else y
+
+
+def memory_shapes(d: Derivation, dk: int, dv: int) -> list[tuple[int, ...]]:
+    """The per-head shapes of the memory's weights."""
+    mem = d.spec.memory
+    if mem.kind == "matrix":
+        return [(dv, dk)]
+    if mem.kind == "vector":
+        return [(dk,)]
+    hidden = mem.expansion * dk
+    widths = [dk] + [hidden] * (mem.depth - 1) + [dv]
+    return [(widths[i + 1], widths[i]) for i in range(mem.depth)]
+
+
+def residual_norm(r: torch.Tensor) -> torch.Tensor:
+    """rnorm = sqrt(||r||^2 + 1e-12) over the value channels, kept as a trailing dim of 1."""
+    return (r.square().sum(-1, keepdim=True) + RNORM_EPS).sqrt()
+
+
+def bias_grad(d: Derivation, r, v, delta) -> torch.Tensor:
+    """g = dl/dr for r, v [B,H,Dv] (delta broadcastable), evaluating the sympy rule directly."""
+    env = {R: r, V: v, RNORM: residual_norm(r), DELTA: delta}
+    return torch.zeros_like(r) + to_torch(d.bias.elem, env) + to_torch(d.bias.norm, env) * r
+
+
+def memory_grad(d: Derivation, weights, k, v, delta, g=bias_grad) -> tuple[torch.Tensor, ...]:
+    """grad_W l(M_W(k), v) per layer: the vjp of the memory with the bias gradient g."""
+    out, pullback = torch.func.vjp(lambda *w: memory_apply(d, w, k), *weights)
+    return pullback(g(d, out - v, v, delta))
+
+
+# ---- retention --------------------------------------------------------------------------------
+
+
+def _scope_dims(scope: str, w: torch.Tensor) -> tuple[int, ...]:
+    if w.dim() == 3:
+        return (-1,)
+    return {"matrix": (-2, -1), "row": (-1,), "column": (-2,)}[scope]
+
+
+def read(d: Derivation, z: torch.Tensor) -> torch.Tensor:
+    """W = phi^-1(Z) for one layer's dual variable."""
+    ret, rule = d.spec.retention, d.retention
+    if rule.kind in ("none", "l2"):
+        return z
+    if rule.kind == "lq":
+        dims = _scope_dims(ret.scope, z)
+        norm = (z.abs().pow(ret.q).sum(dims, keepdim=True) + ret.eps).pow(1.0 / ret.q)
+        core = z if ret.link == "scale" else z.sign() * z.abs().pow(ret.q - 1)
+        return core / norm.pow(ret.q - 2)
+    if rule.kind == "kl":
+        dims = _scope_dims(ret.axis, z)
+        flat = z.flatten(-len(dims)) if len(dims) == 2 else z.movedim(dims[0], -1)
+        soft = ret.scale * flat.softmax(-1)
+        return soft.reshape(z.shape) if len(dims) == 2 else soft.movedim(-1, dims[0])
+    return to_torch(rule.elementwise, {Z: z})
+
+
+def _decay(inputs: Inputs, t: int, zs: tuple[torch.Tensor, ...]):
+    return tuple(z if (a := inputs.gate("alpha", t, z)) is None else z * a for z in zs)
+
+
+def _learn(d: Derivation, inputs: Inputs, t: int, grads, momentum):
+    """The learner: U_t = eta_t grad_t, or S_t = m_t S_{t-1} + eta_t grad_t with U_t = S_t."""
+    steps = tuple(g * inputs.gate("eta", t, g) for g in grads)
+    if momentum is None:
+        return steps, None
+    momentum = tuple(inputs.gate("momentum", t, s) * s + u for s, u in zip(momentum, steps, strict=True))
+    return momentum, momentum
+
+
+# ---- the two recurrences ----------------------------------------------------------------------
+
+
+def initial_state(d: Derivation, inputs: Inputs, state):
+    """Split a user state tuple into (memory layers, momentum layers or None), zeros if absent."""
+    b, h, _, dk = inputs.k.shape
+    shapes = memory_shapes(d, dk, inputs.v.shape[-1])
+    n = len(shapes)
+    if state is None:
+        like = inputs.k
+        state = tuple(like.new_zeros(b, h, *s) for s in shapes)
+        if d.spec.learner.kind == "momentum":
+            state = state + tuple(like.new_zeros(b, h, *s) for s in shapes)
+    memory = tuple(state[:n])
+    momentum = tuple(state[n:]) if d.spec.learner.kind == "momentum" else None
+    return memory, momentum
+
+
+def recurrent(d: Derivation, inputs: Inputs, state=None):
+    """The token recurrence. Returns o [B,H,T,Dv] and the final state tuple."""
+    zs, momentum = initial_state(d, inputs, state)
+    dual = d.retention.dual
+    outputs = []
+    for t in range(inputs.q.shape[2]):
+        k, v = inputs.k[:, :, t], inputs.v[:, :, t]
+        delta = inputs.gate("delta", t, v)
+        retained = _decay(inputs, t, zs)
+        point = zs if d.spec.learner.grad_at == "previous" else retained
+        weights = tuple(read(d, z) for z in point) if dual else point
+        grads = memory_grad(d, weights, k, v, delta)
+        update, momentum = _learn(d, inputs, t, grads, momentum)
+        zs = tuple(z - u for z, u in zip(retained, update, strict=True))
+        if not dual:
+            zs = tuple(read(d, z) for z in zs)
+        current = tuple(read(d, z) for z in zs) if dual else zs
+        outputs.append(memory_apply(d, current, inputs.q[:, :, t]))
+    return torch.stack(outputs, 2), zs + (momentum or ())
+
+
+def chunk_starts(length: int, chunk_size: int, lag_token: bool) -> list[int]:
+    """Chunk boundaries; with a lag token the first token of every chunk is a chunk of its own."""
+    starts = list(range(0, length, chunk_size))
+    if lag_token:
+        starts = sorted(set(starts) | {s + 1 for s in starts if s + 1 < length})
+    return starts + [length]
+
+
+def chunked(d: Derivation, inputs: Inputs, state=None, chunk_size: int | None = None,
+            g=bias_grad):
+    """Mini-batch chunking: gradients at the chunk-start state W_s; inside a chunk the primal
+    weights move linearly from W_s, and the retention's map is applied at the chunk end only."""
+    zs, momentum = initial_state(d, inputs, state)
+    dual, grad_at = d.retention.dual, d.spec.learner.grad_at
+    bounds = chunk_starts(inputs.q.shape[2], chunk_size or d.spec.chunk_size, d.spec.lag_token)
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        start_weights = tuple(read(d, z) for z in zs) if dual else zs
+        decayed_z, primal = zs, start_weights
+        for t in range(start, end):
+            k, v = inputs.k[:, :, t], inputs.v[:, :, t]
+            delta = inputs.gate("delta", t, v)
+            decayed_z, primal = _decay(inputs, t, decayed_z), _decay(inputs, t, primal)
+            if grad_at == "previous":
+                point = start_weights
+            else:
+                retained = _decay_span(inputs, start, t, zs)
+                point = tuple(read(d, z) for z in retained) if dual else retained
+            grads = memory_grad(d, point, k, v, delta, g)
+            update, momentum = _learn(d, inputs, t, grads, momentum)
+            decayed_z = tuple(z - u for z, u in zip(decayed_z, update, strict=True))
+            primal = tuple(w - u for w, u in zip(primal, update, strict=True))
+            if t == end - 1:
+                zs = decayed_z if dual else tuple(read(d, z) for z in decayed_z)
+                primal = tuple(read(d, z) for z in zs) if dual else zs
+            outputs.append(memory_apply(d, primal, inputs.q[:, :, t]))
+    return torch.stack(outputs, 2), zs + (momentum or ())
+
+
+def _decay_span(inputs: Inputs, start: int, t: int, zs):
+    for s in range(start, t + 1):
+        zs = _decay(inputs, s, zs)
+    return zs

@@ -1,0 +1,180 @@
+"""Runtime: the compile cache, the module loader, and `MirasOp`, the callable a spec compiles to.
+
+`MirasOp.__call__` checks every input against the spec (shapes, dtypes, gates) and runs the
+generated forward; `MirasOp.reference` runs the oracle recurrence on the same inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mirasc import reference
+from mirasc.derive import Derivation, derive
+from mirasc.spec import Spec, load_spec
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+GATE_CHANNELS = {"log_alpha": "Dk", "eta": "Dk", "momentum": "Dk", "delta": "Dv"}
+
+
+class MirasOp:
+    """op(q, k, v, *, log_alpha, eta, delta, momentum, initial_state, output_final_state)."""
+
+    def __init__(self, derivation: Derivation, bias_grad: Callable = reference.bias_grad):
+        self.derivation = derivation
+        self.spec = derivation.spec
+        self._bias_grad = bias_grad
+
+    @classmethod
+    def from_spec_data(cls, data: dict, bias_grad: Callable = reference.bias_grad) -> MirasOp:
+        return cls(derive(Spec.model_validate(data)), bias_grad)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """Names of the state tensors, in order: memory layers, then momentum buffers."""
+        mem = self.spec.memory
+        layers = [f"W{i + 1}" for i in range(mem.depth)] if mem.kind == "mlp" else ["W"]
+        if self.spec.learner.kind == "momentum":
+            layers += ["S" + name[1:] for name in layers]
+        return tuple(layers)
+
+    def state_shapes(self, batch: int, heads: int, dk: int, dv: int) -> list[tuple[int, ...]]:
+        shapes = reference.memory_shapes(self.derivation, dk, dv)
+        if self.spec.learner.kind == "momentum":
+            shapes = shapes + shapes
+        return [(batch, heads, *s) for s in shapes]
+
+    def __call__(self, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None,
+                 initial_state=None, output_final_state=False):
+        inputs, state = self._prepare(q, k, v, log_alpha, eta, delta, momentum, initial_state)
+        o, final = reference.chunked(self.derivation, inputs, state, g=self._bias_grad)
+        return o.transpose(1, 2), (final if output_final_state else None)
+
+    def reference(self, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None,
+                  initial_state=None, output_final_state=False, chunk_size=None):
+        """The oracle: the token recurrence, or with `chunk_size` the mini-batch chunked one."""
+        inputs, state = self._prepare(q, k, v, log_alpha, eta, delta, momentum, initial_state)
+        if chunk_size is None:
+            o, final = reference.recurrent(self.derivation, inputs, state)
+        else:
+            o, final = reference.chunked(self.derivation, inputs, state, chunk_size)
+        return o.transpose(1, 2), (final if output_final_state else None)
+
+    # ---- input checks ----------------------------------------------------------------------
+
+    def _prepare(self, q, k, v, log_alpha, eta, delta, momentum, initial_state):
+        name = self.spec.name
+        for arg, x in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                raise ValueError(f"{name}: {arg} must be a 4-D tensor [B, T, H, D], got "
+                                 f"{getattr(x, 'shape', type(x).__name__)}")
+            if x.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{name}: {arg} has dtype {x.dtype}; allowed: float16, bfloat16, "
+                                "float32, float64")
+        if q.shape != k.shape or k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"{name}: q and k must be [B, T, H, Dk] and v [B, T, H, Dv] with the "
+                             f"same B, T, H; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                             f"v {tuple(v.shape)}")
+        if not q.dtype == k.dtype == v.dtype or not q.device == k.device == v.device:
+            raise TypeError(f"{name}: q, k, v must share dtype and device; got {q.dtype}, "
+                            f"{k.dtype}, {v.dtype}")
+        batch, _, heads, dk = k.shape
+        dv = v.shape[-1]
+        mem = self.spec.memory
+        if (mem.kind == "vector" or mem.residual) and dk != dv:
+            why = "a vector memory" if mem.kind == "vector" else "memory.residual"
+            raise ValueError(f"{name}: {why} needs Dk == Dv; got Dk={dk}, Dv={dv}")
+        given = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
+        gates = self.derivation.op_gates()
+        for arg, x in given.items():
+            gate = gates.get(arg)
+            if gate is None or not gate.is_input:
+                if x is not None:
+                    why = "has no such gate" if gate is None else f"fixes it to {gate.value:g}"
+                    raise ValueError(f"{name}: {arg} was given but the spec {why}")
+                continue
+            width = {"Dk": dk, "Dv": dv}[GATE_CHANNELS[arg]]
+            shape = (*k.shape[:3], width) if gate.shape == "channel" else tuple(k.shape[:3])
+            if x is None:
+                raise ValueError(f"{name}: {arg} is required by the spec: a per-token gate of "
+                                 f"shape {list(shape)} ({gate.shape})")
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+                raise ValueError(f"{name}: {arg} must have shape {list(shape)} ({gate.shape} gate), "
+                                 f"got {list(getattr(x, 'shape', []))}")
+            if x.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{name}: {arg} has dtype {x.dtype}; it must be floating point")
+        state = self._check_state(initial_state, batch, heads, dk, dv)
+        inputs = reference.Inputs.from_op(self.derivation, q, k, v, given)
+        return inputs, state
+
+    def _check_state(self, state, batch, heads, dk, dv):
+        name, names = self.spec.name, self.state_names
+        if state is None:
+            if self.spec.memory.kind == "mlp":
+                raise ValueError(f"{name}: an mlp memory needs initial_state ({', '.join(names)}): "
+                                 "from zero weights its gradients vanish and it never learns")
+            return None
+        state = (state,) if isinstance(state, torch.Tensor) else tuple(state)
+        shapes = self.state_shapes(batch, heads, dk, dv)
+        if len(state) != len(shapes):
+            raise ValueError(f"{name}: initial_state must hold {len(shapes)} tensors "
+                             f"({', '.join(names)}), got {len(state)}")
+        for label, x, shape in zip(names, state, shapes, strict=True):
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+                raise ValueError(f"{name}: initial_state {label} must have shape {list(shape)}, "
+                                 f"got {list(getattr(x, 'shape', []))}")
+        return state
+
+
+# ---- compile cache ------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where compiled modules live: $MIRASC_CACHE_DIR, else ~/.cache/mirasc."""
+    return Path(os.environ.get("MIRASC_CACHE_DIR", Path.home() / ".cache" / "mirasc"))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers see the old or the new file, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def module_path(spec: Spec) -> Path:
+    return cache_dir() / f"{spec.name}-{spec.digest()}.py"
+
+
+def import_module(path: Path):
+    """Import a generated module file (once per process)."""
+    name = f"mirasc_generated.{path.stem.replace('-', '_')}"
+    if name not in sys.modules:
+        loader_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        loader_spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def compile(path: str | Path) -> MirasOp:  # noqa: A001 - the public verb is `mirasc.compile`
+    """Compile a spec file (cached by spec hash) and return its op."""
+    from mirasc.codegen import render_module
+
+    spec = load_spec(path)
+    target = module_path(spec)
+    source = render_module(spec)
+    if not target.exists() or target.read_text() != source:
+        write_atomic(target, source)
+    return import_module(target).op

@@ -1,0 +1,393 @@
+"""The spec language: a YAML file with four axes (memory, bias, retention, learner) plus chunking.
+
+`load_spec(path)` parses the YAML, validates it into frozen pydantic models and raises `SpecError`
+with the file, the YAML line, the dotted field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class SpecError(ValueError):
+    """A spec that cannot be compiled; the message names the file, line, field and what is allowed."""
+
+
+class FieldError(Exception):
+    """A problem with one field of an otherwise well-formed spec (turned into a `SpecError`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Gate(_Strict):
+    """A per-token gate: an op input (`value` unset) of shape [B,T,H] (`head`) or [B,T,H,D]
+    (`channel`), or a constant `value` fixed by the spec."""
+
+    shape: Literal["head", "channel"] = "head"
+    value: float | None = None
+
+    @property
+    def is_input(self) -> bool:
+        return self.value is None
+
+
+# ---- memory ---------------------------------------------------------------------------------
+
+
+class MatrixMemory(_Strict):
+    """M(x) = [x +] [LN](W x), W in R^{dv x dk} per head."""
+
+    kind: Literal["matrix"]
+    residual: bool = False
+    layer_norm: bool = False
+
+
+class VectorMemory(_Strict):
+    """M(x) = [x +] [LN](w * x), a diagonal memory, w in R^d per head (needs dk == dv)."""
+
+    kind: Literal["vector"]
+    residual: bool = False
+    layer_norm: bool = False
+
+
+class MLPMemory(_Strict):
+    """M(x) = [x +] [LN](W_d act(... act(W_1 x))), hidden width expansion * dk."""
+
+    kind: Literal["mlp"]
+    depth: int = Field(2, ge=2, le=8)
+    expansion: int = Field(4, ge=1, le=16)
+    activation: Literal["gelu", "silu", "relu", "tanh"] = "gelu"
+    residual: bool = True
+    layer_norm: bool = True
+
+
+Memory = Annotated[MatrixMemory | VectorMemory | MLPMemory, Field(discriminator="kind")]
+
+
+# ---- attentional bias -----------------------------------------------------------------------
+
+
+class _Smoothing(_Strict):
+    smooth: bool = False
+    temperature: float = Field(10.0, gt=0)
+    eps: float = Field(1e-6, gt=0)
+
+
+class DotProductBias(_Strict):
+    """l = -<M(k), v>: the Hebbian rule (linear attention, RetNet, Mamba2, GLA)."""
+
+    kind: Literal["dot_product"]
+
+
+class L2Bias(_Strict):
+    """l = 1/2 ||r||^2: the delta rule."""
+
+    kind: Literal["l2"]
+
+
+class LpBias(_Smoothing):
+    """l = ||r||_p^p (Moneta), gradient p sign(r)|r|^(p-1), smoothed by default."""
+
+    kind: Literal["lp"]
+    p: float = Field(ge=1)
+    smooth: bool = True
+
+
+class HuberBias(_Smoothing):
+    """Huber loss with threshold delta: `coordinate` (clip r), `norm` (H(||r||)), or `switch`
+    (Yaad: the l2 gradient while ||r|| <= delta, else delta * sign(r))."""
+
+    kind: Literal["huber"]
+    variant: Literal["coordinate", "norm", "switch"] = "coordinate"
+    delta: Gate
+
+
+class RobustBias(_Strict):
+    """l = 1/2 ||r||^2 + delta ||r||: robust to value shifts of radius delta."""
+
+    kind: Literal["robust"]
+    delta: Gate
+
+
+class ExpressionBias(_Smoothing):
+    """A user loss l = sum_j loss(r_j) + norm_loss(||r||) over the value channels.
+
+    `loss` may use r, v, rnorm (in conditions), delta (if a delta gate is given) and `params`;
+    `norm_loss` may use rnorm, delta and `params`."""
+
+    kind: Literal["expression"]
+    loss: str = "0"
+    norm_loss: str = "0"
+    params: dict[str, float] = Field(default_factory=dict)
+    delta: Gate | None = None
+
+
+Bias = Annotated[
+    DotProductBias | L2Bias | LpBias | HuberBias | RobustBias | ExpressionBias,
+    Field(discriminator="kind"),
+]
+
+
+# ---- retention ------------------------------------------------------------------------------
+
+
+class NoRetention(_Strict):
+    """W_t = W_{t-1} - update."""
+
+    kind: Literal["none"]
+
+
+class L2Retention(_Strict):
+    """W_t = alpha_t W_{t-1} - update (local + global l2, the forget gate)."""
+
+    kind: Literal["l2"]
+    decay: Gate
+
+
+class LqRetention(_Strict):
+    """A_t = alpha_t A_{t-1} - update; W_t = A_t / ||A_t||_q^(q-2) (`link: scale`, paper eq. 24)
+    or sign(A)|A|^(q-1) / ||A||_q^(q-2) (`link: pnorm`); the norm is taken over `scope`."""
+
+    kind: Literal["lq"]
+    q: float = Field(gt=1)
+    decay: Gate | None = None
+    scope: Literal["matrix", "row", "column"] = "matrix"
+    link: Literal["scale", "pnorm"] = "scale"
+    eps: float = Field(1e-6, gt=0)
+
+
+class KLRetention(_Strict):
+    """Z_t = alpha_t Z_{t-1} - update; W_t = c * softmax(Z_t) over `axis` (Memora, eq. 27)."""
+
+    kind: Literal["kl"]
+    decay: Gate | None = None
+    axis: Literal["row", "column", "matrix"] = "row"
+    scale: float = Field(1.0, gt=0)
+
+
+class ElasticNetRetention(_Strict):
+    """W_t = S_gamma(alpha_t W_{t-1} - update) (`form: proximal`, eq. 22) or
+    A_t = alpha_t A_{t-1} - update, W_t = S_gamma(A_t) (`form: dual`, eq. 23)."""
+
+    kind: Literal["elastic_net"]
+    gamma: float = Field(gt=0)
+    decay: Gate | None = None
+    form: Literal["proximal", "dual"] = "proximal"
+    smooth: bool = False
+
+
+class MirrorRetention(_Strict):
+    """Mirror descent with a user potential f: Z_t = alpha_t Z_{t-1} - update, W_t = (f')^-1(Z_t)."""
+
+    kind: Literal["mirror"]
+    potential: str
+    params: dict[str, float] = Field(default_factory=dict)
+    decay: Gate | None = None
+
+
+Retention = Annotated[
+    NoRetention | L2Retention | LqRetention | KLRetention | ElasticNetRetention | MirrorRetention,
+    Field(discriminator="kind"),
+]
+
+
+# ---- learner --------------------------------------------------------------------------------
+
+
+class GDLearner(_Strict):
+    """update_t = eta_t grad_t."""
+
+    kind: Literal["gd"]
+    eta: Gate
+    grad_at: Literal["previous", "retained"] = "previous"
+
+
+class MomentumLearner(_Strict):
+    """S_t = momentum_t S_{t-1} + eta_t grad_t; update_t = S_t (Titans)."""
+
+    kind: Literal["momentum"]
+    eta: Gate
+    momentum: Gate
+    grad_at: Literal["previous", "retained"] = "previous"
+
+
+Learner = Annotated[GDLearner | MomentumLearner, Field(discriminator="kind")]
+
+
+# ---- the spec -------------------------------------------------------------------------------
+
+
+class Spec(_Strict):
+    """One memory layer: the four Miras axes plus how training chunks the sequence."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    description: str = ""
+    memory: Memory
+    bias: Bias
+    retention: Retention
+    learner: Learner
+    chunk_size: int = Field(64, ge=1, le=1024)
+    lag_token: bool = False
+
+    def gates(self) -> dict[str, Gate]:
+        """Every gate of the spec by dotted field name."""
+        found = {}
+        for axis in ("bias", "retention", "learner"):
+            for key in ("delta", "decay", "eta", "momentum"):
+                gate = getattr(getattr(self, axis), key, None)
+                if gate is not None:
+                    found[f"{axis}.{key}"] = gate
+        return found
+
+    def digest(self) -> str:
+        """A stable hash of the validated spec (the compile cache key)."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---- loading with line numbers --------------------------------------------------------------
+
+
+def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: str) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            name = key.value
+            if name in seen:
+                raise SpecError(
+                    f"{source}:{key.start_mark.line + 1}: {'.'.join(map(str, path + (name,)))}: "
+                    "duplicate key"
+                )
+            seen.add(name)
+            _index_lines(value, path + (name,), lines, source)
+            lines[path + (name,)] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index_lines(item, path + (i,), lines, source)
+
+
+def _model_fields_at(loc: tuple) -> list[str]:
+    """The field names allowed at a validation-error location (for 'unknown field' messages)."""
+    model: Any = Spec
+    for part in loc:
+        if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+            model = model.model_fields[part].annotation
+        else:
+            members = [
+                m for m in getattr(model, "__args__", ()) if isinstance(m, type)
+                and issubclass(m, BaseModel)
+            ]
+            tagged = [m for m in members if m.model_fields.get("kind") is not None
+                      and part in getattr(m.model_fields["kind"].annotation, "__args__", ())]
+            model = tagged[0] if tagged else (members[0] if len(members) == 1 else None)
+        while getattr(model, "__origin__", None) is Annotated:
+            model = model.__args__[0]
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _yaml_path(loc: tuple, data: Any) -> tuple:
+    """Drop pydantic's discriminator-tag steps from `loc`, keeping the keys present in the YAML."""
+    path: list = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and node.get("kind") == part:
+            continue
+        else:
+            path.append(part)
+            node = None
+    return tuple(path)
+
+
+def _describe(error: dict, data: Any, lines: dict[tuple, int], source: str) -> str:
+    path = _yaml_path(error["loc"], data)
+    field = ".".join(str(p) for p in path) or "<spec>"
+    line = next((lines[path[:i]] for i in range(len(path), -1, -1) if path[:i] in lines), 1)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = [f for f in _model_fields_at(error["loc"][:-1]) if f != "kind"]
+        close = difflib.get_close_matches(str(path[-1]), allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{source}:{line}: {field}: unknown field{hint}; allowed: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{source}:{line}: {field}: required field is missing"
+    if kind == "union_tag_invalid":
+        tags = error["ctx"]["expected_tags"]
+        return f"{source}:{line}: {field}.kind: {error['ctx']['tag']!r} is not known; allowed: {tags}"
+    if kind == "union_tag_not_found":
+        return f"{source}:{line}: {field}: needs a 'kind' field"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error":
+        return f"{source}:{line}: {message}"
+    return f"{source}:{line}: {field}: {error['input']!r} is not allowed: {message}"
+
+
+def parse_spec(text: str, source: str = "<spec>") -> Spec:
+    """Validate YAML text into a `Spec`, raising `SpecError` on the first problems found."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise SpecError(f"{source}:{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}:1: a spec is a YAML mapping with fields name, memory, bias, "
+                        "retention, learner")
+    lines: dict[tuple, int] = {}
+    _index_lines(node, (), lines, source)
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError("\n".join(_describe(e, data, lines, source) for e in exc.errors())) from None
+    from mirasc.derive import derive  # expressions are parsed and differentiated there
+
+    try:
+        _check_combinations(spec)
+        derive(spec)
+    except FieldError as exc:
+        path = tuple(exc.field.split("."))
+        line = next(lines[path[:i]] for i in range(len(path), -1, -1) if path[:i] in lines)
+        raise SpecError(f"{source}:{line}: {exc.field}: {exc.message}") from None
+    return spec
+
+
+def _check_combinations(spec: Spec) -> None:
+    """Cross-axis rules that a single field cannot express."""
+    if spec.memory.kind == "mlp":
+        for field, gate in spec.gates().items():
+            if gate.shape == "channel" and field != "bias.delta":
+                raise FieldError(
+                    f"{field}.shape",
+                    "'channel' is not allowed with memory.kind 'mlp' (its layers have different "
+                    "widths); allowed: 'head'",
+                )
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the spec: {exc.strerror}") from None
+    return parse_spec(text, source=str(path))
