@@ -59,8 +59,8 @@ class RetentionRule:
     kind: str
     linear: bool
     dual: bool
+    text: str
     elementwise: sp.Expr | None = None
-    text: str = "W = Z"
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def derive_bias(bias: S.Bias) -> BiasRule:
 
 def derive_retention(ret: S.Retention) -> RetentionRule:
     if ret.kind in ("none", "l2"):
-        return RetentionRule(kind=ret.kind, linear=True, dual=True)
+        return RetentionRule(kind=ret.kind, linear=True, dual=True, text="the state is W")
     if ret.kind == "lq":
         norm = f"||A||_{ret.q:g}"
         core = "A" if ret.link == "scale" else f"sign(A)|A|^{ret.q - 1:g}"
@@ -156,15 +156,18 @@ def derive_retention(ret: S.Retention) -> RetentionRule:
                              text=f"W = {core} / {norm}^{ret.q - 2:g}   (norm over each {ret.scope})")
     if ret.kind == "kl":
         return RetentionRule(kind="kl", linear=False, dual=True,
-                             text=f"W = {ret.scale:g} * softmax(Z) over each {ret.axis}")
+                             text=f"W = {ret.scale:g} * softmax(Z) over each {ret.axis}"
+                                  "  (Z = log W up to a constant per slice)")
     if ret.kind == "elastic_net":
         gamma = sp.Float(ret.gamma)
         if ret.smooth:
             shrink = sp.Abs(Z) * sp.atan(Z / gamma) / (sp.pi / 2)
         else:
             shrink = sp.Piecewise((Z - gamma, gamma < Z), (Z + gamma, -gamma > Z), (0, True))
+        letter = "A" if ret.form == "dual" else "W"
         return RetentionRule(kind="elastic_net", linear=False, dual=ret.form == "dual",
-                             elementwise=shrink, text=f"W = {_plain(shrink)}  (soft threshold)")
+                             elementwise=shrink,
+                             text=f"W_t = S({letter}_t), S(z) = {_plain(shrink)}  (soft threshold)")
     params = {name: sp.Symbol(name, real=True) for name in ret.params}
     potential = parse_expression(ret.potential, {"w": W, **params}, "retention.potential")
     potential = potential.subs({params[k]: sp.Float(v) for k, v in ret.params.items()})
@@ -200,6 +203,13 @@ def _plain(expr: sp.Expr) -> str:
     return sp.sstr(expr)
 
 
+def _state_letter(rule: RetentionRule) -> str:
+    """The letter the update is written in: W when the state is the memory itself."""
+    if rule.linear or not rule.dual:
+        return "W"
+    return "A" if rule.kind == "lq" else "Z"
+
+
 def _gate_text(gate: S.Gate | None, symbol: str) -> str:
     if gate is None:
         return "1"
@@ -227,13 +237,17 @@ def explain(spec: S.Spec, latex: bool = False) -> str:
     alpha = _gate_text(getattr(spec.retention, "decay", None), "alpha")
     eta = _gate_text(learner.eta, "eta")
     grad_point = "W_{t-1}" if learner.grad_at == "previous" else "retained state"
+    loss_terms = [f"sum_j {show(b.loss)}" if b.loss != 0 else "",
+                  show(b.norm_loss) if b.norm_loss != 0 else ""]
+    grad_terms = [show(b.elem) if b.elem != 0 else "",
+                  f"({show(b.norm)}) * r" if b.norm != 0 else ""]
     lines = [
         f"{spec.name}: {spec.description}".rstrip(": "),
         "",
         f"memory      {_memory_text(spec.memory)}",
-        f"bias        l(r) = sum_j [{show(b.loss)}] + {show(b.norm_loss)},"
-        "  r = M(k) - v, rnorm = ||r||",
-        f"  g = dl/dr   g_j = {show(b.elem)} + ({show(b.norm)}) * r_j",
+        f"bias        l(r) = {' + '.join(t for t in loss_terms if t)}"
+        "   (r = M(k) - v, rnorm = ||r||, sums over value channels j)",
+        f"  g = dl/dr   g = {' + '.join(t for t in grad_terms if t)}",
     ]
     if b.smoothing:
         lines.append(f"  smoothing {b.smoothing}")
@@ -243,7 +257,8 @@ def explain(spec: S.Spec, latex: bool = False) -> str:
         + {"state_free": " (g does not depend on the state: exact chunking)",
            "affine": " (quadratic loss: exact WY/UT chunking on a linear memory)",
            "general": " (mini-batch chunking: gradients at the chunk-start state)"}[b.kind],
-        f"retention   {spec.retention.kind}: Z_t = {alpha} * Z_(t-1) - U_t;  {ret.text}",
+        f"retention   {spec.retention.kind}: {_state_letter(ret)}_t = {alpha} * "
+        f"{_state_letter(ret)}_(t-1) - U_t;  {ret.text}",
     ]
     if learner.kind == "momentum":
         mom = _gate_text(learner.momentum, "m")

@@ -1,0 +1,87 @@
+"""Check a compiled op against its reference on random inputs: forward and every input gradient.
+
+The measure is the relative error ||out - ref|| / ||ref||; NaN anywhere is infinite error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mirasc.runtime import MirasOp
+
+GATE_RANGES = {"log_alpha": (-0.3, -0.01), "eta": (0.05, 0.5), "delta": (0.05, 1.0),
+               "momentum": (0.1, 0.9)}
+
+
+def random_inputs(op: MirasOp, batch=2, length=19, heads=2, dk=12, dv=12, dtype=torch.float64,
+                  seed=0) -> dict:
+    """Random, never-zero inputs for `op`: L2-normalised q and k, gates in their usual ranges,
+    and a random initial state (scaled so an MLP memory starts non-trivially)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    inputs = {"q": F.normalize(rand(batch, length, heads, dk), dim=-1),
+              "k": F.normalize(rand(batch, length, heads, dk), dim=-1),
+              "v": rand(batch, length, heads, dv)}
+    for name, gate in op.derivation.op_gates().items():
+        if gate.is_input:
+            width = dv if name == "delta" else dk
+            shape = (batch, length, heads) + ((width,) if gate.shape == "channel" else ())
+            low, high = GATE_RANGES[name]
+            inputs[name] = low + (high - low) * torch.rand(*shape, generator=gen,
+                                                           dtype=torch.float64)
+    state = [rand(*s) / math.sqrt(s[-1]) for s in op.state_shapes(batch, heads, dk, dv)]
+    inputs["initial_state"] = tuple(state)
+    return {k: (tuple(x.to(dtype) for x in v) if isinstance(v, tuple) else v.to(dtype))
+            for k, v in inputs.items()}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all() or not torch.isfinite(ref).all():
+        return math.inf
+    scale = ref.norm().item()
+    return (out - ref).norm().item() / (scale if scale > 0 else 1.0)
+
+
+def _run(fn, inputs: dict, cotangents: dict) -> dict[str, torch.Tensor]:
+    leaves = {k: (tuple(x.detach().requires_grad_() for x in v) if isinstance(v, tuple)
+                  else v.detach().requires_grad_()) for k, v in inputs.items()}
+    o, final = fn(**leaves, output_final_state=True)
+    loss = (o * cotangents["o"]).sum() + sum((f * c).sum()
+                                            for f, c in zip(final, cotangents["state"], strict=True))
+    flat = {f"d{k}" if not isinstance(v, tuple) else f"d{k}[{i}]": x
+            for k, v in leaves.items()
+            for i, x in (enumerate(v) if isinstance(v, tuple) else [(0, v)])}
+    grads = torch.autograd.grad(loss, list(flat.values()), allow_unused=True)
+    results = {"o": o.detach()}
+    results.update({f"final_state[{i}]": f.detach() for i, f in enumerate(final)})
+    results.update({name: (g if g is not None else torch.zeros_like(x))
+                    for (name, x), g in zip(flat.items(), grads, strict=True)})
+    return results
+
+
+def compare(op: MirasOp, inputs: dict, chunk_size: int | None = None, seed: int = 1,
+            backward: bool = True) -> dict[str, float]:
+    """Relative errors of op(...) against op.reference(chunk_size=...) for the output, the final
+    state and (with `backward`) the gradient of every input under a random cotangent."""
+    gen = torch.Generator().manual_seed(seed)
+    ref_fn = lambda **kw: op.reference(**kw, chunk_size=chunk_size)  # noqa: E731
+    with torch.no_grad():
+        o, final = op.reference(**inputs, chunk_size=chunk_size, output_final_state=True)
+    cotangents = {"o": torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype),
+                  "state": [torch.randn(f.shape, generator=gen, dtype=torch.float64).to(f.dtype)
+                            for f in final]}
+    if not backward:
+        with torch.no_grad():
+            got_o, got_final = op(**inputs, output_final_state=True)
+        pairs = {"o": (got_o, o)} | {f"final_state[{i}]": (g, r) for i, (g, r)
+                                      in enumerate(zip(got_final, final, strict=True))}
+        return {name: relative_error(g, r) for name, (g, r) in pairs.items()}
+    got, ref = _run(op, inputs, cotangents), _run(ref_fn, inputs, cotangents)
+    return {name: relative_error(got[name], ref[name]) for name in ref}

@@ -1,0 +1,98 @@
+"""The `mirasc` command line: compile, explain, check, list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mirasc import spec as S
+from mirasc.spec import SpecError
+
+app = typer.Typer(help="Compile Miras memory-layer specs into PyTorch ops.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+
+SpecPath = Annotated[Path, typer.Argument(help="A spec YAML file, e.g. specs/moneta.yaml.")]
+
+
+def _load(path: Path) -> S.Spec:
+    try:
+        return S.load_spec(path)
+    except SpecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("compile")
+def compile_(spec: SpecPath,
+             out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")] = Path(".")):
+    """Write the generated module of SPEC to OUT/<name>.py."""
+    from mirasc.codegen import render_module
+    from mirasc.runtime import write_atomic
+
+    loaded = _load(spec)
+    target = out / f"{loaded.name}.py"
+    write_atomic(target, render_module(loaded))
+    typer.echo(f"wrote {target}")
+
+
+@app.command()
+def explain(spec: SpecPath,
+            latex: Annotated[bool, typer.Option(help="Print the expressions as LaTeX.")] = False):
+    """Print the derived update rule of SPEC."""
+    from mirasc.derive import explain as explain_rule
+
+    typer.echo(explain_rule(_load(spec), latex=latex))
+
+
+@app.command()
+def check(spec: SpecPath,
+          length: Annotated[int, typer.Option(help="Sequence length T.")] = 37,
+          heads: Annotated[int, typer.Option(help="Heads H.")] = 2,
+          head_dim: Annotated[int, typer.Option(help="Head dimension Dk = Dv.")] = 12,
+          dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
+          tolerance: Annotated[float, typer.Option(help="Largest relative error that passes.")]
+          = 1e-5):
+    """Run SPEC's compiled op against its reference (same chunking) on random inputs and print
+    the relative error of the output, the final state and every input gradient."""
+    import torch
+
+    import mirasc
+    from mirasc.check import compare, random_inputs
+
+    if dtype not in ("float32", "float64"):
+        typer.echo("error: --dtype: allowed: float32, float64", err=True)
+        raise typer.Exit(2)
+    _load(spec)
+    op = mirasc.compile(spec)
+    inputs = random_inputs(op, length=length, heads=heads, dk=head_dim, dv=head_dim,
+                           dtype=getattr(torch, dtype))
+    errors = compare(op, inputs, chunk_size=op.spec.chunk_size)
+    width = max(map(len, errors))
+    for name, err in errors.items():
+        typer.echo(f"{name:<{width}}  {err:.3e}  {'ok' if err <= tolerance else 'FAIL'}")
+    worst = max(errors.values())
+    typer.echo(f"{op.spec.name}: worst relative error {worst:.3e} ({dtype}, T={length})")
+    if not worst <= tolerance:
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_():
+    """List the building blocks on each axis."""
+    from mirasc.derive import BUILTIN_BIASES
+    from mirasc.expr import FUNCTIONS
+
+    for axis, union in (("memory", S.Memory), ("bias", S.Bias), ("retention", S.Retention),
+                        ("learner", S.Learner)):
+        typer.echo(f"{axis}:")
+        for model in union.__args__[0].__args__:
+            kind = model.model_fields["kind"].annotation.__args__[0]
+            fields = ", ".join(f for f in model.model_fields if f != "kind")
+            doc = " ".join((model.__doc__ or "").split())
+            typer.echo(f"  {kind:<12} {doc}" + (f"\n  {'':<12} fields: {fields}" if fields else ""))
+    typer.echo("built-in losses (as expressions): " + "; ".join(
+        f"{k}: {a if a != '0' else ''}{' + ' if a != '0' and b != '0' else ''}"
+        f"{b if b != '0' else ''}" for k, (a, b) in BUILTIN_BIASES.items()))
+    typer.echo("expression functions: " + ", ".join(FUNCTIONS))

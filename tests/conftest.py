@@ -1,0 +1,31 @@
+"""Shared helpers: build ops from inline YAML, random inputs in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mirasc.check import random_inputs
+from mirasc.derive import derive
+from mirasc.runtime import MirasOp
+from mirasc.spec import parse_spec
+
+
+def op_from_yaml(text: str) -> MirasOp:
+    return MirasOp(derive(parse_spec(text)))
+
+
+def axis_spec(memory="{kind: matrix}", bias="{kind: l2}", retention="{kind: l2, decay: {}}",
+              learner="{kind: gd, eta: {}}", extra="") -> str:
+    """A spec text with one value per axis (defaults: matrix, l2, l2 decay, gd)."""
+    return (f"name: axis_case\nmemory: {memory}\nbias: {bias}\nretention: {retention}\n"
+            f"learner: {learner}\nchunk_size: 4\n{extra}")
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    torch.manual_seed(0)
+    yield
+
+
+__all__ = ["axis_spec", "op_from_yaml", "random_inputs"]
