@@ -1,0 +1,100 @@
+"""The sympy derivation: g = dl/dr against autograd of the loss itself, the chunking class, the
+retention maps, and the readable rule."""
+
+from __future__ import annotations
+
+import pytest
+import sympy as sp
+import torch
+from conftest import axis_spec
+
+from mirasc.derive import DELTA, RNORM, R, V, Z, derive, explain
+from mirasc.expr import to_torch
+from mirasc.reference import bias_grad, residual_norm
+from mirasc.spec import load_spec, parse_spec
+
+SMOOTH_BIASES = {
+    "l2": "{kind: l2}",
+    "dot_product": "{kind: dot_product}",
+    "lp-exact": "{kind: lp, p: 3, smooth: false}",
+    "lp-2.5": "{kind: lp, p: 2.5, smooth: false}",
+    "huber-coordinate": "{kind: huber, variant: coordinate, delta: {}}",
+    "huber-norm": "{kind: huber, variant: norm, delta: {}}",
+    "robust": "{kind: robust, delta: {}}",
+    "logcosh": "{kind: expression, loss: 'log(cosh(r))'}",
+    "mixed": "{kind: expression, loss: 'exp(-v) * softplus(r) + r*v', norm_loss: 'rnorm**3 / 3'}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMOOTH_BIASES))
+def test_bias_gradient_is_the_derivative_of_the_loss(name):
+    """Evaluate l(r) = sum f(r_j) + h(||r||) with torch and compare autograd's dl/dr with g."""
+    d = derive(parse_spec(axis_spec(bias=SMOOTH_BIASES[name])))
+    gen = torch.Generator().manual_seed(1)
+    r = torch.randn(3, 2, 7, generator=gen, dtype=torch.float64).requires_grad_()
+    v = torch.randn(3, 2, 7, generator=gen, dtype=torch.float64)
+    delta = 0.2 + torch.rand(3, 2, 1, generator=gen, dtype=torch.float64)
+    env = {R: r, V: v, RNORM: residual_norm(r), DELTA: delta}
+    loss = (torch.zeros_like(r) + to_torch(d.bias.loss, env)).sum() \
+        + (torch.zeros_like(delta) + to_torch(d.bias.norm_loss, env)).sum()
+    (expected,) = torch.autograd.grad(loss, r)
+    assert torch.allclose(bias_grad(d, r.detach(), v, delta), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_lp_smoothing_is_the_papers_surrogate():
+    d = derive(parse_spec(axis_spec(bias="{kind: lp, p: 3, temperature: 7, eps: 0.001}")))
+    expected = 3 * sp.tanh(sp.Float(7) * R) * (R**2 + sp.Float(0.001))
+    assert sp.simplify(d.bias.elem - expected) == 0
+    assert "tanh(7 x)" in d.bias.smoothing
+
+
+@pytest.mark.parametrize(("bias", "kind"), [
+    ("{kind: dot_product}", "state_free"),
+    ("{kind: l2}", "affine"),
+    ("{kind: expression, loss: '3*r**2 + r*v'}", "affine"),
+    ("{kind: lp, p: 3}", "general"),
+    ("{kind: huber, delta: {}}", "general"),
+    ("{kind: robust, delta: {value: 0.1}}", "general"),
+    ("{kind: expression, loss: 'log(cosh(r))'}", "general"),
+])
+def test_quadratic_and_state_free_biases_are_detected(bias, kind):
+    assert derive(parse_spec(axis_spec(bias=bias))).bias.kind == kind
+
+
+def test_second_derivative_is_derived_for_the_backward():
+    d = derive(parse_spec(axis_spec(bias="{kind: expression, loss: 'log(cosh(r))'}")))
+    assert sp.simplify(d.bias.d_elem["r"] - (1 - sp.tanh(R) ** 2)) == 0
+    huber = derive(parse_spec(axis_spec(bias="{kind: huber, delta: {}}")))
+    assert huber.bias.d_elem["delta"] != 0  # a data-dependent threshold gets a gradient
+
+
+def test_mirror_potential_is_inverted_by_sympy():
+    d = derive(parse_spec(axis_spec(retention="{kind: mirror, potential: 'w*log(w) - w'}")))
+    assert sp.simplify(d.retention.elementwise - sp.exp(Z)) == 0
+    d = derive(parse_spec(axis_spec(retention="{kind: mirror, potential: 'c*w**2', "
+                                               "params: {c: 2}}")))
+    assert sp.simplify(d.retention.elementwise - Z / 4) == 0
+
+
+def test_elastic_net_soft_threshold():
+    d = derive(parse_spec(axis_spec(retention="{kind: elastic_net, gamma: 0.5}")))
+    z = torch.tensor([-2.0, -0.4, 0.0, 0.3, 1.5], dtype=torch.float64)
+    got = to_torch(d.retention.elementwise, {Z: z})
+    assert torch.equal(got, torch.tensor([-1.5, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("spec", "needles"), [
+    ("moneta", ["tanh(10.0*r)", "3*", "||A||_4^2", "A_t = alpha_t * A_(t-1)"]),
+    ("yaad", ["Piecewise", "delta", "rnorm", "sign(r)"]),
+    ("memora", ["softmax", "lag token", "Z_t = alpha_t * Z_(t-1)"]),
+    ("gated_deltanet", ["g = r", "affine", "retained state"]),
+])
+def test_explain_states_the_rule(spec, needles):
+    text = explain(load_spec(f"specs/{spec}.yaml"))
+    for needle in needles:
+        assert needle in text, (needle, text)
+
+
+def test_explain_latex():
+    text = explain(load_spec("specs/moneta.yaml"), latex=True)
+    assert "\\tanh" in text
