@@ -41,6 +41,20 @@ def random_inputs(op: MirasOp, batch=2, length=19, heads=2, dk=12, dv=12, dtype=
             for k, v in inputs.items()}
 
 
+def varlen_inputs(op: MirasOp, offsets: list[int], heads=2, dk=12, dv=12, dtype=torch.float64,
+                  seed=0) -> dict:
+    """Random inputs packed along T (B = 1) with `cu_seqlens` = offsets, one state per sequence."""
+    inputs = random_inputs(op, batch=1, length=offsets[-1], heads=heads, dk=dk, dv=dv,
+                           dtype=dtype, seed=seed)
+    n = len(offsets) - 1
+    gen = torch.Generator().manual_seed(seed + 1)
+    inputs["initial_state"] = tuple(
+        (torch.randn(n, *s.shape[1:], generator=gen, dtype=torch.float64) / math.sqrt(s.shape[-1]))
+        .to(dtype) for s in inputs["initial_state"])
+    inputs["cu_seqlens"] = torch.tensor(offsets, dtype=torch.int64)
+    return inputs
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     if not torch.isfinite(out).all() or not torch.isfinite(ref).all():
@@ -50,9 +64,10 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _run(fn, inputs: dict, cotangents: dict) -> dict[str, torch.Tensor]:
+    fixed = {k: v for k, v in inputs.items() if k == "cu_seqlens"}
     leaves = {k: (tuple(x.detach().requires_grad_() for x in v) if isinstance(v, tuple)
-                  else v.detach().requires_grad_()) for k, v in inputs.items()}
-    o, final = fn(**leaves, output_final_state=True)
+                  else v.detach().requires_grad_()) for k, v in inputs.items() if k not in fixed}
+    o, final = fn(**leaves, **fixed, output_final_state=True)
     loss = (o * cotangents["o"]).sum() + sum((f * c).sum()
                                             for f, c in zip(final, cotangents["state"], strict=True))
     flat = {f"d{k}" if not isinstance(v, tuple) else f"d{k}[{i}]": x

@@ -29,7 +29,15 @@ def _environment() -> jinja2.Environment:
 
 
 def render_module(spec: Spec) -> str:
-    """The Python source of the module that `mirasc compile` writes for `spec`."""
+    """The Python source of the module that `mirasc compile` writes for `spec`: Triton kernels
+    where the backend supports the spec, else the reference module."""
+    if triton_unsupported(derive(spec)) is None:
+        return render_triton_module(spec)
+    return render_reference_module(spec)
+
+
+def render_reference_module(spec: Spec) -> str:
+    """The module whose op runs the chunked recurrence in torch with the derived bias gradient."""
     d = derive(spec)
     template = _environment().get_template("reference_module.py.j2")
     return template.render(
@@ -42,4 +50,201 @@ def render_module(spec: Spec) -> str:
         elem_text=sp.sstr(d.bias.elem),
         norm_text=sp.sstr(d.bias.norm),
         rnorm_eps=repr(RNORM_EPS),
+    )
+
+
+# ---- sympy -> Triton ------------------------------------------------------------------------------
+
+
+class CodegenError(ValueError):
+    """A derived expression or spec feature that the Triton backend cannot emit."""
+
+
+def triton_source(expr: sp.Expr, names) -> str:
+    """Print a sympy expression as Triton code over tiles named by `names`."""
+
+    def show(e) -> str:
+        if e.is_Symbol:
+            return names[e]
+        if e.is_Number or e.is_NumberSymbol:
+            return repr(float(e))
+        if isinstance(e, sp.Add | sp.Mul):
+            return "(" + (" + " if isinstance(e, sp.Add) else " * ").join(map(show, e.args)) + ")"
+        if isinstance(e, sp.Pow):
+            return _pow(show(e.args[0]), e.args[1])
+        if isinstance(e, sp.exp):
+            return f"tl.exp({show(e.args[0])})"
+        if isinstance(e, sp.log):
+            return f"tl.log({show(e.args[0])})"
+        if isinstance(e, sp.Abs):
+            return f"tl.abs({show(e.args[0])})"
+        if isinstance(e, sp.erf):
+            return f"tl.erf({show(e.args[0])})"
+        if isinstance(e, sp.tanh):
+            return f"(1.0 - 2.0 / (tl.exp(2.0 * {show(e.args[0])}) + 1.0))"
+        if isinstance(e, sp.sinh | sp.cosh):
+            x = show(e.args[0])
+            return f"((tl.exp({x}) {'-' if isinstance(e, sp.sinh) else '+'} tl.exp(-{x})) * 0.5)"
+        if isinstance(e, sp.sign):
+            x = show(e.args[0])
+            return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"
+        if isinstance(e, sp.Heaviside):
+            return f"tl.where({show(e.args[0])} > 0, 1.0, 0.0)"
+        if isinstance(e, sp.Rel):
+            return f"({show(e.lhs)} {e.rel_op} {show(e.rhs)})"
+        if isinstance(e, sp.And | sp.Or):
+            return "(" + (" & " if isinstance(e, sp.And) else " | ").join(map(show, e.args)) + ")"
+        if isinstance(e, sp.Piecewise):
+            *branches, (out, _) = e.args
+            out = show(out)
+            for value, cond in reversed(branches):
+                out = f"tl.where({show(cond)}, {show(value)}, {out})"
+            return out
+        raise CodegenError(f"{e.func.__name__} has no Triton form")
+
+    return show(expr)
+
+
+def _pow(base: str, exponent: sp.Expr) -> str:
+    if exponent.is_Integer and 0 < abs(int(exponent)) <= 4:
+        product = " * ".join([base] * abs(int(exponent)))
+        return f"({product})" if exponent > 0 else f"(1.0 / ({product}))"
+    if exponent == sp.Rational(1, 2):
+        return f"tl.sqrt({base})"
+    if exponent == -sp.Rational(1, 2):
+        return f"(1.0 / tl.sqrt({base}))"
+    return f"tl.exp({float(exponent)!r} * tl.log({base}))"  # a positive base (smoothed norms)
+
+
+# ---- the Triton module of a matrix memory -----------------------------------------------------------
+
+_DIMS = {"T": "BT", "DK": "BK", "DV": "BV", 1: "1"}
+_PROLOGUE = """\
+    if IS_VARLEN:
+        bos = tl.load(cu_ptr + i_n).to(tl.int64)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+        first_chunk = tl.load(chunk_ptr + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = tl.arange(0, BV)
+    mask_k = offs_k < DK
+    mask_v = offs_v < DV
+    state_offs = offs_v[:, None] * DK + offs_k[None, :]
+    state_mask = mask_v[:, None] & mask_k[None, :]
+    causal = tl.where(offs_t[:, None] >= offs_t[None, :], 1.0, 0.0).to(ACC)
+    vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]"""
+
+
+def triton_unsupported(d) -> str | None:
+    """Why the Triton backend cannot compile this spec yet (None when it can)."""
+    spec = d.spec
+    mem, ret, learner = spec.memory, spec.retention, spec.learner
+    reasons = [
+        (mem.kind != "matrix" or mem.residual or mem.layer_norm,
+         "memory: only a plain matrix memory (no residual, no layer_norm)"),
+        (ret.kind not in ("none", "l2"), f"retention.kind {ret.kind!r}: only none and l2"),
+        (any(g.shape == "channel" for f, g in spec.gates().items() if f != "bias.delta"),
+         "channel-wise decay/eta gates"),
+        (learner.kind != "gd", "learner.kind 'momentum'"),
+        (spec.lag_token, "lag_token"),
+        (spec.chunk_size < 16 or spec.chunk_size & (spec.chunk_size - 1),
+         f"chunk_size {spec.chunk_size}: a power of two >= 16"),
+    ]
+    why = [text for failed, text in reasons if failed]
+    return "; ".join(why) if why else None
+
+
+def _emit(graph, targets, names) -> list[str]:
+    """Triton statements for the nodes that `targets` depend on, in topological order."""
+    import networkx as nx
+
+    keep = set(targets)
+    for t in targets:
+        keep |= nx.ancestors(graph.g, t)
+    lines = []
+    for n in graph.order():
+        node = graph.node(n)
+        if n not in keep or node["op"] in ("input", "const"):
+            continue
+        x = [names(i) for i in node["inputs"]]
+        op = node["op"]
+        if op == "dot":
+            a = f"tl.trans({x[0]})" if node["ta"] else x[0]
+            b = f"tl.trans({x[1]})" if node["tb"] else x[1]
+            code = f"tl.dot({a}, {b}, input_precision=PRECISION)"
+        elif op == "ew":
+            code = triton_source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
+        elif op == "sum":
+            code = f"tl.sum({x[0]}, {node['axis']}, keep_dims=True)"
+        elif op == "cumsum":
+            code = f"tl.cumsum({x[0]}, 0)"
+        elif op == "revcumsum":
+            code = f"tl.cumsum({x[0]}, 0, reverse=True)"
+        elif op == "trans":
+            code = f"tl.trans({x[0]})"
+        else:  # broadcast
+            code = f"tl.broadcast_to({x[0]}, ({', '.join(_DIMS[s] for s in node['shape'])}))"
+        lines.append(f"        {names(n)} = {code}")
+    return lines
+
+
+def _loads(step, d) -> str:
+    gates = d.op_gates()
+    lines = [
+        "        rows = i_t * BT + offs_t",
+        "        valid = rows < eos - bos",
+        "        tok = bos + rows",
+        "        rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]",
+        "        q = _load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)",
+        "        k = _load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)",
+        "        v = _load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)",
+    ]
+    for g in step.gates:
+        other = "1.0" if g == "delta" else "0.0"  # padding never divides by zero
+        if gates[g].shape == "channel":
+            lines.append(f"        {g} = _load_rows({g}_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, "
+                         f"{other}, ACC)")
+        else:
+            lines.append(f"        {g} = tl.load({g}_ptr + tok * H + i_h, mask=valid, "
+                         f"other={other}).to(ACC)[:, None]")
+    return "\n".join(lines)
+
+
+def render_triton_module(spec: Spec) -> str:
+    """The module with Triton forward/backward kernels, custom ops and autograd for `spec`."""
+    from mirasc import ir
+
+    d = derive(spec)
+    reason = triton_unsupported(d)
+    if reason:
+        raise CodegenError(f"{spec.name}: the Triton backend does not support {reason}")
+    step = ir.matrix_chunk_step(d)
+    graph = step.graph
+    forward = _emit(graph, step.outputs, str)
+    graph.input("d_o", ("T", "DV"))
+    graph.input("dW_new", ("DV", "DK"))
+    wrt = ("q", "k", "v", "W", *step.gates)
+    adjoint = ir.backward(graph, {"o": "d_o", "W_new": "dW_new"}, wrt)
+    present = [a for a in adjoint.values() if a is not None]
+    backward = _emit(graph, present, str)
+    zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV", "W": "BV, BK"}
+    gates = d.op_gates()
+    for g in step.gates:
+        zeros[g] = "BT, BV" if gates[g].shape == "channel" else "BT, 1"
+    adjoint_code = {n: a if a is not None else f"tl.zeros([{zeros[n]}], dtype=ACC)"
+                    for n, a in adjoint.items()}
+    template = _environment().get_template("triton_matrix.py.j2")
+    return template.render(
+        name=spec.name, digest=spec.digest(), version=mirasc.__version__,
+        op_name=f"{spec.name}_{spec.digest()}",
+        spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),
+        chunk=spec.chunk_size, gates=list(step.gates),
+        channel={g: gates[g].shape == "channel" for g in step.gates},
+        prologue=_PROLOGUE, loads=_loads(step, d), forward="\n".join(forward),
+        backward="\n".join(backward), adjoint=adjoint_code,
     )

@@ -19,6 +19,12 @@ from mirasc import reference
 from mirasc.derive import Derivation, derive
 from mirasc.spec import Spec, load_spec
 
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GATE_CHANNELS = {"log_alpha": "Dk", "eta": "Dk", "momentum": "Dk", "delta": "Dv"}
 
@@ -26,14 +32,22 @@ GATE_CHANNELS = {"log_alpha": "Dk", "eta": "Dk", "momentum": "Dk", "delta": "Dv"
 class MirasOp:
     """op(q, k, v, *, log_alpha, eta, delta, momentum, initial_state, output_final_state)."""
 
-    def __init__(self, derivation: Derivation, bias_grad: Callable = reference.bias_grad):
+    def __init__(self, derivation: Derivation, bias_grad: Callable = reference.bias_grad,
+                 kernel: Callable | None = None):
         self.derivation = derivation
         self.spec = derivation.spec
         self._bias_grad = bias_grad
+        self._kernel = kernel
 
     @classmethod
-    def from_spec_data(cls, data: dict, bias_grad: Callable = reference.bias_grad) -> MirasOp:
-        return cls(derive(Spec.model_validate(data)), bias_grad)
+    def from_spec_data(cls, data: dict, bias_grad: Callable = reference.bias_grad,
+                       kernel: Callable | None = None) -> MirasOp:
+        return cls(derive(Spec.model_validate(data)), bias_grad, kernel)
+
+    @property
+    def backend(self) -> str:
+        """'triton' when generated kernels exist for this spec, else 'reference' (torch)."""
+        return "triton" if self._kernel is not None else "reference"
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -51,24 +65,50 @@ class MirasOp:
         return [(batch, heads, *s) for s in shapes]
 
     def __call__(self, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None,
-                 initial_state=None, output_final_state=False):
-        inputs, state = self._prepare(q, k, v, log_alpha, eta, delta, momentum, initial_state)
-        o, final = reference.chunked(self.derivation, inputs, state, g=self._bias_grad)
-        return o.transpose(1, 2), (final if output_final_state else None)
+                 initial_state=None, output_final_state=False, cu_seqlens=None):
+        gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
+        state = self._check(q, k, v, gates, initial_state, cu_seqlens)
+        if self._kernel is not None and (q.is_cuda or interpreting()):
+            given = {name: x for name, x in gates.items() if x is not None}
+            o, final = self._kernel(q, k, v, given, state, cu_seqlens)
+        else:
+            o, final = self._by_sequence(
+                lambda inputs, s: reference.chunked(self.derivation, inputs, s, g=self._bias_grad),
+                q, k, v, gates, state, cu_seqlens)
+        return o, (final if output_final_state else None)
 
     def reference(self, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None,
-                  initial_state=None, output_final_state=False, chunk_size=None):
+                  initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=None):
         """The oracle: the token recurrence, or with `chunk_size` the mini-batch chunked one."""
-        inputs, state = self._prepare(q, k, v, log_alpha, eta, delta, momentum, initial_state)
+        gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
+        state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         if chunk_size is None:
-            o, final = reference.recurrent(self.derivation, inputs, state)
+            run = lambda inputs, s: reference.recurrent(self.derivation, inputs, s)  # noqa: E731
         else:
-            o, final = reference.chunked(self.derivation, inputs, state, chunk_size)
-        return o.transpose(1, 2), (final if output_final_state else None)
+            run = lambda inputs, s: reference.chunked(self.derivation, inputs, s, chunk_size)  # noqa: E731
+        o, final = self._by_sequence(run, q, k, v, gates, state, cu_seqlens)
+        return o, (final if output_final_state else None)
+
+    def _by_sequence(self, run, q, k, v, gates, state, cu_seqlens):
+        """Run a reference recurrence on a batch, or sequence by sequence on packed varlen input."""
+        if cu_seqlens is None:
+            o, final = run(reference.Inputs.from_op(self.derivation, q, k, v, gates), state)
+            return o.transpose(1, 2), final
+        outputs, finals = [], []
+        bounds = cu_seqlens.tolist()
+        for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            part = {name: None if x is None else x[:, bos:eos] for name, x in gates.items()}
+            inputs = reference.Inputs.from_op(self.derivation, q[:, bos:eos], k[:, bos:eos],
+                                              v[:, bos:eos], part)
+            o, final = run(inputs, None if state is None else tuple(s[n:n + 1] for s in state))
+            outputs.append(o.transpose(1, 2))
+            finals.append(final)
+        return torch.cat(outputs, 1), tuple(torch.cat(f, 0) for f in zip(*finals, strict=True))
 
     # ---- input checks ----------------------------------------------------------------------
 
-    def _prepare(self, q, k, v, log_alpha, eta, delta, momentum, initial_state):
+    def _check(self, q, k, v, given, initial_state, cu_seqlens):
+        """Validate every input against the spec; returns the initial state as a tuple (or None)."""
         name = self.spec.name
         for arg, x in (("q", q), ("k", k), ("v", v)):
             if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -90,7 +130,6 @@ class MirasOp:
         if (mem.kind == "vector" or mem.residual) and dk != dv:
             why = "a vector memory" if mem.kind == "vector" else "memory.residual"
             raise ValueError(f"{name}: {why} needs Dk == Dv; got Dk={dk}, Dv={dv}")
-        given = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
         gates = self.derivation.op_gates()
         for arg, x in given.items():
             gate = gates.get(arg)
@@ -109,9 +148,24 @@ class MirasOp:
                                  f"got {list(getattr(x, 'shape', []))}")
             if x.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"{name}: {arg} has dtype {x.dtype}; it must be floating point")
-        state = self._check_state(initial_state, batch, heads, dk, dv)
-        inputs = reference.Inputs.from_op(self.derivation, q, k, v, given)
-        return inputs, state
+        if cu_seqlens is not None:
+            batch = self._check_cu_seqlens(cu_seqlens, q)
+        return self._check_state(initial_state, batch, heads, dk, dv)
+
+    def _check_cu_seqlens(self, cu_seqlens, q) -> int:
+        name = self.spec.name
+        if q.shape[0] != 1:
+            raise ValueError(f"{name}: with cu_seqlens the batch size must be 1 (sequences packed "
+                             f"along T), got B={q.shape[0]}")
+        if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
+                or cu_seqlens.dtype not in (torch.int32, torch.int64) or len(cu_seqlens) < 2):
+            raise ValueError(f"{name}: cu_seqlens must be a 1-D int32/int64 tensor [N + 1] of "
+                             "sequence offsets")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(
+                a > b for a, b in zip(bounds[:-1], bounds[1:], strict=True)):
+            raise ValueError(f"{name}: cu_seqlens must rise from 0 to T={q.shape[1]}, got {bounds}")
+        return len(bounds) - 1
 
     def _check_state(self, state, batch, heads, dk, dv):
         name, names = self.spec.name, self.state_names

@@ -1,14 +1,23 @@
-"""Shared helpers: build ops from inline YAML, random inputs in float64."""
+"""Shared helpers: build ops from inline YAML, random inputs in float64.
+
+Without a GPU, Triton kernels run in its interpreter: TRITON_INTERPRET must be set before any
+generated module is imported (triton.jit reads it when decorating)."""
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from mirasc.check import random_inputs
-from mirasc.derive import derive
-from mirasc.runtime import MirasOp
-from mirasc.spec import parse_spec
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from mirasc.check import random_inputs  # noqa: E402
+from mirasc.derive import derive  # noqa: E402
+from mirasc.runtime import MirasOp  # noqa: E402
+from mirasc.spec import parse_spec  # noqa: E402
 
 
 def op_from_yaml(text: str) -> MirasOp:

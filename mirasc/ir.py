@@ -1,0 +1,275 @@
+"""The IR: one chunk step of a spec as a networkx DAG of tile operations, and its reverse mode.
+
+Every value is a 2-D tile whose dims are symbolic ("T" chunk rows, "DK", "DV", or 1). Node ops:
+  input    a tile loaded by the kernel (q, k, v, gates, the chunk-start state W)
+  const    a tile the kernel builds (row mask, causal mask)
+  dot      a @ b with optional transposes (tl.dot)
+  ew       an elementwise sympy expression of its inputs (broadcasting, like numpy)
+  sum      a reduction over one axis, keeping dims
+  cumsum   an inclusive prefix sum over the rows
+  trans    a transpose
+The backward is derived here, on the graph: `backward(graph, outputs, seeds)` adds the adjoint
+nodes by reverse mode, with sympy differentiating every `ew` node, so no rule is written per model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import sympy as sp
+
+from mirasc.derive import DELTA, RNORM, Derivation, R, V
+
+RNORM_EPS = 1e-12
+
+
+@dataclass
+class Graph:
+    """A DAG of named tile nodes (insertion order is a topological order)."""
+
+    g: nx.DiGraph = field(default_factory=nx.DiGraph)
+    counter: int = 0
+
+    def add(self, op: str, shape: tuple, inputs: tuple[str, ...] = (), name: str | None = None,
+            **attrs) -> str:
+        if name is None:
+            self.counter += 1
+            name = f"t{self.counter}"
+        assert name not in self.g, name
+        self.g.add_node(name, op=op, shape=shape, inputs=inputs, **attrs)
+        for src in inputs:
+            self.g.add_edge(src, name)
+        return name
+
+    def node(self, name: str) -> dict:
+        return self.g.nodes[name]
+
+    def shape(self, name: str) -> tuple:
+        return self.node(name)["shape"]
+
+    # -- builders ---------------------------------------------------------------------------
+
+    def input(self, name: str, shape: tuple, differentiable: bool = True) -> str:
+        return self.add("input", shape, name=name, differentiable=differentiable)
+
+    def const(self, name: str, shape: tuple, kind: str) -> str:
+        return self.add("const", shape, name=name, kind=kind)
+
+    def dot(self, a: str, b: str, ta: bool = False, tb: bool = False, name=None) -> str:
+        rows = self.shape(a)[1 if ta else 0]
+        cols = self.shape(b)[0 if tb else 1]
+        return self.add("dot", (rows, cols), (a, b), name=name, ta=ta, tb=tb)
+
+    def ew(self, expr: sp.Expr, args: dict[sp.Symbol, str], name=None) -> str:
+        """An elementwise node computing `expr` with each symbol bound to a node."""
+        used = {s: n for s, n in args.items() if expr.has(s)}
+        symbols = tuple(used)
+        inputs = tuple(used[s] for s in symbols)
+        shape = broadcast(*(self.shape(n) for n in inputs)) if inputs else (1, 1)
+        return self.add("ew", shape, inputs, name=name, expr=expr, symbols=symbols)
+
+    def sum(self, x: str, axis: int, name=None) -> str:
+        shape = tuple(1 if i == axis else d for i, d in enumerate(self.shape(x)))
+        return self.add("sum", shape, (x,), name=name, axis=axis)
+
+    def cumsum(self, x: str, name=None) -> str:
+        return self.add("cumsum", self.shape(x), (x,), name=name)
+
+    def trans(self, x: str, name=None) -> str:
+        return self.add("trans", self.shape(x)[::-1], (x,), name=name)
+
+    def order(self) -> list[str]:
+        return list(nx.topological_sort(self.g))
+
+
+def broadcast(*shapes: tuple) -> tuple:
+    out = []
+    for dims in zip(*shapes, strict=True):
+        sized = {d for d in dims if d != 1}
+        assert len(sized) <= 1, f"cannot broadcast {shapes}"
+        out.append(sized.pop() if sized else 1)
+    return tuple(out)
+
+
+def _x(i: int) -> sp.Symbol:
+    return sp.Symbol(f"x{i}", real=True)
+
+
+def ew(graph: Graph, text_expr, *nodes: str, name=None) -> str:
+    """Shorthand: an elementwise node from a function of sympy symbols x0, x1, ..."""
+    symbols = [_x(i) for i in range(len(nodes))]
+    return graph.ew(text_expr(*symbols), dict(zip(symbols, nodes, strict=True)), name=name)
+
+
+# ---- the forward chunk step of a matrix memory --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkStep:
+    """The forward graph of one chunk and the names of its inputs and outputs."""
+
+    graph: Graph
+    inputs: tuple[str, ...]      # loaded tiles, in kernel argument order
+    gates: tuple[str, ...]       # the data-dependent gates among them
+    outputs: tuple[str, ...]     # ("o", "W_new")
+
+
+def matrix_chunk_step(d: Derivation) -> ChunkStep:
+    """Mini-batch GD on a matrix memory W [DV, DK] over one chunk of T rows.
+
+    gamma = cumsum(log alpha), r = (beta) K W^T - V, G = g(r), Ge = eta G,
+    O = beta * Q W^T - (QK^T * exp(gamma_t - gamma_i) * causal) Ge,
+    W_new = exp(gamma_T) W - (Ge * exp(gamma_T - gamma))^T K.
+    """
+    spec = d.spec
+    gates = d.op_gates()
+    gr = Graph()
+    q, k = gr.input("q", ("T", "DK")), gr.input("k", ("T", "DK"))
+    v = gr.input("v", ("T", "DV"))
+    w = gr.input("W", ("DV", "DK"))
+    rowmask = gr.const("rowmask", ("T", 1), "rowmask")
+    causal = gr.const("causal", ("T", "T"), "causal")
+    vmask = gr.const("vmask", (1, "DV"), "vmask")  # the padding of DV up to a power of two
+    inputs, data_gates = ["q", "k", "v", "W"], []
+
+    def gate(arg: str, shape: tuple):
+        g = gates.get(arg)
+        if g is None or not g.is_input:
+            return None
+        data_gates.append(arg)
+        inputs.append(arg)
+        return gr.input(arg, shape)
+
+    la = gate("log_alpha", ("T", 1))
+    decay = gates.get("log_alpha")
+    if la is None and decay is not None:  # a constant decay
+        la = ew(gr, lambda m: m * sp.log(sp.Float(decay.value)), rowmask, name="la")
+    eta_gate = gate("eta", ("T", 1))
+    delta_gate = gates.get("delta")
+    delta_shape = ("T", "DV") if delta_gate is not None and delta_gate.shape == "channel" else ("T", 1)
+    delta = gate("delta", delta_shape)
+
+    kw = gr.dot(k, w, tb=True, name="kw")
+    qk = gr.dot(q, k, tb=True, name="qk")
+    qw = gr.dot(q, w, tb=True, name="qw")
+    if la is not None:
+        gam = gr.cumsum(la, name="gam")
+        gam_row = gr.trans(gam, name="gam_row")
+        gam_end = gr.sum(la, 0, name="gam_end")
+        beta = ew(gr, sp.exp, gam, name="beta")
+        tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), gam_end, gam, rowmask, name="tail")
+        decay_mat = ew(gr, lambda c, a, b: sp.Piecewise((sp.exp(a - b), c > 0), (0, True)),
+                       causal, gam, gam_row, name="decay")
+        attn = ew(gr, lambda a, b: a * b, qk, decay_mat, name="attn")
+    else:
+        beta, tail, gam_end = None, rowmask, None
+        attn = ew(gr, lambda a, c: a * c, qk, causal, name="attn")
+
+    if spec.learner.grad_at == "retained" and beta is not None:
+        pred = ew(gr, lambda a, b: a * b, kw, beta, name="pred")
+    else:
+        pred = kw
+    # Padding (rows past the sequence, columns past DV) is loaded as v = 1 so that r != 0 there and
+    # every derivative of g stays finite; the masks then zero its contributions.
+    r = ew(gr, lambda a, b: a - b, pred, v, name="r")
+    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, vmask), 1, name="rsq")
+    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm")
+    # G * eta * rowmask, with g = elem(r, v, rnorm, delta) + norm(rnorm, delta) * r from sympy
+    eta_sym, mask_sym = sp.Symbol("eta", real=True), sp.Symbol("rowmask", real=True)
+    vmask_sym = sp.Symbol("vmask", real=True)
+    args = {R: r, V: v, RNORM: rnorm, mask_sym: rowmask, vmask_sym: vmask}
+    if delta is not None:
+        args[DELTA] = delta
+    if eta_gate is not None:
+        args[eta_sym] = eta_gate
+    eta_factor = eta_sym if eta_gate is not None else sp.Float(spec.learner.eta.value)
+    g_expr = d.bias.elem + d.bias.norm * R
+    ge = gr.ew(g_expr * eta_factor * mask_sym * vmask_sym, args, name="ge")
+
+    mixed = gr.dot(attn, ge, name="mixed")
+    if beta is not None:
+        o = ew(gr, lambda b, a, m: b * a - m, beta, qw, mixed, name="o")
+    else:
+        o = ew(gr, lambda a, m: a - m, qw, mixed, name="o")
+    ge_tail = ew(gr, lambda a, b: a * b, ge, tail, name="ge_tail")
+    update = gr.dot(ge_tail, k, ta=True, name="update")
+    if gam_end is not None:
+        w_new = ew(gr, lambda e, a, u: sp.exp(e) * a - u, gam_end, w, update, name="W_new")
+    else:
+        w_new = ew(gr, lambda a, u: a - u, w, update, name="W_new")
+    return ChunkStep(gr, tuple(inputs), tuple(data_gates), (o, w_new))
+
+
+# ---- reverse mode --------------------------------------------------------------------------------
+
+
+def _ae(expr: sp.Expr) -> sp.Expr:
+    return expr.replace(sp.DiracDelta, lambda *a: sp.Integer(0))
+
+
+def backward(graph: Graph, seeds: dict[str, str], wrt: tuple[str, ...]) -> dict[str, str]:
+    """Add adjoint nodes for d(sum <output, seed>)/d(wrt) to `graph`; returns {wrt: adjoint}.
+
+    `seeds` maps forward outputs to the input nodes holding their cotangents."""
+    forward = [n for n in graph.order() if n not in seeds.values()]
+    needed = set()
+    for n in wrt:
+        needed |= nx.descendants(graph.g, n) | {n}
+    contributions: dict[str, list[str]] = {n: [] for n in forward}
+    for out, seed in seeds.items():
+        contributions[out].append(seed)
+    adjoint: dict[str, str] = {}
+    for n in reversed(forward):
+        if n not in needed or not contributions.get(n):
+            continue
+        adjoint[n] = _accumulate(graph, n, contributions[n])
+        node = graph.node(n)
+        for src, grad in _vjp(graph, n, node, adjoint[n]):
+            if src in needed:
+                contributions[src].append(grad)
+    return {n: adjoint.get(n) for n in wrt}
+
+
+def _accumulate(graph: Graph, n: str, parts: list[str]) -> str:
+    shape = graph.shape(n)
+    total = parts[0] if len(parts) == 1 else ew(graph, lambda *xs: sp.Add(*xs), *parts)
+    if graph.shape(total) != shape:
+        total = graph.add("broadcast", shape, (total,))
+    return total
+
+
+def _reduce_to(graph: Graph, grad: str, shape: tuple) -> str:
+    for axis, (have, want) in enumerate(zip(graph.shape(grad), shape, strict=True)):
+        if want == 1 and have != 1:
+            grad = graph.sum(grad, axis)
+    return grad
+
+
+def _vjp(graph: Graph, n: str, node: dict, dy: str):
+    op, inputs = node["op"], node["inputs"]
+    if op == "dot":
+        a, b = inputs
+        ta, tb = node["ta"], node["tb"]
+        da = graph.dot(b, dy, ta=tb, tb=True) if ta else graph.dot(dy, b, tb=not tb)
+        db = graph.dot(dy, a, ta=True, tb=ta) if tb else graph.dot(a, dy, ta=not ta)
+        yield a, da
+        yield b, db
+    elif op == "ew":
+        expr, symbols = node["expr"], node["symbols"]
+        dsym = sp.Symbol("dy", real=True)
+        for sym, src in zip(symbols, inputs, strict=True):
+            partial = _ae(sp.diff(expr, sym))
+            if partial == 0:
+                continue
+            args = {s: i for s, i in zip(symbols, inputs, strict=True)} | {dsym: dy}
+            grad = graph.ew(dsym * partial, args)
+            yield src, _reduce_to(graph, grad, graph.shape(src))
+    elif op == "sum":
+        yield inputs[0], graph.add("broadcast", graph.shape(inputs[0]), (dy,))
+    elif op == "cumsum":
+        yield inputs[0], graph.add("revcumsum", graph.shape(dy), (dy,))
+    elif op == "trans":
+        yield inputs[0], graph.trans(dy)
+    elif op == "broadcast":
+        yield inputs[0], _reduce_to(graph, dy, graph.shape(inputs[0]))
