@@ -11,9 +11,8 @@ import jinja2
 import sympy as sp
 
 import mirasc
-from mirasc.derive import DELTA, RNORM, R, V, derive
+from mirasc.derive import DELTA, RNORM, RNORM_EPS, R, V, derive
 from mirasc.expr import torch_source
-from mirasc.reference import RNORM_EPS
 from mirasc.spec import Spec
 
 _NAMES = {R: "r", V: "v", RNORM: "rnorm", DELTA: "delta"}
@@ -137,6 +136,7 @@ _PROLOGUE = """\
     state_offs = offs_v[:, None] * DK + offs_k[None, :]
     state_mask = mask_v[:, None] & mask_k[None, :]
     causal = tl.where(offs_t[:, None] >= offs_t[None, :], 1.0, 0.0).to(ACC)
+    strict = tl.where(offs_t[:, None] > offs_t[None, :], 1.0, 0.0).to(ACC)
     vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]"""
 
 
@@ -187,6 +187,8 @@ def _emit(graph, targets, names) -> list[str]:
             code = f"tl.cumsum({x[0]}, 0, reverse=True)"
         elif op == "trans":
             code = f"tl.trans({x[0]})"
+        elif op == "tri_inv":
+            code = f"_tri_inv({x[0]}, BT)"
         else:  # broadcast
             code = f"tl.broadcast_to({x[0]}, ({', '.join(_DIMS[s] for s in node['shape'])}))"
         lines.append(f"        {names(n)} = {code}")
@@ -243,7 +245,7 @@ def render_triton_module(spec: Spec) -> str:
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
         op_name=f"{spec.name}_{spec.digest()}",
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),
-        chunk=spec.chunk_size, gates=list(step.gates),
+        chunk=spec.chunk_size, exact=d.exact, gates=list(step.gates),
         channel={g: gates[g].shape == "channel" for g in step.gates},
         prologue=_PROLOGUE, loads=_loads(step, d), forward="\n".join(forward),
         backward="\n".join(backward), adjoint=adjoint_code,

@@ -32,6 +32,7 @@ BUILTIN_BIASES: dict[str, tuple[str, str]] = {
     "robust": ("r**2 / 2", "delta * rnorm"),
 }
 
+RNORM_EPS = 1e-12  # rnorm = sqrt(||r||^2 + RNORM_EPS)
 OP_ARGUMENTS = {"retention.decay": "log_alpha", "learner.eta": "eta", "bias.delta": "delta",
                 "learner.momentum": "momentum"}
 ACTIVATIONS = {"gelu": "GELU", "silu": "SiLU", "relu": "ReLU", "tanh": "tanh"}
@@ -69,6 +70,16 @@ class Derivation:
     bias: BiasRule
     retention: RetentionRule
     gates: dict[str, S.Gate] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        """Whether chunking is exact (the token recurrence): a bias whose gradient ignores the
+        state, or a quadratic one (solved by the WY/UT transform), on a plain matrix memory with
+        linear retention and GD. Otherwise chunks take mini-batch gradients at their start."""
+        mem = self.spec.memory
+        return (self.bias.kind in ("state_free", "affine") and mem.kind == "matrix"
+                and not mem.residual and not mem.layer_norm and self.retention.linear
+                and self.spec.learner.kind == "gd")
 
     def op_gates(self) -> dict[str, S.Gate]:
         """The spec's gates by the op's keyword argument (log_alpha, eta, delta, momentum)."""

@@ -8,6 +8,7 @@ Every value is a 2-D tile whose dims are symbolic ("T" chunk rows, "DK", "DV", o
   sum      a reduction over one axis, keeping dims
   cumsum   an inclusive prefix sum over the rows
   trans    a transpose
+  tri_inv  (I + A)^-1 for a strictly lower-triangular A (forward substitution)
 The backward is derived here, on the graph: `backward(graph, outputs, seeds)` adds the adjoint
 nodes by reverse mode, with sympy differentiating every `ew` node, so no rule is written per model.
 """
@@ -19,9 +20,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import sympy as sp
 
-from mirasc.derive import DELTA, RNORM, Derivation, R, V
-
-RNORM_EPS = 1e-12
+from mirasc.derive import DELTA, RNORM, RNORM_EPS, Derivation, R, V
 
 
 @dataclass
@@ -116,13 +115,12 @@ class ChunkStep:
 
 
 def matrix_chunk_step(d: Derivation) -> ChunkStep:
-    """Mini-batch GD on a matrix memory W [DV, DK] over one chunk of T rows.
-
-    gamma = cumsum(log alpha), r = (beta) K W^T - V, G = g(r), Ge = eta G,
-    O = beta * Q W^T - (QK^T * exp(gamma_t - gamma_i) * causal) Ge,
-    W_new = exp(gamma_T) W - (Ge * exp(gamma_T - gamma))^T K.
-    """
-    spec = d.spec
+    """One chunk of a matrix memory W [DV, DK]: with gamma = cumsum(log alpha), beta = exp(gamma)
+    and U the chunk's updates (eta_i g_i per row),
+        O = beta * Q W^T - (QK^T * exp(gamma_t - gamma_i) * causal) U,
+        W_new = exp(gamma_T) W - (U * exp(gamma_T - gamma))^T K.
+    U comes from mini-batch gradients at W (`_minibatch_updates`) or, for a quadratic bias, from
+    the exact recurrence solved by the WY/UT transform (`_exact_updates`)."""
     gates = d.op_gates()
     gr = Graph()
     q, k = gr.input("q", ("T", "DK")), gr.input("k", ("T", "DK"))
@@ -132,27 +130,18 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
     causal = gr.const("causal", ("T", "T"), "causal")
     vmask = gr.const("vmask", (1, "DV"), "vmask")  # the padding of DV up to a power of two
     inputs, data_gates = ["q", "k", "v", "W"], []
+    for arg, shape in (("log_alpha", ("T", 1)), ("eta", ("T", 1)), ("delta", ("T", 1))):
+        gate = gates.get(arg)
+        if gate is not None and gate.is_input:
+            data_gates.append(arg)
+            wide = arg == "delta" and gate.shape == "channel"
+            gr.input(arg, ("T", "DV") if wide else shape)
+    inputs += data_gates
 
-    def gate(arg: str, shape: tuple):
-        g = gates.get(arg)
-        if g is None or not g.is_input:
-            return None
-        data_gates.append(arg)
-        inputs.append(arg)
-        return gr.input(arg, shape)
-
-    la = gate("log_alpha", ("T", 1))
     decay = gates.get("log_alpha")
+    la = "log_alpha" if "log_alpha" in data_gates else None
     if la is None and decay is not None:  # a constant decay
         la = ew(gr, lambda m: m * sp.log(sp.Float(decay.value)), rowmask, name="la")
-    eta_gate = gate("eta", ("T", 1))
-    delta_gate = gates.get("delta")
-    delta_shape = ("T", "DV") if delta_gate is not None and delta_gate.shape == "channel" else ("T", 1)
-    delta = gate("delta", delta_shape)
-
-    kw = gr.dot(k, w, tb=True, name="kw")
-    qk = gr.dot(q, k, tb=True, name="qk")
-    qw = gr.dot(q, w, tb=True, name="qw")
     if la is not None:
         gam = gr.cumsum(la, name="gam")
         gam_row = gr.trans(gam, name="gam_row")
@@ -161,44 +150,88 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
         tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), gam_end, gam, rowmask, name="tail")
         decay_mat = ew(gr, lambda c, a, b: sp.Piecewise((sp.exp(a - b), c > 0), (0, True)),
                        causal, gam, gam_row, name="decay")
-        attn = ew(gr, lambda a, b: a * b, qk, decay_mat, name="attn")
     else:
-        beta, tail, gam_end = None, rowmask, None
-        attn = ew(gr, lambda a, c: a * c, qk, causal, name="attn")
+        gam = gam_row = gam_end = beta = None
+        tail, decay_mat = rowmask, causal
+    qk = gr.dot(q, k, tb=True, name="qk")
+    attn = ew(gr, lambda a, b: a * b, qk, decay_mat, name="attn")
+    ctx = dict(q=q, k=k, v=v, w=w, rowmask=rowmask, vmask=vmask, la=la, gam=gam, gam_row=gam_row,
+               beta=beta)
+    updates = _exact_updates(gr, d, ctx) if d.exact and d.bias.kind == "affine" \
+        else _minibatch_updates(gr, d, ctx)
 
-    if spec.learner.grad_at == "retained" and beta is not None:
-        pred = ew(gr, lambda a, b: a * b, kw, beta, name="pred")
-    else:
-        pred = kw
-    # Padding (rows past the sequence, columns past DV) is loaded as v = 1 so that r != 0 there and
-    # every derivative of g stays finite; the masks then zero its contributions.
-    r = ew(gr, lambda a, b: a - b, pred, v, name="r")
-    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, vmask), 1, name="rsq")
-    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm")
-    # G * eta * rowmask, with g = elem(r, v, rnorm, delta) + norm(rnorm, delta) * r from sympy
-    eta_sym, mask_sym = sp.Symbol("eta", real=True), sp.Symbol("rowmask", real=True)
-    vmask_sym = sp.Symbol("vmask", real=True)
-    args = {R: r, V: v, RNORM: rnorm, mask_sym: rowmask, vmask_sym: vmask}
-    if delta is not None:
-        args[DELTA] = delta
-    if eta_gate is not None:
-        args[eta_sym] = eta_gate
-    eta_factor = eta_sym if eta_gate is not None else sp.Float(spec.learner.eta.value)
-    g_expr = d.bias.elem + d.bias.norm * R
-    ge = gr.ew(g_expr * eta_factor * mask_sym * vmask_sym, args, name="ge")
-
-    mixed = gr.dot(attn, ge, name="mixed")
+    qw = gr.dot(q, w, tb=True, name="qw")
+    mixed = gr.dot(attn, updates, name="mixed")
     if beta is not None:
         o = ew(gr, lambda b, a, m: b * a - m, beta, qw, mixed, name="o")
     else:
         o = ew(gr, lambda a, m: a - m, qw, mixed, name="o")
-    ge_tail = ew(gr, lambda a, b: a * b, ge, tail, name="ge_tail")
-    update = gr.dot(ge_tail, k, ta=True, name="update")
+    u_tail = ew(gr, lambda a, b: a * b, updates, tail, name="u_tail")
+    update = gr.dot(u_tail, k, ta=True, name="update")
     if gam_end is not None:
         w_new = ew(gr, lambda e, a, u: sp.exp(e) * a - u, gam_end, w, update, name="W_new")
     else:
         w_new = ew(gr, lambda a, u: a - u, w, update, name="W_new")
     return ChunkStep(gr, tuple(inputs), tuple(data_gates), (o, w_new))
+
+
+def _gate_args(gr: Graph, d: Derivation, ctx: dict) -> tuple[dict, sp.Expr]:
+    """Symbols bound to the masks and gates, and the factor eta * rowmask * vmask."""
+    eta_sym, mask_sym = sp.Symbol("eta", real=True), sp.Symbol("rowmask", real=True)
+    vmask_sym = sp.Symbol("vmask", real=True)
+    args = {mask_sym: ctx["rowmask"], vmask_sym: ctx["vmask"]}
+    if "delta" in gr.g:
+        args[DELTA] = "delta"
+    if "eta" in gr.g:
+        args[eta_sym] = "eta"
+    eta = eta_sym if "eta" in gr.g else sp.Float(d.spec.learner.eta.value)
+    return args, eta * mask_sym * vmask_sym
+
+
+def _minibatch_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
+    """U = eta * g(r), r = M_W(k) - v at the chunk-start W (decayed to row t when grad_at is
+    'retained'); g = elem(r, v, rnorm, delta) + norm(rnorm, delta) * r from sympy."""
+    kw = gr.dot(ctx["k"], ctx["w"], tb=True, name="kw")
+    if d.spec.learner.grad_at == "retained" and ctx["beta"] is not None:
+        kw = ew(gr, lambda a, b: a * b, kw, ctx["beta"], name="pred")
+    # Padding (rows past the sequence, columns past DV) is loaded as v = 1 so that r != 0 there and
+    # every derivative of g stays finite; the masks then zero its contributions.
+    r = ew(gr, lambda a, b: a - b, kw, ctx["v"], name="r")
+    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, ctx["vmask"]), 1, name="rsq")
+    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm")
+    args, factor = _gate_args(gr, d, ctx)
+    args |= {R: r, V: ctx["v"], RNORM: rnorm}
+    return gr.ew((d.bias.elem + d.bias.norm * R) * factor, args, name="u")
+
+
+def _exact_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
+    """The exact recurrence for a quadratic bias g = c r + e(v): each row's gradient at its own
+    state. With p_i the decay from the chunk start to the gradient point of row i,
+        (I + A) U = eta (c p K W^T + e(v) - c v),  A_ij = eta_i c (k_i . k_j) p_i / beta_j (j < i),
+    solved with the unit lower-triangular inverse (the WY/UT transform)."""
+    c = d.bias.d_elem["r"]
+    e = d.bias.elem.subs(R, 0) - c * V
+    strict = gr.const("strict", ("T", "T"), "strict")
+    if ctx["gam"] is None:
+        point, decay = None, strict
+    else:
+        if d.spec.learner.grad_at == "retained":
+            lag = ctx["gam"]
+        else:
+            lag = ew(gr, lambda g, a: g - a, ctx["gam"], ctx["la"], name="gam_prev")
+        point = ew(gr, sp.exp, lag, name="point")
+        decay = ew(gr, lambda s, a, b: sp.Piecewise((sp.exp(a - b), s > 0), (0, True)),
+                   strict, lag, ctx["gam_row"], name="decay_strict")
+    args, factor = _gate_args(gr, d, ctx)
+    kk = gr.dot(ctx["k"], ctx["k"], tb=True, name="kk")
+    eta_row = gr.ew(factor.subs(sp.Symbol("vmask", real=True), 1) * c, args, name="eta_c")
+    a = ew(gr, lambda x, y, z: x * y * z, eta_row, kk, decay, name="A")
+    inverse = gr.add("tri_inv", ("T", "T"), (a,), name="A_inv")
+    kw = gr.dot(ctx["k"], ctx["w"], tb=True, name="kw")
+    pred = kw if point is None else ew(gr, lambda x, p: x * p, kw, point, name="pred")
+    p_sym = sp.Symbol("pred", real=True)
+    rhs = gr.ew((c * p_sym + e) * factor, args | {p_sym: pred, V: ctx["v"]}, name="rhs")
+    return gr.dot(inverse, rhs, name="u")
 
 
 # ---- reverse mode --------------------------------------------------------------------------------
@@ -273,3 +306,6 @@ def _vjp(graph: Graph, n: str, node: dict, dy: str):
         yield inputs[0], graph.trans(dy)
     elif op == "broadcast":
         yield inputs[0], _reduce_to(graph, dy, graph.shape(inputs[0]))
+    elif op == "tri_inv":  # X = (I + A)^-1: dA = -X^T dX X^T
+        left = graph.dot(n, dy, ta=True)
+        yield inputs[0], ew(graph, lambda m: -m, graph.dot(left, n, tb=True))

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mirasc.derive import DELTA, RNORM, Derivation, R, V, Z
+from mirasc.derive import DELTA, RNORM, RNORM_EPS, Derivation, R, V, Z
 from mirasc.expr import to_torch
 
-RNORM_EPS = 1e-12
 LN_EPS = 1e-5
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
 

@@ -45,6 +45,12 @@ class MirasOp:
         return cls(derive(Spec.model_validate(data)), bias_grad, kernel)
 
     @property
+    def oracle_chunk_size(self) -> int | None:
+        """The chunking of the reference this op equals: None (the token recurrence) when its
+        chunking is exact, else the spec's chunk_size (mini-batch gradients)."""
+        return None if self.derivation.exact else self.spec.chunk_size
+
+    @property
     def backend(self) -> str:
         """'triton' when generated kernels exist for this spec, else 'reference' (torch)."""
         return "triton" if self._kernel is not None else "reference"
@@ -72,8 +78,10 @@ class MirasOp:
             given = {name: x for name, x in gates.items() if x is not None}
             o, final = self._kernel(q, k, v, given, state, cu_seqlens)
         else:
+            chunk = self.oracle_chunk_size or 1
             o, final = self._by_sequence(
-                lambda inputs, s: reference.chunked(self.derivation, inputs, s, g=self._bias_grad),
+                lambda inputs, s: reference.chunked(self.derivation, inputs, s, chunk,
+                                                    g=self._bias_grad),
                 q, k, v, gates, state, cu_seqlens)
         return o, (final if output_final_state else None)
 
