@@ -143,14 +143,13 @@ _PROLOGUE = """\
 def triton_unsupported(d) -> str | None:
     """Why the Triton backend cannot compile this spec yet (None when it can)."""
     spec = d.spec
-    mem, ret, learner = spec.memory, spec.retention, spec.learner
+    mem, ret = spec.memory, spec.retention
     reasons = [
         (mem.kind != "matrix" or mem.residual or mem.layer_norm,
          "memory: only a plain matrix memory (no residual, no layer_norm)"),
         (ret.kind not in ("none", "l2"), f"retention.kind {ret.kind!r}: only none and l2"),
         (any(g.shape == "channel" for f, g in spec.gates().items() if f != "bias.delta"),
          "channel-wise decay/eta gates"),
-        (learner.kind != "gd", "learner.kind 'momentum'"),
         (spec.lag_token, "lag_token"),
         (spec.chunk_size < 16 or spec.chunk_size & (spec.chunk_size - 1),
          f"chunk_size {spec.chunk_size}: a power of two >= 16"),
@@ -202,12 +201,14 @@ def _loads(step, d) -> str:
         "        valid = rows < eos - bos",
         "        tok = bos + rows",
         "        rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]",
+        "        lastrow = tl.where(rows == tl.minimum(eos - bos, i_t * BT + BT) - 1, 1.0, 0.0)"
+        ".to(ACC)[:, None]",
         "        q = _load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)",
         "        k = _load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)",
         "        v = _load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)",
     ]
     for g in step.gates:
-        other = "1.0" if g == "delta" else "0.0"  # padding never divides by zero
+        other = "1.0" if g in ("delta", "momentum") else "0.0"  # padding: no log(0), no 1/0
         if gates[g].shape == "channel":
             lines.append(f"        {g} = _load_rows({g}_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, "
                          f"{other}, ACC)")
@@ -227,14 +228,15 @@ def render_triton_module(spec: Spec) -> str:
         raise CodegenError(f"{spec.name}: the Triton backend does not support {reason}")
     step = ir.matrix_chunk_step(d)
     graph = step.graph
-    forward = _emit(graph, step.outputs, str)
-    graph.input("d_o", ("T", "DV"))
-    graph.input("dW_new", ("DV", "DK"))
-    wrt = ("q", "k", "v", "W", *step.gates)
-    adjoint = ir.backward(graph, {"o": "d_o", "W_new": "dW_new"}, wrt)
+    forward = _emit(graph, list(step.outputs.values()), str)
+    seeds = {step.outputs["o"]: graph.input("d_o", ("T", "DV"))}
+    for state in step.states:
+        seeds[step.outputs[state]] = graph.input(f"d{state}_new", ("DV", "DK"))
+    wrt = ("q", "k", "v", *step.states, *step.gates)
+    adjoint = ir.backward(graph, seeds, wrt)
     present = [a for a in adjoint.values() if a is not None]
     backward = _emit(graph, present, str)
-    zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV", "W": "BV, BK"}
+    zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {s: "BV, BK" for s in step.states}
     gates = d.op_gates()
     for g in step.gates:
         zeros[g] = "BT, BV" if gates[g].shape == "channel" else "BT, 1"
@@ -245,7 +247,8 @@ def render_triton_module(spec: Spec) -> str:
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
         op_name=f"{spec.name}_{spec.digest()}",
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),
-        chunk=spec.chunk_size, exact=d.exact, gates=list(step.gates),
+        chunk=spec.chunk_size, exact=d.exact, gates=list(step.gates), states=list(step.states),
+        outputs=step.outputs,
         channel={g: gates[g].shape == "channel" for g in step.gates},
         prologue=_PROLOGUE, loads=_loads(step, d), forward="\n".join(forward),
         backward="\n".join(backward), adjoint=adjoint_code,

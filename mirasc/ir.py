@@ -109,9 +109,9 @@ class ChunkStep:
     """The forward graph of one chunk and the names of its inputs and outputs."""
 
     graph: Graph
-    inputs: tuple[str, ...]      # loaded tiles, in kernel argument order
-    gates: tuple[str, ...]       # the data-dependent gates among them
-    outputs: tuple[str, ...]     # ("o", "W_new")
+    gates: tuple[str, ...]       # the data-dependent gates, in kernel argument order
+    states: tuple[str, ...]      # the carried state tiles ("W", and "S" for momentum)
+    outputs: dict[str, str]      # "o" and each state -> the node computing it at the chunk end
 
 
 def matrix_chunk_step(d: Derivation) -> ChunkStep:
@@ -120,7 +120,8 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
         O = beta * Q W^T - (QK^T * exp(gamma_t - gamma_i) * causal) U,
         W_new = exp(gamma_T) W - (U * exp(gamma_T - gamma))^T K.
     U comes from mini-batch gradients at W (`_minibatch_updates`) or, for a quadratic bias, from
-    the exact recurrence solved by the WY/UT transform (`_exact_updates`)."""
+    the exact recurrence solved by the WY/UT transform (`_exact_updates`). A momentum learner
+    (`_momentum_step`) mixes the updates through the momentum's decay as well."""
     gates = d.op_gates()
     gr = Graph()
     q, k = gr.input("q", ("T", "DK")), gr.input("k", ("T", "DK"))
@@ -129,50 +130,88 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
     rowmask = gr.const("rowmask", ("T", 1), "rowmask")
     causal = gr.const("causal", ("T", "T"), "causal")
     vmask = gr.const("vmask", (1, "DV"), "vmask")  # the padding of DV up to a power of two
-    inputs, data_gates = ["q", "k", "v", "W"], []
-    for arg, shape in (("log_alpha", ("T", 1)), ("eta", ("T", 1)), ("delta", ("T", 1))):
+    data_gates = []
+    for arg in ("log_alpha", "eta", "delta", "momentum"):
         gate = gates.get(arg)
         if gate is not None and gate.is_input:
             data_gates.append(arg)
             wide = arg == "delta" and gate.shape == "channel"
-            gr.input(arg, ("T", "DV") if wide else shape)
-    inputs += data_gates
+            gr.input(arg, ("T", "DV") if wide else ("T", 1))
 
-    decay = gates.get("log_alpha")
-    la = "log_alpha" if "log_alpha" in data_gates else None
-    if la is None and decay is not None:  # a constant decay
-        la = ew(gr, lambda m: m * sp.log(sp.Float(decay.value)), rowmask, name="la")
+    la = _log_gate(gr, gates, "log_alpha", rowmask, name="la")
     if la is not None:
         gam = gr.cumsum(la, name="gam")
         gam_row = gr.trans(gam, name="gam_row")
         gam_end = gr.sum(la, 0, name="gam_end")
         beta = ew(gr, sp.exp, gam, name="beta")
-        tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), gam_end, gam, rowmask, name="tail")
-        decay_mat = ew(gr, lambda c, a, b: sp.Piecewise((sp.exp(a - b), c > 0), (0, True)),
-                       causal, gam, gam_row, name="decay")
+        decay_mat = _decay_matrix(gr, causal, gam, gam_row, name="decay")
     else:
         gam = gam_row = gam_end = beta = None
-        tail, decay_mat = rowmask, causal
+        decay_mat = causal
     qk = gr.dot(q, k, tb=True, name="qk")
-    attn = ew(gr, lambda a, b: a * b, qk, decay_mat, name="attn")
     ctx = dict(q=q, k=k, v=v, w=w, rowmask=rowmask, vmask=vmask, la=la, gam=gam, gam_row=gam_row,
                beta=beta)
     updates = _exact_updates(gr, d, ctx) if d.exact and d.bias.kind == "affine" \
         else _minibatch_updates(gr, d, ctx)
-
     qw = gr.dot(q, w, tb=True, name="qw")
+    read = qw if beta is None else ew(gr, lambda b, a: b * a, beta, qw, name="read")
+    keep = w if gam_end is None else ew(gr, lambda e, a: sp.exp(e) * a, gam_end, w, name="keep")
+
+    if d.spec.learner.kind == "momentum":
+        return _momentum_step(gr, ctx, data_gates, gates, updates, decay_mat, qk, read, keep)
+    attn = ew(gr, lambda a, b: a * b, qk, decay_mat, name="attn")
     mixed = gr.dot(attn, updates, name="mixed")
-    if beta is not None:
-        o = ew(gr, lambda b, a, m: b * a - m, beta, qw, mixed, name="o")
-    else:
-        o = ew(gr, lambda a, m: a - m, qw, mixed, name="o")
-    u_tail = ew(gr, lambda a, b: a * b, updates, tail, name="u_tail")
-    update = gr.dot(u_tail, k, ta=True, name="update")
+    o = ew(gr, lambda a, m: a - m, read, mixed, name="o")
     if gam_end is not None:
-        w_new = ew(gr, lambda e, a, u: sp.exp(e) * a - u, gam_end, w, update, name="W_new")
-    else:
-        w_new = ew(gr, lambda a, u: a - u, w, update, name="W_new")
-    return ChunkStep(gr, tuple(inputs), tuple(data_gates), (o, w_new))
+        tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), gam_end, gam, rowmask, name="tail")
+        updates = ew(gr, lambda a, b: a * b, updates, tail, name="u_tail")
+    update = gr.dot(updates, k, ta=True, name="update")
+    w_new = ew(gr, lambda a, u: a - u, keep, update, name="W_new")
+    return ChunkStep(gr, tuple(data_gates), ("W",), {"o": o, "W": w_new})
+
+
+def _log_gate(gr: Graph, gates: dict, arg: str, rowmask: str, name: str) -> str | None:
+    """log of a multiplicative gate per row (the op takes log_alpha, but the momentum as is)."""
+    gate = gates.get(arg)
+    if gate is None:
+        return None
+    if gate.is_input:
+        return arg if arg == "log_alpha" else ew(gr, sp.log, arg, name=name)
+    return ew(gr, lambda m: m * sp.log(sp.Float(gate.value)), rowmask, name=name)
+
+
+def _decay_matrix(gr: Graph, causal: str, cum: str, cum_row: str, name: str) -> str:
+    """exp(cum_t - cum_i) on and below the diagonal, 0 above."""
+    return ew(gr, lambda c, a, b: sp.Piecewise((sp.exp(a - b), c > 0), (0, True)),
+              causal, cum, cum_row, name=name)
+
+
+def _momentum_step(gr, ctx, data_gates, gates, updates, decay_mat, qk, read, keep) -> ChunkStep:
+    """S_t = m_t S_{t-1} + u_t, W_t = alpha_t W_{t-1} - S_t over a chunk, with mu = cumsum(log m):
+    C = decay @ exp(mu_t - mu_i) (causal), s = decay @ exp(mu),
+        O = read - s * Q S^T - (QK^T * C) U,
+        W_new = keep - s_T S - (U * C_T)^T K,   S_new = exp(mu_T) S + (U * exp(mu_T - mu))^T K."""
+    k, rowmask = ctx["k"], ctx["rowmask"]
+    s_in = gr.input("S", ("DV", "DK"))
+    lastrow = gr.const("lastrow", ("T", 1), "lastrow")
+    lm = _log_gate(gr, gates, "momentum", rowmask, name="lm")
+    mu = gr.cumsum(lm, name="mu")
+    mu_row = gr.trans(mu, name="mu_row")
+    mu_end = gr.sum(lm, 0, name="mu_end")
+    mix = gr.dot(decay_mat, _decay_matrix(gr, "causal", mu, mu_row, name="mom"), name="mix")
+    s_vec = gr.sum(ew(gr, lambda a, b: a * sp.exp(b), decay_mat, mu_row), 1, name="s_vec")
+    attn = ew(gr, lambda a, b: a * b, qk, mix, name="attn")
+    mixed = gr.dot(attn, updates, name="mixed")
+    qs = gr.dot(ctx["q"], s_in, tb=True, name="qs")
+    o = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, qs, mixed, name="o")
+    mix_end = gr.trans(gr.sum(ew(gr, lambda a, b: a * b, mix, lastrow), 0), name="mix_end")
+    s_end = gr.sum(ew(gr, lambda a, b: a * b, s_vec, lastrow), 0, name="s_end")
+    w_update = gr.dot(ew(gr, lambda a, b: a * b, updates, mix_end), k, ta=True, name="w_update")
+    w_new = ew(gr, lambda a, s, x, u: a - s * x - u, keep, s_end, s_in, w_update, name="W_new")
+    m_tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), mu_end, mu, rowmask, name="m_tail")
+    s_update = gr.dot(ew(gr, lambda a, b: a * b, updates, m_tail), k, ta=True, name="s_update")
+    s_new = ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, s_update, name="S_new")
+    return ChunkStep(gr, tuple(data_gates), ("W", "S"), {"o": o, "W": w_new, "S": s_new})
 
 
 def _gate_args(gr: Graph, d: Derivation, ctx: dict) -> tuple[dict, sp.Expr]:

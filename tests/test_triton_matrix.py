@@ -16,7 +16,7 @@ from mirasc.check import compare, random_inputs, varlen_inputs
 from mirasc.codegen import render_module
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
-TRITON_SPECS = ["linear_attention", "simple_gla", "deltanet", "gated_deltanet"]
+TRITON_SPECS = ["linear_attention", "simple_gla", "deltanet", "gated_deltanet", "titans"]
 
 
 def _compile(text: str, tmp_path, monkeypatch):
@@ -50,10 +50,11 @@ BIASES = ["{kind: l2}", "{kind: dot_product}", "{kind: lp, p: 3}", "{kind: lp, p
           "norm_loss: 'delta*sqrt(1 + rnorm**2)', delta: {}}"]
 RETENTIONS = ["{kind: none}", "{kind: l2, decay: {}}", "{kind: l2, decay: {value: 0.95}}"]
 LEARNERS = ["{kind: gd, eta: {}}", "{kind: gd, eta: {value: 0.2}}",
-            "{kind: gd, eta: {}, grad_at: retained}"]
+            "{kind: gd, eta: {}, grad_at: retained}", "{kind: momentum, eta: {}, momentum: {}}",
+            "{kind: momentum, eta: {value: 0.3}, momentum: {value: 0.8}, grad_at: retained}"]
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=16, deadline=None, derandomize=True)
 @given(bias=st.sampled_from(BIASES), retention=st.sampled_from(RETENTIONS),
        learner=st.sampled_from(LEARNERS), chunk=st.sampled_from([16, 32]),
        length=st.integers(17, 70), dk=st.integers(3, 20), dv=st.integers(3, 20))
