@@ -59,12 +59,15 @@ class CodegenError(ValueError):
     """A derived expression or spec feature that the Triton backend cannot emit."""
 
 
+KERNEL_CONSTANTS = {"DV": "DV", "DK": "DK"}  # symbols the kernels know as constexprs
+
+
 def triton_source(expr: sp.Expr, names) -> str:
     """Print a sympy expression as Triton code over tiles named by `names`."""
 
     def show(e) -> str:
         if e.is_Symbol:
-            return names[e]
+            return names[e] if e in names else KERNEL_CONSTANTS[e.name]
         if e.is_Number or e.is_NumberSymbol:
             return repr(float(e))
         if isinstance(e, sp.Add | sp.Mul):
@@ -145,8 +148,7 @@ def triton_unsupported(d) -> str | None:
     spec = d.spec
     mem, ret = spec.memory, spec.retention
     reasons = [
-        (mem.kind != "matrix" or mem.residual or mem.layer_norm,
-         "memory: only a plain matrix memory (no residual, no layer_norm)"),
+        (mem.kind != "matrix", f"memory.kind {mem.kind!r}: only matrix"),
         (ret.kind not in ("none", "l2"), f"retention.kind {ret.kind!r}: only none and l2"),
         (any(g.shape == "channel" for f, g in spec.gates().items() if f != "bias.delta"),
          "channel-wise decay/eta gates"),

@@ -21,6 +21,7 @@ import networkx as nx
 import sympy as sp
 
 from mirasc.derive import DELTA, RNORM, RNORM_EPS, Derivation, R, V
+from mirasc.reference import LN_EPS
 
 
 @dataclass
@@ -124,9 +125,10 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
     (`_momentum_step`) mixes the updates through the momentum's decay as well."""
     gates = d.op_gates()
     gr = Graph()
-    q, k = gr.input("q", ("T", "DK")), gr.input("k", ("T", "DK"))
+    dk = "DV" if d.spec.memory.residual else "DK"  # a residual memory needs DK == DV
+    q, k = gr.input("q", ("T", dk)), gr.input("k", ("T", dk))
     v = gr.input("v", ("T", "DV"))
-    w = gr.input("W", ("DV", "DK"))
+    w = gr.input("W", ("DV", dk))
     rowmask = gr.const("rowmask", ("T", 1), "rowmask")
     causal = gr.const("causal", ("T", "T"), "causal")
     vmask = gr.const("vmask", (1, "DV"), "vmask")  # the padding of DV up to a power of two
@@ -150,7 +152,7 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
         decay_mat = causal
     qk = gr.dot(q, k, tb=True, name="qk")
     ctx = dict(q=q, k=k, v=v, w=w, rowmask=rowmask, vmask=vmask, la=la, gam=gam, gam_row=gam_row,
-               beta=beta)
+               beta=beta, dk=dk, gates=tuple(data_gates))
     updates = _exact_updates(gr, d, ctx) if d.exact and d.bias.kind == "affine" \
         else _minibatch_updates(gr, d, ctx)
     qw = gr.dot(q, w, tb=True, name="qw")
@@ -158,10 +160,10 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
     keep = w if gam_end is None else ew(gr, lambda e, a: sp.exp(e) * a, gam_end, w, name="keep")
 
     if d.spec.learner.kind == "momentum":
-        return _momentum_step(gr, ctx, data_gates, gates, updates, decay_mat, qk, read, keep)
+        return _momentum_step(gr, d, ctx, updates, decay_mat, qk, read, keep)
     attn = ew(gr, lambda a, b: a * b, qk, decay_mat, name="attn")
     mixed = gr.dot(attn, updates, name="mixed")
-    o = ew(gr, lambda a, m: a - m, read, mixed, name="o")
+    o = _finish(gr, d, ew(gr, lambda a, m: a - m, read, mixed, name="z_o"), q, vmask, name="o")
     if gam_end is not None:
         tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), gam_end, gam, rowmask, name="tail")
         updates = ew(gr, lambda a, b: a * b, updates, tail, name="u_tail")
@@ -186,15 +188,16 @@ def _decay_matrix(gr: Graph, causal: str, cum: str, cum_row: str, name: str) -> 
               causal, cum, cum_row, name=name)
 
 
-def _momentum_step(gr, ctx, data_gates, gates, updates, decay_mat, qk, read, keep) -> ChunkStep:
+def _momentum_step(gr: Graph, d: Derivation, ctx: dict, updates: str, decay_mat: str, qk: str,
+                   read: str, keep: str) -> ChunkStep:
     """S_t = m_t S_{t-1} + u_t, W_t = alpha_t W_{t-1} - S_t over a chunk, with mu = cumsum(log m):
     C = decay @ exp(mu_t - mu_i) (causal), s = decay @ exp(mu),
         O = read - s * Q S^T - (QK^T * C) U,
         W_new = keep - s_T S - (U * C_T)^T K,   S_new = exp(mu_T) S + (U * exp(mu_T - mu))^T K."""
     k, rowmask = ctx["k"], ctx["rowmask"]
-    s_in = gr.input("S", ("DV", "DK"))
+    s_in = gr.input("S", ("DV", ctx["dk"]))
     lastrow = gr.const("lastrow", ("T", 1), "lastrow")
-    lm = _log_gate(gr, gates, "momentum", rowmask, name="lm")
+    lm = _log_gate(gr, d.op_gates(), "momentum", rowmask, name="lm")
     mu = gr.cumsum(lm, name="mu")
     mu_row = gr.trans(mu, name="mu_row")
     mu_end = gr.sum(lm, 0, name="mu_end")
@@ -203,7 +206,8 @@ def _momentum_step(gr, ctx, data_gates, gates, updates, decay_mat, qk, read, kee
     attn = ew(gr, lambda a, b: a * b, qk, mix, name="attn")
     mixed = gr.dot(attn, updates, name="mixed")
     qs = gr.dot(ctx["q"], s_in, tb=True, name="qs")
-    o = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, qs, mixed, name="o")
+    z_o = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, qs, mixed, name="z_o")
+    o = _finish(gr, d, z_o, ctx["q"], ctx["vmask"], name="o")
     mix_end = gr.trans(gr.sum(ew(gr, lambda a, b: a * b, mix, lastrow), 0), name="mix_end")
     s_end = gr.sum(ew(gr, lambda a, b: a * b, s_vec, lastrow), 0, name="s_end")
     w_update = gr.dot(ew(gr, lambda a, b: a * b, updates, mix_end), k, ta=True, name="w_update")
@@ -211,7 +215,22 @@ def _momentum_step(gr, ctx, data_gates, gates, updates, decay_mat, qk, read, kee
     m_tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), mu_end, mu, rowmask, name="m_tail")
     s_update = gr.dot(ew(gr, lambda a, b: a * b, updates, m_tail), k, ta=True, name="s_update")
     s_new = ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, s_update, name="S_new")
-    return ChunkStep(gr, tuple(data_gates), ("W", "S"), {"o": o, "W": w_new, "S": s_new})
+    return ChunkStep(gr, ctx["gates"], ("W", "S"), {"o": o, "W": w_new, "S": s_new})
+
+
+def _finish(gr: Graph, d: Derivation, z: str, x: str, vmask: str, name: str) -> str:
+    """M(x) from its pre-activation z = W x: [x +] [LN](z), LN without affine over DV."""
+    mem = d.spec.memory
+    out = z
+    if mem.layer_norm:
+        dv = sp.Symbol("DV", positive=True)
+        mean = ew(gr, lambda s: s / dv, gr.sum(ew(gr, lambda a, m: a * m, z, vmask), 1))
+        centred = ew(gr, lambda a, b, m: (a - b) * m, z, mean, vmask)
+        var = ew(gr, lambda s: s / dv, gr.sum(ew(gr, lambda a: a * a, centred), 1))
+        out = ew(gr, lambda c, s: c / sp.sqrt(s + LN_EPS), centred, var)
+    if mem.residual:
+        out = ew(gr, lambda a, b: a + b, x, out)
+    return ew(gr, lambda a: a, out, name=name)
 
 
 def _gate_args(gr: Graph, d: Derivation, ctx: dict) -> tuple[dict, sp.Expr]:
@@ -233,14 +252,22 @@ def _minibatch_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
     kw = gr.dot(ctx["k"], ctx["w"], tb=True, name="kw")
     if d.spec.learner.grad_at == "retained" and ctx["beta"] is not None:
         kw = ew(gr, lambda a, b: a * b, kw, ctx["beta"], name="pred")
+    mem = d.spec.memory
+    pred = _finish(gr, d, kw, ctx["k"], ctx["vmask"], name="pred_m") \
+        if mem.layer_norm or mem.residual else kw
     # Padding (rows past the sequence, columns past DV) is loaded as v = 1 so that r != 0 there and
     # every derivative of g stays finite; the masks then zero its contributions.
-    r = ew(gr, lambda a, b: a - b, kw, ctx["v"], name="r")
+    r = ew(gr, lambda a, b: a - b, pred, ctx["v"], name="r")
     rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, ctx["vmask"]), 1, name="rsq")
     rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm")
     args, factor = _gate_args(gr, d, ctx)
-    args |= {R: r, V: ctx["v"], RNORM: rnorm}
-    return gr.ew((d.bias.elem + d.bias.norm * R) * factor, args, name="u")
+    g_args = {R: r, V: ctx["v"], RNORM: rnorm} | ({DELTA: "delta"} if "delta" in gr.g else {})
+    if pred == kw:
+        return gr.ew((d.bias.elem + d.bias.norm * R) * factor, args | g_args, name="u")
+    g = gr.ew(d.bias.elem + d.bias.norm * R, g_args, name="g")
+    through = backward(gr, {pred: g}, (kw,))[kw]  # J^T g: the bias gradient through LN/residual
+    return gr.ew(sp.Symbol("x", real=True) * factor, args | {sp.Symbol("x", real=True): through},
+                 name="u")
 
 
 def _exact_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
@@ -329,7 +356,7 @@ def _vjp(graph: Graph, n: str, node: dict, dy: str):
         yield b, db
     elif op == "ew":
         expr, symbols = node["expr"], node["symbols"]
-        dsym = sp.Symbol("dy", real=True)
+        dsym = sp.Symbol(f"d_{n}", real=True)  # fresh: the expression may be an adjoint itself
         for sym, src in zip(symbols, inputs, strict=True):
             partial = _ae(sp.diff(expr, sym))
             if partial == 0:
@@ -348,3 +375,41 @@ def _vjp(graph: Graph, n: str, node: dict, dy: str):
     elif op == "tri_inv":  # X = (I + A)^-1: dA = -X^T dX X^T
         left = graph.dot(n, dy, ta=True)
         yield inputs[0], ew(graph, lambda m: -m, graph.dot(left, n, tb=True))
+
+
+def evaluate(graph: Graph, values: dict, sizes: dict) -> dict:
+    """Run the graph on torch tensors (a test oracle for the emitted code and the reverse mode).
+
+    `values` holds every input and const node; `sizes` the kernel constants (e.g. {"DV": 5})."""
+    import torch
+
+    from mirasc.expr import to_torch
+
+    env = dict(values)
+    constants = {sp.Symbol(n, positive=True): v for n, v in sizes.items()}
+    for n in graph.order():
+        if n in env:
+            continue
+        node = graph.node(n)
+        x = [env[i] for i in node["inputs"]]
+        op = node["op"]
+        if op == "dot":
+            a = x[0].transpose(-1, -2) if node["ta"] else x[0]
+            b = x[1].transpose(-1, -2) if node["tb"] else x[1]
+            env[n] = a @ b
+        elif op == "ew":
+            scope = dict(zip(node["symbols"], x, strict=True)) | constants
+            env[n] = torch.as_tensor(to_torch(node["expr"], scope), dtype=torch.float64)
+        elif op == "sum":
+            env[n] = x[0].sum(node["axis"], keepdim=True)
+        elif op == "cumsum":
+            env[n] = x[0].cumsum(0)
+        elif op == "revcumsum":
+            env[n] = x[0].flip(0).cumsum(0).flip(0)
+        elif op == "trans":
+            env[n] = x[0].transpose(-1, -2)
+        elif op == "tri_inv":
+            env[n] = torch.linalg.inv(torch.eye(x[0].shape[0], dtype=x[0].dtype) + x[0])
+        else:  # broadcast
+            env[n] = x[0].expand(*[1 if dim == 1 else sizes[dim] for dim in node["shape"]])
+    return env

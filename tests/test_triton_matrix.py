@@ -16,7 +16,8 @@ from mirasc.check import compare, random_inputs, varlen_inputs
 from mirasc.codegen import render_module
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
-TRITON_SPECS = ["linear_attention", "simple_gla", "deltanet", "gated_deltanet", "titans"]
+TRITON_SPECS = ["linear_attention", "simple_gla", "deltanet", "gated_deltanet", "titans",
+                "ttt_linear"]
 
 
 def _compile(text: str, tmp_path, monkeypatch):
@@ -38,7 +39,8 @@ def _assert_close(errors: dict, dtype):
 def test_shipped_specs(spec, dtype):
     op = mirasc.compile(f"specs/{spec}.yaml")
     assert op.backend == "triton"
-    inputs = random_inputs(op, batch=2, length=100, heads=2, dk=7, dv=5, dtype=dtype)
+    dv = 7 if op.spec.memory.residual else 5
+    inputs = random_inputs(op, batch=2, length=100, heads=2, dk=7, dv=dv, dtype=dtype)
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), dtype)
 
 
@@ -54,13 +56,20 @@ LEARNERS = ["{kind: gd, eta: {}}", "{kind: gd, eta: {value: 0.2}}",
             "{kind: momentum, eta: {value: 0.3}, momentum: {value: 0.8}, grad_at: retained}"]
 
 
-@settings(max_examples=16, deadline=None, derandomize=True)
-@given(bias=st.sampled_from(BIASES), retention=st.sampled_from(RETENTIONS),
-       learner=st.sampled_from(LEARNERS), chunk=st.sampled_from([16, 32]),
-       length=st.integers(17, 70), dk=st.integers(3, 20), dv=st.integers(3, 20))
-def test_random_axis_combinations(bias, retention, learner, chunk, length, dk, dv):
-    op = op_from_yaml(axis_spec(bias=bias, retention=retention, learner=learner,
+MEMORIES = ["{kind: matrix}", "{kind: matrix, residual: true, layer_norm: true}",
+            "{kind: matrix, layer_norm: true}", "{kind: matrix, residual: true}"]
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(memory=st.sampled_from(MEMORIES), bias=st.sampled_from(BIASES),
+       retention=st.sampled_from(RETENTIONS), learner=st.sampled_from(LEARNERS),
+       chunk=st.sampled_from([16, 32]), length=st.integers(17, 70), dk=st.integers(3, 20),
+       dv=st.integers(3, 20))
+def test_random_axis_combinations(memory, bias, retention, learner, chunk, length, dk, dv):
+    op = op_from_yaml(axis_spec(memory=memory, bias=bias, retention=retention, learner=learner,
                                 extra=f"chunk_size: {chunk}").replace("chunk_size: 4\n", ""))
+    if op.spec.memory.residual:
+        dv = dk
     module = {}
     exec(compile(render_module(op.spec), "<generated>", "exec"), module)  # noqa: S102 - generated
     op = module["op"]
