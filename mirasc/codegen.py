@@ -150,8 +150,9 @@ def triton_unsupported(d) -> str | None:
     reasons = [
         (mem.kind != "matrix", f"memory.kind {mem.kind!r}: only matrix"),
         (ret.kind not in ("none", "l2"), f"retention.kind {ret.kind!r}: only none and l2"),
-        (any(g.shape == "channel" for f, g in spec.gates().items() if f != "bias.delta"),
-         "channel-wise decay/eta gates"),
+        (spec.learner.kind == "momentum" and any(
+            g.shape == "channel" for f, g in spec.gates().items() if f != "bias.delta"),
+         "channel-wise gates with the momentum learner"),
         (spec.lag_token, "lag_token"),
         (spec.chunk_size < 16 or spec.chunk_size & (spec.chunk_size - 1),
          f"chunk_size {spec.chunk_size}: a power of two >= 16"),
@@ -212,8 +213,9 @@ def _loads(step, d) -> str:
     for g in step.gates:
         other = "1.0" if g in ("delta", "momentum") else "0.0"  # padding: no log(0), no 1/0
         if gates[g].shape == "channel":
-            lines.append(f"        {g} = _load_rows({g}_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, "
-                         f"{other}, ACC)")
+            dim = "v" if g == "delta" else "k"
+            lines.append(f"        {g} = _load_rows({g}_ptr, tok * H + i_h, offs_{dim}, valid, "
+                         f"mask_{dim}, D{dim.upper()}, {other}, ACC)")
         else:
             lines.append(f"        {g} = tl.load({g}_ptr + tok * H + i_h, mask=valid, "
                          f"other={other}).to(ACC)[:, None]")
@@ -241,7 +243,7 @@ def render_triton_module(spec: Spec) -> str:
     zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {s: "BV, BK" for s in step.states}
     gates = d.op_gates()
     for g in step.gates:
-        zeros[g] = "BT, BV" if gates[g].shape == "channel" else "BT, 1"
+        zeros[g] = "BT, 1" if gates[g].shape == "head" else ("BT, BV" if g == "delta" else "BT, BK")
     adjoint_code = {n: a if a is not None else f"tl.zeros([{zeros[n]}], dtype=ACC)"
                     for n, a in adjoint.items()}
     template = _environment().get_template("triton_matrix.py.j2")
@@ -251,7 +253,8 @@ def render_triton_module(spec: Spec) -> str:
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),
         chunk=spec.chunk_size, exact=d.exact, gates=list(step.gates), states=list(step.states),
         outputs=step.outputs,
-        channel={g: gates[g].shape == "channel" for g in step.gates},
+        channel={g: ("V" if g == "delta" else "K") if gates[g].shape == "channel" else ""
+                 for g in step.gates},
         prologue=_PROLOGUE, loads=_loads(step, d), forward="\n".join(forward),
         backward="\n".join(backward), adjoint=adjoint_code,
     )

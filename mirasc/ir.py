@@ -137,37 +137,53 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
         gate = gates.get(arg)
         if gate is not None and gate.is_input:
             data_gates.append(arg)
-            wide = arg == "delta" and gate.shape == "channel"
-            gr.input(arg, ("T", "DV") if wide else ("T", 1))
+            width = {"delta": "DV"}.get(arg, dk) if gate.shape == "channel" else 1
+            gr.input(arg, ("T", width))
+    channel_decay = gates.get("log_alpha") is not None and gates["log_alpha"].shape == "channel"
+    # A channel-wise step scales the key channels of each update: u_i (k_i * eta_i)^T.
+    k_upd = ew(gr, lambda a, b: a * b, k, "eta", name="k_eta") \
+        if gates["eta"].shape == "channel" and gates["eta"].is_input else k
 
     la = _log_gate(gr, gates, "log_alpha", rowmask, name="la")
+    gam = gam_row = gam_end = beta = None
     if la is not None:
         gam = gr.cumsum(la, name="gam")
-        gam_row = gr.trans(gam, name="gam_row")
         gam_end = gr.sum(la, 0, name="gam_end")
         beta = ew(gr, sp.exp, gam, name="beta")
-        decay_mat = _decay_matrix(gr, causal, gam, gam_row, name="decay")
+    if channel_decay:  # decay per key channel: (Q e^gamma)(K e^-gamma)^T, exact while |gamma| < ~80
+        q_dec = ew(gr, lambda a, b: a * b, q, beta, name="q_dec")
+        k_dec = ew(gr, lambda a, g: a * sp.exp(-g), k_upd, gam, name="k_dec")
+        attn = ew(gr, lambda a, c: a * c, gr.dot(q_dec, k_dec, tb=True), causal, name="attn")
+        read = gr.dot(q_dec, w, tb=True, name="read")
+        decay_mat = None
     else:
-        gam = gam_row = gam_end = beta = None
-        decay_mat = causal
-    qk = gr.dot(q, k, tb=True, name="qk")
-    ctx = dict(q=q, k=k, v=v, w=w, rowmask=rowmask, vmask=vmask, la=la, gam=gam, gam_row=gam_row,
-               beta=beta, dk=dk, gates=tuple(data_gates))
+        if la is not None:
+            gam_row = gr.trans(gam, name="gam_row")
+            decay_mat = _decay_matrix(gr, causal, gam, gam_row, name="decay")
+        else:
+            decay_mat = causal
+        qk = gr.dot(q, k_upd, tb=True, name="qk")
+        qw = gr.dot(q, w, tb=True, name="qw")
+        read = qw if beta is None else ew(gr, lambda b, a: b * a, beta, qw, name="read")
+    ctx = dict(q=q, k=k, k_upd=k_upd, v=v, w=w, rowmask=rowmask, vmask=vmask, la=la, gam=gam,
+               gam_row=gam_row, beta=beta, dk=dk, gates=tuple(data_gates), channel=channel_decay)
     updates = _exact_updates(gr, d, ctx) if d.exact and d.bias.kind == "affine" \
         else _minibatch_updates(gr, d, ctx)
-    qw = gr.dot(q, w, tb=True, name="qw")
-    read = qw if beta is None else ew(gr, lambda b, a: b * a, beta, qw, name="read")
     keep = w if gam_end is None else ew(gr, lambda e, a: sp.exp(e) * a, gam_end, w, name="keep")
 
     if d.spec.learner.kind == "momentum":
         return _momentum_step(gr, d, ctx, updates, decay_mat, qk, read, keep)
-    attn = ew(gr, lambda a, b: a * b, qk, decay_mat, name="attn")
+    if not channel_decay:
+        attn = ew(gr, lambda a, b: a * b, qk, decay_mat, name="attn")
     mixed = gr.dot(attn, updates, name="mixed")
     o = _finish(gr, d, ew(gr, lambda a, m: a - m, read, mixed, name="z_o"), q, vmask, name="o")
-    if gam_end is not None:
+    if gam_end is not None:  # each update decays from its row to the chunk end
         tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), gam_end, gam, rowmask, name="tail")
-        updates = ew(gr, lambda a, b: a * b, updates, tail, name="u_tail")
-    update = gr.dot(updates, k, ta=True, name="update")
+        if channel_decay:
+            k_upd = ew(gr, lambda a, b: a * b, k_upd, tail, name="k_tail")
+        else:
+            updates = ew(gr, lambda a, b: a * b, updates, tail, name="u_tail")
+    update = gr.dot(updates, k_upd, ta=True, name="update")
     w_new = ew(gr, lambda a, u: a - u, keep, update, name="W_new")
     return ChunkStep(gr, tuple(data_gates), ("W",), {"o": o, "W": w_new})
 
@@ -240,18 +256,28 @@ def _gate_args(gr: Graph, d: Derivation, ctx: dict) -> tuple[dict, sp.Expr]:
     args = {mask_sym: ctx["rowmask"], vmask_sym: ctx["vmask"]}
     if "delta" in gr.g:
         args[DELTA] = "delta"
-    if "eta" in gr.g:
+    eta_gate = d.spec.learner.eta
+    if eta_gate.shape == "channel":  # folded into the keys (k_eta)
+        eta = sp.Integer(1)
+    elif eta_gate.is_input:
         args[eta_sym] = "eta"
-    eta = eta_sym if "eta" in gr.g else sp.Float(d.spec.learner.eta.value)
+        eta = eta_sym
+    else:
+        eta = sp.Float(eta_gate.value)
     return args, eta * mask_sym * vmask_sym
 
 
 def _minibatch_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
     """U = eta * g(r), r = M_W(k) - v at the chunk-start W (decayed to row t when grad_at is
     'retained'); g = elem(r, v, rnorm, delta) + norm(rnorm, delta) * r from sympy."""
-    kw = gr.dot(ctx["k"], ctx["w"], tb=True, name="kw")
-    if d.spec.learner.grad_at == "retained" and ctx["beta"] is not None:
-        kw = ew(gr, lambda a, b: a * b, kw, ctx["beta"], name="pred")
+    retained = d.spec.learner.grad_at == "retained" and ctx["beta"] is not None
+    if retained and ctx["channel"]:
+        k_point = ew(gr, lambda a, b: a * b, ctx["k"], ctx["beta"], name="k_point")
+        kw = gr.dot(k_point, ctx["w"], tb=True, name="kw")
+    else:
+        kw = gr.dot(ctx["k"], ctx["w"], tb=True, name="kw")
+        if retained:
+            kw = ew(gr, lambda a, b: a * b, kw, ctx["beta"], name="pred")
     mem = d.spec.memory
     pred = _finish(gr, d, kw, ctx["k"], ctx["vmask"], name="pred_m") \
         if mem.layer_norm or mem.residual else kw
@@ -278,23 +304,30 @@ def _exact_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
     c = d.bias.d_elem["r"]
     e = d.bias.elem.subs(R, 0) - c * V
     strict = gr.const("strict", ("T", "T"), "strict")
-    if ctx["gam"] is None:
-        point, decay = None, strict
+    k, k_upd = ctx["k"], ctx["k_upd"]
+    lag = None
+    if ctx["gam"] is not None:
+        lag = ctx["gam"] if d.spec.learner.grad_at == "retained" \
+            else ew(gr, lambda g, a: g - a, ctx["gam"], ctx["la"], name="gam_prev")
+    if lag is not None and ctx["channel"]:  # per key channel: (K e^lag)(K e^-gamma)^T
+        k_point = ew(gr, lambda a, g: a * sp.exp(g), k, lag, name="k_point")
+        k_back = ew(gr, lambda a, g: a * sp.exp(-g), k_upd, ctx["gam"], name="k_back")
+        kk = ew(gr, lambda a, s: a * s, gr.dot(k_point, k_back, tb=True), strict, name="kk")
+        pred = gr.dot(k_point, ctx["w"], tb=True, name="pred")
     else:
-        if d.spec.learner.grad_at == "retained":
-            lag = ctx["gam"]
+        kk = gr.dot(k, k_upd, tb=True, name="kk")
+        kw = gr.dot(k, ctx["w"], tb=True, name="kw")
+        if lag is None:
+            kk = ew(gr, lambda a, s: a * s, kk, strict, name="kk_strict")
+            pred = kw
         else:
-            lag = ew(gr, lambda g, a: g - a, ctx["gam"], ctx["la"], name="gam_prev")
-        point = ew(gr, sp.exp, lag, name="point")
-        decay = ew(gr, lambda s, a, b: sp.Piecewise((sp.exp(a - b), s > 0), (0, True)),
-                   strict, lag, ctx["gam_row"], name="decay_strict")
+            kk = ew(gr, lambda a, s, x, y: a * sp.Piecewise((sp.exp(x - y), s > 0), (0, True)),
+                    kk, strict, lag, ctx["gam_row"], name="kk_decay")
+            pred = ew(gr, lambda x, g: x * sp.exp(g), kw, lag, name="pred")
     args, factor = _gate_args(gr, d, ctx)
-    kk = gr.dot(ctx["k"], ctx["k"], tb=True, name="kk")
     eta_row = gr.ew(factor.subs(sp.Symbol("vmask", real=True), 1) * c, args, name="eta_c")
-    a = ew(gr, lambda x, y, z: x * y * z, eta_row, kk, decay, name="A")
+    a = ew(gr, lambda x, y: x * y, eta_row, kk, name="A")
     inverse = gr.add("tri_inv", ("T", "T"), (a,), name="A_inv")
-    kw = gr.dot(ctx["k"], ctx["w"], tb=True, name="kw")
-    pred = kw if point is None else ew(gr, lambda x, p: x * p, kw, point, name="pred")
     p_sym = sp.Symbol("pred", real=True)
     rhs = gr.ew((c * p_sym + e) * factor, args | {p_sym: pred, V: ctx["v"]}, name="rhs")
     return gr.dot(inverse, rhs, name="u")
