@@ -8,6 +8,7 @@ comparisons, whitelisted function calls) and translated node by node into sympy.
 from __future__ import annotations
 
 import ast
+import math
 from collections.abc import Callable, Mapping
 
 import sympy as sp
@@ -17,6 +18,7 @@ from mirasc.spec import FieldError
 
 MAX_LENGTH = 400
 MAX_EXPONENT = 64
+MAX_LOG_MAGNITUDE = 709  # |ln c| for a constant power c: float64 range (and no huge integers)
 
 
 def _sigmoid(x):
@@ -54,7 +56,10 @@ _COMPARE = {ast.Lt: sp.Lt, ast.LtE: sp.Le, ast.Gt: sp.Gt, ast.GtE: sp.Ge}
 _WHY = {ast.Attribute: "attribute access", ast.Lambda: "lambda", ast.Subscript: "subscripts",
         ast.BitXor: "'^' (use ** for powers)", ast.Starred: "starred arguments",
         ast.IfExp: "if-expressions (use where(cond, a, b))", ast.BoolOp: "and/or",
-        ast.NamedExpr: "assignment", ast.JoinedStr: "f-strings", ast.Await: "await"}
+        ast.NamedExpr: "assignment", ast.JoinedStr: "f-strings", ast.Await: "await",
+        ast.Mod: "'%'", ast.FloorDiv: "'//'", ast.MatMult: "'@'", ast.BitAnd: "'&'",
+        ast.BitOr: "'|'", ast.LShift: "'<<'", ast.RShift: "'>>'", ast.Not: "'not'",
+        ast.Invert: "'~'", ast.Compare: "chained comparisons, == and != (use where with < <= > >=)"}
 
 
 def parse_expression(text: str, symbols: Mapping[str, sp.Symbol], field: str) -> sp.Expr:
@@ -74,9 +79,17 @@ def parse_expression(text: str, symbols: Mapping[str, sp.Symbol], field: str) ->
         raise fail(f"syntax error ({exc.msg})") from None
 
     def visit(node: ast.AST) -> sp.Expr:
+        value = translate(node)
+        if value.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
+            raise fail(f"{ast.unparse(node)} is undefined or infinite (a division by zero?)")
+        return value
+
+    def translate(node: ast.AST) -> sp.Expr:
         if isinstance(node, ast.Constant):
             if isinstance(node.value, bool) or not isinstance(node.value, int | float):
                 raise fail(f"the constant {node.value!r} is not a number")
+            if isinstance(node.value, float) and not math.isfinite(node.value):
+                raise fail(f"the constant {node.value!r} is not a finite number")
             return sp.Float(node.value) if isinstance(node.value, float) else sp.Integer(node.value)
         if isinstance(node, ast.Name):
             if node.id in symbols:
@@ -91,6 +104,9 @@ def parse_expression(text: str, symbols: Mapping[str, sp.Symbol], field: str) ->
             left, right = visit(node.left), visit(node.right)
             if isinstance(node.op, ast.Pow) and right.is_number and abs(right) > MAX_EXPONENT:
                 raise fail(f"an exponent above {MAX_EXPONENT}")
+            if (isinstance(node.op, ast.Pow) and left.is_number and right.is_number and left != 0
+                    and abs(right) * abs(sp.log(sp.Abs(left)).evalf()) > MAX_LOG_MAGNITUDE):
+                raise fail("a constant power outside the float64 range")
             return _BINARY[type(node.op)](left, right)
         if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
             return _COMPARE[type(node.ops[0])](visit(node.left), visit(node.comparators[0]))
@@ -102,15 +118,16 @@ def parse_expression(text: str, symbols: Mapping[str, sp.Symbol], field: str) ->
             if node.keywords or len(node.args) != arity:
                 raise fail(f"{name} takes {arity} positional argument(s)")
             return build(*(visit(arg) for arg in node.args))
-        kind = type(node.op) if isinstance(node, ast.BinOp) else type(node)
+        kind = type(node.op) if isinstance(node, ast.BinOp | ast.UnaryOp) else type(node)
         raise fail(f"{_WHY.get(kind, type(node).__name__)} is not allowed")
 
     return visit(tree.body)
 
 
 # ---- sympy -> torch ---------------------------------------------------------------------------
-# Constants are folded by sympy (params and constant gates are substituted before printing), so
-# every function argument below contains a symbol and is a tensor at run time.
+# Constant subexpressions (numbers, pi, exp(2), ...) become Python floats; every other function
+# argument contains a symbol and is a tensor at run time. A Piecewise whose branches are all
+# constants takes the dtype and device of a variable in its conditions (not torch's default dtype).
 
 TORCH_FUNCTIONS: dict[type, Callable] = {
     sp.Abs: torch.abs, sp.sign: torch.sign, sp.exp: torch.exp, sp.log: torch.log,
@@ -128,11 +145,15 @@ def to_torch(expr: sp.Expr, env: Mapping[sp.Symbol, torch.Tensor]) -> torch.Tens
     """Evaluate a sympy expression on tensors by walking its tree (the reference's evaluator)."""
     if expr.is_Symbol:
         return env[expr]
-    if expr.is_Number or expr.is_NumberSymbol:
+    if expr.is_number:
         return float(expr)
     if isinstance(expr, sp.Piecewise):
         *branches, (out, _) = expr.args
         out = to_torch(out, env)
+        if not isinstance(out, torch.Tensor):
+            like = next((t for s in sorted(expr.free_symbols, key=str)
+                         if isinstance(t := env[s], torch.Tensor)), None)
+            out = out if like is None else like.new_tensor(out)
         for value, cond in reversed(branches):
             out = torch.where(to_torch(cond, env), to_torch(value, env), out)
         return out
@@ -164,12 +185,15 @@ def torch_source(expr: sp.Expr, names: Mapping[sp.Symbol, str]) -> str:
     def show(e) -> str:
         if e.is_Symbol:
             return names[e]
-        if e.is_Number or e.is_NumberSymbol:
+        if e.is_number:
             return repr(float(e))
         if isinstance(e, sp.Add | sp.Mul):
             return "(" + (" + " if isinstance(e, sp.Add) else " * ").join(map(show, e.args)) + ")"
         if isinstance(e, sp.Pow):
-            return f"{show(e.args[0])} ** {show(e.args[1])}"
+            base = show(e.args[0])
+            if e.args[0].is_Pow or base.startswith("-"):  # ** is right-assoc and binds before -
+                base = f"({base})"
+            return f"{base} ** {show(e.args[1])}"
         if type(e) in TORCH_FUNCTIONS:
             return f"torch.{TORCH_FUNCTIONS[type(e)].__name__}({show(e.args[0])})"
         if type(e) in _COMPARE_OPS:
@@ -178,7 +202,10 @@ def torch_source(expr: sp.Expr, names: Mapping[sp.Symbol, str]) -> str:
             return f"({show(e.args[0])} > 0).to({show(e.args[0])}.dtype)"
         if isinstance(e, sp.Piecewise):
             *branches, (out, _) = e.args
-            out = show(out)
+            if out.is_number:
+                out = f"{names[min(e.free_symbols, key=str)]}.new_tensor({show(out)})"
+            else:
+                out = show(out)
             for value, cond in reversed(branches):
                 out = f"torch.where({show(cond)}, {show(value)}, {out})"
             return out

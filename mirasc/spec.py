@@ -265,15 +265,15 @@ class Spec(_Strict):
 def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: str) -> None:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
-        seen = set()
+        seen: dict = {}
         for key, value in node.value:
             name = key.value
             if name in seen:
                 raise SpecError(
                     f"{source}:{key.start_mark.line + 1}: {'.'.join(map(str, path + (name,)))}: "
-                    "duplicate key"
+                    f"duplicate key (first given on line {seen[name]}); give each field once"
                 )
-            seen.add(name)
+            seen[name] = key.start_mark.line + 1
             _index_lines(value, path + (name,), lines, source)
             lines[path + (name,)] = key.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
@@ -300,6 +300,14 @@ def _model_fields_at(loc: tuple) -> list[str]:
     if isinstance(model, type) and issubclass(model, BaseModel):
         return list(model.model_fields)
     return []
+
+
+def _kinds_at(loc: tuple) -> str:
+    """The allowed `kind` tags of the axis union at a top-level validation-error location."""
+    info = Spec.model_fields.get(loc[0]) if len(loc) == 1 else None
+    members = getattr(info.annotation, "__args__", ()) if info is not None else ()
+    return ", ".join(repr(m.model_fields["kind"].annotation.__args__[0]) for m in members
+                     if isinstance(m, type) and issubclass(m, BaseModel) and "kind" in m.model_fields)
 
 
 def _yaml_path(loc: tuple, data: Any) -> tuple:
@@ -332,9 +340,12 @@ def _describe(error: dict, data: Any, lines: dict[tuple, int], source: str) -> s
         return f"{source}:{line}: {field}: required field is missing"
     if kind == "union_tag_invalid":
         tags = error["ctx"]["expected_tags"]
+        line = lines.get(path + ("kind",), line)
         return f"{source}:{line}: {field}.kind: {error['ctx']['tag']!r} is not known; allowed: {tags}"
     if kind == "union_tag_not_found":
-        return f"{source}:{line}: {field}: needs a 'kind' field"
+        kinds = _kinds_at(error["loc"])
+        hint = f"; allowed: {kinds}" if kinds else ""
+        return f"{source}:{line}: {field}: needs a 'kind' field{hint}"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "value_error":
         return f"{source}:{line}: {message}"
@@ -349,7 +360,10 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else 1
-        raise SpecError(f"{source}:{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        where = f" ({context} on line {start.line + 1})" if context and start else ""
+        problem = getattr(exc, "problem", exc)
+        raise SpecError(f"{source}:{line}: not valid YAML: {problem}{where}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{source}:1: a spec is a YAML mapping with fields name, memory, bias, "
                         "retention, learner")

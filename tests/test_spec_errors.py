@@ -1,0 +1,225 @@
+"""Bad specs must fail with a `SpecError` that names the file, the YAML line, the dotted field and
+what is allowed. Each case edits one place of a valid base spec, so its line numbers are known."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import mirasc
+from mirasc.spec import SpecError, parse_spec
+
+SPECS = sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.yaml"))
+
+BASE = """\
+name: base
+description: a valid spec that each case below breaks in one place
+memory:
+  kind: matrix
+bias:
+  kind: lp
+  p: 3
+retention:
+  kind: l2
+  decay: {shape: head}
+learner:
+  kind: gd
+  eta: {shape: head}
+chunk_size: 16
+"""
+# line:  1 name, 3 memory, 4 memory.kind, 5 bias, 6 bias.kind, 7 bias.p, 8 retention,
+#        9 retention.kind, 10 retention.decay, 11 learner, 12 learner.kind, 13 learner.eta,
+#        14 chunk_size
+
+BIAS_LP = "  kind: lp\n  p: 3\n"
+RETENTION_L2 = "  kind: l2\n  decay: {shape: head}\n"
+MLP = ("  kind: matrix\n", "  kind: mlp\n")
+BIAS_KINDS = "'dot_product', 'l2', 'lp', 'huber', 'robust', 'expression'"
+RETENTION_KINDS = "'none', 'l2', 'lq', 'kl', 'elastic_net', 'mirror'"
+SPEC_FIELDS = "allowed: name, description, memory, bias, retention, learner, chunk_size, lag_token"
+FUNCTIONS = "the functions abs, sign, sqrt, exp, log, tanh, sinh, cosh, atan, erf, sigmoid"
+
+
+def edit(*replacements: tuple[str, str]) -> str:
+    """BASE with each `old` (which must occur exactly once) replaced by `new`."""
+    text = BASE
+    for old, new in replacements:
+        assert text.count(old) == 1, f"{old!r} is not a unique part of the base spec"
+        text = text.replace(old, new)
+    return text
+
+
+def loss(expression: str) -> str:
+    return edit((BIAS_LP, f'  kind: expression\n  loss: "{expression}"\n'))  # loss on line 7
+
+
+def potential(expression: str) -> str:
+    return edit((RETENTION_L2, f'  kind: mirror\n  potential: "{expression}"\n'))  # line 10
+
+
+def case(id, text, line, field, *hints, marks=()):
+    return pytest.param(text, line, field, hints, id=id, marks=marks)
+
+
+def derive_bug(reason: str):
+    return pytest.mark.xfail(strict=True, reason=f"derive.py: {reason}")
+
+
+CASES = [
+    # ---- unknown and misspelt fields
+    case("field-typo-decya", edit(("  decay:", "  decya:")), 10, "retention.decya",
+         "unknown field", "did you mean 'decay'?", "allowed: decay"),
+    case("top-level-typo", edit(("chunk_size: 16", "chunk_sise: 16")), 14, "chunk_sise",
+         "unknown field", "did you mean 'chunk_size'?", SPEC_FIELDS),
+    case("mlp-field-typo", edit(MLP, ("  kind: mlp\n", "  kind: mlp\n  expnasion: 2\n")), 5,
+         "memory.expnasion", "did you mean 'expansion'?", "depth, expansion, activation"),
+    # ---- unknown kinds: the line of the `kind` key, and the allowed kinds
+    case("unknown-bias-kind", edit((BIAS_LP, "  kind: l3\n")), 6, "bias.kind",
+         "'l3' is not known", f"allowed: {BIAS_KINDS}"),
+    case("unknown-retention-kind", edit((RETENTION_L2, "  kind: forget\n  decay: {}\n")), 9,
+         "retention.kind", "'forget' is not known", f"allowed: {RETENTION_KINDS}"),
+    case("unknown-memory-kind", edit(("  kind: matrix", "  kind: tensor")), 4, "memory.kind",
+         "'tensor' is not known", "allowed: 'matrix', 'vector', 'mlp'"),
+    case("unknown-learner-kind", edit(("  kind: gd", "  kind: adam")), 12, "learner.kind",
+         "'adam' is not known", "allowed: 'gd', 'momentum'"),
+    # ---- values out of range
+    case("lp-p-below-1", edit(("  p: 3", "  p: 0.5")), 7, "bias.p",
+         "0.5 is not allowed", "greater than or equal to 1"),
+    case("lq-q-equal-1", edit((RETENTION_L2, "  kind: lq\n  q: 1\n  decay: {}\n")), 10,
+         "retention.q", "1 is not allowed", "greater than 1"),
+    case("lq-q-below-1", edit((RETENTION_L2, "  kind: lq\n  decay: {}\n  q: 0.5\n")), 11,
+         "retention.q", "0.5 is not allowed", "greater than 1"),
+    case("chunk-size-too-big", edit(("chunk_size: 16", "chunk_size: 4096")), 14, "chunk_size",
+         "4096 is not allowed", "less than or equal to 1024"),
+    case("gate-shape", edit(("  eta: {shape: head}", "  eta: {shape: row}")), 13,
+         "learner.eta.shape", "'row' is not allowed", "'head' or 'channel'"),
+    case("bad-name", edit(("name: base", "name: 2fast")), 1, "name",
+         "'2fast' is not allowed", "pattern"),
+    # ---- missing fields
+    case("missing-learner-eta", edit(("  eta: {shape: head}\n", "")), 11, "learner.eta",
+         "required field is missing"),
+    case("missing-bias-kind", edit(("  kind: lp\n", "")), 5, "bias",
+         "needs a 'kind' field", f"allowed: {BIAS_KINDS}"),
+    case("missing-name", edit(("name: base\n", "")), 1, "name", "required field is missing"),
+    case("missing-retention", edit(("retention:\n" + RETENTION_L2, "")), 1, "retention",
+         "required field is missing"),
+    # ---- wrong types
+    case("chunk-size-string", edit(("chunk_size: 16", 'chunk_size: "big"')), 14, "chunk_size",
+         "'big' is not allowed", "valid integer"),
+    case("mlp-depth-1", edit(MLP, ("  kind: mlp\n", "  kind: mlp\n  depth: 1\n")), 5,
+         "memory.depth", "1 is not allowed", "greater than or equal to 2"),
+    case("gate-value-string", edit(("  eta: {shape: head}", "  eta: {value: fast}")), 13,
+         "learner.eta.value", "'fast' is not allowed", "valid number"),
+    case("bias-not-a-mapping", edit(("bias:\n" + BIAS_LP, "bias: lp\n")), 5, "bias",
+         "'lp' is not allowed", "valid dictionary"),
+    # ---- YAML itself
+    case("duplicate-key", edit(("chunk_size: 16", "chunk_size: 16\nchunk_size: 32")), 15,
+         "chunk_size", "duplicate key", "first given on line 14"),
+    case("duplicate-nested-key", edit(("  p: 3\n", "  p: 3\n  p: 4\n")), 8, "bias.p",
+         "duplicate key", "first given on line 7"),
+    case("not-a-mapping-list", "- name: base\n- memory: {kind: matrix}\n", 1, None,
+         "a spec is a YAML mapping", "name, memory, bias, retention, learner"),
+    case("not-a-mapping-scalar", "just a sentence\n", 1, None, "a spec is a YAML mapping"),
+    case("empty-file", "", 1, None, "a spec is a YAML mapping"),
+    case("yaml-mapping-in-value", edit(("  p: 3", "  p: 3: 4")), 7, None,
+         "not valid YAML", "mapping values are not allowed"),
+    case("yaml-tab-indent", edit(("  p: 3", "\tp: 3")), 7, None, "not valid YAML", "'\\t'"),
+    case("yaml-unclosed-bracket", edit(("  p: 3", "  p: [3")), 8, None,
+         "not valid YAML", "while parsing a flow sequence on line 7"),
+    # ---- cross-axis rules
+    case("channel-gate-on-mlp", edit(MLP, ("  eta: {shape: head}", "  eta: {shape: channel}")),
+         13, "learner.eta.shape", "'channel' is not allowed with memory.kind 'mlp'",
+         "allowed: 'head'"),
+    case("channel-decay-on-mlp", edit(MLP, ("  decay: {shape: head}", "  decay: {shape: channel}")),
+         10, "retention.decay.shape", "'channel' is not allowed with memory.kind 'mlp'"),
+    # ---- user expressions (bias.loss on line 7, retention.potential on line 10)
+    case("loss-sign", loss("sign(r)"), 7, "bias.loss",
+         "not differentiable", "DiracDelta", "abs is fine, sign is not"),
+    case("loss-step-where", loss("where(r > 0, 1, 0)"), 7, "bias.loss", "not differentiable",
+         marks=derive_bug("a jump in a where() differentiates to 0 a.e.: reported as 'bias: the "
+                          "loss does not depend on r or v' instead of not differentiable")),
+    case("loss-jump-where", loss("where(r > 0, r**2 / 2, r**2 / 2 + 1)"), 7, "bias.loss",
+         "not differentiable",
+         marks=derive_bug("a discontinuous where() loss is accepted (no continuity check)")),
+    case("loss-without-r", loss("v**2"), 5, "bias", "does not depend on r", "never learn"),
+    case("loss-constant", loss("1"), 5, "bias", "does not depend on r", "never learn"),
+    case("loss-unknown-name", loss("r**2 / 2 + beta * r"), 7, "bias.loss",
+         "unknown name 'beta'", "the variables r, rnorm, v", FUNCTIONS),
+    case("loss-unknown-function", loss("floor(r)"), 7, "bias.loss",
+         "the call floor(...) is not allowed", FUNCTIONS),
+    case("loss-xor", loss("r ^ 2"), 7, "bias.loss", "use ** for powers"),
+    case("loss-rnorm-term", loss("rnorm * r"), 7, "bias.loss",
+         "rnorm only inside a where() condition", "bias.norm_loss"),
+    case("norm-loss-uses-r", edit((BIAS_LP, '  kind: expression\n  loss: "r**2"\n'
+                                            '  norm_loss: "r"\n')),
+         8, "bias.norm_loss", "unknown name 'r'", "the variables rnorm,"),
+    case("param-shadows-r", edit((BIAS_LP, '  kind: expression\n  loss: "a * r**2"\n'
+                                           "  params: {a: 1, r: 2}\n")),
+         8, "bias.params.r", "shadows a variable"),
+    case("mirror-quartic", potential("w**4 - w**2"), 10, "retention.potential",
+         "sympy found 3 solutions", "4*w**3 - 2*w", "strictly convex"),
+    case("mirror-cubic", potential("w**3"), 10, "retention.potential",
+         "sympy found 2 solutions", "3*w**2", "strictly convex"),
+    case("mirror-linear", potential("2 * w"), 10, "retention.potential",
+         "f'(w) = 2 must depend on w", "strictly convex"),
+    case("mirror-unknown-name", potential("w**2 / 2 + c * w"), 10, "retention.potential",
+         "unknown name 'c'", "the variables w,"),
+    case("mirror-concave", potential("-w**2 / 2"), 10, "retention.potential", "convex",
+         marks=derive_bug("a concave potential with a unique inverse (f'' < 0) is accepted: "
+                          "there is no convexity check")),
+]
+
+
+def test_base_spec_is_valid():
+    spec = parse_spec(BASE, source="base.yaml")
+    assert (spec.memory.kind, spec.bias.kind, spec.bias.p) == ("matrix", "lp", 3)
+    assert (spec.retention.kind, spec.learner.kind, spec.chunk_size) == ("l2", "gd", 16)
+
+
+@pytest.mark.parametrize(("text", "line", "field", "hints"), CASES)
+def test_bad_spec(text, line, field, hints):
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, source="bad.yaml")
+    message = str(info.value)
+    # one line of the message places the problem: "bad.yaml:<line>: <field>: ..."
+    prefix = f"bad.yaml:{line}: " + (f"{field}: " if field else "")
+    assert any(row.startswith(prefix) for row in message.splitlines()), (prefix, message)
+    if field is None:
+        assert message.startswith(prefix) and "\n" not in message
+    for hint in hints:
+        assert hint in message, (hint, message)
+
+
+def test_errors_are_clean_spec_errors():
+    """A SpecError is a ValueError raised without a chained traceback (`from None`)."""
+    with pytest.raises(ValueError) as info:
+        parse_spec(loss("floor(r)"), source="bad.yaml")
+    assert isinstance(info.value, SpecError)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_shipped_specs_load(path):
+    spec = mirasc.load_spec(path)
+    assert spec.name == path.stem
+
+
+def test_specs_are_shipped():
+    assert len(SPECS) >= 10
+
+
+def test_load_spec_missing_file(tmp_path):
+    path = tmp_path / "nowhere" / "missing.yaml"
+    with pytest.raises(SpecError) as info:
+        mirasc.load_spec(path)
+    assert str(info.value).startswith(f"{path}: cannot read the spec")
+    assert "No such file" in str(info.value)
+
+
+def test_load_spec_reports_the_file_and_line(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(edit(("  p: 3", "  p: 0.5")))
+    with pytest.raises(SpecError) as info:
+        mirasc.load_spec(path)
+    assert str(info.value).startswith(f"{path}:7: bias.p: 0.5 is not allowed")
