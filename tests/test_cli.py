@@ -1,0 +1,165 @@
+"""The `mirasc` command line: list, explain, compile, check, and clean errors for bad specs."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mirasc.check import random_inputs
+from mirasc.cli import app
+from mirasc.codegen import render_module
+from mirasc.runtime import MirasOp
+from mirasc.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = ROOT / "specs"
+runner = CliRunner()
+
+KINDS = {
+    "memory": ["matrix", "vector", "mlp"],
+    "bias": ["dot_product", "l2", "lp", "huber", "robust", "expression"],
+    "retention": ["none", "l2", "lq", "kl", "elastic_net", "mirror"],
+    "learner": ["gd", "momentum"],
+}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIRASC_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_list_names_every_axis_and_kind():
+    result = invoke("list")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    sections = re.split(r"^(memory|bias|retention|learner):$", out, flags=re.M)
+    found = dict(zip(sections[1::2], sections[2::2], strict=True))
+    assert list(found) == list(KINDS)
+    for axis, kinds in KINDS.items():
+        listed = re.findall(r"^  (\w+) ", found[axis], flags=re.M)
+        assert listed == kinds, (axis, listed)
+    for field in ("fields: residual, layer_norm", "fields: depth, expansion", "fields: eta, grad_at"):
+        assert field in out
+
+
+def test_explain_moneta_shows_lp_gradient_and_lq_normalisation():
+    result = invoke("explain", SPECS / "moneta.yaml")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    grad = next(line for line in out.splitlines() if "g = dl/dr" in line)
+    assert "tanh" in grad and re.search(r"\b3\*", grad), grad  # p sign(r) |r|^(p-1), p = 3
+    assert "||A||_4" in out
+    assert "moneta" in out and "lq" in out
+
+
+def test_explain_yaad_shows_the_huber_switch():
+    result = invoke("explain", SPECS / "yaad.yaml")
+    assert result.exit_code == 0, result.output
+    grad = next(line for line in result.stdout.splitlines() if "g = dl/dr" in line)
+    assert "Piecewise" in grad and "delta" in grad and "rnorm" in grad, grad
+
+
+def test_explain_memora_shows_softmax():
+    result = invoke("explain", SPECS / "memora.yaml")
+    assert result.exit_code == 0, result.output
+    retention = next(line for line in result.stdout.splitlines() if line.startswith("retention"))
+    assert "kl" in retention and "softmax" in retention, retention
+
+
+def test_explain_latex():
+    result = invoke("explain", SPECS / "moneta.yaml", "--latex")
+    assert result.exit_code == 0, result.output
+    assert "\\tanh" in result.stdout
+    plain = invoke("explain", SPECS / "moneta.yaml").stdout
+    assert "\\tanh" not in plain
+    result = invoke("explain", SPECS / "yaad.yaml", "--latex")
+    assert result.exit_code == 0, result.output
+    assert "\\begin{cases}" in result.stdout and "Piecewise" not in result.stdout
+
+
+def test_compile_writes_an_importable_module(tmp_path):
+    out = tmp_path / "out"
+    result = invoke("compile", SPECS / "gated_deltanet.yaml", "-o", out)
+    assert result.exit_code == 0, result.output
+    target = out / "gated_deltanet.py"
+    assert str(target) in result.stdout
+    spec = load_spec(SPECS / "gated_deltanet.yaml")
+    assert target.read_text() == render_module(spec)
+    assert [p.name for p in out.iterdir()] == ["gated_deltanet.py"]  # no temporary file left
+    loader = importlib.util.spec_from_file_location("cli_compiled_gated_deltanet", target)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    op = module.op
+    assert isinstance(op, MirasOp) and op.spec == spec
+    inputs = random_inputs(op, batch=1, length=9, heads=2, dk=5, dv=4)
+    o, final = op(**inputs, output_final_state=True)
+    ref_o, ref_final = op.reference(**inputs, output_final_state=True)
+    assert o.shape == (1, 9, 2, 4) and final[0].shape == (1, 2, 4, 5)
+    torch.testing.assert_close(o, ref_o, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final[0], ref_final[0], rtol=1e-10, atol=1e-10)
+
+
+def test_check_prints_every_tensor():
+    result = invoke("check", SPECS / "deltanet.yaml", "--length", "9", "--head-dim", "6")
+    assert result.exit_code == 0, result.output
+    rows = {}
+    for line in result.stdout.splitlines():
+        match = re.match(r"^(\S+)\s+(\S+)\s+(ok|FAIL)$", line)
+        if match:
+            rows[match[1]] = (float(match[2]), match[3])
+    expected = {"o", "final_state[0]", "dq", "dk", "dv", "deta", "dinitial_state[0]"}
+    assert set(rows) == expected, result.stdout
+    assert all(status == "ok" and err <= 1e-5 for err, status in rows.values()), rows
+    assert "deltanet: worst relative error" in result.stdout
+    assert "T=9" in result.stdout
+
+
+def test_check_rejects_float16():
+    result = invoke("check", SPECS / "deltanet.yaml", "--dtype", "float16")
+    assert result.exit_code == 2
+    assert "--dtype" in result.stderr and "float32" in result.stderr
+    assert "Traceback" not in result.output
+
+
+BAD_SPEC = """\
+name: broken
+memory: {kind: matrix}
+bias: {kind: l2}
+retention: {kind: none}
+learner:
+  kind: gd
+  etta: {shape: head}
+chunk_size: 16
+"""
+
+
+@pytest.mark.parametrize("command", [["explain"], ["explain", "--latex"], ["compile", "-o", "OUT"],
+                                     ["check"]])
+def test_bad_spec_exits_2_with_file_and_line(command, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(BAD_SPEC)
+    out = tmp_path / "out"
+    args = [command[0], path, *(str(out) if a == "OUT" else a for a in command[1:])]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not an exception
+    assert "Traceback" not in result.output
+    assert f"{path}:7:" in result.stderr, result.stderr  # the line of the typo
+    assert "etta" in result.stderr and "eta" in result.stderr.replace("etta", "")
+    assert not out.exists()  # compile wrote nothing
+
+
+def test_missing_spec_file_is_a_clean_error(tmp_path):
+    result = invoke("explain", tmp_path / "nowhere.yaml")
+    assert result.exit_code == 2
+    assert isinstance(result.exception, SystemExit)
+    assert "nowhere.yaml" in result.stderr
