@@ -140,7 +140,8 @@ _PROLOGUE = """\
     state_mask = mask_v[:, None] & mask_k[None, :]
     causal = tl.where(offs_t[:, None] >= offs_t[None, :], 1.0, 0.0).to(ACC)
     strict = tl.where(offs_t[:, None] > offs_t[None, :], 1.0, 0.0).to(ACC)
-    vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]"""
+    vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]
+    kmask = tl.where(mask_k, 1.0, 0.0).to(ACC)[None, :]"""
 
 
 def triton_unsupported(d) -> str | None:
@@ -149,7 +150,10 @@ def triton_unsupported(d) -> str | None:
     mem, ret = spec.memory, spec.retention
     reasons = [
         (mem.kind != "matrix", f"memory.kind {mem.kind!r}: only matrix"),
-        (ret.kind not in ("none", "l2"), f"retention.kind {ret.kind!r}: only none and l2"),
+        (not d.retention.linear and spec.learner.grad_at == "retained",
+         "grad_at 'retained' with a nonlinear retention (the gradient point differs per row)"),
+        (ret.kind == "lq" and not float(ret.q).is_integer(), "retention.q: only integer q"),
+        (ret.kind == "elastic_net" and ret.smooth, "the smooth elastic net (atan)"),
         (spec.learner.kind == "momentum" and any(
             g.shape == "channel" for f, g in spec.gates().items() if f != "bias.delta"),
          "channel-wise gates with the momentum learner"),
@@ -191,6 +195,8 @@ def _emit(graph, targets, names) -> list[str]:
             code = f"tl.trans({x[0]})"
         elif op == "tri_inv":
             code = f"_tri_inv({x[0]}, BT)"
+        elif op == "max":
+            code = f"tl.max({x[0]}, {node['axis']}, keep_dims=True)"
         else:  # broadcast
             code = f"tl.broadcast_to({x[0]}, ({', '.join(_DIMS[s] for s in node['shape'])}))"
         lines.append(f"        {names(n)} = {code}")
@@ -235,7 +241,7 @@ def render_triton_module(spec: Spec) -> str:
     forward = _emit(graph, list(step.outputs.values()), str)
     seeds = {step.outputs["o"]: graph.input("d_o", ("T", "DV"))}
     for state in step.states:
-        seeds[step.outputs[state]] = graph.input(f"d{state}_new", ("DV", "DK"))
+        seeds[step.outputs[state]] = graph.input(f"d{state}_new", graph.shape(step.outputs[state]))
     wrt = ("q", "k", "v", *step.states, *step.gates)
     adjoint = ir.backward(graph, seeds, wrt)
     present = [a for a in adjoint.values() if a is not None]

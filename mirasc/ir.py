@@ -9,6 +9,8 @@ Every value is a 2-D tile whose dims are symbolic ("T" chunk rows, "DK", "DV", o
   cumsum   an inclusive prefix sum over the rows
   trans    a transpose
   tri_inv  (I + A)^-1 for a strictly lower-triangular A (forward substitution)
+  max      a reduction by max over one axis, keeping dims; used only as a constant offset (a
+           softmax's stabiliser), so it passes no gradient
 The backward is derived here, on the graph: `backward(graph, outputs, seeds)` adds the adjoint
 nodes by reverse mode, with sympy differentiating every `ew` node, so no rule is written per model.
 """
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import sympy as sp
 
-from mirasc.derive import DELTA, RNORM, RNORM_EPS, Derivation, R, V
+from mirasc.derive import DELTA, RNORM, RNORM_EPS, Derivation, R, V, Z
 from mirasc.reference import LN_EPS
 
 
@@ -128,10 +130,11 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
     dk = "DV" if d.spec.memory.residual else "DK"  # a residual memory needs DK == DV
     q, k = gr.input("q", ("T", dk)), gr.input("k", ("T", dk))
     v = gr.input("v", ("T", "DV"))
-    w = gr.input("W", ("DV", dk))
+    state = gr.input("W", ("DV", dk))  # the retention's state: Z (dual) or W (proximal)
     rowmask = gr.const("rowmask", ("T", 1), "rowmask")
     causal = gr.const("causal", ("T", "T"), "causal")
     vmask = gr.const("vmask", (1, "DV"), "vmask")  # the padding of DV up to a power of two
+    w = _read_map(gr, d, state, dk) if d.retention.dual else state
     data_gates = []
     for arg in ("log_alpha", "eta", "delta", "momentum"):
         gate = gates.get(arg)
@@ -169,23 +172,33 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
                gam_row=gam_row, beta=beta, dk=dk, gates=tuple(data_gates), channel=channel_decay)
     updates = _exact_updates(gr, d, ctx) if d.exact and d.bias.kind == "affine" \
         else _minibatch_updates(gr, d, ctx)
-    keep = w if gam_end is None else ew(gr, lambda e, a: sp.exp(e) * a, gam_end, w, name="keep")
+    keep = state if gam_end is None \
+        else ew(gr, lambda e, a: sp.exp(e) * a, gam_end, state, name="keep")
 
     if d.spec.learner.kind == "momentum":
-        return _momentum_step(gr, d, ctx, updates, decay_mat, qk, read, keep)
-    if not channel_decay:
-        attn = ew(gr, lambda a, b: a * b, qk, decay_mat, name="attn")
-    mixed = gr.dot(attn, updates, name="mixed")
-    o = _finish(gr, d, ew(gr, lambda a, m: a - m, read, mixed, name="z_o"), q, vmask, name="o")
-    if gam_end is not None:  # each update decays from its row to the chunk end
-        tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), gam_end, gam, rowmask, name="tail")
-        if channel_decay:
-            k_upd = ew(gr, lambda a, b: a * b, k_upd, tail, name="k_tail")
-        else:
-            updates = ew(gr, lambda a, b: a * b, updates, tail, name="u_tail")
-    update = gr.dot(updates, k_upd, ta=True, name="update")
-    w_new = ew(gr, lambda a, u: a - u, keep, update, name="W_new")
-    return ChunkStep(gr, tuple(data_gates), ("W",), {"o": o, "W": w_new})
+        z_o, acc, extra = _momentum_terms(gr, d, ctx, updates, decay_mat, qk, read, keep)
+    else:
+        if not channel_decay:
+            attn = ew(gr, lambda a, b: a * b, qk, decay_mat, name="attn")
+        z_o = ew(gr, lambda a, m: a - m, read, gr.dot(attn, updates, name="mixed"), name="z_o")
+        if gam_end is not None:  # each update decays from its row to the chunk end
+            tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), gam_end, gam, rowmask, name="tail")
+            if channel_decay:
+                k_upd = ew(gr, lambda a, b: a * b, k_upd, tail, name="k_tail")
+            else:
+                updates = ew(gr, lambda a, b: a * b, updates, tail, name="u_tail")
+        update = gr.dot(updates, k_upd, ta=True, name="update")
+        acc, extra = ew(gr, lambda a, u: a - u, keep, update, name="acc"), {}
+    o = _finish(gr, d, z_o, q, vmask, name="o_chunk")
+    if d.retention.linear:
+        return ChunkStep(gr, tuple(data_gates), ("W", *extra), {"o": o, "W": acc, **extra})
+    # A nonlinear retention maps the state at the chunk end only; the chunk's last row reads it.
+    w_end = _read_map(gr, d, acc, dk)
+    o_end = _finish(gr, d, gr.dot(q, w_end, tb=True), q, vmask, name="o_end")
+    lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
+    o = ew(gr, lambda a, b, m: a * (1 - m) + b * m, o, o_end, lastrow, name="o")
+    new_state = acc if d.retention.dual else w_end
+    return ChunkStep(gr, tuple(data_gates), ("W", *extra), {"o": o, "W": new_state, **extra})
 
 
 def _log_gate(gr: Graph, gates: dict, arg: str, rowmask: str, name: str) -> str | None:
@@ -204,11 +217,11 @@ def _decay_matrix(gr: Graph, causal: str, cum: str, cum_row: str, name: str) -> 
               causal, cum, cum_row, name=name)
 
 
-def _momentum_step(gr: Graph, d: Derivation, ctx: dict, updates: str, decay_mat: str, qk: str,
-                   read: str, keep: str) -> ChunkStep:
+def _momentum_terms(gr: Graph, d: Derivation, ctx: dict, updates: str, decay_mat: str, qk: str,
+                    read: str, keep: str) -> tuple[str, str, dict]:
     """S_t = m_t S_{t-1} + u_t, W_t = alpha_t W_{t-1} - S_t over a chunk, with mu = cumsum(log m):
     C = decay @ exp(mu_t - mu_i) (causal), s = decay @ exp(mu),
-        O = read - s * Q S^T - (QK^T * C) U,
+        z_O = read - s * Q S^T - (QK^T * C) U,
         W_new = keep - s_T S - (U * C_T)^T K,   S_new = exp(mu_T) S + (U * exp(mu_T - mu))^T K."""
     k, rowmask = ctx["k"], ctx["rowmask"]
     s_in = gr.input("S", ("DV", ctx["dk"]))
@@ -223,15 +236,47 @@ def _momentum_step(gr: Graph, d: Derivation, ctx: dict, updates: str, decay_mat:
     mixed = gr.dot(attn, updates, name="mixed")
     qs = gr.dot(ctx["q"], s_in, tb=True, name="qs")
     z_o = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, qs, mixed, name="z_o")
-    o = _finish(gr, d, z_o, ctx["q"], ctx["vmask"], name="o")
     mix_end = gr.trans(gr.sum(ew(gr, lambda a, b: a * b, mix, lastrow), 0), name="mix_end")
     s_end = gr.sum(ew(gr, lambda a, b: a * b, s_vec, lastrow), 0, name="s_end")
     w_update = gr.dot(ew(gr, lambda a, b: a * b, updates, mix_end), k, ta=True, name="w_update")
-    w_new = ew(gr, lambda a, s, x, u: a - s * x - u, keep, s_end, s_in, w_update, name="W_new")
+    acc = ew(gr, lambda a, s, x, u: a - s * x - u, keep, s_end, s_in, w_update, name="acc")
     m_tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), mu_end, mu, rowmask, name="m_tail")
     s_update = gr.dot(ew(gr, lambda a, b: a * b, updates, m_tail), k, ta=True, name="s_update")
     s_new = ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, s_update, name="S_new")
-    return ChunkStep(gr, ctx["gates"], ("W", "S"), {"o": o, "W": w_new, "S": s_new})
+    return z_o, acc, {"S": s_new}
+
+
+def _read_map(gr: Graph, d: Derivation, z: str, dk: str) -> str:
+    """W = phi^-1(Z), the retention's map, over the real (unpadded) entries of the state."""
+    ret, rule = d.spec.retention, d.retention
+    if rule.linear:
+        return z
+    if "smask" not in gr.g:
+        gr.const("kmask", (1, dk), "kmask")
+        ew(gr, lambda a, b: a * b, gr.trans("vmask"), "kmask", name="smask")
+    smask = "smask"
+    if rule.elementwise is not None:
+        return ew(gr, lambda a, m: rule.elementwise.subs(Z, a) * m, z, smask)
+    axes = {"matrix": (1, 0), "row": (1,), "column": (0,)}
+    if rule.kind == "lq":  # Z / (sum |Z|^q + eps)^((q-2)/q), or the p-norm link's sign(Z)|Z|^(q-1)
+        q = sp.nsimplify(ret.q)
+        powered = ew(gr, lambda a: sp.Abs(a) ** q, z)
+        for axis in axes[ret.scope]:
+            powered = gr.sum(powered, axis)
+        scale = ew(gr, lambda s: (s + ret.eps) ** (-(q - 2) / q), powered, name=None)
+        core = (lambda a: a) if ret.link == "scale" else (lambda a: sp.sign(a) * sp.Abs(a) ** (q - 1))
+        return ew(gr, lambda a, s: core(a) * s, z, scale)
+    # kl: c * softmax over the axis; the max is a constant offset (it cancels in the softmax)
+    masked = ew(gr, lambda a, m: sp.Piecewise((a, m > 0), (-1e30, True)), z, smask)
+    peak = masked
+    for axis in axes[ret.axis]:
+        peak = gr.add("max", tuple(1 if i == axis else s for i, s in enumerate(gr.shape(peak))),
+                      (peak,), axis=axis)
+    expo = ew(gr, lambda a, p, m: sp.Piecewise((sp.exp(a - p), m > 0), (0, True)), z, peak, smask)
+    total = expo
+    for axis in axes[ret.axis]:
+        total = gr.sum(total, axis)
+    return ew(gr, lambda e, t: sp.Piecewise((ret.scale * e / t, t > 0), (0, True)), expo, total)
 
 
 def _finish(gr: Graph, d: Derivation, z: str, x: str, vmask: str, name: str) -> str:
@@ -443,6 +488,8 @@ def evaluate(graph: Graph, values: dict, sizes: dict) -> dict:
             env[n] = x[0].transpose(-1, -2)
         elif op == "tri_inv":
             env[n] = torch.linalg.inv(torch.eye(x[0].shape[0], dtype=x[0].dtype) + x[0])
+        elif op == "max":
+            env[n] = x[0].amax(node["axis"], keepdim=True).detach()
         else:  # broadcast
             env[n] = x[0].expand(*[1 if dim == 1 else sizes[dim] for dim in node["shape"]])
     return env
