@@ -162,6 +162,12 @@ def triton_unsupported(d) -> str | None:
          f"chunk_size {spec.chunk_size}: a power of two >= 16"),
     ]
     why = [text for failed, text in reasons if failed]
+    for expr in (d.bias.elem, d.bias.norm, d.retention.elementwise):
+        try:
+            if expr is not None:
+                triton_source(expr, {s: s.name for s in expr.free_symbols})
+        except CodegenError as exc:
+            why.append(str(exc))
     return "; ".join(why) if why else None
 
 

@@ -97,6 +97,35 @@ def _ae(expr: sp.Expr) -> sp.Expr:
     return sp.piecewise_fold(expr.replace(sp.DiracDelta, lambda *a: sp.Integer(0)))
 
 
+def _check_continuous(expr: sp.Expr, field: str) -> None:
+    """Refuse a where() whose branches disagree on its boundary (a jump makes g a Dirac delta)."""
+    for piece in expr.atoms(sp.Piecewise):
+        if len(piece.args) != 2 or not isinstance(piece.args[0][1], sp.core.relational.Relational):
+            continue
+        (inside, cond), (outside, _) = piece.args
+        edge = cond.lhs - cond.rhs
+        for sym in (R, RNORM, V, DELTA):
+            if edge.has(sym):
+                break
+        else:
+            continue
+        for point in sp.solve(edge, sym):
+            gap = sp.simplify((inside - outside).subs(sym, point))
+            if gap != 0:
+                raise FieldError(field, f"is not differentiable in r: where({cond}, ...) jumps by "
+                                        f"{gap} at {sym} = {point}; make the branches meet")
+
+
+def _real_inverse_branches(candidates: list, samples=(-1.3, 0.4, 2.1)) -> list:
+    """The solutions of f'(w) = z that are real-valued at sample points z."""
+    real = []
+    for sol in candidates:
+        values = [complex(sol.subs(Z, z).evalf()) for z in samples]
+        if all(abs(v.imag) < 1e-9 for v in values):
+            real.append(sol)
+    return real
+
+
 def derive_bias(bias: S.Bias) -> BiasRule:
     if bias.kind in ("dot_product", "l2", "robust"):
         loss_text, norm_text = BUILTIN_BIASES[bias.kind]
@@ -116,6 +145,9 @@ def derive_bias(bias: S.Bias) -> BiasRule:
     loss = parse_expression(loss_text, {"r": R, "v": V, "rnorm": RNORM, **common}, "bias.loss")
     norm_loss = parse_expression(norm_text, {"rnorm": RNORM, **common}, "bias.norm_loss")
 
+    if bias.kind == "expression":  # the built-in Yaad switch is discontinuous by design
+        _check_continuous(loss, "bias.loss")
+        _check_continuous(norm_loss, "bias.norm_loss")
     if sp.simplify(sp.diff(loss, RNORM)) != 0:
         raise FieldError("bias.loss", "may use rnorm only inside a where() condition; "
                                       "put terms of the norm in bias.norm_loss")
@@ -137,7 +169,9 @@ def derive_bias(bias: S.Bias) -> BiasRule:
     elem = elem.subs(values)
     norm = norm.subs(values)
     if elem == 0 and norm == 0:
-        raise FieldError("bias", "the loss does not depend on r or v: the memory would never learn")
+        raise FieldError("bias.loss" if bias.kind == "expression" else "bias",
+                         "the loss has a zero gradient in r (it does not depend on r): the memory "
+                         "would never learn")
 
     d_elem = {name: _ae(sp.diff(elem, sym)) for name, sym in
               (("r", R), ("v", V), ("rnorm", RNORM), ("delta", DELTA))}
@@ -186,11 +220,15 @@ def derive_retention(ret: S.Retention) -> RetentionRule:
     if slope.has(sp.DiracDelta) or not slope.has(W):
         raise FieldError("retention.potential", f"f'(w) = {slope} must depend on w smoothly "
                                                 "(a strictly convex potential)")
-    solutions = [s for s in sp.solve(sp.Eq(slope, Z), W) if s.is_real is not False]
+    solutions = _real_inverse_branches(sp.solve(sp.Eq(slope, Z), W))
     if len(solutions) != 1:
-        raise FieldError("retention.potential", f"sympy found {len(solutions)} solutions of "
+        raise FieldError("retention.potential", f"sympy found {len(solutions)} real solutions of "
                          f"f'(w) = z for f'(w) = {slope}; the potential must be strictly convex "
                          "with an invertible derivative")
+    rising = [complex(sp.diff(solutions[0], Z).subs(Z, z).evalf()).real for z in (-1.3, 0.4, 2.1)]
+    if not all(x > 0 for x in rising):
+        raise FieldError("retention.potential", f"f(w) = {potential} is not strictly convex: "
+                         f"(f')^-1(z) = {solutions[0]} does not increase with z")
     return RetentionRule(kind="mirror", linear=False, dual=True, elementwise=solutions[0],
                          text=f"W = (f')^-1(Z) = {_plain(solutions[0])},  f(w) = {potential}")
 

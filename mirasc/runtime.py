@@ -99,6 +99,8 @@ class MirasOp:
 
     def _by_sequence(self, run, q, k, v, gates, state, cu_seqlens):
         """Run a reference recurrence on a batch, or sequence by sequence on packed varlen input."""
+        if state is not None:  # the reference computes in the inputs' dtype
+            state = tuple(s.to(q.dtype) for s in state)
         if cu_seqlens is None:
             o, final = run(reference.Inputs.from_op(self.derivation, q, k, v, gates), state)
             return o.transpose(1, 2), final
@@ -154,11 +156,12 @@ class MirasOp:
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
                 raise ValueError(f"{name}: {arg} must have shape {list(shape)} ({gate.shape} gate), "
                                  f"got {list(getattr(x, 'shape', []))}")
-            if x.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"{name}: {arg} has dtype {x.dtype}; it must be floating point")
+            if x.dtype != q.dtype or x.device != q.device:
+                raise TypeError(f"{name}: {arg} has dtype {x.dtype} on {x.device}; it must match "
+                                f"q ({q.dtype} on {q.device})")
         if cu_seqlens is not None:
             batch = self._check_cu_seqlens(cu_seqlens, q)
-        return self._check_state(initial_state, batch, heads, dk, dv)
+        return self._check_state(initial_state, batch, heads, dk, dv, q.dtype, q.device)
 
     def _check_cu_seqlens(self, cu_seqlens, q) -> int:
         name = self.spec.name
@@ -175,7 +178,7 @@ class MirasOp:
             raise ValueError(f"{name}: cu_seqlens must rise from 0 to T={q.shape[1]}, got {bounds}")
         return len(bounds) - 1
 
-    def _check_state(self, state, batch, heads, dk, dv):
+    def _check_state(self, state, batch, heads, dk, dv, dtype, device):
         name, names = self.spec.name, self.state_names
         if state is None:
             if self.spec.memory.kind == "mlp":
@@ -191,6 +194,9 @@ class MirasOp:
             if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
                 raise ValueError(f"{name}: initial_state {label} must have shape {list(shape)}, "
                                  f"got {list(getattr(x, 'shape', []))}")
+            if x.dtype not in (dtype, torch.float32, torch.float64) or x.device != device:
+                raise TypeError(f"{name}: initial_state {label} has dtype {x.dtype} on {x.device}; "
+                                f"allowed: float32, float64 or the inputs' {dtype}, on {device}")
         return state
 
 

@@ -76,6 +76,22 @@ def test_mirror_potential_is_inverted_by_sympy():
     assert sp.simplify(d.retention.elementwise - Z / 4) == 0
 
 
+@pytest.mark.parametrize(("potential", "inverse"), [
+    ("cosh(w)", sp.asinh(Z)),
+    ("w**2/2 + w**4/4", None),  # a cubic: one real root of w + w^3 = z
+])
+def test_convex_potentials_with_complex_branches_are_inverted(potential, inverse):
+    d = derive(parse_spec(axis_spec(retention=f"{{kind: mirror, potential: '{potential}'}}")))
+    g = d.retention.elementwise
+    for z in (-1.5, 0.2, 3.0):
+        w = complex(g.subs(Z, z).evalf())
+        assert abs(w.imag) < 1e-9
+        if inverse is not None:
+            assert abs(w.real - float(inverse.subs(Z, z))) < 1e-9
+        else:
+            assert abs(w.real + w.real**3 - z) < 1e-9
+
+
 def test_elastic_net_soft_threshold():
     d = derive(parse_spec(axis_spec(retention="{kind: elastic_net, gamma: 0.5}")))
     z = torch.tensor([-2.0, -0.4, 0.0, 0.3, 1.5], dtype=torch.float64)

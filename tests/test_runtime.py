@@ -305,7 +305,12 @@ def test_integer_and_mixed_dtypes():
     _raises(TypeError, lambda: op(q, k.float(), v, eta=_eta()), "q, k, v must share dtype",
             "torch.float32")
     _raises(TypeError, lambda: op(q, k, v, eta=_eta().long()), "eta has dtype torch.int64",
-            "floating point")
+            "must match q")
+    _raises(TypeError, lambda: op(q, k, v, eta=_eta().to(torch.float16)), "eta has dtype",
+            "must match q")
+    state = (torch.zeros(B, H, DV, DK, dtype=torch.float16),)
+    _raises(TypeError, lambda: op(q, k, v, eta=_eta(), initial_state=state),
+            "initial_state W has dtype torch.float16")
 
 
 def test_required_gate_missing():
