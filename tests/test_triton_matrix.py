@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mirasc
-from mirasc.check import compare, random_inputs, varlen_inputs
+from mirasc.check import compare, random_inputs, relative_error, varlen_inputs
 from mirasc.codegen import render_module, triton_unsupported
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -94,6 +94,21 @@ def test_every_bias_in_float32(bias, tmp_path, monkeypatch):
                   monkeypatch)
     inputs = random_inputs(op, batch=2, length=41, heads=2, dk=9, dv=6, dtype=torch.float32)
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_accumulate_in_float32(dtype):
+    """bf16/fp16 inputs: tiles are loaded into float32 (so the interpreter's half-precision dot
+    is never used); compare with the float32 reference of the same rounded inputs."""
+    op = mirasc.compile("specs/gated_deltanet.yaml")
+    half = random_inputs(op, batch=1, length=40, heads=2, dk=8, dv=8, dtype=dtype)
+    o, (state,) = op(**half, output_final_state=True)
+    assert o.dtype == dtype and state.dtype == torch.float32
+    wide = {k: (tuple(x.float() for x in v) if isinstance(v, tuple) else v.float())
+            for k, v in half.items()}
+    o_ref, (state_ref,) = op.reference(**wide, output_final_state=True)
+    assert relative_error(o, o_ref) < 1e-2
+    assert relative_error(state, state_ref) < 1e-3
 
 
 def test_varlen_matches_sequence_by_sequence():
