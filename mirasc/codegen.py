@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pprint
 from importlib import resources
+from pathlib import Path
 
 import jinja2
 import sympy as sp
@@ -18,12 +19,23 @@ from mirasc.spec import Spec
 _NAMES = {R: "r", V: "v", RNORM: "rnorm", DELTA: "delta"}
 
 
+def _templates():
+    """templates/ ships inside the wheel as mirasc.templates; in a source tree imported directly
+    (a script run from the repository root) it is the folder beside mirasc/."""
+    try:
+        return resources.files("mirasc.templates")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "templates"
+
+
 def _environment() -> jinja2.Environment:
-    templates = resources.files("mirasc.templates")
+    templates = _templates()
     return jinja2.Environment(
         loader=jinja2.FunctionLoader(lambda name: templates.joinpath(name).read_text()),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
 
 
