@@ -132,7 +132,7 @@ def _pow(base: str, exponent: sp.Expr) -> str:
 
 # ---- the Triton module of a matrix memory -----------------------------------------------------------
 
-_DIMS = {"T": "BT", "DK": "BK", "DV": "BV", 1: "1"}
+_DIMS = {"T": "BT", "DK": "BK", "DV": "BV", "DH": "BH", 1: "1"}
 _PROLOGUE = """\
     if IS_VARLEN:
         bos = tl.load(cu_ptr + i_n).to(tl.int64)
@@ -146,14 +146,15 @@ _PROLOGUE = """\
     offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
+    offs_h = tl.arange(0, BH)
     mask_k = offs_k < DK
     mask_v = offs_v < DV
-    state_offs = offs_v[:, None] * DK + offs_k[None, :]
-    state_mask = mask_v[:, None] & mask_k[None, :]
+    mask_h = offs_h < DH
     causal = tl.where(offs_t[:, None] >= offs_t[None, :], 1.0, 0.0).to(ACC)
     strict = tl.where(offs_t[:, None] > offs_t[None, :], 1.0, 0.0).to(ACC)
     vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]
-    kmask = tl.where(mask_k, 1.0, 0.0).to(ACC)[None, :]"""
+    kmask = tl.where(mask_k, 1.0, 0.0).to(ACC)[None, :]
+    hmask = tl.where(mask_h, 1.0, 0.0).to(ACC)[None, :]"""
 
 
 def triton_unsupported(d) -> str | None:
@@ -246,6 +247,20 @@ def _loads(step, d) -> str:
     return "\n".join(lines)
 
 
+def _state_tiles(step) -> list[dict]:
+    """How the template loads and stores each state tile of the flattened state buffers."""
+    tiles, offset = [], "0"
+    for name in step.states:
+        rows, cols = step.graph.shape(name)
+        r, c = rows[1:].lower(), cols[1:].lower()
+        tiles.append(dict(
+            name=name, R=rows, C=cols, block=f"B{r.upper()}, B{c.upper()}",
+            tile=f"{offset} + offs_{r}[:, None] * {cols} + offs_{c}[None, :]",
+            mask=f"mask_{r}[:, None] & mask_{c}[None, :]"))
+        offset = f"{offset} + {rows} * {cols}" if offset != "0" else f"{rows} * {cols}"
+    return tiles
+
+
 def render_triton_module(spec: Spec) -> str:
     """The module with Triton forward/backward kernels, custom ops and autograd for `spec`."""
     from mirasc import ir
@@ -264,19 +279,21 @@ def render_triton_module(spec: Spec) -> str:
     adjoint = ir.backward(graph, seeds, wrt)
     present = [a for a in adjoint.values() if a is not None]
     backward = _emit(graph, present, str)
-    zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {s: "BV, BK" for s in step.states}
+    zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {
+        s: ", ".join(_DIMS[x] for x in graph.shape(s)) for s in step.states}
     gates = d.op_gates()
     for g in step.gates:
         zeros[g] = "BT, 1" if gates[g].shape == "head" else ("BT, BV" if g == "delta" else "BT, BK")
     adjoint_code = {n: a if a is not None else f"tl.zeros([{zeros[n]}], dtype=ACC)"
                     for n, a in adjoint.items()}
-    template = _environment().get_template("triton_matrix.py.j2")
+    template = _environment().get_template("triton_chunk.py.j2")
     return template.render(
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
         op_name=f"{spec.name}_{spec.digest()}",
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),
-        chunk=spec.chunk_size, exact=d.exact, gates=list(step.gates), states=list(step.states),
-        outputs=step.outputs,
+        chunk=spec.chunk_size, exact=d.exact, gates=list(step.gates),
+        states=_state_tiles(step), outputs=step.outputs, memory=spec.memory.kind,
+        expansion=getattr(spec.memory, "expansion", 1),
         channel={g: ("V" if g == "delta" else "K") if gates[g].shape == "channel" else ""
                  for g in step.gates},
         prologue=_PROLOGUE, loads=_loads(step, d), forward="\n".join(forward),
