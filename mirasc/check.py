@@ -82,21 +82,29 @@ def _run(fn, inputs: dict, cotangents: dict) -> dict[str, torch.Tensor]:
 
 
 def compare(op: MirasOp, inputs: dict, chunk_size: int | None = None, seed: int = 1,
-            backward: bool = True) -> dict[str, float]:
+            backward: bool = True, against: dict | None = None,
+            run_reference: bool = False) -> dict[str, float]:
     """Relative errors of op(...) against op.reference(chunk_size=...) for the output, the final
-    state and (with `backward`) the gradient of every input under a random cotangent."""
+    state and (with `backward`) the gradient of every input under a random cotangent.
+
+    `against` gives the reference other inputs (e.g. the same in float64); `run_reference`
+    measures the reference on `inputs` instead of the op (a precision baseline)."""
     gen = torch.Generator().manual_seed(seed)
     ref_fn = lambda **kw: op.reference(**kw, chunk_size=chunk_size)  # noqa: E731
+    subject = ref_fn if run_reference else op
+    reference_inputs = inputs if against is None else against
     with torch.no_grad():
-        o, final = op.reference(**inputs, chunk_size=chunk_size, output_final_state=True)
+        o, final = op.reference(**reference_inputs, chunk_size=chunk_size, output_final_state=True)
     cotangents = {"o": torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype),
                   "state": [torch.randn(f.shape, generator=gen, dtype=torch.float64).to(f.dtype)
                             for f in final]}
     if not backward:
         with torch.no_grad():
-            got_o, got_final = op(**inputs, output_final_state=True)
+            got_o, got_final = subject(**inputs, output_final_state=True)
         pairs = {"o": (got_o, o)} | {f"final_state[{i}]": (g, r) for i, (g, r)
                                       in enumerate(zip(got_final, final, strict=True))}
         return {name: relative_error(g, r) for name, (g, r) in pairs.items()}
-    got, ref = _run(op, inputs, cotangents), _run(ref_fn, inputs, cotangents)
+    narrow = {k: [c.to(inputs["q"].dtype) for c in v] if isinstance(v, list) else
+              v.to(inputs["q"].dtype) for k, v in cotangents.items()}
+    got, ref = _run(subject, inputs, narrow), _run(ref_fn, reference_inputs, cotangents)
     return {name: relative_error(got[name], ref[name]) for name in ref}

@@ -55,8 +55,10 @@ def check(spec: SpecPath,
           dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
           tolerance: Annotated[float, typer.Option(help="Largest relative error that passes.")]
           = 1e-5):
-    """Run SPEC's compiled op against its reference (same chunking) on random inputs and print
-    the relative error of the output, the final state and every input gradient."""
+    """Run SPEC's compiled op against its reference (same chunking, evaluated in float64 on the
+    same inputs) and print the relative error of the output, the final state and every input
+    gradient, beside the error of the reference itself in --dtype (the precision the problem
+    allows). A tensor passes within --tolerance or within 8x that baseline."""
     import torch
 
     import mirasc
@@ -69,18 +71,24 @@ def check(spec: SpecPath,
     if not torch.cuda.is_available():  # run the Triton kernels in the interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
     op = mirasc.compile(spec)
-    inputs = random_inputs(op, length=length, heads=heads, dk=head_dim, dv=head_dim,
-                           dtype=getattr(torch, dtype))
-    errors = compare(op, inputs, chunk_size=op.oracle_chunk_size)
+    exact = random_inputs(op, length=length, heads=heads, dk=head_dim, dv=head_dim)
+    inputs = {k: (tuple(x.to(getattr(torch, dtype)) for x in v) if isinstance(v, tuple)
+                  else v.to(getattr(torch, dtype))) for k, v in exact.items()}
+    errors = compare(op, inputs, chunk_size=op.oracle_chunk_size, against=exact)
+    baseline = compare(op, inputs, chunk_size=op.oracle_chunk_size, against=exact,
+                       run_reference=True)
     width = max(map(len, errors))
+    typer.echo(f"{'tensor':<{width}}  {'op':>9}  {'reference':>9}")
+    passed = True
     for name, err in errors.items():
-        typer.echo(f"{name:<{width}}  {err:.3e}  {'ok' if err <= tolerance else 'FAIL'}")
-    worst = max(errors.values())
+        ok = err <= max(tolerance, 8 * baseline[name])
+        passed &= ok
+        typer.echo(f"{name:<{width}}  {err:9.3e}  {baseline[name]:9.3e}  {'ok' if ok else 'FAIL'}")
     against = ("the token recurrence" if op.oracle_chunk_size is None
                else f"the chunked reference (chunk_size {op.oracle_chunk_size})")
-    typer.echo(f"{op.spec.name}: worst relative error {worst:.3e} ({op.backend} backend vs "
-               f"{against}, {dtype}, T={length})")
-    if not worst <= tolerance:
+    typer.echo(f"{op.spec.name}: worst relative error {max(errors.values()):.3e} ({op.backend} "
+               f"backend vs {against} in float64; {dtype} inputs, T={length})")
+    if not passed:
         raise typer.Exit(1)
 
 

@@ -80,7 +80,7 @@ def triton_source(expr: sp.Expr, names) -> str:
     def show(e) -> str:
         if e.is_Symbol:
             return names[e] if e in names else KERNEL_CONSTANTS[e.name]
-        if e.is_Number or e.is_NumberSymbol:
+        if e.is_number:  # constant subexpressions (sqrt(2), pi/2, ...) are folded in float64
             return repr(float(e))
         if isinstance(e, sp.Add | sp.Mul):
             return "(" + (" + " if isinstance(e, sp.Add) else " * ").join(map(show, e.args)) + ")"
@@ -95,7 +95,7 @@ def triton_source(expr: sp.Expr, names) -> str:
         if isinstance(e, sp.erf):
             return f"tl.erf({show(e.args[0])})"
         if isinstance(e, sp.tanh):
-            return f"(1.0 - 2.0 / (tl.exp(2.0 * {show(e.args[0])}) + 1.0))"
+            return f"_tanh({show(e.args[0])})"
         if isinstance(e, sp.sinh | sp.cosh):
             x = show(e.args[0])
             return f"((tl.exp({x}) {'-' if isinstance(e, sp.sinh) else '+'} tl.exp(-{x})) * 0.5)"
@@ -132,6 +132,7 @@ def _pow(base: str, exponent: sp.Expr) -> str:
 
 # ---- the Triton module of a matrix memory -----------------------------------------------------------
 
+_INDENT = " " * 12  # the chunk-step body sits inside the chunk and segment loops
 _DIMS = {"T": "BT", "DK": "BK", "DV": "BV", "DH": "BH", 1: "1"}
 _PROLOGUE = """\
     if IS_VARLEN:
@@ -162,7 +163,9 @@ def triton_unsupported(d) -> str | None:
     spec = d.spec
     mem, ret = spec.memory, spec.retention
     reasons = [
-        (mem.kind != "matrix", f"memory.kind {mem.kind!r}: only matrix"),
+        (mem.kind == "vector", "memory.kind 'vector'"),
+        (mem.kind == "mlp" and spec.learner.grad_at == "retained" and "log_alpha" in d.op_gates(),
+         "grad_at 'retained' with a decaying mlp memory (the gradient point differs per row)"),
         (not d.retention.linear and spec.learner.grad_at == "retained",
          "grad_at 'retained' with a nonlinear retention (the gradient point differs per row)"),
         (ret.kind == "lq" and not float(ret.q).is_integer(), "retention.q: only integer q"),
@@ -170,7 +173,6 @@ def triton_unsupported(d) -> str | None:
         (spec.learner.kind == "momentum" and any(
             g.shape == "channel" for f, g in spec.gates().items() if f != "bias.delta"),
          "channel-wise gates with the momentum learner"),
-        (spec.lag_token, "lag_token"),
         (spec.chunk_size < 16 or spec.chunk_size & (spec.chunk_size - 1),
          f"chunk_size {spec.chunk_size}: a power of two >= 16"),
     ]
@@ -218,33 +220,34 @@ def _emit(graph, targets, names) -> list[str]:
             code = f"tl.max({x[0]}, {node['axis']}, keep_dims=True)"
         else:  # broadcast
             code = f"tl.broadcast_to({x[0]}, ({', '.join(_DIMS[s] for s in node['shape'])}))"
-        lines.append(f"        {names(n)} = {code}")
+        lines.append(f"{_INDENT}{names(n)} = {code}")
     return lines
 
 
 def _loads(step, d) -> str:
     gates = d.op_gates()
     lines = [
-        "        rows = i_t * BT + offs_t",
-        "        valid = rows < eos - bos",
-        "        tok = bos + rows",
-        "        rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]",
-        "        lastrow = tl.where(rows == tl.minimum(eos - bos, i_t * BT + BT) - 1, 1.0, 0.0)"
-        ".to(ACC)[:, None]",
-        "        q = _load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)",
-        "        k = _load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)",
-        "        v = _load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)",
+        "rows = i_t * BT + offs_t",
+        "valid = rows < eos - bos",
+        "if SEGMENTS == 2:  # the lag token: row 0 alone, then the rest of the chunk",
+        "    valid = valid & ((rows == i_t * BT) if seg == 0 else (rows > i_t * BT))",
+        "tok = bos + rows",
+        "rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]",
+        "lastrow = tl.where(rows == tl.max(tl.where(valid, rows, -1), 0), 1.0, 0.0).to(ACC)[:, None]",
+        "q = _load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)",
+        "k = _load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)",
+        "v = _load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)",
     ]
     for g in step.gates:
         other = "1.0" if g in ("delta", "momentum") else "0.0"  # padding: no log(0), no 1/0
         if gates[g].shape == "channel":
             dim = "v" if g == "delta" else "k"
-            lines.append(f"        {g} = _load_rows({g}_ptr, tok * H + i_h, offs_{dim}, valid, "
+            lines.append(f"{g} = _load_rows({g}_ptr, tok * H + i_h, offs_{dim}, valid, "
                          f"mask_{dim}, D{dim.upper()}, {other}, ACC)")
         else:
-            lines.append(f"        {g} = tl.load({g}_ptr + tok * H + i_h, mask=valid, "
+            lines.append(f"{g} = tl.load({g}_ptr + tok * H + i_h, mask=valid, "
                          f"other={other}).to(ACC)[:, None]")
-    return "\n".join(lines)
+    return "\n".join(_INDENT + line for line in lines)
 
 
 def _state_tiles(step) -> list[dict]:
@@ -269,7 +272,7 @@ def render_triton_module(spec: Spec) -> str:
     reason = triton_unsupported(d)
     if reason:
         raise CodegenError(f"{spec.name}: the Triton backend does not support {reason}")
-    step = ir.matrix_chunk_step(d)
+    step = ir.mlp_chunk_step(d) if spec.memory.kind == "mlp" else ir.matrix_chunk_step(d)
     graph = step.graph
     forward = _emit(graph, list(step.outputs.values()), str)
     seeds = {step.outputs["o"]: graph.input("d_o", ("T", "DV"))}
@@ -293,6 +296,7 @@ def render_triton_module(spec: Spec) -> str:
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),
         chunk=spec.chunk_size, exact=d.exact, gates=list(step.gates),
         states=_state_tiles(step), outputs=step.outputs, memory=spec.memory.kind,
+        segments=2 if spec.lag_token else 1,
         expansion=getattr(spec.memory, "expansion", 1),
         channel={g: ("V" if g == "delta" else "K") if gates[g].shape == "channel" else ""
                  for g in step.gates},

@@ -134,7 +134,7 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
     rowmask = gr.const("rowmask", ("T", 1), "rowmask")
     causal = gr.const("causal", ("T", "T"), "causal")
     vmask = gr.const("vmask", (1, "DV"), "vmask")  # the padding of DV up to a power of two
-    w = _read_map(gr, d, state, dk) if d.retention.dual else state
+    w = _read_map(gr, d, state) if d.retention.dual else state
     data_gates = []
     for arg in ("log_alpha", "eta", "delta", "momentum"):
         gate = gates.get(arg)
@@ -193,7 +193,7 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
     if d.retention.linear:
         return ChunkStep(gr, tuple(data_gates), ("W", *extra), {"o": o, "W": acc, **extra})
     # A nonlinear retention maps the state at the chunk end only; the chunk's last row reads it.
-    w_end = _read_map(gr, d, acc, dk)
+    w_end = _read_map(gr, d, acc)
     o_end = _finish(gr, d, gr.dot(q, w_end, tb=True), q, vmask, name="o_end")
     lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
     o = ew(gr, lambda a, b, m: a * (1 - m) + b * m, o, o_end, lastrow, name="o")
@@ -246,15 +246,24 @@ def _momentum_terms(gr: Graph, d: Derivation, ctx: dict, updates: str, decay_mat
     return z_o, acc, {"S": s_new}
 
 
-def _read_map(gr: Graph, d: Derivation, z: str, dk: str) -> str:
+MASKS = {"DK": "kmask", "DV": "vmask", "DH": "hmask"}
+
+
+def _dim_mask(gr: Graph, dim: str) -> str:
+    """The [1, dim] tile of ones over a dimension's real (unpadded) entries."""
+    name = MASKS[dim]
+    return name if name in gr.g else gr.const(name, (1, dim), name)
+
+
+def _read_map(gr: Graph, d: Derivation, z: str) -> str:
     """W = phi^-1(Z), the retention's map, over the real (unpadded) entries of the state."""
     ret, rule = d.spec.retention, d.retention
     if rule.linear:
         return z
-    if "smask" not in gr.g:
-        gr.const("kmask", (1, dk), "kmask")
-        ew(gr, lambda a, b: a * b, gr.trans("vmask"), "kmask", name="smask")
-    smask = "smask"
+    rows, cols = gr.shape(z)
+    smask = f"smask_{rows}_{cols}"
+    if smask not in gr.g:
+        ew(gr, lambda a, b: a * b, gr.trans(_dim_mask(gr, rows)), _dim_mask(gr, cols), name=smask)
     if rule.elementwise is not None:
         return ew(gr, lambda a, m: rule.elementwise.subs(Z, a) * m, z, smask)
     axes = {"matrix": (1, 0), "row": (1,), "column": (0,)}
@@ -277,6 +286,133 @@ def _read_map(gr: Graph, d: Derivation, z: str, dk: str) -> str:
     for axis in axes[ret.axis]:
         total = gr.sum(total, axis)
     return ew(gr, lambda e, t: sp.Piecewise((ret.scale * e / t, t > 0), (0, True)), expo, total)
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: x / 2 * (1 + sp.erf(x / sp.sqrt(2))),
+    "silu": lambda x: x / (1 + sp.exp(-x)),
+    "relu": lambda x: sp.Piecewise((x, x > 0), (0, True)),
+    "tanh": sp.tanh,
+}
+
+
+def mlp_chunk_step(d: Derivation) -> ChunkStep:
+    """One chunk of an MLP memory M(x) = [x +] [LN](W_L act(... act(W_1 x))) by mini-batch
+    gradients at the chunk-start weights. Per layer l with input x_l (k on the key path), the
+    token gradients are rank one, delta_l x_l^T (delta_l by reverse mode through the memory), so
+    each layer reads like a matrix memory:
+        z_l = beta * X_l W_l^T - (X_l K_l^T * decay) U_l,   U_l = eta delta_l, K_l = key inputs,
+    with X_l = act(z_(l-1)) along the query path."""
+    mem, gates = d.spec.memory, d.op_gates()
+    gr = Graph()
+    dk = "DV" if mem.residual else "DK"
+    q, k = gr.input("q", ("T", dk)), gr.input("k", ("T", dk))
+    v = gr.input("v", ("T", "DV"))
+    dims = [dk] + ["DH"] * (mem.depth - 1) + ["DV"]
+    states = [gr.input(f"W{i + 1}", (dims[i + 1], dims[i])) for i in range(mem.depth)]
+    rowmask = gr.const("rowmask", ("T", 1), "rowmask")
+    causal = gr.const("causal", ("T", "T"), "causal")
+    vmask, hmask = _dim_mask(gr, "DV"), _dim_mask(gr, "DH")
+    data_gates = [a for a in ("log_alpha", "eta", "delta", "momentum")
+                  if gates.get(a) is not None and gates[a].is_input]
+    for arg in data_gates:
+        gr.input(arg, ("T", "DV") if gates[arg].shape == "channel" else ("T", 1))
+    act = ACTIVATIONS[mem.activation]
+    weights = [_read_map(gr, d, w) if d.retention.dual else w for w in states]
+
+    la = _log_gate(gr, gates, "log_alpha", rowmask, name="la")
+    beta = gam = gam_end = None
+    decay_mat = causal
+    if la is not None:
+        gam = gr.cumsum(la, name="gam")
+        gam_end = gr.sum(la, 0, name="gam_end")
+        beta = ew(gr, sp.exp, gam, name="beta")
+        decay_mat = _decay_matrix(gr, causal, gam, gr.trans(gam, name="gam_row"), name="decay")
+
+    # the key path at the chunk-start weights, and the rank-one gradients of every layer
+    x, keys, pre = k, [], []
+    for i, w in enumerate(weights):
+        keys.append(x)
+        pre.append(gr.dot(x, w, tb=True, name=f"kz{i + 1}"))
+        if i < len(weights) - 1:
+            x = ew(gr, lambda a, m: act(a) * m, pre[-1], hmask, name=f"kh{i + 1}")
+    pred = _finish(gr, d, pre[-1], k, vmask, name="pred_m")
+    r = ew(gr, lambda a, b: a - b, pred, v, name="r")
+    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, vmask), 1, name="rsq")
+    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm")
+    g_args = {R: r, V: v, RNORM: rnorm} | ({DELTA: "delta"} if "delta" in gr.g else {})
+    g = gr.ew(d.bias.elem + d.bias.norm * R, g_args, name="g")
+    deltas = backward(gr, {pred: g}, tuple(pre))
+    args, factor = _gate_args(gr, d, {"rowmask": rowmask, "vmask": vmask})
+    factor = factor.subs(sp.Symbol("vmask", real=True), 1)
+    x_sym, m_sym = sp.Symbol("x", real=True), sp.Symbol("m", real=True)
+    updates = [gr.ew(x_sym * factor * m_sym, args | {x_sym: deltas[z], m_sym: _dim_mask(gr, dim)},
+                     name=f"u{i + 1}") for i, (z, dim) in enumerate(zip(pre, dims[1:], strict=True))]
+
+    momentum = d.spec.learner.kind == "momentum"
+    if momentum:
+        mom_in = [gr.input(f"S{i + 1}", gr.shape(w)) for i, w in enumerate(states)]
+        mix, s_vec, mix_end, s_end, m_tail, mu_end = _momentum_mixing(gr, d, decay_mat, rowmask)
+    tail = None if gam_end is None else \
+        ew(gr, lambda e, g_, m: m * sp.exp(e - g_), gam_end, gam, rowmask, name="tail")
+    attn_mask = mix if momentum else decay_mat
+
+    def read_chain(x, layers, name):
+        """The query path through the layers, each read as a matrix memory."""
+        for i, (w, key, u) in enumerate(zip(layers, keys, updates, strict=True)):
+            z = gr.dot(x, w, tb=True)
+            if beta is not None and layers is weights:
+                z = ew(gr, lambda b, a: b * a, beta, z)
+            if layers is weights:  # inside the chunk: minus the decayed updates so far
+                attn = ew(gr, lambda a, b: a * b, gr.dot(x, key, tb=True), attn_mask)
+                z = ew(gr, lambda a, m: a - m, z, gr.dot(attn, u))
+                if momentum:
+                    z = ew(gr, lambda a, s, y: a - s * y, z, s_vec, gr.dot(x, mom_in[i], tb=True))
+            if i < len(layers) - 1:
+                x = ew(gr, lambda a, m: act(a) * m, z, hmask)
+        return _finish(gr, d, z, q, vmask, name=name)
+
+    o = read_chain(q, weights, "o_chunk")
+    outputs, new_acc = {}, []
+    for i, (state, key, u) in enumerate(zip(states, keys, updates, strict=True)):
+        keep = state if gam_end is None else ew(gr, lambda e, a: sp.exp(e) * a, gam_end, state)
+        if momentum:
+            w_upd = gr.dot(ew(gr, lambda a, b: a * b, u, mix_end), key, ta=True)
+            acc = ew(gr, lambda a, s, y, c: a - s * y - c, keep, s_end, mom_in[i], w_upd)
+            s_upd = gr.dot(ew(gr, lambda a, b: a * b, u, m_tail), key, ta=True)
+            outputs[f"S{i + 1}"] = ew(gr, lambda e, y, c: sp.exp(e) * y + c, mu_end, mom_in[i],
+                                      s_upd, name=f"S{i + 1}_new")
+        else:
+            scaled = u if tail is None else ew(gr, lambda a, b: a * b, u, tail)
+            acc = ew(gr, lambda a, c: a - c, keep, gr.dot(scaled, key, ta=True))
+        new_acc.append(ew(gr, lambda a: a, acc, name=f"acc{i + 1}"))
+    if d.retention.linear:
+        outputs |= {f"W{i + 1}": a for i, a in enumerate(new_acc)}
+    else:  # the map at the chunk end; the last row reads the mapped weights
+        ends = [_read_map(gr, d, a) for a in new_acc]
+        o_end = read_chain(q, ends, "o_end")
+        lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
+        o = ew(gr, lambda a, b, m: a * (1 - m) + b * m, o, o_end, lastrow)
+        outputs |= {f"W{i + 1}": (a if d.retention.dual else e)
+                    for i, (a, e) in enumerate(zip(new_acc, ends, strict=True))}
+    names = [f"W{i + 1}" for i in range(mem.depth)] + \
+        ([f"S{i + 1}" for i in range(mem.depth)] if momentum else [])
+    outputs = {"o": ew(gr, lambda a: a, o, name="o")} | {n: outputs[n] for n in names}
+    return ChunkStep(gr, tuple(data_gates), tuple(names), outputs)
+
+
+def _momentum_mixing(gr: Graph, d: Derivation, decay_mat: str, rowmask: str):
+    """The momentum's mixing of a chunk's updates (see `_momentum_terms`), shared by all layers."""
+    lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
+    lm = _log_gate(gr, d.op_gates(), "momentum", rowmask, name="lm")
+    mu = gr.cumsum(lm, name="mu")
+    mu_end = gr.sum(lm, 0, name="mu_end")
+    mix = gr.dot(decay_mat, _decay_matrix(gr, "causal", mu, gr.trans(mu), name="mom"), name="mix")
+    s_vec = gr.sum(ew(gr, lambda a, b: a * sp.exp(b), decay_mat, gr.trans(mu)), 1, name="s_vec")
+    mix_end = gr.trans(gr.sum(ew(gr, lambda a, b: a * b, mix, lastrow), 0), name="mix_end")
+    s_end = gr.sum(ew(gr, lambda a, b: a * b, s_vec, lastrow), 0, name="s_end")
+    m_tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), mu_end, mu, rowmask, name="m_tail")
+    return mix, s_vec, mix_end, s_end, m_tail, mu_end
 
 
 def _finish(gr: Graph, d: Derivation, z: str, x: str, vmask: str, name: str) -> str:

@@ -113,9 +113,9 @@ def test_check_prints_every_tensor():
     assert result.exit_code == 0, result.output
     rows = {}
     for line in result.stdout.splitlines():
-        match = re.match(r"^(\S+)\s+(\S+)\s+(ok|FAIL)$", line)
+        match = re.match(r"^(\S+)\s+(\S+)\s+(\S+)\s+(ok|FAIL)$", line)
         if match:
-            rows[match[1]] = (float(match[2]), match[3])
+            rows[match[1]] = (float(match[2]), match[4])
     expected = {"o", "final_state[0]", "dq", "dk", "dv", "deta", "dinitial_state[0]"}
     assert set(rows) == expected, result.stdout
     assert all(status == "ok" and err <= 1e-5 for err, status in rows.values()), rows

@@ -206,15 +206,18 @@ def test_write_atomic(tmp_path):
 # ---- the generated op against its reference ---------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name", SPEC_NAMES)
-def test_op_matches_reference(name, dtype):
+def test_op_matches_reference(name):
+    """Float64 at a second shape; float32 is held to the float64 reference in
+    tests/test_triton_kernels.py (deep memories are too ill-conditioned for 1e-5 between two
+    float32 programs)."""
+    dtype = torch.float64
     op = shipped(name)
     # the op equals the token recurrence when its chunking is exact, else the chunked reference
     assert op.oracle_chunk_size == (None if op.derivation.exact else op.spec.chunk_size)
     residual = op.spec.memory.residual or op.spec.memory.kind == "vector"
-    inputs = random_inputs(op, batch=2 if dtype == torch.float64 else 1, length=20, heads=2, dk=8,
-                           dv=8 if residual else 6, dtype=dtype)
+    inputs = random_inputs(op, batch=2, length=20, heads=2, dk=8, dv=8 if residual else 6,
+                           dtype=dtype)
     errors = compare(op, inputs, chunk_size=op.oracle_chunk_size, backward=True)
     assert {"o", "final_state[0]", "dq", "dk", "dv"} <= set(errors)
     bad = {k: e for k, e in errors.items() if not e <= TOLERANCE[dtype]}

@@ -1,4 +1,4 @@
-"""Generated Triton kernels for a matrix memory (run by Triton's interpreter on CPU) against the
+"""Generated Triton kernels (run by Triton's interpreter on CPU) against the
 reference of the same chunking: the output, the final state and every input gradient."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from hypothesis import strategies as st
 import mirasc
 from mirasc.check import compare, random_inputs, relative_error, varlen_inputs
 from mirasc.codegen import render_module, triton_unsupported
+from mirasc.spec import SpecError
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 TRITON_SPECS = ["linear_attention", "simple_gla", "deltanet", "gated_deltanet", "titans",
-                "ttt_linear"]
+                "ttt_linear", "ttt_mlp", "moneta", "yaad", "memora"]
 
 
 def _compile(text: str, tmp_path, monkeypatch):
@@ -40,8 +41,21 @@ def test_shipped_specs(spec, dtype):
     op = mirasc.compile(f"specs/{spec}.yaml")
     assert op.backend == "triton"
     dv = 7 if op.spec.memory.residual else 5
-    inputs = random_inputs(op, batch=2, length=100, heads=2, dk=7, dv=dv, dtype=dtype)
-    _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), dtype)
+    inputs = random_inputs(op, batch=2, length=100, heads=2, dk=7, dv=dv)
+    if dtype == torch.float64:
+        _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), dtype)
+        return
+    # float32: against the float64 reference the kernel may lose at most 8x what the float32
+    # reference itself loses, or 1e-5. Deep memories are ill-conditioned here: memora's float32
+    # reference is 1e-4 from float64 on some gradients, and moneta's dq is 2.6e-6 for the
+    # reference and 1.4e-5 for the kernel, whose dual form sums in another order (measured).
+    narrow = {k: (tuple(x.float() for x in v) if isinstance(v, tuple) else v.float())
+              for k, v in inputs.items()}
+    kernel = compare(op, narrow, chunk_size=op.oracle_chunk_size, against=inputs)
+    baseline = compare(op, narrow, chunk_size=op.oracle_chunk_size, against=inputs,
+                       run_reference=True)
+    bad = {n: (e, baseline[n]) for n, e in kernel.items() if not e <= max(1e-5, 8 * baseline[n])}
+    assert not bad, bad
 
 
 BIASES = ["{kind: l2}", "{kind: dot_product}", "{kind: lp, p: 3}", "{kind: lp, p: 1.5, smooth: false}",
@@ -64,7 +78,9 @@ LEARNERS = ["{kind: gd, eta: {}}", "{kind: gd, eta: {value: 0.2}}",
 
 
 MEMORIES = ["{kind: matrix}", "{kind: matrix, residual: true, layer_norm: true}",
-            "{kind: matrix, layer_norm: true}", "{kind: matrix, residual: true}"]
+            "{kind: matrix, layer_norm: true}", "{kind: matrix, residual: true}",
+            "{kind: mlp}", "{kind: mlp, depth: 3, expansion: 2, activation: silu}",
+            "{kind: mlp, expansion: 1, activation: tanh, residual: false, layer_norm: false}"]
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -73,8 +89,14 @@ MEMORIES = ["{kind: matrix}", "{kind: matrix, residual: true, layer_norm: true}"
        chunk=st.sampled_from([16, 32]), length=st.integers(17, 70), dk=st.integers(3, 20),
        dv=st.integers(3, 20))
 def test_random_axis_combinations(memory, bias, retention, learner, chunk, length, dk, dv):
-    op = op_from_yaml(axis_spec(memory=memory, bias=bias, retention=retention, learner=learner,
-                                extra=f"chunk_size: {chunk}").replace("chunk_size: 4\n", ""))
+    """Every combination compiles and matches its reference, or is refused with a clear error."""
+    text = axis_spec(memory=memory, bias=bias, retention=retention, learner=learner,
+                     extra=f"chunk_size: {chunk}").replace("chunk_size: 4\n", "")
+    try:
+        op = op_from_yaml(text)
+    except SpecError as exc:
+        assert "not allowed" in str(exc) and "allowed:" in str(exc), str(exc)
+        return
     if op.spec.memory.residual:
         dv = dk
     module = {}
