@@ -72,6 +72,8 @@ class CodegenError(ValueError):
 
 
 KERNEL_CONSTANTS = {"DV": "DV", "DK": "DK"}  # symbols the kernels know as constexprs
+TRITON_FUNCTIONS = {sp.exp: "tl.exp", sp.log: "tl.log", sp.Abs: "tl.abs", sp.erf: "tl.erf",
+                    sp.tanh: "_tanh"}  # _tanh: the template's cancellation-free tanh
 
 
 def triton_source(expr: sp.Expr, names) -> str:
@@ -86,16 +88,8 @@ def triton_source(expr: sp.Expr, names) -> str:
             return "(" + (" + " if isinstance(e, sp.Add) else " * ").join(map(show, e.args)) + ")"
         if isinstance(e, sp.Pow):
             return _pow(show(e.args[0]), e.args[1])
-        if isinstance(e, sp.exp):
-            return f"tl.exp({show(e.args[0])})"
-        if isinstance(e, sp.log):
-            return f"tl.log({show(e.args[0])})"
-        if isinstance(e, sp.Abs):
-            return f"tl.abs({show(e.args[0])})"
-        if isinstance(e, sp.erf):
-            return f"tl.erf({show(e.args[0])})"
-        if isinstance(e, sp.tanh):
-            return f"_tanh({show(e.args[0])})"
+        if type(e) in TRITON_FUNCTIONS:
+            return f"{TRITON_FUNCTIONS[type(e)]}({show(e.args[0])})"
         if isinstance(e, sp.sinh | sp.cosh):
             x = show(e.args[0])
             return f"((tl.exp({x}) {'-' if isinstance(e, sp.sinh) else '+'} tl.exp(-{x})) * 0.5)"
