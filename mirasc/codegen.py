@@ -73,7 +73,7 @@ class CodegenError(ValueError):
 
 KERNEL_CONSTANTS = {"DV": "DV", "DK": "DK"}  # symbols the kernels know as constexprs
 TRITON_FUNCTIONS = {sp.exp: "tl.exp", sp.log: "tl.log", sp.Abs: "tl.abs", sp.erf: "tl.erf",
-                    sp.tanh: "_tanh"}  # _tanh: the template's cancellation-free tanh
+                    sp.tanh: "_tanh", sp.atan: "_atan"}  # _tanh, _atan: the template's own
 
 
 def triton_source(expr: sp.Expr, names) -> str:
@@ -163,7 +163,6 @@ def triton_unsupported(d) -> str | None:
         (not d.retention.linear and spec.learner.grad_at == "retained",
          "grad_at 'retained' with a nonlinear retention (the gradient point differs per row)"),
         (ret.kind == "lq" and not float(ret.q).is_integer(), "retention.q: only integer q"),
-        (ret.kind == "elastic_net" and ret.smooth, "the smooth elastic net (atan)"),
         (spec.learner.kind == "momentum" and any(
             g.shape == "channel" for f, g in spec.gates().items() if f != "bias.delta"),
          "channel-wise gates with the momentum learner"),

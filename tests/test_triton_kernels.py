@@ -62,6 +62,7 @@ BIASES = ["{kind: l2}", "{kind: dot_product}", "{kind: lp, p: 3}", "{kind: lp, p
           "{kind: huber, delta: {shape: channel}}", "{kind: huber, variant: switch, delta: {}}",
           "{kind: huber, variant: norm, delta: {value: 0.3}}", "{kind: robust, delta: {}}",
           "{kind: expression, loss: 'log(cosh(r))'}",
+          "{kind: expression, loss: 'atan(r) * r - log(1 + r**2) / 2'}",
           "{kind: expression, loss: 'r**2/2 + c*r**4', params: {c: 0.1}, "
           "norm_loss: 'delta*sqrt(1 + rnorm**2)', delta: {}}"]
 RETENTIONS = ["{kind: none}", "{kind: l2, decay: {}}", "{kind: l2, decay: {value: 0.95}}",
@@ -69,7 +70,7 @@ RETENTIONS = ["{kind: none}", "{kind: l2, decay: {}}", "{kind: l2, decay: {value
               "{kind: lq, q: 3, scope: row, link: pnorm}", "{kind: kl, decay: {}, scale: 2.0}",
               "{kind: kl, axis: column}", "{kind: kl, axis: matrix}",
               "{kind: elastic_net, gamma: 0.01, decay: {}}",
-              "{kind: elastic_net, gamma: 0.01, form: dual}",
+              "{kind: elastic_net, gamma: 0.01, form: dual, smooth: true}",
               "{kind: mirror, potential: 'w*log(w) - w', decay: {}}"]
 LEARNERS = ["{kind: gd, eta: {}}", "{kind: gd, eta: {value: 0.2}}",
             "{kind: gd, eta: {}, grad_at: retained}", "{kind: gd, eta: {shape: channel}}",
