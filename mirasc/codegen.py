@@ -157,7 +157,6 @@ def triton_unsupported(d) -> str | None:
     spec = d.spec
     mem, ret = spec.memory, spec.retention
     reasons = [
-        (mem.kind == "vector", "memory.kind 'vector'"),
         (mem.kind == "mlp" and spec.learner.grad_at == "retained" and "log_alpha" in d.op_gates(),
          "grad_at 'retained' with a decaying mlp memory (the gradient point differs per row)"),
         (not d.retention.linear and spec.learner.grad_at == "retained",
@@ -248,12 +247,20 @@ def _state_tiles(step) -> list[dict]:
     tiles, offset = [], "0"
     for name in step.states:
         rows, cols = step.graph.shape(name)
-        r, c = rows[1:].lower(), cols[1:].lower()
-        tiles.append(dict(
-            name=name, R=rows, C=cols, block=f"B{r.upper()}, B{c.upper()}",
-            tile=f"{offset} + offs_{r}[:, None] * {cols} + offs_{c}[None, :]",
-            mask=f"mask_{r}[:, None] & mask_{c}[None, :]"))
-        offset = f"{offset} + {rows} * {cols}" if offset != "0" else f"{rows} * {cols}"
+        c = cols[1:].lower()
+        if rows == 1:  # a vector state [1, D], [B, H, D] for the user
+            tiles.append(dict(name=name, shape=f"({cols.lower()},)", block=f"1, B{c.upper()}",
+                              tile=f"{offset} + offs_{c}[None, :]", mask=f"mask_{c}[None, :]"))
+            size = cols
+        else:
+            r = rows[1:].lower()
+            tiles.append(dict(
+                name=name, shape=f"({rows.lower()}, {cols.lower()})",
+                block=f"B{r.upper()}, B{c.upper()}",
+                tile=f"{offset} + offs_{r}[:, None] * {cols} + offs_{c}[None, :]",
+                mask=f"mask_{r}[:, None] & mask_{c}[None, :]"))
+            size = f"{rows} * {cols}"
+        offset = f"{offset} + {size}" if offset != "0" else size
     return tiles
 
 
@@ -265,7 +272,9 @@ def render_triton_module(spec: Spec) -> str:
     reason = triton_unsupported(d)
     if reason:
         raise CodegenError(f"{spec.name}: the Triton backend does not support {reason}")
-    step = ir.mlp_chunk_step(d) if spec.memory.kind == "mlp" else ir.matrix_chunk_step(d)
+    builders = {"matrix": ir.matrix_chunk_step, "vector": ir.vector_chunk_step,
+                "mlp": ir.mlp_chunk_step}
+    step = builders[spec.memory.kind](d)
     graph = step.graph
     forward = _emit(graph, list(step.outputs.values()), str)
     seeds = {step.outputs["o"]: graph.input("d_o", ("T", "DV"))}

@@ -262,11 +262,14 @@ def _read_map(gr: Graph, d: Derivation, z: str) -> str:
         return z
     rows, cols = gr.shape(z)
     smask = f"smask_{rows}_{cols}"
-    if smask not in gr.g:
+    if rows == 1:  # a vector memory: its norm or softmax runs over the whole vector
+        smask = _dim_mask(gr, cols)
+    elif smask not in gr.g:
         ew(gr, lambda a, b: a * b, gr.trans(_dim_mask(gr, rows)), _dim_mask(gr, cols), name=smask)
     if rule.elementwise is not None:
         return ew(gr, lambda a, m: rule.elementwise.subs(Z, a) * m, z, smask)
-    axes = {"matrix": (1, 0), "row": (1,), "column": (0,)}
+    axes = {"matrix": (1, 0), "row": (1,), "column": (0,)} if rows != 1 else dict.fromkeys(
+        ("matrix", "row", "column"), (1,))
     if rule.kind == "lq":  # Z / (sum |Z|^q + eps)^((q-2)/q), or the p-norm link's sign(Z)|Z|^(q-1)
         q = sp.nsimplify(ret.q)
         powered = ew(gr, lambda a: sp.Abs(a) ** q, z)
@@ -286,6 +289,85 @@ def _read_map(gr: Graph, d: Derivation, z: str) -> str:
     for axis in axes[ret.axis]:
         total = gr.sum(total, axis)
     return ew(gr, lambda e, t: sp.Piecewise((ret.scale * e / t, t > 0), (0, True)), expo, total)
+
+
+def vector_chunk_step(d: Derivation) -> ChunkStep:
+    """One chunk of a vector (diagonal) memory M(x) = [x +] [LN](w * x), w [1, D], D = DK = DV.
+    Token gradients are elementwise, u_i = eta_i delta_i * k_i, so the chunk reads
+        w_t = beta_t w - sum_(i<=t) (beta_t / beta_i) u_i    (a decay-weighted prefix sum)
+    and o_t = [q_t +] [LN](q_t * w_t); per-channel decays use exp(gamma) cumsum(exp(-gamma) u)."""
+    gates = d.op_gates()
+    gr = Graph()
+    q, k, v = (gr.input(n, ("T", "DV")) for n in ("q", "k", "v"))
+    state = gr.input("W", (1, "DV"))
+    rowmask = gr.const("rowmask", ("T", 1), "rowmask")
+    causal = gr.const("causal", ("T", "T"), "causal")
+    vmask = _dim_mask(gr, "DV")
+    data_gates = [a for a in ("log_alpha", "eta", "delta", "momentum")
+                  if gates.get(a) is not None and gates[a].is_input]
+    for arg in data_gates:
+        gr.input(arg, ("T", "DV") if gates[arg].shape == "channel" else ("T", 1))
+    w = _read_map(gr, d, state) if d.retention.dual else state
+    la = _log_gate(gr, gates, "log_alpha", rowmask, name="la")
+    beta = gam = gam_end = None
+    decay_mat = causal
+    channel = gates.get("log_alpha") is not None and gates["log_alpha"].shape == "channel"
+    if la is not None:
+        gam = gr.cumsum(la, name="gam")
+        gam_end = gr.sum(la, 0, name="gam_end")
+        beta = ew(gr, sp.exp, gam, name="beta")
+        if not channel:
+            decay_mat = _decay_matrix(gr, causal, gam, gr.trans(gam, name="gam_row"), name="decay")
+
+    pred_w = w if d.spec.learner.grad_at == "previous" or beta is None \
+        else ew(gr, lambda a, b: a * b, w, beta, name="w_point")
+    kz = ew(gr, lambda a, b: a * b, k, pred_w, name="kz")
+    pred = _finish(gr, d, kz, k, vmask, name="pred_m")
+    r = ew(gr, lambda a, b: a - b, pred, v, name="r")
+    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, vmask), 1, name="rsq")
+    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm")
+    g_args = {R: r, V: v, RNORM: rnorm} | ({DELTA: "delta"} if "delta" in gr.g else {})
+    g = gr.ew(d.bias.elem + d.bias.norm * R, g_args, name="g")
+    delta = g if pred == kz else backward(gr, {pred: g}, (kz,))[kz]
+    eta_gate = d.spec.learner.eta
+    eta = "eta" if eta_gate.is_input else ew(gr, lambda m: m * sp.Float(eta_gate.value), rowmask)
+    u = ew(gr, lambda a, b, e, m, c: a * b * e * m * c, delta, k, eta, rowmask, vmask, name="u")
+
+    def decayed_sum(x):
+        """sum_(i<=t) (beta_t / beta_i) x_i for every row t."""
+        if channel:
+            inner = gr.cumsum(ew(gr, lambda a, g_: a * sp.exp(-g_), x, gam))
+            return ew(gr, lambda b, c: b * c, beta, inner)
+        return gr.dot(decay_mat, x)
+
+    keep = state if gam_end is None else ew(gr, lambda e, a: sp.exp(e) * a, gam_end, state)
+    read = w if beta is None else ew(gr, lambda b, a: b * a, beta, w, name="read")
+    outputs = {}
+    if d.spec.learner.kind == "momentum":
+        s_in = gr.input("S", (1, "DV"))
+        mix, s_vec, mix_end, s_end, m_tail, mu_end = _momentum_mixing(gr, d, decay_mat, rowmask)
+        w_rows = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, s_in, gr.dot(mix, u))
+        acc = ew(gr, lambda a, s, x, c: a - s * x - c, keep, s_end, s_in,
+                 gr.sum(ew(gr, lambda a, b: a * b, u, mix_end), 0))
+        outputs["S"] = ew(gr, lambda e, x, c: sp.exp(e) * x + c, mu_end, s_in,
+                          gr.sum(ew(gr, lambda a, b: a * b, u, m_tail), 0), name="S_new")
+    else:
+        w_rows = ew(gr, lambda a, m: a - m, read, decayed_sum(u), name="w_rows")
+        tail = rowmask if gam_end is None else \
+            ew(gr, lambda e, g_, m: m * sp.exp(e - g_), gam_end, gam, rowmask, name="tail")
+        acc = ew(gr, lambda a, c: a - c, keep, gr.sum(ew(gr, lambda a, b: a * b, u, tail), 0))
+    acc = ew(gr, lambda a: a, acc, name="acc")
+    o = _finish(gr, d, ew(gr, lambda a, b: a * b, q, w_rows), q, vmask, name="o_chunk")
+    new_state = acc
+    if not d.retention.linear:  # the map at the chunk end; the last row reads the mapped vector
+        w_end = _read_map(gr, d, acc)
+        o_end = _finish(gr, d, ew(gr, lambda a, b: a * b, q, w_end), q, vmask, name="o_end")
+        lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
+        o = ew(gr, lambda a, b, m: a * (1 - m) + b * m, o, o_end, lastrow)
+        new_state = acc if d.retention.dual else w_end
+    names = ("W", *outputs)
+    return ChunkStep(gr, tuple(data_gates), names,
+                     {"o": ew(gr, lambda a: a, o, name="o"), "W": new_state, **outputs})
 
 
 ACTIVATIONS = {

@@ -81,10 +81,11 @@ LEARNERS = ["{kind: gd, eta: {}}", "{kind: gd, eta: {value: 0.2}}",
 MEMORIES = ["{kind: matrix}", "{kind: matrix, residual: true, layer_norm: true}",
             "{kind: matrix, layer_norm: true}", "{kind: matrix, residual: true}",
             "{kind: mlp}", "{kind: mlp, depth: 3, expansion: 2, activation: silu}",
-            "{kind: mlp, expansion: 1, activation: tanh, residual: false, layer_norm: false}"]
+            "{kind: mlp, expansion: 1, activation: tanh, residual: false, layer_norm: false}",
+            "{kind: vector}", "{kind: vector, residual: true, layer_norm: true}"]
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=48, deadline=None, derandomize=True)
 @given(memory=st.sampled_from(MEMORIES), bias=st.sampled_from(BIASES),
        retention=st.sampled_from(RETENTIONS), learner=st.sampled_from(LEARNERS),
        chunk=st.sampled_from([16, 32]), length=st.integers(17, 70), dk=st.integers(3, 20),
@@ -98,7 +99,7 @@ def test_random_axis_combinations(memory, bias, retention, learner, chunk, lengt
     except SpecError as exc:
         assert "not allowed" in str(exc) and "allowed:" in str(exc), str(exc)
         return
-    if op.spec.memory.residual:
+    if op.spec.memory.residual or op.spec.memory.kind == "vector":
         dv = dk
     module = {}
     exec(compile(render_module(op.spec), "<generated>", "exec"), module)  # noqa: S102 - generated
