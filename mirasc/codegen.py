@@ -136,8 +136,8 @@ _PROLOGUE = """\
     else:
         bos = i_n.to(tl.int64) * T
         eos = bos + T
-        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    n_chunks = tl.cdiv(eos - bos, BT)
+        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, CHUNK)
+    n_chunks = tl.cdiv(eos - bos, CHUNK)
     offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
     offs_v = tl.arange(0, BV)
@@ -165,8 +165,6 @@ def triton_unsupported(d) -> str | None:
         (spec.learner.kind == "momentum" and any(
             g.shape == "channel" for f, g in spec.gates().items() if f != "bias.delta"),
          "channel-wise gates with the momentum learner"),
-        (spec.chunk_size < 16 or spec.chunk_size & (spec.chunk_size - 1),
-         f"chunk_size {spec.chunk_size}: a power of two >= 16"),
     ]
     why = [text for failed, text in reasons if failed]
     for expr in (d.bias.elem, d.bias.norm, d.retention.elementwise):
@@ -219,10 +217,10 @@ def _emit(graph, targets, names) -> list[str]:
 def _loads(step, d) -> str:
     gates = d.op_gates()
     lines = [
-        "rows = i_t * BT + offs_t",
-        "valid = rows < eos - bos",
+        "rows = i_t * CHUNK + offs_t",
+        "valid = (offs_t < CHUNK) & (rows < eos - bos)",
         "if SEGMENTS == 2:  # the lag token: row 0 alone, then the rest of the chunk",
-        "    valid = valid & ((rows == i_t * BT) if seg == 0 else (rows > i_t * BT))",
+        "    valid = valid & ((rows == i_t * CHUNK) if seg == 0 else (rows > i_t * CHUNK))",
         "tok = bos + rows",
         "rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]",
         "lastrow = tl.where(rows == tl.max(tl.where(valid, rows, -1), 0), 1.0, 0.0).to(ACC)[:, None]",
@@ -296,7 +294,8 @@ def render_triton_module(spec: Spec) -> str:
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
         op_name=f"{spec.name}_{spec.digest()}",
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),
-        chunk=spec.chunk_size, exact=d.exact, gates=list(step.gates),
+        chunk=spec.chunk_size, tile=max(16, 1 << (spec.chunk_size - 1).bit_length()),
+        exact=d.exact, gates=list(step.gates),
         states=_state_tiles(step), outputs=step.outputs, memory=spec.memory.kind,
         segments=2 if spec.lag_token else 1,
         expansion=getattr(spec.memory, "expansion", 1),

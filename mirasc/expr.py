@@ -22,11 +22,13 @@ MAX_LOG_MAGNITUDE = 709  # |ln c| for a constant power c: float64 range (and no 
 
 
 def _sigmoid(x):
-    return 1 / (1 + sp.exp(-x))
+    """(1 + tanh(x/2)) / 2: no exp overflow in the value or its derivatives."""
+    return (1 + sp.tanh(x / 2)) / 2
 
 
 def _softplus(x):
-    return sp.log(1 + sp.exp(x))
+    """max(x, 0) + log(1 + exp(-|x|)): log(1 + exp(x)) without overflow."""
+    return (x + sp.Abs(x)) / 2 + sp.log(1 + sp.exp(-sp.Abs(x)))
 
 
 def _where(cond, a, b):

@@ -225,22 +225,13 @@ def _momentum_terms(gr: Graph, d: Derivation, ctx: dict, updates: str, decay_mat
         W_new = keep - s_T S - (U * C_T)^T K,   S_new = exp(mu_T) S + (U * exp(mu_T - mu))^T K."""
     k, rowmask = ctx["k"], ctx["rowmask"]
     s_in = gr.input("S", ("DV", ctx["dk"]))
-    lastrow = gr.const("lastrow", ("T", 1), "lastrow")
-    lm = _log_gate(gr, d.op_gates(), "momentum", rowmask, name="lm")
-    mu = gr.cumsum(lm, name="mu")
-    mu_row = gr.trans(mu, name="mu_row")
-    mu_end = gr.sum(lm, 0, name="mu_end")
-    mix = gr.dot(decay_mat, _decay_matrix(gr, "causal", mu, mu_row, name="mom"), name="mix")
-    s_vec = gr.sum(ew(gr, lambda a, b: a * sp.exp(b), decay_mat, mu_row), 1, name="s_vec")
+    mix, s_vec, mix_end, s_end, m_tail, mu_end = _momentum_mixing(gr, d, decay_mat, rowmask)
     attn = ew(gr, lambda a, b: a * b, qk, mix, name="attn")
     mixed = gr.dot(attn, updates, name="mixed")
     qs = gr.dot(ctx["q"], s_in, tb=True, name="qs")
     z_o = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, qs, mixed, name="z_o")
-    mix_end = gr.trans(gr.sum(ew(gr, lambda a, b: a * b, mix, lastrow), 0), name="mix_end")
-    s_end = gr.sum(ew(gr, lambda a, b: a * b, s_vec, lastrow), 0, name="s_end")
     w_update = gr.dot(ew(gr, lambda a, b: a * b, updates, mix_end), k, ta=True, name="w_update")
     acc = ew(gr, lambda a, s, x, u: a - s * x - u, keep, s_end, s_in, w_update, name="acc")
-    m_tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), mu_end, mu, rowmask, name="m_tail")
     s_update = gr.dot(ew(gr, lambda a, b: a * b, updates, m_tail), k, ta=True, name="s_update")
     s_new = ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, s_update, name="S_new")
     return z_o, acc, {"S": s_new}
@@ -372,7 +363,7 @@ def vector_chunk_step(d: Derivation) -> ChunkStep:
 
 ACTIVATIONS = {
     "gelu": lambda x: x / 2 * (1 + sp.erf(x / sp.sqrt(2))),
-    "silu": lambda x: x / (1 + sp.exp(-x)),
+    "silu": lambda x: x * (1 + sp.tanh(x / 2)) / 2,  # x sigmoid(x), with no exp overflow
     "relu": lambda x: sp.Piecewise((x, x > 0), (0, True)),
     "tanh": sp.tanh,
 }
@@ -484,13 +475,16 @@ def mlp_chunk_step(d: Derivation) -> ChunkStep:
 
 
 def _momentum_mixing(gr: Graph, d: Derivation, decay_mat: str, rowmask: str):
-    """The momentum's mixing of a chunk's updates (see `_momentum_terms`), shared by all layers."""
+    """The momentum's mixing of a chunk's updates (see `_momentum_terms`), shared by all layers:
+    C = decay @ exp(mu_t - mu_i), s_t = sum_(j<=t, real rows) decay_tj exp(mu_j), their values at
+    the chunk's last real row, and exp(mu_T - mu)."""
     lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
     lm = _log_gate(gr, d.op_gates(), "momentum", rowmask, name="lm")
     mu = gr.cumsum(lm, name="mu")
     mu_end = gr.sum(lm, 0, name="mu_end")
     mix = gr.dot(decay_mat, _decay_matrix(gr, "causal", mu, gr.trans(mu), name="mom"), name="mix")
-    s_vec = gr.sum(ew(gr, lambda a, b: a * sp.exp(b), decay_mat, gr.trans(mu)), 1, name="s_vec")
+    s_vec = gr.sum(ew(gr, lambda a, b, m: a * sp.exp(b) * m, decay_mat, gr.trans(mu),
+                      gr.trans(rowmask)), 1, name="s_vec")  # no step at masked rows
     mix_end = gr.trans(gr.sum(ew(gr, lambda a, b: a * b, mix, lastrow), 0), name="mix_end")
     s_end = gr.sum(ew(gr, lambda a, b: a * b, s_vec, lastrow), 0, name="s_end")
     m_tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), mu_end, mu, rowmask, name="m_tail")

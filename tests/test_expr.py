@@ -149,8 +149,10 @@ def test_limits_are_inclusive():
 HALF = sp.Float(0.5)
 VALID = [
     ("log(cosh(r))", sp.log(sp.cosh(R))),
-    ("sigmoid(r)", 1 / (1 + sp.exp(-R))),
-    ("softplus(r - v)", sp.log(1 + sp.exp(R - V))),
+    # sigmoid and softplus in their overflow-free forms (their values are checked numerically
+    # against torch.sigmoid and F.softplus below)
+    ("sigmoid(r)", (1 + sp.tanh(R / 2)) / 2),
+    ("softplus(r - v)", (R - V + sp.Abs(R - V)) / 2 + sp.log(1 + sp.exp(-sp.Abs(R - V)))),
     ("where(abs(r) <= 1, r**2/2, abs(r) - 0.5)",
      sp.Piecewise((R**2 / 2, sp.Abs(R) <= 1), (sp.Abs(R) - HALF, True))),
     ("where(rnorm <= delta, r**2 / 2, delta * abs(r))",
@@ -266,3 +268,13 @@ def test_comparisons(op, fn):
 def test_piecewise_source_is_a_where():
     source = torch_source(parse("where(abs(r) <= 1, r**2/2, abs(r) - 0.5)"), NAMES)
     assert source.startswith("torch.where(") and "<=" in source and "torch.abs(r)" in source
+
+
+def test_sigmoid_and_softplus_do_not_overflow():
+    x = torch.tensor([-800.0, -30.0, 0.0, 30.0, 800.0], dtype=torch.float64, requires_grad=True)
+    for text, want in (("sigmoid(r)", torch.sigmoid), ("softplus(r)", F.softplus)):
+        got = to_torch(parse(text), {R: x})
+        # accurate to 1e-15 absolutely; in the far lower tail (1e-13) not to 1e-12 relatively
+        assert torch.allclose(got, want(x), rtol=1e-12, atol=1e-15)
+        (grad,) = torch.autograd.grad(got.sum(), x)
+        assert torch.isfinite(grad).all()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import axis_spec, op_from_yaml
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import mirasc
@@ -63,7 +63,7 @@ BIASES = ["{kind: l2}", "{kind: dot_product}", "{kind: lp, p: 3}", "{kind: lp, p
           "{kind: huber, variant: norm, delta: {value: 0.3}}", "{kind: robust, delta: {}}",
           "{kind: expression, loss: 'log(cosh(r))'}",
           "{kind: expression, loss: 'atan(r) * r - log(1 + r**2) / 2'}",
-          "{kind: expression, loss: 'r**2/2 + c*r**4', params: {c: 0.1}, "
+          "{kind: expression, loss: 'r**2/2 + c*log(cosh(r))', params: {c: 0.5}, "
           "norm_loss: 'delta*sqrt(1 + rnorm**2)', delta: {}}"]
 RETENTIONS = ["{kind: none}", "{kind: l2, decay: {}}", "{kind: l2, decay: {value: 0.95}}",
               "{kind: l2, decay: {shape: channel}}", "{kind: lq, q: 4, decay: {}}",
@@ -85,15 +85,17 @@ MEMORIES = ["{kind: matrix}", "{kind: matrix, residual: true, layer_norm: true}"
             "{kind: vector}", "{kind: vector, residual: true, layer_norm: true}"]
 
 
-@settings(max_examples=48, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None, derandomize=True,
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: each run is slow
 @given(memory=st.sampled_from(MEMORIES), bias=st.sampled_from(BIASES),
        retention=st.sampled_from(RETENTIONS), learner=st.sampled_from(LEARNERS),
-       chunk=st.sampled_from([16, 32]), length=st.integers(17, 70), dk=st.integers(3, 20),
-       dv=st.integers(3, 20))
-def test_random_axis_combinations(memory, bias, retention, learner, chunk, length, dk, dv):
+       chunk=st.sampled_from([5, 16, 32]), lag=st.booleans(), length=st.integers(17, 70),
+       dk=st.integers(3, 20), dv=st.integers(3, 20))
+def test_random_axis_combinations(memory, bias, retention, learner, chunk, lag, length, dk, dv):
     """Every combination compiles and matches its reference, or is refused with a clear error."""
     text = axis_spec(memory=memory, bias=bias, retention=retention, learner=learner,
-                     extra=f"chunk_size: {chunk}").replace("chunk_size: 4\n", "")
+                     extra=f"chunk_size: {chunk}\nlag_token: {str(lag).lower()}")
+    text = text.replace("chunk_size: 4\n", "")
     try:
         op = op_from_yaml(text)
     except SpecError as exc:
@@ -109,7 +111,10 @@ def test_random_axis_combinations(memory, bias, retention, learner, chunk, lengt
     else:
         assert op.backend == "triton"
     inputs = random_inputs(op, batch=1, length=length, heads=2, dk=dk, dv=dv)
-    _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
+    errors = compare(op, inputs, chunk_size=op.oracle_chunk_size)
+    # float64; a deep memory with a nonlinear retention is ill-conditioned (2e-10 seen for mlp
+    # with kl), while a wrong kernel is off by 1e-3 or more
+    assert max(errors.values()) < 1e-8, errors
 
 
 @pytest.mark.parametrize("bias", BIASES[:3] + BIASES[-1:])
