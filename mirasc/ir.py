@@ -124,47 +124,27 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
         W_new = exp(gamma_T) W - (U * exp(gamma_T - gamma))^T K.
     U comes from mini-batch gradients at W (`_minibatch_updates`) or, for a quadratic bias, from
     the exact recurrence solved by the WY/UT transform (`_exact_updates`). A momentum learner
-    (`_momentum_step`) mixes the updates through the momentum's decay as well."""
+    (`_momentum_terms`) mixes the updates through the momentum's decay as well."""
     gates = d.op_gates()
     gr = Graph()
     dk = "DV" if d.spec.memory.residual else "DK"  # a residual memory needs DK == DV
-    q, k = gr.input("q", ("T", dk)), gr.input("k", ("T", dk))
-    v = gr.input("v", ("T", "DV"))
+    data_gates, rowmask = _chunk_inputs(gr, d, dk)
+    q, k, v, vmask = "q", "k", "v", "vmask"
     state = gr.input("W", ("DV", dk))  # the retention's state: Z (dual) or W (proximal)
-    rowmask = gr.const("rowmask", ("T", 1), "rowmask")
-    causal = gr.const("causal", ("T", "T"), "causal")
-    vmask = gr.const("vmask", (1, "DV"), "vmask")  # the padding of DV up to a power of two
     w = _read_map(gr, d, state) if d.retention.dual else state
-    data_gates = []
-    for arg in ("log_alpha", "eta", "delta", "momentum"):
-        gate = gates.get(arg)
-        if gate is not None and gate.is_input:
-            data_gates.append(arg)
-            width = {"delta": "DV"}.get(arg, dk) if gate.shape == "channel" else 1
-            gr.input(arg, ("T", width))
     channel_decay = gates.get("log_alpha") is not None and gates["log_alpha"].shape == "channel"
     # A channel-wise step scales the key channels of each update: u_i (k_i * eta_i)^T.
     k_upd = ew(gr, lambda a, b: a * b, k, "eta", name="k_eta") \
         if gates["eta"].shape == "channel" and gates["eta"].is_input else k
 
-    la = _log_gate(gr, gates, "log_alpha", rowmask, name="la")
-    gam = gam_row = gam_end = beta = None
-    if la is not None:
-        gam = gr.cumsum(la, name="gam")
-        gam_end = gr.sum(la, 0, name="gam_end")
-        beta = ew(gr, sp.exp, gam, name="beta")
+    la, gam, gam_end, beta, decay_mat = _decay(gr, d, rowmask, matrix=not channel_decay)
+    gam_row = "gam_row" if decay_mat not in (None, "causal") else None
     if channel_decay:  # decay per key channel: (Q e^gamma)(K e^-gamma)^T, exact while |gamma| < ~80
         q_dec = ew(gr, lambda a, b: a * b, q, beta, name="q_dec")
         k_dec = ew(gr, lambda a, g: a * sp.exp(-g), k_upd, gam, name="k_dec")
-        attn = ew(gr, lambda a, c: a * c, gr.dot(q_dec, k_dec, tb=True), causal, name="attn")
+        attn = ew(gr, lambda a, c: a * c, gr.dot(q_dec, k_dec, tb=True), "causal", name="attn")
         read = gr.dot(q_dec, w, tb=True, name="read")
-        decay_mat = None
     else:
-        if la is not None:
-            gam_row = gr.trans(gam, name="gam_row")
-            decay_mat = _decay_matrix(gr, causal, gam, gam_row, name="decay")
-        else:
-            decay_mat = causal
         qk = gr.dot(q, k_upd, tb=True, name="qk")
         qw = gr.dot(q, w, tb=True, name="qw")
         read = qw if beta is None else ew(gr, lambda b, a: b * a, beta, qw, name="read")
@@ -199,6 +179,38 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
     o = ew(gr, lambda a, b, m: a * (1 - m) + b * m, o, o_end, lastrow, name="o")
     new_state = acc if d.retention.dual else w_end
     return ChunkStep(gr, tuple(data_gates), ("W", *extra), {"o": o, "W": new_state, **extra})
+
+
+def _chunk_inputs(gr: Graph, d: Derivation, key_dim: str) -> tuple[list[str], str]:
+    """The loaded tiles every chunk step starts from: q, k [T, key_dim], v [T, DV], the masks,
+    and the data-dependent gates (returned in kernel argument order, with the row mask)."""
+    gates = d.op_gates()
+    for name in ("q", "k"):
+        gr.input(name, ("T", key_dim))
+    gr.input("v", ("T", "DV"))
+    gr.const("causal", ("T", "T"), "causal")
+    _dim_mask(gr, "DV")  # the padding of DV up to a power of two
+    data_gates = [a for a in ("log_alpha", "eta", "delta", "momentum")
+                  if gates.get(a) is not None and gates[a].is_input]
+    for arg in data_gates:
+        width = {"delta": "DV"}.get(arg, key_dim) if gates[arg].shape == "channel" else 1
+        gr.input(arg, ("T", width))
+    return data_gates, gr.const("rowmask", ("T", 1), "rowmask")
+
+
+def _decay(gr: Graph, d: Derivation, rowmask: str, matrix: bool = True) -> tuple:
+    """log alpha per row, gamma = its cumsum, gamma at the chunk end, beta = exp(gamma) and (for
+    a per-head decay, with `matrix`) the causal decay matrix; Nones (and the plain causal mask)
+    without a decay."""
+    la = _log_gate(gr, d.op_gates(), "log_alpha", rowmask, name="la")
+    if la is None:
+        return None, None, None, None, "causal"
+    gam = gr.cumsum(la, name="gam")
+    gam_end = gr.sum(la, 0, name="gam_end")
+    beta = ew(gr, sp.exp, gam, name="beta")
+    decay_mat = _decay_matrix(gr, "causal", gam, gr.trans(gam, name="gam_row"), name="decay") \
+        if matrix else None
+    return la, gam, gam_end, beta, decay_mat
 
 
 def _log_gate(gr: Graph, gates: dict, arg: str, rowmask: str, name: str) -> str | None:
@@ -289,26 +301,12 @@ def vector_chunk_step(d: Derivation) -> ChunkStep:
     and o_t = [q_t +] [LN](q_t * w_t); per-channel decays use exp(gamma) cumsum(exp(-gamma) u)."""
     gates = d.op_gates()
     gr = Graph()
-    q, k, v = (gr.input(n, ("T", "DV")) for n in ("q", "k", "v"))
+    data_gates, rowmask = _chunk_inputs(gr, d, "DV")
+    q, k, v, vmask = "q", "k", "v", "vmask"
     state = gr.input("W", (1, "DV"))
-    rowmask = gr.const("rowmask", ("T", 1), "rowmask")
-    causal = gr.const("causal", ("T", "T"), "causal")
-    vmask = _dim_mask(gr, "DV")
-    data_gates = [a for a in ("log_alpha", "eta", "delta", "momentum")
-                  if gates.get(a) is not None and gates[a].is_input]
-    for arg in data_gates:
-        gr.input(arg, ("T", "DV") if gates[arg].shape == "channel" else ("T", 1))
     w = _read_map(gr, d, state) if d.retention.dual else state
-    la = _log_gate(gr, gates, "log_alpha", rowmask, name="la")
-    beta = gam = gam_end = None
-    decay_mat = causal
     channel = gates.get("log_alpha") is not None and gates["log_alpha"].shape == "channel"
-    if la is not None:
-        gam = gr.cumsum(la, name="gam")
-        gam_end = gr.sum(la, 0, name="gam_end")
-        beta = ew(gr, sp.exp, gam, name="beta")
-        if not channel:
-            decay_mat = _decay_matrix(gr, causal, gam, gr.trans(gam, name="gam_row"), name="decay")
+    la, gam, gam_end, beta, decay_mat = _decay(gr, d, rowmask, matrix=not channel)
 
     pred_w = w if d.spec.learner.grad_at == "previous" or beta is None \
         else ew(gr, lambda a, b: a * b, w, beta, name="w_point")
@@ -376,31 +374,16 @@ def mlp_chunk_step(d: Derivation) -> ChunkStep:
     each layer reads like a matrix memory:
         z_l = beta * X_l W_l^T - (X_l K_l^T * decay) U_l,   U_l = eta delta_l, K_l = key inputs,
     with X_l = act(z_(l-1)) along the query path."""
-    mem, gates = d.spec.memory, d.op_gates()
+    mem = d.spec.memory
     gr = Graph()
     dk = "DV" if mem.residual else "DK"
-    q, k = gr.input("q", ("T", dk)), gr.input("k", ("T", dk))
-    v = gr.input("v", ("T", "DV"))
+    data_gates, rowmask = _chunk_inputs(gr, d, dk)
+    q, k, v, vmask, hmask = "q", "k", "v", "vmask", _dim_mask(gr, "DH")
     dims = [dk] + ["DH"] * (mem.depth - 1) + ["DV"]
     states = [gr.input(f"W{i + 1}", (dims[i + 1], dims[i])) for i in range(mem.depth)]
-    rowmask = gr.const("rowmask", ("T", 1), "rowmask")
-    causal = gr.const("causal", ("T", "T"), "causal")
-    vmask, hmask = _dim_mask(gr, "DV"), _dim_mask(gr, "DH")
-    data_gates = [a for a in ("log_alpha", "eta", "delta", "momentum")
-                  if gates.get(a) is not None and gates[a].is_input]
-    for arg in data_gates:
-        gr.input(arg, ("T", "DV") if gates[arg].shape == "channel" else ("T", 1))
     act = ACTIVATIONS[mem.activation]
     weights = [_read_map(gr, d, w) if d.retention.dual else w for w in states]
-
-    la = _log_gate(gr, gates, "log_alpha", rowmask, name="la")
-    beta = gam = gam_end = None
-    decay_mat = causal
-    if la is not None:
-        gam = gr.cumsum(la, name="gam")
-        gam_end = gr.sum(la, 0, name="gam_end")
-        beta = ew(gr, sp.exp, gam, name="beta")
-        decay_mat = _decay_matrix(gr, causal, gam, gr.trans(gam, name="gam_row"), name="decay")
+    la, gam, gam_end, beta, decay_mat = _decay(gr, d, rowmask)
 
     # the key path at the chunk-start weights, and the rank-one gradients of every layer
     x, keys, pre = k, [], []
