@@ -312,11 +312,7 @@ def vector_chunk_step(d: Derivation) -> ChunkStep:
         else ew(gr, lambda a, b: a * b, w, beta, name="w_point")
     kz = ew(gr, lambda a, b: a * b, k, pred_w, name="kz")
     pred = _finish(gr, d, kz, k, vmask, name="pred_m")
-    r = ew(gr, lambda a, b: a - b, pred, v, name="r")
-    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, vmask), 1, name="rsq")
-    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm")
-    g_args = {R: r, V: v, RNORM: rnorm} | ({DELTA: "delta"} if "delta" in gr.g else {})
-    g = gr.ew(d.bias.elem + d.bias.norm * R, g_args, name="g")
+    g = _bias_gradient(gr, d, pred, v, vmask)
     delta = g if pred == kz else backward(gr, {pred: g}, (kz,))[kz]
     eta_gate = d.spec.learner.eta
     eta = "eta" if eta_gate.is_input else ew(gr, lambda m: m * sp.Float(eta_gate.value), rowmask)
@@ -393,11 +389,7 @@ def mlp_chunk_step(d: Derivation) -> ChunkStep:
         if i < len(weights) - 1:
             x = ew(gr, lambda a, m: act(a) * m, pre[-1], hmask, name=f"kh{i + 1}")
     pred = _finish(gr, d, pre[-1], k, vmask, name="pred_m")
-    r = ew(gr, lambda a, b: a - b, pred, v, name="r")
-    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, vmask), 1, name="rsq")
-    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm")
-    g_args = {R: r, V: v, RNORM: rnorm} | ({DELTA: "delta"} if "delta" in gr.g else {})
-    g = gr.ew(d.bias.elem + d.bias.norm * R, g_args, name="g")
+    g = _bias_gradient(gr, d, pred, v, vmask)
     deltas = backward(gr, {pred: g}, tuple(pre))
     args, factor = _gate_args(gr, d, {"rowmask": rowmask, "vmask": vmask})
     factor = factor.subs(sp.Symbol("vmask", real=True), 1)
@@ -521,19 +513,24 @@ def _minibatch_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
     mem = d.spec.memory
     pred = _finish(gr, d, kw, ctx["k"], ctx["vmask"], name="pred_m") \
         if mem.layer_norm or mem.residual else kw
-    # Padding (rows past the sequence, columns past DV) is loaded as v = 1 so that r != 0 there and
-    # every derivative of g stays finite; the masks then zero its contributions.
-    r = ew(gr, lambda a, b: a - b, pred, ctx["v"], name="r")
-    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, ctx["vmask"]), 1, name="rsq")
-    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm")
+    g = _bias_gradient(gr, d, pred, ctx["v"], ctx["vmask"])
+    # J^T g: the bias gradient pulled back through LN/residual
+    through = g if pred == kw else backward(gr, {pred: g}, (kw,))[kw]
     args, factor = _gate_args(gr, d, ctx)
-    g_args = {R: r, V: ctx["v"], RNORM: rnorm} | ({DELTA: "delta"} if "delta" in gr.g else {})
-    if pred == kw:
-        return gr.ew((d.bias.elem + d.bias.norm * R) * factor, args | g_args, name="u")
-    g = gr.ew(d.bias.elem + d.bias.norm * R, g_args, name="g")
-    through = backward(gr, {pred: g}, (kw,))[kw]  # J^T g: the bias gradient through LN/residual
-    return gr.ew(sp.Symbol("x", real=True) * factor, args | {sp.Symbol("x", real=True): through},
-                 name="u")
+    x = sp.Symbol("x", real=True)
+    return gr.ew(x * factor, args | {x: through}, name="u")
+
+
+def _bias_gradient(gr: Graph, d: Derivation, pred: str, v: str, vmask: str) -> str:
+    """g = dl/dr at r = M(k) - v, rnorm = ||r|| over the real DV columns (sympy's rule).
+
+    Padding (rows past the sequence, columns past DV) is loaded as v = 1 so that r != 0 there and
+    every derivative of g stays finite; the masks then zero its contributions."""
+    r = ew(gr, lambda a, b: a - b, pred, v, name="r")
+    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, vmask), 1, name="rsq")
+    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm")
+    args = {R: r, V: v, RNORM: rnorm} | ({DELTA: "delta"} if "delta" in gr.g else {})
+    return gr.ew(d.bias.elem + d.bias.norm * R, args, name="g")
 
 
 def _exact_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
