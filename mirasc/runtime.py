@@ -225,9 +225,13 @@ def module_path(spec: Spec) -> Path:
     return cache_dir() / f"{spec.name}-{spec.digest()}.py"
 
 
+def module_name(path: Path) -> str:
+    return f"mirasc_generated.{path.stem.replace('-', '_')}"
+
+
 def import_module(path: Path):
     """Import a generated module file (once per process)."""
-    name = f"mirasc_generated.{path.stem.replace('-', '_')}"
+    name = module_name(path)
     if name not in sys.modules:
         loader_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(loader_spec)
@@ -236,13 +240,14 @@ def import_module(path: Path):
     return sys.modules[name]
 
 
-def compile(path: str | Path) -> MirasOp:  # noqa: A001 - the public verb is `mirasc.compile`
-    """Compile a spec file (cached by spec hash) and return its op."""
+def compile(source: str | Path | Spec) -> MirasOp:  # noqa: A001 - the public verb is `mirasc.compile`
+    """Compile a spec file, or a validated `Spec`, (cached by spec hash) and return its op."""
     from mirasc.codegen import render_module
 
-    spec = load_spec(path)
+    spec = source if isinstance(source, Spec) else load_spec(source)
     target = module_path(spec)
-    source = render_module(spec)
-    if not target.exists() or target.read_text() != source:
-        write_atomic(target, source)
+    if module_name(target) not in sys.modules:  # rendered and checked once per process
+        text = render_module(spec)
+        if not target.exists() or target.read_text() != text:
+            write_atomic(target, text)
     return import_module(target).op
