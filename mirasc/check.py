@@ -19,7 +19,8 @@ GATE_RANGES = {"log_alpha": (-0.3, -0.01), "eta": (0.05, 0.5), "delta": (0.05, 1
 def random_inputs(op: MirasOp, batch=2, length=19, heads=2, dk=12, dv=12, dtype=torch.float64,
                   seed=0) -> dict:
     """Random, never-zero inputs for `op`: L2-normalised q and k, gates in their usual ranges,
-    and a random initial state (scaled so an MLP memory starts non-trivially)."""
+    a random initial state (scaled so an MLP memory starts non-trivially) and, for an affine
+    layer norm, ln_weight and ln_bias."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -37,6 +38,9 @@ def random_inputs(op: MirasOp, batch=2, length=19, heads=2, dk=12, dv=12, dtype=
                                                            dtype=torch.float64)
     state = [rand(*s) / math.sqrt(s[-1]) for s in op.state_shapes(batch, heads, dk, dv)]
     inputs["initial_state"] = tuple(state)
+    if op.affine:  # the layer norm's affine parameters, around the identity
+        inputs["ln_weight"] = 1 + rand(heads, dv) / 4
+        inputs["ln_bias"] = rand(heads, dv) / 4
     return {k: (tuple(x.to(dtype) for x in v) if isinstance(v, tuple) else v.to(dtype))
             for k, v in inputs.items()}
 

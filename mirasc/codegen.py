@@ -165,6 +165,12 @@ def triton_unsupported(d) -> str | None:
         (spec.learner.kind == "momentum" and any(
             g.shape == "channel" for f, g in spec.gates().items() if f != "bias.delta"),
          "channel-wise gates with the momentum learner"),
+        (mem.bias and mem.kind != "matrix", f"memory.bias on a {mem.kind} memory (kernels carry "
+                                            "the bias of a matrix memory only)"),
+        (mem.bias and spec.learner.kind == "momentum", "memory.bias with the momentum learner"),
+        (mem.kind == "matrix" and spec.learner.kind == "gd" and spec.learner.eta_at == "query"
+         and spec.learner.eta.shape == "channel",
+         "learner.eta_at 'query' with a channel-wise eta on a matrix memory"),
     ]
     why = [text for failed, text in reasons if failed]
     for expr in (d.bias.elem, d.bias.norm, d.retention.elementwise):
@@ -228,6 +234,9 @@ def _loads(step, d) -> str:
         "k = _load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)",
         "v = _load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)",
     ]
+    for p in step.params:  # per-head [1, DV]; padding columns read 0
+        lines.append(f"{p} = tl.load({p}_ptr + i_h * DV + offs_v, mask=mask_v, "
+                     "other=0.0).to(ACC)[None, :]")
     for g in step.gates:
         other = "1.0" if g in ("delta", "momentum") else "0.0"  # padding: no log(0), no 1/0
         if gates[g].shape == "channel":
@@ -278,7 +287,7 @@ def render_triton_module(spec: Spec) -> str:
     seeds = {step.outputs["o"]: graph.input("d_o", ("T", "DV"))}
     for state in step.states:
         seeds[step.outputs[state]] = graph.input(f"d{state}_new", graph.shape(step.outputs[state]))
-    wrt = ("q", "k", "v", *step.states, *step.gates)
+    wrt = ("q", "k", "v", *step.states, *step.gates, *step.params)
     adjoint = ir.backward(graph, seeds, wrt)
     present = [a for a in adjoint.values() if a is not None]
     backward = _emit(graph, present, str)
@@ -287,6 +296,7 @@ def render_triton_module(spec: Spec) -> str:
     gates = d.op_gates()
     for g in step.gates:
         zeros[g] = "BT, 1" if gates[g].shape == "head" else ("BT, BV" if g == "delta" else "BT, BK")
+    zeros |= dict.fromkeys(step.params, "1, BV")
     adjoint_code = {n: a if a is not None else f"tl.zeros([{zeros[n]}], dtype=ACC)"
                     for n, a in adjoint.items()}
     template = _environment().get_template("triton_chunk.py.j2")
@@ -295,7 +305,7 @@ def render_triton_module(spec: Spec) -> str:
         op_name=f"{spec.name}_{spec.digest()}",
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),
         chunk=spec.chunk_size, tile=max(16, 1 << (spec.chunk_size - 1).bit_length()),
-        exact=d.exact, gates=list(step.gates),
+        exact=d.exact, gates=list(step.gates), params=list(step.params),
         states=_state_tiles(step), outputs=step.outputs, memory=spec.memory.kind,
         segments=2 if spec.lag_token else 1,
         expansion=getattr(spec.memory, "expansion", 1),

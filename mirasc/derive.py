@@ -74,12 +74,13 @@ class Derivation:
     @property
     def exact(self) -> bool:
         """Whether chunking is exact (the token recurrence): a bias whose gradient ignores the
-        state, or a quadratic one (solved by the WY/UT transform), on a plain matrix memory with
-        linear retention and GD. Otherwise chunks take mini-batch gradients at their start."""
-        mem = self.spec.memory
+        state, or a quadratic one (solved by the WY/UT transform), on a plain matrix memory
+        without a bias, with linear retention and GD stepping at the key. Otherwise chunks take
+        mini-batch gradients at their start."""
+        mem, learner = self.spec.memory, self.spec.learner
         return (self.bias.kind in ("state_free", "affine") and mem.kind == "matrix"
-                and not mem.residual and not mem.layer_norm and self.retention.linear
-                and self.spec.learner.kind == "gd")
+                and not mem.residual and not mem.layer_norm and not mem.bias
+                and self.retention.linear and learner.kind == "gd" and learner.eta_at == "key")
 
     def op_gates(self) -> dict[str, S.Gate]:
         """The spec's gates by the op's keyword argument (log_alpha, eta, delta, momentum)."""
@@ -268,14 +269,28 @@ def _gate_text(gate: S.Gate | None, symbol: str) -> str:
 
 
 def _memory_text(mem: S.Memory) -> str:
+    plus_b = " + b{}" if mem.bias else ""
     if mem.kind == "mlp":
         inner = "x"
         for i in range(1, mem.depth + 1):
             inner = f"W{i} {inner}" if i == 1 else f"W{i} {ACTIVATIONS[mem.activation]}({inner})"
+            inner += plus_b.format(i)
     else:
-        inner = "W x" if mem.kind == "matrix" else "w * x"
-    inner = f"LN({inner})" if mem.layer_norm else inner
-    return f"M(x) = x + {inner}" if mem.residual else f"M(x) = {inner}"
+        inner = ("W x" if mem.kind == "matrix" else "w * x") + plus_b.format("")
+    norm = mem.norm
+    if norm is not None:
+        affine = " * ln_weight + ln_bias" if norm.affine else ""
+        eps = f"  (LN eps {norm.eps:g})" if norm.eps != S.LayerNorm().eps else ""
+        inner = f"LN({inner}){affine}{eps}"
+    learned = "  (the biases are state, learned with the weights)" if mem.bias else ""
+    return (f"M(x) = x + {inner}" if mem.residual else f"M(x) = {inner}") + learned
+
+
+def _read_text(mem: S.Memory) -> str:
+    if mem.read_residual == "output":
+        return ("o_t = z_t + LN(z_t) with the memory's layer norm, z_t = the memory's pre-norm "
+                "output at q_t under W_t")
+    return "o_t = M_(W_t)(q_t)"
 
 
 def explain(spec: S.Spec, latex: bool = False) -> str:
@@ -303,21 +318,25 @@ def explain(spec: S.Spec, latex: bool = False) -> str:
     lines += [
         f"  dg/dr     {show(b.d_elem['r'])}  (elementwise part)",
         f"  class     {b.kind}"
-        + {"state_free": " (g does not depend on the state: exact chunking)",
-           "affine": " (quadratic loss: exact WY/UT chunking on a linear memory)",
-           "general": " (mini-batch chunking: gradients at the chunk-start state)"}[b.kind],
+        + {"state_free": " (g does not depend on the state",
+           "affine": " (quadratic loss", "general": " (a general loss"}[b.kind]
+        + ({"state_free": ": exact chunking)", "affine": ": exact WY/UT chunking)"}[b.kind]
+           if d.exact else "; mini-batch chunking: gradients at the chunk-start state)"),
         f"retention   {spec.retention.kind}: {_state_letter(ret)}_t = {alpha} * "
         f"{_state_letter(ret)}_(t-1) - U_t;  {ret.text}",
     ]
     if learner.kind == "momentum":
         mom = _gate_text(learner.momentum, "m")
         lines.append(f"learner     momentum: S_t = {mom} * S_(t-1) + {eta} * grad_t;  U_t = S_t")
+    elif learner.eta_at == "query":
+        lines.append(f"learner     gd: U_t = {eta} * grad_t; inside a chunk the step is the reading "
+                     f"token's: W_t = W_s - {eta} * sum_(i<=t) grad_i")
     else:
         lines.append(f"learner     gd: U_t = {eta} * grad_t")
     lines += [
         f"  grad_t = dl(M_W(k_t), v_t)/dW at W = {grad_point}"
         + ("  (matrix memory: g_t k_t^T)" if spec.memory.kind == "matrix" else ""),
-        "output      o_t = M_(W_t)(q_t)",
+        f"output      {_read_text(spec.memory)}",
         f"chunking    chunk_size {spec.chunk_size}"
         + (", first token of each chunk exact (lag token)" if spec.lag_token else ""),
     ]

@@ -23,7 +23,6 @@ import networkx as nx
 import sympy as sp
 
 from mirasc.derive import DELTA, RNORM, RNORM_EPS, Derivation, R, V, Z
-from mirasc.reference import LN_EPS
 
 
 @dataclass
@@ -113,8 +112,9 @@ class ChunkStep:
 
     graph: Graph
     gates: tuple[str, ...]       # the data-dependent gates, in kernel argument order
-    states: tuple[str, ...]      # the carried state tiles ("W", and "S" for momentum)
+    states: tuple[str, ...]      # the carried state tiles ("W", "b" for a bias, "S" for momentum)
     outputs: dict[str, str]      # "o" and each state -> the node computing it at the chunk end
+    params: tuple[str, ...] = ()  # per-head inputs [1, DV] (the layer norm's affine)
 
 
 def matrix_chunk_step(d: Derivation) -> ChunkStep:
@@ -124,7 +124,10 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
         W_new = exp(gamma_T) W - (U * exp(gamma_T - gamma))^T K.
     U comes from mini-batch gradients at W (`_minibatch_updates`) or, for a quadratic bias, from
     the exact recurrence solved by the WY/UT transform (`_exact_updates`). A momentum learner
-    (`_momentum_terms`) mixes the updates through the momentum's decay as well."""
+    (`_momentum_terms`) mixes the updates through the momentum's decay as well. A bias b [1, DV]
+    is a weight on a constant input 1: QK^T + 1 above, b_new = exp(gamma_T) b - sum of U * tail.
+    With eta_at 'query', U holds the raw g_i and row t of the mix (and the chunk end) is scaled
+    by eta_t (eta of the last row)."""
     gates = d.op_gates()
     gr = Graph()
     dk = "DV" if d.spec.memory.residual else "DK"  # a residual memory needs DK == DV
@@ -132,6 +135,8 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
     q, k, v, vmask = "q", "k", "v", "vmask"
     state = gr.input("W", ("DV", dk))  # the retention's state: Z (dual) or W (proximal)
     w = _read_map(gr, d, state) if d.retention.dual else state
+    b_state = gr.input("b", (1, "DV")) if d.spec.memory.bias else None
+    b = _read_map(gr, d, b_state) if b_state is not None and d.retention.dual else b_state
     channel_decay = gates.get("log_alpha") is not None and gates["log_alpha"].shape == "channel"
     # A channel-wise step scales the key channels of each update: u_i (k_i * eta_i)^T.
     k_upd = ew(gr, lambda a, b: a * b, k, "eta", name="k_eta") \
@@ -147,38 +152,84 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
     else:
         qk = gr.dot(q, k_upd, tb=True, name="qk")
         qw = gr.dot(q, w, tb=True, name="qw")
-        read = qw if beta is None else ew(gr, lambda b, a: b * a, beta, qw, name="read")
-    ctx = dict(q=q, k=k, k_upd=k_upd, v=v, w=w, rowmask=rowmask, vmask=vmask, la=la, gam=gam,
-               gam_row=gam_row, beta=beta, dk=dk, gates=tuple(data_gates), channel=channel_decay)
+        if b is not None:
+            qk = ew(gr, lambda a: a + 1, qk, name="qk1")
+            qw = ew(gr, lambda a, c: a + c, qw, b, name="qwb")
+        read = qw if beta is None else ew(gr, lambda b_, a: b_ * a, beta, qw, name="read")
+    ctx = dict(q=q, k=k, k_upd=k_upd, v=v, w=w, b=b, rowmask=rowmask, vmask=vmask, la=la,
+               gam=gam, gam_row=gam_row, beta=beta, dk=dk, gates=tuple(data_gates),
+               channel=channel_decay)
     updates = _exact_updates(gr, d, ctx) if d.exact and d.bias.kind == "affine" \
         else _minibatch_updates(gr, d, ctx)
-    keep = state if gam_end is None \
-        else ew(gr, lambda e, a: sp.exp(e) * a, gam_end, state, name="keep")
+
+    def kept(x, name):
+        return x if gam_end is None else ew(gr, lambda e, a: sp.exp(e) * a, gam_end, x, name=name)
+
+    keep = kept(state, "keep")
+    eta_end = _eta_end(gr, d)
 
     if d.spec.learner.kind == "momentum":
         z_o, acc, extra = _momentum_terms(gr, d, ctx, updates, decay_mat, qk, read, keep)
     else:
         if not channel_decay:
-            attn = ew(gr, lambda a, b: a * b, qk, decay_mat, name="attn")
-        z_o = ew(gr, lambda a, m: a - m, read, gr.dot(attn, updates, name="mixed"), name="z_o")
+            attn = ew(gr, lambda a, b_: a * b_, qk, decay_mat, name="attn")
+        mixed = gr.dot(attn, updates, name="mixed")
+        if eta_end is not None:
+            mixed = ew(gr, lambda a, e: a * e, mixed, "eta", name="mixed_eta")
+        z_o = ew(gr, lambda a, m: a - m, read, mixed, name="z_o")
         if gam_end is not None:  # each update decays from its row to the chunk end
             tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), gam_end, gam, rowmask, name="tail")
             if channel_decay:
-                k_upd = ew(gr, lambda a, b: a * b, k_upd, tail, name="k_tail")
+                k_upd = ew(gr, lambda a, b_: a * b_, k_upd, tail, name="k_tail")
             else:
-                updates = ew(gr, lambda a, b: a * b, updates, tail, name="u_tail")
+                updates = ew(gr, lambda a, b_: a * b_, updates, tail, name="u_tail")
         update = gr.dot(updates, k_upd, ta=True, name="update")
+        b_update = gr.sum(updates, 0, name="b_update") if b is not None else None
+        if eta_end is not None:
+            update = ew(gr, lambda a, e: a * e, update, eta_end, name="update_eta")
+            if b_update is not None:
+                b_update = ew(gr, lambda a, e: a * e, b_update, eta_end, name="b_update_eta")
         acc, extra = ew(gr, lambda a, u: a - u, keep, update, name="acc"), {}
-    o = _finish(gr, d, z_o, q, vmask, name="o_chunk")
+        if b is not None:
+            extra["b"] = ew(gr, lambda a, u: a - u, kept(b_state, "keep_b"), b_update,
+                            name="b_acc")
+    o = _finish(gr, d, z_o, q, vmask, name="o_chunk", read=True)
+    states = ("W", *extra)
+    params = _params(gr)
     if d.retention.linear:
-        return ChunkStep(gr, tuple(data_gates), ("W", *extra), {"o": o, "W": acc, **extra})
+        return ChunkStep(gr, tuple(data_gates), states, {"o": o, "W": acc, **extra}, params)
     # A nonlinear retention maps the state at the chunk end only; the chunk's last row reads it.
     w_end = _read_map(gr, d, acc)
-    o_end = _finish(gr, d, gr.dot(q, w_end, tb=True), q, vmask, name="o_end")
+    z_end = gr.dot(q, w_end, tb=True)
+    if b is not None:
+        b_end = _read_map(gr, d, extra["b"])
+        z_end = ew(gr, lambda a, c: a + c, z_end, b_end)
+        extra["b"] = extra["b"] if d.retention.dual else b_end
+    o_end = _finish(gr, d, z_end, q, vmask, name="o_end", read=True)
     lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
-    o = ew(gr, lambda a, b, m: a * (1 - m) + b * m, o, o_end, lastrow, name="o")
+    o = ew(gr, lambda a, b_, m: a * (1 - m) + b_ * m, o, o_end, lastrow, name="o")
     new_state = acc if d.retention.dual else w_end
-    return ChunkStep(gr, tuple(data_gates), ("W", *extra), {"o": o, "W": new_state, **extra})
+    return ChunkStep(gr, tuple(data_gates), states, {"o": o, "W": new_state, **extra}, params)
+
+
+def _params(gr: Graph) -> tuple[str, ...]:
+    """The per-head parameter inputs present in the graph, in kernel argument order."""
+    return tuple(p for p in ("ln_weight", "ln_bias") if p in gr.g)
+
+
+def _by_query(d: Derivation) -> bool:
+    """Whether the step is indexed by the reading token (learner.eta_at 'query' with a
+    data-dependent eta); a constant step is the same either way."""
+    learner = d.spec.learner
+    return learner.kind == "gd" and learner.eta_at == "query" and learner.eta.is_input
+
+
+def _eta_end(gr: Graph, d: Derivation) -> str | None:
+    """eta at the chunk's last real row [1, 1] when the step is the reading token's, else None."""
+    if not _by_query(d):
+        return None
+    lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
+    return gr.sum(ew(gr, lambda e, m: e * m, "eta", lastrow), 0, name="eta_end")
 
 
 def _chunk_inputs(gr: Graph, d: Derivation, key_dim: str) -> tuple[list[str], str]:
@@ -195,6 +246,10 @@ def _chunk_inputs(gr: Graph, d: Derivation, key_dim: str) -> tuple[list[str], st
     for arg in data_gates:
         width = {"delta": "DV"}.get(arg, key_dim) if gates[arg].shape == "channel" else 1
         gr.input(arg, ("T", width))
+    norm = d.spec.memory.norm
+    if norm is not None and norm.affine:
+        gr.input("ln_weight", (1, "DV"))
+        gr.input("ln_bias", (1, "DV"))
     return data_gates, gr.const("rowmask", ("T", 1), "rowmask")
 
 
@@ -298,7 +353,8 @@ def vector_chunk_step(d: Derivation) -> ChunkStep:
     """One chunk of a vector (diagonal) memory M(x) = [x +] [LN](w * x), w [1, D], D = DK = DV.
     Token gradients are elementwise, u_i = eta_i delta_i * k_i, so the chunk reads
         w_t = beta_t w - sum_(i<=t) (beta_t / beta_i) u_i    (a decay-weighted prefix sum)
-    and o_t = [q_t +] [LN](q_t * w_t); per-channel decays use exp(gamma) cumsum(exp(-gamma) u)."""
+    and o_t = [q_t +] [LN](q_t * w_t); per-channel decays use exp(gamma) cumsum(exp(-gamma) u).
+    With eta_at 'query' the sum holds the raw delta_i * k_i and row t scales it by eta_t."""
     gates = d.op_gates()
     gr = Graph()
     data_gates, rowmask = _chunk_inputs(gr, d, "DV")
@@ -316,6 +372,9 @@ def vector_chunk_step(d: Derivation) -> ChunkStep:
     delta = g if pred == kz else backward(gr, {pred: g}, (kz,))[kz]
     eta_gate = d.spec.learner.eta
     eta = "eta" if eta_gate.is_input else ew(gr, lambda m: m * sp.Float(eta_gate.value), rowmask)
+    eta_end = _eta_end(gr, d)
+    if eta_end is not None:  # the step scales the reads below, not the updates
+        eta, row_eta = rowmask, eta
     u = ew(gr, lambda a, b, e, m, c: a * b * e * m * c, delta, k, eta, rowmask, vmask, name="u")
 
     def decayed_sum(x):
@@ -337,22 +396,29 @@ def vector_chunk_step(d: Derivation) -> ChunkStep:
         outputs["S"] = ew(gr, lambda e, x, c: sp.exp(e) * x + c, mu_end, s_in,
                           gr.sum(ew(gr, lambda a, b: a * b, u, m_tail), 0), name="S_new")
     else:
-        w_rows = ew(gr, lambda a, m: a - m, read, decayed_sum(u), name="w_rows")
+        mixed = decayed_sum(u)
         tail = rowmask if gam_end is None else \
             ew(gr, lambda e, g_, m: m * sp.exp(e - g_), gam_end, gam, rowmask, name="tail")
-        acc = ew(gr, lambda a, c: a - c, keep, gr.sum(ew(gr, lambda a, b: a * b, u, tail), 0))
+        update = gr.sum(ew(gr, lambda a, b: a * b, u, tail), 0)
+        if eta_end is not None:
+            mixed = ew(gr, lambda a, e: a * e, mixed, row_eta)
+            update = ew(gr, lambda a, e: a * e, update, eta_end)
+        w_rows = ew(gr, lambda a, m: a - m, read, mixed, name="w_rows")
+        acc = ew(gr, lambda a, c: a - c, keep, update)
     acc = ew(gr, lambda a: a, acc, name="acc")
-    o = _finish(gr, d, ew(gr, lambda a, b: a * b, q, w_rows), q, vmask, name="o_chunk")
+    o = _finish(gr, d, ew(gr, lambda a, b: a * b, q, w_rows), q, vmask, name="o_chunk", read=True)
     new_state = acc
     if not d.retention.linear:  # the map at the chunk end; the last row reads the mapped vector
         w_end = _read_map(gr, d, acc)
-        o_end = _finish(gr, d, ew(gr, lambda a, b: a * b, q, w_end), q, vmask, name="o_end")
+        o_end = _finish(gr, d, ew(gr, lambda a, b: a * b, q, w_end), q, vmask, name="o_end",
+                        read=True)
         lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
         o = ew(gr, lambda a, b, m: a * (1 - m) + b * m, o, o_end, lastrow)
         new_state = acc if d.retention.dual else w_end
     names = ("W", *outputs)
     return ChunkStep(gr, tuple(data_gates), names,
-                     {"o": ew(gr, lambda a: a, o, name="o"), "W": new_state, **outputs})
+                     {"o": ew(gr, lambda a: a, o, name="o"), "W": new_state, **outputs},
+                     _params(gr))
 
 
 ACTIVATIONS = {
@@ -369,7 +435,8 @@ def mlp_chunk_step(d: Derivation) -> ChunkStep:
     token gradients are rank one, delta_l x_l^T (delta_l by reverse mode through the memory), so
     each layer reads like a matrix memory:
         z_l = beta * X_l W_l^T - (X_l K_l^T * decay) U_l,   U_l = eta delta_l, K_l = key inputs,
-    with X_l = act(z_(l-1)) along the query path."""
+    with X_l = act(z_(l-1)) along the query path. With eta_at 'query', U_l holds the raw delta_l
+    and row t of the mix (and the chunk end) is scaled by eta_t."""
     mem = d.spec.memory
     gr = Graph()
     dk = "DV" if mem.residual else "DK"
@@ -401,6 +468,7 @@ def mlp_chunk_step(d: Derivation) -> ChunkStep:
     if momentum:
         mom_in = [gr.input(f"S{i + 1}", gr.shape(w)) for i, w in enumerate(states)]
         mix, s_vec, mix_end, s_end, m_tail, mu_end = _momentum_mixing(gr, d, decay_mat, rowmask)
+    eta_end = _eta_end(gr, d)
     tail = None if gam_end is None else \
         ew(gr, lambda e, g_, m: m * sp.exp(e - g_), gam_end, gam, rowmask, name="tail")
     attn_mask = mix if momentum else decay_mat
@@ -413,12 +481,15 @@ def mlp_chunk_step(d: Derivation) -> ChunkStep:
                 z = ew(gr, lambda b, a: b * a, beta, z)
             if layers is weights:  # inside the chunk: minus the decayed updates so far
                 attn = ew(gr, lambda a, b: a * b, gr.dot(x, key, tb=True), attn_mask)
-                z = ew(gr, lambda a, m: a - m, z, gr.dot(attn, u))
+                mixed = gr.dot(attn, u)
+                if eta_end is not None:
+                    mixed = ew(gr, lambda a, e: a * e, mixed, "eta")
+                z = ew(gr, lambda a, m: a - m, z, mixed)
                 if momentum:
                     z = ew(gr, lambda a, s, y: a - s * y, z, s_vec, gr.dot(x, mom_in[i], tb=True))
             if i < len(layers) - 1:
                 x = ew(gr, lambda a, m: act(a) * m, z, hmask)
-        return _finish(gr, d, z, q, vmask, name=name)
+        return _finish(gr, d, z, q, vmask, name=name, read=True)
 
     o = read_chain(q, weights, "o_chunk")
     outputs, new_acc = {}, []
@@ -432,7 +503,10 @@ def mlp_chunk_step(d: Derivation) -> ChunkStep:
                                       s_upd, name=f"S{i + 1}_new")
         else:
             scaled = u if tail is None else ew(gr, lambda a, b: a * b, u, tail)
-            acc = ew(gr, lambda a, c: a - c, keep, gr.dot(scaled, key, ta=True))
+            update = gr.dot(scaled, key, ta=True)
+            if eta_end is not None:
+                update = ew(gr, lambda a, e: a * e, update, eta_end)
+            acc = ew(gr, lambda a, c: a - c, keep, update)
         new_acc.append(ew(gr, lambda a: a, acc, name=f"acc{i + 1}"))
     if d.retention.linear:
         outputs |= {f"W{i + 1}": a for i, a in enumerate(new_acc)}
@@ -446,7 +520,7 @@ def mlp_chunk_step(d: Derivation) -> ChunkStep:
     names = [f"W{i + 1}" for i in range(mem.depth)] + \
         ([f"S{i + 1}" for i in range(mem.depth)] if momentum else [])
     outputs = {"o": ew(gr, lambda a: a, o, name="o")} | {n: outputs[n] for n in names}
-    return ChunkStep(gr, tuple(data_gates), tuple(names), outputs)
+    return ChunkStep(gr, tuple(data_gates), tuple(names), outputs, _params(gr))
 
 
 def _momentum_mixing(gr: Graph, d: Derivation, decay_mat: str, rowmask: str):
@@ -466,18 +540,24 @@ def _momentum_mixing(gr: Graph, d: Derivation, decay_mat: str, rowmask: str):
     return mix, s_vec, mix_end, s_end, m_tail, mu_end
 
 
-def _finish(gr: Graph, d: Derivation, z: str, x: str, vmask: str, name: str) -> str:
-    """M(x) from its pre-activation z = W x: [x +] [LN](z), LN without affine over DV."""
+def _finish(gr: Graph, d: Derivation, z: str, x: str, vmask: str, name: str,
+            read: bool = False) -> str:
+    """M(x) from its pre-activation z = W x: [x +] [LN](z), LN over DV (times ln_weight plus
+    ln_bias when affine); on the `read` path read_residual 'output' adds z instead of x."""
     mem = d.spec.memory
+    norm = mem.norm
     out = z
-    if mem.layer_norm:
+    if norm is not None:
         dv = sp.Symbol("DV", positive=True)
         mean = ew(gr, lambda s: s / dv, gr.sum(ew(gr, lambda a, m: a * m, z, vmask), 1))
         centred = ew(gr, lambda a, b, m: (a - b) * m, z, mean, vmask)
         var = ew(gr, lambda s: s / dv, gr.sum(ew(gr, lambda a: a * a, centred), 1))
-        out = ew(gr, lambda c, s: c / sp.sqrt(s + LN_EPS), centred, var)
+        out = ew(gr, lambda c, s: c / sp.sqrt(s + norm.eps), centred, var)
+        if norm.affine:
+            out = ew(gr, lambda a, w, b: a * w + b, out, "ln_weight", "ln_bias")
     if mem.residual:
-        out = ew(gr, lambda a, b: a + b, x, out)
+        skip = z if read and mem.read_residual == "output" else x
+        out = ew(gr, lambda a, b: a + b, skip, out)
     return ew(gr, lambda a: a, out, name=name)
 
 
@@ -489,7 +569,7 @@ def _gate_args(gr: Graph, d: Derivation, ctx: dict) -> tuple[dict, sp.Expr]:
     if "delta" in gr.g:
         args[DELTA] = "delta"
     eta_gate = d.spec.learner.eta
-    if eta_gate.shape == "channel":  # folded into the keys (k_eta)
+    if eta_gate.shape == "channel" or _by_query(d):  # folded into the keys, or into the reads
         eta = sp.Integer(1)
     elif eta_gate.is_input:
         args[eta_sym] = "eta"
@@ -508,6 +588,8 @@ def _minibatch_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
         kw = gr.dot(k_point, ctx["w"], tb=True, name="kw")
     else:
         kw = gr.dot(ctx["k"], ctx["w"], tb=True, name="kw")
+        if ctx.get("b") is not None:
+            kw = ew(gr, lambda a, b: a + b, kw, ctx["b"], name="kwb")
         if retained:
             kw = ew(gr, lambda a, b: a * b, kw, ctx["beta"], name="pred")
     mem = d.spec.memory

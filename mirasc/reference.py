@@ -4,6 +4,7 @@ For token t (per batch and head), with the state carrying Z (the retention's dua
     W = phi^-1(Z_{t-1}),  r = M_W(k_t) - v_t,  grad_t = dl/dW = vjp of M_W(k_t) with g(r)
     U_t = eta_t grad_t (GD) or S_t = m_t S_{t-1} + eta_t grad_t (momentum)
     Z_t = alpha_t Z_{t-1} - U_t,   o_t = M_{phi^-1(Z_t)}(q_t)
+W stands for every tensor of the memory (the weights, then the biases with `memory.bias`).
 `chunked` is the same recurrence with mini-batch gradients at each chunk's start state (the form
 the kernels compute); with chunk_size 1 it is the token recurrence. Autograd gives the backward.
 """
@@ -18,21 +19,23 @@ import torch.nn.functional as F
 from mirasc.derive import DELTA, RNORM, RNORM_EPS, Derivation, R, V, Z
 from mirasc.expr import to_torch
 
-LN_EPS = 1e-5
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
 
 
 @dataclass
 class Inputs:
-    """Head-major views of the op's inputs: q, k [B,H,T,Dk], v [B,H,T,Dv]; gates [B,H,T(,D)]."""
+    """Head-major views of the op's inputs: q, k [B,H,T,Dk], v [B,H,T,Dv]; gates [B,H,T(,D)];
+    `ln` the affine layer norm's (ln_weight, ln_bias) [H, Dv], None for the identity."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     gates: dict[str, torch.Tensor | float]
+    ln: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def from_op(cls, d: Derivation, q, k, v, gates: dict[str, torch.Tensor | None]) -> Inputs:
+    def from_op(cls, d: Derivation, q, k, v, gates: dict[str, torch.Tensor | None],
+                ln: tuple[torch.Tensor, torch.Tensor] | None = None) -> Inputs:
         values: dict[str, torch.Tensor | float] = {}
         for name, gate in d.op_gates().items():
             if gate.value is not None:
@@ -42,7 +45,7 @@ class Inputs:
         if "log_alpha" in values:  # the decay enters the reference as alpha = exp(log_alpha)
             alpha = values.pop("log_alpha")
             values["alpha"] = alpha.exp() if isinstance(alpha, torch.Tensor) else alpha
-        return cls(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), values)
+        return cls(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), values, ln)
 
     def gate(self, name: str, t: int, like: torch.Tensor):
         """Gate `name` at token t shaped to broadcast onto `like` ([B,H,...]); a channel-wise gate
@@ -59,32 +62,47 @@ class Inputs:
 # ---- the memory ------------------------------------------------------------------------------
 
 
-def memory_apply(d: Derivation, weights: tuple[torch.Tensor, ...], x: torch.Tensor):
-    """M_W(x) for x [B,H,Dk] and per-layer weights [B,H,out,in] (a vector memory: [B,H,D])."""
+def memory_apply(d: Derivation, weights: tuple[torch.Tensor, ...], x: torch.Tensor,
+                 ln: tuple[torch.Tensor, torch.Tensor] | None = None, read: bool = False):
+    """M_W(x) for x [B,H,Dk]: `weights` holds the per-layer weights [B,H,out,in] (a vector memory:
+    [B,H,D]) then, with memory.bias, the per-layer biases [B,H,out]; `ln` the layer norm's affine
+    (ln_weight, ln_bias) [H, Dv]. With `read` and read_residual 'output' the skip connection
+    carries the pre-norm output z instead of x: o = z + LN(z)."""
     mem = d.spec.memory
+    layers = len(weights) // 2 if mem.bias else len(weights)
+    biases = weights[layers:]
     if mem.kind == "vector":
         y = weights[0] * x
+        y = y + biases[0] if biases else y
     else:
         y = x
-        for i, w in enumerate(weights):
+        for i, w in enumerate(weights[:layers]):
             y = torch.einsum("bhoi,bhi->bho", w, y)
-            if i < len(weights) - 1:
+            y = y + biases[i] if biases else y
+            if i < layers - 1:
                 y = ACTIVATIONS[mem.activation](y)
-    if mem.layer_norm:
-        y = F.layer_norm(y, y.shape[-1:], eps=LN_EPS)
-    return x + y if mem.residual else y
+    z = y
+    norm = mem.norm
+    if norm is not None:
+        y = F.layer_norm(y, y.shape[-1:], eps=norm.eps)
+        y = y if ln is None else y * ln[0] + ln[1]
+    if not mem.residual:
+        return y
+    return (z if read and mem.read_residual == "output" else x) + y
 
 
 def memory_shapes(d: Derivation, dk: int, dv: int) -> list[tuple[int, ...]]:
-    """The per-head shapes of the memory's weights."""
+    """The per-head shapes of the memory's tensors: the weights, then the biases."""
     mem = d.spec.memory
     if mem.kind == "matrix":
-        return [(dv, dk)]
-    if mem.kind == "vector":
-        return [(dk,)]
-    hidden = mem.expansion * dk
-    widths = [dk] + [hidden] * (mem.depth - 1) + [dv]
-    return [(widths[i + 1], widths[i]) for i in range(mem.depth)]
+        shapes = [(dv, dk)]
+    elif mem.kind == "vector":
+        shapes = [(dk,)]
+    else:
+        hidden = mem.expansion * dk
+        widths = [dk] + [hidden] * (mem.depth - 1) + [dv]
+        shapes = [(widths[i + 1], widths[i]) for i in range(mem.depth)]
+    return shapes + ([(s[0],) for s in shapes] if mem.bias else [])
 
 
 def residual_norm(r: torch.Tensor) -> torch.Tensor:
@@ -98,9 +116,10 @@ def bias_grad(d: Derivation, r, v, delta) -> torch.Tensor:
     return torch.zeros_like(r) + to_torch(d.bias.elem, env) + to_torch(d.bias.norm, env) * r
 
 
-def memory_grad(d: Derivation, weights, k, v, delta, g=bias_grad) -> tuple[torch.Tensor, ...]:
-    """grad_W l(M_W(k), v) per layer: the vjp of the memory with the bias gradient g."""
-    out, pullback = torch.func.vjp(lambda *w: memory_apply(d, w, k), *weights)
+def memory_grad(d: Derivation, weights, k, v, delta, g=bias_grad,
+                ln=None) -> tuple[torch.Tensor, ...]:
+    """grad_W l(M_W(k), v) per memory tensor: the vjp of the memory with the bias gradient g."""
+    out, pullback = torch.func.vjp(lambda *w: memory_apply(d, w, k, ln), *weights)
     return pullback(g(d, out - v, v, delta))
 
 
@@ -173,13 +192,13 @@ def recurrent(d: Derivation, inputs: Inputs, state=None):
         retained = _decay(inputs, t, zs)
         point = zs if d.spec.learner.grad_at == "previous" else retained
         weights = tuple(read(d, z) for z in point) if dual else point
-        grads = memory_grad(d, weights, k, v, delta)
+        grads = memory_grad(d, weights, k, v, delta, ln=inputs.ln)
         update, momentum = _learn(d, inputs, t, grads, momentum)
         zs = tuple(z - u for z, u in zip(retained, update, strict=True))
         if not dual:
             zs = tuple(read(d, z) for z in zs)
         current = tuple(read(d, z) for z in zs) if dual else zs
-        outputs.append(memory_apply(d, current, inputs.q[:, :, t]))
+        outputs.append(memory_apply(d, current, inputs.q[:, :, t], inputs.ln, read=True))
     return torch.stack(outputs, 2), zs + (momentum or ())
 
 
@@ -194,31 +213,39 @@ def chunk_starts(length: int, chunk_size: int, lag_token: bool) -> list[int]:
 def chunked(d: Derivation, inputs: Inputs, state=None, chunk_size: int | None = None,
             g=bias_grad):
     """Mini-batch chunking: gradients at the chunk-start state W_s; inside a chunk the primal
-    weights move linearly from W_s, and the retention's map is applied at the chunk end only."""
+    weights move linearly from W_s, and the retention's map is applied at the chunk end only.
+    With learner.eta_at 'query' row t reads W_t = W_s - eta_t sum_(i<=t) grad_i (decayed)."""
     zs, momentum = initial_state(d, inputs, state)
-    dual, grad_at = d.retention.dual, d.spec.learner.grad_at
+    dual, learner = d.retention.dual, d.spec.learner
+    by_query = learner.kind == "gd" and learner.eta_at == "query"
     bounds = chunk_starts(inputs.q.shape[2], chunk_size or d.spec.chunk_size, d.spec.lag_token)
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         start_weights = tuple(read(d, z) for z in zs) if dual else zs
-        decayed_z, primal = zs, start_weights
+        base_z, base_w, summed = zs, start_weights, None  # the start state decayed to row t
         for t in range(start, end):
             k, v = inputs.k[:, :, t], inputs.v[:, :, t]
             delta = inputs.gate("delta", t, v)
-            decayed_z, primal = _decay(inputs, t, decayed_z), _decay(inputs, t, primal)
-            if grad_at == "previous":
+            base_z, base_w = _decay(inputs, t, base_z), _decay(inputs, t, base_w)
+            if learner.grad_at == "previous":
                 point = start_weights
             else:
                 retained = _decay_span(inputs, start, t, zs)
                 point = tuple(read(d, z) for z in retained) if dual else retained
-            grads = memory_grad(d, point, k, v, delta, g)
-            update, momentum = _learn(d, inputs, t, grads, momentum)
-            decayed_z = tuple(z - u for z, u in zip(decayed_z, update, strict=True))
-            primal = tuple(w - u for w, u in zip(primal, update, strict=True))
+            grads = memory_grad(d, point, k, v, delta, g, inputs.ln)
+            if by_query:  # the decayed sum of raw gradients, scaled by this row's step
+                new = grads
+            else:
+                new, momentum = _learn(d, inputs, t, grads, momentum)
+            summed = new if summed is None else tuple(
+                s + n for s, n in zip(_decay(inputs, t, summed), new, strict=True))
+            step = tuple(s * inputs.gate("eta", t, s) for s in summed) if by_query else summed
+            decayed_z = tuple(z - u for z, u in zip(base_z, step, strict=True))
+            primal = tuple(w - u for w, u in zip(base_w, step, strict=True))
             if t == end - 1:
                 zs = decayed_z if dual else tuple(read(d, z) for z in decayed_z)
                 primal = tuple(read(d, z) for z in zs) if dual else zs
-            outputs.append(memory_apply(d, primal, inputs.q[:, :, t]))
+            outputs.append(memory_apply(d, primal, inputs.q[:, :, t], inputs.ln, read=True))
     return torch.stack(outputs, 2), zs + (momentum or ())
 
 

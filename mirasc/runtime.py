@@ -30,7 +30,8 @@ GATE_CHANNELS = {"log_alpha": "Dk", "eta": "Dk", "momentum": "Dk", "delta": "Dv"
 
 
 class MirasOp:
-    """op(q, k, v, *, log_alpha, eta, delta, momentum, initial_state, output_final_state)."""
+    """op(q, k, v, *, log_alpha, eta, delta, momentum, ln_weight, ln_bias, initial_state,
+    output_final_state)."""
 
     def __init__(self, derivation: Derivation, bias_grad: Callable = reference.bias_grad,
                  kernel: Callable | None = None):
@@ -57,12 +58,21 @@ class MirasOp:
 
     @property
     def state_names(self) -> tuple[str, ...]:
-        """Names of the state tensors, in order: memory layers, then momentum buffers."""
+        """Names of the state tensors, in order: memory weights (W or W1..Wd), their biases with
+        memory.bias (b or b1..bd), then the momentum buffers (S, S1.., Sb, Sb1..)."""
         mem = self.spec.memory
         layers = [f"W{i + 1}" for i in range(mem.depth)] if mem.kind == "mlp" else ["W"]
+        if mem.bias:
+            layers += ["b" + name[1:] for name in layers]
         if self.spec.learner.kind == "momentum":
-            layers += ["S" + name[1:] for name in layers]
+            layers += ["S" + name.removeprefix("W") for name in layers]
         return tuple(layers)
+
+    @property
+    def affine(self) -> bool:
+        """Whether the op takes the layer norm's ln_weight and ln_bias."""
+        norm = self.spec.memory.norm
+        return norm is not None and norm.affine
 
     def state_shapes(self, batch: int, heads: int, dk: int, dv: int) -> list[tuple[int, ...]]:
         shapes = reference.memory_shapes(self.derivation, dk, dv)
@@ -71,45 +81,51 @@ class MirasOp:
         return [(batch, heads, *s) for s in shapes]
 
     def __call__(self, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None,
-                 initial_state=None, output_final_state=False, cu_seqlens=None):
+                 ln_weight=None, ln_bias=None, initial_state=None, output_final_state=False,
+                 cu_seqlens=None):
         gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
+        ln = self._check_ln(ln_weight, ln_bias, q, v)
         if self._kernel is not None and (q.is_cuda or interpreting()):
             given = {name: x for name, x in gates.items() if x is not None}
+            if ln is not None:
+                given |= {"ln_weight": ln[0], "ln_bias": ln[1]}
             o, final = self._kernel(q, k, v, given, state, cu_seqlens)
         else:
             chunk = self.oracle_chunk_size or 1
             o, final = self._by_sequence(
                 lambda inputs, s: reference.chunked(self.derivation, inputs, s, chunk,
                                                     g=self._bias_grad),
-                q, k, v, gates, state, cu_seqlens)
+                q, k, v, gates, state, cu_seqlens, ln)
         return o, (final if output_final_state else None)
 
     def reference(self, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None,
-                  initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=None):
+                  ln_weight=None, ln_bias=None, initial_state=None, output_final_state=False,
+                  cu_seqlens=None, chunk_size=None):
         """The oracle: the token recurrence, or with `chunk_size` the mini-batch chunked one."""
         gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
+        ln = self._check_ln(ln_weight, ln_bias, q, v)
         if chunk_size is None:
             run = lambda inputs, s: reference.recurrent(self.derivation, inputs, s)  # noqa: E731
         else:
             run = lambda inputs, s: reference.chunked(self.derivation, inputs, s, chunk_size)  # noqa: E731
-        o, final = self._by_sequence(run, q, k, v, gates, state, cu_seqlens)
+        o, final = self._by_sequence(run, q, k, v, gates, state, cu_seqlens, ln)
         return o, (final if output_final_state else None)
 
-    def _by_sequence(self, run, q, k, v, gates, state, cu_seqlens):
+    def _by_sequence(self, run, q, k, v, gates, state, cu_seqlens, ln=None):
         """Run a reference recurrence on a batch, or sequence by sequence on packed varlen input."""
         if state is not None:  # the reference computes in the inputs' dtype
             state = tuple(s.to(q.dtype) for s in state)
         if cu_seqlens is None:
-            o, final = run(reference.Inputs.from_op(self.derivation, q, k, v, gates), state)
+            o, final = run(reference.Inputs.from_op(self.derivation, q, k, v, gates, ln), state)
             return o.transpose(1, 2), final
         outputs, finals = [], []
         bounds = cu_seqlens.tolist()
         for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             part = {name: None if x is None else x[:, bos:eos] for name, x in gates.items()}
             inputs = reference.Inputs.from_op(self.derivation, q[:, bos:eos], k[:, bos:eos],
-                                              v[:, bos:eos], part)
+                                              v[:, bos:eos], part, ln)
             o, final = run(inputs, None if state is None else tuple(s[n:n + 1] for s in state))
             outputs.append(o.transpose(1, 2))
             finals.append(final)
@@ -162,6 +178,32 @@ class MirasOp:
         if cu_seqlens is not None:
             batch = self._check_cu_seqlens(cu_seqlens, q)
         return self._check_state(initial_state, batch, heads, dk, dv, q.dtype, q.device)
+
+    def _check_ln(self, weight, bias, q, v):
+        """The affine layer norm's (ln_weight, ln_bias), each [H, Dv] (ones and zeros when both
+        are omitted), or None when the spec's layer norm has no affine parameters."""
+        name = self.spec.name
+        if not self.affine:
+            for arg, x in (("ln_weight", weight), ("ln_bias", bias)):
+                if x is not None:
+                    raise ValueError(f"{name}: {arg} was given but the spec's memory has no "
+                                     "affine layer norm (memory.layer_norm: {affine: true})")
+            return None
+        shape = (q.shape[2], v.shape[-1])
+        if weight is None and bias is None:
+            return v.new_ones(shape), v.new_zeros(shape)
+        for arg, x in (("ln_weight", weight), ("ln_bias", bias)):
+            if x is None:
+                raise ValueError(f"{name}: {arg} is required with "
+                                 f"{'ln_bias' if arg == 'ln_weight' else 'ln_weight'}: give both "
+                                 f"or neither (the identity), each of shape {list(shape)} [H, Dv]")
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+                raise ValueError(f"{name}: {arg} must have shape {list(shape)} [H, Dv], got "
+                                 f"{list(getattr(x, 'shape', []))}")
+            if x.dtype != q.dtype or x.device != q.device:
+                raise TypeError(f"{name}: {arg} has dtype {x.dtype} on {x.device}; it must match "
+                                f"q ({q.dtype} on {q.device})")
+        return weight, bias
 
     def _check_cu_seqlens(self, cu_seqlens, q) -> int:
         name = self.spec.name
@@ -225,13 +267,9 @@ def module_path(spec: Spec) -> Path:
     return cache_dir() / f"{spec.name}-{spec.digest()}.py"
 
 
-def module_name(path: Path) -> str:
-    return f"mirasc_generated.{path.stem.replace('-', '_')}"
-
-
 def import_module(path: Path):
     """Import a generated module file (once per process)."""
-    name = module_name(path)
+    name = f"mirasc_generated.{path.stem.replace('-', '_')}"
     if name not in sys.modules:
         loader_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(loader_spec)
@@ -240,14 +278,19 @@ def import_module(path: Path):
     return sys.modules[name]
 
 
+_checked: set[Path] = set()  # module files this process rendered and found up to date
+
+
 def compile(source: str | Path | Spec) -> MirasOp:  # noqa: A001 - the public verb is `mirasc.compile`
     """Compile a spec file, or a validated `Spec`, (cached by spec hash) and return its op."""
     from mirasc.codegen import render_module
 
     spec = source if isinstance(source, Spec) else load_spec(source)
     target = module_path(spec)
-    if module_name(target) not in sys.modules:  # rendered and checked once per process
+    if target not in _checked or not target.exists():  # rendered once per process and file
         text = render_module(spec)
         if not target.exists() or target.read_text() != text:
             write_atomic(target, text)
+        _checked.add(target)
     return import_module(target).op
+

@@ -48,31 +48,59 @@ class Gate(_Strict):
 # ---- memory ---------------------------------------------------------------------------------
 
 
-class MatrixMemory(_Strict):
-    """M(x) = [x +] [LN](W x), W in R^{dv x dk} per head."""
+class LayerNorm(_Strict):
+    """LN(y) = (y - mean) / sqrt(var + eps) over the value channels, times ln_weight plus ln_bias
+    (per-head op inputs [H, Dv]) when `affine`."""
+
+    affine: bool = False
+    eps: float = Field(1e-5, gt=0)
+
+
+class _Memory(_Strict):
+    """Every memory may carry a test-time bias b (`bias`: M(x) = ... + b, learned like W and kept
+    in the state), a residual x + ..., a layer norm, and a skip connection for the read
+    (`read_residual`: `input` reads o = M(q); `output` reads o = z + LN(z), z = W q [+ b])."""
+
+    @property
+    def norm(self) -> LayerNorm | None:
+        """The layer norm of the memory's output (None without one)."""
+        if self.layer_norm is True:
+            return LayerNorm()
+        return self.layer_norm or None
+
+
+class MatrixMemory(_Memory):
+    """M(x) = [x +] [LN](W x [+ b]), W in R^{dv x dk} per head."""
 
     kind: Literal["matrix"]
     residual: bool = False
-    layer_norm: bool = False
+    layer_norm: bool | LayerNorm = False
+    bias: bool = False
+    read_residual: Literal["input", "output"] = "input"
 
 
-class VectorMemory(_Strict):
-    """M(x) = [x +] [LN](w * x), a diagonal memory, w in R^d per head (needs dk == dv)."""
+class VectorMemory(_Memory):
+    """M(x) = [x +] [LN](w * x [+ b]), a diagonal memory, w in R^d per head (needs dk == dv)."""
 
     kind: Literal["vector"]
     residual: bool = False
-    layer_norm: bool = False
+    layer_norm: bool | LayerNorm = False
+    bias: bool = False
+    read_residual: Literal["input", "output"] = "input"
 
 
-class MLPMemory(_Strict):
-    """M(x) = [x +] [LN](W_d act(... act(W_1 x))), hidden width expansion * dk."""
+class MLPMemory(_Memory):
+    """M(x) = [x +] [LN](W_d act(... act(W_1 x + b_1)) + b_d) (biases with `bias`), hidden width
+    expansion * dk."""
 
     kind: Literal["mlp"]
     depth: int = Field(2, ge=2, le=8)
     expansion: int = Field(4, ge=1, le=16)
     activation: Literal["gelu", "silu", "relu", "tanh"] = "gelu"
     residual: bool = True
-    layer_norm: bool = True
+    layer_norm: bool | LayerNorm = True
+    bias: bool = False
+    read_residual: Literal["input", "output"] = "input"
 
 
 Memory = Annotated[MatrixMemory | VectorMemory | MLPMemory, Field(discriminator="kind")]
@@ -209,11 +237,13 @@ Retention = Annotated[
 
 
 class GDLearner(_Strict):
-    """update_t = eta_t grad_t."""
+    """update_t = eta_t grad_t. In a chunk, `eta_at: query` scales the summed updates by the
+    reading token's step instead: W_t = W_s - eta_t sum_(i<=t) grad_i (TTT's mini-batch form)."""
 
     kind: Literal["gd"]
     eta: Gate
     grad_at: Literal["previous", "retained"] = "previous"
+    eta_at: Literal["key", "query"] = "key"
 
 
 class MomentumLearner(_Strict):
@@ -297,9 +327,9 @@ def _model_fields_at(loc: tuple) -> list[str]:
             model = tagged[0] if tagged else (members[0] if len(members) == 1 else None)
         while getattr(model, "__origin__", None) is Annotated:
             model = model.__args__[0]
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
-    return []
+    members = [m for m in (model, *getattr(model, "__args__", ()))  # a `bool | Model` union too
+               if isinstance(m, type) and issubclass(m, BaseModel)]
+    return list(members[0].model_fields) if members else []
 
 
 def _kinds_at(loc: tuple) -> str:
@@ -313,13 +343,15 @@ def _kinds_at(loc: tuple) -> str:
 def _yaml_path(loc: tuple, data: Any) -> tuple:
     """Drop pydantic's discriminator-tag steps from `loc`, keeping the keys present in the YAML."""
     path: list = []
-    node = data
+    node, tagged = data, False
     for part in loc:
+        if isinstance(node, dict) and not tagged and node.get("kind") == part:
+            tagged = True  # the tag comes first, before a field of the same name (momentum)
+            continue
+        tagged = False
         if isinstance(node, dict) and part in node:
             path.append(part)
             node = node[part]
-        elif isinstance(node, dict) and node.get("kind") == part:
-            continue
         else:
             path.append(part)
             node = None
@@ -352,6 +384,27 @@ def _describe(error: dict, data: Any, lines: dict[tuple, int], source: str) -> s
     return f"{source}:{line}: {field}: {error['input']!r} is not allowed: {message}"
 
 
+def _select_branches(errors: list[dict]) -> list[dict]:
+    """For a `bool | mapping` field (memory.layer_norm) keep the errors of the branch that the
+    YAML value's type selects (a mapping: the model's; anything else: the flag's), without the
+    branch tag in the location."""
+    kept = []
+    for error in errors:
+        loc = error["loc"]
+        if "bool" in loc:
+            if isinstance(error["input"], dict):
+                continue
+            error = error | {"msg": "allowed: true, false, or a mapping with fields "
+                                    f"{', '.join(LayerNorm.model_fields)}"}
+            loc = tuple(part for part in loc if part != "bool")
+        elif LayerNorm.__name__ in loc:
+            if loc[-1] == LayerNorm.__name__:  # not a mapping: reported by the flag's branch
+                continue
+            loc = tuple(part for part in loc if part != LayerNorm.__name__)
+        kept.append(error | {"loc": loc})
+    return kept
+
+
 def parse_spec(text: str, source: str = "<spec>") -> Spec:
     """Validate YAML text into a `Spec`, raising `SpecError` on the first problems found."""
     try:
@@ -372,7 +425,8 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError("\n".join(_describe(e, data, lines, source) for e in exc.errors())) from None
+        errors = _select_branches(exc.errors())
+        raise SpecError("\n".join(_describe(e, data, lines, source) for e in errors)) from None
     from mirasc.derive import derive  # expressions are parsed and differentiated there
 
     try:
@@ -387,6 +441,20 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
 
 def _check_combinations(spec: Spec) -> None:
     """Cross-axis rules that a single field cannot express."""
+    mem = spec.memory
+    if mem.read_residual == "output" and not mem.residual:
+        raise FieldError("memory.read_residual", "'output' is not allowed without memory.residual: "
+                         "true (it moves the residual's skip connection onto the read); "
+                         "allowed: 'input'")
+    if mem.bias and mem.kind == "matrix":
+        for field, gate in spec.gates().items():
+            if gate.shape == "channel" and field != "bias.delta":
+                raise FieldError(
+                    f"{field}.shape",
+                    "'channel' is not allowed with memory.bias on a matrix memory (the gate runs "
+                    "along the memory's input channels, which the bias does not have); "
+                    "allowed: 'head'",
+                )
     if spec.memory.kind == "mlp":
         for field, gate in spec.gates().items():
             if gate.shape == "channel" and field != "bias.delta":

@@ -3,10 +3,13 @@ dependency): fla keeps S = W^T [K, V] and scales q by 1/sqrt(K) unless told scal
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from fla.ops.gated_delta_rule import naive as naive_gdr
 from fla.ops.simple_gla import naive as naive_gla
+from fla.ops.ttt import naive as naive_ttt
 
 import mirasc
 from mirasc.check import random_inputs, relative_error
@@ -41,3 +44,56 @@ def test_gated_deltanet_equals_fla(path):
         initial_state=w0.transpose(-1, -2), output_final_state=True)
     assert relative_error(o, o_fla) < 1e-5
     assert relative_error(wt, s_fla.transpose(-1, -2)) < 1e-5
+
+
+def _ttt_linear_run(fn, x: dict, cotangents: tuple) -> dict[str, torch.Tensor]:
+    """o, the final (W, b) and the gradient of every input under <o, do> + <W, dW> + <b, db>,
+    with mirasc's layout: o [B, T, H, D], W [B, H, Dv, Dk], b [B, H, Dv]."""
+    leaves = {k: (tuple(s.clone().requires_grad_() for s in v) if isinstance(v, tuple)
+                  else v.clone().requires_grad_()) for k, v in x.items()}
+    o, w, b = fn(**leaves)
+    loss = sum((y * c).sum() for y, c in zip((o, w, b), cotangents, strict=True))
+    loss.backward()
+    grads = {f"d{k}": leaves[k].grad for k in ("q", "k", "v", "eta", "ln_weight", "ln_bias")}
+    w0, b0 = leaves["initial_state"]
+    return {"o": o, "W": w, "b": b, **grads, "dW0": w0.grad, "db0": b0.grad}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_ttt_linear_equals_fla(path, dtype):
+    """TTT-Linear against fla's naive `ttt_linear` (fla keeps h = W^T and hb [1, D], scales q
+    inside): a test-time bias, LN with affine and eps 1e-6, the step of the reading token and
+    the read z + LN(z). fla rounds LN's rstd to float32, so float64 agrees to about 1e-7."""
+    op = mirasc.compile("specs/ttt_linear.yaml")
+    assert op.backend == "triton" and op.state_names == ("W", "b")
+    batch, length, heads, dim, chunk = 2, 48, 3, 10, op.spec.chunk_size  # fla: T % chunk == 0
+    x = random_inputs(op, batch=batch, length=length, heads=heads, dk=dim, dv=dim, dtype=dtype)
+    for name in ("ln_weight", "ln_bias"):  # fla casts them to float32
+        x[name] = x[name].float().to(dtype)
+    gen = torch.Generator().manual_seed(5)
+    cotangents = tuple(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape in
+                       ((batch, length, heads, dim), (batch, heads, dim, dim), (batch, heads, dim)))
+    scale = dim ** -0.5
+    run = op if path == "kernel" else partial(op.reference, chunk_size=chunk)
+
+    def mirasc_run(q, k, v, eta, ln_weight, ln_bias, initial_state):
+        o, (w, b) = run(q * scale, k, v, eta=eta, ln_weight=ln_weight, ln_bias=ln_bias,
+                        initial_state=initial_state, output_final_state=True)
+        return o, w, b
+
+    def fla_run(q, k, v, eta, ln_weight, ln_bias, initial_state):
+        heads_first = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731 - fla scales q in place
+        w0, b0 = initial_state
+        o, h, hb = naive_ttt.ttt_linear(
+            heads_first(q), heads_first(k), heads_first(v), ln_weight, ln_bias,
+            heads_first(eta[..., None]), scale, 1e-6, chunk, w0.transpose(-1, -2), b0[:, :, None],
+            True)
+        return o.transpose(1, 2), h.transpose(-1, -2), hb[:, :, 0]
+
+    got = _ttt_linear_run(mirasc_run, x, cotangents)
+    want = _ttt_linear_run(fla_run, x, cotangents)
+    errors = {name: relative_error(got[name], want[name]) for name in want}
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-6
+    bad = {name: e for name, e in errors.items() if not e < tolerance}  # NaN is never < tolerance
+    assert not bad, bad

@@ -53,6 +53,18 @@ AXIS_CASES = {
     "learner-gd-retained": {"learner": "{kind: gd, eta: {}, grad_at: retained}"},
     "learner-gd-constant": {"learner": "{kind: gd, eta: {value: 0.3}}"},
     "chunk-lag-token": {"extra": "lag_token: true"},
+    "memory-matrix-bias": {"memory": "{kind: matrix, bias: true}"},
+    "memory-vector-bias-channel": {"memory": "{kind: vector, bias: true}",
+                                   "retention": "{kind: l2, decay: {shape: channel}}"},
+    "memory-mlp-bias": {"memory": "{kind: mlp, bias: true}"},
+    "memory-ln-affine": {"memory": "{kind: matrix, layer_norm: {affine: true, eps: 1.0e-3}}"},
+    "memory-read-residual-output": {"memory": "{kind: matrix, residual: true, layer_norm: true, "
+                                              "read_residual: output}"},
+    "learner-eta-at-query": {"learner": "{kind: gd, eta: {}, eta_at: query}"},
+    "learner-eta-at-query-channel": {"learner": "{kind: gd, eta: {shape: channel}, "
+                                                "eta_at: query}"},
+    "memory-bias-momentum": {"memory": "{kind: matrix, bias: true}",
+                             "learner": "{kind: momentum, eta: {}, momentum: {}}"},
 }
 
 
@@ -88,7 +100,8 @@ def test_every_axis_value_has_finite_gradients(name):
 
 
 @pytest.mark.parametrize("name", ["memory-mlp-silu-depth3", "bias-lp-smooth", "retention-kl-row",
-                                  "learner-momentum", "bias-huber-norm", "retention-lq"])
+                                  "learner-momentum", "bias-huber-norm", "retention-lq",
+                                  "memory-mlp-bias", "memory-ln-affine", "learner-eta-at-query"])
 def test_reference_backward_passes_gradcheck(name):
     """Autograd through the reference (vjp inside the recurrence) matches finite differences."""
     op = _case(name)
@@ -207,24 +220,50 @@ def test_titans_momentum_and_decay():
 
 
 def test_ttt_linear_mini_batch_dual_form():
-    """TTT-Linear, chunked: every gradient at the chunk-start W; W_t = W_s - sum eta_i grad_i and
-    o_t = q_t + LN(W_t q_t), with grad_i from autograd of 1/2 ||k + LN(W k) - v||^2."""
+    """TTT-Linear, chunked: every gradient at the chunk-start (W, b), the step of the reading
+    token, W_t = W_s - eta_t sum_(i<=t) grad_i (and b), read as o_t = z_t + LN'(z_t) with
+    z_t = W_t q_t + b_t; grad_i from autograd of 1/2 ||k + LN'(W k + b) - v||^2, LN' the layer
+    norm (eps 1e-6) times ln_weight plus ln_bias."""
     op, x = _inputs("ttt_linear", length=21, dk=6, dv=6)
-    w = x["initial_state"][0].clone()
+    assert op.state_names == ("W", "b")
+    w, b = (s.clone() for s in x["initial_state"])
     q, k, v = map(_heads, (x["q"], x["k"], x["v"]))
     eta = x["eta"].transpose(1, 2)
-    b = op.spec.chunk_size
+    lw, lb = x["ln_weight"], x["ln_bias"]
+
+    def norm(y):
+        return F.layer_norm(y, (6,), eps=1e-6) * lw + lb
+
+    size = op.spec.chunk_size
     outs = []
-    for s in range(0, q.shape[2], b):
-        ws = w.detach().requires_grad_()
-        current = ws.detach().clone()
-        for t in range(s, min(s + b, q.shape[2])):
-            pred = k[:, :, t] + F.layer_norm(torch.einsum("bhvk,bhk->bhv", ws, k[:, :, t]), (6,))
-            (grad,) = torch.autograd.grad(0.5 * (pred - v[:, :, t]).square().sum(), ws)
-            current = current - eta[:, :, t, None, None] * grad
-            outs.append(q[:, :, t] + F.layer_norm(torch.einsum("bhvk,bhk->bhv", current, q[:, :, t]),
-                                                  (6,)))
-        w = current
-    o, (final,) = op.reference(**x, output_final_state=True, chunk_size=b)
+    for s in range(0, q.shape[2], size):
+        ws, bs = w.detach().requires_grad_(), b.detach().requires_grad_()
+        sum_w, sum_b = torch.zeros_like(w), torch.zeros_like(b)
+        for t in range(s, min(s + size, q.shape[2])):
+            pred = k[:, :, t] + norm(torch.einsum("bhvk,bhk->bhv", ws, k[:, :, t]) + bs)
+            grad_w, grad_b = torch.autograd.grad(0.5 * (pred - v[:, :, t]).square().sum(), (ws, bs))
+            sum_w, sum_b = sum_w + grad_w, sum_b + grad_b
+            step = eta[:, :, t, None]
+            w_t, b_t = ws.detach() - step[..., None] * sum_w, bs.detach() - step * sum_b
+            z = torch.einsum("bhvk,bhk->bhv", w_t, q[:, :, t]) + b_t
+            outs.append(z + norm(z))
+        w, b = w_t, b_t
+    o, final = op.reference(**x, output_final_state=True, chunk_size=size)
     assert relative_error(o, torch.stack(outs, 1)) < 1e-10
-    assert relative_error(final, w) < 1e-10
+    assert relative_error(final[0], w) < 1e-10 and relative_error(final[1], b) < 1e-10
+
+
+def test_eta_at_query_uses_the_reading_tokens_step():
+    """With a step constant over each chunk, eta_at 'query' and 'key' agree; otherwise they
+    differ inside a chunk (the token recurrence is the same for both)."""
+    key = op_from_yaml(axis_spec())
+    query = op_from_yaml(axis_spec(learner="{kind: gd, eta: {}, eta_at: query}"))
+    x = random_inputs(key, batch=1, length=12, heads=2, dk=5, dv=4)
+    runs = {name: op.reference(**x, output_final_state=True, chunk_size=4)
+            for name, op in (("key", key), ("query", query))}
+    assert relative_error(runs["query"][0], runs["key"][0]) > 1e-3
+    flat = x | {"eta": x["eta"][:, ::4].repeat_interleave(4, 1)}
+    o_key, s_key = key.reference(**flat, output_final_state=True, chunk_size=4)
+    o_query, s_query = query.reference(**flat, output_final_state=True, chunk_size=4)
+    assert relative_error(o_query, o_key) < 1e-12 and relative_error(s_query[0], s_key[0]) < 1e-12
+    assert relative_error(query.reference(**x)[0], key.reference(**x)[0]) < 1e-12

@@ -341,6 +341,32 @@ def test_gate_with_wrong_shape():
             "got [2, 4, 2]")
 
 
+def test_layer_norm_affine_parameters():
+    """ln_weight and ln_bias [H, Dv]: both or neither (the identity), only with an affine LN."""
+    op = shipped("ttt_linear")
+    q, k, v = _qkv(dk=DV)
+    ones, zeros = torch.ones(H, DV, dtype=torch.float64), torch.zeros(H, DV, dtype=torch.float64)
+    _raises(ValueError, lambda: op(q, k, v, eta=_eta(), ln_weight=ones), "ln_bias is required",
+            "give both or neither", f"[{H}, {DV}]")
+    _raises(ValueError, lambda: op(q, k, v, eta=_eta(), ln_weight=ones[:, :2], ln_bias=zeros),
+            f"ln_weight must have shape [{H}, {DV}] [H, Dv]", f"got [{H}, 2]")
+    _raises(TypeError, lambda: op(q, k, v, eta=_eta(), ln_weight=ones, ln_bias=zeros.float()),
+            "ln_bias has dtype torch.float32", "must match q")
+    _raises(ValueError, lambda: shipped("ttt_mlp")(q, k, v, eta=_eta(), ln_weight=ones,
+                                                   initial_state=_mlp_state()),
+            "ln_weight was given", "no affine layer norm")
+    eta = _eta()
+    o_identity, _ = op(q, k, v, eta=eta)
+    o_explicit, _ = op(q, k, v, eta=eta, ln_weight=ones, ln_bias=zeros)
+    assert relative_error(o_identity, o_explicit) <= 1e-12
+    o_scaled, _ = op(q, k, v, eta=eta, ln_weight=2 * ones, ln_bias=zeros)
+    assert relative_error(o_scaled, o_explicit) > 1e-3
+
+
+def _mlp_state():
+    return tuple(torch.randn(B, H, *s, dtype=torch.float64) for s in ((4 * DV, DV), (DV, 4 * DV)))
+
+
 def test_channel_gate_with_wrong_width():
     op = op_from_yaml(spec_text(retention="{kind: l2, decay: {shape: channel}}"))
     q, k, v = _qkv()
@@ -444,6 +470,12 @@ def test_state_names():
                                       learner="{kind: momentum, eta: {}, momentum: {}}"))
     assert momentum.state_names == ("W1", "W2", "S1", "S2")
     assert len(momentum.state_shapes(1, 2, 4, 4)) == 4
+    assert shipped("ttt_linear").state_names == ("W", "b")
+    assert shipped("ttt_linear").state_shapes(1, 2, 4, 4) == [(1, 2, 4, 4), (1, 2, 4)]
+    biased = op_from_yaml(spec_text(memory="{kind: mlp, bias: true, expansion: 2}",
+                                    learner="{kind: momentum, eta: {}, momentum: {}}"))
+    assert biased.state_names == ("W1", "W2", "b1", "b2", "S1", "S2", "Sb1", "Sb2")
+    assert biased.state_shapes(1, 2, 4, 3)[2:4] == [(1, 2, 8), (1, 2, 3)]
 
 
 # ---- chaining: one call equals two calls with the state carried over -------------------------

@@ -73,12 +73,15 @@ RETENTIONS = ["{kind: none}", "{kind: l2, decay: {}}", "{kind: l2, decay: {value
               "{kind: elastic_net, gamma: 0.01, form: dual, smooth: true}",
               "{kind: mirror, potential: 'w*log(w) - w', decay: {}}"]
 LEARNERS = ["{kind: gd, eta: {}}", "{kind: gd, eta: {value: 0.2}}",
+            "{kind: gd, eta: {}, eta_at: query}",
             "{kind: gd, eta: {}, grad_at: retained}", "{kind: gd, eta: {shape: channel}}",
             "{kind: momentum, eta: {}, momentum: {}}",
             "{kind: momentum, eta: {value: 0.3}, momentum: {value: 0.8}, grad_at: retained}"]
 
 
-MEMORIES = ["{kind: matrix}", "{kind: matrix, residual: true, layer_norm: true}",
+TTT_MEMORY = ("{kind: matrix, bias: true, residual: true, read_residual: output, "
+              "layer_norm: {affine: true, eps: 1.0e-6}}")
+MEMORIES = ["{kind: matrix}", "{kind: matrix, residual: true, layer_norm: true}", TTT_MEMORY,
             "{kind: matrix, layer_norm: true}", "{kind: matrix, residual: true}",
             "{kind: mlp}", "{kind: mlp, depth: 3, expansion: 2, activation: silu}",
             "{kind: mlp, expansion: 1, activation: tanh, residual: false, layer_norm: false}",
@@ -115,6 +118,87 @@ def test_random_axis_combinations(memory, bias, retention, learner, chunk, lag, 
     # float64; a deep memory with a nonlinear retention is ill-conditioned (2e-10 seen for mlp
     # with kl), while a wrong kernel is off by 1e-3 or more
     assert max(errors.values()) < 1e-8, errors
+
+
+OPTION_CASES = {  # the memory bias, LN affine and eps, the read residual, eta_at (kernels)
+    "bias": {"memory": "{kind: matrix, bias: true}"},
+    "bias-huber-retained": {"memory": "{kind: matrix, bias: true, layer_norm: true}",
+                            "bias": "{kind: huber, variant: switch, delta: {}}",
+                            "learner": "{kind: gd, eta: {}, grad_at: retained}"},
+    "bias-kl-lag": {"memory": "{kind: matrix, bias: true}", "retention": "{kind: kl, decay: {}}",
+                    "extra": "lag_token: true"},
+    "bias-elastic-proximal": {"memory": "{kind: matrix, bias: true}",
+                              "retention": "{kind: elastic_net, gamma: 0.01, decay: {}}"},
+    "ln-affine-matrix": {"memory": "{kind: matrix, layer_norm: {affine: true, eps: 1.0e-3}}"},
+    "ln-affine-vector": {"memory": "{kind: vector, residual: true, layer_norm: {affine: true}}"},
+    "ln-affine-mlp": {"memory": "{kind: mlp, layer_norm: {affine: true, eps: 1.0e-6}}",
+                      "retention": "{kind: lq, q: 4, decay: {}}"},
+    "read-output-matrix": {"memory": "{kind: matrix, residual: true, layer_norm: true, "
+                                     "read_residual: output}",
+                           "retention": "{kind: kl, decay: {}}"},
+    "read-output-vector": {"memory": "{kind: vector, residual: true, layer_norm: true, "
+                                     "read_residual: output}"},
+    "read-output-mlp": {"memory": "{kind: mlp, read_residual: output}"},
+    "eta-query-matrix": {"learner": "{kind: gd, eta: {}, eta_at: query}"},
+    "eta-query-matrix-lq": {"retention": "{kind: lq, q: 4, decay: {}}",
+                            "learner": "{kind: gd, eta: {}, eta_at: query}"},
+    "eta-query-vector-channel": {"memory": "{kind: vector}",
+                                 "learner": "{kind: gd, eta: {shape: channel}, eta_at: query}"},
+    "eta-query-mlp-lag": {"memory": "{kind: mlp}", "learner": "{kind: gd, eta: {}, eta_at: query}",
+                          "extra": "lag_token: true"},
+    "ttt-with-decay": {"memory": TTT_MEMORY, "bias": "{kind: lp, p: 3}",
+                       "learner": "{kind: gd, eta: {}, eta_at: query, grad_at: retained}"},
+}
+FALLBACK_CASES = {  # combinations the kernels leave to the torch path, with their reason
+    "memory.bias on a vector memory": {"memory": "{kind: vector, bias: true}"},
+    "memory.bias on a mlp memory": {"memory": "{kind: mlp, bias: true}"},
+    "memory.bias with the momentum learner": {
+        "memory": "{kind: matrix, bias: true}",
+        "learner": "{kind: momentum, eta: {}, momentum: {}}"},
+    "learner.eta_at 'query' with a channel-wise eta on a matrix memory": {
+        "learner": "{kind: gd, eta: {shape: channel}, eta_at: query}"},
+}
+
+
+def _generated(axes: dict):
+    """The op of the module rendered for an inline spec (chunk size 5, an odd tile)."""
+    text = axis_spec(**axes).replace("chunk_size: 4", "chunk_size: 5")
+    module = {}
+    exec(compile(render_module(op_from_yaml(text).spec), "<generated>", "exec"), module)  # noqa: S102
+    return module["op"]
+
+
+@pytest.mark.parametrize("case", sorted(OPTION_CASES))
+def test_memory_and_learner_options(case):
+    """Each new option in the kernels against the chunked reference, float64, gradients of
+    every input including ln_weight and ln_bias."""
+    op = _generated(OPTION_CASES[case])
+    assert op.backend == "triton", triton_unsupported(op.derivation)
+    dv = 6 if op.spec.memory.residual or op.spec.memory.kind == "vector" else 4
+    inputs = random_inputs(op, batch=2, length=23, heads=2, dk=6, dv=dv)
+    errors = compare(op, inputs, chunk_size=op.oracle_chunk_size)
+    if op.affine:
+        assert {"dln_weight", "dln_bias"} <= set(errors)
+    _assert_close(errors, torch.float64)
+
+
+@pytest.mark.parametrize("reason", sorted(FALLBACK_CASES))
+def test_options_the_kernels_leave_to_torch(reason):
+    op = _generated(FALLBACK_CASES[reason])
+    assert op.backend == "reference"
+    assert reason in triton_unsupported(op.derivation)
+    inputs = random_inputs(op, batch=1, length=11, heads=2, dk=5, dv=5)
+    _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
+
+
+def test_ttt_linear_varlen_sums_the_parameter_gradients():
+    """Packed sequences: one (W, b) per sequence, ln_weight/ln_bias shared, their gradients
+    summed over the sequences."""
+    op = mirasc.compile("specs/ttt_linear.yaml")
+    inputs = varlen_inputs(op, [0, 15, 40, 57], dk=6, dv=6)
+    errors = compare(op, inputs, chunk_size=op.oracle_chunk_size)
+    assert {"dln_weight", "dln_bias", "dinitial_state[1]"} <= set(errors)
+    _assert_close(errors, torch.float64)
 
 
 @pytest.mark.parametrize("bias", BIASES[:3] + BIASES[-1:])
@@ -177,3 +261,24 @@ def test_torch_compile_fullgraph():
     op.reference(*ref[:3], log_alpha=ref[3], chunk_size=64)[0].square().sum().backward()
     for got, want in zip(leaves, ref, strict=True):
         assert torch.allclose(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_with_layer_norm_parameters():
+    """The ops' fake implementations cover the per-head parameters (ln_weight, ln_bias)."""
+    op = mirasc.compile("specs/ttt_linear.yaml")
+    inputs = random_inputs(op, batch=1, length=20, heads=2, dk=8, dv=8, dtype=torch.float32)
+    names = ("q", "k", "v", "eta", "ln_weight", "ln_bias")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def loss(q, k, v, eta, ln_weight, ln_bias):
+        o, _ = op(q, k, v, eta=eta, ln_weight=ln_weight, ln_bias=ln_bias)
+        return o.square().sum()
+
+    leaves = [inputs[n].clone().requires_grad_() for n in names]
+    loss(*leaves).backward()
+    ref = [inputs[n].clone().requires_grad_() for n in names]
+    o, _ = op.reference(*ref[:3], eta=ref[3], ln_weight=ref[4], ln_bias=ref[5],
+                        chunk_size=op.oracle_chunk_size)
+    o.square().sum().backward()
+    for got, want in zip(leaves, ref, strict=True):
+        assert relative_error(got.grad, want.grad) < 1e-5
