@@ -87,13 +87,14 @@ class MirasLayer(nn.Module):
     """The paper's block around a compiled memory (see the module docstring).
 
     spec: a `Spec`, a spec path or YAML text. The memory's key and value width is `head_dim`
-    (hidden_size // num_heads by default). An MLP memory starts each sequence from learned weights.
+    (hidden_size // num_heads by default). An MLP memory starts each sequence from learned weights;
+    an affine memory layer norm has learned per-head ln_weight and ln_bias.
     backend: 'auto' runs the op (generated kernels on CUDA or under TRITON_INTERPRET=1, else its
     torch path); 'torch' always runs the torch reference of the op's chunking.
     """
 
     def __init__(self, spec: str | Path | Spec, hidden_size: int, num_heads: int,
-                 head_dim: int | None = None, conv_size: int = 4, gate_rank: int = 16,
+                 head_dim: int | None = None, conv_size: int = 4, gate_rank: int = 32,
                  norm_eps: float = 1e-5, backend: str = "auto"):
         super().__init__()
         self.spec = as_spec(spec)
@@ -125,6 +126,9 @@ class MirasLayer(nn.Module):
         self.initial_state = nn.ParameterList(
             [nn.Parameter(torch.randn(s) / math.sqrt(s[-1])) for s in memory_shapes]
             if self.spec.memory.kind == "mlp" else [])
+        if self.op.affine:  # the memory's layer norm has per-head affine parameters
+            self.ln_weight = nn.Parameter(torch.ones(num_heads, head_dim))
+            self.ln_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
         self.o_norm = nn.RMSNorm(head_dim, eps=norm_eps)
         self.g_proj = nn.Linear(hidden_size, width, bias=False)
         self.o_proj = nn.Linear(width, hidden_size, bias=False)
@@ -177,6 +181,10 @@ class MirasLayer(nn.Module):
         return self._run(padded, memory)[0][:, :length], None
 
     def _run(self, inputs: dict, memory, final: bool = False):
+        if self.op.affine:
+            dtype = inputs["q"].dtype
+            inputs = inputs | {"ln_weight": self.ln_weight.to(dtype),
+                               "ln_bias": self.ln_bias.to(dtype)}
         if self.backend == "torch":
             return self.op.reference(**inputs, initial_state=memory, output_final_state=final,
                                      chunk_size=self.op.oracle_chunk_size)

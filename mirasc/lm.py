@@ -32,7 +32,7 @@ class MirasConfig(PretrainedConfig):
 
     def __init__(self, spec: str = "", vocab_size: int = 256, hidden_size: int = 128,
                  num_hidden_layers: int = 2, num_heads: int = 4, head_dim: int | None = None,
-                 intermediate_size: int | None = None, conv_size: int = 4, gate_rank: int = 16,
+                 intermediate_size: int | None = None, conv_size: int = 4, gate_rank: int = 32,
                  attention_layers: tuple[int, ...] = (), attention_window: int = 64,
                  attention_heads: int | None = None, norm_eps: float = 1e-5,
                  initializer_range: float = 0.02, backend: str = "auto",

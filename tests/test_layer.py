@@ -36,7 +36,8 @@ CHANNEL_GATES = axis_spec(retention="{kind: l2, decay: {shape: channel}}",
 @pytest.mark.parametrize("spec,prefill", [
     ("specs/linear_attention.yaml", 6), ("specs/gated_deltanet.yaml", 1), ("specs/titans.yaml", 6),
     ("specs/ttt_mlp.yaml", 6), ("specs/moneta.yaml", 1), ("specs/yaad.yaml", 6),
-    ("specs/memora.yaml", 1), ("specs/memora.yaml", 6), (CHANNEL_GATES, 6)])
+    ("specs/memora.yaml", 1), ("specs/memora.yaml", 6), ("specs/ttt_linear.yaml", 6),
+    (CHANNEL_GATES, 6)])
 def test_decoding_equals_parallel_forward(spec, prefill):
     layer = MirasLayer(spec, HIDDEN, HEADS, backend="torch").double()
     x = torch.randn(2, 19, HIDDEN, dtype=torch.float64)
@@ -97,7 +98,8 @@ def test_generated_kernels_equal_the_torch_path_in_the_layer(spec):
 @pytest.mark.parametrize("spec,expected", [
     ("specs/titans.yaml", {"gates.log_alpha.up.weight", "gates.eta.up.weight",
                            "gates.momentum.up.weight"}),
-    ("specs/moneta.yaml", {"gates.log_alpha.up.weight", "initial_state.0", "initial_state.1"})])
+    ("specs/moneta.yaml", {"gates.log_alpha.up.weight", "initial_state.0", "initial_state.1"}),
+    ("specs/ttt_linear.yaml", {"gates.eta.up.weight", "ln_weight", "ln_bias"})])
 def test_every_parameter_gets_a_gradient(spec, expected):
     layer = MirasLayer(spec, HIDDEN, HEADS, backend="torch")
     y, _ = layer(torch.randn(2, 9, HIDDEN))
