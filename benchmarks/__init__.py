@@ -1,0 +1,1 @@
+"""Benchmarks of mirasc's generated ops: `python -m benchmarks {cpu,gpu,compile}` (see RESULTS.md)."""
