@@ -9,6 +9,7 @@ scales q by 1/sqrt(K) unless given scale=1; its gates are named g (log decay) an
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,49 +54,41 @@ def _mismatch(op: MirasOp, gates: set[str], states: tuple[str, ...], affine: boo
             f"the fla peer needs {sorted(gates)}, {states}, {affine}")
 
 
-def fla_simple_gla(op: MirasOp, device: str) -> Impl | str:
-    """fla.ops.simple_gla.chunk_simple_gla(q, k, v, g=log_alpha, scale=1): on CPU its naive
-    recurrence (fla's chunk kernels need a GPU driver, even under TRITON_INTERPRET)."""
-    if why := _mismatch(op, {"log_alpha"}, ("W",), False):
+def _fla_state_recurrence(op: MirasOp, device: str, package: str, chunk: str, naive: str,
+                          gates: dict[str, str]) -> Impl | str:
+    """fla.ops.<package>.<chunk>(q, k, v, scale=1, <fla gate>=<op gate>...) with the state W^T; on
+    CPU its naive recurrence <naive> (fla's chunk kernels need a GPU driver, even under
+    TRITON_INTERPRET). k is L2-normalised by the inputs, not in the kernel."""
+    if why := _mismatch(op, set(gates.values()), ("W",), False):
         return why
     try:
-        from fla.ops.simple_gla import chunk_simple_gla
-        from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
-    except ImportError as exc:
+        module = importlib.import_module(f"fla.ops.{package}")
+        fn = getattr(module, chunk) if device == "cuda" else getattr(
+            importlib.import_module(f"fla.ops.{package}.naive"), naive)
+    except (ImportError, AttributeError) as exc:
         return f"fla not importable ({exc})"
-    fn = chunk_simple_gla if device == "cuda" else naive_recurrent_simple_gla
 
     def run(x, final):
         (w0,) = x["initial_state"]
-        o, s = fn(q=x["q"], k=x["k"], v=x["v"], g=x["log_alpha"], scale=1.0,
-                  initial_state=w0.transpose(-1, -2), output_final_state=final)
+        o, s = fn(q=x["q"], k=x["k"], v=x["v"], scale=1.0, initial_state=w0.transpose(-1, -2),
+                  output_final_state=final, **{arg: x[gate] for arg, gate in gates.items()})
         return o, ((s.transpose(-1, -2),) if final else None)
 
-    name = "fla chunk_simple_gla" if device == "cuda" else "fla naive_recurrent_simple_gla"
+    name = f"fla {chunk if device == 'cuda' else naive}"
     return Impl(name, run, True, lambda *shape: flops.op_forward(op, *shape))
+
+
+def fla_simple_gla(op: MirasOp, device: str) -> Impl | str:
+    """chunk_simple_gla(q, k, v, g=log_alpha, scale=1)."""
+    return _fla_state_recurrence(op, device, "simple_gla", "chunk_simple_gla",
+                                 "naive_recurrent_simple_gla", {"g": "log_alpha"})
 
 
 def fla_gated_delta_rule(op: MirasOp, device: str) -> Impl | str:
-    """fla.ops.gated_delta_rule.chunk_gated_delta_rule(q, k, v, g=log_alpha, beta=eta, scale=1)
-    (k is L2-normalised by the inputs, not in the kernel); on CPU its naive recurrence."""
-    if why := _mismatch(op, {"log_alpha", "eta"}, ("W",), False):
-        return why
-    try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-        from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
-    except ImportError as exc:
-        return f"fla not importable ({exc})"
-    fn = chunk_gated_delta_rule if device == "cuda" else naive_recurrent_gated_delta_rule
-
-    def run(x, final):
-        (w0,) = x["initial_state"]
-        o, s = fn(q=x["q"], k=x["k"], v=x["v"], g=x["log_alpha"], beta=x["eta"], scale=1.0,
-                  initial_state=w0.transpose(-1, -2), output_final_state=final)
-        return o, ((s.transpose(-1, -2),) if final else None)
-
-    name = ("fla chunk_gated_delta_rule" if device == "cuda"
-            else "fla naive_recurrent_gated_delta_rule")
-    return Impl(name, run, True, lambda *shape: flops.op_forward(op, *shape))
+    """chunk_gated_delta_rule(q, k, v, g=log_alpha, beta=eta, scale=1)."""
+    return _fla_state_recurrence(op, device, "gated_delta_rule", "chunk_gated_delta_rule",
+                                 "naive_recurrent_gated_delta_rule",
+                                 {"g": "log_alpha", "beta": "eta"})
 
 
 def fla_ttt_linear(op: MirasOp, device: str) -> Impl | str:

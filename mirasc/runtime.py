@@ -169,12 +169,7 @@ class MirasOp:
             if x is None:
                 raise ValueError(f"{name}: {arg} is required by the spec: a per-token gate of "
                                  f"shape {list(shape)} ({gate.shape})")
-            if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
-                raise ValueError(f"{name}: {arg} must have shape {list(shape)} ({gate.shape} gate), "
-                                 f"got {list(getattr(x, 'shape', []))}")
-            if x.dtype != q.dtype or x.device != q.device:
-                raise TypeError(f"{name}: {arg} has dtype {x.dtype} on {x.device}; it must match "
-                                f"q ({q.dtype} on {q.device})")
+            _check_like(name, arg, x, shape, f"({gate.shape} gate)", q)
         if cu_seqlens is not None:
             batch = self._check_cu_seqlens(cu_seqlens, q)
         return self._check_state(initial_state, batch, heads, dk, dv, q.dtype, q.device)
@@ -197,12 +192,7 @@ class MirasOp:
                 raise ValueError(f"{name}: {arg} is required with "
                                  f"{'ln_bias' if arg == 'ln_weight' else 'ln_weight'}: give both "
                                  f"or neither (the identity), each of shape {list(shape)} [H, Dv]")
-            if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
-                raise ValueError(f"{name}: {arg} must have shape {list(shape)} [H, Dv], got "
-                                 f"{list(getattr(x, 'shape', []))}")
-            if x.dtype != q.dtype or x.device != q.device:
-                raise TypeError(f"{name}: {arg} has dtype {x.dtype} on {x.device}; it must match "
-                                f"q ({q.dtype} on {q.device})")
+            _check_like(name, arg, x, shape, "[H, Dv]", q)
         return weight, bias
 
     def _check_cu_seqlens(self, cu_seqlens, q) -> int:
@@ -240,6 +230,16 @@ class MirasOp:
                 raise TypeError(f"{name}: initial_state {label} has dtype {x.dtype} on {x.device}; "
                                 f"allowed: float32, float64 or the inputs' {dtype}, on {device}")
         return state
+
+
+def _check_like(name: str, arg: str, x, shape: tuple, what: str, q: torch.Tensor) -> None:
+    """Refuse `x` unless it is a tensor of `shape` with q's dtype and device."""
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+        raise ValueError(f"{name}: {arg} must have shape {list(shape)} {what}, got "
+                         f"{list(getattr(x, 'shape', []))}")
+    if x.dtype != q.dtype or x.device != q.device:
+        raise TypeError(f"{name}: {arg} has dtype {x.dtype} on {x.device}; it must match "
+                        f"q ({q.dtype} on {q.device})")
 
 
 # ---- compile cache ------------------------------------------------------------------------------
