@@ -90,7 +90,8 @@ class MirasLayer(nn.Module):
     (hidden_size // num_heads by default). An MLP memory starts each sequence from learned weights;
     an affine memory layer norm has learned per-head ln_weight and ln_bias.
     backend: 'auto' runs the op (generated kernels on CUDA or under TRITON_INTERPRET=1, else its
-    torch path); 'torch' always runs the torch reference of the op's chunking.
+    torch path: the kernels' chunk step in torch, or the reference for specs without kernels);
+    'torch' always runs the torch reference of the op's chunking.
     """
 
     def __init__(self, spec: str | Path | Spec, hidden_size: int, num_heads: int,

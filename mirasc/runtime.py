@@ -1,7 +1,8 @@
 """Runtime: the compile cache, the module loader, and `MirasOp`, the callable a spec compiles to.
 
 `MirasOp.__call__` checks every input against the spec (shapes, dtypes, gates) and runs the
-generated forward; `MirasOp.reference` runs the oracle recurrence on the same inputs.
+generated kernels (on CPU tensors their chunk-step graph in torch, `mirasc.torch_chunk`; without
+kernels the reference); `MirasOp.reference` runs the oracle recurrence on the same inputs.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class MirasOp:
         self.spec = derivation.spec
         self._bias_grad = bias_grad
         self._kernel = kernel
+        self._chunk_step = None  # the chunk-step graph of the CPU path, built on first use
 
     @classmethod
     def from_spec_data(cls, data: dict, bias_grad: Callable = reference.bias_grad,
@@ -53,7 +55,9 @@ class MirasOp:
 
     @property
     def backend(self) -> str:
-        """'triton' when generated kernels exist for this spec, else 'reference' (torch)."""
+        """'triton' when generated kernels exist for this spec, else 'reference' (torch). With
+        kernels, CPU tensors (outside Triton's interpreter) run the kernels' chunk-step graph in
+        torch (`mirasc.torch_chunk`); without, the reference's chunked recurrence."""
         return "triton" if self._kernel is not None else "reference"
 
     @property
@@ -91,6 +95,15 @@ class MirasOp:
             if ln is not None:
                 given |= {"ln_weight": ln[0], "ln_bias": ln[1]}
             o, final = self._kernel(q, k, v, given, state, cu_seqlens)
+        elif self._kernel is not None:  # on CPU: the kernels' chunk-step graph, run in torch
+            from mirasc import torch_chunk
+
+            if self._chunk_step is None:
+                self._chunk_step = torch_chunk.Step(self.derivation)
+            given = {name: x for name, x in gates.items() if x is not None}
+            params = {} if ln is None else {"ln_weight": ln[0], "ln_bias": ln[1]}
+            o, final = torch_chunk.run(self._chunk_step, q, k, v, given, params, state,
+                                       cu_seqlens)
         else:
             chunk = self.oracle_chunk_size or 1
             o, final = self._by_sequence(

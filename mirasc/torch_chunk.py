@@ -1,0 +1,243 @@
+"""The chunk-parallel torch path: the kernels' chunk-step graph (mirasc/ir.py) run in torch.
+
+A spec with Triton kernels runs them on CUDA (or in Triton's interpreter); on CPU `MirasOp` runs
+this instead: the same forward graph the kernels are emitted from, evaluated on tiles batched
+over every (sequence, head) pair, looping only over chunks (and the lag token's segments). Each
+chunk step is an autograd function whose backward evaluates the graph's reverse mode
+(`ir.backward`, the kernels' backward), so the gradients are the kernels' math too, with no
+NaN from the masked branches of a `where`. Inputs are fed as the kernels load them: rows past a
+sequence's end padded (q, k 0; v 1; log_alpha, eta 0; delta, momentum 1) and masked, gates per
+head [T, 1] or per channel, the layer norm's parameters per head, and the compute dtype is the
+kernels' accumulator (float64 for float64 inputs, else float32; o is cast back to v's dtype).
+A sequence shorter than a chunk runs in a tile of its own rows (the rest would be masked).
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import sympy as sp
+import torch
+
+from mirasc import ir
+from mirasc.expr import to_torch
+
+_PAD = {"q": 0.0, "k": 0.0, "v": 1.0, "log_alpha": 0.0, "eta": 0.0, "delta": 1.0,
+        "momentum": 1.0}
+_BUILDERS = {"matrix": ir.matrix_chunk_step, "vector": ir.vector_chunk_step,
+             "mlp": ir.mlp_chunk_step}
+
+
+def plan(graph: ir.Graph, targets) -> tuple[str, ...]:
+    """The nodes `targets` depend on, in topological order."""
+    keep = set(targets)
+    for t in targets:
+        keep |= nx.ancestors(graph.g, t)
+    return tuple(n for n in graph.order() if n in keep)
+
+
+def evaluate_batched(graph: ir.Graph, values: dict, sizes: dict, nodes) -> dict:
+    """Run `nodes` (a `plan`) on tiles with leading batch dims ([..., rows, cols]), like
+    `ir.evaluate` on 2-D tiles: `values` holds the input and const nodes needed; `sizes` the
+    dims ({"T": 64, "DV": 5})."""
+    env = dict(values)
+    constants = {sp.Symbol(n, positive=True): v for n, v in sizes.items()}
+    like = next(iter(values.values()))
+    for n in nodes:
+        if n in env:
+            continue
+        node = graph.node(n)
+        x = [env[i] for i in node["inputs"]]
+        op = node["op"]
+        if op == "dot":
+            a = x[0].transpose(-1, -2) if node["ta"] else x[0]
+            b = x[1].transpose(-1, -2) if node["tb"] else x[1]
+            out = a @ b
+        elif op == "ew":
+            scope = dict(zip(node["symbols"], x, strict=True)) | constants
+            out = to_torch(node["expr"], scope)
+            if not isinstance(out, torch.Tensor):
+                out = like.new_full((1, 1), float(out))
+        elif op == "sum":
+            out = x[0].sum(node["axis"] - 2, keepdim=True)
+        elif op == "max":
+            out = x[0].amax(node["axis"] - 2, keepdim=True)
+        elif op == "cumsum":
+            out = x[0].cumsum(-2)
+        elif op == "revcumsum":
+            out = x[0].flip(-2).cumsum(-2).flip(-2)
+        elif op == "trans":
+            out = x[0].transpose(-1, -2)
+        elif op == "tri_inv":  # (I + A)^-1, A strictly lower triangular
+            eye = torch.eye(x[0].shape[-1], dtype=x[0].dtype, device=x[0].device)
+            out = torch.linalg.solve_triangular(eye + x[0], eye.expand_as(x[0]), upper=False,
+                                                unitriangular=True)
+        elif op == "broadcast":
+            dims = [1 if d == 1 else sizes[d] for d in node["shape"]]
+            out = x[0].expand(*x[0].shape[:-2], *dims)
+        else:
+            raise ValueError(f"no batched form for op {op!r} at {n}")
+        env[n] = out
+    return env
+
+
+class Step:
+    """A spec's chunk step with its reverse mode (as `codegen.render_triton_module` builds it)."""
+
+    def __init__(self, derivation):
+        spec = derivation.spec
+        self.step = step = _BUILDERS[spec.memory.kind](derivation)
+        graph = step.graph
+        self.forward_targets = (step.outputs["o"], *(step.outputs[s] for s in step.states))
+        self.seeds = {step.outputs["o"]: graph.input("d_o", ("T", "DV"))}
+        for s in step.states:
+            self.seeds[step.outputs[s]] = graph.input(f"d{s}_new", graph.shape(step.outputs[s]))
+        self.wrt = ("q", "k", "v", *step.states, *step.gates, *step.params)  # in passing order
+        self.adjoint = ir.backward(graph, self.seeds, self.wrt)
+        self.forward_plan = plan(graph, self.forward_targets)
+        self.backward_plan = plan(graph, [a for a in self.adjoint.values() if a is not None])
+        self.consts = tuple(n for n in graph.g if graph.node(n)["op"] == "const")
+        self.chunk = spec.chunk_size
+        self.segments = 2 if spec.lag_token else 1
+        self.expansion = getattr(spec.memory, "expansion", 1)
+
+
+class _ChunkFn(torch.autograd.Function):
+    """One chunk step: forward by the forward graph, backward by its reverse mode."""
+
+    @staticmethod
+    def forward(ctx, step, consts, sizes, *tensors):
+        values = dict(zip(step.wrt, tensors, strict=True)) | consts
+        env = evaluate_batched(step.step.graph, values, sizes, step.forward_plan)
+        ctx.step, ctx.consts, ctx.sizes = step, consts, sizes
+        ctx.save_for_backward(*tensors)
+        return tuple(env[t] for t in step.forward_targets)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        step, tensors = ctx.step, ctx.saved_tensors
+        values = dict(zip(step.wrt, tensors, strict=True)) | ctx.consts
+        outs = _ChunkFn.forward_shapes(step, tensors, ctx.sizes)
+        for seed, g, shape in zip(step.seeds.values(), grads, outs, strict=True):
+            values[seed] = g if g is not None else tensors[0].new_zeros(shape)
+        env = evaluate_batched(step.step.graph, values, ctx.sizes, step.backward_plan)
+        result = []
+        for name, x in zip(step.wrt, tensors, strict=True):
+            a = step.adjoint[name]
+            if a is None or not ctx.needs_input_grad[3 + len(result)]:
+                result.append(None)
+                continue
+            g = env[a]
+            for dim in (-2, -1):  # an adjoint broadcast wider than its input tile
+                if x.shape[dim] == 1 and g.shape[dim] != 1:
+                    g = g.sum(dim, keepdim=True)
+            result.append(g.expand_as(x))
+        return (None, None, None, *result)
+
+    @staticmethod
+    def forward_shapes(step, tensors, sizes):
+        graph = step.step.graph
+        lead = tensors[0].shape[:-2]
+        return [(*lead, *(1 if d == 1 else sizes[d] for d in graph.shape(t)))
+                for t in step.forward_targets]
+
+
+def run(step: Step, q, k, v, gates: dict, params: dict, state, cu_seqlens):
+    """o [B, T, H, DV] (v's dtype) and the final states (the accumulator's dtype), like the
+    kernels; `gates` holds the op's data-dependent gates, `params` ln_weight/ln_bias [H, DV]."""
+    if cu_seqlens is None:
+        return _run_batch(step, q, k, v, gates, params, state)
+    outputs, finals = [], []
+    bounds = cu_seqlens.tolist()
+    for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        part = {g: x[:, bos:eos] for g, x in gates.items()}
+        o, final = _run_batch(step, q[:, bos:eos], k[:, bos:eos], v[:, bos:eos], part, params,
+                              None if state is None else tuple(s[n:n + 1] for s in state))
+        outputs.append(o)
+        finals.append(final)
+    return torch.cat(outputs, 1), tuple(torch.cat(f, 0) for f in zip(*finals, strict=True))
+
+
+def _run_batch(step: Step, q, k, v, gates, params, state):
+    batch, length, heads, dk = q.shape
+    dv = v.shape[-1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n, chunk = batch * heads, step.chunk
+    n_chunks = max(1, -(-length // chunk))
+    if n_chunks == 1:  # a short sequence: a tile of its rows (the rest would be masked padding)
+        chunk = max(1, length)
+    graph = step.step.graph
+    sizes = {"T": chunk, "DK": dk, "DV": dv, "DH": step.expansion * dk}
+    padded = n_chunks * chunk
+
+    def tiles(name, x):  # [B, T, H(, D)] -> [N, chunks, CHUNK, D], padded rows
+        x = x.to(acc)
+        if x.dim() == 3:
+            x = x.unsqueeze(-1)
+        x = x.permute(0, 2, 1, 3).reshape(n, length, x.shape[-1])
+        if padded > length:
+            x = torch.cat([x, x.new_full((n, padded - length, x.shape[-1]), _PAD[name])], 1)
+        return x.unflatten(1, (n_chunks, chunk))
+
+    data = {"q": tiles("q", q), "k": tiles("k", k), "v": tiles("v", v)}
+    data |= {g: tiles(g, gates[g]) for g in step.step.gates}
+    per_head = {p: params[p].to(acc).unsqueeze(0).expand(batch, heads, dv).reshape(n, 1, dv)
+                for p in step.step.params}
+    shapes = [graph.shape(s) for s in step.step.states]
+    dims = [tuple(1 if d == 1 else sizes[d] for d in s) for s in shapes]
+    if state is None:
+        carried = [q.new_zeros((n, *d), dtype=acc) for d in dims]
+    else:
+        carried = [s.to(acc).reshape(n, *d) for s, d in zip(state, dims, strict=True)]
+    if length == 0:  # no chunk runs: the state passes through
+        return v.new_zeros(v.shape), _finals(carried, batch, heads, shapes, sizes)
+
+    ones = {"vmask": (1, dv), "kmask": (1, dk), "hmask": (1, sizes["DH"])}
+    rows_in_chunk = torch.arange(chunk, device=q.device)
+    causal = (rows_in_chunk[:, None] >= rows_in_chunk[None, :]).to(acc)
+    strict = (rows_in_chunk[:, None] > rows_in_chunk[None, :]).to(acc)
+    o_chunks = []
+    for i in range(n_chunks):
+        rows = i * chunk + rows_in_chunk
+        o = None
+        for seg in range(step.segments):
+            valid = rows < length
+            if step.segments == 2:
+                valid = valid & ((rows_in_chunk == 0) if seg == 0 else (rows_in_chunk > 0))
+            last = torch.where(valid, rows, -1).max()
+            consts = {}
+            for c in step.consts:
+                if c in ones:
+                    consts[c] = q.new_ones(ones[c], dtype=acc)
+                elif c == "causal":
+                    consts[c] = causal
+                elif c == "strict":
+                    consts[c] = strict
+                elif c == "rowmask":
+                    consts[c] = valid.to(acc)[:, None]
+                elif c == "lastrow":
+                    consts[c] = (rows == last).to(acc)[:, None]
+                else:
+                    raise ValueError(f"unknown const node {c!r}")
+            loaded = ("q", "k", "v", *step.step.gates)
+            if step.segments == 2:  # rows of the other segment load as padding, as in the kernel
+                values = {x: torch.where(valid[:, None], data[x][:, i], _PAD[x]) for x in loaded}
+            else:
+                values = {x: data[x][:, i] for x in loaded}
+            values |= dict(zip(step.step.states, carried, strict=True)) | per_head
+            out = _ChunkFn.apply(step, consts, sizes, *(values[m] for m in step.wrt))
+            o_seg, carried = out[0], list(out[1:])
+            mask = valid[:, None]
+            o = o_seg if o is None else torch.where(mask, o_seg, o)
+        o_chunks.append(o)
+    o = torch.stack(o_chunks, 1).flatten(1, 2)[:, :length]  # [N, T, DV]
+    o = o.reshape(batch, heads, length, dv).transpose(1, 2).to(v.dtype)
+    return o, _finals(carried, batch, heads, shapes, sizes)
+
+
+def _finals(carried, batch, heads, shapes, sizes):
+    """The carried state tiles [N, rows, cols] as the op's states [B, H, ...] ([1, D]: [D])."""
+    out = []
+    for s, (rows, cols) in zip(carried, shapes, strict=True):
+        shape = (sizes[cols],) if rows == 1 else (sizes[rows], sizes[cols])
+        out.append(s.reshape(batch, heads, *shape))
+    return tuple(out)
