@@ -6,7 +6,7 @@ its value: `k1 v1 k2 v2 ... kN vN  ka va kb vb ...`. The model is scored only on
 the queried keys (the answer positions). Keys and values have separate ranges of the vocabulary;
 the keys of one sequence are distinct, its values drawn with replacement.
 
-    python examples/mqar.py          # six specs, 4 pairs: 5 CPU minutes (1 thread, 2-core sandbox)
+    python examples/mqar.py          # six specs, 4 pairs: about 2 minutes (1 thread, 2-core sandbox)
     python examples/mqar.py --quick  # the three matrix-memory specs, under a minute
     python examples/mqar.py --specs gated_deltanet specs/yaad.yaml --pairs 4 8 --eval-pairs 4 8 16
 
@@ -151,13 +151,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--eval-sequences", type=int, default=256, help="per difficulty")
-    p.add_argument("--backend", choices=("torch", "auto"), default="torch",
+    p.add_argument("--backend", choices=("torch", "auto"), default="auto",
                    help="the memory op's path (auto: Triton kernels on CUDA)")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op CPU threads (the tensors are small: 1 is usually fastest)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
-                   help="about a minute: the matrix-memory specs only")
+                   help="under a minute: the matrix-memory specs only")
     p.add_argument("--out", type=Path, default=Path("runs/mqar"))
     args = p.parse_args(argv)
     if args.quick:
