@@ -729,17 +729,19 @@ def _vjp(graph: Graph, n: str, node: dict, dy: str):
         yield inputs[0], ew(graph, lambda m: -m, graph.dot(left, n, tb=True))
 
 
-def evaluate(graph: Graph, values: dict, sizes: dict) -> dict:
-    """Run the graph on torch tensors (a test oracle for the emitted code and the reverse mode).
-
-    `values` holds every input and const node; `sizes` the kernel constants (e.g. {"DV": 5})."""
+def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
+    """Run the graph (or the `nodes` of a `plan`, in order) on torch tiles [..., rows, cols] with
+    any leading batch dims: the oracle for the emitted code and the reverse mode, and the CPU
+    path (`mirasc.torch_chunk`). `values` holds the input and const nodes needed; `sizes` the
+    kernel constants (e.g. {"T": 64, "DV": 5})."""
     import torch
 
     from mirasc.expr import to_torch
 
     env = dict(values)
     constants = {sp.Symbol(n, positive=True): v for n, v in sizes.items()}
-    for n in graph.order():
+    like = next(iter(values.values()))
+    for n in graph.order() if nodes is None else nodes:
         if n in env:
             continue
         node = graph.node(n)
@@ -748,22 +750,36 @@ def evaluate(graph: Graph, values: dict, sizes: dict) -> dict:
         if op == "dot":
             a = x[0].transpose(-1, -2) if node["ta"] else x[0]
             b = x[1].transpose(-1, -2) if node["tb"] else x[1]
-            env[n] = a @ b
+            out = a @ b
         elif op == "ew":
             scope = dict(zip(node["symbols"], x, strict=True)) | constants
-            env[n] = torch.as_tensor(to_torch(node["expr"], scope), dtype=torch.float64)
+            out = to_torch(node["expr"], scope)
+            if not isinstance(out, torch.Tensor):
+                out = like.new_full((1, 1), float(out))
         elif op == "sum":
-            env[n] = x[0].sum(node["axis"], keepdim=True)
+            out = x[0].sum(node["axis"] - 2, keepdim=True)
+        elif op == "max":  # a stabiliser: no gradient flows through it
+            out = x[0].amax(node["axis"] - 2, keepdim=True).detach()
         elif op == "cumsum":
-            env[n] = x[0].cumsum(0)
+            out = x[0].cumsum(-2)
         elif op == "revcumsum":
-            env[n] = x[0].flip(0).cumsum(0).flip(0)
+            out = x[0].flip(-2).cumsum(-2).flip(-2)
         elif op == "trans":
-            env[n] = x[0].transpose(-1, -2)
-        elif op == "tri_inv":
-            env[n] = torch.linalg.inv(torch.eye(x[0].shape[0], dtype=x[0].dtype) + x[0])
-        elif op == "max":
-            env[n] = x[0].amax(node["axis"], keepdim=True).detach()
+            out = x[0].transpose(-1, -2)
+        elif op == "tri_inv":  # (I + A)^-1, A strictly lower triangular
+            eye = torch.eye(x[0].shape[-1], dtype=x[0].dtype, device=x[0].device)
+            out = torch.linalg.solve_triangular(eye + x[0], eye.expand_as(x[0]), upper=False,
+                                                unitriangular=True)
         else:  # broadcast
-            env[n] = x[0].expand(*[1 if dim == 1 else sizes[dim] for dim in node["shape"]])
+            dims = [1 if d == 1 else sizes[d] for d in node["shape"]]
+            out = x[0].expand(*x[0].shape[:-2], *dims)
+        env[n] = out
     return env
+
+
+def plan(graph: Graph, targets) -> tuple[str, ...]:
+    """The nodes `targets` depend on, in topological order (what `evaluate` must run)."""
+    keep = set(targets)
+    for t in targets:
+        keep |= nx.ancestors(graph.g, t)
+    return tuple(n for n in graph.order() if n in keep)

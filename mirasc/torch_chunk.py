@@ -14,70 +14,14 @@ A sequence shorter than a chunk runs in a tile of its own rows (the rest would b
 
 from __future__ import annotations
 
-import networkx as nx
-import sympy as sp
 import torch
 
 from mirasc import ir
-from mirasc.expr import to_torch
 
 _PAD = {"q": 0.0, "k": 0.0, "v": 1.0, "log_alpha": 0.0, "eta": 0.0, "delta": 1.0,
         "momentum": 1.0}
 _BUILDERS = {"matrix": ir.matrix_chunk_step, "vector": ir.vector_chunk_step,
              "mlp": ir.mlp_chunk_step}
-
-
-def plan(graph: ir.Graph, targets) -> tuple[str, ...]:
-    """The nodes `targets` depend on, in topological order."""
-    keep = set(targets)
-    for t in targets:
-        keep |= nx.ancestors(graph.g, t)
-    return tuple(n for n in graph.order() if n in keep)
-
-
-def evaluate_batched(graph: ir.Graph, values: dict, sizes: dict, nodes) -> dict:
-    """Run `nodes` (a `plan`) on tiles with leading batch dims ([..., rows, cols]), like
-    `ir.evaluate` on 2-D tiles: `values` holds the input and const nodes needed; `sizes` the
-    dims ({"T": 64, "DV": 5})."""
-    env = dict(values)
-    constants = {sp.Symbol(n, positive=True): v for n, v in sizes.items()}
-    like = next(iter(values.values()))
-    for n in nodes:
-        if n in env:
-            continue
-        node = graph.node(n)
-        x = [env[i] for i in node["inputs"]]
-        op = node["op"]
-        if op == "dot":
-            a = x[0].transpose(-1, -2) if node["ta"] else x[0]
-            b = x[1].transpose(-1, -2) if node["tb"] else x[1]
-            out = a @ b
-        elif op == "ew":
-            scope = dict(zip(node["symbols"], x, strict=True)) | constants
-            out = to_torch(node["expr"], scope)
-            if not isinstance(out, torch.Tensor):
-                out = like.new_full((1, 1), float(out))
-        elif op == "sum":
-            out = x[0].sum(node["axis"] - 2, keepdim=True)
-        elif op == "max":
-            out = x[0].amax(node["axis"] - 2, keepdim=True)
-        elif op == "cumsum":
-            out = x[0].cumsum(-2)
-        elif op == "revcumsum":
-            out = x[0].flip(-2).cumsum(-2).flip(-2)
-        elif op == "trans":
-            out = x[0].transpose(-1, -2)
-        elif op == "tri_inv":  # (I + A)^-1, A strictly lower triangular
-            eye = torch.eye(x[0].shape[-1], dtype=x[0].dtype, device=x[0].device)
-            out = torch.linalg.solve_triangular(eye + x[0], eye.expand_as(x[0]), upper=False,
-                                                unitriangular=True)
-        elif op == "broadcast":
-            dims = [1 if d == 1 else sizes[d] for d in node["shape"]]
-            out = x[0].expand(*x[0].shape[:-2], *dims)
-        else:
-            raise ValueError(f"no batched form for op {op!r} at {n}")
-        env[n] = out
-    return env
 
 
 class Step:
@@ -93,8 +37,8 @@ class Step:
             self.seeds[step.outputs[s]] = graph.input(f"d{s}_new", graph.shape(step.outputs[s]))
         self.wrt = ("q", "k", "v", *step.states, *step.gates, *step.params)  # in passing order
         self.adjoint = ir.backward(graph, self.seeds, self.wrt)
-        self.forward_plan = plan(graph, self.forward_targets)
-        self.backward_plan = plan(graph, [a for a in self.adjoint.values() if a is not None])
+        self.forward_plan = ir.plan(graph, self.forward_targets)
+        self.backward_plan = ir.plan(graph, [a for a in self.adjoint.values() if a is not None])
         self.consts = tuple(n for n in graph.g if graph.node(n)["op"] == "const")
         self.chunk = spec.chunk_size
         self.segments = 2 if spec.lag_token else 1
@@ -107,7 +51,7 @@ class _ChunkFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, step, consts, sizes, *tensors):
         values = dict(zip(step.wrt, tensors, strict=True)) | consts
-        env = evaluate_batched(step.step.graph, values, sizes, step.forward_plan)
+        env = ir.evaluate(step.step.graph, values, sizes, step.forward_plan)
         ctx.step, ctx.consts, ctx.sizes = step, consts, sizes
         ctx.save_for_backward(*tensors)
         return tuple(env[t] for t in step.forward_targets)
@@ -119,7 +63,7 @@ class _ChunkFn(torch.autograd.Function):
         outs = _ChunkFn.forward_shapes(step, tensors, ctx.sizes)
         for seed, g, shape in zip(step.seeds.values(), grads, outs, strict=True):
             values[seed] = g if g is not None else tensors[0].new_zeros(shape)
-        env = evaluate_batched(step.step.graph, values, ctx.sizes, step.backward_plan)
+        env = ir.evaluate(step.step.graph, values, ctx.sizes, step.backward_plan)
         result = []
         for name, x in zip(step.wrt, tensors, strict=True):
             a = step.adjoint[name]

@@ -4,6 +4,8 @@ the output, the final state and every input gradient."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import axis_spec, op_from_yaml
@@ -18,10 +20,22 @@ SPECS = ["linear_attention", "simple_gla", "deltanet", "gated_deltanet", "titans
          "ttt_linear", "ttt_mlp", "moneta", "yaad", "memora"]
 
 
+INTERPRET = os.environ.get("TRITON_INTERPRET")  # as conftest set it for the whole suite
+
+
 @pytest.fixture(autouse=True)
 def _on_cpu(monkeypatch):
     """Not interpreting: an op with kernels runs its CPU path on CPU tensors."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def _compile(spec: str, monkeypatch) -> MirasOp:
+    """Compile under the suite's TRITON_INTERPRET: triton.jit reads it when the generated module is
+    imported (once per process), and later tests run these kernels in the interpreter."""
+    with monkeypatch.context() as m:
+        if INTERPRET is not None:
+            m.setenv("TRITON_INTERPRET", INTERPRET)
+        return mirasc.compile(f"specs/{spec}.yaml")
 
 
 def _assert_close(errors: dict, tol: float = 1e-10):
@@ -39,7 +53,7 @@ def _with_kernels(text: str) -> MirasOp:
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_shipped_specs(spec, monkeypatch):
-    op = mirasc.compile(f"specs/{spec}.yaml")
+    op = _compile(spec, monkeypatch)
     assert op.backend == "triton"
     calls, run = [], torch_chunk.run
     monkeypatch.setattr(torch_chunk, "run", lambda *a: calls.append(1) or run(*a))
@@ -74,16 +88,16 @@ def test_axis_combinations(case):
 
 
 @pytest.mark.parametrize("spec", ["gated_deltanet", "ttt_linear", "memora"])
-def test_varlen(spec):
-    op = mirasc.compile(f"specs/{spec}.yaml")
+def test_varlen(spec, monkeypatch):
+    op = _compile(spec, monkeypatch)
     dv = 5 if op.spec.memory.residual else 3
     inputs = varlen_inputs(op, [0, 7, 30, 31, 50], dk=5, dv=dv)
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_narrow_dtypes_compute_in_float32(dtype):
-    op = mirasc.compile("specs/gated_deltanet.yaml")
+def test_narrow_dtypes_compute_in_float32(dtype, monkeypatch):
+    op = _compile("gated_deltanet", monkeypatch)
     inputs = random_inputs(op, batch=1, length=70, heads=2, dk=8, dv=8)
     narrow = {k: (tuple(x.to(dtype) for x in v) if isinstance(v, tuple) else v.to(dtype))
               for k, v in inputs.items()}
@@ -94,8 +108,8 @@ def test_narrow_dtypes_compute_in_float32(dtype):
     _assert_close(errors, tol)
 
 
-def test_sequences_shorter_than_a_chunk():
+def test_sequences_shorter_than_a_chunk(monkeypatch):
     """A sequence shorter than a chunk runs in a tile of its rows (lag token: memora)."""
-    op = mirasc.compile("specs/memora.yaml")
+    op = _compile("memora", monkeypatch)
     inputs = varlen_inputs(op, [0, 3, 4, 70], dk=5, dv=5)
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size))
