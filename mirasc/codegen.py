@@ -279,16 +279,10 @@ def render_triton_module(spec: Spec) -> str:
     reason = triton_unsupported(d)
     if reason:
         raise CodegenError(f"{spec.name}: the Triton backend does not support {reason}")
-    builders = {"matrix": ir.matrix_chunk_step, "vector": ir.vector_chunk_step,
-                "mlp": ir.mlp_chunk_step}
-    step = builders[spec.memory.kind](d)
+    step = ir.chunk_step(d)
     graph = step.graph
     forward = _emit(graph, list(step.outputs.values()), str)
-    seeds = {step.outputs["o"]: graph.input("d_o", ("T", "DV"))}
-    for state in step.states:
-        seeds[step.outputs[state]] = graph.input(f"d{state}_new", graph.shape(step.outputs[state]))
-    wrt = ("q", "k", "v", *step.states, *step.gates, *step.params)
-    adjoint = ir.backward(graph, seeds, wrt)
+    _, _, adjoint = ir.step_adjoint(step)
     present = [a for a in adjoint.values() if a is not None]
     backward = _emit(graph, present, str)
     zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {

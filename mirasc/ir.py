@@ -206,10 +206,19 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
         z_end = ew(gr, lambda a, c: a + c, z_end, b_end)
         extra["b"] = extra["b"] if d.retention.dual else b_end
     o_end = _finish(gr, d, z_end, q, vmask, name="o_end", read=True)
-    lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
-    o = ew(gr, lambda a, b_, m: a * (1 - m) + b_ * m, o, o_end, lastrow, name="o")
+    o = _last_row_reads(gr, o, o_end, name="o")
     new_state = acc if d.retention.dual else w_end
     return ChunkStep(gr, tuple(data_gates), states, {"o": o, "W": new_state, **extra}, params)
+
+
+def _lastrow(gr: Graph) -> str:
+    """The [T, 1] mask of the chunk's last real row (one const node per graph)."""
+    return "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
+
+
+def _last_row_reads(gr: Graph, o: str, o_end: str, name: str | None = None) -> str:
+    """The rows' outputs o, but the chunk's last real row reads o_end (the chunk-end state)."""
+    return ew(gr, lambda a, b, m: a * (1 - m) + b * m, o, o_end, _lastrow(gr), name=name)
 
 
 def _params(gr: Graph) -> tuple[str, ...]:
@@ -228,8 +237,7 @@ def _eta_end(gr: Graph, d: Derivation) -> str | None:
     """eta at the chunk's last real row [1, 1] when the step is the reading token's, else None."""
     if not _by_query(d):
         return None
-    lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
-    return gr.sum(ew(gr, lambda e, m: e * m, "eta", lastrow), 0, name="eta_end")
+    return gr.sum(ew(gr, lambda e, m: e * m, "eta", _lastrow(gr)), 0, name="eta_end")
 
 
 def _chunk_inputs(gr: Graph, d: Derivation, key_dim: str) -> tuple[list[str], str]:
@@ -412,8 +420,7 @@ def vector_chunk_step(d: Derivation) -> ChunkStep:
         w_end = _read_map(gr, d, acc)
         o_end = _finish(gr, d, ew(gr, lambda a, b: a * b, q, w_end), q, vmask, name="o_end",
                         read=True)
-        lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
-        o = ew(gr, lambda a, b, m: a * (1 - m) + b * m, o, o_end, lastrow)
+        o = _last_row_reads(gr, o, o_end)
         new_state = acc if d.retention.dual else w_end
     names = ("W", *outputs)
     return ChunkStep(gr, tuple(data_gates), names,
@@ -513,8 +520,7 @@ def mlp_chunk_step(d: Derivation) -> ChunkStep:
     else:  # the map at the chunk end; the last row reads the mapped weights
         ends = [_read_map(gr, d, a) for a in new_acc]
         o_end = read_chain(q, ends, "o_end")
-        lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
-        o = ew(gr, lambda a, b, m: a * (1 - m) + b * m, o, o_end, lastrow)
+        o = _last_row_reads(gr, o, o_end)
         outputs |= {f"W{i + 1}": (a if d.retention.dual else e)
                     for i, (a, e) in enumerate(zip(new_acc, ends, strict=True))}
     names = [f"W{i + 1}" for i in range(mem.depth)] + \
@@ -527,7 +533,7 @@ def _momentum_mixing(gr: Graph, d: Derivation, decay_mat: str, rowmask: str):
     """The momentum's mixing of a chunk's updates (see `_momentum_terms`), shared by all layers:
     C = decay @ exp(mu_t - mu_i), s_t = sum_(j<=t, real rows) decay_tj exp(mu_j), their values at
     the chunk's last real row, and exp(mu_T - mu)."""
-    lastrow = "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
+    lastrow = _lastrow(gr)
     lm = _log_gate(gr, d.op_gates(), "momentum", rowmask, name="lm")
     mu = gr.cumsum(lm, name="mu")
     mu_end = gr.sum(lm, 0, name="mu_end")
@@ -727,6 +733,24 @@ def _vjp(graph: Graph, n: str, node: dict, dy: str):
     elif op == "tri_inv":  # X = (I + A)^-1: dA = -X^T dX X^T
         left = graph.dot(n, dy, ta=True)
         yield inputs[0], ew(graph, lambda m: -m, graph.dot(left, n, tb=True))
+
+
+def chunk_step(d: Derivation) -> ChunkStep:
+    """The chunk step of the spec's memory kind."""
+    builders = {"matrix": matrix_chunk_step, "vector": vector_chunk_step, "mlp": mlp_chunk_step}
+    return builders[d.spec.memory.kind](d)
+
+
+def step_adjoint(step: ChunkStep) -> tuple[dict[str, str], tuple[str, ...], dict[str, str | None]]:
+    """Reverse mode through a chunk step: the cotangent inputs d_o and d<state>_new seed o and
+    every new state. Returns (seeds, wrt: q, k, v, the states, gates and params in kernel argument
+    order, the gradient node of each, None where it is zero)."""
+    graph = step.graph
+    seeds = {step.outputs["o"]: graph.input("d_o", ("T", "DV"))}
+    for state in step.states:
+        seeds[step.outputs[state]] = graph.input(f"d{state}_new", graph.shape(step.outputs[state]))
+    wrt = ("q", "k", "v", *step.states, *step.gates, *step.params)
+    return seeds, wrt, backward(graph, seeds, wrt)
 
 
 def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:

@@ -90,20 +90,17 @@ class MirasOp:
         gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         ln = self._check_ln(ln_weight, ln_bias, q, v)
+        given = {name: x for name, x in gates.items() if x is not None}  # what the kernels take
+        if ln is not None:
+            given |= {"ln_weight": ln[0], "ln_bias": ln[1]}
         if self._kernel is not None and (q.is_cuda or interpreting()):
-            given = {name: x for name, x in gates.items() if x is not None}
-            if ln is not None:
-                given |= {"ln_weight": ln[0], "ln_bias": ln[1]}
             o, final = self._kernel(q, k, v, given, state, cu_seqlens)
         elif self._kernel is not None:  # on CPU: the kernels' chunk-step graph, run in torch
             from mirasc import torch_chunk
 
             if self._chunk_step is None:
                 self._chunk_step = torch_chunk.Step(self.derivation)
-            given = {name: x for name, x in gates.items() if x is not None}
-            params = {} if ln is None else {"ln_weight": ln[0], "ln_bias": ln[1]}
-            o, final = torch_chunk.run(self._chunk_step, q, k, v, given, params, state,
-                                       cu_seqlens)
+            o, final = torch_chunk.run(self._chunk_step, q, k, v, given, state, cu_seqlens)
         else:
             chunk = self.oracle_chunk_size or 1
             o, final = self._by_sequence(

@@ -20,8 +20,6 @@ from mirasc import ir
 
 _PAD = {"q": 0.0, "k": 0.0, "v": 1.0, "log_alpha": 0.0, "eta": 0.0, "delta": 1.0,
         "momentum": 1.0}
-_BUILDERS = {"matrix": ir.matrix_chunk_step, "vector": ir.vector_chunk_step,
-             "mlp": ir.mlp_chunk_step}
 
 
 class Step:
@@ -29,14 +27,10 @@ class Step:
 
     def __init__(self, derivation):
         spec = derivation.spec
-        self.step = step = _BUILDERS[spec.memory.kind](derivation)
+        self.step = step = ir.chunk_step(derivation)
         graph = step.graph
         self.forward_targets = (step.outputs["o"], *(step.outputs[s] for s in step.states))
-        self.seeds = {step.outputs["o"]: graph.input("d_o", ("T", "DV"))}
-        for s in step.states:
-            self.seeds[step.outputs[s]] = graph.input(f"d{s}_new", graph.shape(step.outputs[s]))
-        self.wrt = ("q", "k", "v", *step.states, *step.gates, *step.params)  # in passing order
-        self.adjoint = ir.backward(graph, self.seeds, self.wrt)
+        self.seeds, self.wrt, self.adjoint = ir.step_adjoint(step)  # wrt: the passing order
         self.forward_plan = ir.plan(graph, self.forward_targets)
         self.backward_plan = ir.plan(graph, [a for a in self.adjoint.values() if a is not None])
         self.consts = tuple(n for n in graph.g if graph.node(n)["op"] == "const")
@@ -85,23 +79,24 @@ class _ChunkFn(torch.autograd.Function):
                 for t in step.forward_targets]
 
 
-def run(step: Step, q, k, v, gates: dict, params: dict, state, cu_seqlens):
+def run(step: Step, q, k, v, given: dict, state, cu_seqlens):
     """o [B, T, H, DV] (v's dtype) and the final states (the accumulator's dtype), like the
-    kernels; `gates` holds the op's data-dependent gates, `params` ln_weight/ln_bias [H, DV]."""
+    kernels; `given` holds what the kernels take besides q, k, v: the op's data-dependent gates
+    [B, T, H(, D)] and ln_weight/ln_bias [H, DV]."""
     if cu_seqlens is None:
-        return _run_batch(step, q, k, v, gates, params, state)
+        return _run_batch(step, q, k, v, given, state)
     outputs, finals = [], []
     bounds = cu_seqlens.tolist()
     for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        part = {g: x[:, bos:eos] for g, x in gates.items()}
-        o, final = _run_batch(step, q[:, bos:eos], k[:, bos:eos], v[:, bos:eos], part, params,
+        part = {g: x if g in step.step.params else x[:, bos:eos] for g, x in given.items()}
+        o, final = _run_batch(step, q[:, bos:eos], k[:, bos:eos], v[:, bos:eos], part,
                               None if state is None else tuple(s[n:n + 1] for s in state))
         outputs.append(o)
         finals.append(final)
     return torch.cat(outputs, 1), tuple(torch.cat(f, 0) for f in zip(*finals, strict=True))
 
 
-def _run_batch(step: Step, q, k, v, gates, params, state):
+def _run_batch(step: Step, q, k, v, given, state):
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -123,8 +118,8 @@ def _run_batch(step: Step, q, k, v, gates, params, state):
         return x.unflatten(1, (n_chunks, chunk))
 
     data = {"q": tiles("q", q), "k": tiles("k", k), "v": tiles("v", v)}
-    data |= {g: tiles(g, gates[g]) for g in step.step.gates}
-    per_head = {p: params[p].to(acc).unsqueeze(0).expand(batch, heads, dv).reshape(n, 1, dv)
+    data |= {g: tiles(g, given[g]) for g in step.step.gates}
+    per_head = {p: given[p].to(acc).unsqueeze(0).expand(batch, heads, dv).reshape(n, 1, dv)
                 for p in step.step.params}
     shapes = [graph.shape(s) for s in step.step.states]
     dims = [tuple(1 if d == 1 else sizes[d] for d in s) for s in shapes]
