@@ -140,7 +140,8 @@ _PROLOGUE = """\
     n_chunks = tl.cdiv(eos - bos, CHUNK)
     offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
-    offs_v = tl.arange(0, BV)
+    i_v = tl.program_id(2)  # the block of DV columns (0 unless SPLIT_V)
+    offs_v = i_v * BV + tl.arange(0, BV)
     offs_h = tl.arange(0, BH)
     mask_k = offs_k < DK
     mask_v = offs_v < DV
@@ -271,6 +272,15 @@ def _state_tiles(step) -> list[dict]:
     return tiles
 
 
+def _configs(d) -> list[tuple[int, int]]:
+    """The (num_warps, num_stages) pairs the autotuner times for the spec's kernels. Measured with
+    `mirasc resources` (sm_90, D=64, 128): 16 warps caps registers at 128 per thread and spills
+    more than 4 or 8, and of 4 and 8 neither wins everywhere. More stages change the code of MLP
+    memories only (their chunk loop pipelines), at more shared memory."""
+    stages = (1, 2) if d.spec.memory.kind == "mlp" else (1,)
+    return [(warps, s) for warps in (4, 8) for s in stages]
+
+
 def render_triton_module(spec: Spec) -> str:
     """The module with Triton forward/backward kernels, custom ops and autograd for `spec`."""
     from mirasc import ir
@@ -293,8 +303,12 @@ def render_triton_module(spec: Spec) -> str:
     zeros |= dict.fromkeys(step.params, "1, BV")
     adjoint_code = {n: a if a is not None else f"tl.zeros([{zeros[n]}], dtype=ACC)"
                     for n, a in adjoint.items()}
+    split_v = ir.separable(step)
+    summed = ["q", "k"] + [g for g in step.gates if not (g == "delta" and gates[g].shape == "channel")]
     template = _environment().get_template("triton_chunk.py.j2")
     return template.render(
+        split_v=split_v, summed=summed if split_v else [],
+        configs=_configs(d),
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
         op_name=f"{spec.name}_{spec.digest()}",
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),

@@ -741,6 +741,23 @@ def chunk_step(d: Derivation) -> ChunkStep:
     return builders[d.spec.memory.kind](d)
 
 
+def separable(step: ChunkStep, dim: str = "DV") -> bool:
+    """Whether the forward step never mixes entries along `dim`: no sum or max over it, no dot
+    contracting it. Then blocks of `dim` columns run apart (one program each), and only the
+    gradients of inputs without `dim` are partial sums over the blocks."""
+    graph = step.graph
+    if any(dim not in graph.shape(s) for s in (*step.states, *step.params)):
+        return False  # a tile without the dim would be written whole by every block
+    for n in plan(graph, list(step.outputs.values())):
+        node = graph.node(n)
+        shapes = [graph.shape(i) for i in node["inputs"]]
+        if node["op"] in ("sum", "max") and shapes[0][node["axis"]] == dim:
+            return False
+        if node["op"] == "dot" and shapes[0][0 if node["ta"] else 1] == dim:
+            return False
+    return True
+
+
 def step_adjoint(step: ChunkStep) -> tuple[dict[str, str], tuple[str, ...], dict[str, str | None]]:
     """Reverse mode through a chunk step: the cotangent inputs d_o and d<state>_new seed o and
     every new state. Returns (seeds, wrt: q, k, v, the states, gates and params in kernel argument

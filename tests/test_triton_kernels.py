@@ -12,8 +12,10 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import mirasc
+from mirasc import ir
 from mirasc.check import compare, random_inputs, relative_error, varlen_inputs
 from mirasc.codegen import render_module, triton_unsupported
+from mirasc.runtime import import_module, module_path
 from mirasc.spec import SpecError
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -222,6 +224,55 @@ def test_half_precision_inputs_accumulate_in_float32(dtype):
     o_ref, (state_ref,) = op.reference(**wide, output_final_state=True)
     assert relative_error(o, o_ref) < 1e-2
     assert relative_error(state, state_ref) < 1e-3
+
+
+SPLIT_CASES = {  # steps that never mix DV columns: gates per head, per key channel, per value channel
+    "gated_deltanet": "specs/gated_deltanet.yaml", "titans": "specs/titans.yaml",
+    "channel decay, channel eta": axis_spec(retention="{kind: l2, decay: {shape: channel}}",
+                                            learner="{kind: gd, eta: {shape: channel}}"),
+    "huber per value channel": axis_spec(bias="{kind: huber, delta: {shape: channel}}"),
+}
+
+
+class _Grids:
+    """Stands in for a launcher (`_fwd`, `_bwd`) and records the grids it is launched on."""
+
+    def __init__(self, launcher):
+        self.launcher, self.grids = launcher, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.launcher[grid]
+
+
+@pytest.mark.parametrize("case", sorted(SPLIT_CASES))
+def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
+    """SPLIT_V: blocks of 16 value columns run as programs of their own (DV = 37: three, the last
+    one masked); the q, k and gate gradients are the blocks' partial sums; packed sequences too."""
+    source = SPLIT_CASES[case]
+    op = mirasc.compile(source) if source.endswith(".yaml") else _compile(source, tmp_path,
+                                                                         monkeypatch)
+    module = import_module(module_path(op.spec))
+    assert module.SPLIT_V
+    for kernel in ("fwd", "bwd"):
+        monkeypatch.setitem(module.BV_MAX, kernel, 16)
+        monkeypatch.setattr(module, f"_{kernel}", _Grids(getattr(module, f"_{kernel}")))
+    inputs = random_inputs(op, batch=2, length=23, heads=2, dk=6, dv=37)
+    _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
+    packed = varlen_inputs(op, [0, 9, 30], dk=5, dv=37)
+    _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
+    assert {grid[2] for grid in module._fwd.grids + module._bwd.grids} == {3}
+
+
+def test_steps_that_mix_value_columns_keep_them_together():
+    """A norm over the residual, a layer norm over DV or an MLP's hidden layer couple the value
+    columns: those modules hold all of DV in one program."""
+    mixed = [axis_spec(bias="{kind: huber, variant: norm, delta: {value: 0.3}}"),
+             axis_spec(memory="{kind: mlp, depth: 2, expansion: 2}")]
+    for text in mixed:
+        assert not ir.separable(ir.chunk_step(op_from_yaml(text).derivation))
+    for spec in ("ttt_linear", "moneta"):
+        assert "SPLIT_V = False" in render_module(mirasc.load_spec(f"specs/{spec}.yaml"))
 
 
 def test_varlen_matches_sequence_by_sequence():
