@@ -1,4 +1,4 @@
-"""`python -m benchmarks {cpu,gpu,compile}` from the repository root; see each command's --help."""
+"""`python -m benchmarks {cpu,gpu,compile,resources}` from the repository root; see --help."""
 
 from __future__ import annotations
 
@@ -128,6 +128,30 @@ def compile_(specs: Specs = None,
     env = environment("cpu")
     typer.echo("\n" + bench.report(rows, repeats, env))
     write_outputs(out, "compile", rows, {"environment": env, "repeats": repeats})
+
+
+@app.command()
+def resources(specs: Specs = None,
+              dims: Annotated[str, typer.Option(help="Head dims (Dk = Dv).")] = "64,128",
+              sm: Annotated[int, typer.Option(help="Compute capability of the target.")] = 90,
+              out: Out = None):
+    """Registers, spills and shared memory of every kernel and launch configuration, compiled for
+    a GPU target without one (~20 minutes for all specs at D=64,128 on 2 cores)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        typer.echo("error: TRITON_INTERPRET=1 replaces Triton's compiler; unset it", err=True)
+        raise typer.Exit(2)
+    from benchmarks import resources as bench
+    from benchmarks.common import SPECS, environment, write_outputs
+    from mirasc.resources import SHARED_LIMIT
+
+    if sm not in SHARED_LIMIT:
+        typer.echo(f"error: --sm: allowed: {', '.join(map(str, SHARED_LIMIT))}", err=True)
+        raise typer.Exit(2)
+    names = _names(specs) if specs else sorted(p.stem for p in SPECS.glob("*.yaml"))
+    rows = bench.benchmark(names, _ints(dims), sm)
+    env = environment("cpu")
+    typer.echo("\n" + bench.report(rows, sm, env))
+    write_outputs(out, "resources", rows, {"environment": env, "sm": sm}, bench.plot(rows, sm))
 
 
 if __name__ == "__main__":

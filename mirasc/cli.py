@@ -1,4 +1,4 @@
-"""The `mirasc` command line: compile, explain, check, list."""
+"""The `mirasc` command line: compile, explain, check, resources, list."""
 
 from __future__ import annotations
 
@@ -89,6 +89,59 @@ def check(spec: SpecPath,
     typer.echo(f"{op.spec.name}: worst relative error {max(errors.values()):.3e} ({op.backend} "
                f"backend vs {against} in float64; {dtype} inputs, T={length})")
     if not passed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def resources(spec: SpecPath,
+              head_dim: Annotated[int, typer.Option(help="Head dimension Dk.")] = 64,
+              value_dim: Annotated[int | None, typer.Option(help="Dv (default: Dk).")] = None,
+              dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32 inputs.")]
+              = "bfloat16",
+              sm: Annotated[int, typer.Option(help="Compute capability, e.g. 90 (H100), 80 "
+                                                   "(A100).")] = 90,
+              first: Annotated[bool, typer.Option(help="Only the first launch configuration.")]
+              = False):
+    """Compile SPEC's kernels for a GPU (no GPU needed: Triton and its ptxas run here) and print
+    each launch configuration's registers and spills per thread and shared memory per program.
+    Exits 1 when no configuration of a kernel fits the GPU's shared memory."""
+    import torch
+
+    from mirasc.resources import SHARED_LIMIT, kernel_usage
+    from mirasc.runtime import compile as compile_spec
+    from mirasc.runtime import interpreting
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if dtype not in dtypes or sm not in SHARED_LIMIT:
+        typer.echo(f"error: --dtype: allowed: {', '.join(dtypes)}; --sm: allowed: "
+                   f"{', '.join(map(str, SHARED_LIMIT))}", err=True)
+        raise typer.Exit(2)
+    if interpreting():
+        typer.echo("error: TRITON_INTERPRET=1 replaces Triton's compiler; unset it", err=True)
+        raise typer.Exit(2)
+    op = compile_spec(_load(spec))
+    if op.backend != "triton":
+        typer.echo(f"error: {op.spec.name} has no Triton kernels (it runs on the torch path)",
+                   err=True)
+        raise typer.Exit(2)
+    dv = value_dim or head_dim
+    rows = kernel_usage(op, head_dim, dv, dtypes[dtype], sm, "first" if first else "tuned")
+    typer.echo(f"{op.spec.name}: Dk={head_dim}, Dv={dv}, {dtype}, sm_{sm} (shared memory limit "
+               f"{SHARED_LIMIT[sm] // 1024} KiB per block)")
+    typer.echo(f"{'kernel':<6}  {'warps':>5}  {'stages':>6}  {'registers':>9}  {'spill B':>7}  "
+               f"{'shared KiB':>10}  fits")
+    for u in rows:
+        head = f"{u.kernel:<6}  {u.num_warps:>5}  {u.num_stages:>6}  "
+        if u.error is not None:
+            typer.echo(f"{head}ptxas refused it: {u.error}")
+            continue
+        typer.echo(f"{head}{u.registers:>9}  {u.spill_bytes:>7}  {u.shared_bytes / 1024:>10.1f}  "
+                   f"{'yes' if u.fits else 'NO'}")
+    unfit = sorted({u.kernel for u in rows} - {u.kernel for u in rows if u.fits})
+    if unfit:
+        typer.echo(f"{op.spec.name}: no launch configuration of the {' and '.join(unfit)} kernel "
+                   f"fits sm_{sm}'s shared memory at Dk={head_dim}, Dv={dv}; a smaller head dim, "
+                   "expansion or chunk_size needs less", err=True)
         raise typer.Exit(1)
 
 
