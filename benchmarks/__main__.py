@@ -134,9 +134,12 @@ def compile_(specs: Specs = None,
 def resources(specs: Specs = None,
               dims: Annotated[str, typer.Option(help="Head dims (Dk = Dv).")] = "64,128",
               sm: Annotated[int, typer.Option(help="Compute capability of the target.")] = 90,
+              first: Annotated[bool, typer.Option(help="Only each kernel's first launch "
+                                                       "configuration.")] = False,
               out: Out = None):
     """Registers, spills and shared memory of every kernel and launch configuration, compiled for
-    a GPU target without one (~20 minutes for all specs at D=64,128 on 2 cores)."""
+    a GPU target without one (the six matrix-memory specs at D=64,128: ~10 min on one core; an
+    MLP memory's backward alone takes ptxas minutes)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         typer.echo("error: TRITON_INTERPRET=1 replaces Triton's compiler; unset it", err=True)
         raise typer.Exit(2)
@@ -148,7 +151,7 @@ def resources(specs: Specs = None,
         typer.echo(f"error: --sm: allowed: {', '.join(map(str, SHARED_LIMIT))}", err=True)
         raise typer.Exit(2)
     names = _names(specs) if specs else sorted(p.stem for p in SPECS.glob("*.yaml"))
-    rows = bench.benchmark(names, _ints(dims), sm)
+    rows = bench.benchmark(names, _ints(dims), sm, first)
     env = environment("cpu")
     typer.echo("\n" + bench.report(rows, sm, env))
     write_outputs(out, "resources", rows, {"environment": env, "sm": sm}, bench.plot(rows, sm))

@@ -19,18 +19,21 @@ from mirasc.resources import SHARED_LIMIT, kernel_usage
 COLUMNS = [("spec", "spec", ""), ("dim", "D", "d"), ("kernel", "kernel", ""),
            ("num_warps", "warps", "d"), ("num_stages", "stages", "d"),
            ("registers", "registers", "d"), ("spill_bytes", "spill B", "d"),
+           ("tensor_core", "tensor-core ops", "d"),
            ("shared_kib", "shared KiB", ".1f"), ("fits", "fits", ""), ("seconds", "compile s", ".1f"),
            ("error", "ptxas error", "")]
 
 
-def benchmark(specs: list[str], dims: list[int], capability: int) -> list[dict]:
-    """One row per spec, head dim (Dk = Dv), kernel and launch configuration, bf16 inputs."""
+def benchmark(specs: list[str], dims: list[int], capability: int, first: bool = False) -> list[dict]:
+    """One row per spec, head dim (Dk = Dv), kernel and launch configuration (or the first only),
+    bf16 inputs."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # cold: every compile time counts Triton and ptxas
         for spec, dim in tqdm([(s, d) for s in specs for d in dims], desc="compiling"):
             op = mirasc.compile(SPECS / f"{spec}.yaml")
-            for usage in kernel_usage(op, dim, dim, torch.bfloat16, capability):
+            configs = "first" if first else "tuned"
+            for usage in kernel_usage(op, dim, dim, torch.bfloat16, capability, configs):
                 row = {"spec": spec, "dim": dim} | asdict(usage)
                 row |= {"shared_kib": None if usage.error else usage.shared_bytes / 1024,
                         "fits": "yes" if usage.fits else "NO"}
@@ -56,9 +59,9 @@ def plot(rows: list[dict], capability: int):
         import matplotlib.pyplot as plt
 
         dims = sorted({r["dim"] for r in rows})
-        specs = list(dict.fromkeys(r["spec"] for r in rows))
         fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4), squeeze=False)
         for ax, dim in zip(axes[0], dims, strict=True):
+            specs = list(dict.fromkeys(r["spec"] for r in rows if r["dim"] == dim))
             for shift, kernel in ((-0.2, "fwd"), (0.2, "bwd")):
                 least = [min((r["shared_kib"] for r in rows if (r["spec"], r["dim"], r["kernel"])
                               == (spec, dim, kernel) and r["shared_kib"] is not None),

@@ -103,7 +103,8 @@ def resources(spec: SpecPath,
               first: Annotated[bool, typer.Option(help="Only the first launch configuration.")]
               = False):
     """Compile SPEC's kernels for a GPU (no GPU needed: Triton and its ptxas run here) and print
-    each launch configuration's registers and spills per thread and shared memory per program.
+    each launch configuration's registers and spills per thread, tensor-core instructions (HGMMA,
+    HMMA) and shared memory per program.
     Exits 1 when no configuration of a kernel fits the GPU's shared memory."""
     import torch
 
@@ -129,14 +130,14 @@ def resources(spec: SpecPath,
     typer.echo(f"{op.spec.name}: Dk={head_dim}, Dv={dv}, {dtype}, sm_{sm} (shared memory limit "
                f"{SHARED_LIMIT[sm] // 1024} KiB per block)")
     typer.echo(f"{'kernel':<6}  {'warps':>5}  {'stages':>6}  {'registers':>9}  {'spill B':>7}  "
-               f"{'shared KiB':>10}  fits")
+               f"{'tensor-core ops':>15}  {'shared KiB':>10}  fits")
     for u in rows:
         head = f"{u.kernel:<6}  {u.num_warps:>5}  {u.num_stages:>6}  "
         if u.error is not None:
             typer.echo(f"{head}ptxas refused it: {u.error}")
             continue
-        typer.echo(f"{head}{u.registers:>9}  {u.spill_bytes:>7}  {u.shared_bytes / 1024:>10.1f}  "
-                   f"{'yes' if u.fits else 'NO'}")
+        typer.echo(f"{head}{u.registers:>9}  {u.spill_bytes:>7}  {u.tensor_core:>15}  "
+                   f"{u.shared_bytes / 1024:>10.1f}  {'yes' if u.fits else 'NO'}")
     unfit = sorted({u.kernel for u in rows} - {u.kernel for u in rows if u.fits})
     if unfit:
         typer.echo(f"{op.spec.name}: no launch configuration of the {' and '.join(unfit)} kernel "

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mirasc.runtime import MirasOp
+from mirasc.runtime import BACKENDS, MirasOp
 from mirasc.runtime import compile as compile_spec
 from mirasc.spec import Spec, load_spec, parse_spec
 
@@ -28,7 +28,6 @@ GATE_ACTIVATIONS = {
     "momentum": torch.sigmoid,
     "delta": F.softplus,
 }
-BACKENDS = ("auto", "torch")
 
 
 def as_spec(spec: str | Path | Spec) -> Spec:

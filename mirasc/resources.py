@@ -1,6 +1,7 @@
 """What a spec's kernels need from a GPU, found without one: Triton lowers each kernel to PTX for
 the target, the ptxas it ships assembles the cubin, and cuobjdump reads its registers and spill
-stack per thread; Triton's metadata gives the shared memory per program. Nothing is launched.
+stack per thread and counts the tensor-core instructions in its SASS; Triton's metadata gives the
+shared memory per program. Nothing is launched.
 
 A launch fails on the GPU when its shared memory exceeds the target's per-block limit; spilled
 registers (stack bytes) go to local memory and cost bandwidth."""
@@ -30,15 +31,16 @@ POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32:
 class Usage:
     """One kernel compiled with one launch configuration."""
 
-    kernel: str          # "fwd" or "bwd"
+    kernel: str                # "fwd" or "bwd"
     num_warps: int
     num_stages: int
-    registers: int | None  # per thread (255 is the hardware's most)
-    spill_bytes: int | None  # stack per thread: registers spilled to local memory
-    shared_bytes: int | None  # per program
-    shared_limit: int      # the target's per-block limit
-    seconds: float         # Triton + ptxas compile time
-    error: str | None = None  # why ptxas refused the kernel (the autotuner skips such a config)
+    registers: int | None      # per thread (255 is the hardware's most)
+    spill_bytes: int | None    # stack per thread: registers spilled to local memory
+    shared_bytes: int | None   # per program
+    shared_limit: int          # the target's per-block limit
+    seconds: float             # Triton + ptxas compile time
+    tensor_core: int | None = None  # tensor-core instructions in the SASS (HGMMA, HMMA)
+    error: str | None = None   # why ptxas refused the kernel (the autotuner skips such a config)
 
     @property
     def fits(self) -> bool:
@@ -95,20 +97,21 @@ def _source(fn, args: tuple, kwargs: dict):
     return ASTSource(fn, signature, constexprs=constants, attrs=attrs)
 
 
-def _registers_and_stack(cubin: bytes) -> tuple[int, int]:
-    """REG and STACK of the cubin's kernel, as cuobjdump -res-usage prints them."""
+def _cubin_facts(cubin: bytes) -> tuple[int, int, int]:
+    """REG and STACK of the cubin's kernel, as cuobjdump -res-usage prints them, and the count of
+    tensor-core instructions (HGMMA: Hopper's wgmma, HMMA: mma.sync) in its SASS."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+)", text)
+        usage, sass = (subprocess.run([str(tool), flag, f.name], capture_output=True, text=True,
+                                      check=True).stdout for flag in ("-res-usage", "-sass"))
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if found is None:
-        raise RuntimeError(f"cuobjdump printed no resource usage:\n{text}")
-    return int(found[1]), int(found[2])
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{usage}")
+    return int(found[1]), int(found[2]), len(re.findall(r"\b[HQ]GMMA\b|\bHMMA\b", sass))
 
 
 def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
@@ -144,10 +147,10 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
                 reason = next((line for line in str(exc).splitlines() if "fatal" in line), str(exc))
                 rows.append(Usage(kernel, num_warps, num_stages, None, None, None,
                                   SHARED_LIMIT[capability], time.perf_counter() - start,
-                                  reason.strip()))
+                                  error=reason.strip()))
                 continue
-            registers, stack = _registers_and_stack(compiled.asm["cubin"])
+            registers, stack, tensor_core = _cubin_facts(compiled.asm["cubin"])
             rows.append(Usage(kernel, num_warps, num_stages, registers, stack,
                               compiled.metadata.shared, SHARED_LIMIT[capability],
-                              time.perf_counter() - start))
+                              time.perf_counter() - start, tensor_core))
     return rows

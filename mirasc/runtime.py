@@ -28,6 +28,7 @@ def interpreting() -> bool:
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GATE_CHANNELS = {"log_alpha": "Dk", "eta": "Dk", "momentum": "Dk", "delta": "Dv"}
+BACKENDS = ("auto", "torch")
 
 
 class MirasOp:
@@ -86,16 +87,23 @@ class MirasOp:
 
     def __call__(self, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None,
                  ln_weight=None, ln_bias=None, initial_state=None, output_final_state=False,
-                 cu_seqlens=None):
+                 cu_seqlens=None, backend="auto"):
+        """backend 'auto': the Triton kernels on CUDA tensors (or under Triton's interpreter),
+        else torch; 'torch': the kernels' chunk-step graph in torch on any device (for a GPU
+        whose shared memory a kernel does not fit). Specs without kernels run the reference's
+        chunked recurrence either way."""
+        if backend not in BACKENDS:
+            raise ValueError(f"{self.spec.name}: backend {backend!r}; allowed: "
+                             f"{', '.join(BACKENDS)}")
         gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         ln = self._check_ln(ln_weight, ln_bias, q, v)
         given = {name: x for name, x in gates.items() if x is not None}  # what the kernels take
         if ln is not None:
             given |= {"ln_weight": ln[0], "ln_bias": ln[1]}
-        if self._kernel is not None and (q.is_cuda or interpreting()):
+        if self._kernel is not None and backend == "auto" and (q.is_cuda or interpreting()):
             o, final = self._kernel(q, k, v, given, state, cu_seqlens)
-        elif self._kernel is not None:  # on CPU: the kernels' chunk-step graph, run in torch
+        elif self._kernel is not None:  # the kernels' chunk-step graph, run in torch
             from mirasc import torch_chunk
 
             if self._chunk_step is None:

@@ -10,6 +10,7 @@ import torch
 from conftest import axis_spec, op_from_yaml
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
+from triton.runtime.errors import OutOfResources
 
 import mirasc
 from mirasc import ir
@@ -262,6 +263,53 @@ def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     packed = varlen_inputs(op, [0, 9, 30], dk=5, dv=37)
     _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
     assert {grid[2] for grid in module._fwd.grids + module._bwd.grids} == {3}
+
+
+def test_a_launch_that_does_not_fit_the_gpu_names_the_kernel(monkeypatch):
+    """Triton's out-of-resources error (raised when no autotuned configuration fits) becomes one
+    naming the spec, the kernel and the head dims, pointing at `mirasc resources`."""
+    op = mirasc.compile("specs/ttt_mlp.yaml")
+    module = import_module(module_path(op.spec))
+
+    class TooBig:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise OutOfResources(369664, 232448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(module, "_bwd", TooBig())
+    inputs = random_inputs(op, batch=1, length=20, heads=2, dk=8, dv=8)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items() if k in ("q", "k", "v")}
+    o, _ = op(**(inputs | leaves))
+    with pytest.raises(RuntimeError, match=r"ttt_mlp: the bwd kernel at Dk=8, Dv=8 needs 369664 "
+                                           r"\(shared memory\), over this GPU's 232448; `mirasc "
+                                           r"resources SPEC --head-dim 8`.*backend='torch'"):
+        o.sum().backward()
+
+
+def test_backend_torch_runs_the_chunk_step_in_torch_where_kernels_would_run(monkeypatch):
+    """op(..., backend='torch') never launches a kernel (here: where the interpreter would run
+    them) and computes the same function, gradients included."""
+    op = mirasc.compile("specs/ttt_mlp.yaml")
+    module = import_module(module_path(op.spec))
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(module, "_fwd", NoLaunch())
+    monkeypatch.setattr(module, "_bwd", NoLaunch())
+    inputs = random_inputs(op, batch=2, length=21, heads=2, dk=6, dv=6)
+
+    class TorchPath:  # what `compare` calls: the op on backend='torch', and its reference
+        reference = staticmethod(op.reference)
+
+        def __call__(self, *args, **kwargs):
+            return op(*args, **kwargs, backend="torch")
+
+    _assert_close(compare(TorchPath(), inputs, chunk_size=op.oracle_chunk_size), torch.float64)
+    with pytest.raises(ValueError, match="backend 'cuda'; allowed: auto, torch"):
+        op(inputs["q"], inputs["k"], inputs["v"], backend="cuda")
 
 
 def test_steps_that_mix_value_columns_keep_them_together():
