@@ -288,7 +288,8 @@ def train(args) -> dict:
         final.save_pretrained(args.out / "model")
         if args.sample_tokens:
             print("sample:", sample(final, args), sep="\n")
-    if world > 1:
+    if world > 1:  # wait for rank 0's saving: a rank tearing gloo down alone may abort
+        dist.barrier()
         dist.destroy_process_group()
     return history
 
