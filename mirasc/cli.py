@@ -142,7 +142,8 @@ def resources(spec: SpecPath,
     if unfit:
         typer.echo(f"{op.spec.name}: no launch configuration of the {' and '.join(unfit)} kernel "
                    f"fits sm_{sm}'s shared memory at Dk={head_dim}, Dv={dv}; a smaller head dim, "
-                   "expansion or chunk_size needs less", err=True)
+                   "expansion or chunk_size needs less, and op(..., backend='torch') runs "
+                   "without the kernels", err=True)
         raise typer.Exit(1)
 
 
