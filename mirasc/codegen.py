@@ -185,15 +185,12 @@ def triton_unsupported(d) -> str | None:
 
 def _emit(graph, targets, names) -> list[str]:
     """Triton statements for the nodes that `targets` depend on, in topological order."""
-    import networkx as nx
+    from mirasc.ir import plan
 
-    keep = set(targets)
-    for t in targets:
-        keep |= nx.ancestors(graph.g, t)
     lines = []
-    for n in graph.order():
+    for n in plan(graph, targets):
         node = graph.node(n)
-        if n not in keep or node["op"] in ("input", "const"):
+        if node["op"] in ("input", "const"):
             continue
         x = [names(i) for i in node["inputs"]]
         op = node["op"]
