@@ -98,17 +98,21 @@ class MirasOp:
         gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         ln = self._check_ln(ln_weight, ln_bias, q, v)
-        given = {name: x for name, x in gates.items() if x is not None}  # what the kernels take
-        if ln is not None:
-            given |= {"ln_weight": ln[0], "ln_bias": ln[1]}
+        given = {name: x for name, x in gates.items() if x is not None}  # the data-dependent gates
+        params = {} if ln is None else {"ln_weight": ln[0], "ln_bias": ln[1]}
         if self._kernel is not None and backend == "auto" and (q.is_cuda or interpreting()):
-            o, final = self._kernel(q, k, v, given, state, cu_seqlens)
+            o, final = self._kernel(q, k, v, given | params, state, cu_seqlens)
         elif self._kernel is not None:  # the kernels' chunk-step graph, run in torch
             from mirasc import torch_chunk
 
             if self._chunk_step is None:
                 self._chunk_step = torch_chunk.Step(self.derivation)
-            o, final = torch_chunk.run(self._chunk_step, q, k, v, given, state, cu_seqlens)
+            step = self._chunk_step
+
+            def one(q, k, v, part, s):  # ln_weight, ln_bias are per head, not per token
+                return torch_chunk.run(step, q, k, v, part | params, s)
+
+            o, final = per_sequence(one, q, k, v, given, state, cu_seqlens)
         else:
             chunk = self.oracle_chunk_size or 1
             o, final = self._by_sequence(
@@ -135,19 +139,12 @@ class MirasOp:
         """Run a reference recurrence on a batch, or sequence by sequence on packed varlen input."""
         if state is not None:  # the reference computes in the inputs' dtype
             state = tuple(s.to(q.dtype) for s in state)
-        if cu_seqlens is None:
-            o, final = run(reference.Inputs.from_op(self.derivation, q, k, v, gates, ln), state)
+
+        def one(q, k, v, part, s):  # the reference is head-major
+            o, final = run(reference.Inputs.from_op(self.derivation, q, k, v, part, ln), s)
             return o.transpose(1, 2), final
-        outputs, finals = [], []
-        bounds = cu_seqlens.tolist()
-        for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            part = {name: None if x is None else x[:, bos:eos] for name, x in gates.items()}
-            inputs = reference.Inputs.from_op(self.derivation, q[:, bos:eos], k[:, bos:eos],
-                                              v[:, bos:eos], part, ln)
-            o, final = run(inputs, None if state is None else tuple(s[n:n + 1] for s in state))
-            outputs.append(o.transpose(1, 2))
-            finals.append(final)
-        return torch.cat(outputs, 1), tuple(torch.cat(f, 0) for f in zip(*finals, strict=True))
+
+        return per_sequence(one, q, k, v, gates, state, cu_seqlens)
 
     # ---- input checks ----------------------------------------------------------------------
 
@@ -248,6 +245,23 @@ class MirasOp:
                 raise TypeError(f"{name}: initial_state {label} has dtype {x.dtype} on {x.device}; "
                                 f"allowed: float32, float64 or the inputs' {dtype}, on {device}")
         return state
+
+
+def per_sequence(run, q, k, v, per_token: dict, state, cu_seqlens):
+    """run(q, k, v, per_token, state) -> (o [B, T, H, DV], final states) on the batch or, with
+    cu_seqlens, on each packed sequence: per-token inputs [1, T, H(, D)] sliced along T (None kept),
+    one state row each; outputs joined along T, final states along the batch."""
+    if cu_seqlens is None:
+        return run(q, k, v, per_token, state)
+    outputs, finals = [], []
+    bounds = cu_seqlens.tolist()
+    for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        part = {name: None if x is None else x[:, bos:eos] for name, x in per_token.items()}
+        o, final = run(q[:, bos:eos], k[:, bos:eos], v[:, bos:eos], part,
+                       None if state is None else tuple(s[n:n + 1] for s in state))
+        outputs.append(o)
+        finals.append(final)
+    return torch.cat(outputs, 1), tuple(torch.cat(f, 0) for f in zip(*finals, strict=True))
 
 
 def _check_like(name: str, arg: str, x, shape: tuple, what: str, q: torch.Tensor) -> None:

@@ -79,24 +79,11 @@ class _ChunkFn(torch.autograd.Function):
                 for t in step.forward_targets]
 
 
-def run(step: Step, q, k, v, given: dict, state, cu_seqlens):
+def run(step: Step, q, k, v, given: dict, state):
     """o [B, T, H, DV] (v's dtype) and the final states (the accumulator's dtype), like the
-    kernels; `given` holds what the kernels take besides q, k, v: the op's data-dependent gates
-    [B, T, H(, D)] and ln_weight/ln_bias [H, DV]."""
-    if cu_seqlens is None:
-        return _run_batch(step, q, k, v, given, state)
-    outputs, finals = [], []
-    bounds = cu_seqlens.tolist()
-    for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        part = {g: x if g in step.step.params else x[:, bos:eos] for g, x in given.items()}
-        o, final = _run_batch(step, q[:, bos:eos], k[:, bos:eos], v[:, bos:eos], part,
-                              None if state is None else tuple(s[n:n + 1] for s in state))
-        outputs.append(o)
-        finals.append(final)
-    return torch.cat(outputs, 1), tuple(torch.cat(f, 0) for f in zip(*finals, strict=True))
-
-
-def _run_batch(step: Step, q, k, v, given, state):
+    kernels, for one batch of sequences (`runtime.per_sequence` splits packed ones); `given`
+    holds what the kernels take besides q, k, v: the op's data-dependent gates [B, T, H(, D)] and
+    ln_weight/ln_bias [H, DV]."""
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
