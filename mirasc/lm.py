@@ -23,6 +23,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mirasc.layers import MirasLayer, SlidingWindowAttention, as_spec
+from mirasc.spec import Spec
 
 
 class MirasConfig(PretrainedConfig):
@@ -65,14 +66,14 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: MirasConfig, index: int):
+    def __init__(self, config: MirasConfig, index: int, spec: Spec):
         super().__init__()
         self.mixer_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         if index in config.attention_layers:
             self.mixer = SlidingWindowAttention(config.hidden_size, config.attention_heads,
                                                 config.attention_window)
         else:
-            self.mixer = MirasLayer(config.spec, config.hidden_size, config.num_heads,
+            self.mixer = MirasLayer(spec, config.hidden_size, config.num_heads,
                                     head_dim=config.head_dim, conv_size=config.conv_size,
                                     gate_rank=config.gate_rank, norm_eps=config.norm_eps,
                                     backend=config.backend)
@@ -131,9 +132,9 @@ class MirasModel(MirasPreTrainedModel):
         if not config.spec:
             raise ValueError("MirasConfig.spec is empty: give the memory spec (a .yaml path or "
                              "its YAML text)")
-        as_spec(config.spec)  # a bad spec fails here, naming its field and line
+        spec = as_spec(config.spec)  # parsed once; a bad spec fails here, naming field and line
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, i, spec) for i in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_init()
 
