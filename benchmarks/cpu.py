@@ -5,8 +5,9 @@ process's CPU time (time.process_time), which other load on the machine disturbs
 - recurrence: `op.reference(...)`, the token recurrence;
 - chunked: `op.reference(..., chunk_size=spec.chunk_size)`, the mini-batch chunked reference (for
   an exactly chunked spec, oracle_chunk_size None, a different function of the same cost);
-- op: `op(...)`, which on CPU tensors without TRITON_INTERPRET=1 runs the torch path: the chunked
-  recurrence at op.oracle_chunk_size (chunk 1 for exact specs), with the derived gradient.
+- op: `op(...)`, which on CPU tensors without TRITON_INTERPRET=1 runs the torch path: the
+  kernels' chunk-step graph evaluated in torch, batched over (sequence, head), with the graph's
+  reverse mode as its backward (`mirasc.torch_chunk`).
 
 The forward runs with inputs that require grad; forward + backward adds torch.autograd.grad of
 every input under a random cotangent of o.
