@@ -738,7 +738,19 @@ def _vjp(graph: Graph, n: str, node: dict, dy: str):
 def chunk_step(d: Derivation) -> ChunkStep:
     """The chunk step of the spec's memory kind."""
     builders = {"matrix": matrix_chunk_step, "vector": vector_chunk_step, "mlp": mlp_chunk_step}
-    return builders[d.spec.memory.kind](d)
+    step = builders[d.spec.memory.kind](d)
+    return _kept_when_empty(step) if d.spec.lag_token else step
+
+
+def _kept_when_empty(step: ChunkStep) -> ChunkStep:
+    """With a lag token, a chunk of one token leaves its second segment without rows. That step
+    must keep the states, but a proximal retention's map (a soft threshold, a softmax) would
+    apply once more: every new state is the old one where the step has no rows."""
+    gr = step.graph
+    rows = gr.sum("rowmask", 0, name="rows")
+    kept = {s: ew(gr, lambda n, new, old: sp.Piecewise((new, n > 0), (old, True)), rows,
+                  step.outputs[s], s, name=f"{s}_kept") for s in step.states}
+    return ChunkStep(gr, step.gates, step.states, step.outputs | kept, step.params)
 
 
 def separable(step: ChunkStep, dim: str = "DV") -> bool:

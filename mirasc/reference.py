@@ -199,7 +199,7 @@ def recurrent(d: Derivation, inputs: Inputs, state=None):
             zs = tuple(read(d, z) for z in zs)
         current = tuple(read(d, z) for z in zs) if dual else zs
         outputs.append(memory_apply(d, current, inputs.q[:, :, t], inputs.ln, read=True))
-    return torch.stack(outputs, 2), zs + (momentum or ())
+    return _stacked(outputs, inputs), zs + (momentum or ())
 
 
 def chunk_starts(length: int, chunk_size: int, lag_token: bool) -> list[int]:
@@ -246,7 +246,12 @@ def chunked(d: Derivation, inputs: Inputs, state=None, chunk_size: int | None = 
                 zs = decayed_z if dual else tuple(read(d, z) for z in decayed_z)
                 primal = tuple(read(d, z) for z in zs) if dual else zs
             outputs.append(memory_apply(d, primal, inputs.q[:, :, t], inputs.ln, read=True))
-    return torch.stack(outputs, 2), zs + (momentum or ())
+    return _stacked(outputs, inputs), zs + (momentum or ())
+
+
+def _stacked(outputs: list[torch.Tensor], inputs: Inputs) -> torch.Tensor:
+    """The rows' outputs [B, H, Dv] as o [B, H, T, Dv]; a sequence of no tokens has none."""
+    return torch.stack(outputs, 2) if outputs else inputs.v[:, :, :0].clone()
 
 
 def _decay_span(inputs: Inputs, start: int, t: int, zs):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import axis_spec, op_from_yaml
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 from triton.runtime.errors import OutOfResources
 
@@ -93,6 +93,8 @@ MEMORIES = ["{kind: matrix}", "{kind: matrix, residual: true, layer_norm: true}"
 
 @settings(max_examples=40, deadline=None, derandomize=True,
           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: each run is slow
+@example(memory=MEMORIES[7], bias=BIASES[8], retention=RETENTIONS[9], learner=LEARNERS[0],
+         chunk=16, lag=True, length=17, dk=3, dv=3)  # a chunk of one token: an empty lag segment
 @given(memory=st.sampled_from(MEMORIES), bias=st.sampled_from(BIASES),
        retention=st.sampled_from(RETENTIONS), learner=st.sampled_from(LEARNERS),
        chunk=st.sampled_from([5, 16, 32]), lag=st.booleans(), length=st.integers(17, 70),
@@ -325,7 +327,7 @@ def test_steps_that_mix_value_columns_keep_them_together():
 
 def test_varlen_matches_sequence_by_sequence():
     op = mirasc.compile("specs/gated_deltanet.yaml")
-    inputs = varlen_inputs(op, [0, 15, 100, 130], dk=6, dv=7)
+    inputs = varlen_inputs(op, [0, 15, 15, 100, 130], dk=6, dv=7)  # one of no tokens
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
 
 
