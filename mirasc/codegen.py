@@ -12,6 +12,7 @@ import jinja2
 import sympy as sp
 
 import mirasc
+from mirasc import ir
 from mirasc.derive import DELTA, RNORM, RNORM_EPS, R, V, derive
 from mirasc.expr import torch_source
 from mirasc.spec import Spec
@@ -183,39 +184,67 @@ def triton_unsupported(d) -> str | None:
     return "; ".join(why) if why else None
 
 
-def _emit(graph, targets, names) -> list[str]:
-    """Triton statements for the nodes that `targets` depend on, in topological order."""
-    from mirasc.ir import plan
+def _expression(graph, n) -> str:
+    """The Triton expression of node n over its inputs (tiles named as the nodes)."""
+    node = graph.node(n)
+    x = list(node["inputs"])
+    op = node["op"]
+    if op == "dot":
+        a = f"tl.trans({x[0]})" if node["ta"] else x[0]
+        b = f"tl.trans({x[1]})" if node["tb"] else x[1]
+        return f"tl.dot({a}, {b}, input_precision=PRECISION)"
+    if op == "ew":
+        return triton_source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
+    if op == "sum":
+        return f"tl.sum({x[0]}, {node['axis']}, keep_dims=True)"
+    if op == "cumsum":
+        return f"tl.cumsum({x[0]}, 0)"
+    if op == "revcumsum":
+        return f"tl.cumsum({x[0]}, 0, reverse=True)"
+    if op == "trans":
+        return f"tl.trans({x[0]})"
+    if op == "tri_inv":
+        return f"_tri_inv({x[0]}, BT)"
+    if op == "max":
+        return f"tl.max({x[0]}, {node['axis']}, keep_dims=True)"
+    return f"tl.broadcast_to({x[0]}, ({', '.join(_DIMS[s] for s in node['shape'])}))"
 
+
+def _emit(graph, nodes, indent=_INDENT) -> list[str]:
+    """Triton statements computing `nodes` (in order), skipping the loaded and built tiles."""
+    return [f"{indent}{n} = {_expression(graph, n)}" for n in nodes
+            if graph.node(n)["op"] not in ("input", "const")]
+
+
+_BLOCK_HEADER = """for i_hb in range(0, tl.cdiv(DH, BH)):  # the blocks of hidden units, one at a time
+    offs_h = i_hb * BH + tl.arange(0, BH)
+    mask_h = offs_h < DH
+    hmask = tl.where(mask_h, 1.0, 0.0).to(ACC)[None, :]"""
+
+
+def _emit_stream(graph, stream, loads: dict[str, str], stores: dict[str, list[str]]) -> list[str]:
+    """Triton statements for a step run over blocks of hidden units (`ir.stream`): each pass
+    loads the state blocks it reads (`loads`), recomputes its blocked tiles, sums its reductions
+    over the blocks and writes its blocked targets (`stores`)."""
+    inner = _INDENT + " " * 4
     lines = []
-    for n in plan(graph, targets):
-        node = graph.node(n)
-        if node["op"] in ("input", "const"):
-            continue
-        x = [names(i) for i in node["inputs"]]
-        op = node["op"]
-        if op == "dot":
-            a = f"tl.trans({x[0]})" if node["ta"] else x[0]
-            b = f"tl.trans({x[1]})" if node["tb"] else x[1]
-            code = f"tl.dot({a}, {b}, input_precision=PRECISION)"
-        elif op == "ew":
-            code = triton_source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
-        elif op == "sum":
-            code = f"tl.sum({x[0]}, {node['axis']}, keep_dims=True)"
-        elif op == "cumsum":
-            code = f"tl.cumsum({x[0]}, 0)"
-        elif op == "revcumsum":
-            code = f"tl.cumsum({x[0]}, 0, reverse=True)"
-        elif op == "trans":
-            code = f"tl.trans({x[0]})"
-        elif op == "tri_inv":
-            code = f"_tri_inv({x[0]}, BT)"
-        elif op == "max":
-            code = f"tl.max({x[0]}, {node['axis']}, keep_dims=True)"
-        else:  # broadcast
-            code = f"tl.broadcast_to({x[0]}, ({', '.join(_DIMS[s] for s in node['shape'])}))"
-        lines.append(f"{_INDENT}{names(n)} = {code}")
-    return lines
+    for whole, loop in zip(stream.whole, stream.loops, strict=False):
+        lines += _emit(graph, whole)
+        for r in loop.reduce:
+            dims = ", ".join(_DIMS[s] for s in graph.shape(r))
+            fill = 'float("-inf")' if graph.node(r)["op"] == "max" else "0.0"
+            lines.append(f"{_INDENT}{r} = tl.full([{dims}], {fill}, ACC)")
+        lines += [_INDENT + line for line in _BLOCK_HEADER.splitlines()]
+        for n in loop.nodes:
+            if n in loads:
+                lines.append(inner + loads[n])
+        lines += _emit(graph, loop.nodes, inner)
+        for r in loop.reduce:
+            part = _expression(graph, r)
+            lines.append(f"{inner}{r} = tl.maximum({r}, {part})" if graph.node(r)["op"] == "max"
+                         else f"{inner}{r} += {part}")
+        lines += [inner + line for t in loop.store for line in stores[t]]
+    return lines + _emit(graph, stream.whole[-1])
 
 
 def _loads(step, d) -> str:
@@ -269,6 +298,35 @@ def _state_tiles(step) -> list[dict]:
     return tiles
 
 
+def _streams(step, adjoint: dict):
+    """The forward and backward steps as passes over blocks of hidden units (`ir.stream`), when
+    a state has hidden units and both steps run so; else None."""
+    graph = step.graph
+    if not any("DH" in graph.shape(s) for s in step.states) or \
+            any(adjoint[s] is None for s in step.states):
+        return None
+    streams = (ir.stream(graph, list(step.outputs.values())),
+               ir.stream(graph, [a for a in adjoint.values() if a is not None]))
+    return None if None in streams else streams
+
+
+def _stream_io(step, tiles, kernel: str, targets: dict) -> tuple[dict, dict]:
+    """The loads of the state blocks a streamed step reads and the stores of the blocks it writes.
+    The forward reads the chunk-start state (at state_ptr) and writes the next chunk's (next_ptr);
+    the backward reads that state and the gradient of the chunk-end state (dstate_ptr), and writes
+    the gradient of the chunk-start state (dnext_ptr)."""
+    loads, stores = {}, {}
+    for s, tile in zip(step.states, tiles, strict=True):
+        at = f"{tile['tile']}, mask={tile['mask']}"
+        loads[s] = f"{s} = tl.load(state_ptr + {at}, other=0.0).to(ACC)"
+        if kernel == "bwd":
+            loads[f"d{s}_new"] = f"d{s}_new = tl.load(dstate_ptr + {at}, other=0.0).to(ACC)"
+        out = "next_ptr" if kernel == "fwd" else "dnext_ptr"
+        stores.setdefault(targets[s], []).append(
+            f"tl.store({out} + {tile['tile']}, {targets[s]}, mask={tile['mask']})")
+    return loads, stores
+
+
 def _configs(d) -> list[tuple[int, int]]:
     """The (num_warps, num_stages) pairs the autotuner times for the spec's kernels. Measured with
     `mirasc resources` (sm_90, D=64, 128): 16 warps caps registers at 128 per thread and spills
@@ -280,18 +338,21 @@ def _configs(d) -> list[tuple[int, int]]:
 
 def render_triton_module(spec: Spec) -> str:
     """The module with Triton forward/backward kernels, custom ops and autograd for `spec`."""
-    from mirasc import ir
-
     d = derive(spec)
     reason = triton_unsupported(d)
     if reason:
         raise CodegenError(f"{spec.name}: the Triton backend does not support {reason}")
     step = ir.chunk_step(d)
     graph = step.graph
-    forward = _emit(graph, list(step.outputs.values()), str)
     _, _, adjoint = ir.step_adjoint(step)
-    present = [a for a in adjoint.values() if a is not None]
-    backward = _emit(graph, present, str)
+    streams = _streams(step, adjoint)
+    tiles = _state_tiles(step)
+    if streams is None:
+        forward = _emit(graph, ir.plan(graph, list(step.outputs.values())))
+        backward = _emit(graph, ir.plan(graph, [a for a in adjoint.values() if a is not None]))
+    else:
+        forward = _emit_stream(graph, streams[0], *_stream_io(step, tiles, "fwd", step.outputs))
+        backward = _emit_stream(graph, streams[1], *_stream_io(step, tiles, "bwd", adjoint))
     zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {
         s: ", ".join(_DIMS[x] for x in graph.shape(s)) for s in step.states}
     gates = d.op_gates()
@@ -311,7 +372,7 @@ def render_triton_module(spec: Spec) -> str:
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),
         chunk=spec.chunk_size, tile=max(16, 1 << (spec.chunk_size - 1).bit_length()),
         exact=d.exact, gates=list(step.gates), params=list(step.params),
-        states=_state_tiles(step), outputs=step.outputs, memory=spec.memory.kind,
+        states=tiles, stream=streams is not None, outputs=step.outputs, memory=spec.memory.kind,
         segments=2 if spec.lag_token else 1,
         expansion=getattr(spec.memory, "expansion", 1),
         channel={g: ("V" if g == "delta" else "K") if gates[g].shape == "channel" else ""

@@ -836,3 +836,73 @@ def plan(graph: Graph, targets) -> tuple[str, ...]:
     for t in targets:
         keep |= nx.ancestors(graph.g, t)
     return tuple(n for n in graph.order() if n in keep)
+
+
+@dataclass(frozen=True)
+class Loop:
+    """One pass over the blocks of a dimension: `nodes` are recomputed for each block (tiles with
+    the dim, from the states and values ready before the pass), `reduce` are reductions over the
+    dim summed (or maxed) across the blocks, `store` the blocked targets written per block."""
+
+    nodes: tuple[str, ...]
+    reduce: tuple[str, ...]
+    store: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A chunk step run over blocks of a dimension, one block at a time: `whole[j]` are the nodes
+    without the dim computed before `loops[j]` (`whole[-1]` after the last)."""
+
+    whole: tuple[tuple[str, ...], ...]
+    loops: tuple[Loop, ...]
+
+
+def _reduces(graph: Graph, n: str, dim: str) -> bool:
+    """Whether node n folds its inputs' `dim` away: a sum or max over it, or a dot contracting it
+    into a tile without it."""
+    node = graph.node(n)
+    if dim in graph.shape(n) or not node["inputs"]:
+        return False
+    first = graph.shape(node["inputs"][0])
+    if node["op"] in ("sum", "max"):
+        return first[node["axis"]] == dim
+    return node["op"] == "dot" and first[0 if node["ta"] else 1] == dim
+
+
+def stream(graph: Graph, targets, dim: str = "DH") -> Stream | None:
+    """The step of `targets` as passes over blocks of `dim`, so that a program holds one block of
+    each tile with `dim` at a time (an MLP memory's hidden units): a tile reduced over `dim` is
+    complete only after a pass, so whatever depends on it waits for the next pass, which
+    recomputes the blocked tiles it needs. None when some tile has `dim` twice or a node mixes
+    `dim` otherwise than by these reductions."""
+    nodes = plan(graph, targets)
+    blocked = {n for n in nodes if dim in graph.shape(n)}
+    if any(graph.shape(n).count(dim) > 1 for n in blocked):
+        return None
+    ready: dict[str, int] = {}  # the pass from which a node's value (or a block of it) exists
+    for n in nodes:
+        inputs = graph.node(n)["inputs"]
+        ready[n] = max((ready[i] for i in inputs), default=0)
+        if n not in blocked and any(i in blocked for i in inputs):
+            if not _reduces(graph, n, dim):
+                return None
+            ready[n] += 1
+    reductions = [n for n in nodes if n not in blocked and any(
+        i in blocked for i in graph.node(n)["inputs"])]
+    stores = [t for t in dict.fromkeys(targets) if t in blocked]
+    last = max([ready[n] - 1 for n in reductions] + [ready[t] for t in stores], default=-1)
+    loops = []
+    for j in range(last + 1):
+        reduce = tuple(n for n in reductions if ready[n] == j + 1)
+        store = tuple(t for t in stores if ready[t] == j)
+        need, todo = set(), [*store, *(i for n in reduce for i in graph.node(n)["inputs"])]
+        while todo:  # the blocked tiles these use, back to the states and the ready values
+            n = todo.pop()
+            if n in blocked and n not in need:
+                need.add(n)
+                todo.extend(graph.node(n)["inputs"])
+        loops.append(Loop(tuple(n for n in nodes if n in need), reduce, store))
+    whole = tuple(tuple(n for n in nodes if n not in blocked and n not in reductions
+                        and ready[n] == j) for j in range(last + 2))
+    return Stream(whole, tuple(loops))

@@ -16,6 +16,7 @@ import mirasc
 from mirasc import ir
 from mirasc.check import compare, random_inputs, relative_error, varlen_inputs
 from mirasc.codegen import render_module, triton_unsupported
+from mirasc.derive import derive
 from mirasc.runtime import import_module, module_path
 from mirasc.spec import SpecError
 
@@ -265,6 +266,49 @@ def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     packed = varlen_inputs(op, [0, 9, 30], dk=5, dv=37)
     _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
     assert {grid[2] for grid in module._fwd.grids + module._bwd.grids} == {3}
+
+
+STREAM_CASES = {  # MLP memories: the state passes through global memory in blocks of hidden units
+    "ttt_mlp": "specs/ttt_mlp.yaml", "moneta (lq: norms over the hidden units)": "specs/moneta.yaml",
+    "yaad": "specs/yaad.yaml", "memora (kl: softmax over the hidden units, lag token)":
+        "specs/memora.yaml",
+    "momentum": axis_spec(memory="{kind: mlp, depth: 2, expansion: 3}",
+                          learner="{kind: momentum, eta: {}, momentum: {}}"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STREAM_CASES))
+def test_hidden_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
+    """STREAM_H: each chunk step passes over blocks of 16 hidden units (DH = 4 * 7 = 28: two
+    blocks, the last one masked), summing its reductions over the blocks; packed sequences too,
+    and a sequence of no tokens keeps its initial state."""
+    source = STREAM_CASES[case]
+    op = mirasc.compile(source) if source.endswith(".yaml") else _compile(source, tmp_path,
+                                                                         monkeypatch)
+    module = import_module(module_path(op.spec))
+    assert module.STREAM_H
+    for kernel in ("fwd", "bwd"):
+        monkeypatch.setitem(module.BH_MAX, kernel, 16)
+    inputs = random_inputs(op, batch=2, length=23, heads=2, dk=7, dv=7)
+    _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
+    packed = varlen_inputs(op, [0, 9, 9, 30], dk=7, dv=7)
+    _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
+
+
+def test_a_hidden_layer_of_hidden_units_keeps_the_state_in_registers():
+    """A weight with hidden units on both sides (depth 3: W2 [DH, DH]) cannot pass in blocks of
+    hidden units: that module holds the whole state in one program."""
+    deep = op_from_yaml(axis_spec(memory="{kind: mlp, depth: 3, expansion: 2}"))
+    step = ir.chunk_step(deep.derivation)
+    assert ir.stream(step.graph, list(step.outputs.values())) is None
+    assert "STREAM_H = False" in render_module(deep.spec)
+    for name in ("ttt_mlp", "moneta"):  # the shipped MLPs do pass in blocks
+        spec = mirasc.load_spec(f"specs/{name}.yaml")
+        step = ir.chunk_step(derive(spec))
+        stream = ir.stream(step.graph, list(step.outputs.values()))
+        assert all("DH" in step.graph.shape(n) for loop in stream.loops for n in loop.nodes)
+        assert not any("DH" in step.graph.shape(n) for whole in stream.whole for n in whole)
+        assert "STREAM_H = True" in render_module(spec)
 
 
 def test_a_launch_that_does_not_fit_the_gpu_names_the_kernel(monkeypatch):
