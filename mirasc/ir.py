@@ -13,6 +13,8 @@ Every value is a 2-D tile whose dims are symbolic ("T" chunk rows, "DK", "DV", o
            softmax's stabiliser), so it passes no gradient
 The backward is derived here, on the graph: `backward(graph, outputs, seeds)` adds the adjoint
 nodes by reverse mode, with sympy differentiating every `ew` node, so no rule is written per model.
+`separable` and `stream` read the graph for the kernels' layout: whether blocks of value columns can
+run as programs of their own, and how a step passes over blocks of hidden units one at a time.
 """
 
 from __future__ import annotations
