@@ -184,6 +184,16 @@ def triton_unsupported(d) -> str | None:
     return "; ".join(why) if why else None
 
 
+_FORMATS = {  # the Triton code of the one-input ops: {0} is the input, {axis} the node's axis
+    "sum": "tl.sum({0}, {axis}, keep_dims=True)",
+    "max": "tl.max({0}, {axis}, keep_dims=True)",
+    "cumsum": "tl.cumsum({0}, 0)",
+    "revcumsum": "tl.cumsum({0}, 0, reverse=True)",
+    "trans": "tl.trans({0})",
+    "tri_inv": "_tri_inv({0}, BT)",
+}
+
+
 def _expression(graph, n) -> str:
     """The Triton expression of node n over its inputs (tiles named as the nodes)."""
     node = graph.node(n)
@@ -195,18 +205,8 @@ def _expression(graph, n) -> str:
         return f"tl.dot({a}, {b}, input_precision=PRECISION)"
     if op == "ew":
         return triton_source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
-    if op == "sum":
-        return f"tl.sum({x[0]}, {node['axis']}, keep_dims=True)"
-    if op == "cumsum":
-        return f"tl.cumsum({x[0]}, 0)"
-    if op == "revcumsum":
-        return f"tl.cumsum({x[0]}, 0, reverse=True)"
-    if op == "trans":
-        return f"tl.trans({x[0]})"
-    if op == "tri_inv":
-        return f"_tri_inv({x[0]}, BT)"
-    if op == "max":
-        return f"tl.max({x[0]}, {node['axis']}, keep_dims=True)"
+    if op in _FORMATS:
+        return _FORMATS[op].format(*x, axis=node.get("axis"))
     return f"tl.broadcast_to({x[0]}, ({', '.join(_DIMS[s] for s in node['shape'])}))"
 
 

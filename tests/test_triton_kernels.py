@@ -33,6 +33,13 @@ def _compile(text: str, tmp_path, monkeypatch):
     return mirasc.compile(path)
 
 
+def _compiled(source: str, tmp_path, monkeypatch):
+    """The op and generated module of a shipped spec path or of inline YAML."""
+    op = mirasc.compile(source) if source.endswith(".yaml") else _compile(source, tmp_path,
+                                                                         monkeypatch)
+    return op, import_module(module_path(op.spec))
+
+
 def _assert_close(errors: dict, dtype):
     assert errors, "nothing was compared"
     bad = {name: err for name, err in errors.items() if not err <= TOLERANCE[dtype]}
@@ -253,10 +260,7 @@ class _Grids:
 def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     """SPLIT_V: blocks of 16 value columns run as programs of their own (DV = 37: three, the last
     one masked); the q, k and gate gradients are the blocks' partial sums; packed sequences too."""
-    source = SPLIT_CASES[case]
-    op = mirasc.compile(source) if source.endswith(".yaml") else _compile(source, tmp_path,
-                                                                         monkeypatch)
-    module = import_module(module_path(op.spec))
+    op, module = _compiled(SPLIT_CASES[case], tmp_path, monkeypatch)
     assert module.SPLIT_V
     for kernel in ("fwd", "bwd"):
         monkeypatch.setitem(module.BV_MAX, kernel, 16)
@@ -282,10 +286,7 @@ def test_hidden_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
     """STREAM_H: each chunk step passes over blocks of 16 hidden units (DH = 4 * 7 = 28: two
     blocks, the last one masked), summing its reductions over the blocks; packed sequences too,
     and a sequence of no tokens keeps its initial state."""
-    source = STREAM_CASES[case]
-    op = mirasc.compile(source) if source.endswith(".yaml") else _compile(source, tmp_path,
-                                                                         monkeypatch)
-    module = import_module(module_path(op.spec))
+    op, module = _compiled(STREAM_CASES[case], tmp_path, monkeypatch)
     assert module.STREAM_H
     for kernel in ("fwd", "bwd"):
         monkeypatch.setitem(module.BH_MAX, kernel, 16)
