@@ -138,8 +138,8 @@ def resources(specs: Specs = None,
                                                        "configuration.")] = False,
               out: Out = None):
     """Registers, spills and shared memory of every kernel and launch configuration, compiled for
-    a GPU target without one (the six matrix-memory specs at D=64,128: ~10 min on one core; an
-    MLP memory's backward alone takes ptxas minutes)."""
+    a GPU target without one (every shipped spec at D=64,128: 53 min on a 2-core machine, most of
+    it ptxas on the MLP memories' backward, up to 5 min for one configuration)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         typer.echo("error: TRITON_INTERPRET=1 replaces Triton's compiler; unset it", err=True)
         raise typer.Exit(2)
