@@ -762,14 +762,16 @@ def separable(step: ChunkStep, dim: str = "DV") -> bool:
     graph = step.graph
     if any(dim not in graph.shape(s) for s in (*step.states, *step.params)):
         return False  # a tile without the dim would be written whole by every block
-    for n in plan(graph, list(step.outputs.values())):
-        node = graph.node(n)
-        shapes = [graph.shape(i) for i in node["inputs"]]
-        if node["op"] in ("sum", "max") and shapes[0][node["axis"]] == dim:
-            return False
-        if node["op"] == "dot" and shapes[0][0 if node["ta"] else 1] == dim:
-            return False
-    return True
+    return not any(_folds(graph, n, dim) for n in plan(graph, list(step.outputs.values())))
+
+
+def _folds(graph: Graph, n: str, dim: str) -> bool:
+    """Whether node n combines entries along its input's `dim`: a sum or max over it, or a dot
+    contracting it."""
+    node = graph.node(n)
+    if node["op"] in ("sum", "max"):
+        return graph.shape(node["inputs"][0])[node["axis"]] == dim
+    return node["op"] == "dot" and graph.shape(node["inputs"][0])[0 if node["ta"] else 1] == dim
 
 
 def step_adjoint(step: ChunkStep) -> tuple[dict[str, str], tuple[str, ...], dict[str, str | None]]:
@@ -860,18 +862,6 @@ class Stream:
     loops: tuple[Loop, ...]
 
 
-def _reduces(graph: Graph, n: str, dim: str) -> bool:
-    """Whether node n folds its inputs' `dim` away: a sum or max over it, or a dot contracting it
-    into a tile without it."""
-    node = graph.node(n)
-    if dim in graph.shape(n) or not node["inputs"]:
-        return False
-    first = graph.shape(node["inputs"][0])
-    if node["op"] in ("sum", "max"):
-        return first[node["axis"]] == dim
-    return node["op"] == "dot" and first[0 if node["ta"] else 1] == dim
-
-
 def stream(graph: Graph, targets, dim: str = "DH") -> Stream | None:
     """The step of `targets` as passes over blocks of `dim`, so that a program holds one block of
     each tile with `dim` at a time (an MLP memory's hidden units): a tile reduced over `dim` is
@@ -883,15 +873,15 @@ def stream(graph: Graph, targets, dim: str = "DH") -> Stream | None:
     if any(graph.shape(n).count(dim) > 1 for n in blocked):
         return None
     ready: dict[str, int] = {}  # the pass from which a node's value (or a block of it) exists
+    reductions = []  # tiles without `dim` computed from tiles with it: complete after a pass
     for n in nodes:
         inputs = graph.node(n)["inputs"]
         ready[n] = max((ready[i] for i in inputs), default=0)
         if n not in blocked and any(i in blocked for i in inputs):
-            if not _reduces(graph, n, dim):
+            if not _folds(graph, n, dim):
                 return None
             ready[n] += 1
-    reductions = [n for n in nodes if n not in blocked and any(
-        i in blocked for i in graph.node(n)["inputs"])]
+            reductions.append(n)
     stores = [t for t in dict.fromkeys(targets) if t in blocked]
     last = max([ready[n] - 1 for n in reductions] + [ready[t] for t in stores], default=-1)
     loops = []
