@@ -1,5 +1,5 @@
-"""Shared pieces: medians of wall-clock repeats, inputs on any device, the environment line, and
-the printed table with its optional CSV / JSON / plot."""
+"""Shared pieces: medians of wall-clock repeats, inputs as autograd leaves, the environment line,
+and the printed table with its optional CSV / JSON / plot."""
 
 from __future__ import annotations
 
@@ -14,10 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-
-from mirasc.check import GATE_RANGES
-from mirasc.runtime import MirasOp
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -42,33 +38,6 @@ def median_times(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tup
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall-clock seconds of `repeats` calls of fn (time.perf_counter), after `warmup`."""
     return median_times(fn, repeats, warmup)[0]
-
-
-def make_inputs(op: MirasOp, batch: int, length: int, heads: int, dim: int, dtype: torch.dtype,
-                device: str, seed: int = 0) -> dict:
-    """The op's keyword inputs drawn on `device` as `mirasc.check.random_inputs` draws them
-    (L2-normalised q and k, gates in GATE_RANGES, a state scaled by 1/sqrt(fan-in), LN affine
-    around the identity), without float64 host copies; the state is float32."""
-    gen = torch.Generator(device).manual_seed(seed)
-
-    def rand(*shape, normal=True):
-        draw = torch.randn if normal else torch.rand
-        return draw(*shape, generator=gen, device=device, dtype=torch.float32)
-
-    x = {"q": F.normalize(rand(batch, length, heads, dim), dim=-1).to(dtype),
-         "k": F.normalize(rand(batch, length, heads, dim), dim=-1).to(dtype),
-         "v": rand(batch, length, heads, dim).to(dtype)}
-    for name, gate in op.derivation.op_gates().items():
-        if gate.is_input:
-            low, high = GATE_RANGES[name]
-            shape = (batch, length, heads) + ((dim,) if gate.shape == "channel" else ())
-            x[name] = (low + (high - low) * rand(*shape, normal=False)).to(dtype)
-    if op.affine:
-        x["ln_weight"] = (1 + rand(heads, dim) / 4).to(dtype)
-        x["ln_bias"] = (rand(heads, dim) / 4).to(dtype)
-    x["initial_state"] = tuple(rand(*s) / math.sqrt(s[-1])
-                               for s in op.state_shapes(batch, heads, dim, dim))
-    return x
 
 
 def leaves(x: dict, dtype: torch.dtype | None = None) -> dict:

@@ -21,9 +21,9 @@ import torch
 
 import mirasc
 from benchmarks import flops
-from benchmarks.common import SPECS, environment, flat, leaves, make_inputs, median_seconds, table
+from benchmarks.common import SPECS, environment, flat, leaves, median_seconds, table
 from benchmarks.peers import Impl, mirasc_impl, peers
-from mirasc.check import relative_error
+from mirasc.check import random_inputs, relative_error
 
 DEFAULT_SPECS = ("simple_gla", "gated_deltanet", "ttt_linear", "moneta", "yaad", "memora")
 PASSES = ("fwd", "fwd+bwd")
@@ -68,6 +68,13 @@ def matmul_peak(cfg: Config) -> float:
     n = 8192 if cfg.device == "cuda" else 512
     a, b = (torch.randn(n, n, device=cfg.device, dtype=cfg.dtype) for _ in range(2))
     return 2 * n**3 / seconds(cfg, lambda: a @ b) / 1e12
+
+
+def inputs(cfg: Config, op, dim: int, length: int) -> dict:
+    """The op's inputs at Dk = Dv = dim in the benchmark dtype on its device, the state in
+    float32 (as fla keeps it)."""
+    return random_inputs(op, cfg.batch, length, cfg.heads, dim, dim, cfg.dtype, device=cfg.device,
+                         state_dtype=torch.float32)
 
 
 def outputs(impl: Impl, x: dict, backward: bool, cotangent_dtype: torch.dtype) -> dict:
@@ -131,7 +138,7 @@ def failure(exc: Exception) -> str:
 def own_check(cfg: Config, op, impl: Impl, dim: int) -> dict[str, float | str]:
     """The op in cfg.dtype against op.reference(chunk_size=op.oracle_chunk_size) in float32 on
     the same (rounded) inputs of length --check-length: the worst error per pass, or why not."""
-    x = make_inputs(op, cfg.batch, cfg.check_length, cfg.heads, dim, cfg.dtype, cfg.device)
+    x = inputs(cfg, op, dim, cfg.check_length)
     ref = Impl("reference", lambda y, final: op.reference(
         **y, chunk_size=op.oracle_chunk_size, output_final_state=final), True, lambda *s: None)
     result = {}
@@ -156,9 +163,9 @@ def benchmark(cfg: Config) -> tuple[list[dict], dict]:
             "tolerance": cfg.tolerance, "check_length": cfg.check_length}
     print(f"{meta['environment']}\nmeasured {cfg.dtype} matmul peak: {peak:.3g} TFLOP/s; "
           f"B={cfg.batch}, H={cfg.heads}")
+    ops = [mirasc.compile(SPECS / f"{name}.yaml") for name in cfg.specs]
     rows = []
-    for name in cfg.specs:
-        op = mirasc.compile(SPECS / f"{name}.yaml")
+    for op in ops:
         ours = mirasc_impl(op)
         others = peers(op, cfg.device, cfg.compile_reference, cfg.reference_max_length)
         for dim in cfg.dims:
@@ -170,7 +177,7 @@ def benchmark(cfg: Config) -> tuple[list[dict], dict]:
 
 def _shape(cfg, op, ours, others, checked, dim, length, peak) -> list[dict]:
     """The rows of one (spec, D, T): the checks against peers, then every timing."""
-    x = make_inputs(op, cfg.batch, length, cfg.heads, dim, cfg.dtype, cfg.device)
+    x = inputs(cfg, op, dim, length)
     runnable = [p for p in others if isinstance(p, Impl)
                 and (p.max_length is None or length <= p.max_length)]
     for impl in runnable:

@@ -17,14 +17,16 @@ GATE_RANGES = {"log_alpha": (-0.3, -0.01), "eta": (0.05, 0.5), "delta": (0.05, 1
 
 
 def random_inputs(op: MirasOp, batch=2, length=19, heads=2, dk=12, dv=12, dtype=torch.float64,
-                  seed=0) -> dict:
-    """Random, never-zero inputs for `op`: L2-normalised q and k, gates in their usual ranges,
-    a random initial state (scaled so an MLP memory starts non-trivially) and, for an affine
-    layer norm, ln_weight and ln_bias."""
-    gen = torch.Generator().manual_seed(seed)
+                  seed=0, device="cpu", state_dtype=None) -> dict:
+    """Random, never-zero inputs for `op` on `device`: L2-normalised q and k, gates in their usual
+    ranges, a random initial state in `state_dtype` (default `dtype`; scaled so an MLP memory
+    starts non-trivially) and, for an affine layer norm, ln_weight and ln_bias. Drawn in float64
+    on the CPU and in float32 elsewhere (no float64 copies of a GPU benchmark's inputs)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    drawn = torch.float64 if torch.device(device).type == "cpu" else torch.float32
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+    def rand(*shape, draw=torch.randn):
+        return draw(*shape, generator=gen, device=device, dtype=drawn)
 
     inputs = {"q": F.normalize(rand(batch, length, heads, dk), dim=-1),
               "k": F.normalize(rand(batch, length, heads, dk), dim=-1),
@@ -34,15 +36,13 @@ def random_inputs(op: MirasOp, batch=2, length=19, heads=2, dk=12, dv=12, dtype=
             width = dv if name == "delta" else dk
             shape = (batch, length, heads) + ((width,) if gate.shape == "channel" else ())
             low, high = GATE_RANGES[name]
-            inputs[name] = low + (high - low) * torch.rand(*shape, generator=gen,
-                                                           dtype=torch.float64)
+            inputs[name] = low + (high - low) * rand(*shape, draw=torch.rand)
     state = [rand(*s) / math.sqrt(s[-1]) for s in op.state_shapes(batch, heads, dk, dv)]
-    inputs["initial_state"] = tuple(state)
+    inputs["initial_state"] = tuple(x.to(state_dtype or dtype) for x in state)
     if op.affine:  # the layer norm's affine parameters, around the identity
         inputs["ln_weight"] = 1 + rand(heads, dv) / 4
         inputs["ln_bias"] = rand(heads, dv) / 4
-    return {k: (tuple(x.to(dtype) for x in v) if isinstance(v, tuple) else v.to(dtype))
-            for k, v in inputs.items()}
+    return {k: v if isinstance(v, tuple) else v.to(dtype) for k, v in inputs.items()}
 
 
 def varlen_inputs(op: MirasOp, offsets: list[int], heads=2, dk=12, dv=12, dtype=torch.float64,
