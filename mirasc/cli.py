@@ -108,25 +108,21 @@ def resources(spec: SpecPath,
     Exits 1 when no configuration of a kernel fits the GPU's shared memory."""
     import torch
 
-    from mirasc.resources import SHARED_LIMIT, kernel_usage
+    from mirasc.resources import SHARED_LIMIT, CannotCompile, kernel_usage
     from mirasc.runtime import compile as compile_spec
-    from mirasc.runtime import interpreting
 
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if dtype not in dtypes or sm not in SHARED_LIMIT:
         typer.echo(f"error: --dtype: allowed: {', '.join(dtypes)}; --sm: allowed: "
                    f"{', '.join(map(str, SHARED_LIMIT))}", err=True)
         raise typer.Exit(2)
-    if interpreting():
-        typer.echo("error: TRITON_INTERPRET=1 replaces Triton's compiler; unset it", err=True)
-        raise typer.Exit(2)
     op = compile_spec(_load(spec))
-    if op.backend != "triton":
-        typer.echo(f"error: {op.spec.name} has no Triton kernels (it runs on the torch path)",
-                   err=True)
-        raise typer.Exit(2)
     dv = value_dim or head_dim
-    rows = kernel_usage(op, head_dim, dv, dtypes[dtype], sm, "first" if first else "tuned")
+    try:
+        rows = kernel_usage(op, head_dim, dv, dtypes[dtype], sm, "first" if first else "tuned")
+    except CannotCompile as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"{op.spec.name}: Dk={head_dim}, Dv={dv}, {dtype}, sm_{sm} (shared memory limit "
                f"{SHARED_LIMIT[sm] // 1024} KiB per block)")
     typer.echo(f"{'kernel':<6}  {'warps':>5}  {'stages':>6}  {'registers':>9}  {'spill B':>7}  "

@@ -1,10 +1,11 @@
-"""What a spec's kernels need from a GPU, found without one: Triton lowers each kernel to PTX for
-the target, the ptxas it ships assembles the cubin, and cuobjdump reads its registers and spill
-stack per thread and counts the tensor-core instructions in its SASS; Triton's metadata gives the
-shared memory per program. Nothing is launched.
+"""The op's kernels compiled for a GPU target without launching them, on a machine with or without
+that GPU: Triton's JIT specialises each kernel as the op's launch would and compiles it for the
+target (its ptxas assembles the cubin), while a stand-in driver reports the target.
 
-A launch fails on the GPU when its shared memory exceeds the target's per-block limit; spilled
-registers (stack bytes) go to local memory and cost bandwidth."""
+`kernel_usage` reads what each launch configuration needs: registers and spill stack per thread
+and the tensor-core instructions in the SASS (cuobjdump), shared memory per program (Triton's
+metadata). A launch fails on the GPU when its shared memory exceeds the target's per-block limit;
+spilled registers go to local memory and cost bandwidth."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ import torch
 # Shared memory a block may opt into, in bytes, by compute capability (CUDA C++ Programming
 # Guide, "Technical Specifications per Compute Capability").
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
-POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
-                 torch.float64: "*fp64", torch.int32: "*i32", torch.int64: "*i64"}
+
+
+class CannotCompile(ValueError):
+    """The op's kernels cannot be compiled for a GPU here: why, in the message."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,40 @@ class Usage:
         return self.error is None and self.shared_bytes <= self.shared_limit
 
 
+class _StandIn:
+    """Triton's active driver while compiling for sm_`capability`: reports that target, and a
+    device key of its own (the JIT keeps its compiled kernels per device). Nothing launches."""
+
+    def __init__(self, capability: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", capability, 32)
+        self.device = f"sm_{capability} (compile only)"
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device):
+        return None
+
+
+@contextlib.contextmanager
+def compiling_for(capability: int):
+    """Within it, Triton's JIT compiles for sm_`capability`, with or without that GPU here, and
+    cannot launch: `kernel.warmup(...)` and an autotuner's `warmup(...)` compile only."""
+    from triton.runtime.driver import driver
+
+    previous = driver._active  # None until a real driver was asked for (none exists without a GPU)
+    driver.set_active(_StandIn(capability))
+    try:
+        yield
+    finally:
+        driver.set_active(previous)
+
+
 class _Recorder:
     """Stands in for a kernel launcher: keeps the arguments of the launch instead of running it."""
 
@@ -59,42 +96,57 @@ class _Recorder:
         return launch
 
 
-def _launches(module, op, dk: int, dv: int, dtype: torch.dtype) -> dict[str, tuple]:
-    """The (args, kwargs) the op's forward and backward launch with, on CPU tensors of the shape."""
+def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype | None) -> dict:
+    """"fwd" and "bwd": (Triton kernel, args, kwargs) as the op launches them on inputs of `dtype`
+    at head dims (dk, dv) and T a multiple of 16 (Triton specialises on it), with an initial state
+    in `state_dtype` (None: without one), not varlen, the final state not differentiated."""
     from mirasc.check import random_inputs
+    from mirasc.runtime import import_module, interpreting, module_path
 
-    inputs = random_inputs(op, batch=1, length=2 * op.spec.chunk_size, heads=2, dk=dk, dv=dv,
-                           dtype=dtype)
+    if interpreting():
+        raise CannotCompile("TRITON_INTERPRET=1 replaces Triton's compiler; unset it")
+    if op.backend != "triton":
+        raise CannotCompile(f"{op.spec.name} has no Triton kernels (it runs on the torch path)")
+    module = import_module(module_path(op.spec))
+    inputs = random_inputs(op, batch=1, length=16 * op.spec.chunk_size, heads=2, dk=dk, dv=dv,
+                           dtype=dtype, state_dtype=state_dtype)
+    if state_dtype is None:
+        del inputs["initial_state"]
     inputs = {k: (tuple(x.detach().requires_grad_() for x in v) if isinstance(v, tuple)
                   else v.detach().requires_grad_()) for k, v in inputs.items()}
     recorders = {"fwd": _Recorder(), "bwd": _Recorder()}
     with mock.patch("mirasc.runtime.interpreting", return_value=True), \
             mock.patch.object(module, "_fwd", recorders["fwd"]), \
             mock.patch.object(module, "_bwd", recorders["bwd"]):
-        o, _ = op(**inputs)
+        try:
+            o, _ = op(**inputs)
+        except (TypeError, ValueError) as exc:  # e.g. an MLP memory without an initial state
+            raise CannotCompile(str(exc)) from None
         o.float().sum().backward()
-    return {kernel: r.call for kernel, r in recorders.items()}
+    return {kernel: (getattr(module, f"{op.spec.name}_{kernel}_kernel"), *r.call)
+            for kernel, r in recorders.items()}
 
 
-def _source(fn, args: tuple, kwargs: dict):
-    """Triton's AST source of `fn` specialised as a launch with these arguments would be:
-    tensors 16-byte aligned, integers divisible by 16 marked so, constexprs bound."""
-    from triton.compiler import ASTSource
+def configs(op) -> list[tuple[int, int]]:
+    """The (num_warps, num_stages) pairs the op's autotuner tries."""
+    from mirasc.runtime import import_module, module_path
 
-    signature, constants, attrs = {}, {}, {}
-    bound = dict(zip(fn.arg_names, args, strict=False)) | kwargs
-    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
-        value = bound[name]
-        if param.is_constexpr or value is None:
-            signature[name], constants[name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = POINTER_TYPES[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32" if abs(value) < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+    return import_module(module_path(op.spec)).CONFIGS
+
+
+def compile_launch(launch: tuple, capability: int, num_warps: int, num_stages: int):
+    """A launch (kernel, args, kwargs) compiled for sm_`capability` in one configuration, as the
+    autotuner's call would compile it: `.asm` holds every stage ("ttir", "ttgir", "ptx",
+    "cubin"), `.metadata.shared` the shared memory per program. Raises PTXASError when ptxas
+    refuses it."""
+    import triton
+
+    if capability not in SHARED_LIMIT:
+        raise CannotCompile(f"sm_{capability}: allowed: {', '.join(map(str, SHARED_LIMIT))}")
+    kernel, args, kwargs = launch
+    config = triton.Config({}, num_warps=num_warps, num_stages=num_stages).all_kwargs()
+    with compiling_for(capability), contextlib.redirect_stdout(io.StringIO()):  # ptxas: the PTX
+        return kernel.warmup(*args, grid=(1,), **kwargs, **config)
 
 
 def _cubin_facts(cubin: bytes) -> tuple[int, int, int]:
@@ -115,34 +167,18 @@ def _cubin_facts(cubin: bytes) -> tuple[int, int, int]:
 
 
 def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
-                 capability: int = 90, configs: str = "tuned") -> list[Usage]:
+                 capability: int = 90, which: str = "tuned") -> list[Usage]:
     """Usage of the op's forward and backward kernels at head dims (dk, dv) on inputs of `dtype`,
-    for each launch configuration the autotuner tries (`configs="tuned"`) or its first only."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+    for each launch configuration the autotuner tries (`which="tuned"`) or its first only."""
     from triton.runtime.errors import PTXASError
 
-    from mirasc.runtime import import_module, interpreting, module_path
-
-    if interpreting():
-        raise RuntimeError("kernel_usage needs Triton's compiler: unset TRITON_INTERPRET")
-    if op.backend != "triton":
-        raise ValueError(f"{op.spec.name}: no Triton kernels (the torch path runs it)")
-    if capability not in SHARED_LIMIT:
-        raise ValueError(f"capability {capability}: allowed: {sorted(SHARED_LIMIT)}")
-    module = import_module(module_path(op.spec))
-    calls = _launches(module, op, dk, dv, dtype)
-    target = GPUTarget("cuda", capability, 32)
+    tried = configs(op) if which == "tuned" else configs(op)[:1]
     rows = []
-    for kernel, (args, kwargs) in calls.items():
-        fn = getattr(module, f"{op.spec.name}_{kernel}_kernel")
-        tried = module.CONFIGS
-        for num_warps, num_stages in tried if configs == "tuned" else tried[:1]:
+    for kernel, launch in launches(op, dk, dv, dtype, state_dtype=dtype).items():
+        for num_warps, num_stages in tried:
             start = time.perf_counter()
             try:
-                with contextlib.redirect_stdout(io.StringIO()):  # ptxas failures print the PTX
-                    compiled = triton.compile(_source(fn, args, kwargs), target=target, options={
-                        "num_warps": num_warps, "num_stages": num_stages})
+                compiled = compile_launch(launch, capability, num_warps, num_stages)
             except PTXASError as exc:
                 reason = next((line for line in str(exc).splitlines() if "fatal" in line), str(exc))
                 rows.append(Usage(kernel, num_warps, num_stages, None, None, None,

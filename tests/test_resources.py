@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,19 @@ import torch, mirasc
 from mirasc.resources import kernel_usage
 for name in sys.argv[1:]:
     op = mirasc.compile(f"specs/{name}.yaml")
-    for u in kernel_usage(op, 13, 13, torch.bfloat16, 90, configs="first"):
+    for u in kernel_usage(op, 13, 13, torch.bfloat16, 90, which="first"):
         print(json.dumps({"spec": name, "kernel": u.kernel, "registers": u.registers,
                           "shared": u.shared_bytes, "limit": u.shared_limit}))
 """
 
+PIPELINED = """
+import json, sys
+import torch, mirasc
+from mirasc.resources import compile_launch, launches
+op = mirasc.compile("specs/ttt_mlp.yaml")
+calls = launches(op, 32, 32, torch.bfloat16, torch.float32)
+print(json.dumps({k: compile_launch(c, 90, 4, 2).asm["ttgir"] for k, c in calls.items()}))
+"""
 
 @pytest.fixture
 def env(tmp_path) -> dict:
@@ -69,6 +78,30 @@ def test_hidden_blocks_fit_hopper_at_head_dim_64(env):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("fwd", "bwd"))]
     assert [r[0] for r in rows] == ["fwd", "bwd"] and all(r[-1] == "yes" for r in rows), done.stdout
+
+
+def _chunk_loop(ttgir: str) -> tuple[str, list[str]]:
+    """The header of the loop over chunks (induction variable i_t or i_back) and its body's ops."""
+    lines = ttgir.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.search(r"scf\.for %i_(t|back) =", line))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(" " * indent + "}"))
+    return lines[start], [line.strip() for line in lines[start + 1:end]]
+
+
+def test_pipelined_passes_never_prefetch_across_a_chunk_step(env):
+    """ttt_mlp at D=32 with 2 stages: Triton's pipeliner prefetches each pass's state blocks
+    (async copies into shared memory), but only within the step. The chunk loop carries no async
+    copy into the next step, and its body ends at the barrier after which the next step reads
+    the state blocks this one stored."""
+    done = subprocess.run([sys.executable, "-c", PIPELINED], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for kernel, ttgir in json.loads(done.stdout).items():
+        header, body = _chunk_loop(ttgir)
+        assert any("ttg.async_copy_global_to_local" in op for op in body), kernel
+        assert "!ttg.async.token" not in header, (kernel, header)
+        assert body[-1].startswith("ttg.barrier"), (kernel, body[-3:])
 
 
 def test_a_kernel_that_does_not_fit_is_named(env, tmp_path):
