@@ -15,6 +15,7 @@ The op is timed only when all of these are within --tolerance.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from benchmarks import flops
 from benchmarks.common import SPECS, environment, flat, leaves, median_seconds, table
 from benchmarks.peers import Impl, mirasc_impl, peers
 from mirasc.check import random_inputs, relative_error
+from mirasc.resources import precompile
 
 DEFAULT_SPECS = ("simple_gla", "gated_deltanet", "ttt_linear", "moneta", "yaad", "memora")
 PASSES = ("fwd", "fwd+bwd")
@@ -164,6 +166,8 @@ def benchmark(cfg: Config) -> tuple[list[dict], dict]:
     print(f"{meta['environment']}\nmeasured {cfg.dtype} matmul peak: {peak:.3g} TFLOP/s; "
           f"B={cfg.batch}, H={cfg.heads}")
     ops = [mirasc.compile(SPECS / f"{name}.yaml") for name in cfg.specs]
+    if cfg.device == "cuda":
+        meta["precompile_seconds"] = precompiled(cfg, ops)
     rows = []
     for op in ops:
         ours = mirasc_impl(op)
@@ -173,6 +177,25 @@ def benchmark(cfg: Config) -> tuple[list[dict], dict]:
             for length in cfg.lengths:
                 rows += _shape(cfg, op, ours, others, checked, dim, length, peak)
     return rows, meta
+
+
+def precompiled(cfg: Config, ops: list) -> float:
+    """Compile every op's kernels at every dim, in every autotuned configuration, in parallel
+    processes before timing, for the inputs `inputs` draws (`mirasc.resources.precompile`): the
+    autotuner's first calls then load them. Returns the wall-clock seconds."""
+    start = time.perf_counter()
+    try:
+        jobs = list(precompile(ops, [(d, d) for d in cfg.dims], cfg.dtype, torch.float32))
+    except Exception as exc:  # only a head start: the autotuner compiles what is missing
+        print(f"precompile failed ({failure(exc)}); the autotuner compiles as it goes")
+        return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    failed = [j for j in jobs if j.error is not None]
+    print(f"precompiled {len(jobs)} kernels in {wall:.0f} s ({sum(j.seconds for j in jobs):.0f} s "
+          f"of compiling); {len(failed)} failed" + "".join(
+              f"\n  {j.spec} D={j.dk} {j.kernel} warps={j.num_warps} stages={j.num_stages}: "
+              f"{j.error}" for j in failed))
+    return wall
 
 
 def _shape(cfg, op, ours, others, checked, dim, length, peak) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The `mirasc` command line: compile, explain, check, resources, list."""
+"""The `mirasc` command line: compile, explain, check, resources, precompile, list."""
 
 from __future__ import annotations
 
@@ -140,6 +140,60 @@ def resources(spec: SpecPath,
                    f"fits sm_{sm}'s shared memory at Dk={head_dim}, Dv={dv}; a smaller head dim, "
                    "expansion or chunk_size needs less, and op(..., backend='torch') runs "
                    "without the kernels", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def precompile(specs: Annotated[list[Path], typer.Argument(help="Spec YAML files.")],
+               head_dim: Annotated[list[int], typer.Option(help="Head dimension Dk = Dv; "
+                                                             "repeat for several.")] = [64],  # noqa: B006
+               dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32 inputs.")]
+               = "bfloat16",
+               state: Annotated[str, typer.Option(help="The calls' initial state: float32, the "
+                                                        "inputs' dtype (inputs) or none.")]
+               = "float32",
+               sm: Annotated[int | None, typer.Option(help="Target compute capability (default: "
+                                                         "this machine's GPU).")] = None,
+               jobs: Annotated[int | None, typer.Option(help="Worker processes (default: one "
+                                                           "per CPU core).")] = None):
+    """Compile the kernels of SPECS in every launch configuration their autotuners try, in
+    parallel, into Triton's cache (TRITON_CACHE_DIR): the first call then loads them instead of
+    compiling one configuration after another (minutes for an MLP memory's backward). For calls
+    on inputs of --dtype at each --head-dim with an initial state in --state, lengths a multiple
+    of 16, not varlen.
+    Exits 1 when some kernel compiled in no configuration."""
+    import time
+
+    import torch
+
+    from mirasc.resources import CannotCompile
+    from mirasc.resources import precompile as run
+    from mirasc.runtime import compile as compile_spec
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    states = {"float32": torch.float32, "inputs": dtypes.get(dtype), "none": None}
+    if dtype not in dtypes or state not in states:
+        typer.echo(f"error: --dtype: allowed: {', '.join(dtypes)}; --state: allowed: "
+                   f"{', '.join(states)}", err=True)
+        raise typer.Exit(2)
+    ops = [compile_spec(_load(spec)) for spec in specs]
+    start, done = time.perf_counter(), []
+    try:
+        for job in run(ops, [(d, d) for d in head_dim], dtypes[dtype], states[state], sm, jobs):
+            done.append(job)
+            typer.echo(f"{job.spec} D={job.dk} {job.kernel} warps={job.num_warps} "
+                       f"stages={job.num_stages}: {job.seconds:.1f} s"
+                       + (f", failed: {job.error}" if job.error else ""))
+    except CannotCompile as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{len(done)} kernels in {time.perf_counter() - start:.1f} s "
+               f"({sum(j.seconds for j in done):.1f} s of compiling)")
+    kernels = {(j.spec, j.dk, j.kernel) for j in done}
+    unusable = sorted(kernels - {(j.spec, j.dk, j.kernel) for j in done if j.error is None})
+    if unusable:
+        typer.echo("no configuration compiled: " + ", ".join(
+            f"{s} D={d} {k}" for s, d, k in unusable), err=True)
         raise typer.Exit(1)
 
 

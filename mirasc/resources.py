@@ -5,16 +5,22 @@ target (its ptxas assembles the cubin), while a stand-in driver reports the targ
 `kernel_usage` reads what each launch configuration needs: registers and spill stack per thread
 and the tensor-core instructions in the SASS (cuobjdump), shared memory per program (Triton's
 metadata). A launch fails on the GPU when its shared memory exceeds the target's per-block limit;
-spilled registers go to local memory and cost bandwidth."""
+spilled registers go to local memory and cost bandwidth. `precompile` compiles every
+configuration the autotuner tries in parallel processes into Triton's on-disk cache, so the
+autotuner's first call loads them instead of compiling them one after another."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import multiprocessing
+import os
 import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -190,3 +196,60 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
                               compiled.metadata.shared, SHARED_LIMIT[capability],
                               time.perf_counter() - start, tensor_core))
     return rows
+
+
+@dataclass(frozen=True)
+class Precompiled:
+    """One kernel of one spec compiled in one launch configuration by `precompile`."""
+
+    spec: str
+    dk: int
+    dv: int
+    kernel: str
+    num_warps: int
+    num_stages: int
+    seconds: float             # in its worker (a cache hit takes well under a second)
+    error: str | None = None   # why it did not compile (the autotuner skips such a config)
+
+
+def _precompile_one(spec, dk, dv, dtype, state_dtype, capability, kernel, num_warps,
+                    num_stages) -> Precompiled:
+    """A worker's job: one kernel in one configuration, into Triton's cache."""
+    import mirasc
+
+    start = time.perf_counter()
+    try:
+        launch = launches(mirasc.compile(spec), dk, dv, dtype, state_dtype)[kernel]
+        compile_launch(launch, capability, num_warps, num_stages)
+        error = None
+    except Exception as exc:  # reported per job: the others still compile
+        error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+    return Precompiled(spec.name, dk, dv, kernel, num_warps, num_stages,
+                       time.perf_counter() - start, error)
+
+
+def precompile(ops: list, dims: list[tuple[int, int]], dtype: torch.dtype = torch.bfloat16,
+               state_dtype: torch.dtype | None = torch.float32, capability: int | None = None,
+               workers: int | None = None) -> Iterator[Precompiled]:
+    """Compile each op's forward and backward kernels at each (dk, dv), in every configuration its
+    autotuner tries, for sm_`capability` (default: this process's GPU), in `workers` processes
+    (default: one per CPU core), into Triton's on-disk cache (TRITON_CACHE_DIR). Yields each job
+    as it finishes. The launch form must match the calls to come (see `launches`): inputs of
+    `dtype`, an initial state in `state_dtype` or (None) none. The workers are
+    spawned: a script calling this runs it under `if __name__ == "__main__":`."""
+    if capability is None:
+        if not torch.cuda.is_available():
+            raise CannotCompile("no GPU here: name the target's compute capability (--sm)")
+        major, minor = torch.cuda.get_device_capability()
+        capability = 10 * major + minor
+    if capability not in SHARED_LIMIT:
+        raise CannotCompile(f"sm_{capability}: allowed: {', '.join(map(str, SHARED_LIMIT))}")
+    for op in ops:
+        launches(op, *dims[0], dtype, state_dtype)  # refuses what cannot compile, before forking
+    jobs = [(op.spec, dk, dv, dtype, state_dtype, capability, kernel, warps, stages)
+            for op in ops for dk, dv in dims for kernel in ("fwd", "bwd")
+            for warps, stages in configs(op)]
+    context = multiprocessing.get_context("spawn")  # a forked CUDA context would not work
+    with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=context) as pool:
+        for done in as_completed([pool.submit(_precompile_one, *job) for job in jobs]):
+            yield done.result()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
@@ -36,6 +37,27 @@ op = mirasc.compile("specs/ttt_mlp.yaml")
 calls = launches(op, 32, 32, torch.bfloat16, torch.float32)
 print(json.dumps({k: compile_launch(c, 90, 4, 2).asm["ttgir"] for k, c in calls.items()}))
 """
+
+PRECOMPILE = """
+import mirasc
+from mirasc.resources import precompile
+if __name__ == "__main__":
+    op = mirasc.compile("specs/ttt_linear.yaml")
+    for job in precompile([op], [(16, 16)], capability=90, workers=2):
+        print(job.kernel, job.num_warps, job.num_stages, job.error)
+"""
+
+AUTOTUNE = """
+import torch, mirasc
+from mirasc.resources import compiling_for, launches
+from mirasc.runtime import import_module, module_path
+op = mirasc.compile("specs/ttt_linear.yaml")
+module = import_module(module_path(op.spec))
+for name, (_, args, kwargs) in launches(op, 16, 16, torch.bfloat16, torch.float32).items():
+    with compiling_for(90):
+        (module._fwd if name == "fwd" else module._bwd).warmup(*args, grid=(1,), **kwargs)
+"""
+
 
 @pytest.fixture
 def env(tmp_path) -> dict:
@@ -104,6 +126,25 @@ def test_pipelined_passes_never_prefetch_across_a_chunk_step(env):
         assert body[-1].startswith("ttg.barrier"), (kernel, body[-3:])
 
 
+def test_precompiled_kernels_are_the_autotuners(env, tmp_path):
+    """precompile compiles each kernel of ttt_linear (D=16, bf16, a float32 initial state, as the
+    GPU benchmark calls it) in each autotuned configuration, in worker processes, into Triton's
+    cache; the autotuner compiling every configuration of the same launch then finds all of them
+    there: the cache gains no entry."""
+    done = subprocess.run([sys.executable, "-c", PRECOMPILE], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(done.stdout.split("\n")[:-1]) == [f"{k} {w} 1 None" for k in ("bwd", "fwd")
+                                                     for w in (4, 8)]
+    cache = tmp_path / "triton"
+    entries = set(cache.iterdir())
+    assert len(entries) == 4
+    done = subprocess.run([sys.executable, "-c", AUTOTUNE], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert set(cache.iterdir()) == entries
+
+
 def test_a_kernel_that_does_not_fit_is_named(env, tmp_path):
     """A depth-3 MLP has a hidden-to-hidden weight, so its state cannot pass in blocks of hidden
     units: at D=32 (hidden width 128) its backward needs more shared memory than sm_90's 227 KiB;
@@ -122,3 +163,13 @@ def test_bad_arguments_are_refused(env):
     assert done.returncode == 2 and "--sm: allowed: 80, 86, 87, 89, 90" in done.stderr
     done = _mirasc(env | {"TRITON_INTERPRET": "1"}, "resources", "specs/gated_deltanet.yaml")
     assert done.returncode == 2 and "unset it" in done.stderr
+    done = _mirasc(env, "precompile", "specs/ttt_linear.yaml", "--state", "float64")
+    assert done.returncode == 2 and "--state: allowed: float32, inputs, none" in done.stderr
+    done = _mirasc(env, "precompile", "specs/ttt_mlp.yaml", "--state", "none", "--sm", "90")
+    assert done.returncode == 2 and "ttt_mlp: an mlp memory needs initial_state" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="precompile targets the GPU present")
+def test_precompile_without_a_gpu_needs_the_target(env):
+    done = _mirasc(env, "precompile", "specs/ttt_linear.yaml")
+    assert done.returncode == 2 and "no GPU here" in done.stderr and "--sm" in done.stderr
