@@ -147,8 +147,6 @@ def compile_launch(launch: tuple, capability: int, num_warps: int, num_stages: i
     refuses it."""
     import triton
 
-    if capability not in SHARED_LIMIT:
-        raise CannotCompile(f"sm_{capability}: allowed: {', '.join(map(str, SHARED_LIMIT))}")
     kernel, args, kwargs = launch
     config = triton.Config({}, num_warps=num_warps, num_stages=num_stages).all_kwargs()
     with compiling_for(capability), contextlib.redirect_stdout(io.StringIO()):  # ptxas: the PTX
@@ -178,6 +176,8 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
     for each launch configuration the autotuner tries (`which="tuned"`) or its first only."""
     from triton.runtime.errors import PTXASError
 
+    if capability not in SHARED_LIMIT:
+        raise CannotCompile(f"sm_{capability}: allowed: {', '.join(map(str, SHARED_LIMIT))}")
     tried = configs(op) if which == "tuned" else configs(op)[:1]
     rows = []
     for kernel, launch in launches(op, dk, dv, dtype, state_dtype=dtype).items():
@@ -242,8 +242,6 @@ def precompile(ops: list, dims: list[tuple[int, int]], dtype: torch.dtype = torc
             raise CannotCompile("no GPU here: name the target's compute capability (--sm)")
         major, minor = torch.cuda.get_device_capability()
         capability = 10 * major + minor
-    if capability not in SHARED_LIMIT:
-        raise CannotCompile(f"sm_{capability}: allowed: {', '.join(map(str, SHARED_LIMIT))}")
     for op in ops:
         launches(op, *dims[0], dtype, state_dtype)  # refuses what cannot compile, before forking
     jobs = [(op.spec, dk, dv, dtype, state_dtype, capability, kernel, warps, stages)
