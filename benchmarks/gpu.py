@@ -139,7 +139,9 @@ def failure(exc: Exception) -> str:
 
 def own_check(cfg: Config, op, impl: Impl, dim: int) -> dict[str, float | str]:
     """The op in cfg.dtype against op.reference(chunk_size=op.oracle_chunk_size) in float32 on
-    the same (rounded) inputs of length --check-length: the worst error per pass, or why not."""
+    the same (rounded) inputs of length --check-length: the worst error per pass, or why not.
+    The op runs twice and must agree with itself bit for bit (its kernels use no atomics: a
+    difference is a race, such as a read of a state block before the step that writes it)."""
     x = inputs(cfg, op, dim, cfg.check_length)
     ref = Impl("reference", lambda y, final: op.reference(
         **y, chunk_size=op.oracle_chunk_size, output_final_state=final), True, lambda *s: None)
@@ -148,7 +150,10 @@ def own_check(cfg: Config, op, impl: Impl, dim: int) -> dict[str, float | str]:
         backward = name == "fwd+bwd"
         try:
             want = outputs(ref, leaves(x, torch.float32), backward, cfg.dtype)
-            result[name] = worst_error(outputs(impl, x, backward, cfg.dtype), want)
+            got, again = (outputs(impl, x, backward, cfg.dtype) for _ in range(2))
+            moved = [k for k in got if not torch.equal(got[k], again[k])]
+            result[name] = (f"two runs differ in {', '.join(moved)}" if moved
+                            else worst_error(got, want))
         except Exception as exc:
             result[name] = failure(exc)
     return result
