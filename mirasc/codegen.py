@@ -187,11 +187,20 @@ def triton_unsupported(d) -> str | None:
 _FORMATS = {  # the Triton code of the one-input ops: {0} is the input, {axis} the node's axis
     "sum": "tl.sum({0}, {axis}, keep_dims=True)",
     "max": "tl.max({0}, {axis}, keep_dims=True)",
-    "cumsum": "tl.cumsum({0}, 0)",
-    "revcumsum": "tl.cumsum({0}, 0, reverse=True)",
     "trans": "tl.trans({0})",
     "tri_inv": "_tri_inv({0}, BT)",
 }
+
+
+def _prefix_sum(x: str, width, reverse: bool) -> str:
+    """The inclusive prefix sum over the rows of a [BT, width] tile (from the last row with
+    `reverse`), against the causal mask: a masked sum for one column, else a product with the
+    mask. Not tl.cumsum: Triton 3.6 fails to lower its scans in these kernels' layouts."""
+    if width == 1:
+        return (f"tl.trans(tl.sum(causal * {x}, 0, keep_dims=True))" if reverse
+                else f"tl.sum(causal * tl.trans({x}), 1, keep_dims=True)")
+    mask = "tl.trans(causal)" if reverse else "causal"
+    return f'tl.dot({mask}, {x}, input_precision="ieee")'
 
 
 def _expression(graph, n) -> str:
@@ -205,6 +214,8 @@ def _expression(graph, n) -> str:
         return f"tl.dot({a}, {b}, input_precision=PRECISION)"
     if op == "ew":
         return triton_source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
+    if op in ("cumsum", "revcumsum"):
+        return _prefix_sum(x[0], graph.shape(x[0])[1], reverse=op == "revcumsum")
     if op in _FORMATS:
         return _FORMATS[op].format(*x, axis=node.get("axis"))
     return f"tl.broadcast_to({x[0]}, ({', '.join(_DIMS[s] for s in node['shape'])}))"
