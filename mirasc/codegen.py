@@ -194,11 +194,11 @@ _FORMATS = {  # the Triton code of the one-input ops: {0} is the input, {axis} t
 
 def _prefix_sum(x: str, width, reverse: bool) -> str:
     """The inclusive prefix sum over the rows of a [BT, width] tile (from the last row with
-    `reverse`), against the causal mask: a masked sum for one column, else a product with the
-    mask. Not tl.cumsum: Triton 3.6 fails to lower its scans in these kernels' layouts."""
+    `reverse`): one column as a 1-D scan, more as a product with the causal mask. Not tl.cumsum
+    on the tile: Triton 3.6 fails to lower that scan in these kernels' layouts."""
     if width == 1:
-        return (f"tl.trans(tl.sum(causal * {x}, 0, keep_dims=True))" if reverse
-                else f"tl.sum(causal * tl.trans({x}), 1, keep_dims=True)")
+        flag = ", reverse=True" if reverse else ""
+        return f"tl.reshape(tl.cumsum(tl.reshape({x}, [BT]), 0{flag}), [BT, 1])"
     mask = "tl.trans(causal)" if reverse else "causal"
     return f'tl.dot({mask}, {x}, input_precision="ieee")'
 
