@@ -25,6 +25,13 @@ def _load(path: Path) -> S.Spec:
         raise typer.Exit(2) from None
 
 
+def _kernel_dtypes() -> dict:
+    """The input dtypes the GPU kernels are compiled for, by name."""
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 @app.command("compile")
 def compile_(spec: SpecPath,
              out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")] = Path(".")):
@@ -106,12 +113,11 @@ def resources(spec: SpecPath,
     each launch configuration's registers and spills per thread, tensor-core instructions (HGMMA,
     HMMA) and shared memory per program.
     Exits 1 when no configuration of a kernel fits the GPU's shared memory."""
-    import torch
 
     from mirasc.resources import SHARED_LIMIT, CannotCompile, kernel_usage
     from mirasc.runtime import compile as compile_spec
 
-    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    dtypes = _kernel_dtypes()
     if dtype not in dtypes or sm not in SHARED_LIMIT:
         typer.echo(f"error: --dtype: allowed: {', '.join(dtypes)}; --sm: allowed: "
                    f"{', '.join(map(str, SHARED_LIMIT))}", err=True)
@@ -170,7 +176,7 @@ def precompile(specs: Annotated[list[Path], typer.Argument(help="Spec YAML files
     from mirasc.resources import precompile as run
     from mirasc.runtime import compile as compile_spec
 
-    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    dtypes = _kernel_dtypes()
     states = {"float32": torch.float32, "inputs": dtypes.get(dtype), "none": None}
     if dtype not in dtypes or state not in states:
         typer.echo(f"error: --dtype: allowed: {', '.join(dtypes)}; --state: allowed: "

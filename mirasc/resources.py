@@ -178,7 +178,9 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
 
     if capability not in SHARED_LIMIT:
         raise CannotCompile(f"sm_{capability}: allowed: {', '.join(map(str, SHARED_LIMIT))}")
-    tried = configs(op) if which == "tuned" else configs(op)[:1]
+    tried = configs(op)
+    if which != "tuned":
+        tried = tried[:1]
     rows = []
     for kernel, launch in launches(op, dk, dv, dtype, state_dtype=dtype).items():
         for num_warps, num_stages in tried:
