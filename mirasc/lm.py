@@ -25,6 +25,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from mirasc.layers import MirasLayer, SlidingWindowAttention, as_spec
 from mirasc.spec import Spec
 
+# transformers 5.24 renamed the generation cache from `past_key_values` to `cache`, in the model's
+# arguments and in its outputs; the older name still works there, with a deprecation warning.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class MirasConfig(PretrainedConfig):
     """`spec` is the memory's YAML text (a path is read into it), so a saved config is whole."""
@@ -182,20 +186,24 @@ class MirasForCausalLM(MirasPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids, attention_mask=None, past_key_values: MirasCache | None = None,
-                use_cache: bool | None = None, labels=None, return_dict: bool = True, **kwargs):
+    def forward(self, input_ids, attention_mask=None, cache: MirasCache | None = None,
+                use_cache: bool | None = None, labels=None, return_dict: bool = True,
+                past_key_values: MirasCache | None = None, **kwargs):
         """Logits for input_ids [B, T]; with `labels` the next-token cross-entropy (-100 ignored).
-        A `past_key_values` cache continues the sequences it holds."""
+        A `cache` (`past_key_values` before transformers 5.24) continues the sequences it holds."""
+        if cache is not None and past_key_values is not None:
+            raise ValueError("give the cache as `cache` or as `past_key_values`, not both")
+        cache = past_key_values if cache is None else cache
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("attention_mask has padding: a recurrent memory reads every token, so "
                              "batch sequences of equal length (or generate one sequence at a time)")
-        hidden, cache = self.model(input_ids, past_key_values, bool(use_cache))
+        hidden, cache = self.model(input_ids, cache, bool(use_cache))
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
 
 AutoConfig.register("mirasc", MirasConfig)

@@ -1,11 +1,13 @@
 """The causal LM in Hugging Face conventions: save/load round trip through the Auto classes,
 cached generation equals uncached, training lowers the loss, bad input is refused."""
 
+import logging
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mirasc.lm import MirasConfig, MirasForCausalLM
+from mirasc.lm import CACHE_FIELD, MirasConfig, MirasForCausalLM
 from mirasc.spec import SpecError
 
 VOCAB = 40
@@ -43,6 +45,22 @@ def test_generate_with_cache_equals_without(spec, attention):
     assert torch.equal(cached, fresh)
 
 
+def test_generation_logs_no_deprecation():
+    """Generating through transformers' own cache plumbing warns of nothing mirasc passes."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    logging.Logger.warning_once.cache_clear()  # transformers logs each warning once per process
+    hf_logger.addHandler(handler)
+    try:
+        model = tiny("specs/gated_deltanet.yaml").double().eval()
+        model.generate(torch.randint(0, VOCAB, (1, 4)), max_new_tokens=3, do_sample=False)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "deprecated" in r.getMessage()]
+
+
 def test_cached_logits_equal_the_parallel_forward():
     model = tiny("specs/yaad.yaml", attention_layers=[1], attention_window=4).double().eval()
     ids = torch.randint(0, VOCAB, (1, 12))
@@ -50,9 +68,9 @@ def test_cached_logits_equal_the_parallel_forward():
     out = model(ids[:, :7], use_cache=True)
     steps = [out.logits]
     for t in range(7, 12):
-        out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        out = model(ids[:, t:t + 1], cache=getattr(out, CACHE_FIELD), use_cache=True)
         steps.append(out.logits)
-    assert out.past_key_values.get_seq_length() == 12
+    assert getattr(out, CACHE_FIELD).get_seq_length() == 12
     assert torch.allclose(torch.cat(steps, 1), parallel, rtol=0, atol=1e-10)
 
 
