@@ -19,7 +19,7 @@ from benchmarks.common import ROOT, SPECS, table
 CHILD = """
 import json, sys, time
 from mirasc.codegen import render_module
-from mirasc.runtime import import_module, module_path, write_atomic
+from mirasc.runtime import module_path, run_module, write_atomic
 from mirasc.spec import load_spec
 
 start, start_cpu = time.perf_counter(), time.process_time()
@@ -29,7 +29,7 @@ rendered = time.perf_counter()
 path = module_path(spec)
 write_atomic(path, source)
 written = time.perf_counter()
-op = import_module(path).op
+op = run_module(path, source).op
 imported, cpu = time.perf_counter(), time.process_time() - start_cpu
 print(json.dumps({"render": rendered - start, "write": written - rendered,
                   "import": imported - written, "cpu": cpu, "backend": op.backend,

@@ -107,13 +107,13 @@ def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype 
     at head dims (dk, dv) and T a multiple of 16 (Triton specialises on it), with an initial state
     in `state_dtype` (None: without one), not varlen, the final state not differentiated."""
     from mirasc.check import random_inputs
-    from mirasc.runtime import import_module, interpreting, module_path
+    from mirasc.runtime import interpreting, load_module
 
     if interpreting():
         raise CannotCompile("TRITON_INTERPRET=1 replaces Triton's compiler; unset it")
     if op.backend != "triton":
         raise CannotCompile(f"{op.spec.name} has no Triton kernels (it runs on the torch path)")
-    module = import_module(module_path(op.spec))
+    module = load_module(op.spec)
     inputs = random_inputs(op, batch=1, length=16 * op.spec.chunk_size, heads=2, dk=dk, dv=dv,
                            dtype=dtype, state_dtype=state_dtype)
     if state_dtype is None:
@@ -135,9 +135,9 @@ def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype 
 
 def configs(op) -> list[tuple[int, int]]:
     """The (num_warps, num_stages) pairs the op's autotuner tries."""
-    from mirasc.runtime import import_module, module_path
+    from mirasc.runtime import load_module
 
-    return import_module(module_path(op.spec)).CONFIGS
+    return load_module(op.spec).CONFIGS
 
 
 def compile_launch(launch: tuple, capability: int, num_warps: int, num_stages: int):

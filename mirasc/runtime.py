@@ -7,12 +7,14 @@ kernels the reference); `MirasOp.reference` runs the oracle recurrence on the sa
 
 from __future__ import annotations
 
-import importlib.util
+import builtins
+import linecache
 import os
+import secrets
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -283,15 +285,17 @@ def cache_dir() -> Path:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers see the old or the new file, whole."""
+    """Write via a temporary file and rename, so readers see the old or the new file, whole.
+    The file gets the permissions the umask gives any file the user writes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -299,30 +303,41 @@ def module_path(spec: Spec) -> Path:
     return cache_dir() / f"{spec.name}-{spec.digest()}.py"
 
 
-def import_module(path: Path):
-    """Import a generated module file (once per process)."""
+def run_module(path: Path, text: str) -> ModuleType:
+    """Run `text` as the module of file `path`: the text itself is compiled, never bytecode
+    beside the file nor the file read again, and it is what tracebacks and `inspect` (through
+    which Triton reads a kernel's source) show for `path`."""
     name = f"mirasc_generated.{path.stem.replace('-', '_')}"
-    if name not in sys.modules:
-        loader_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(loader_spec)
-        loader_spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
+    module = ModuleType(name)
+    module.__file__ = str(path)
+    linecache.cache[str(path)] = (len(text), None, text.splitlines(keepends=True), str(path))
+    sys.modules[name] = module  # in place while it runs, as an import would have it
+    try:
+        exec(builtins.compile(text, str(path), "exec"), module.__dict__)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
-_checked: set[Path] = set()  # module files this process rendered and found up to date
+_loaded: dict[Path, ModuleType] = {}  # module files this process verified and ran
 
 
-def compile(source: str | Path | Spec) -> MirasOp:  # noqa: A001 - the public verb is `mirasc.compile`
-    """Compile a spec file, or a validated `Spec`, (cached by spec hash) and return its op."""
+def load_module(spec: Spec) -> ModuleType:
+    """The generated module of `spec`, from the cache: rendered, written unless the cached file
+    holds the same text, and run from that rendered text (once per process and file)."""
     from mirasc.codegen import render_module
 
-    spec = source if isinstance(source, Spec) else load_spec(source)
     target = module_path(spec)
-    if target not in _checked or not target.exists():  # rendered once per process and file
+    if target not in _loaded:
         text = render_module(spec)
         if not target.exists() or target.read_text() != text:
             write_atomic(target, text)
-        _checked.add(target)
-    return import_module(target).op
+        _loaded[target] = run_module(target, text)
+    return _loaded[target]
 
+
+def compile(source: str | Path | Spec) -> MirasOp:  # noqa: A001 - the public verb is `mirasc.compile`
+    """Compile a spec (cached by spec hash) and return its op."""
+    spec = source if isinstance(source, Spec) else load_spec(source)
+    return load_module(spec).op

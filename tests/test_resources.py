@@ -50,9 +50,9 @@ if __name__ == "__main__":
 AUTOTUNE = """
 import torch, mirasc
 from mirasc.resources import compiling_for, launches
-from mirasc.runtime import import_module, module_path
+from mirasc.runtime import load_module
 op = mirasc.compile("specs/ttt_linear.yaml")
-module = import_module(module_path(op.spec))
+module = load_module(op.spec)
 for name, (_, args, kwargs) in launches(op, 16, 16, torch.bfloat16, torch.float32).items():
     with compiling_for(90):
         (module._fwd if name == "fwd" else module._bwd).warmup(*args, grid=(1,), **kwargs)

@@ -6,6 +6,7 @@ Every test points the compile cache at its own temporary directory."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,11 +18,11 @@ import pytest
 import torch
 
 import mirasc
-from mirasc import reference
+from mirasc import reference, runtime
 from mirasc.check import compare, random_inputs, relative_error
 from mirasc.codegen import render_module, render_reference_module, triton_unsupported
 from mirasc.derive import derive
-from mirasc.runtime import MirasOp, import_module, module_path, write_atomic
+from mirasc.runtime import MirasOp, load_module, module_path, write_atomic
 from mirasc.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,9 +118,8 @@ def test_rendered_module_is_python_with_an_op(name, _cache):
     compile(source, f"{name}.py", "exec")  # valid Python
     path = module_path(spec)
     assert path.parent == _cache and spec.digest() in path.name
-    write_atomic(path, source)
-    module = import_module(path)
-    op = module.op
+    op = load_module(spec).op
+    assert path.read_text() == source
     assert isinstance(op, MirasOp)
     assert op.spec == spec and op.spec.digest() == spec.digest()
     expected = "reference" if triton_unsupported(derive(spec)) else "triton"
@@ -201,6 +201,41 @@ def test_write_atomic(tmp_path):
         write_atomic(target, 12345)  # type: ignore[arg-type]
     assert target.read_text() == "second = 2\n"
     assert [p.name for p in target.parent.iterdir()] == ["module.py"]
+
+
+def test_write_atomic_honours_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "shared.py", "x = 1\n")
+        os.umask(0o077)
+        write_atomic(tmp_path / "private.py", "x = 1\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.py").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.py").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_planted_bytecode_file_never_runs(tmp_path, monkeypatch):
+    """Bytecode beside a verified module, with a header that matches the module's source, is
+    what Python's own loader would run; the cache runs the verified text instead."""
+    spec = load_spec(ROOT / "specs" / "simple_gla.yaml")
+    mirasc.compile(spec)
+    path = module_path(spec)
+    marker = tmp_path / "payload-ran"
+    payload = compile(f"open({str(marker)!r}, 'w').close()\nop = None\n", str(path), "exec")
+    stat = path.stat()
+    pyc = Path(importlib.util.cache_from_source(str(path)))
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(importlib._bootstrap_external._code_to_timestamp_pyc(
+        payload, int(stat.st_mtime), stat.st_size))
+    loader = importlib.util.spec_from_file_location("planted_probe", path)
+    loader.loader.exec_module(importlib.util.module_from_spec(loader))
+    assert marker.exists()  # the plant works: Python's loader ran it
+    marker.unlink()
+    monkeypatch.setattr(runtime, "_loaded", {})  # as in a new process
+    op = mirasc.compile(spec)
+    assert not marker.exists()
+    assert isinstance(op, MirasOp) and op.spec == spec
 
 
 # ---- the generated op against its reference ---------------------------------------------------

@@ -17,7 +17,7 @@ from mirasc import ir
 from mirasc.check import compare, random_inputs, relative_error, varlen_inputs
 from mirasc.codegen import render_module, triton_unsupported
 from mirasc.derive import derive
-from mirasc.runtime import import_module, module_path
+from mirasc.runtime import load_module
 from mirasc.spec import SpecError
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -37,7 +37,7 @@ def _compiled(source: str, tmp_path, monkeypatch):
     """The op and generated module of a shipped spec path or of inline YAML."""
     op = mirasc.compile(source) if source.endswith(".yaml") else _compile(source, tmp_path,
                                                                          monkeypatch)
-    return op, import_module(module_path(op.spec))
+    return op, load_module(op.spec)
 
 
 def _assert_close(errors: dict, dtype):
@@ -316,7 +316,7 @@ def test_a_launch_that_does_not_fit_the_gpu_names_the_kernel(monkeypatch):
     """Triton's out-of-resources error (raised when no autotuned configuration fits) becomes one
     naming the spec, the kernel and the head dims, pointing at `mirasc resources`."""
     op = mirasc.compile("specs/ttt_mlp.yaml")
-    module = import_module(module_path(op.spec))
+    module = load_module(op.spec)
 
     class TooBig:
         def __getitem__(self, grid):
@@ -338,7 +338,7 @@ def test_backend_torch_runs_the_chunk_step_in_torch_where_kernels_would_run(monk
     """op(..., backend='torch') never launches a kernel (here: where the interpreter would run
     them) and computes the same function, gradients included."""
     op = mirasc.compile("specs/ttt_mlp.yaml")
-    module = import_module(module_path(op.spec))
+    module = load_module(op.spec)
 
     class NoLaunch:
         def __getitem__(self, grid):
