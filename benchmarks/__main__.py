@@ -1,4 +1,4 @@
-"""`python -m benchmarks {cpu,gpu,compile,resources}` from the repository root; see --help."""
+"""`python -m benchmarks {cpu,gpu,compile,resources,startup}` from the repository root; see --help."""
 
 from __future__ import annotations
 
@@ -153,6 +153,20 @@ def resources(specs: Specs = None,
     env = environment("cpu")
     typer.echo("\n" + bench.report(rows, sm, env))
     write_outputs(out, "resources", rows, {"environment": env, "sm": sm}, bench.plot(rows, sm))
+
+
+@app.command()
+def startup(repeats: Annotated[int, typer.Option(help="Fresh processes per command (median).")]
+            = 5, out: Out = None):
+    """Seconds until `import mirasc` and `mirasc --help` finish, beside importing torch (the floor
+    of any call that computes)."""
+    from benchmarks import startup as bench
+    from benchmarks.common import environment, write_outputs
+
+    rows = bench.benchmark(repeats)
+    env = environment("cpu")
+    typer.echo(bench.report(rows, repeats, env))
+    write_outputs(out, "startup", rows, {"environment": env, "repeats": repeats})
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
+from mirasc.catalog import resolve, spec_text
 from mirasc.lm import MirasConfig, MirasForCausalLM
+from mirasc.spec import SpecError
 
-SPECS = Path(__file__).resolve().parents[1] / "specs"
 # Arguments that fix the loss curve: a resumed run must agree with its checkpoint on these.
 RUN_ARGS = ("spec", "hidden_size", "layers", "heads", "attention_layers", "seq_len", "batch_size",
             "lr", "warmup", "steps", "seed")
@@ -101,22 +102,14 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def resolve_spec(spec: str) -> Path:
-    """A spec path, or the shipped spec of that name."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    shipped = SPECS / f"{spec}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in SPECS.glob("*.yaml")))
-    raise SystemExit(f"--spec {spec}: no such file, and not a shipped spec ({names})")
-
-
 def build_model(args) -> MirasForCausalLM:
     """The model, with the same initial weights on every rank (seeded)."""
     torch.manual_seed(args.seed)
-    config = MirasConfig(spec=str(resolve_spec(args.spec)), vocab_size=256,
+    try:
+        spec = spec_text(args.spec)[0]
+    except SpecError as exc:
+        raise SystemExit(f"--spec: {exc}") from None
+    config = MirasConfig(spec=spec, vocab_size=256,
                          hidden_size=args.hidden_size, num_hidden_layers=args.layers,
                          num_heads=args.heads, attention_layers=args.attention_layers,
                          attention_window=args.seq_len, backend=args.backend)
@@ -212,8 +205,8 @@ def load_checkpoint(path: Path, model, optimizer, args) -> tuple[int, dict]:
     return state["step"], state["history"]
 
 
-def plot(history: dict, path: Path) -> None:
-    """The train and validation loss curves, as a PNG."""
+def plot(history: dict, path: Path, spec: str) -> None:
+    """The train and validation loss curves of a run of `spec`, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,7 +215,7 @@ def plot(history: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(*zip(*history["train"], strict=True), label="train")
     ax.plot(*zip(*history["valid"], strict=True), label="valid", marker="o")
-    ax.set(xlabel="step", ylabel="loss (nats / byte)", title="train_lm")
+    ax.set(xlabel="step", ylabel="loss (nats / byte)", title=f"train_lm: {spec}")
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -254,6 +247,8 @@ def train(args) -> dict:
     latest = latest_checkpoint(checkpoints) if args.resume else None
     if latest is not None:
         step, history = load_checkpoint(latest, model, optimizer, args)
+        if rank == 0:
+            print(f"resuming from {latest} at step {step} of {args.steps}")
     elif rank == 0 and args.resume:
         print(f"no checkpoint in {checkpoints}: starting from step 0")
     if step == 0:
@@ -282,7 +277,7 @@ def train(args) -> dict:
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "metrics.json").write_text(json.dumps(history))
-        plot(history, args.out / "loss.png")
+        plot(history, args.out / "loss.png", resolve(config.spec).name)
         final = MirasForCausalLM(config)
         final.load_state_dict(full)
         final.save_pretrained(args.out / "model")

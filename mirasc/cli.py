@@ -8,18 +8,20 @@ from typing import Annotated
 
 import typer
 
-from mirasc import spec as S
-from mirasc.spec import SpecError
-
 app = typer.Typer(help="Compile Miras memory-layer specs into PyTorch ops.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 
-SpecPath = Annotated[Path, typer.Argument(help="A spec YAML file, e.g. specs/moneta.yaml.")]
+SpecSource = Annotated[str, typer.Argument(
+    help="A shipped spec's name (see `mirasc list`), a spec YAML file, or YAML text.")]
 
 
-def _load(path: Path) -> S.Spec:
+def _load(source: str):
+    """The validated spec of SOURCE; a bad one exits 2 with the spec's error."""
+    from mirasc.catalog import resolve
+    from mirasc.spec import SpecError
+
     try:
-        return S.load_spec(path)
+        return resolve(source)
     except SpecError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -33,7 +35,7 @@ def _kernel_dtypes() -> dict:
 
 
 @app.command("compile")
-def compile_(spec: SpecPath,
+def compile_(spec: SpecSource,
              out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")] = Path(".")):
     """Write the generated module of SPEC to OUT/<name>.py."""
     from mirasc.codegen import render_module
@@ -46,7 +48,7 @@ def compile_(spec: SpecPath,
 
 
 @app.command()
-def explain(spec: SpecPath,
+def explain(spec: SpecSource,
             latex: Annotated[bool, typer.Option(help="Print the expressions as LaTeX.")] = False):
     """Print the derived update rule of SPEC."""
     from mirasc.derive import explain as explain_rule
@@ -55,10 +57,10 @@ def explain(spec: SpecPath,
 
 
 @app.command()
-def check(spec: SpecPath,
-          length: Annotated[int, typer.Option(help="Sequence length T.")] = 37,
-          heads: Annotated[int, typer.Option(help="Heads H.")] = 2,
-          head_dim: Annotated[int, typer.Option(help="Head dimension Dk = Dv.")] = 12,
+def check(spec: SpecSource,
+          length: Annotated[int, typer.Option(min=1, help="Sequence length T.")] = 37,
+          heads: Annotated[int, typer.Option(min=1, help="Heads H.")] = 2,
+          head_dim: Annotated[int, typer.Option(min=1, help="Head dimension Dk = Dv.")] = 12,
           dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
           tolerance: Annotated[float, typer.Option(help="Largest relative error that passes.")]
           = 1e-5):
@@ -66,18 +68,18 @@ def check(spec: SpecPath,
     same inputs) and print the relative error of the output, the final state and every input
     gradient, beside the error of the reference itself in --dtype (the precision the problem
     allows). A tensor passes within --tolerance or within 8x that baseline."""
+    if dtype not in ("float32", "float64"):
+        typer.echo("error: --dtype: allowed: float32, float64", err=True)
+        raise typer.Exit(2)
+    loaded = _load(spec)
     import torch
 
     import mirasc
     from mirasc.check import compare, random_inputs
 
-    if dtype not in ("float32", "float64"):
-        typer.echo("error: --dtype: allowed: float32, float64", err=True)
-        raise typer.Exit(2)
-    _load(spec)
     if not torch.cuda.is_available():  # run the Triton kernels in the interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    op = mirasc.compile(spec)
+    op = mirasc.compile(loaded)
     exact = random_inputs(op, length=length, heads=heads, dk=head_dim, dv=head_dim)
     inputs = {k: (tuple(x.to(getattr(torch, dtype)) for x in v) if isinstance(v, tuple)
                   else v.to(getattr(torch, dtype))) for k, v in exact.items()}
@@ -100,7 +102,7 @@ def check(spec: SpecPath,
 
 
 @app.command()
-def resources(spec: SpecPath,
+def resources(spec: SpecSource,
               head_dim: Annotated[int, typer.Option(help="Head dimension Dk.")] = 64,
               value_dim: Annotated[int | None, typer.Option(help="Dv (default: Dk).")] = None,
               dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32 inputs.")]
@@ -150,7 +152,8 @@ def resources(spec: SpecPath,
 
 
 @app.command()
-def precompile(specs: Annotated[list[Path], typer.Argument(help="Spec YAML files.")],
+def precompile(specs: Annotated[list[str], typer.Argument(help="Shipped spec names or spec YAML "
+                                                                "files.")],
                head_dim: Annotated[list[int], typer.Option(help="Head dimension Dk = Dv; "
                                                              "repeat for several.")] = [64],  # noqa: B006
                dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32 inputs.")]
@@ -205,10 +208,17 @@ def precompile(specs: Annotated[list[Path], typer.Argument(help="Spec YAML files
 
 @app.command("list")
 def list_():
-    """List the building blocks on each axis."""
+    """List the shipped specs, then the building blocks on each axis."""
+    from mirasc import spec as S
+    from mirasc.catalog import shipped
     from mirasc.derive import BUILTIN_BIASES
     from mirasc.expr import FUNCTIONS
 
+    specs = shipped()
+    typer.echo("shipped specs (give the name wherever a spec is asked for):")
+    width = max(map(len, specs))
+    for name, description in specs.items():
+        typer.echo(f"  {name:<{width}}  {description}")
     for axis, union in (("memory", S.Memory), ("bias", S.Bias), ("retention", S.Retention),
                         ("learner", S.Learner)):
         typer.echo(f"{axis}:")

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mirasc.catalog import resolve
 from mirasc.runtime import BACKENDS, MirasOp
 from mirasc.runtime import compile as compile_spec
-from mirasc.spec import Spec, load_spec, parse_spec
+from mirasc.spec import Spec
 
 # How a raw projection becomes each gate: log alpha <= 0, step and momentum in (0, 1), delta > 0.
 GATE_ACTIVATIONS = {
@@ -28,15 +29,6 @@ GATE_ACTIVATIONS = {
     "momentum": torch.sigmoid,
     "delta": F.softplus,
 }
-
-
-def as_spec(spec: str | Path | Spec) -> Spec:
-    """A `Spec` from itself, a .yaml/.yml path, or YAML text."""
-    if isinstance(spec, Spec):
-        return spec
-    if isinstance(spec, Path) or str(spec).endswith((".yaml", ".yml")):
-        return load_spec(spec)
-    return parse_spec(str(spec))
 
 
 def check_hidden(name: str, x: torch.Tensor, hidden_size: int) -> None:
@@ -97,7 +89,7 @@ class MirasLayer(nn.Module):
                  head_dim: int | None = None, conv_size: int = 4, gate_rank: int = 32,
                  norm_eps: float = 1e-5, backend: str = "auto"):
         super().__init__()
-        self.spec = as_spec(spec)
+        self.spec = resolve(spec)
         self.name = f"MirasLayer({self.spec.name})"
         if head_dim is None:
             if hidden_size % num_heads:

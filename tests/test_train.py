@@ -94,11 +94,14 @@ def test_one_process_run_learns(single):
     assert train_lm.sample(model, args).startswith("def")
 
 
-def test_resume_continues_the_same_curve(single, tmp_path):
+def test_resume_continues_the_same_curve(single, tmp_path, capsys):
     out, history = single
     first = one_process(tmp_path, "--stop-at", "2")
     assert [s for s, _ in first["train"]] == [1, 2]
+    capsys.readouterr()
     resumed = one_process(tmp_path, "--resume")
+    said = capsys.readouterr().out
+    assert f"resuming from {tmp_path / 'checkpoints' / 'step_000002.pt'} at step 2 of 4" in said
     assert resumed == history
     assert relative_difference(weights(tmp_path, 4), weights(out, 4)) == 0.0
 
