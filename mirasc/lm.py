@@ -8,8 +8,6 @@ sliding-window attention on the layers listed in `attention_layers` (a hybrid).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +20,8 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mirasc.layers import MirasLayer, SlidingWindowAttention, as_spec
+from mirasc.catalog import resolve, spec_text
+from mirasc.layers import MirasLayer, SlidingWindowAttention
 from mirasc.spec import Spec
 
 # transformers 5.24 renamed the generation cache from `past_key_values` to `cache`, in the model's
@@ -31,7 +30,8 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 
 class MirasConfig(PretrainedConfig):
-    """`spec` is the memory's YAML text (a path is read into it), so a saved config is whole."""
+    """`spec` is the memory's YAML text (a shipped name or a path is read into it), so a saved
+    config is whole."""
 
     model_type = "mirasc"
 
@@ -42,9 +42,7 @@ class MirasConfig(PretrainedConfig):
                  attention_heads: int | None = None, norm_eps: float = 1e-5,
                  initializer_range: float = 0.02, backend: str = "auto",
                  tie_word_embeddings: bool = True, **kwargs):
-        if spec and str(spec).endswith((".yaml", ".yml")):
-            spec = Path(spec).read_text()
-        self.spec = spec
+        self.spec = spec_text(spec)[0] if spec else spec
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.num_heads, self.head_dim = num_hidden_layers, num_heads, head_dim
         self.intermediate_size = intermediate_size or 4 * hidden_size
@@ -136,7 +134,7 @@ class MirasModel(MirasPreTrainedModel):
         if not config.spec:
             raise ValueError("MirasConfig.spec is empty: give the memory spec (a .yaml path or "
                              "its YAML text)")
-        spec = as_spec(config.spec)  # parsed once; a bad spec fails here, naming field and line
+        spec = resolve(config.spec)  # parsed once; a bad spec fails here, naming field and line
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i, spec) for i in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
@@ -151,7 +149,8 @@ class MirasModel(MirasPreTrainedModel):
     def forward(self, input_ids, cache: MirasCache | None = None, use_cache: bool = False):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got {list(input_ids.shape)}")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+        if (not torch.compiler.is_compiling() and input_ids.numel()  # no data-dependent branch
+                and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size)):
             raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); got values in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         if use_cache and cache is None:
@@ -194,7 +193,8 @@ class MirasForCausalLM(MirasPreTrainedModel, GenerationMixin):
         if cache is not None and past_key_values is not None:
             raise ValueError("give the cache as `cache` or as `past_key_values`, not both")
         cache = past_key_values if cache is None else cache
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if (attention_mask is not None and not torch.compiler.is_compiling()
+                and not bool(attention_mask.all())):
             raise ValueError("attention_mask has padding: a recurrent memory reads every token, so "
                              "batch sequences of equal length (or generate one sequence at a time)")
         hidden, cache = self.model(input_ids, cache, bool(use_cache))

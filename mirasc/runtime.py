@@ -20,7 +20,7 @@ import torch
 
 from mirasc import reference
 from mirasc.derive import Derivation, derive
-from mirasc.spec import Spec, load_spec
+from mirasc.spec import Spec
 
 
 def interpreting() -> bool:
@@ -44,11 +44,30 @@ class MirasOp:
         self._bias_grad = bias_grad
         self._kernel = kernel
         self._chunk_step = None  # the chunk-step graph of the CPU path, built on first use
+        norm = self.spec.memory.norm
+        self.affine = norm is not None and norm.affine  # takes ln_weight and ln_bias
+        # what the op takes besides q, k, v and the state, in order: the data-dependent gates,
+        # then the affine layer norm's parameters
+        self.torch_input_names = tuple(n for n, g in derivation.op_gates().items() if g.is_input)
+        if self.affine:
+            self.torch_input_names += ("ln_weight", "ln_bias")
+        from mirasc.torch_op import register
+
+        self.torch_key = register(self)  # how the torch path's custom op finds this op
 
     @classmethod
     def from_spec_data(cls, data: dict, bias_grad: Callable = reference.bias_grad,
                        kernel: Callable | None = None) -> MirasOp:
         return cls(derive(Spec.model_validate(data)), bias_grad, kernel)
+
+    def __repr__(self) -> str:
+        spec = self.spec
+        memory = spec.memory.kind + (f" depth {spec.memory.depth}" if spec.memory.kind == "mlp"
+                                     else "")
+        chunking = "exact" if self.derivation.exact else "mini-batch gradients"
+        return (f"MirasOp({spec.name}: memory {memory}, bias {spec.bias.kind}, retention "
+                f"{spec.retention.kind}, learner {spec.learner.kind}; backend {self.backend}; "
+                f"chunk_size {spec.chunk_size}, {chunking})")
 
     @property
     def oracle_chunk_size(self) -> int | None:
@@ -75,12 +94,6 @@ class MirasOp:
             layers += ["S" + name.removeprefix("W") for name in layers]
         return tuple(layers)
 
-    @property
-    def affine(self) -> bool:
-        """Whether the op takes the layer norm's ln_weight and ln_bias."""
-        norm = self.spec.memory.norm
-        return norm is not None and norm.affine
-
     def state_shapes(self, batch: int, heads: int, dk: int, dv: int) -> list[tuple[int, ...]]:
         shapes = reference.memory_shapes(self.derivation, dk, dv)
         if self.spec.learner.kind == "momentum":
@@ -95,33 +108,61 @@ class MirasOp:
         whose shared memory a kernel does not fit). Specs without kernels run the reference's
         chunked recurrence either way."""
         if backend not in BACKENDS:
-            raise ValueError(f"{self.spec.name}: backend {backend!r}; allowed: "
+            why = ("'auto' runs the Triton kernels on CUDA tensors (or under TRITON_INTERPRET=1); "
+                   f"on {q.device.type} tensors, with no GPU, it runs their chunk step in torch. "
+                   if backend == "triton" and isinstance(q, torch.Tensor) and not q.is_cuda
+                   else "")
+            raise ValueError(f"{self.spec.name}: backend {backend!r}: {why}allowed: "
                              f"{', '.join(BACKENDS)}")
+        if not isinstance(output_final_state, bool):
+            raise TypeError(f"{self.spec.name}: output_final_state must be True or False, got "
+                            f"{output_final_state!r}")
         gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         ln = self._check_ln(ln_weight, ln_bias, q, v)
-        given = {name: x for name, x in gates.items() if x is not None}  # the data-dependent gates
-        params = {} if ln is None else {"ln_weight": ln[0], "ln_bias": ln[1]}
+        named = {name: x for name, x in gates.items() if x is not None}  # data-dependent gates
+        if ln is not None:
+            named |= {"ln_weight": ln[0], "ln_bias": ln[1]}
         if self._kernel is not None and backend == "auto" and (q.is_cuda or interpreting()):
-            o, final = self._kernel(q, k, v, given | params, state, cu_seqlens)
-        elif self._kernel is not None:  # the kernels' chunk-step graph, run in torch
+            o, final = self._kernel(q, k, v, named, state, cu_seqlens)
+        else:
+            from mirasc.torch_op import torch_path
+
+            o, *final = torch_path(self.torch_key, q, k, v,
+                                   [named[n] for n in self.torch_input_names], list(state or ()),
+                                   cu_seqlens)
+            final = tuple(final)
+        return o, (final if output_final_state else None)
+
+    def torch_state_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The final states' dtype on the torch path for inputs of `dtype`: the kernels'
+        accumulator (float64 or float32) where the spec has kernels, else the inputs' own."""
+        if self._kernel is None:
+            return dtype
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def run_torch_path(self, q, k, v, named: dict, state, cu_seqlens):
+        """(o, final states) by torch: the kernels' chunk-step graph (`mirasc.torch_chunk`) where
+        the spec has kernels, else the reference's chunked recurrence with the derived bias
+        gradient. `named` holds `torch_input_names`; inputs are checked."""
+        given = {n: x for n, x in named.items() if n in GATE_CHANNELS}
+        if self._kernel is not None:
             from mirasc import torch_chunk
 
             if self._chunk_step is None:
                 self._chunk_step = torch_chunk.Step(self.derivation)
-            step = self._chunk_step
+            step, params = self._chunk_step, {n: named[n] for n in named if n not in given}
 
             def one(q, k, v, part, s):  # ln_weight, ln_bias are per head, not per token
                 return torch_chunk.run(step, q, k, v, part | params, s)
 
-            o, final = per_sequence(one, q, k, v, given, state, cu_seqlens)
-        else:
-            chunk = self.oracle_chunk_size or 1
-            o, final = self._by_sequence(
-                lambda inputs, s: reference.chunked(self.derivation, inputs, s, chunk,
-                                                    g=self._bias_grad),
-                q, k, v, gates, state, cu_seqlens, ln)
-        return o, (final if output_final_state else None)
+            return per_sequence(one, q, k, v, given, state, cu_seqlens)
+        ln = (named["ln_weight"], named["ln_bias"]) if self.affine else None
+        chunk = self.oracle_chunk_size or 1
+        return self._by_sequence(
+            lambda inputs, s: reference.chunked(self.derivation, inputs, s, chunk,
+                                                g=self._bias_grad),
+            q, k, v, {n: given.get(n) for n in GATE_CHANNELS}, state, cu_seqlens, ln)
 
     def reference(self, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None,
                   ln_weight=None, ln_bias=None, initial_state=None, output_final_state=False,
@@ -182,11 +223,13 @@ class MirasOp:
                     raise ValueError(f"{name}: {arg} was given but the spec {why}")
                 continue
             width = {"Dk": dk, "Dv": dv}[GATE_CHANNELS[arg]]
-            shape = (*k.shape[:3], width) if gate.shape == "channel" else tuple(k.shape[:3])
+            channel = gate.shape == "channel"
+            shape = (*k.shape[:3], width) if channel else tuple(k.shape[:3])
+            layout = f"[B, T, H{', ' + GATE_CHANNELS[arg] if channel else ''}]"
             if x is None:
                 raise ValueError(f"{name}: {arg} is required by the spec: a per-token gate of "
-                                 f"shape {list(shape)} ({gate.shape})")
-            _check_like(name, arg, x, shape, f"({gate.shape} gate)", q)
+                                 f"shape {list(shape)} {layout} ({gate.shape})")
+            _check_like(name, arg, x, shape, f"{layout} ({gate.shape} gate)", q)
         if cu_seqlens is not None:
             batch = self._check_cu_seqlens(cu_seqlens, q)
         return self._check_state(initial_state, batch, heads, dk, dv, q.dtype, q.device)
@@ -270,10 +313,21 @@ def _check_like(name: str, arg: str, x, shape: tuple, what: str, q: torch.Tensor
     """Refuse `x` unless it is a tensor of `shape` with q's dtype and device."""
     if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
         raise ValueError(f"{name}: {arg} must have shape {list(shape)} {what}, got "
-                         f"{list(getattr(x, 'shape', []))}")
+                         f"{list(getattr(x, 'shape', []))}{_head_first_hint(q)}")
     if x.dtype != q.dtype or x.device != q.device:
         raise TypeError(f"{name}: {arg} has dtype {x.dtype} on {x.device}; it must match "
                         f"q ({q.dtype} on {q.device})")
+
+
+def _head_first_hint(q: torch.Tensor) -> str:
+    """A note when q's shape suggests the head-first layout [B, H, T, D]: more heads than tokens."""
+    _, length, heads, _ = q.shape
+    if heads <= length:
+        return ""
+    return (f"; q [B, T, H, D] = {list(q.shape)} reads as T={length} tokens and H={heads} heads, "
+            "which looks head-first: the layout is [B, T, H, D] for q, k, v (and [B, T, H(, D)] "
+            "for the gates), so pass q.transpose(1, 2) and likewise k, v; keep the gates as they "
+            "are if they are [B, T, H(, D)]")
 
 
 # ---- compile cache ------------------------------------------------------------------------------
@@ -338,6 +392,8 @@ def load_module(spec: Spec) -> ModuleType:
 
 
 def compile(source: str | Path | Spec) -> MirasOp:  # noqa: A001 - the public verb is `mirasc.compile`
-    """Compile a spec (cached by spec hash) and return its op."""
-    spec = source if isinstance(source, Spec) else load_spec(source)
-    return load_module(spec).op
+    """Compile a spec (a shipped name, a YAML file, YAML text or a `Spec`; cached by its hash)
+    and return its op."""
+    from mirasc.catalog import resolve
+
+    return load_module(resolve(source)).op

@@ -376,6 +376,46 @@ def test_gate_with_wrong_shape():
             "got [2, 4, 2]")
 
 
+def test_a_head_first_call_is_named_as_such():
+    """q, k, v given [B, H, T, D] with the gates [B, T, H]: the error says the layout and that q
+    looks head-first, instead of leading the user to transpose the gates too."""
+    op = shipped("gated_deltanet")
+    q, k, v = (torch.randn(B, 3, 40, 4, dtype=torch.float64) for _ in range(3))  # [B, H, T, D]
+    gate = torch.rand(B, 40, 3, dtype=torch.float64)  # [B, T, H]
+    message = _raises(ValueError, lambda: op(q, k, v, eta=gate, log_alpha=-gate),
+                      "log_alpha must have shape [2, 3, 40] [B, T, H] (head gate)",
+                      "looks head-first", "layout is [B, T, H, D]", "q.transpose(1, 2)")
+    assert "got [2, 40, 3]" in message
+    # the [B, T, H, D] call of the same tensors runs
+    o, _ = op(*(x.transpose(1, 2) for x in (q, k, v)), eta=gate, log_alpha=-gate)
+    assert o.shape == (B, 40, 3, 4)
+
+
+def test_a_layout_error_without_head_first_signs_has_no_hint():
+    op = shipped("deltanet")
+    message = _raises(ValueError, lambda: op(*_qkv(), eta=_eta()[:, :4]), "[B, T, H]")
+    assert "head-first" not in message
+
+
+def test_backend_triton_on_cpu_says_why():
+    _raises(ValueError, lambda: shipped("deltanet")(*_qkv(), eta=_eta(), backend="triton"),
+            "backend 'triton'", "runs the Triton kernels on CUDA tensors", "on cpu tensors",
+            "allowed: auto, torch")
+
+
+def test_output_final_state_must_be_a_bool():
+    _raises(TypeError, lambda: shipped("deltanet")(*_qkv(), eta=_eta(), output_final_state="no"),
+            "output_final_state must be True or False", "'no'")
+
+
+def test_repr_names_the_spec_axes_backend_and_chunking():
+    text = repr(shipped("moneta"))
+    for part in ("MirasOp(moneta", "memory mlp depth 2", "bias lp", "retention lq", "learner gd",
+                 "backend triton", "chunk_size 64", "mini-batch"):
+        assert part in text, (part, text)
+    assert "exact" in repr(shipped("gated_deltanet"))
+
+
 def test_layer_norm_affine_parameters():
     """ln_weight and ln_bias [H, Dv]: both or neither (the identity), only with an affine LN."""
     op = shipped("ttt_linear")

@@ -1,0 +1,104 @@
+"""The op's torch path as one opaque PyTorch custom op, `mirasc::torch_path`, on every device.
+
+`torch.compile` (fullgraph included) and other tracers see one node per call, never the Python
+that evaluates the chunk-step graph or the reference recurrence inside it. Its backward is a
+second opaque op that replays the forward under autograd (the graph's own reverse mode) and
+returns the gradients of every input. A compiled op is found by its key, `name-digest`.
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+_OPS: dict = {}  # key -> MirasOp whose torch path the custom op runs
+
+
+def register(op) -> str:
+    """The key under which the custom op finds `op` (the first op compiled from its spec)."""
+    key = f"{op.spec.name}-{op.spec.digest()}"
+    _OPS.setdefault(key, op)
+    return key
+
+
+def _run(key: str, q, k, v, inputs: list, state: list, cu_seqlens) -> list[torch.Tensor]:
+    """[o, *final states] of the op under `key`, by its torch path, differentiable by autograd."""
+    op = _OPS[key]
+    named = dict(zip(op.torch_input_names, inputs, strict=True))
+    o, final = op.run_torch_path(q, k, v, named, tuple(state) or None, cu_seqlens)
+    return [o, *final]
+
+
+@torch.library.custom_op("mirasc::torch_path", mutates_args=())
+def torch_path(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               inputs: list[torch.Tensor], state: list[torch.Tensor],
+               cu_seqlens: torch.Tensor | None) -> list[torch.Tensor]:
+    """[o, *final states] of the op under `key`, by its torch path."""
+    held = {x.untyped_storage().data_ptr() for x in (q, k, v, *inputs, *state)}
+    # contiguous, as the fake implementation promises, and never aliasing an input (as a state
+    # passed through unchanged would): a custom op's outputs are its own
+    return [y.clone(memory_format=torch.contiguous_format)
+            if y.untyped_storage().data_ptr() in held else y.contiguous()
+            for y in _run(key, q, k, v, inputs, state, cu_seqlens)]
+
+
+@torch_path.register_fake
+def _(key, q, k, v, inputs, state, cu_seqlens):
+    op = _OPS[key]
+    seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    dtype = op.torch_state_dtype(q.dtype)
+    shapes = op.state_shapes(seqs, q.shape[2], q.shape[3], v.shape[3])
+    return [v.new_empty(v.shape), *(q.new_empty(shape, dtype=dtype) for shape in shapes)]
+
+
+@torch.library.custom_op("mirasc::torch_path_backward", mutates_args=())
+def torch_path_backward(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        inputs: list[torch.Tensor], state: list[torch.Tensor],
+                        cu_seqlens: torch.Tensor | None,
+                        grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients of q, k, v, each of `inputs` and of `state` for the output cotangents `grads`:
+    the forward replayed under autograd. A custom op's implementation runs with autograd's
+    dispatch keys excluded on its thread, so the replay runs on a worker thread of its own."""
+
+    def replay():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v, *inputs, *state)]
+        with torch.enable_grad():
+            outputs = _run(key, *leaves[:3], leaves[3:3 + len(inputs)], leaves[3 + len(inputs):],
+                           cu_seqlens)
+            found = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+        return [x.new_zeros(x.shape) if g is None else g.contiguous()
+                for g, x in zip(found, leaves, strict=True)]
+
+    return _replayer().submit(replay).result()
+
+
+@functools.cache
+def _replayer() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirasc-backward")
+
+
+@torch_path_backward.register_fake
+def _(key, q, k, v, inputs, state, cu_seqlens, grads):
+    return [x.new_empty(x.shape) for x in (q, k, v, *inputs, *state)]
+
+
+def _setup_context(ctx, inputs, output):
+    key, q, k, v, tensors, state, cu_seqlens = inputs
+    ctx.key, ctx.cu_seqlens, ctx.n_inputs = key, cu_seqlens, len(tensors)
+    ctx.outputs = [(y.shape, y.dtype) for y in output]  # for the cotangents autograd leaves None
+    ctx.save_for_backward(q, k, v, *tensors, *state)
+
+
+def _backward(ctx, grads):
+    q, k, v, *rest = ctx.saved_tensors
+    n_inputs = ctx.n_inputs
+    grads = [q.new_zeros(shape, dtype=dtype) if g is None else g
+             for g, (shape, dtype) in zip(grads, ctx.outputs, strict=True)]
+    found = torch_path_backward(ctx.key, q, k, v, rest[:n_inputs], rest[n_inputs:],
+                                ctx.cu_seqlens, grads)
+    return (None, *found[:3], found[3:3 + n_inputs], found[3 + n_inputs:], None)
+
+
+torch_path.register_autograd(_backward, setup_context=_setup_context)
