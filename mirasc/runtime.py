@@ -112,7 +112,7 @@ class MirasOp:
                    f"on {q.device.type} tensors, with no GPU, it runs their chunk step in torch. "
                    if backend == "triton" and isinstance(q, torch.Tensor) and not q.is_cuda
                    else "")
-            raise ValueError(f"{self.spec.name}: backend {backend!r}: {why}allowed: "
+            raise ValueError(f"{self.spec.name}: backend {backend!r}; {why}allowed: "
                              f"{', '.join(BACKENDS)}")
         if not isinstance(output_final_state, bool):
             raise TypeError(f"{self.spec.name}: output_final_state must be True or False, got "

@@ -89,6 +89,7 @@ def _outside(tmp_path: Path, monkeypatch) -> dict:
     return dict(cwd=work, env=env | {"MIRASC_CACHE_DIR": str(tmp_path / "cache")})
 
 
+@pytest.mark.slow
 def test_by_name_from_an_empty_directory(tmp_path, monkeypatch):
     where = _outside(tmp_path, monkeypatch)
     run = subprocess.run([sys.executable, "-c", "import mirasc; print(mirasc.compile('moneta'))"],

@@ -29,11 +29,18 @@ def test_the_torch_path_is_a_well_formed_custom_op(spec):
                                       "test_autograd_registration"))
 
 
+def _outside_the_interpreter(monkeypatch):
+    """From here on the ops take their torch path on CPU tensors, as without TRITON_INTERPRET=1
+    (the generated modules were loaded before, for the interpreter, as the rest of the suite
+    expects to find them)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 @pytest.mark.parametrize("spec", ["simple_gla", "ttt_linear", "moneta"])
 def test_compiled_layer_equals_eager_forward_and_backward(spec, monkeypatch):
-    monkeypatch.setattr("mirasc.runtime.interpreting", lambda: False)  # CPU tensors: torch path
     torch.manual_seed(0)
     layer = MirasLayer(spec, hidden_size=16, num_heads=2).double()
+    _outside_the_interpreter(monkeypatch)
     x = torch.randn(2, 11, 16, dtype=torch.float64)
 
     def loss(layer, x):
@@ -50,12 +57,13 @@ def test_compiled_layer_equals_eager_forward_and_backward(spec, monkeypatch):
         assert relative_error(g, w) < 1e-10
 
 
+@pytest.mark.slow
 def test_compiled_lm_with_inductor_on_cpu(monkeypatch):
     """The LM under the default backend (Inductor, C++ on CPU), forward and a training step."""
-    monkeypatch.setattr("mirasc.runtime.interpreting", lambda: False)
     torch.manual_seed(0)
     model = MirasForCausalLM(MirasConfig(spec="gated_deltanet", vocab_size=32, hidden_size=16,
                                          num_hidden_layers=2, num_heads=2))
+    _outside_the_interpreter(monkeypatch)
     ids = torch.randint(0, 32, (2, 12))
     compiled = torch.compile(model, fullgraph=True)
     got = compiled(ids, labels=ids)
@@ -67,3 +75,18 @@ def test_compiled_lm_with_inductor_on_cpu(monkeypatch):
     want.loss.backward()
     for g, p in zip(grads, model.parameters(), strict=True):
         assert relative_error(g, p.grad) < 1e-3
+
+
+def test_dynamo_sees_the_torch_path_as_one_node(monkeypatch):
+    op = mirasc.compile("gated_deltanet")
+    inputs = random_inputs(op, batch=1, length=10, heads=2, dk=4, dv=4, dtype=torch.float64)
+    _outside_the_interpreter(monkeypatch)
+    seen = []
+
+    def recording(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    o, _ = torch.compile(op, fullgraph=True, backend=recording)(**inputs)
+    assert seen.count("mirasc.torch_path.default") == 1, seen
+    assert relative_error(o, op(**inputs)[0]) < 1e-12

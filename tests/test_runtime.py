@@ -74,6 +74,7 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@pytest.mark.slow
 def test_render_is_deterministic_in_process_and_across_processes():
     paths = [str(p) for p in SPECS]
     here = {}
@@ -158,6 +159,7 @@ print("ok", op.spec.name)
 """
 
 
+@pytest.mark.slow
 def test_concurrent_compiles_share_one_module(tmp_path, _cache):
     sync = tmp_path / "sync"
     sync.mkdir()

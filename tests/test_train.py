@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # compiles or trains in subprocesses: tens of seconds a test
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
 _spec = importlib.util.spec_from_file_location("train_lm", SCRIPT)
 train_lm = importlib.util.module_from_spec(_spec)

@@ -99,6 +99,7 @@ MEMORIES = ["{kind: matrix}", "{kind: matrix, residual: true, layer_norm: true}"
             "{kind: vector}", "{kind: vector, residual: true, layer_norm: true}"]
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, derandomize=True,
           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: each run is slow
 @example(memory=MEMORIES[7], bias=BIASES[8], retention=RETENTIONS[9], learner=LEARNERS[0],
