@@ -25,6 +25,19 @@ def _load(path: Path) -> S.Spec:
         raise typer.Exit(2) from None
 
 
+def _compile(path: Path):
+    """The op of the spec at `path`; a bad spec or an unusable cache exits 2 with its message."""
+    from mirasc.runtime import CacheError
+    from mirasc.runtime import compile as compile_spec
+
+    loaded = _load(path)
+    try:
+        return compile_spec(loaded)
+    except CacheError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _kernel_dtypes() -> dict:
     """The input dtypes the GPU kernels are compiled for, by name."""
     import torch
@@ -41,7 +54,12 @@ def compile_(spec: SpecPath,
 
     loaded = _load(spec)
     target = out / f"{loaded.name}.py"
-    write_atomic(target, render_module(loaded))
+    try:
+        write_atomic(target, render_module(loaded))
+    except OSError as exc:
+        typer.echo(f"error: cannot write {target}: {exc.strerror or exc} ({exc.filename}); "
+                   "choose a writable directory with --out", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"wrote {target}")
 
 
@@ -68,16 +86,14 @@ def check(spec: SpecPath,
     allows). A tensor passes within --tolerance or within 8x that baseline."""
     import torch
 
-    import mirasc
     from mirasc.check import compare, random_inputs
 
     if dtype not in ("float32", "float64"):
         typer.echo("error: --dtype: allowed: float32, float64", err=True)
         raise typer.Exit(2)
-    _load(spec)
     if not torch.cuda.is_available():  # run the Triton kernels in the interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    op = mirasc.compile(spec)
+    op = _compile(spec)
     exact = random_inputs(op, length=length, heads=heads, dk=head_dim, dv=head_dim)
     inputs = {k: (tuple(x.to(getattr(torch, dtype)) for x in v) if isinstance(v, tuple)
                   else v.to(getattr(torch, dtype))) for k, v in exact.items()}
@@ -115,14 +131,13 @@ def resources(spec: SpecPath,
     Exits 1 when no configuration of a kernel fits the GPU's shared memory."""
 
     from mirasc.resources import SHARED_LIMIT, CannotCompile, kernel_usage
-    from mirasc.runtime import compile as compile_spec
 
     dtypes = _kernel_dtypes()
     if dtype not in dtypes or sm not in SHARED_LIMIT:
         typer.echo(f"error: --dtype: allowed: {', '.join(dtypes)}; --sm: allowed: "
                    f"{', '.join(map(str, SHARED_LIMIT))}", err=True)
         raise typer.Exit(2)
-    op = compile_spec(_load(spec))
+    op = _compile(spec)
     dv = value_dim or head_dim
     try:
         rows = kernel_usage(op, head_dim, dv, dtypes[dtype], sm, "first" if first else "tuned")
@@ -174,7 +189,6 @@ def precompile(specs: Annotated[list[Path], typer.Argument(help="Spec YAML files
 
     from mirasc.resources import CannotCompile
     from mirasc.resources import precompile as run
-    from mirasc.runtime import compile as compile_spec
 
     dtypes = _kernel_dtypes()
     states = {"float32": torch.float32, "inputs": dtypes.get(dtype), "none": None}
@@ -182,7 +196,7 @@ def precompile(specs: Annotated[list[Path], typer.Argument(help="Spec YAML files
         typer.echo(f"error: --dtype: allowed: {', '.join(dtypes)}; --state: allowed: "
                    f"{', '.join(states)}", err=True)
         raise typer.Exit(2)
-    ops = [compile_spec(_load(spec)) for spec in specs]
+    ops = [_compile(spec) for spec in specs]
     start, done = time.perf_counter(), []
     try:
         for job in run(ops, [(d, d) for d in head_dim], dtypes[dtype], states[state], sm, jobs):

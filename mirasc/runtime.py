@@ -96,6 +96,7 @@ class MirasOp:
             raise ValueError(f"{self.spec.name}: backend {backend!r}; allowed: "
                              f"{', '.join(BACKENDS)}")
         gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
+        self._check_flag(output_final_state)
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         ln = self._check_ln(ln_weight, ln_bias, q, v)
         given = {name: x for name, x in gates.items() if x is not None}  # the data-dependent gates
@@ -126,6 +127,7 @@ class MirasOp:
                   cu_seqlens=None, chunk_size=None):
         """The oracle: the token recurrence, or with `chunk_size` the mini-batch chunked one."""
         gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
+        self._check_flag(output_final_state)
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         ln = self._check_ln(ln_weight, ln_bias, q, v)
         if chunk_size is None:
@@ -188,6 +190,12 @@ class MirasOp:
         if cu_seqlens is not None:
             batch = self._check_cu_seqlens(cu_seqlens, q)
         return self._check_state(initial_state, batch, heads, dk, dv, q.dtype, q.device)
+
+    def _check_flag(self, output_final_state) -> None:
+        """output_final_state is a bool: a string such as "no" would be truthy."""
+        if not isinstance(output_final_state, bool):
+            raise TypeError(f"{self.spec.name}: output_final_state must be True or False, got "
+                            f"{output_final_state!r}")
 
     def _check_ln(self, weight, bias, q, v):
         """The affine layer norm's (ln_weight, ln_bias), each [H, Dv] (ones and zeros when both
@@ -277,6 +285,11 @@ def _check_like(name: str, arg: str, x, shape: tuple, what: str, q: torch.Tensor
 # ---- compile cache ------------------------------------------------------------------------------
 
 
+class CacheError(OSError):
+    """The compile cache cannot be written or read; the message names the directory and how to
+    choose another."""
+
+
 def cache_dir() -> Path:
     """Where compiled modules live: $MIRASC_CACHE_DIR, else ~/.cache/mirasc."""
     return Path(os.environ.get("MIRASC_CACHE_DIR", Path.home() / ".cache" / "mirasc"))
@@ -319,10 +332,15 @@ def compile(source: str | Path | Spec) -> MirasOp:  # noqa: A001 - the public ve
 
     spec = source if isinstance(source, Spec) else load_spec(source)
     target = module_path(spec)
-    if target not in _checked or not target.exists():  # rendered once per process and file
-        text = render_module(spec)
-        if not target.exists() or target.read_text() != text:
-            write_atomic(target, text)
-        _checked.add(target)
-    return import_module(target).op
+    try:
+        if target not in _checked or not target.exists():  # rendered once per process and file
+            text = render_module(spec)
+            if not target.exists() or target.read_text() != text:
+                write_atomic(target, text)
+            _checked.add(target)
+        return import_module(target).op
+    except OSError as exc:
+        raise CacheError(f"cannot use the compile cache {cache_dir()}: {exc.strerror or exc} "
+                         f"({exc.filename or target}); set MIRASC_CACHE_DIR to a writable "
+                         "directory") from None
 

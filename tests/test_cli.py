@@ -163,3 +163,40 @@ def test_missing_spec_file_is_a_clean_error(tmp_path):
     assert result.exit_code == 2
     assert isinstance(result.exception, SystemExit)
     assert "nowhere.yaml" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["check"], ["resources"], ["precompile"]])
+def test_unusable_cache_exits_2_naming_the_directory(command, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MIRASC_CACHE_DIR", str(blocker / "cache"))
+    result = invoke(*command, SPECS / "deltanet.yaml")
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith(f"error: cannot use the compile cache {blocker / 'cache'}: ")
+    assert "set MIRASC_CACHE_DIR to a writable directory" in result.stderr
+
+
+def test_compile_to_an_unwritable_directory_exits_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = invoke("compile", SPECS / "deltanet.yaml", "-o", blocker / "out")
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith(f"error: cannot write {blocker / 'out' / 'deltanet.py'}: ")
+    assert "--out" in result.stderr
+
+
+@pytest.mark.parametrize(("content", "hint"), [
+    ((SPECS / "deltanet.yaml").read_text().replace("name: deltanet", 'name: deltanet\n'
+                                                   'description: "bad \\ud800 text"').encode(),
+     "description: '\\ud800' at character 4 is not Unicode text"),
+    (b"name: x\n\xff\xfe binary", "not UTF-8 text (byte 0xff at offset 8)"),
+])
+def test_explain_refuses_text_that_is_not_unicode(content, hint, tmp_path):
+    path = tmp_path / "odd.yaml"
+    path.write_bytes(content)
+    result = invoke("explain", path)
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert hint in result.stderr, result.stderr
