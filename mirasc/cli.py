@@ -86,7 +86,7 @@ def check(spec: SpecPath,
     allows). A tensor passes within --tolerance or within 8x that baseline."""
     import torch
 
-    from mirasc.check import compare, random_inputs
+    from mirasc.check import branch_shares, compare, cover_branches, random_inputs
 
     if dtype not in ("float32", "float64"):
         typer.echo("error: --dtype: allowed: float32, float64", err=True)
@@ -94,7 +94,13 @@ def check(spec: SpecPath,
     if not torch.cuda.is_available():  # run the Triton kernels in the interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
     op = _compile(spec)
-    exact = random_inputs(op, length=length, heads=heads, dk=head_dim, dv=head_dim)
+    exact = cover_branches(op, random_inputs(op, length=length, heads=heads, dk=head_dim,
+                                             dv=head_dim))
+    for cond, shares in branch_shares(op, exact).items():
+        taken = " / ".join(f"{share:.1%}" for share in shares)
+        never = " (a branch never taken goes unchecked)" if min(shares) == 0 else ""
+        typer.echo(f"where({cond}, ...) in g: branches taken by {taken} of the residual "
+                   f"entries{never}")
     inputs = {k: (tuple(x.to(getattr(torch, dtype)) for x in v) if isinstance(v, tuple)
                   else v.to(getattr(torch, dtype))) for k, v in exact.items()}
     errors = compare(op, inputs, chunk_size=op.oracle_chunk_size, against=exact)
