@@ -7,6 +7,7 @@ A bias is l(r) = sum_j f(r_j, v_j) + h(||r||), so g_j = f'(r_j) + (h'(n)/n) r_j 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -14,7 +15,7 @@ from typing import Literal
 import sympy as sp
 
 from mirasc import spec as S
-from mirasc.expr import check_derived, finite_real, parse_expression, tree_size
+from mirasc.expr import check_derived, finite_real, parse_expression
 from mirasc.spec import MAX_EXPONENT, FieldError
 
 R = sp.Symbol("r", real=True)
@@ -34,6 +35,7 @@ BUILTIN_BIASES: dict[str, tuple[str, str]] = {
     "robust": ("r**2 / 2", "delta * rnorm"),
 }
 
+MAX_FOLDED = 6  # where()s folded into one (2^6 branches at most)
 RNORM_EPS = 1e-12  # rnorm = sqrt(||r||^2 + RNORM_EPS)
 OP_ARGUMENTS = {"retention.decay": "log_alpha", "learner.eta": "eta", "bias.delta": "delta",
                 "learner.momentum": "momentum"}
@@ -95,9 +97,15 @@ def _smooth(expr: sp.Expr, temperature: float, eps: float) -> sp.Expr:
     return expr.replace(sp.Abs, lambda x: sp.sqrt(x**2 + eps))
 
 
+def _fold(expr: sp.Expr) -> sp.Expr:
+    """Nested where()s folded into one, when there are at most MAX_FOLDED of them: the folded
+    form has a branch per combination of their conditions."""
+    return sp.piecewise_fold(expr) if len(expr.atoms(sp.Piecewise)) <= MAX_FOLDED else expr
+
+
 def _ae(expr: sp.Expr) -> sp.Expr:
     """The almost-everywhere derivative: drop the Dirac deltas of jumps (as autograd does)."""
-    return sp.piecewise_fold(expr.replace(sp.DiracDelta, lambda *a: sp.Integer(0)))
+    return _fold(expr.replace(sp.DiracDelta, lambda *a: sp.Integer(0)))
 
 
 # Values for the variables a check holds fixed: two draws, so that branches that agree at one
@@ -105,7 +113,6 @@ def _ae(expr: sp.Expr) -> sp.Expr:
 _DRAWS = ({R: 0.45, V: 0.37, RNORM: 1.3, DELTA: 0.61}, {R: -0.8, V: -1.3, RNORM: 0.4, DELTA: 1.7})
 _SCAN = {R: (-10.0, 10.0), RNORM: (1e-6, 10.0)}  # where switch points are sought numerically
 _SIDE = 1e-9  # the one-sided limits are read this far either side of a switch point
-_SOLVE_NODES = 60  # larger edges are searched numerically (sympy's solve can take minutes)
 
 
 def _switch_points(f: sp.Expr, x: sp.Symbol) -> list[float]:
@@ -122,11 +129,13 @@ def _switch_points(f: sp.Expr, x: sp.Symbol) -> list[float]:
     return sorted(points)
 
 
+@functools.lru_cache(maxsize=256)
 def _roots(edge: sp.Expr, x: sp.Symbol) -> list[float]:
-    """The real roots of edge(x) = 0: sympy's, or else the sign changes found on a grid over
-    _SCAN, bisected (transcendental edges such as tanh(r) + r - 1)."""
+    """The real roots of edge(x) = 0: sympy's for a polynomial of degree at most 4 (in abs()
+    too), else the sign changes found on a grid over _SCAN, bisected (tanh(r) + r - 1)."""
     found = None
-    if tree_size(edge) <= _SOLVE_NODES:
+    bare = edge.replace(sp.Abs, lambda a: a)
+    if bare.is_polynomial(x) and sp.degree(bare, x) <= 4:  # in closed form; others take minutes
         with contextlib.suppress(NotImplementedError):
             found = sp.solve(edge, x)
     if isinstance(found, list):
@@ -144,7 +153,7 @@ def _roots(edge: sp.Expr, x: sp.Symbol) -> list[float]:
             if fm is None:
                 break
             a, b, fa = (mid, b, fm) if (fm > 0) == (fa > 0) else (a, mid, fa)
-        roots.append((a + b) / 2)
+        roots.append(0.0 if abs(a + b) < 1e-12 else (a + b) / 2)
     return roots
 
 
@@ -261,7 +270,7 @@ def derive_bias(bias: S.Bias) -> BiasRule:
         raise FieldError(loss_field, "may use rnorm only inside a where() condition; "
                                      "put terms of the norm in bias.norm_loss")
     elem = check_derived(sp.powsimp(sp.diff(loss, R), force=True), loss_field, "dl/dr")
-    norm = check_derived(sp.piecewise_fold(sp.diff(norm_loss, RNORM) / RNORM), norm_field,
+    norm = check_derived(_fold(sp.diff(norm_loss, RNORM) / RNORM), norm_field,
                          "dh/drnorm / rnorm")
     if user:  # continuous in r: the Dirac deltas of its kinks carry no weight (2 r delta(r))
         elem, norm = _ae(elem), _ae(norm)

@@ -95,7 +95,7 @@ def parse_expression(text: str, symbols: Mapping[str, sp.Symbol], field: str) ->
         depth -= 1
         if value.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
             raise fail(f"{ast.unparse(node)} is undefined or infinite (a division by zero?)")
-        if not value.free_symbols and finite_real(value) is None:
+        if isinstance(value, sp.Expr) and not value.free_symbols and finite_real(value) is None:
             raise fail(f"{ast.unparse(node)} is not a finite real number in float64")
         if tree_size(value, sizes) > MAX_NODES:
             raise FieldError(field, f"{text!r} expands to over {MAX_NODES} terms (softplus, "

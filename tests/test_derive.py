@@ -10,7 +10,7 @@ import sympy as sp
 import torch
 from conftest import axis_spec
 
-from mirasc.derive import DELTA, RNORM, R, V, Z, derive, explain
+from mirasc.derive import DELTA, RNORM, R, V, Z, derive, derive_bias, explain
 from mirasc.expr import to_torch
 from mirasc.reference import bias_grad, residual_norm
 from mirasc.spec import SpecError, load_spec, parse_spec
@@ -29,6 +29,9 @@ SMOOTH_BIASES = {
     "jump-in-v": "{kind: expression, loss: 'where(v > 0, r**2, 2 * r**2)'}",  # smooth in r
     "transcendental-kink": "{kind: expression, loss: 'where(tanh(r) + r > 1, tanh(r) + r, "
                            "2 - tanh(r) - r)'}",  # meets at tanh(r) + r = 1, found numerically
+    "many-wheres": "{kind: expression, loss: '"
+                   + " + ".join(f"where(r > {k / 4}, (r - {k / 4})**2, 0)" for k in range(-5, 6))
+                   + "'}",  # 11 where()s: too many to fold into one (2^11 branches)
 }
 
 
@@ -125,6 +128,16 @@ def test_explain_latex():
 
 def _nested(function: str, depth: int) -> str:
     return f"{function}(" * depth + "r" + ")" * depth
+
+
+def test_many_wheres_derive_fast():
+    """Eleven where()s in one loss: linear work, not a fold into 2^11 branches (derive_bias, not
+    the memoised derive, so the time is this derivation's own)."""
+    spec = parse_spec(axis_spec(bias=SMOOTH_BIASES["many-wheres"]))
+    start = time.perf_counter()
+    rule = derive_bias(spec.bias)
+    assert time.perf_counter() - start < 5.0
+    assert len(rule.elem.atoms(sp.Piecewise)) == 11
 
 
 @pytest.mark.parametrize(("loss", "message"), [
