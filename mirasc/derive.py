@@ -226,16 +226,18 @@ def _inverses(slope: sp.Expr) -> list:
         raise FieldError("retention.potential", f"sympy cannot solve f'(w) = z for f'(w) = "
                          f"{slope}; allowed: a strictly convex potential whose derivative sympy "
                          "can invert") from None
-    return [sol for sol in candidates if all(_nearly_real(sol, z) for z in (-1.3, 0.4, 2.1))]
+    return [sol for sol in candidates
+            if all(_nearly_real(sol, z) is not None for z in (-1.3, 0.4, 2.1))]
 
 
-def _nearly_real(sol: sp.Expr, z: float) -> bool:
-    """Whether a solution w(z) is real (to rounding) and finite at z."""
+def _nearly_real(expr: sp.Expr, z: float) -> float | None:
+    """expr at Z = z when it is real to rounding (sympy's cubic roots pass through complex
+    numbers) and finite, else None."""
     try:
-        value = complex(sol.subs(Z, z).evalf())
+        value = complex(expr.subs(Z, z).evalf())
     except (TypeError, ValueError, OverflowError, ZeroDivisionError):
-        return False
-    return abs(value.imag) < 1e-9 and math.isfinite(value.real)
+        return None
+    return value.real if abs(value.imag) < 1e-9 and math.isfinite(value.real) else None
 
 
 def derive_bias(bias: S.Bias) -> BiasRule:
@@ -347,7 +349,7 @@ def derive_retention(ret: S.Retention) -> RetentionRule:
                          f"f'(w) = z for f'(w) = {slope}; the potential must be strictly convex "
                          "with an invertible derivative")
     inverse = check_derived(solutions[0], "retention.potential", "(f')^-1(z)")
-    rising = [finite_real(sp.diff(inverse, Z), {Z: z}) for z in (-1.3, 0.4, 2.1)]
+    rising = [_nearly_real(sp.diff(inverse, Z), z) for z in (-1.3, 0.4, 2.1)]
     if not all(x is not None and x > 0 for x in rising):
         raise FieldError("retention.potential", f"f(w) = {potential} is not strictly convex: "
                          f"(f')^-1(z) = {inverse} does not increase with z")

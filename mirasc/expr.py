@@ -179,13 +179,15 @@ def check_derived(expr: sp.Expr, field: str, what: str) -> sp.Expr:
     if size > MAX_DERIVED_NODES:
         raise FieldError(field, f"{what} grows to {size} terms; allowed: at most "
                                 f"{MAX_DERIVED_NODES} (a simpler expression, fewer nested calls)")
-    stack = [expr]
+    if expr.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
+        raise FieldError(field, f"{what} is undefined or infinite (a division by zero?)")
+    stack, seen = [expr], set()
     while stack:
         node = stack.pop()
-        if node.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
-            if not node.args or not node.free_symbols:
-                raise FieldError(field, f"{what} is undefined or infinite: {node}")
-        elif not node.free_symbols and isinstance(node, sp.Expr):
+        if node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, sp.Expr) and not node.free_symbols:
             if finite_real(node) is None:
                 raise FieldError(field, f"{what} holds {sp.N(node, 4)}, not a finite real number "
                                         "in float64")
