@@ -456,6 +456,9 @@ def _describe(error: dict, data: Any, lines: dict[tuple, int], source: str) -> s
         hint = f"; allowed: {kinds}" if kinds else ""
         return f"{source}:{line}: {field}: needs a 'kind' field{hint}"
     message = error["msg"].removeprefix("Value error, ")
+    if kind == "model_type" and error.get("ctx", {}).get("class_name") == Gate.__name__:
+        message = ("a gate is a mapping {shape: head | channel, value: number}; a constant is "
+                   f"{{value: {error['input']!r}}}, an op input {{shape: head}}")
     if kind == "value_error":
         return f"{source}:{line}: {message}"
     value = error["input"]

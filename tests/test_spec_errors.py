@@ -107,6 +107,9 @@ CASES = [
          "memory.depth", "1 is not allowed", "greater than or equal to 2"),
     case("gate-value-string", edit(("  eta: {shape: head}", "  eta: {value: fast}")), 13,
          "learner.eta.value", "'fast' is not allowed", "valid number"),
+    case("gate-not-a-mapping", edit(("  eta: {shape: head}", "  eta: 0.5")), 13, "learner.eta",
+         "0.5 is not allowed: a gate is a mapping {shape: head | channel, value: number}",
+         "a constant is {value: 0.5}"),
     case("bias-not-a-mapping", edit(("bias:\n" + BIAS_LP, "bias: lp\n")), 5, "bias",
          "'lp' is not allowed", "valid dictionary"),
     # ---- YAML itself
