@@ -8,8 +8,6 @@ sliding-window attention on the layers listed in `attention_layers` (a hybrid).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +21,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mirasc.layers import MirasLayer, SlidingWindowAttention, as_spec
-from mirasc.spec import Spec
+from mirasc.spec import Spec, read_spec
 
 
 class MirasConfig(PretrainedConfig):
@@ -39,7 +37,7 @@ class MirasConfig(PretrainedConfig):
                  initializer_range: float = 0.02, backend: str = "auto",
                  tie_word_embeddings: bool = True, **kwargs):
         if spec and str(spec).endswith((".yaml", ".yml")):
-            spec = Path(spec).read_text()
+            spec = read_spec(spec)
         self.spec = spec
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.num_heads, self.head_dim = num_hidden_layers, num_heads, head_dim

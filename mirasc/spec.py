@@ -570,6 +570,11 @@ def _check_combinations(spec: Spec) -> None:
 
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file."""
+    return parse_spec(read_spec(path), source=str(path))
+
+
+def read_spec(path: str | Path) -> str:
+    """The text of a spec file: UTF-8, at most MAX_SPEC_CHARS characters (else a SpecError)."""
     path = Path(path)
     try:
         with path.open("rb") as f:
@@ -580,9 +585,8 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(f"{path}:1: the spec has over {4 * MAX_SPEC_CHARS} bytes; allowed: at "
                         f"most {MAX_SPEC_CHARS} characters")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise SpecError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at offset "
                         f"{exc.start}); a spec is a YAML text file") from None
-    return parse_spec(text, source=str(path))
