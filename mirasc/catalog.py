@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from mirasc.spec import Spec, SpecError, load_spec, parse_spec
+from mirasc.spec import Spec, SpecError, load_spec, parse_spec, read_spec
 
 SUFFIXES = (".yaml", ".yml")
 
@@ -37,7 +37,7 @@ def spec_text(source: str | Path) -> tuple[str, str]:
     """(YAML text, where it came from) of a spec source. A str is YAML text when it spans lines or
     holds a mapping's colon (and names no file), else a shipped spec's name, else a file's path."""
     if isinstance(source, Path):
-        return _read(source), str(source)
+        return read_spec(source), str(source)
     if "\n" in source or (":" in source and not source.endswith(SUFFIXES)
                           and not Path(source).is_file()):
         return source, "<spec text>"
@@ -45,16 +45,9 @@ def spec_text(source: str | Path) -> tuple[str, str]:
     if re.fullmatch(r"\w+", source) and entry.is_file():
         return entry.read_text(), f"{source} (shipped)"
     if source.endswith(SUFFIXES) or Path(source).exists():
-        return _read(Path(source)), source
+        return read_spec(Path(source)), source
     raise SpecError(f"{source!r}: no shipped spec and no file of that name; shipped specs: "
                     f"{', '.join(shipped())} (or give a .yaml path, or YAML text)")
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read the spec: {exc.strerror}") from None
 
 
 def resolve(source: str | Path | Spec) -> Spec:

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import math
 
+import sympy as sp
 import torch
 import torch.nn.functional as F
 
+from mirasc import reference
+from mirasc.derive import DELTA, RNORM, R, V
+from mirasc.expr import to_torch
 from mirasc.runtime import MirasOp
 
 GATE_RANGES = {"log_alpha": (-0.3, -0.01), "eta": (0.05, 0.5), "delta": (0.05, 1.0),
@@ -43,6 +47,72 @@ def random_inputs(op: MirasOp, batch=2, length=19, heads=2, dk=12, dv=12, dtype=
         inputs["ln_weight"] = 1 + rand(heads, dv) / 4
         inputs["ln_bias"] = rand(heads, dv) / 4
     return {k: v if isinstance(v, tuple) else v.to(dtype) for k, v in inputs.items()}
+
+
+class _BranchRecorder:
+    """A bias gradient that also counts, for each where() of g, the residual entries on each
+    branch (the first whose condition holds), and keeps the residuals' magnitudes |r_j| and
+    ||r||."""
+
+    def __init__(self, op: MirasOp):
+        self.derivation = op.derivation
+        rule = op.derivation.bias
+        self.pieces = sorted(rule.elem.atoms(sp.Piecewise) | rule.norm.atoms(sp.Piecewise), key=str)
+        self.counts = [[0] * len(piece.args) for piece in self.pieces]
+        self.magnitudes: dict[str, list[torch.Tensor]] = {"|r_j|": [], "||r||": []}
+
+    def __call__(self, d, r, v, delta):
+        env = {R: r, V: v, RNORM: reference.residual_norm(r), DELTA: delta}
+        for piece, counts in zip(self.pieces, self.counts, strict=True):
+            left = torch.ones_like(r, dtype=torch.bool)
+            for i, (_, cond) in enumerate(piece.args):
+                hit = left if cond == sp.true else left & to_torch(cond, env)
+                counts[i] += int(hit.sum())
+                left = left & ~hit
+        self.magnitudes["|r_j|"].append(r.detach().abs().flatten())
+        self.magnitudes["||r||"].append(env[RNORM].detach().flatten())
+        return reference.bias_grad(d, r, v, delta)
+
+    def run(self, inputs: dict) -> None:
+        probe = MirasOp(self.derivation, bias_grad=self)  # the reference, through this gradient
+        with torch.no_grad():
+            probe(**inputs)
+
+    def shares(self) -> dict[str, list[float]]:
+        """Each where() of g by its first condition, with the share of entries on each branch."""
+        return {sp.sstr(piece.args[0][1]): [c / max(sum(counts), 1) for c in counts]
+                for piece, counts in zip(self.pieces, self.counts, strict=True)}
+
+
+def branch_shares(op: MirasOp, inputs: dict) -> dict[str, list[float]]:
+    """For each where() of the bias gradient g (Yaad's rnorm <= delta, Huber's clip), the share of
+    residual entries on each of its branches while the reference runs on `inputs`."""
+    recorder = _BranchRecorder(op)
+    recorder.run(inputs)
+    return recorder.shares()
+
+
+def cover_branches(op: MirasOp, inputs: dict, seed: int = 0) -> dict:
+    """`inputs` with a data-dependent delta redrawn so that a threshold on the residual falls on
+    both sides of it: log-uniform from the 10th to the 90th percentile of what the conditions
+    compare delta with (||r|| or |r_j|, as the reference meets them on `inputs`). Unchanged without a
+    where() in g or a delta input."""
+    recorder = _BranchRecorder(op)
+    if not recorder.pieces or "delta" not in inputs:
+        return inputs
+    recorder.run(inputs)
+    conditions = [cond for piece in recorder.pieces for _, cond in piece.args if cond.has(DELTA)]
+    compared = {"||r||" if any(c.has(RNORM) for c in conditions) else None,
+                "|r_j|" if any(c.has(R) for c in conditions) else None} - {None}
+    quantiles = [torch.quantile(torch.cat(recorder.magnitudes[name]).double(),
+                                torch.tensor([0.1, 0.9], dtype=torch.float64))
+                 for name in sorted(compared or recorder.magnitudes)]
+    low = math.log(max(min(q[0].item() for q in quantiles), 1e-3))
+    high = math.log(max(max(q[1].item() for q in quantiles), 1e-3))
+    gen = torch.Generator().manual_seed(seed + 2)
+    delta = inputs["delta"]
+    draw = torch.rand(delta.shape, generator=gen, dtype=torch.float64)
+    return inputs | {"delta": (low + (high - low) * draw).exp().to(delta.dtype)}
 
 
 def varlen_inputs(op: MirasOp, offsets: list[int], heads=2, dk=12, dv=12, dtype=torch.float64,

@@ -27,6 +27,20 @@ def _load(source: str):
         raise typer.Exit(2) from None
 
 
+def _compile(source):
+    """The op of SOURCE (or of a loaded spec); a bad spec or an unusable cache exits 2 with its
+    message."""
+    from mirasc.runtime import CacheError
+    from mirasc.runtime import compile as compile_spec
+
+    loaded = _load(source)
+    try:
+        return compile_spec(loaded)
+    except CacheError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _kernel_dtypes() -> dict:
     """The input dtypes the GPU kernels are compiled for, by name."""
     import torch
@@ -43,7 +57,12 @@ def compile_(spec: SpecSource,
 
     loaded = _load(spec)
     target = out / f"{loaded.name}.py"
-    write_atomic(target, render_module(loaded))
+    try:
+        write_atomic(target, render_module(loaded))
+    except OSError as exc:
+        typer.echo(f"error: cannot write {target}: {exc.strerror or exc} ({exc.filename}); "
+                   "choose a writable directory with --out", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"wrote {target}")
 
 
@@ -74,13 +93,18 @@ def check(spec: SpecSource,
     loaded = _load(spec)
     import torch
 
-    import mirasc
-    from mirasc.check import compare, random_inputs
+    from mirasc.check import branch_shares, compare, cover_branches, random_inputs
 
     if not torch.cuda.is_available():  # run the Triton kernels in the interpreter
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    op = mirasc.compile(loaded)
-    exact = random_inputs(op, length=length, heads=heads, dk=head_dim, dv=head_dim)
+    op = _compile(loaded)
+    exact = cover_branches(op, random_inputs(op, length=length, heads=heads, dk=head_dim,
+                                             dv=head_dim))
+    for cond, shares in branch_shares(op, exact).items():
+        taken = " / ".join(f"{share:.1%}" for share in shares)
+        never = " (a branch never taken goes unchecked)" if min(shares) == 0 else ""
+        typer.echo(f"where({cond}, ...) in g: branches taken by {taken} of the residual "
+                   f"entries{never}")
     inputs = {k: (tuple(x.to(getattr(torch, dtype)) for x in v) if isinstance(v, tuple)
                   else v.to(getattr(torch, dtype))) for k, v in exact.items()}
     errors = compare(op, inputs, chunk_size=op.oracle_chunk_size, against=exact)
@@ -117,14 +141,13 @@ def resources(spec: SpecSource,
     Exits 1 when no configuration of a kernel fits the GPU's shared memory."""
 
     from mirasc.resources import SHARED_LIMIT, CannotCompile, kernel_usage
-    from mirasc.runtime import compile as compile_spec
 
     dtypes = _kernel_dtypes()
     if dtype not in dtypes or sm not in SHARED_LIMIT:
         typer.echo(f"error: --dtype: allowed: {', '.join(dtypes)}; --sm: allowed: "
                    f"{', '.join(map(str, SHARED_LIMIT))}", err=True)
         raise typer.Exit(2)
-    op = compile_spec(_load(spec))
+    op = _compile(spec)
     dv = value_dim or head_dim
     try:
         rows = kernel_usage(op, head_dim, dv, dtypes[dtype], sm, "first" if first else "tuned")
@@ -177,7 +200,6 @@ def precompile(specs: Annotated[list[str], typer.Argument(help="Shipped spec nam
 
     from mirasc.resources import CannotCompile
     from mirasc.resources import precompile as run
-    from mirasc.runtime import compile as compile_spec
 
     dtypes = _kernel_dtypes()
     states = {"float32": torch.float32, "inputs": dtypes.get(dtype), "none": None}
@@ -185,7 +207,7 @@ def precompile(specs: Annotated[list[str], typer.Argument(help="Shipped spec nam
         typer.echo(f"error: --dtype: allowed: {', '.join(dtypes)}; --state: allowed: "
                    f"{', '.join(states)}", err=True)
         raise typer.Exit(2)
-    ops = [compile_spec(_load(spec)) for spec in specs]
+    ops = [_compile(spec) for spec in specs]
     start, done = time.perf_counter(), []
     try:
         for job in run(ops, [(d, d) for d in head_dim], dtypes[dtype], states[state], sm, jobs):

@@ -6,14 +6,17 @@ A bias is l(r) = sum_j f(r_j, v_j) + h(||r||), so g_j = f'(r_j) + (h'(n)/n) r_j 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import sympy as sp
 
 from mirasc import spec as S
-from mirasc.expr import parse_expression
-from mirasc.spec import FieldError
+from mirasc.expr import check_derived, finite_real, parse_expression
+from mirasc.spec import MAX_EXPONENT, FieldError
 
 R = sp.Symbol("r", real=True)
 V = sp.Symbol("v", real=True)
@@ -32,6 +35,7 @@ BUILTIN_BIASES: dict[str, tuple[str, str]] = {
     "robust": ("r**2 / 2", "delta * rnorm"),
 }
 
+MAX_FOLDED = 6  # where()s folded into one (2^6 branches at most)
 RNORM_EPS = 1e-12  # rnorm = sqrt(||r||^2 + RNORM_EPS)
 OP_ARGUMENTS = {"retention.decay": "log_alpha", "learner.eta": "eta", "bias.delta": "delta",
                 "learner.momentum": "momentum"}
@@ -93,38 +97,147 @@ def _smooth(expr: sp.Expr, temperature: float, eps: float) -> sp.Expr:
     return expr.replace(sp.Abs, lambda x: sp.sqrt(x**2 + eps))
 
 
+def _fold(expr: sp.Expr) -> sp.Expr:
+    """Nested where()s folded into one, when there are at most MAX_FOLDED of them: the folded
+    form has a branch per combination of their conditions."""
+    return sp.piecewise_fold(expr) if len(expr.atoms(sp.Piecewise)) <= MAX_FOLDED else expr
+
+
 def _ae(expr: sp.Expr) -> sp.Expr:
     """The almost-everywhere derivative: drop the Dirac deltas of jumps (as autograd does)."""
-    return sp.piecewise_fold(expr.replace(sp.DiracDelta, lambda *a: sp.Integer(0)))
+    return _fold(expr.replace(sp.DiracDelta, lambda *a: sp.Integer(0)))
+
+
+# Values for the variables a check holds fixed: two draws, so that branches that agree at one
+# value of r (where(rnorm <= 1, r**2, abs(r)) at r = 1) still differ at the other.
+_DRAWS = ({R: 0.45, V: 0.37, RNORM: 1.3, DELTA: 0.61}, {R: -0.8, V: -1.3, RNORM: 0.4, DELTA: 1.7})
+_SCAN = {R: (-10.0, 10.0), RNORM: (1e-6, 10.0)}  # where switch points are sought numerically
+_SIDE = 1e-9  # the one-sided limits are read this far either side of a switch point
+
+
+def _switch_points(f: sp.Expr, x: sp.Symbol) -> list[float]:
+    """The points where f of x alone may jump: where a where() condition switches, a sign or
+    step function changes, or a denominator, log or root argument crosses zero."""
+    edges = [rel.lhs - rel.rhs for piece in f.atoms(sp.Piecewise) for _, cond in piece.args
+             for rel in cond.atoms(sp.core.relational.Relational)]
+    edges += [a.args[0] for a in f.atoms(sp.sign, sp.Heaviside, sp.log)]
+    edges += [a.base for a in f.atoms(sp.Pow) if not (a.exp.is_integer and a.exp > 0)]
+    points = set()
+    for edge in set(edges):
+        if edge.has(x) and not (edge.is_positive or edge.is_negative):
+            points.update(_roots(edge, x))
+    return sorted(points)
+
+
+@functools.lru_cache(maxsize=256)
+def _roots(edge: sp.Expr, x: sp.Symbol) -> list[float]:
+    """The real roots of edge(x) = 0: sympy's for a polynomial of degree at most 4 (in abs()
+    too), else the sign changes found on a grid over _SCAN, bisected (tanh(r) + r - 1)."""
+    found = None
+    bare = edge.replace(sp.Abs, lambda a: a)
+    if bare.is_polynomial(x) and sp.degree(bare, x) <= 4:  # in closed form; others take minutes
+        with contextlib.suppress(NotImplementedError):
+            found = sp.solve(edge, x)
+    if isinstance(found, list):
+        return [p for p in map(finite_real, found) if p is not None]
+    low, high = _SCAN[x]
+    grid = [low + (high - low) * i / 400 for i in range(401)]
+    values = [finite_real(edge, {x: a}) for a in grid]
+    roots = []
+    for a, b, fa, fb in zip(grid, grid[1:], values, values[1:], strict=False):
+        if fa is None or fb is None or (fa > 0) == (fb > 0):
+            continue
+        for _ in range(60):
+            mid = (a + b) / 2
+            fm = finite_real(edge, {x: mid})
+            if fm is None:
+                break
+            a, b, fa = (mid, b, fm) if (fm > 0) == (fa > 0) else (a, mid, fa)
+        roots.append(0.0 if abs(a + b) < 1e-12 else (a + b) / 2)
+    return roots
 
 
 def _check_continuous(expr: sp.Expr, field: str) -> None:
-    """Refuse a where() whose branches disagree on its boundary (a jump makes g a Dirac delta)."""
-    for piece in expr.atoms(sp.Piecewise):
-        if len(piece.args) != 2 or not isinstance(piece.args[0][1], sp.core.relational.Relational):
-            continue
-        (inside, cond), (outside, _) = piece.args
-        edge = cond.lhs - cond.rhs
-        for sym in (R, RNORM, V, DELTA):
-            if edge.has(sym):
-                break
-        else:
-            continue
-        for point in sp.solve(edge, sym):
-            gap = sp.simplify((inside - outside).subs(sym, point))
-            if gap != 0:
-                raise FieldError(field, f"is not differentiable in r: where({cond}, ...) jumps by "
-                                        f"{gap} at {sym} = {point}; make the branches meet")
+    """Refuse a loss that jumps in r (or in rnorm, a function of r): its gradient would be a
+    Dirac delta, which autograd and the kernels drop, so the memory would learn another rule.
+    At each switch point the limits from either side must agree and be finite. The other
+    variables hold drawn values: a jump in v or delta is not differentiated and is allowed."""
+    for draw in _DRAWS:
+        for x in (R, RNORM):
+            fixed = ", ".join(f"{s} = {v:g}" for s, v in draw.items() if s != x and expr.has(s))
+            try:
+                f = expr.subs({s: sp.Float(value) for s, value in draw.items() if s != x})
+            except (OverflowError, ValueError, ZeroDivisionError):
+                raise FieldError(field, f"is not finite in float64 at {fixed} (it overflows)") from None
+            if not f.has(x):
+                continue
+            for point in _switch_points(f, x):
+                left, right = (finite_real(f, {x: point + side}) for side in (-_SIDE, _SIDE))
+                at = f"{x} = {point:.4g}" + (f" (with {fixed})" if fixed else "")
+                if left is None or right is None:
+                    raise FieldError(field, f"is not finite and real on both sides of {at}; "
+                                            "use functions defined for every real r")
+                farther = [finite_real(f, {x: point + 1000 * side}) for side in (-_SIDE, _SIDE)]
+                if _infinite(f, x, point) or any(
+                        b is None or abs(a) > 10 * (abs(b) + 1)
+                        for a, b in zip((left, right), farther, strict=True)):
+                    raise FieldError(field, f"is infinite at {at} (it grows without bound "
+                                            "there); use functions finite for every real r")
+                if abs(right - left) > 1e-6 * max(1.0, abs(left), abs(right)):
+                    raise FieldError(field, f"is not differentiable in r: it jumps by "
+                                            f"{right - left:.4g} at {at}; make the branches meet "
+                                            "(abs is fine, sign is not)")
 
 
-def _real_inverse_branches(candidates: list, samples=(-1.3, 0.4, 2.1)) -> list:
-    """The solutions of f'(w) = z that are real-valued at sample points z."""
-    real = []
-    for sol in candidates:
-        values = [complex(sol.subs(Z, z).evalf()) for z in samples]
-        if all(abs(v.imag) < 1e-9 for v in values):
-            real.append(sol)
-    return real
+def _infinite(f: sp.Expr, x: sp.Symbol, point: float) -> bool:
+    """Whether f is infinite at the point itself (log(0), 1/0), not merely undefined (0/0)."""
+    try:
+        return f.subs(x, point).has(sp.zoo, sp.oo, -sp.oo)
+    except (OverflowError, ValueError, ZeroDivisionError):
+        return True
+
+
+def _check_real(expr: sp.Expr, field: str, what: str) -> None:
+    """Refuse a derived expression that is not a finite real number at the drawn values."""
+    for draw in _DRAWS:
+        if finite_real(expr, draw) is None:
+            at = ", ".join(f"{s} = {v:g}" for s, v in draw.items() if expr.has(s))
+            raise FieldError(field, f"{what} = {expr} is not a finite real number in float64 at "
+                                    f"{at} (it overflows or leaves the reals there)")
+
+
+def _outside_conditions(expr: sp.Basic, sym: sp.Symbol) -> bool:
+    """Whether `sym` occurs in `expr` other than in the condition of a where()."""
+    if isinstance(expr, sp.Piecewise):
+        return any(_outside_conditions(value, sym) for value, _ in expr.args)
+    return expr == sym or any(_outside_conditions(a, sym) for a in expr.args)
+
+
+def _inverses(slope: sp.Expr) -> list:
+    """The real solutions w(z) of f'(w) = z: sympy's solution over the reals when it finds one
+    (sign(z)|z/4|^(1/3) for f = w^4), else its solutions that are real at sample points z."""
+    equation = sp.Eq(slope, Z)
+    try:
+        real = sp.solveset(equation, W, sp.S.Reals)
+        if isinstance(real, sp.FiniteSet) and len(real) == 1:
+            return list(real)
+        candidates = sp.solve(equation, W)
+    except NotImplementedError:
+        raise FieldError("retention.potential", f"sympy cannot solve f'(w) = z for f'(w) = "
+                         f"{slope}; allowed: a strictly convex potential whose derivative sympy "
+                         "can invert") from None
+    return [sol for sol in candidates
+            if all(_nearly_real(sol, z) is not None for z in (-1.3, 0.4, 2.1))]
+
+
+def _nearly_real(expr: sp.Expr, z: float) -> float | None:
+    """expr at Z = z when it is real to rounding (sympy's cubic roots pass through complex
+    numbers) and finite, else None."""
+    try:
+        value = complex(expr.subs(Z, z).evalf())
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError):
+        return None
+    return value.real if abs(value.imag) < 1e-9 and math.isfinite(value.real) else None
 
 
 def derive_bias(bias: S.Bias) -> BiasRule:
@@ -143,18 +256,27 @@ def derive_bias(bias: S.Bias) -> BiasRule:
     params = {name: sp.Symbol(name, real=True) for name in param_values}
     delta_gate = getattr(bias, "delta", None)
     common = dict(params, **({"delta": DELTA} if delta_gate is not None else {}))
-    loss = parse_expression(loss_text, {"r": R, "v": V, "rnorm": RNORM, **common}, "bias.loss")
-    norm_loss = parse_expression(norm_text, {"rnorm": RNORM, **common}, "bias.norm_loss")
-
-    if bias.kind == "expression":  # the built-in Yaad switch is discontinuous by design
-        _check_continuous(loss, "bias.loss")
-        _check_continuous(norm_loss, "bias.norm_loss")
-    if sp.simplify(sp.diff(loss, RNORM)) != 0:
-        raise FieldError("bias.loss", "may use rnorm only inside a where() condition; "
-                                      "put terms of the norm in bias.norm_loss")
-    elem = sp.powsimp(sp.diff(loss, R), force=True)
-    norm = sp.piecewise_fold(sp.diff(norm_loss, RNORM) / RNORM)
-    for part, name in ((elem, "bias.loss"), (norm, "bias.norm_loss")):
+    user = bias.kind == "expression"
+    loss_field, norm_field = ("bias.loss", "bias.norm_loss") if user else ("bias", "bias")
+    loss = parse_expression(loss_text, {"r": R, "v": V, "rnorm": RNORM, **common}, loss_field)
+    norm_loss = parse_expression(norm_text, {"rnorm": RNORM, **common}, norm_field)
+    values = {params[k]: sp.Integer(v) if float(v).is_integer() and abs(v) <= MAX_EXPONENT
+              else sp.Float(v) for k, v in param_values.items()}  # no exact huge powers
+    if delta_gate is not None and delta_gate.value is not None:
+        values[DELTA] = sp.Float(delta_gate.value)
+    for expr, name in ((loss, loss_field), (norm_loss, norm_field)):
+        check_derived(expr.subs(values), name, "the loss with its parameters")
+        if user:  # the built-in Yaad switch is discontinuous by design
+            _check_continuous(expr.subs(values), name)
+    if _outside_conditions(loss, RNORM):
+        raise FieldError(loss_field, "may use rnorm only inside a where() condition; "
+                                     "put terms of the norm in bias.norm_loss")
+    elem = check_derived(sp.powsimp(sp.diff(loss, R), force=True), loss_field, "dl/dr")
+    norm = check_derived(_fold(sp.diff(norm_loss, RNORM) / RNORM), norm_field,
+                         "dh/drnorm / rnorm")
+    if user:  # continuous in r: the Dirac deltas of its kinks carry no weight (2 r delta(r))
+        elem, norm = _ae(elem), _ae(norm)
+    for part, name in ((elem, loss_field), (norm, norm_field)):
         if part.has(sp.DiracDelta, sp.Derivative, sp.Subs, sp.zoo, sp.nan):
             raise FieldError(name, f"is not differentiable in r: its derivative is {part}; "
                                    "use continuous functions (abs is fine, sign is not)")
@@ -163,20 +285,19 @@ def derive_bias(bias: S.Bias) -> BiasRule:
         elem = _smooth(elem, bias.temperature, bias.eps)
         norm = _smooth(norm, bias.temperature, bias.eps)
         smoothing = f"sign(x) ~ tanh({bias.temperature:g} x), |x| ~ sqrt(x^2 + {bias.eps:g})"
-    values = {params[k]: sp.nsimplify(v) if float(v).is_integer() else sp.Float(v)
-              for k, v in param_values.items()}
-    if delta_gate is not None and delta_gate.value is not None:
-        values[DELTA] = sp.Float(delta_gate.value)
-    elem = elem.subs(values)
-    norm = norm.subs(values)
+    elem = check_derived(elem.subs(values), loss_field, "dl/dr")
+    norm = check_derived(norm.subs(values), norm_field, "dh/drnorm / rnorm")
+    _check_real(elem, loss_field, "dl/dr")
+    _check_real(norm, norm_field, "dh/drnorm / rnorm")
     if elem == 0 and norm == 0:
         raise FieldError("bias.loss" if bias.kind == "expression" else "bias",
                          "the loss has a zero gradient in r (it does not depend on r): the memory "
                          "would never learn")
 
-    d_elem = {name: _ae(sp.diff(elem, sym)) for name, sym in
-              (("r", R), ("v", V), ("rnorm", RNORM), ("delta", DELTA))}
-    d_norm = {name: _ae(sp.diff(norm, sym)) for name, sym in (("rnorm", RNORM), ("delta", DELTA))}
+    d_elem = {name: check_derived(_ae(sp.diff(elem, sym)), loss_field, f"d(dl/dr)/d{name}")
+              for name, sym in (("r", R), ("v", V), ("rnorm", RNORM), ("delta", DELTA))}
+    d_norm = {name: check_derived(_ae(sp.diff(norm, sym)), norm_field, f"d(dh/drnorm)/d{name}")
+              for name, sym in (("rnorm", RNORM), ("delta", DELTA))}
     uses_delta = elem.has(DELTA) or norm.has(DELTA)
     if delta_gate is not None and delta_gate.shape == "channel" and norm.has(DELTA):
         raise FieldError("bias.delta.shape", "'channel' needs delta only in the elementwise loss; "
@@ -217,21 +338,23 @@ def derive_retention(ret: S.Retention) -> RetentionRule:
     params = {name: sp.Symbol(name, real=True) for name in ret.params}
     potential = parse_expression(ret.potential, {"w": W, **params}, "retention.potential")
     potential = potential.subs({params[k]: sp.Float(v) for k, v in ret.params.items()})
-    slope = sp.diff(potential, W)
+    check_derived(potential, "retention.potential", "the potential with its parameters")
+    slope = check_derived(sp.diff(potential, W), "retention.potential", "f'(w)")
     if slope.has(sp.DiracDelta) or not slope.has(W):
         raise FieldError("retention.potential", f"f'(w) = {slope} must depend on w smoothly "
                                                 "(a strictly convex potential)")
-    solutions = _real_inverse_branches(sp.solve(sp.Eq(slope, Z), W))
+    solutions = _inverses(slope)
     if len(solutions) != 1:
         raise FieldError("retention.potential", f"sympy found {len(solutions)} real solutions of "
                          f"f'(w) = z for f'(w) = {slope}; the potential must be strictly convex "
                          "with an invertible derivative")
-    rising = [complex(sp.diff(solutions[0], Z).subs(Z, z).evalf()).real for z in (-1.3, 0.4, 2.1)]
-    if not all(x > 0 for x in rising):
+    inverse = check_derived(solutions[0], "retention.potential", "(f')^-1(z)")
+    rising = [_nearly_real(sp.diff(inverse, Z), z) for z in (-1.3, 0.4, 2.1)]
+    if not all(x is not None and x > 0 for x in rising):
         raise FieldError("retention.potential", f"f(w) = {potential} is not strictly convex: "
-                         f"(f')^-1(z) = {solutions[0]} does not increase with z")
-    return RetentionRule(kind="mirror", linear=False, dual=True, elementwise=solutions[0],
-                         text=f"W = (f')^-1(Z) = {_plain(solutions[0])},  f(w) = {potential}")
+                         f"(f')^-1(z) = {inverse} does not increase with z")
+    return RetentionRule(kind="mirror", linear=False, dual=True, elementwise=inverse,
+                         text=f"W = (f')^-1(Z) = {_plain(inverse)},  f(w) = {potential}")
 
 
 _derived: dict[str, Derivation] = {}

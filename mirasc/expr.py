@@ -14,11 +14,13 @@ from collections.abc import Callable, Mapping
 import sympy as sp
 import torch
 
-from mirasc.spec import FieldError
+from mirasc.spec import MAX_EXPONENT, FieldError
 
 MAX_LENGTH = 400
-MAX_EXPONENT = 64
 MAX_LOG_MAGNITUDE = 709  # |ln c| for a constant power c: float64 range (and no huge integers)
+MAX_NESTING = 24  # operations nested inside one another (sympy differentiates recursively)
+MAX_NODES = 1_000  # the tree size of a parsed expression (softplus and sigmoid repeat their argument)
+MAX_DERIVED_NODES = 20_000  # the tree size of a derived expression (a derivative, its derivative)
 
 
 def _sigmoid(x):
@@ -80,10 +82,25 @@ def parse_expression(text: str, symbols: Mapping[str, sp.Symbol], field: str) ->
     except SyntaxError as exc:
         raise fail(f"syntax error ({exc.msg})") from None
 
+    sizes: dict = {}
+    depth = 0
+
     def visit(node: ast.AST) -> sp.Expr:
+        nonlocal depth
+        depth += 1
+        if depth > MAX_NESTING:
+            raise FieldError(field, f"{text!r} nests operations more than {MAX_NESTING} deep; "
+                                    f"allowed: at most {MAX_NESTING}")
         value = translate(node)
+        depth -= 1
         if value.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
             raise fail(f"{ast.unparse(node)} is undefined or infinite (a division by zero?)")
+        if isinstance(value, sp.Expr) and not value.free_symbols and finite_real(value) is None:
+            raise fail(f"{ast.unparse(node)} is not a finite real number in float64")
+        if tree_size(value, sizes) > MAX_NODES:
+            raise FieldError(field, f"{text!r} expands to over {MAX_NODES} terms (softplus, "
+                                    "sigmoid and where repeat their arguments); allowed: at most "
+                                    f"{MAX_NODES}")
         return value
 
     def translate(node: ast.AST) -> sp.Expr:
@@ -124,6 +141,63 @@ def parse_expression(text: str, symbols: Mapping[str, sp.Symbol], field: str) ->
         raise fail(f"{_WHY.get(kind, type(node).__name__)} is not allowed")
 
     return visit(tree.body)
+
+
+def tree_size(expr: sp.Basic, sizes: dict | None = None) -> int:
+    """The number of nodes of `expr` written out as a tree (shared subexpressions counted each
+    time they occur), in time linear in its distinct subexpressions."""
+    sizes = {} if sizes is None else sizes
+    stack = [expr]
+    while stack:
+        node = stack[-1]
+        pending = [a for a in node.args if a not in sizes]
+        if pending:
+            stack.extend(pending)
+            continue
+        stack.pop()
+        sizes[node] = 1 + sum(sizes[a] for a in node.args)
+    return sizes[expr]
+
+
+def finite_real(value: sp.Expr, at: Mapping | None = None) -> float | None:
+    """A constant (or `value` with the numbers `at` substituted) as a float64, or None when it
+    is complex, infinite or beyond float64 (sympy's own evaluation overflowing included)."""
+    try:
+        number = complex((value if at is None else value.subs(at)).evalf(30))
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError):
+        return None
+    if number.imag != 0 or not math.isfinite(number.real):
+        return None
+    return number.real
+
+
+def check_derived(expr: sp.Expr, field: str, what: str) -> sp.Expr:
+    """Refuse a derived expression (`what`: its name in the message) that has grown beyond
+    MAX_DERIVED_NODES, or that holds a constant outside float64, NaN, or a power above
+    MAX_EXPONENT (parameters are substituted after parsing, so the parser cannot see them)."""
+    size = tree_size(expr)
+    if size > MAX_DERIVED_NODES:
+        raise FieldError(field, f"{what} grows to {size} terms; allowed: at most "
+                                f"{MAX_DERIVED_NODES} (a simpler expression, fewer nested calls)")
+    if expr.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
+        raise FieldError(field, f"{what} is undefined or infinite (a division by zero?)")
+    stack, seen = [expr], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, sp.Expr) and not node.free_symbols:
+            if finite_real(node) is None:
+                raise FieldError(field, f"{what} holds {sp.N(node, 4)}, not a finite real number "
+                                        "in float64")
+            continue
+        power = finite_real(node.exp) if isinstance(node, sp.Pow) and node.exp.is_number else 0
+        if power is None or abs(power) > MAX_EXPONENT:
+            raise FieldError(field, f"{what} raises to the power {sp.N(node.exp, 4)}; allowed: "
+                                    f"exponents of at most {MAX_EXPONENT} in magnitude")
+        stack.extend(node.args)
+    return expr
 
 
 # ---- sympy -> torch ---------------------------------------------------------------------------

@@ -114,10 +114,8 @@ class MirasOp:
                    else "")
             raise ValueError(f"{self.spec.name}: backend {backend!r}; {why}allowed: "
                              f"{', '.join(BACKENDS)}")
-        if not isinstance(output_final_state, bool):
-            raise TypeError(f"{self.spec.name}: output_final_state must be True or False, got "
-                            f"{output_final_state!r}")
         gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
+        self._check_flag(output_final_state)
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         ln = self._check_ln(ln_weight, ln_bias, q, v)
         named = {name: x for name, x in gates.items() if x is not None}  # data-dependent gates
@@ -169,6 +167,7 @@ class MirasOp:
                   cu_seqlens=None, chunk_size=None):
         """The oracle: the token recurrence, or with `chunk_size` the mini-batch chunked one."""
         gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
+        self._check_flag(output_final_state)
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         ln = self._check_ln(ln_weight, ln_bias, q, v)
         if chunk_size is None:
@@ -233,6 +232,12 @@ class MirasOp:
         if cu_seqlens is not None:
             batch = self._check_cu_seqlens(cu_seqlens, q)
         return self._check_state(initial_state, batch, heads, dk, dv, q.dtype, q.device)
+
+    def _check_flag(self, output_final_state) -> None:
+        """output_final_state is a bool: a string such as "no" would be truthy."""
+        if not isinstance(output_final_state, bool):
+            raise TypeError(f"{self.spec.name}: output_final_state must be True or False, got "
+                            f"{output_final_state!r}")
 
     def _check_ln(self, weight, bias, q, v):
         """The affine layer norm's (ln_weight, ln_bias), each [H, Dv] (ones and zeros when both
@@ -333,6 +338,11 @@ def _head_first_hint(q: torch.Tensor) -> str:
 # ---- compile cache ------------------------------------------------------------------------------
 
 
+class CacheError(OSError):
+    """The compile cache cannot be written or read; the message names the directory and how to
+    choose another."""
+
+
 def cache_dir() -> Path:
     """Where compiled modules live: $MIRASC_CACHE_DIR, else ~/.cache/mirasc."""
     return Path(os.environ.get("MIRASC_CACHE_DIR", Path.home() / ".cache" / "mirasc"))
@@ -383,11 +393,16 @@ def load_module(spec: Spec) -> ModuleType:
     from mirasc.codegen import render_module
 
     target = module_path(spec)
-    if target not in _loaded:
-        text = render_module(spec)
-        if not target.exists() or target.read_text() != text:
-            write_atomic(target, text)
-        _loaded[target] = run_module(target, text)
+    try:
+        if target not in _loaded:
+            text = render_module(spec)
+            if not target.exists() or target.read_text() != text:
+                write_atomic(target, text)
+            _loaded[target] = run_module(target, text)
+    except OSError as exc:
+        raise CacheError(f"cannot use the compile cache {cache_dir()}: {exc.strerror or exc} "
+                         f"({exc.filename or target}); set MIRASC_CACHE_DIR to a writable "
+                         "directory") from None
     return _loaded[target]
 
 

@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
+
+MAX_EXPONENT = 64  # the largest power a spec may take: lp.p, lq.q and ** in expressions
+MAX_SPEC_CHARS = 100_000  # a spec's text (shipped specs are under 1,000)
+MAX_DEPTH = 12  # nested YAML mappings and lists (a spec needs 4)
 
 
 class SpecError(ValueError):
@@ -29,8 +34,22 @@ class FieldError(Exception):
         self.message = message
 
 
+def _not_a_flag(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a number, not true or false")
+    return value
+
+
+# A finite number (YAML 1.1 reads 1e-5 as a string, which pydantic converts); never true/false.
+Number = Annotated[float, BeforeValidator(_not_a_flag)]
+Count = Annotated[int, Field(strict=True)]  # an integer, not true/false or 2.5
+Flag = Annotated[bool, Field(strict=True)]  # true or false, not 1 or "yes"
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """No unknown fields; numbers finite (no .inf, .nan)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Gate(_Strict):
@@ -38,7 +57,7 @@ class Gate(_Strict):
     (`channel`), or a constant `value` fixed by the spec."""
 
     shape: Literal["head", "channel"] = "head"
-    value: float | None = None
+    value: Number | None = None
 
     @property
     def is_input(self) -> bool:
@@ -52,8 +71,8 @@ class LayerNorm(_Strict):
     """LN(y) = (y - mean) / sqrt(var + eps) over the value channels, times ln_weight plus ln_bias
     (per-head op inputs [H, Dv]) when `affine`."""
 
-    affine: bool = False
-    eps: float = Field(1e-5, gt=0)
+    affine: Flag = False
+    eps: Number = Field(1e-5, gt=0)
 
 
 class _Memory(_Strict):
@@ -73,9 +92,9 @@ class MatrixMemory(_Memory):
     """M(x) = [x +] [LN](W x [+ b]), W in R^{dv x dk} per head."""
 
     kind: Literal["matrix"]
-    residual: bool = False
-    layer_norm: bool | LayerNorm = False
-    bias: bool = False
+    residual: Flag = False
+    layer_norm: Flag | LayerNorm = False
+    bias: Flag = False
     read_residual: Literal["input", "output"] = "input"
 
 
@@ -83,9 +102,9 @@ class VectorMemory(_Memory):
     """M(x) = [x +] [LN](w * x [+ b]), a diagonal memory, w in R^d per head (needs dk == dv)."""
 
     kind: Literal["vector"]
-    residual: bool = False
-    layer_norm: bool | LayerNorm = False
-    bias: bool = False
+    residual: Flag = False
+    layer_norm: Flag | LayerNorm = False
+    bias: Flag = False
     read_residual: Literal["input", "output"] = "input"
 
 
@@ -94,12 +113,12 @@ class MLPMemory(_Memory):
     expansion * dk."""
 
     kind: Literal["mlp"]
-    depth: int = Field(2, ge=2, le=8)
-    expansion: int = Field(4, ge=1, le=16)
+    depth: Count = Field(2, ge=2, le=8)
+    expansion: Count = Field(4, ge=1, le=16)
     activation: Literal["gelu", "silu", "relu", "tanh"] = "gelu"
-    residual: bool = True
-    layer_norm: bool | LayerNorm = True
-    bias: bool = False
+    residual: Flag = True
+    layer_norm: Flag | LayerNorm = True
+    bias: Flag = False
     read_residual: Literal["input", "output"] = "input"
 
 
@@ -110,9 +129,9 @@ Memory = Annotated[MatrixMemory | VectorMemory | MLPMemory, Field(discriminator=
 
 
 class _Smoothing(_Strict):
-    smooth: bool = False
-    temperature: float = Field(10.0, gt=0)
-    eps: float = Field(1e-6, gt=0)
+    smooth: Flag = False
+    temperature: Number = Field(10.0, gt=0)
+    eps: Number = Field(1e-6, gt=0)
 
 
 class DotProductBias(_Strict):
@@ -131,8 +150,8 @@ class LpBias(_Smoothing):
     """l = ||r||_p^p (Moneta), gradient p sign(r)|r|^(p-1), smoothed by default."""
 
     kind: Literal["lp"]
-    p: float = Field(ge=1)
-    smooth: bool = True
+    p: Number = Field(ge=1, le=MAX_EXPONENT)
+    smooth: Flag = True
 
 
 class HuberBias(_Smoothing):
@@ -160,7 +179,7 @@ class ExpressionBias(_Smoothing):
     kind: Literal["expression"]
     loss: str = "0"
     norm_loss: str = "0"
-    params: dict[str, float] = Field(default_factory=dict)
+    params: dict[str, Number] = Field(default_factory=dict)
     delta: Gate | None = None
 
 
@@ -191,11 +210,11 @@ class LqRetention(_Strict):
     or sign(A)|A|^(q-1) / ||A||_q^(q-2) (`link: pnorm`); the norm is taken over `scope`."""
 
     kind: Literal["lq"]
-    q: float = Field(gt=1)
+    q: Number = Field(gt=1, le=MAX_EXPONENT)
     decay: Gate | None = None
     scope: Literal["matrix", "row", "column"] = "matrix"
     link: Literal["scale", "pnorm"] = "scale"
-    eps: float = Field(1e-6, gt=0)
+    eps: Number = Field(1e-6, gt=0)
 
 
 class KLRetention(_Strict):
@@ -204,7 +223,7 @@ class KLRetention(_Strict):
     kind: Literal["kl"]
     decay: Gate | None = None
     axis: Literal["row", "column", "matrix"] = "row"
-    scale: float = Field(1.0, gt=0)
+    scale: Number = Field(1.0, gt=0)
 
 
 class ElasticNetRetention(_Strict):
@@ -212,10 +231,10 @@ class ElasticNetRetention(_Strict):
     A_t = alpha_t A_{t-1} - update, W_t = S_gamma(A_t) (`form: dual`, eq. 23)."""
 
     kind: Literal["elastic_net"]
-    gamma: float = Field(gt=0)
+    gamma: Number = Field(gt=0)
     decay: Gate | None = None
     form: Literal["proximal", "dual"] = "proximal"
-    smooth: bool = False
+    smooth: Flag = False
 
 
 class MirrorRetention(_Strict):
@@ -223,7 +242,7 @@ class MirrorRetention(_Strict):
 
     kind: Literal["mirror"]
     potential: str
-    params: dict[str, float] = Field(default_factory=dict)
+    params: dict[str, Number] = Field(default_factory=dict)
     decay: Gate | None = None
 
 
@@ -264,14 +283,14 @@ Learner = Annotated[GDLearner | MomentumLearner, Field(discriminator="kind")]
 class Spec(_Strict):
     """One memory layer: the four Miras axes plus how training chunks the sequence."""
 
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)
     description: str = ""
     memory: Memory
     bias: Bias
     retention: Retention
     learner: Learner
-    chunk_size: int = Field(64, ge=1, le=1024)
-    lag_token: bool = False
+    chunk_size: Count = Field(64, ge=1, le=1024)
+    lag_token: Flag = False
 
     def gates(self) -> dict[str, Gate]:
         """Every gate of the spec by dotted field name."""
@@ -290,6 +309,64 @@ class Spec(_Strict):
 
 
 # ---- loading with line numbers --------------------------------------------------------------
+
+
+def _check_yaml(text: str, source: str) -> None:
+    """Refuse, from the event stream and before anything is built, what could make a small text
+    expensive or ambiguous: anchors and aliases (an alias bomb expands exponentially), nesting
+    deeper than MAX_DEPTH, keys that are not plain scalars, and strings that are not Unicode
+    text (lone surrogates). Each refusal names the field and its line."""
+    if len(text) > MAX_SPEC_CHARS:
+        raise SpecError(f"{source}:1: the spec has {len(text)} characters; allowed: at most "
+                        f"{MAX_SPEC_CHARS}")
+    frames: list[dict] = []  # per open mapping or list: its current key or index
+
+    def fail(event, why: str) -> SpecError:
+        field = ".".join(str(f["at"]) for f in frames  # a mapping awaiting a key: its own path
+                         if f["at"] is not None and not (f["mapping"] and f["key"])) or "<spec>"
+        return SpecError(f"{source}:{event.start_mark.line + 1}: {field}: {why}")
+
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if not isinstance(event, yaml.NodeEvent | yaml.CollectionEndEvent):
+                continue
+            parent = frames[-1] if frames else None
+            if isinstance(event, yaml.CollectionEndEvent):
+                frames.pop()
+            elif parent is not None and parent["mapping"] and parent["key"]:
+                if not isinstance(event, yaml.ScalarEvent) or event.anchor is not None:
+                    raise fail(event, "a key must be a plain name")
+                parent["at"], parent["key"] = event.value, False
+                _check_text(event, fail)
+                continue
+            elif parent is not None and not parent["mapping"]:
+                parent["at"] = parent["count"]
+                parent["count"] += 1
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise fail(event, "YAML anchors and aliases (&name, *name) are not allowed in a "
+                                  "spec; write the value out")
+            if isinstance(event, yaml.CollectionStartEvent):
+                if len(frames) >= MAX_DEPTH:
+                    raise fail(event, f"nested more than {MAX_DEPTH} levels deep; allowed: "
+                                      f"at most {MAX_DEPTH}")
+                frames.append({"mapping": isinstance(event, yaml.MappingStartEvent), "at": None,
+                               "key": True, "count": 0})
+                continue
+            if isinstance(event, yaml.ScalarEvent):
+                _check_text(event, fail)
+            parent = frames[-1] if frames else None
+            if parent is not None and parent["mapping"]:
+                parent["key"] = True
+    except yaml.YAMLError:
+        return  # parse_spec reports the syntax error with its own line
+
+
+def _check_text(event: yaml.ScalarEvent, fail) -> None:
+    try:
+        event.value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise fail(event, f"{event.value[exc.start]!r} at character {exc.start} is not Unicode "
+                          "text (a lone surrogate); allowed: UTF-8 text") from None
 
 
 def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], source: str) -> None:
@@ -379,9 +456,17 @@ def _describe(error: dict, data: Any, lines: dict[tuple, int], source: str) -> s
         hint = f"; allowed: {kinds}" if kinds else ""
         return f"{source}:{line}: {field}: needs a 'kind' field{hint}"
     message = error["msg"].removeprefix("Value error, ")
+    if kind == "model_type" and error.get("ctx", {}).get("class_name") == Gate.__name__:
+        message = ("a gate is a mapping {shape: head | channel, value: number}; a constant is "
+                   f"{{value: {error['input']!r}}}, an op input {{shape: head}}")
     if kind == "value_error":
         return f"{source}:{line}: {message}"
-    return f"{source}:{line}: {field}: {error['input']!r} is not allowed: {message}"
+    value = error["input"]
+    shown = repr(value)
+    if len(shown) > 80:  # a long value is named by its start and size, not echoed whole
+        size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+        shown = f"{shown[:60]}... ({size})"
+    return f"{source}:{line}: {field}: {shown} is not allowed: {message}"
 
 
 def _select_branches(errors: list[dict]) -> list[dict]:
@@ -407,6 +492,7 @@ def _select_branches(errors: list[dict]) -> list[dict]:
 
 def parse_spec(text: str, source: str = "<spec>") -> Spec:
     """Validate YAML text into a `Spec`, raising `SpecError` on the first problems found."""
+    _check_yaml(text, source)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -430,6 +516,7 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
     from mirasc.derive import derive  # expressions are parsed and differentiated there
 
     try:
+        _check_gates(spec)
         _check_combinations(spec)
         derive(spec)
     except FieldError as exc:
@@ -437,6 +524,22 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
         line = next(lines[path[:i]] for i in range(len(path), -1, -1) if path[:i] in lines)
         raise SpecError(f"{source}:{line}: {exc.field}: {exc.message}") from None
     return spec
+
+
+GATE_VALUES = {  # the range of a constant gate `value`, by the gate's key
+    "decay": (lambda x: 0 < x <= 1, "0 < value <= 1 (alpha, the share of the state kept)"),
+    "eta": (lambda x: x > 0, "value > 0 (a step size)"),
+    "momentum": (lambda x: 0 <= x <= 1, "0 <= value <= 1 (the share of the momentum kept)"),
+    "delta": (lambda x: x > 0, "value > 0 (a threshold on the residual)"),
+}
+
+
+def _check_gates(spec: Spec) -> None:
+    """Each constant gate within the range its role allows."""
+    for field, gate in spec.gates().items():
+        within, allowed = GATE_VALUES[field.rsplit(".", 1)[1]]
+        if gate.value is not None and not within(gate.value):
+            raise FieldError(f"{field}.value", f"{gate.value!r} is not allowed; allowed: {allowed}")
 
 
 def _check_combinations(spec: Spec) -> None:
@@ -467,9 +570,23 @@ def _check_combinations(spec: Spec) -> None:
 
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file."""
+    return parse_spec(read_spec(path), source=str(path))
+
+
+def read_spec(path: str | Path) -> str:
+    """The text of a spec file: UTF-8, at most MAX_SPEC_CHARS characters (else a SpecError)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            data = f.read(4 * MAX_SPEC_CHARS + 1)  # UTF-8 takes at most 4 bytes a character
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the spec: {exc.strerror}") from None
-    return parse_spec(text, source=str(path))
+    if len(data) > 4 * MAX_SPEC_CHARS:
+        raise SpecError(f"{path}:1: the spec has over {4 * MAX_SPEC_CHARS} bytes; allowed: at "
+                        f"most {MAX_SPEC_CHARS} characters")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise SpecError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at offset "
+                        f"{exc.start}); a spec is a YAML text file") from None

@@ -10,9 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mirasc.check import random_inputs
+from mirasc.check import branch_shares, cover_branches, random_inputs
 from mirasc.cli import app
 from mirasc.codegen import render_module
+from mirasc.derive import derive
 from mirasc.runtime import MirasOp
 from mirasc.spec import load_spec
 
@@ -163,3 +164,68 @@ def test_missing_spec_file_is_a_clean_error(tmp_path):
     assert result.exit_code == 2
     assert isinstance(result.exception, SystemExit)
     assert "nowhere.yaml" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["check"], ["resources"], ["precompile"]])
+def test_unusable_cache_exits_2_naming_the_directory(command, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MIRASC_CACHE_DIR", str(blocker / "cache"))
+    result = invoke(*command, SPECS / "deltanet.yaml")
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith(f"error: cannot use the compile cache {blocker / 'cache'}: ")
+    assert "set MIRASC_CACHE_DIR to a writable directory" in result.stderr
+
+
+def test_compile_to_an_unwritable_directory_exits_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = invoke("compile", SPECS / "deltanet.yaml", "-o", blocker / "out")
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith(f"error: cannot write {blocker / 'out' / 'deltanet.py'}: ")
+    assert "--out" in result.stderr
+
+
+@pytest.mark.parametrize(("content", "hint"), [
+    (re.sub(r"(?m)^description: .*$", 'description: "bad \\\\ud800 text"',
+            (SPECS / "deltanet.yaml").read_text()).encode(),
+     "description: '\\ud800' at character 4 is not Unicode text"),
+    (b"name: x\n\xff\xfe binary", "not UTF-8 text (byte 0xff at offset 8)"),
+])
+def test_explain_refuses_text_that_is_not_unicode(content, hint, tmp_path):
+    path = tmp_path / "odd.yaml"
+    path.write_bytes(content)
+    result = invoke("explain", path)
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert hint in result.stderr, result.stderr
+
+
+def test_check_draws_a_threshold_on_both_sides_and_prints_the_shares(tmp_path):
+    """The norm-Huber threshold compares delta with ||r||, which the usual delta range (0.05-1)
+    never reaches here: the check redraws delta across the residual norms it meets."""
+    path = tmp_path / "huber_norm.yaml"
+    path.write_text("name: huber_norm\nmemory: {kind: matrix}\n"
+                    "bias: {kind: huber, variant: norm, delta: {}}\n"
+                    "retention: {kind: l2, decay: {}}\nlearner: {kind: gd, eta: {}}\n"
+                    "chunk_size: 8\n")
+    result = invoke("check", path, "--length", "19", "--head-dim", "6")
+    assert result.exit_code == 0, result.output
+    match = re.search(r"^where\(delta >= rnorm, \.\.\.\) in g: branches taken by ([\d.]+)% / "
+                      r"([\d.]+)% of the residual entries$", result.stdout, flags=re.M)
+    assert match, result.stdout
+    inside, outside = float(match[1]), float(match[2])
+    assert inside >= 10 and outside >= 10 and abs(inside + outside - 100) < 0.2
+
+
+def test_cover_branches_reaches_yaads_quadratic_branch():
+    op = MirasOp(derive(load_spec(SPECS / "yaad.yaml")))  # the reference alone
+    inputs = random_inputs(op, length=37)
+    assert branch_shares(op, inputs) == {"delta >= rnorm": [0.0, 1.0]}  # the usual draw misses it
+    covered = cover_branches(op, inputs)
+    assert set(covered) == set(inputs) and covered["delta"].shape == inputs["delta"].shape
+    assert all(torch.equal(covered[k], inputs[k]) for k in ("q", "k", "v", "eta"))
+    (inside, outside), = branch_shares(op, covered).values()
+    assert inside >= 0.2 and outside >= 0.2

@@ -3,15 +3,17 @@ retention maps, and the readable rule."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import sympy as sp
 import torch
 from conftest import axis_spec
 
-from mirasc.derive import DELTA, RNORM, R, V, Z, derive, explain
+from mirasc.derive import DELTA, RNORM, R, V, Z, derive, derive_bias, explain
 from mirasc.expr import to_torch
 from mirasc.reference import bias_grad, residual_norm
-from mirasc.spec import load_spec, parse_spec
+from mirasc.spec import SpecError, load_spec, parse_spec
 
 SMOOTH_BIASES = {
     "l2": "{kind: l2}",
@@ -23,6 +25,13 @@ SMOOTH_BIASES = {
     "robust": "{kind: robust, delta: {}}",
     "logcosh": "{kind: expression, loss: 'log(cosh(r))'}",
     "mixed": "{kind: expression, loss: 'exp(-v) * softplus(r) + r*v', norm_loss: 'rnorm**3 / 3'}",
+    "sign-times-r": "{kind: expression, loss: 'sign(r) * r'}",  # |r|: a kink, no jump
+    "jump-in-v": "{kind: expression, loss: 'where(v > 0, r**2, 2 * r**2)'}",  # smooth in r
+    "transcendental-kink": "{kind: expression, loss: 'where(tanh(r) + r > 1, tanh(r) + r, "
+                           "2 - tanh(r) - r)'}",  # meets at tanh(r) + r = 1, found numerically
+    "many-wheres": "{kind: expression, loss: '"
+                   + " + ".join(f"where(r > {k / 4}, (r - {k / 4})**2, 0)" for k in range(-5, 6))
+                   + "'}",  # 11 where()s: too many to fold into one (2^11 branches)
 }
 
 
@@ -79,6 +88,7 @@ def test_mirror_potential_is_inverted_by_sympy():
 @pytest.mark.parametrize(("potential", "inverse"), [
     ("cosh(w)", sp.asinh(Z)),
     ("w**2/2 + w**4/4", None),  # a cubic: one real root of w + w^3 = z
+    ("w**4 / 4", sp.sign(Z) * sp.Abs(Z) ** sp.Rational(1, 3)),  # solved over the reals
 ])
 def test_convex_potentials_with_complex_branches_are_inverted(potential, inverse):
     d = derive(parse_spec(axis_spec(retention=f"{{kind: mirror, potential: '{potential}'}}")))
@@ -114,3 +124,29 @@ def test_explain_states_the_rule(spec, needles):
 def test_explain_latex():
     text = explain(load_spec("specs/moneta.yaml"), latex=True)
     assert "\\tanh" in text
+
+
+def _nested(function: str, depth: int) -> str:
+    return f"{function}(" * depth + "r" + ")" * depth
+
+
+def test_many_wheres_derive_fast():
+    """Eleven where()s in one loss: linear work, not a fold into 2^11 branches (derive_bias, not
+    the memoised derive, so the time is this derivation's own)."""
+    spec = parse_spec(axis_spec(bias=SMOOTH_BIASES["many-wheres"]))
+    start = time.perf_counter()
+    rule = derive_bias(spec.bias)
+    assert time.perf_counter() - start < 5.0
+    assert len(rule.elem.atoms(sp.Piecewise)) == 11
+
+
+@pytest.mark.parametrize(("loss", "message"), [
+    (_nested("softplus", 12), "expands to over 1000 terms"),  # sympy never finished this one
+    (_nested("sigmoid", 23), "allowed: at most 20000"),  # the derivatives outgrow the bound
+])
+def test_derivation_is_bounded(loss, message):
+    """A short loss whose derivation grows exponentially is refused by a size bound, fast."""
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match=message):
+        parse_spec(axis_spec(bias=f"{{kind: expression, loss: '{loss}'}}"))
+    assert time.perf_counter() - start < 5.0

@@ -90,6 +90,13 @@ def test_training_lowers_the_loss():
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_a_spec_file_that_is_not_text_is_a_spec_error(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(SpecError, match=r"binary.yaml:1: not UTF-8 text \(byte 0x89 at offset 0\)"):
+        MirasConfig(spec=str(path))
+
+
 def test_bad_input_is_refused_clearly():
     with pytest.raises(ValueError, match="MirasConfig.spec is empty"):
         tiny(spec="")

@@ -9,8 +9,10 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from mirasc import reference, runtime
 from mirasc.check import compare, random_inputs, relative_error
 from mirasc.codegen import render_module, render_reference_module, triton_unsupported
 from mirasc.derive import derive
-from mirasc.runtime import MirasOp, load_module, module_path, write_atomic
+from mirasc.runtime import CacheError, MirasOp, load_module, module_path, write_atomic
 from mirasc.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +135,31 @@ def test_compile_writes_the_rendered_module(_cache):
     assert module_path(spec).read_text() == render_module(spec)
     assert [p.name for p in _cache.iterdir() if p.is_file()] == [module_path(spec).name]
     assert op.spec == spec
+
+
+def test_cache_under_a_file_is_a_clean_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("MIRASC_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(CacheError) as info:
+        shipped("deltanet")
+    message = str(info.value)
+    assert message.startswith(f"cannot use the compile cache {blocker / 'cache'}: ")
+    assert "set MIRASC_CACHE_DIR to a writable directory" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_unwritable_cache_is_a_clean_error(_cache, monkeypatch):
+    """Tests run as root here, so the directory's permission bits would not stop a write: the
+    temporary file's creation fails as it would in a read-only directory."""
+    def refuse(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", dir)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(CacheError) as info:
+        shipped("deltanet")
+    assert str(info.value) == (f"cannot use the compile cache {_cache}: Permission denied "
+                               f"({_cache}); set MIRASC_CACHE_DIR to a writable directory")
 
 
 # ---- the compile cache under concurrency ------------------------------------------------------
@@ -405,11 +432,6 @@ def test_backend_triton_on_cpu_says_why():
             "allowed: auto, torch")
 
 
-def test_output_final_state_must_be_a_bool():
-    _raises(TypeError, lambda: shipped("deltanet")(*_qkv(), eta=_eta(), output_final_state="no"),
-            "output_final_state must be True or False", "'no'")
-
-
 def test_repr_names_the_spec_axes_backend_and_chunking():
     text = repr(shipped("moneta"))
     for part in ("MirasOp(moneta", "memory mlp depth 2", "bias lp", "retention lq", "learner gd",
@@ -518,6 +540,17 @@ def test_output_final_state_false_gives_none():
     assert rstate is None and relative_error(o, ro) <= 1e-10
     _, rstate = op.reference(**inputs, output_final_state=True)
     assert relative_error(state[0], rstate[0]) <= 1e-10
+
+
+@pytest.mark.parametrize("flag", ["no", 0, 1, None, torch.tensor(True)])
+def test_output_final_state_must_be_a_bool(flag):
+    """A string such as "no" is truthy: every non-bool is refused, by the op and the reference."""
+    op = shipped("simple_gla")
+    inputs = random_inputs(op, batch=1, length=3, heads=2, dk=4, dv=4)
+    for run in (op, op.reference):
+        with pytest.raises(TypeError, match=r"simple_gla: output_final_state must be True or "
+                                            rf"False, got {re.escape(repr(flag))}"):
+            run(**inputs, output_final_state=flag)
 
 
 def test_single_tensor_initial_state():

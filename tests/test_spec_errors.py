@@ -107,6 +107,9 @@ CASES = [
          "memory.depth", "1 is not allowed", "greater than or equal to 2"),
     case("gate-value-string", edit(("  eta: {shape: head}", "  eta: {value: fast}")), 13,
          "learner.eta.value", "'fast' is not allowed", "valid number"),
+    case("gate-not-a-mapping", edit(("  eta: {shape: head}", "  eta: 0.5")), 13, "learner.eta",
+         "0.5 is not allowed: a gate is a mapping {shape: head | channel, value: number}",
+         "a constant is {value: 0.5}"),
     case("bias-not-a-mapping", edit(("bias:\n" + BIAS_LP, "bias: lp\n")), 5, "bias",
          "'lp' is not allowed", "valid dictionary"),
     # ---- YAML itself
@@ -161,7 +164,7 @@ CASES = [
          "allowed: true, false, or a mapping with fields affine, eps"),
     # ---- user expressions (bias.loss on line 7, retention.potential on line 10)
     case("loss-sign", loss("sign(r)"), 7, "bias.loss",
-         "not differentiable", "DiracDelta", "abs is fine, sign is not"),
+         "not differentiable", "jumps by 2 at r = 0", "abs is fine, sign is not"),
     case("loss-step-where", loss("where(r > 0, 1, 0)"), 7, "bias.loss", "not differentiable",
          "jumps by 1"),
     case("loss-jump-where", loss("where(r > 0, r**2 / 2, r**2 / 2 + 1)"), 7, "bias.loss",
@@ -191,6 +194,98 @@ CASES = [
          "unknown name 'c'", "the variables w,"),
     case("mirror-concave", potential("-w**2 / 2"), 10, "retention.potential", "convex",
          "does not increase"),
+    # ---- constants and parameters: finite real float64 numbers, powers of at most 64
+    case("loss-overflowing-product", loss("1e308 * 10 * r**2"), 7, "bias.loss",
+         "1e+308 * 10 is not a finite real number in float64"),
+    case("loss-exp-overflow", loss("exp(1000) * r**2"), 7, "bias.loss",
+         "exp(1000) is not a finite real number in float64"),
+    case("loss-exp-tower", loss("exp(exp(exp(exp(10)))) * r**2"), 7, "bias.loss",
+         "exp(exp(10)) is not a finite real number in float64"),
+    case("loss-sqrt-of-negative", loss("sqrt(-1) * r**2"), 7, "bias.loss",
+         "sqrt(-1) is not a finite real number"),
+    case("loss-log-of-negative", loss("log(-1) * r**2"), 7, "bias.loss",
+         "log(-1) is not a finite real number"),
+    case("loss-param-exponent", edit((BIAS_LP, "  kind: expression\n  loss: abs(r)**c\n"
+                                               "  params: {c: 1.0e300}\n")), 7, "bias.loss",
+         "raises to the power 1.000E+300", "exponents of at most 64"),
+    case("loss-param-overflow", edit((BIAS_LP, "  kind: expression\n  loss: c * c * r**2\n"
+                                               "  params: {c: 1.0e200}\n")), 7, "bias.loss",
+         "holds 1.000E+400, not a finite real number in float64"),
+    case("mirror-param-exponent", edit((RETENTION_L2, "  kind: mirror\n  potential: abs(w)**c\n"
+                                                      "  params: {c: 1.0e300}\n")), 10,
+         "retention.potential", "raises to the power 1.000E+300"),
+    # ---- losses that jump in r, or are not finite and real on either side of a point
+    case("loss-abs-over-r", loss("abs(r) / r"), 7, "bias.loss", "jumps by 2 at r = 0"),
+    case("loss-transcendental-switch", loss("where(tanh(r) + r > 1, r**2, r**2 + 1)"), 7,
+         "bias.loss", "jumps by -1 at r = 0.5213"),
+    case("loss-jump-in-rnorm", loss("where(rnorm <= 1, r**2, abs(r))"), 7, "bias.loss",
+         "jumps by 0.2475 at rnorm = 1 (with r = 0.45)"),
+    case("loss-pole", loss("1 / r"), 7, "bias.loss", "is infinite at r = 0"),
+    case("loss-log-pole", loss("log(abs(r))"), 7, "bias.loss", "is infinite at r = 0"),
+    case("loss-sqrt-of-r", loss("sqrt(r)"), 7, "bias.loss",
+         "is not finite and real on both sides of r = 0"),
+    case("loss-overflows-at-a-draw", loss("exp(exp(exp(exp(exp(r)))))"), 7, "bias.loss",
+         "is not a finite real number in float64 at r = 0.45"),
+    case("loss-deep-nesting", loss("tanh(" * 30 + "r" + ")" * 30), 7, "bias.loss",
+         "nests operations more than 24 deep"),
+    case("mirror-abs", potential("abs(w)"), 10, "retention.potential",
+         "sympy cannot solve f'(w) = z for f'(w) = sign(w)"),
+    # ---- YAML that would be expensive or ambiguous to walk
+    case("yaml-anchor", edit(("  p: 3", "  p: &three 3")), 7, "bias.p",
+         "anchors and aliases", "write the value out"),
+    case("yaml-alias", edit(("chunk_size: 16", "chunk_size: 16\nlag_token: *flag"),
+                            ("name: base", "name: &flag base")), 1, "name", "anchors and aliases"),
+    case("yaml-deep-nesting", edit(("  p: 3", "  p: " + "[" * 5000 + "]" * 5000)), 7,
+         "bias.p.0.0.0.0.0.0.0.0.0.0", "nested more than 12 levels deep"),
+    case("yaml-complex-key", edit(("chunk_size: 16", "? [chunk_size]\n: 16")), 14, "<spec>",
+         "a key must be a plain name"),
+    case("yaml-lone-surrogate", edit(("description: a valid", 'description: "\\ud800 valid'),
+                                     ("in one place", 'in one place"')), 2, "description",
+         "'\\ud800' at character 0 is not Unicode text", "allowed: UTF-8 text"),
+    # ---- numbers: finite, of the right type, in their range
+    *[case(f"non-finite-{field}-{value}", text, line, field, f"{value} is not allowed",
+           "finite number")
+      for value in ("inf", "nan")
+      for field, text, line in [
+          ("bias.p", edit(("  p: 3", f"  p: .{value}")), 7),
+          ("bias.temperature", edit(("  p: 3", f"  p: 3\n  temperature: .{value}")), 8),
+          ("retention.q", edit((RETENTION_L2, f"  kind: lq\n  q: .{value}\n")), 10),
+          ("retention.scale", edit((RETENTION_L2, f"  kind: kl\n  scale: .{value}\n")), 10),
+          ("retention.gamma", edit((RETENTION_L2, f"  kind: elastic_net\n  gamma: .{value}\n")),
+           10),
+          ("memory.layer_norm.eps", edit(("  kind: matrix\n", "  kind: matrix\n  layer_norm: "
+                                                            f"{{eps: .{value}}}\n")), 5),
+          ("learner.eta.value", edit(("  eta: {shape: head}", f"  eta: {{value: .{value}}}")), 13),
+          ("bias.params.c", edit((BIAS_LP, "  kind: expression\n  loss: c * r**2\n"
+                                           f"  params: {{c: .{value}}}\n")), 8),
+          ("retention.params.c", edit((RETENTION_L2, "  kind: mirror\n  potential: c * w**2\n"
+                                                     f"  params: {{c: .{value}}}\n")), 11),
+      ]],
+    case("lp-p-huge", edit(("  p: 3", "  p: 1.0e9")), 7, "bias.p", "less than or equal to 64"),
+    case("lq-q-huge", edit((RETENTION_L2, "  kind: lq\n  q: 1.0e9\n")), 10, "retention.q",
+         "less than or equal to 64"),
+    case("chunk-size-true", edit(("chunk_size: 16", "chunk_size: true")), 14, "chunk_size",
+         "True is not allowed", "valid integer"),
+    case("mlp-depth-float", edit(MLP, ("  kind: mlp\n", "  kind: mlp\n  depth: 2.5\n")), 5,
+         "memory.depth", "2.5 is not allowed", "valid integer"),
+    case("lp-p-true", edit(("  p: 3", "  p: true")), 7, "bias.p", "a number, not true or false"),
+    case("residual-number", edit(("  kind: matrix\n", "  kind: matrix\n  residual: 1\n")), 5,
+         "memory.residual", "1 is not allowed", "valid boolean"),
+    case("name-too-long", edit(("name: base", "name: " + "n" * 300)), 1, "name",
+         "(300 characters) is not allowed", "at most 64 characters"),
+    case("decay-negative", edit(("  decay: {shape: head}", "  decay: {value: -0.5}")), 10,
+         "retention.decay.value", "-0.5 is not allowed", "allowed: 0 < value <= 1"),
+    case("decay-zero", edit(("  decay: {shape: head}", "  decay: {value: 0}")), 10,
+         "retention.decay.value", "0.0 is not allowed", "allowed: 0 < value <= 1"),
+    case("decay-above-1", edit(("  decay: {shape: head}", "  decay: {value: 2}")), 10,
+         "retention.decay.value", "2.0 is not allowed", "allowed: 0 < value <= 1"),
+    case("eta-negative", edit(("  eta: {shape: head}", "  eta: {value: -1}")), 13,
+         "learner.eta.value", "-1.0 is not allowed", "allowed: value > 0"),
+    case("momentum-above-1", edit(("  kind: gd\n  eta: {shape: head}\n",
+                                   "  kind: momentum\n  eta: {}\n  momentum: {value: 2}\n")), 14,
+         "learner.momentum.value", "2.0 is not allowed", "allowed: 0 <= value <= 1"),
+    case("huber-delta-negative", edit((BIAS_LP, "  kind: huber\n  delta: {value: -1}\n")), 7,
+         "bias.delta.value", "-1.0 is not allowed", "allowed: value > 0"),
 ]
 
 
@@ -246,3 +341,33 @@ def test_load_spec_reports_the_file_and_line(tmp_path):
     with pytest.raises(SpecError) as info:
         mirasc.load_spec(path)
     assert str(info.value).startswith(f"{path}:7: bias.p: 0.5 is not allowed")
+
+
+def test_numbers_in_exponent_notation_are_numbers():
+    """YAML 1.1 reads 1e-3 (no dot) as a string; it is still the number it spells."""
+    spec = parse_spec(edit(("  kind: matrix\n", "  kind: matrix\n  layer_norm: {eps: 1e-3}\n")))
+    assert spec.memory.layer_norm.eps == 1e-3
+
+
+def test_alias_bomb_is_refused_before_it_expands():
+    """Nine levels of nine aliases each: 9^9 leaves if anything walked it."""
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    text = BASE + "extra:\n" + "".join(f"  {line}\n" for line in levels)
+    with pytest.raises(SpecError, match=r"bad.yaml:16: extra.l0: YAML anchors and aliases"):
+        parse_spec(text, source="bad.yaml")
+
+
+def test_binary_spec_file_is_a_clean_error(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"name: x\n\xff\xfe\x00\x01")
+    with pytest.raises(SpecError) as info:
+        mirasc.load_spec(path)
+    assert str(info.value) == (f"{path}:2: not UTF-8 text (byte 0xff at offset 8); a spec is a "
+                               "YAML text file")
+
+
+def test_oversized_spec_is_refused(tmp_path):
+    with pytest.raises(SpecError, match=r"<spec>:1: the spec has 100001 characters; allowed: at "
+                                        r"most 100000"):
+        parse_spec(BASE + "#" * (100_001 - len(BASE)))
