@@ -3,23 +3,27 @@
 `torch.compile` (fullgraph included) and other tracers see one node per call, never the Python
 that evaluates the chunk-step graph or the reference recurrence inside it. Its backward is a
 second opaque op that replays the forward under autograd (the graph's own reverse mode) and
-returns the gradients of every input. A compiled op is found by its key, `name-digest`.
+returns the gradients of every input. Each `MirasOp` registers under a key of its own
+(`name-digest-N`: ops of one spec may differ, as a probe's bias gradient does).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-_OPS: dict = {}  # key -> MirasOp whose torch path the custom op runs
+_OPS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # key -> MirasOp
+_NUMBERS = itertools.count()
 
 
 def register(op) -> str:
-    """The key under which the custom op finds `op` (the first op compiled from its spec)."""
-    key = f"{op.spec.name}-{op.spec.digest()}"
-    _OPS.setdefault(key, op)
+    """The key under which the custom op finds `op`, held for as long as `op` lives."""
+    key = f"{op.spec.name}-{op.spec.digest()}-{next(_NUMBERS)}"
+    _OPS[key] = op
     return key
 
 

@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -152,14 +151,20 @@ def test_cache_under_a_file_is_a_clean_error(tmp_path, monkeypatch):
 def test_unwritable_cache_is_a_clean_error(_cache, monkeypatch):
     """Tests run as root here, so the directory's permission bits would not stop a write: the
     temporary file's creation fails as it would in a read-only directory."""
-    def refuse(*args, dir=None, **kwargs):
-        raise PermissionError(13, "Permission denied", dir)
+    real_open = os.open
 
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    def refuse(path, flags, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(CacheError) as info:
         shipped("deltanet")
-    assert str(info.value) == (f"cannot use the compile cache {_cache}: Permission denied "
-                               f"({_cache}); set MIRASC_CACHE_DIR to a writable directory")
+    message = str(info.value)
+    assert message.startswith(f"cannot use the compile cache {_cache}: Permission denied "
+                              f"({_cache}{os.sep}.deltanet-")
+    assert message.endswith(".tmp); set MIRASC_CACHE_DIR to a writable directory")
 
 
 # ---- the compile cache under concurrency ------------------------------------------------------
