@@ -9,10 +9,9 @@ returns the gradients of every input. Each `MirasOp` registers under a key of it
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import itertools
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -63,24 +62,26 @@ def torch_path_backward(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                         cu_seqlens: torch.Tensor | None,
                         grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """Gradients of q, k, v, each of `inputs` and of `state` for the output cotangents `grads`:
-    the forward replayed under autograd. A custom op's implementation runs with autograd's
-    dispatch keys excluded on its thread, so the replay runs on a worker thread of its own."""
-
-    def replay():
-        leaves = [x.detach().requires_grad_() for x in (q, k, v, *inputs, *state)]
-        with torch.enable_grad():
-            outputs = _run(key, *leaves[:3], leaves[3:3 + len(inputs)], leaves[3 + len(inputs):],
-                           cu_seqlens)
-            found = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
-        return [x.new_zeros(x.shape) if g is None else g.contiguous()
-                for g, x in zip(found, leaves, strict=True)]
-
-    return _replayer().submit(replay).result()
+    the forward replayed under autograd."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, *inputs, *state)]
+    with _autograd_on():
+        outputs = _run(key, *leaves[:3], leaves[3:3 + len(inputs)], leaves[3 + len(inputs):],
+                       cu_seqlens)
+        found = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+    return [x.new_zeros(x.shape) if g is None else g.contiguous()
+            for g, x in zip(found, leaves, strict=True)]
 
 
-@functools.cache
-def _replayer() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mirasc-backward")
+@contextlib.contextmanager
+def _autograd_on():
+    """Autograd inside a custom op's implementation, which runs with autograd's dispatch keys
+    excluded: the thread's dispatch state without that exclusion (torch's own guard, as its
+    higher-order ops use it), and grad mode on."""
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(
+        torch._C.DispatchKey.AutogradFunctionality)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), \
+            torch.enable_grad():
+        yield
 
 
 @torch_path_backward.register_fake
