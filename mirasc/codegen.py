@@ -190,6 +190,8 @@ _FORMATS = {  # the Triton code of the one-input ops: {0} is the input, {axis} t
     "max": "tl.max({0}, {axis}, keep_dims=True)",
     "trans": "tl.trans({0})",
     "tri_inv": "_tri_inv({0}, BT)",
+    "nonfinite": 'tl.sum(tl.sum(tl.where(tl.abs({0}) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0, '
+                 'keep_dims=True)',
 }
 
 

@@ -17,6 +17,7 @@ Every value is a 2-D tile whose dims are symbolic ("T" chunk rows, "DK", "DV", o
            same pairs, or with `ta` out[i, d] = sum_t m[t, i] x[t, d] exp(ga[t, d] - gb[i, d])
            (every pair's exponent is selected before exp: exact for any decay, no overflow).
            `flat`: the exponent of the nearest pairs (t - i = offset) is 0 whatever the gates
+  nonfinite  how many entries of a tile are NaN or +-inf, as [1, 1]; it passes no gradient
 The backward is derived here, on the graph: `backward(graph, outputs, seeds)` adds the adjoint
 nodes by reverse mode, with sympy differentiating every `ew` node, so no rule is written per model.
 `separable` and `stream` read the graph for the kernels' layout: whether blocks of value columns can
@@ -844,18 +845,21 @@ def _poisoned(step: ChunkStep) -> ChunkStep:
     """Non-finite inputs, causally. The loader replaces a row's non-finite k, v or gate
     (log_alpha -inf is a decay to 0, not an error) by padding and marks `tainted` [T, 1] the rows
     from the first such row on, and `qbad` the rows with a non-finite q: those rows read NaN, as
-    does every state after a tainted chunk (and so every later row), while the rows before
-    compute on finite values only, as if the rest of the sequence were finite. The selection
-    keeps the backward finite there too (the gradients of the tainted rows' outputs are 0)."""
+    does the new state after a tainted chunk, and a step whose state holds a NaN passes it on to
+    all its rows and its new state (a retention map's or activation's `where` would turn it
+    into a finite value). The rows before compute on finite values only, as if the rest of the
+    sequence were finite; the selection keeps their gradients finite too."""
     gr = step.graph
     tainted, qbad = gr.const("tainted", ("T", 1), "tainted"), gr.const("qbad", ("T", 1), "qbad")
     nan = gr.const("nanfill", (1, 1), "nanfill")
-    spoiled = gr.sum(tainted, 0, name="spoiled")
+    counts = [gr.add("nonfinite", (1, 1), (s,)) for s in step.states]
+    inherited = ew(gr, lambda *c: sp.Add(*c), *counts, name="inherited")
+    spoiled = ew(gr, lambda a, b: a + b, gr.sum(tainted, 0), inherited, name="spoiled")
 
     def poison(flag, x, name):
         return ew(gr, lambda f, n, a: sp.Piecewise((n, f > 0), (a, True)), flag, nan, x, name=name)
 
-    bad_rows = ew(gr, lambda a, b: a + b, tainted, qbad, name="bad_rows")
+    bad_rows = ew(gr, lambda a, b, c: a + b + c, tainted, qbad, inherited, name="bad_rows")
     outputs = {"o": poison(bad_rows, step.outputs["o"], "o_out")}
     outputs |= {s: poison(spoiled, step.outputs[s], f"{s}_out") for s in step.states}
     return ChunkStep(gr, step.gates, step.states, outputs, step.params)
@@ -890,6 +894,8 @@ def _folds(graph: Graph, n: str, dim: str) -> bool:
         return graph.shape(node["inputs"][0])[node["axis"]] == dim
     if node["op"] == "gdot":
         return graph.shape(node["inputs"][0])[1] == dim
+    if node["op"] == "nonfinite":  # a block of DV columns counts its own: they run apart
+        return dim != "DV" and dim in graph.shape(node["inputs"][0])
     return node["op"] == "dot" and graph.shape(node["inputs"][0])[0 if node["ta"] else 1] == dim
 
 
@@ -934,6 +940,8 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
                 out = like.new_full((1, 1), float(out))
         elif op == "sum":
             out = x[0].sum(node["axis"] - 2, keepdim=True)
+        elif op == "nonfinite":
+            out = (~torch.isfinite(x[0])).sum((-2, -1), keepdim=True).to(x[0].dtype)
         elif op == "max":  # a stabiliser: no gradient flows through it
             out = x[0].amax(node["axis"] - 2, keepdim=True).detach()
         elif op == "cumsum":

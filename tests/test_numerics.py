@@ -30,6 +30,8 @@ SPECS = {  # one per way a decay enters the chunk step
                 "learner: {kind: momentum, eta: {}, momentum: {}}\n",
     "mlp": "memory: {kind: mlp, expansion: 2}\nbias: {kind: l2}\nretention: {kind: l2, decay: {}}\n"
            "learner: {kind: gd, eta: {}}\n",
+    "kl_lag": "memory: {kind: matrix}\nbias: {kind: l2}\nretention: {kind: kl, decay: {}}\n"
+              "learner: {kind: gd, eta: {}}\nlag_token: true\n",
 }
 BACKENDS = ["reference", "torch", "triton"]
 LENGTH, CUT = 37, 21  # three chunks of 16; the bad token sits inside the second
@@ -85,6 +87,23 @@ def test_a_bad_token_leaves_the_tokens_before_it(compiled, spec, field, value, b
     others[0, 1] = False  # every other sequence and head is untouched
     assert torch.equal(o.transpose(1, 2)[others], o_clean.transpose(1, 2)[others])
     assert torch.equal(final[0][others], final_clean[0][others])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cut", [16, 17])
+def test_a_bad_token_spoils_every_later_chunk(compiled, cut, backend):
+    """A softmax retention: its `where` would turn a NaN state into a finite one, so a step that
+    starts from a NaN state spoils its rows itself; the bad token is a chunk's lag token (which
+    runs alone) or the next one."""
+    op = compiled("kl_lag")
+    inputs = _inputs(op)
+    inputs["v"][1, cut, 0] = float("nan")
+    with torch.no_grad():
+        o, final = _run(op, backend, inputs)
+        o_cut, _ = _run(op, backend, _cut(inputs, 16))
+    assert torch.equal(o[:, :16], o_cut)
+    assert not torch.isfinite(o[1, cut:, 0]).any()
+    assert all(not torch.isfinite(f[1, 0]).any() for f in final)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
