@@ -292,21 +292,24 @@ def _loads(step, d) -> str:
         else:
             lines.append(f"{g} = tl.load({g}_ptr + tok * H + i_h, mask=valid, "
                          f"other={other}).to(ACC)[:, None]")
-    # non-finite rows (ir._poisoned): loaded as padding, the rows from the first one on tainted
+    # non-finite entries (ir._poisoned) load as padding; the rows from the first one on tainted
     lines.append("bad = " + " + ".join(_nonfinite(x) for x in pads))
     lines += ["first = tl.min(tl.where(valid & (bad > 0), offs_t, BT), 0)",
               "tainted = tl.where(offs_t >= first, 1.0, 0.0).to(ACC)[:, None]",
               f"qbad = tl.where({_nonfinite('q')} > 0, 1.0, 0.0).to(ACC)[:, None]",
-              'nanfill = tl.full([1, 1], float("nan"), ACC)',
-              "q = tl.where(qbad > 0, 0.0, q)"]
-    lines += [f"{x} = tl.where(bad[:, None] > 0, {pad}, {x})" for x, pad in pads.items()]
+              'nanfill = tl.full([1, 1], float("nan"), ACC)']
+    lines += [f"{x} = tl.where({_finite(x)}, {x}, {pad})" for x, pad in (pads | {"q": "0.0"}).items()]
     return "\n".join(_INDENT + line for line in lines)
 
 
+def _finite(x: str) -> str:
+    """Whether each entry of tile x is finite (log_alpha may also be -inf: a decay to 0)."""
+    return f"{x} < float(\"inf\")" if x == "log_alpha" else f"tl.abs({x}) < float(\"inf\")"
+
+
 def _nonfinite(x: str) -> str:
-    """Per row of tile x, how many entries are NaN or +-inf (log_alpha may be -inf)."""
-    finite = f"{x} < float(\"inf\")" if x == "log_alpha" else f"tl.abs({x}) < float(\"inf\")"
-    return f"tl.sum(tl.where({finite}, 0.0, 1.0), 1)"
+    """Per row of tile x, how many entries are not `_finite`."""
+    return f"tl.sum(tl.where({_finite(x)}, 0.0, 1.0), 1)"
 
 
 def _state_tiles(step) -> list[dict]:

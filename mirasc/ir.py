@@ -779,8 +779,7 @@ def _vjp(graph: Graph, n: str, node: dict, dy: str):
             if partial == 0:
                 continue
             args = {s: i for s, i in zip(symbols, inputs, strict=True)} | {dsym: dy}
-            # a Piecewise partial selects dy (0 * NaN would pass a masked branch's NaN on)
-            grad = graph.ew(sp.piecewise_fold(dsym * partial), args)
+            grad = graph.ew(_chain(graph, dsym, partial, args), args)
             yield src, _reduce_to(graph, grad, graph.shape(src))
     elif op == "sum":
         yield inputs[0], graph.add("broadcast", graph.shape(inputs[0]), (dy,))
@@ -795,6 +794,19 @@ def _vjp(graph: Graph, n: str, node: dict, dy: str):
         yield inputs[0], ew(graph, lambda m: -m, graph.dot(left, n, tb=True))
     elif op in ("gdot", "gmix"):
         yield from _decayed_vjp(graph, n, node, dy)
+
+
+def _chain(graph: Graph, dy: sp.Symbol, partial: sp.Expr, args: dict) -> sp.Expr:
+    """dy * partial; a partial that is a where on a per-step flag ([1, 1], e.g. whether a state
+    is spoiled) between constants selects dy instead, so that a NaN dy (a spoiled state's
+    gradient) does not pass as 0 * NaN. (A where on bits of another shape may feed a tl.dot,
+    whose operand layouts Triton cannot give to bits; such cotangents are finite.)"""
+    chain = dy * partial
+    if isinstance(partial, sp.Piecewise) and all(v.is_number for v, _ in partial.args):
+        flags = set().union(*(c.free_symbols for _, c in partial.args))
+        if all(graph.shape(args[f]) == (1, 1) for f in flags):
+            return sp.piecewise_fold(chain)
+    return chain
 
 
 def _decayed_vjp(graph: Graph, n: str, node: dict, dy: str):
