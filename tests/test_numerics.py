@@ -147,7 +147,8 @@ def test_a_bad_query_spoils_its_own_token_only(compiled, backend):
 
 def _assert_matches_reference(op, inputs: dict, dtype, backend: str):
     """Forward and every gradient against the float64 reference: within 1e-10 in float64; in
-    float32 within what the float32 reference itself loses (8x, or 1e-5)."""
+    float32 within what the float32 reference itself loses (8x), or 3e-5: the chunk's prefix sums
+    of log_alpha reach |gamma| ~ 320 here, where float32's spacing is 3e-5 (the exponents' error)."""
     subject = _Torch(op) if backend == "torch" else op
     narrow = {k: tuple(x.to(dtype) for x in v) if isinstance(v, tuple) else v.to(dtype)
               for k, v in inputs.items()}
@@ -158,7 +159,7 @@ def _assert_matches_reference(op, inputs: dict, dtype, backend: str):
     else:
         baseline = compare(op, narrow, chunk_size=op.oracle_chunk_size, against=inputs,
                            run_reference=True)
-        limits = {n: max(1e-5, 8 * baseline[n]) for n in errors}
+        limits = {n: max(3e-5, 8 * baseline[n]) for n in errors}
     bad = {n: (e, limits[n]) for n, e in errors.items() if not e <= limits[n]}
     assert not bad, bad
 
