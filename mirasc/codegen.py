@@ -149,6 +149,7 @@ _PROLOGUE = """\
     mask_h = offs_h < DH
     causal = tl.where(offs_t[:, None] >= offs_t[None, :], 1.0, 0.0).to(ACC)
     strict = tl.where(offs_t[:, None] > offs_t[None, :], 1.0, 0.0).to(ACC)
+    strict2 = tl.where(offs_t[:, None] > offs_t[None, :] + 1, 1.0, 0.0).to(ACC)
     vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]
     kmask = tl.where(mask_k, 1.0, 0.0).to(ACC)[None, :]
     hmask = tl.where(mask_h, 1.0, 0.0).to(ACC)[None, :]"""
@@ -189,6 +190,8 @@ _FORMATS = {  # the Triton code of the one-input ops: {0} is the input, {axis} t
     "max": "tl.max({0}, {axis}, keep_dims=True)",
     "trans": "tl.trans({0})",
     "tri_inv": "_tri_inv({0}, BT)",
+    "nonfinite": 'tl.sum(tl.sum(tl.where(tl.abs({0}) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0, '
+                 'keep_dims=True)',
 }
 
 
@@ -216,6 +219,9 @@ def _expression(graph, n) -> str:
         return triton_source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
     if op in ("cumsum", "revcumsum"):
         return _prefix_sum(x[0], graph.shape(x[0])[1], reverse=op == "revcumsum")
+    if op in ("gdot", "gmix"):
+        helper = "_gmix_t" if node.get("ta") else f"_{op}"
+        return f"{helper}({', '.join(x)}, BT, {node['offset']})"
     if op in _FORMATS:
         return _FORMATS[op].format(*x, axis=node.get("axis"))
     return f"tl.broadcast_to({x[0]}, ({', '.join(_DIMS[s] for s in node['shape'])}))"
@@ -275,8 +281,10 @@ def _loads(step, d) -> str:
     for p in step.params:  # per-head [1, DV]; padding columns read 0
         lines.append(f"{p} = tl.load({p}_ptr + i_h * DV + offs_v, mask=mask_v, "
                      "other=0.0).to(ACC)[None, :]")
+    pads = {"k": "0.0", "v": "1.0"}
     for g in step.gates:
         other = "1.0" if g in ("delta", "momentum") else "0.0"  # padding: no log(0), no 1/0
+        pads[g] = other
         if gates[g].shape == "channel":
             dim = "v" if g == "delta" else "k"
             lines.append(f"{g} = _load_rows({g}_ptr, tok * H + i_h, offs_{dim}, valid, "
@@ -284,7 +292,24 @@ def _loads(step, d) -> str:
         else:
             lines.append(f"{g} = tl.load({g}_ptr + tok * H + i_h, mask=valid, "
                          f"other={other}).to(ACC)[:, None]")
+    # non-finite entries (ir._poisoned) load as padding; the rows from the first one on tainted
+    lines.append("bad = " + " + ".join(_nonfinite(x) for x in pads))
+    lines += ["first = tl.min(tl.where(valid & (bad > 0), offs_t, BT), 0)",
+              "tainted = tl.where(offs_t >= first, 1.0, 0.0).to(ACC)[:, None]",
+              f"qbad = tl.where({_nonfinite('q')} > 0, 1.0, 0.0).to(ACC)[:, None]",
+              'nanfill = tl.full([1, 1], float("nan"), ACC)']
+    lines += [f"{x} = tl.where({_finite(x)}, {x}, {pad})" for x, pad in (pads | {"q": "0.0"}).items()]
     return "\n".join(_INDENT + line for line in lines)
+
+
+def _finite(x: str) -> str:
+    """Whether each entry of tile x is finite (log_alpha may also be -inf: a decay to 0)."""
+    return f"{x} < float(\"inf\")" if x == "log_alpha" else f"tl.abs({x}) < float(\"inf\")"
+
+
+def _nonfinite(x: str) -> str:
+    """Per row of tile x, how many entries are not `_finite`."""
+    return f"tl.sum(tl.where({_finite(x)}, 0.0, 1.0), 1)"
 
 
 def _state_tiles(step) -> list[dict]:

@@ -11,6 +11,13 @@ Every value is a 2-D tile whose dims are symbolic ("T" chunk rows, "DK", "DV", o
   tri_inv  (I + A)^-1 for a strictly lower-triangular A (forward substitution)
   max      a reduction by max over one axis, keeping dims; used only as a constant offset (a
            softmax's stabiliser), so it passes no gradient
+  gdot     a causal product under per-channel decays: out[t, i] = sum_d a[t, d] b[i, d]
+           exp(ga[t, d] - gb[i, d]) for the pairs t - i >= offset, 0 elsewhere
+  gmix     its companion: out[t, d] = sum_i m[t, i] x[i, d] exp(ga[t, d] - gb[i, d]) over the
+           same pairs, or with `ta` out[i, d] = sum_t m[t, i] x[t, d] exp(ga[t, d] - gb[i, d])
+           (every pair's exponent is selected before exp: exact for any decay, no overflow).
+           `flat`: the exponent of the nearest pairs (t - i = offset) is 0 whatever the gates
+  nonfinite  how many entries of a tile are NaN or +-inf, as [1, 1]; it passes no gradient
 The backward is derived here, on the graph: `backward(graph, outputs, seeds)` adds the adjoint
 nodes by reverse mode, with sympy differentiating every `ew` node, so no rule is written per model.
 `separable` and `stream` read the graph for the kernels' layout: whether blocks of value columns can
@@ -82,6 +89,17 @@ class Graph:
     def trans(self, x: str, name=None) -> str:
         return self.add("trans", self.shape(x)[::-1], (x,), name=name)
 
+    def gdot(self, a: str, b: str, ga: str, gb: str, offset: int = 0, flat: bool = False,
+             name=None) -> str:
+        flat = flat or (ga == gb and offset == 0)
+        return self.add("gdot", ("T", "T"), (a, b, ga, gb), name=name, offset=offset, flat=flat)
+
+    def gmix(self, m: str, x: str, ga: str, gb: str, offset: int = 0, ta: bool = False,
+             flat: bool = False, name=None) -> str:
+        flat = flat or (ga == gb and offset == 0)
+        return self.add("gmix", self.shape(x), (m, x, ga, gb), name=name, offset=offset, ta=ta,
+                        flat=flat)
+
     def order(self) -> list[str]:
         return list(nx.topological_sort(self.g))
 
@@ -146,10 +164,9 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
 
     la, gam, gam_end, beta, decay_mat = _decay(gr, d, rowmask, matrix=not channel_decay)
     gam_row = "gam_row" if decay_mat not in (None, "causal") else None
-    if channel_decay:  # decay per key channel: (Q e^gamma)(K e^-gamma)^T, exact while |gamma| < ~80
+    if channel_decay:  # decay per key channel: attn_ti = sum_d q_td k_id exp(gamma_td - gamma_id)
         q_dec = ew(gr, lambda a, b: a * b, q, beta, name="q_dec")
-        k_dec = ew(gr, lambda a, g: a * sp.exp(-g), k_upd, gam, name="k_dec")
-        attn = ew(gr, lambda a, c: a * c, gr.dot(q_dec, k_dec, tb=True), "causal", name="attn")
+        attn = gr.gdot(q, k_upd, gam, gam, name="attn")
         read = gr.dot(q_dec, w, tb=True, name="read")
     else:
         qk = gr.dot(q, k_upd, tb=True, name="qk")
@@ -180,7 +197,7 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
             mixed = ew(gr, lambda a, e: a * e, mixed, "eta", name="mixed_eta")
         z_o = ew(gr, lambda a, m: a - m, read, mixed, name="z_o")
         if gam_end is not None:  # each update decays from its row to the chunk end
-            tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), gam_end, gam, rowmask, name="tail")
+            tail = _tail(gr, la, rowmask)
             if channel_decay:
                 k_upd = ew(gr, lambda a, b_: a * b_, k_upd, tail, name="k_tail")
             else:
@@ -278,20 +295,63 @@ def _decay(gr: Graph, d: Derivation, rowmask: str, matrix: bool = True) -> tuple
     return la, gam, gam_end, beta, decay_mat
 
 
+LOG_FLOOR = -110.0  # log_alpha below it (down to -inf, alpha = 0: a full reset) counts as it
+
+
 def _log_gate(gr: Graph, gates: dict, arg: str, rowmask: str, name: str) -> str | None:
-    """log of a multiplicative gate per row (the op takes log_alpha, but the momentum as is)."""
+    """log of a multiplicative gate per row (the op takes log_alpha, but the momentum as is).
+    log_alpha is raised to LOG_FLOOR: exp(-110) is 0 in float32 and 2e-48 in float64, so the
+    decay is the same to the precision of either, and the prefix sums of the decays stay finite
+    (-inf - -inf would be NaN); the gradient there is 0, as d alpha / d log_alpha = alpha."""
     gate = gates.get(arg)
     if gate is None:
         return None
     if gate.is_input:
-        return arg if arg == "log_alpha" else ew(gr, sp.log, arg, name=name)
+        if arg == "log_alpha":
+            return ew(gr, lambda a: sp.Piecewise((a, a > LOG_FLOOR), (LOG_FLOOR, True)), arg,
+                      name=name)
+        return ew(gr, sp.log, arg, name=name)
     return ew(gr, lambda m: m * sp.log(sp.Float(gate.value)), rowmask, name=name)
 
 
 def _decay_matrix(gr: Graph, causal: str, cum: str, cum_row: str, name: str) -> str:
-    """exp(cum_t - cum_i) on and below the diagonal, 0 above."""
-    return ew(gr, lambda c, a, b: sp.Piecewise((sp.exp(a - b), c > 0), (0, True)),
-              causal, cum, cum_row, name=name)
+    """exp(cum_t - cum_i) below the diagonal, 1 on it (a constant: its +-1 terms in the
+    gradients of cum_t and cum_i would cancel only to rounding, which swamps the gradient of
+    a large decay), 0 above."""
+    return ew(gr, lambda c, s, a, b: sp.Piecewise((sp.exp(a - b), s > 0), (1, c > 0), (0, True)),
+              causal, _strict(gr), cum, cum_row, name=name)
+
+
+def _previous_decays(gr: Graph, kk: str, strict: str, lag: str, gam_row: str) -> str:
+    """kk_ti exp(lag_t - gamma_i) for t > i, lag the exclusive prefix sum: 1 for t = i + 1 (a
+    constant, as in `_decay_matrix`), 0 on and above the diagonal."""
+    band = gr.const("strict2", ("T", "T"), "strict2")  # t > i + 1
+    return ew(gr, lambda a, s, s2, x, y: a * sp.Piecewise((sp.exp(x - y), s2 > 0), (1, s > 0),
+                                                          (0, True)),
+              kk, strict, band, lag, gam_row, name="kk_decay")
+
+
+def _strict(gr: Graph) -> str:
+    """The [T, T] mask of the pairs t > i (one const node per graph)."""
+    return "strict" if "strict" in gr.g else gr.const("strict", ("T", "T"), "strict")
+
+
+def _before(gr: Graph, la: str) -> str:
+    """The exclusive prefix sum sum_(s < t) la_s (not gamma_t - la_t, whose gradients cancel to
+    rounding at the first row)."""
+    if gr.shape(la)[1] == 1:
+        return gr.sum(ew(gr, lambda s, a: s * a, _strict(gr), gr.trans(la)), 1, name="gam_prev")
+    return gr.dot(_strict(gr), la, name="gam_prev")
+
+
+def _tail(gr: Graph, la: str, rowmask: str, name: str = "tail") -> str:
+    """The decay from each real row to the chunk end, exp(sum_(s > i) la_s), by a sum over the
+    later rows (not gamma_T - gamma_i, whose gradients cancel to rounding at the last row)."""
+    if gr.shape(la)[1] == 1:
+        later = gr.trans(gr.sum(ew(gr, lambda s, a: s * a, _strict(gr), la), 0))
+    else:
+        later = gr.dot(_strict(gr), la, ta=True)
+    return ew(gr, lambda m, x: m * sp.exp(x), rowmask, later, name=name)
 
 
 def _momentum_terms(gr: Graph, d: Derivation, ctx: dict, updates: str, decay_mat: str, qk: str,
@@ -363,7 +423,7 @@ def vector_chunk_step(d: Derivation) -> ChunkStep:
     """One chunk of a vector (diagonal) memory M(x) = [x +] [LN](w * x), w [1, D], D = DK = DV.
     Token gradients are elementwise, u_i = eta_i delta_i * k_i, so the chunk reads
         w_t = beta_t w - sum_(i<=t) (beta_t / beta_i) u_i    (a decay-weighted prefix sum)
-    and o_t = [q_t +] [LN](q_t * w_t); per-channel decays use exp(gamma) cumsum(exp(-gamma) u).
+    and o_t = [q_t +] [LN](q_t * w_t); per-channel decays weigh each pair by exp(gamma_t - gamma_i).
     With eta_at 'query' the sum holds the raw delta_i * k_i and row t scales it by eta_t."""
     gates = d.op_gates()
     gr = Graph()
@@ -390,8 +450,7 @@ def vector_chunk_step(d: Derivation) -> ChunkStep:
     def decayed_sum(x):
         """sum_(i<=t) (beta_t / beta_i) x_i for every row t."""
         if channel:
-            inner = gr.cumsum(ew(gr, lambda a, g_: a * sp.exp(-g_), x, gam))
-            return ew(gr, lambda b, c: b * c, beta, inner)
+            return gr.gmix("causal", x, gam, gam)
         return gr.dot(decay_mat, x)
 
     keep = state if gam_end is None else ew(gr, lambda e, a: sp.exp(e) * a, gam_end, state)
@@ -407,8 +466,7 @@ def vector_chunk_step(d: Derivation) -> ChunkStep:
                           gr.sum(ew(gr, lambda a, b: a * b, u, m_tail), 0), name="S_new")
     else:
         mixed = decayed_sum(u)
-        tail = rowmask if gam_end is None else \
-            ew(gr, lambda e, g_, m: m * sp.exp(e - g_), gam_end, gam, rowmask, name="tail")
+        tail = rowmask if gam_end is None else _tail(gr, la, rowmask)
         update = gr.sum(ew(gr, lambda a, b: a * b, u, tail), 0)
         if eta_end is not None:
             mixed = ew(gr, lambda a, e: a * e, mixed, row_eta)
@@ -478,8 +536,7 @@ def mlp_chunk_step(d: Derivation) -> ChunkStep:
         mom_in = [gr.input(f"S{i + 1}", gr.shape(w)) for i, w in enumerate(states)]
         mix, s_vec, mix_end, s_end, m_tail, mu_end = _momentum_mixing(gr, d, decay_mat, rowmask)
     eta_end = _eta_end(gr, d)
-    tail = None if gam_end is None else \
-        ew(gr, lambda e, g_, m: m * sp.exp(e - g_), gam_end, gam, rowmask, name="tail")
+    tail = None if gam_end is None else _tail(gr, la, rowmask)
     attn_mask = mix if momentum else decay_mat
 
     def read_chain(x, layers, name):
@@ -544,7 +601,7 @@ def _momentum_mixing(gr: Graph, d: Derivation, decay_mat: str, rowmask: str):
                       gr.trans(rowmask)), 1, name="s_vec")  # no step at masked rows
     mix_end = gr.trans(gr.sum(ew(gr, lambda a, b: a * b, mix, lastrow), 0), name="mix_end")
     s_end = gr.sum(ew(gr, lambda a, b: a * b, s_vec, lastrow), 0, name="s_end")
-    m_tail = ew(gr, lambda e, g, m: m * sp.exp(e - g), mu_end, mu, rowmask, name="m_tail")
+    m_tail = _tail(gr, lm, rowmask, name="m_tail")
     return mix, s_vec, mix_end, s_end, m_tail, mu_end
 
 
@@ -630,16 +687,15 @@ def _exact_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
     solved with the unit lower-triangular inverse (the WY/UT transform)."""
     c = d.bias.d_elem["r"]
     e = d.bias.elem.subs(R, 0) - c * V
-    strict = gr.const("strict", ("T", "T"), "strict")
+    strict = _strict(gr)
     k, k_upd = ctx["k"], ctx["k_upd"]
     lag = None
     if ctx["gam"] is not None:
         lag = ctx["gam"] if d.spec.learner.grad_at == "retained" \
-            else ew(gr, lambda g, a: g - a, ctx["gam"], ctx["la"], name="gam_prev")
-    if lag is not None and ctx["channel"]:  # per key channel: (K e^lag)(K e^-gamma)^T
+            else _before(gr, ctx["la"])
+    if lag is not None and ctx["channel"]:  # per key channel: k_t k_i e^(lag_t - gamma_i), t > i
         k_point = ew(gr, lambda a, g: a * sp.exp(g), k, lag, name="k_point")
-        k_back = ew(gr, lambda a, g: a * sp.exp(-g), k_upd, ctx["gam"], name="k_back")
-        kk = ew(gr, lambda a, s: a * s, gr.dot(k_point, k_back, tb=True), strict, name="kk")
+        kk = gr.gdot(k, k_upd, lag, ctx["gam"], offset=1, flat=lag != ctx["gam"], name="kk")
         pred = gr.dot(k_point, ctx["w"], tb=True, name="pred")
     else:
         kk = gr.dot(k, k_upd, tb=True, name="kk")
@@ -649,7 +705,8 @@ def _exact_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
             pred = kw
         else:
             kk = ew(gr, lambda a, s, x, y: a * sp.Piecewise((sp.exp(x - y), s > 0), (0, True)),
-                    kk, strict, lag, ctx["gam_row"], name="kk_decay")
+                    kk, strict, lag, ctx["gam_row"], name="kk_decay") if lag == ctx["gam"] else \
+                _previous_decays(gr, kk, strict, lag, ctx["gam_row"])
             pred = ew(gr, lambda x, g: x * sp.exp(g), kw, lag, name="pred")
     args, factor = _gate_args(gr, d, ctx)
     eta_row = gr.ew(factor.subs(sp.Symbol("vmask", real=True), 1) * c, args, name="eta_c")
@@ -722,7 +779,7 @@ def _vjp(graph: Graph, n: str, node: dict, dy: str):
             if partial == 0:
                 continue
             args = {s: i for s, i in zip(symbols, inputs, strict=True)} | {dsym: dy}
-            grad = graph.ew(dsym * partial, args)
+            grad = graph.ew(_chain(graph, dsym, partial, args), args)
             yield src, _reduce_to(graph, grad, graph.shape(src))
     elif op == "sum":
         yield inputs[0], graph.add("broadcast", graph.shape(inputs[0]), (dy,))
@@ -735,13 +792,89 @@ def _vjp(graph: Graph, n: str, node: dict, dy: str):
     elif op == "tri_inv":  # X = (I + A)^-1: dA = -X^T dX X^T
         left = graph.dot(n, dy, ta=True)
         yield inputs[0], ew(graph, lambda m: -m, graph.dot(left, n, tb=True))
+    elif op in ("gdot", "gmix"):
+        yield from _decayed_vjp(graph, n, node, dy)
+
+
+def _chain(graph: Graph, dy: sp.Symbol, partial: sp.Expr, args: dict) -> sp.Expr:
+    """dy * partial; a partial that is a where on a per-step flag ([1, 1], e.g. whether a state
+    is spoiled) between constants selects dy instead, so that a NaN dy (a spoiled state's
+    gradient) does not pass as 0 * NaN. (A where on bits of another shape may feed a tl.dot,
+    whose operand layouts Triton cannot give to bits; such cotangents are finite.)"""
+    chain = dy * partial
+    if isinstance(partial, sp.Piecewise) and all(v.is_number for v, _ in partial.args):
+        flags = set().union(*(c.free_symbols for _, c in partial.args))
+        if all(graph.shape(args[f]) == (1, 1) for f in flags):
+            return sp.piecewise_fold(chain)
+    return chain
+
+
+def _decayed_vjp(graph: Graph, n: str, node: dict, dy: str):
+    """Reverse mode of gdot and gmix (E_tid = exp(ga_td - gb_id) on the causal pairs): each
+    adjoint of a or b (m or x) is the other op with dy in its place; with y the node's output,
+    dga = a * da and dgb = -b * db for gdot; dga = dy * y, dgb = -x * dx for gmix (dga = x * dx,
+    dgb = -dy * y for its transpose)."""
+    ga, gb, offset, flat = *node["inputs"][2:], node["offset"], node["flat"]
+    # The nearest pairs of a flat node have the exponent 0: their terms in dga and dgb cancel,
+    # so the gates' gradients sum the farther pairs only (the cancellation would leave rounding,
+    # which swamps the gradient of a large decay).
+    far = dict(offset=offset + 1) if flat else None
+    same = dict(offset=offset, flat=flat)
+    if node["op"] == "gdot":
+        a, b = node["inputs"][:2]
+        da = graph.gmix(dy, b, ga, gb, **same)
+        db = graph.gmix(dy, a, ga, gb, ta=True, **same)
+        da_g = da if far is None else graph.gmix(dy, b, ga, gb, **far)
+        db_g = db if far is None else graph.gmix(dy, a, ga, gb, ta=True, **far)
+        grads = [(a, da), (b, db), (ga, ew(graph, lambda x, y: x * y, a, da_g)),
+                 (gb, ew(graph, lambda x, y: -x * y, b, db_g))]
+    else:
+        m, x = node["inputs"][:2]
+        ta = node["ta"]
+        if ta:  # y_i = sum_t m_ti x_t E_ti
+            dm, dx = graph.gdot(x, dy, ga, gb, **same), graph.gmix(m, dy, ga, gb, **same)
+        else:  # y_t = sum_i m_ti x_i E_ti
+            dm, dx = graph.gdot(dy, x, ga, gb, **same), graph.gmix(m, dy, ga, gb, ta=True, **same)
+        y = n if far is None else graph.gmix(m, x, ga, gb, ta=ta, **far)
+        dx_g = dx if far is None else graph.gmix(m, dy, ga, gb, ta=not ta, **far)
+        if ta:
+            dga, dgb = ew(graph, lambda u, w: u * w, x, dx_g), ew(graph, lambda u, w: -u * w, dy, y)
+        else:
+            dga, dgb = ew(graph, lambda u, w: u * w, dy, y), ew(graph, lambda u, w: -u * w, x, dx_g)
+        grads = [(m, dm), (x, dx), (ga, dga), (gb, dgb)]
+    for src, grad in grads:
+        yield src, _reduce_to(graph, grad, graph.shape(src))
 
 
 def chunk_step(d: Derivation) -> ChunkStep:
     """The chunk step of the spec's memory kind."""
     builders = {"matrix": matrix_chunk_step, "vector": vector_chunk_step, "mlp": mlp_chunk_step}
     step = builders[d.spec.memory.kind](d)
-    return _kept_when_empty(step) if d.spec.lag_token else step
+    return _poisoned(_kept_when_empty(step) if d.spec.lag_token else step)
+
+
+def _poisoned(step: ChunkStep) -> ChunkStep:
+    """Non-finite inputs, causally. The loader replaces a row's non-finite k, v or gate
+    (log_alpha -inf is a decay to 0, not an error) by padding and marks `tainted` [T, 1] the rows
+    from the first such row on, and `qbad` the rows with a non-finite q: those rows read NaN, as
+    does the new state after a tainted chunk, and a step whose state holds a NaN passes it on to
+    all its rows and its new state (a retention map's or activation's `where` would turn it
+    into a finite value). The rows before compute on finite values only, as if the rest of the
+    sequence were finite; the selection keeps their gradients finite too."""
+    gr = step.graph
+    tainted, qbad = gr.const("tainted", ("T", 1), "tainted"), gr.const("qbad", ("T", 1), "qbad")
+    nan = gr.const("nanfill", (1, 1), "nanfill")
+    counts = [gr.add("nonfinite", (1, 1), (s,)) for s in step.states]
+    inherited = ew(gr, lambda *c: sp.Add(*c), *counts, name="inherited")
+    spoiled = ew(gr, lambda a, b: a + b, gr.sum(tainted, 0), inherited, name="spoiled")
+
+    def poison(flag, x, name):
+        return ew(gr, lambda f, n, a: sp.Piecewise((n, f > 0), (a, True)), flag, nan, x, name=name)
+
+    bad_rows = ew(gr, lambda a, b, c: a + b + c, tainted, qbad, inherited, name="bad_rows")
+    outputs = {"o": poison(bad_rows, step.outputs["o"], "o_out")}
+    outputs |= {s: poison(spoiled, step.outputs[s], f"{s}_out") for s in step.states}
+    return ChunkStep(gr, step.gates, step.states, outputs, step.params)
 
 
 def _kept_when_empty(step: ChunkStep) -> ChunkStep:
@@ -771,6 +904,10 @@ def _folds(graph: Graph, n: str, dim: str) -> bool:
     node = graph.node(n)
     if node["op"] in ("sum", "max"):
         return graph.shape(node["inputs"][0])[node["axis"]] == dim
+    if node["op"] == "gdot":
+        return graph.shape(node["inputs"][0])[1] == dim
+    if node["op"] == "nonfinite":  # a block of DV columns counts its own: they run apart
+        return dim != "DV" and dim in graph.shape(node["inputs"][0])
     return node["op"] == "dot" and graph.shape(node["inputs"][0])[0 if node["ta"] else 1] == dim
 
 
@@ -815,6 +952,8 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
                 out = like.new_full((1, 1), float(out))
         elif op == "sum":
             out = x[0].sum(node["axis"] - 2, keepdim=True)
+        elif op == "nonfinite":
+            out = (~torch.isfinite(x[0])).sum((-2, -1), keepdim=True).to(x[0].dtype)
         elif op == "max":  # a stabiliser: no gradient flows through it
             out = x[0].amax(node["axis"] - 2, keepdim=True).detach()
         elif op == "cumsum":
@@ -823,6 +962,11 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
             out = x[0].flip(-2).cumsum(-2).flip(-2)
         elif op == "trans":
             out = x[0].transpose(-1, -2)
+        elif op == "gdot":
+            out = torch.einsum("...td,...id,...tid->...ti", x[0], x[1], _pair_decays(*x[2:], node))
+        elif op == "gmix":
+            pattern = "...ti,...id,...tid->...td" if not node["ta"] else "...ti,...td,...tid->...id"
+            out = torch.einsum(pattern, x[0], x[1], _pair_decays(*x[2:], node))
         elif op == "tri_inv":  # (I + A)^-1, A strictly lower triangular
             eye = torch.eye(x[0].shape[-1], dtype=x[0].dtype, device=x[0].device)
             out = torch.linalg.solve_triangular(eye + x[0], eye.expand_as(x[0]), upper=False,
@@ -832,6 +976,18 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
             out = x[0].expand(*x[0].shape[:-2], *dims)
         env[n] = out
     return env
+
+
+def _pair_decays(ga, gb, node):
+    """E [..., t, i, d] = exp(ga_td - gb_id) for t - i >= offset, else 0; the exponent is
+    selected before exp, so the masked pairs never overflow."""
+    import torch
+
+    ga, gb = torch.broadcast_tensors(ga, gb)
+    rows = torch.arange(ga.shape[-2], device=ga.device)
+    pairs = rows[:, None] - rows[None, :] >= node["offset"]
+    diff = ga.unsqueeze(-2) - gb.unsqueeze(-3)
+    return torch.where(pairs[:, :, None], diff, diff.new_tensor(float("-inf"))).exp()
 
 
 def plan(graph: Graph, targets) -> tuple[str, ...]:

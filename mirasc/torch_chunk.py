@@ -10,6 +10,8 @@ sequence's end padded (q, k 0; v 1; log_alpha, eta 0; delta, momentum 1) and mas
 head [T, 1] or per channel, the layer norm's parameters per head, and the compute dtype is the
 kernels' accumulator (float64 for float64 inputs, else float32; o is cast back to v's dtype).
 A sequence shorter than a chunk runs in a tile of its own rows (the rest would be masked).
+Non-finite inputs are loaded as the kernels load them (`ir._poisoned`): a row's non-finite k, v
+or gate as padding, marking the rows from it on as tainted, a non-finite q as 0 (row marked).
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ def run(step: Step, q, k, v, given: dict, state):
 
     data = {"q": tiles("q", q), "k": tiles("k", k), "v": tiles("v", v)}
     data |= {g: tiles(g, given[g]) for g in step.step.gates}
+    bad, qbad = _nonfinite_rows(data, ("k", "v", *step.step.gates)), _nonfinite_rows(data, ("q",))
+    data = {x: torch.where((qbad if x == "q" else bad)[..., None], _PAD[x], t)
+            for x, t in data.items()}
     per_head = {p: given[p].to(acc).unsqueeze(0).expand(batch, heads, dv).reshape(n, 1, dv)
                 for p in step.step.params}
     shapes = [graph.shape(s) for s in step.step.states]
@@ -121,6 +126,7 @@ def run(step: Step, q, k, v, given: dict, state):
     rows_in_chunk = torch.arange(chunk, device=q.device)
     causal = (rows_in_chunk[:, None] >= rows_in_chunk[None, :]).to(acc)
     strict = (rows_in_chunk[:, None] > rows_in_chunk[None, :]).to(acc)
+    strict2 = (rows_in_chunk[:, None] > rows_in_chunk[None, :] + 1).to(acc)
     o_chunks = []
     for i in range(n_chunks):
         rows = i * chunk + rows_in_chunk
@@ -130,6 +136,7 @@ def run(step: Step, q, k, v, given: dict, state):
             if step.segments == 2:
                 valid = valid & ((rows_in_chunk == 0) if seg == 0 else (rows_in_chunk > 0))
             last = torch.where(valid, rows, -1).max()
+            tainted = (bad[:, i] & valid).cumsum(-1) > 0  # [N, chunk]: from the first bad row on
             consts = {}
             for c in step.consts:
                 if c in ones:
@@ -138,10 +145,18 @@ def run(step: Step, q, k, v, given: dict, state):
                     consts[c] = causal
                 elif c == "strict":
                     consts[c] = strict
+                elif c == "strict2":
+                    consts[c] = strict2
                 elif c == "rowmask":
                     consts[c] = valid.to(acc)[:, None]
                 elif c == "lastrow":
                     consts[c] = (rows == last).to(acc)[:, None]
+                elif c == "tainted":
+                    consts[c] = tainted.to(acc)[..., None]
+                elif c == "qbad":
+                    consts[c] = qbad[:, i].to(acc)[..., None]
+                elif c == "nanfill":
+                    consts[c] = q.new_full((1, 1), float("nan"), dtype=acc)
                 else:
                     raise ValueError(f"unknown const node {c!r}")
             loaded = ("q", "k", "v", *step.step.gates)
@@ -158,6 +173,17 @@ def run(step: Step, q, k, v, given: dict, state):
     o = torch.stack(o_chunks, 1).flatten(1, 2)[:, :length]  # [N, T, DV]
     o = o.reshape(batch, heads, length, dv).transpose(1, 2).to(v.dtype)
     return o, _finals(carried, batch, heads, shapes, sizes)
+
+
+def _nonfinite_rows(data: dict, names) -> torch.Tensor:
+    """[N, chunks, chunk]: the rows where a tile of `names` holds NaN or +-inf (log_alpha may be
+    -inf: a decay to 0)."""
+    rows = []
+    for name in names:
+        x = data[name]
+        finite = x < float("inf") if name == "log_alpha" else x.abs() < float("inf")
+        rows.append(~finite.all(-1))
+    return torch.stack(rows).any(0)
 
 
 def _finals(carried, batch, heads, shapes, sizes):

@@ -52,7 +52,8 @@ def test_reverse_mode_matches_autograd(case):
     last = torch.zeros(t, 1, dtype=torch.float64)
     last[-1] = 1
     values |= {"rowmask": torch.ones(t, 1, dtype=torch.float64), "causal": ones.tril(),
-               "strict": ones.tril(-1), "vmask": torch.ones(1, dv, dtype=torch.float64),
+               "strict": ones.tril(-1), "strict2": ones.tril(-2),
+               "vmask": torch.ones(1, dv, dtype=torch.float64),
                "lastrow": last}
     env = ir.evaluate(graph, values, sizes)
     outputs = [env[step.outputs[n]] for n in ("o", *step.states)]

@@ -77,12 +77,17 @@ def _mirasc(env, *args) -> subprocess.CompletedProcess:
 def test_every_shipped_spec_compiles_for_sm90(env, tmp_path):
     """Triton lowers each forward and backward kernel (bf16 inputs, Dk = Dv = 13) to an sm_90
     cubin: code the interpreter accepts but the GPU compiler would reject fails here. Besides the
-    shipped specs, a vector memory with per-channel gates: its prefix sums run over Dk columns."""
+    shipped specs, a vector memory with per-channel gates (its prefix sums run over Dk columns)
+    and a matrix memory with a per-channel decay (its pairs' decays: _gdot, _gmix, _gmix_t)."""
     channels = tmp_path / "channels.yaml"
     channels.write_text("name: channels\nmemory: {kind: vector}\nbias: {kind: l2}\n"
                         "retention: {kind: l2, decay: {shape: channel}}\n"
                         "learner: {kind: gd, eta: {shape: channel}}\nchunk_size: 16\n")
-    names = [*SPECS, str(channels)]
+    matrix = tmp_path / "channel_decay.yaml"
+    matrix.write_text("name: channel_decay\nmemory: {kind: matrix}\nbias: {kind: l2}\n"
+                      "retention: {kind: l2, decay: {shape: channel}}\n"
+                      "learner: {kind: gd, eta: {}}\nchunk_size: 64\n")
+    names = [*SPECS, str(channels), str(matrix)]
     done = subprocess.run([sys.executable, "-c", EVERY_SPEC, *names], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
