@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import axis_spec, op_from_yaml
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
@@ -385,6 +387,26 @@ def test_unwritten_outputs_would_show(monkeypatch):
     op = mirasc.compile("specs/simple_gla.yaml")
     inputs = random_inputs(op, batch=1, length=70, heads=3, dk=5, dv=9)
     _assert_close(compare(op, inputs, chunk_size=op.spec.chunk_size), torch.float64)
+
+
+@triton.jit
+def _invert(a_ptr, x_ptr, BT: tl.constexpr, INVERT: tl.constexpr):
+    offs = tl.arange(0, BT)
+    tile = offs[:, None] * BT + offs[None, :]
+    tl.store(x_ptr + tile, INVERT(tl.load(a_ptr + tile), BT))
+
+
+@pytest.mark.parametrize("rows", [16, 32, 128])
+def test_blocked_triangular_inverse(rows):
+    """The kernels' (I + A)^-1 (16-row blocks by substitution, merged by products) equals a
+    triangular solve, for one block, one merge and three; A with entries of either sign."""
+    module = import_module(module_path(mirasc.compile("specs/deltanet.yaml").spec))
+    a = (torch.randn(rows, rows, dtype=torch.float64) * 0.4).tril(-1)
+    x = torch.full_like(a, float("nan"))
+    _invert[(1,)](a, x, rows, module._tri_inv)
+    eye = torch.eye(rows, dtype=a.dtype)
+    expected = torch.linalg.solve_triangular(eye + a, eye, upper=False, unitriangular=True)
+    assert relative_error(x, expected) < 1e-13
 
 
 def test_same_spec_same_bytes():
