@@ -188,7 +188,7 @@ _FORMATS = {  # the Triton code of the one-input ops: {0} is the input, {axis} t
     "sum": "tl.sum({0}, {axis}, keep_dims=True)",
     "max": "tl.max({0}, {axis}, keep_dims=True)",
     "trans": "tl.trans({0})",
-    "tri_inv": "_tri_inv({0}, BT)",
+    "tri_inv": "_tri_inv({0}, BT, PRECISION)",
 }
 
 
@@ -211,7 +211,7 @@ def _expression(graph, n) -> str:
     if op == "dot":
         a = f"tl.trans({x[0]})" if node["ta"] else x[0]
         b = f"tl.trans({x[1]})" if node["tb"] else x[1]
-        return f"tl.dot({a}, {b}, input_precision=PRECISION)"
+        return f"tl.dot({a}.to(DOT), {b}.to(DOT), input_precision=PRECISION)"
     if op == "ew":
         return triton_source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
     if op in ("cumsum", "revcumsum"):

@@ -224,19 +224,47 @@ def test_every_bias_in_float32(bias, tmp_path, monkeypatch):
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float32)
 
 
+HALF_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # unit roundoff 4.9e-4, 3.9e-3
+
+
+def _leaves(inputs: dict) -> list[torch.Tensor]:
+    return [x for v in inputs.values() for x in (v if isinstance(v, tuple) else (v,))]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs_accumulate_in_float32(dtype):
-    """bf16/fp16 inputs: tiles are loaded into float32 (so the interpreter's half-precision dot
-    is never used); compare with the float32 reference of the same rounded inputs."""
-    op = mirasc.compile("specs/gated_deltanet.yaml")
-    half = random_inputs(op, batch=1, length=40, heads=2, dk=8, dv=8, dtype=dtype)
-    o, (state,) = op(**half, output_final_state=True)
-    assert o.dtype == dtype and state.dtype == torch.float32
+@pytest.mark.parametrize("spec", ["gated_deltanet", "simple_gla"])
+def test_half_precision_inputs_accumulate_in_float32(spec, dtype):
+    """bf16/fp16 inputs: matmul operands in the input dtype, float32 accumulation and state;
+    output, final state and every input gradient against the float32 reference of the same
+    rounded inputs. fp16 runs the half-operand path here; bf16 takes float32 operands in the
+    interpreter, whose bf16 dot is wrong (Triton 3.9)."""
+    op = mirasc.compile(f"specs/{spec}.yaml")
+    half = random_inputs(op, batch=1, length=40, heads=2, dk=16, dv=16, dtype=dtype)
     wide = {k: (tuple(x.float() for x in v) if isinstance(v, tuple) else v.float())
             for k, v in half.items()}
-    o_ref, (state_ref,) = op.reference(**wide, output_final_state=True)
-    assert relative_error(o, o_ref) < 1e-2
-    assert relative_error(state, state_ref) < 1e-3
+    runs = []
+    for inputs, run in ((half, op), (wide, op.reference)):
+        leaves = [x.requires_grad_() for x in _leaves(inputs)]
+        o, (state,) = run(**inputs, output_final_state=True, chunk_size=op.oracle_chunk_size) \
+            if run is op.reference else run(**inputs, output_final_state=True)
+        cotangent = torch.linspace(-1, 1, o.numel()).view_as(o)
+        grads = torch.autograd.grad((o.float() * cotangent).sum(), leaves)
+        runs.append((o, state, grads))
+    (o, state, grads), (o_ref, state_ref, grads_ref) = runs
+    assert o.dtype == dtype and state.dtype == torch.float32
+    errors = [relative_error(o, o_ref), relative_error(state, state_ref)]
+    errors += [relative_error(g, r) for g, r in zip(grads, grads_ref, strict=True)]
+    assert max(errors) < HALF_TOLERANCE[dtype], errors
+
+
+def test_matmul_operands_by_input_dtype(monkeypatch):
+    """The precision of each path: half inputs reach tensor cores in their own dtype, float32 and
+    float64 inputs keep exact dots in their dtype."""
+    module = import_module(module_path(mirasc.compile("specs/simple_gla.yaml").spec))
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    assert [module._operands(d) for d in (torch.bfloat16, torch.float16, torch.float32,
+                                          torch.float64)] == [tl.bfloat16, tl.float16,
+                                                              tl.float32, tl.float64]
 
 
 SPLIT_CASES = {  # steps that never mix DV columns: gates per head, per key channel, per value channel
@@ -390,10 +418,10 @@ def test_unwritten_outputs_would_show(monkeypatch):
 
 
 @triton.jit
-def _invert(a_ptr, x_ptr, BT: tl.constexpr, INVERT: tl.constexpr):
+def _invert(a_ptr, x_ptr, BT: tl.constexpr, INVERT: tl.constexpr, PRECISION: tl.constexpr):
     offs = tl.arange(0, BT)
     tile = offs[:, None] * BT + offs[None, :]
-    tl.store(x_ptr + tile, INVERT(tl.load(a_ptr + tile), BT))
+    tl.store(x_ptr + tile, INVERT(tl.load(a_ptr + tile), BT, PRECISION))
 
 
 @pytest.mark.parametrize("rows", [16, 32, 128])
@@ -403,7 +431,7 @@ def test_blocked_triangular_inverse(rows):
     module = import_module(module_path(mirasc.compile("specs/deltanet.yaml").spec))
     a = (torch.randn(rows, rows, dtype=torch.float64) * 0.4).tril(-1)
     x = torch.full_like(a, float("nan"))
-    _invert[(1,)](a, x, rows, module._tri_inv)
+    _invert[(1,)](a, x, rows, module._tri_inv, "ieee")
     eye = torch.eye(rows, dtype=a.dtype)
     expected = torch.linalg.solve_triangular(eye + a, eye, upper=False, unitriangular=True)
     assert relative_error(x, expected) < 1e-13
