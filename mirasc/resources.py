@@ -153,21 +153,28 @@ def compile_launch(launch: tuple, capability: int, num_warps: int, num_stages: i
         return kernel.warmup(*args, grid=(1,), **kwargs, **config)
 
 
-def _cubin_facts(cubin: bytes) -> tuple[int, int, int]:
-    """REG and STACK of the cubin's kernel, as cuobjdump -res-usage prints them, and the count of
-    tensor-core instructions (HGMMA: Hopper's wgmma, HMMA: mma.sync) in its SASS."""
+def sass(cubin: bytes) -> tuple[int, int, str]:
+    """REG and STACK of the cubin's kernel, as cuobjdump -res-usage prints them, and its SASS."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage, sass = (subprocess.run([str(tool), flag, f.name], capture_output=True, text=True,
-                                      check=True).stdout for flag in ("-res-usage", "-sass"))
+        usage, listing = (subprocess.run([str(tool), flag, f.name], capture_output=True,
+                                         text=True, check=True).stdout
+                          for flag in ("-res-usage", "-sass"))
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"cuobjdump printed no resource usage:\n{usage}")
-    return int(found[1]), int(found[2]), len(re.findall(r"\b[HQ]GMMA\b|\bHMMA\b", sass))
+    return int(found[1]), int(found[2]), listing
+
+
+def _cubin_facts(cubin: bytes) -> tuple[int, int, int]:
+    """Registers and spill stack per thread, and the count of tensor-core instructions (HGMMA:
+    Hopper's wgmma, HMMA: mma.sync) in the SASS."""
+    registers, stack, listing = sass(cubin)
+    return registers, stack, len(re.findall(r"\b[HQ]GMMA\b|\bHMMA\b", listing))
 
 
 def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,

@@ -180,3 +180,26 @@ def test_bad_arguments_are_refused(env):
 def test_precompile_without_a_gpu_needs_the_target(env):
     done = _mirasc(env, "precompile", "specs/ttt_linear.yaml")
     assert done.returncode == 2 and "no GPU here" in done.stderr and "--sm" in done.stderr
+
+
+def test_static_sets_mirasc_beside_fla(env, tmp_path):
+    """`python -m benchmarks static` (simple_gla, B=1, T=256, H=2, D=64, first configuration):
+    rows for mirasc's forward and backward kernels and for fla's, each compiled for sm_90; the
+    grid is the launch's (mirasc: one program per sequence, head and block of 64 value columns;
+    fla's output kernel: one per chunk of 64 tokens and head); bf16 inputs reach the tensor cores
+    as bf16, and the loop of mirasc's chunk steps is found in the SASS."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "static", "--specs", "simple_gla",
+                           "--length", "256", "--heads", "2", "--dim", "64", "--configs", "1",
+                           "--out", str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "static.json").read_text())["rows"]
+    kernels = {(r["impl"], r["pass"], r["kernel"]): r for r in rows}
+    fwd, bwd = kernels["mirasc", "fwd", "simple_gla_fwd_kernel"], \
+        kernels["mirasc", "bwd", "simple_gla_bwd_kernel"]
+    assert fwd["programs"] == 2 and bwd["programs"] == 4  # BV = 64 forward, 32 backward
+    assert kernels["fla", "fwd", "chunk_fwd_kernel_o"]["programs"] >= 4 * 2
+    assert {impl for impl, _, _ in kernels} == {"mirasc", "fla"}
+    for r in (fwd, bwd):
+        assert r["half_share"] == 100 and "bf16" in r["tensor_core"], r
+        assert r["loop"] > 100 and r["registers"] > 0 and r["tried"] == "1/2", r
