@@ -4,6 +4,7 @@ reference of the same chunking: the output, the final state and every input grad
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,6 +301,25 @@ def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     packed = varlen_inputs(op, [0, 9, 30], dk=5, dv=37)
     _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
     assert {grid[2] for grid in module._fwd.grids + module._bwd.grids} == {3}
+
+
+@pytest.mark.parametrize("spec", ["deltanet", "gated_deltanet"])
+def test_state_free_stage_runs_per_chunk(spec, monkeypatch):
+    """The exact path's (I + A)^-1 reads no state: the stage kernel computes it with one program
+    per chunk and head (sequences of 100 and 37 tokens in chunks of 64: 2 + 1 chunks, batched
+    and packed), before the forward and again before the backward; the chunk steps only load it."""
+    op, module = _compiled(f"specs/{spec}.yaml", None, monkeypatch)
+    source = Path(module.__file__).read_text()
+    assert "_tri_inv(" not in source.split(f"def {spec}_fwd_kernel")[1]
+    monkeypatch.setattr(module, "_stage", _Grids(module._stage))
+    inputs = random_inputs(op, batch=2, length=100, heads=2, dk=6, dv=5)
+    _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
+    grids = module._stage.grids
+    assert set(grids) == {(4, 2)} and len(grids) >= 2
+    grids.clear()
+    packed = varlen_inputs(op, [0, 100, 137], dk=6, dv=5)
+    _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
+    assert set(grids) == {(3, 2)} and len(grids) >= 2
 
 
 STREAM_CASES = {  # MLP memories: the state passes through global memory in blocks of hidden units
