@@ -1,4 +1,5 @@
-"""`python -m benchmarks {cpu,gpu,compile,resources,startup}` from the repository root; see --help."""
+"""`python -m benchmarks {cpu,gpu,compile,resources,static,startup}` from the repository root;
+see --help."""
 
 from __future__ import annotations
 
@@ -167,6 +168,30 @@ def startup(repeats: Annotated[int, typer.Option(help="Fresh processes per comma
     env = environment("cpu")
     typer.echo(bench.report(rows, repeats, env))
     write_outputs(out, "startup", rows, {"environment": env, "repeats": repeats})
+
+
+@app.command()
+def static(specs: Annotated[str, typer.Option(help="Specs with an fla peer.")] =
+           "gated_deltanet,simple_gla",
+           batch: Annotated[int, typer.Option(help="B.")] = 1,
+           length: Annotated[int, typer.Option(help="T.")] = 32768,
+           heads: Annotated[int, typer.Option(help="H.")] = 16,
+           dim: Annotated[int, typer.Option(help="Dk = Dv.")] = 128,
+           sm: Annotated[int, typer.Option(help="Compute capability of the target.")] = 90,
+           configs: Annotated[int, typer.Option(help="Configurations compiled per kernel (the "
+                                                      "autotuner's first).")] = 4,
+           out: Out = None):
+    """mirasc's kernels beside fla's for the same op and shapes, compiled for a GPU target
+    without one: registers, spills, shared memory, tensor-core instructions by operand type,
+    programs per launch and the instructions of each kernel's largest loop."""
+    from benchmarks import static as bench
+    from benchmarks.common import environment, write_outputs
+
+    rows = bench.benchmark(_names(specs), batch, length, heads, dim, sm, configs)
+    env = environment("cpu")
+    shape = (batch, length, heads, dim)
+    typer.echo("\n" + bench.report(rows, shape, sm, configs, env))
+    write_outputs(out, "static", rows, {"environment": env, "sm": sm, "shape": shape})
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import jinja2
+import networkx as nx
 import sympy as sp
 
 import mirasc
@@ -189,7 +190,7 @@ _FORMATS = {  # the Triton code of the one-input ops: {0} is the input, {axis} t
     "sum": "tl.sum({0}, {axis}, keep_dims=True)",
     "max": "tl.max({0}, {axis}, keep_dims=True)",
     "trans": "tl.trans({0})",
-    "tri_inv": "_tri_inv({0}, BT)",
+    "tri_inv": "_tri_inv({0}, BT, PRECISION)",
     "nonfinite": 'tl.sum(tl.sum(tl.where(tl.abs({0}) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0, '
                  'keep_dims=True)',
 }
@@ -214,7 +215,7 @@ def _expression(graph, n) -> str:
     if op == "dot":
         a = f"tl.trans({x[0]})" if node["ta"] else x[0]
         b = f"tl.trans({x[1]})" if node["tb"] else x[1]
-        return f"tl.dot({a}, {b}, input_precision=PRECISION)"
+        return f"tl.dot({a}.to(DOT), {b}.to(DOT), input_precision=PRECISION)"
     if op == "ew":
         return triton_source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
     if op in ("cumsum", "revcumsum"):
@@ -227,10 +228,32 @@ def _expression(graph, n) -> str:
     return f"tl.broadcast_to({x[0]}, ({', '.join(_DIMS[s] for s in node['shape'])}))"
 
 
-def _emit(graph, nodes, indent=_INDENT) -> list[str]:
-    """Triton statements computing `nodes` (in order), skipping the loaded and built tiles."""
-    return [f"{indent}{n} = {_expression(graph, n)}" for n in nodes
-            if graph.node(n)["op"] not in ("input", "const")]
+def _emit(graph, nodes, indent=_INDENT, staged=()) -> list[str]:
+    """Triton statements computing `nodes` (in order), skipping the loaded and built tiles; a
+    `staged` node is loaded from the buffer the stage kernel wrote."""
+    return [f"{indent}{n} = " + (f"_chunk_tile({n}_ptr, first_chunk + i_t, seg, i_h, H, BT, "
+                                 "SEGMENTS)" if n in staged else _expression(graph, n))
+            for n in nodes if graph.node(n)["op"] not in ("input", "const")]
+
+
+def _staged(step) -> list[str]:
+    """The triangular inverses that read no state: the stage kernel computes them for every
+    chunk at once, and the chunk steps load them."""
+    graph = step.graph
+    return [n for n in graph.order() if graph.node(n)["op"] == "tri_inv"
+            and not nx.ancestors(graph.g, n) & set(step.states)]
+
+
+def _plan_past(graph, targets, staged) -> tuple[str, ...]:
+    """`ir.plan` of `targets` that stops at the `staged` nodes (their inputs are not needed)."""
+    keep, todo = set(), list(targets)
+    while todo:
+        n = todo.pop()
+        if n not in keep:
+            keep.add(n)
+            if n not in staged:
+                todo.extend(graph.g.predecessors(n))
+    return tuple(n for n in graph.order() if n in keep)
 
 
 _BLOCK_HEADER = """for i_hb in range(0, tl.cdiv(DH, BH)):  # the blocks of hidden units, one at a time
@@ -264,7 +287,7 @@ def _emit_stream(graph, stream, loads: dict[str, str], stores: dict[str, list[st
     return lines + _emit(graph, stream.whole[-1])
 
 
-def _loads(step, d) -> str:
+def _loads(step, d, indent=_INDENT) -> str:
     gates = d.op_gates()
     lines = [
         "rows = i_t * CHUNK + offs_t",
@@ -299,7 +322,7 @@ def _loads(step, d) -> str:
               f"qbad = tl.where({_nonfinite('q')} > 0, 1.0, 0.0).to(ACC)[:, None]",
               'nanfill = tl.full([1, 1], float("nan"), ACC)']
     lines += [f"{x} = tl.where({_finite(x)}, {x}, {pad})" for x, pad in (pads | {"q": "0.0"}).items()]
-    return "\n".join(_INDENT + line for line in lines)
+    return "\n".join(indent + line for line in lines)
 
 
 def _finite(x: str) -> str:
@@ -383,9 +406,12 @@ def render_triton_module(spec: Spec) -> str:
     _, _, adjoint = ir.step_adjoint(step)
     streams = _streams(step, adjoint)
     tiles = _state_tiles(step)
+    staged = _staged(step) if streams is None else []
     if streams is None:
-        forward = _emit(graph, ir.plan(graph, list(step.outputs.values())))
-        backward = _emit(graph, ir.plan(graph, [a for a in adjoint.values() if a is not None]))
+        forward = _emit(graph, _plan_past(graph, list(step.outputs.values()), staged),
+                        staged=staged)
+        backward = _emit(graph, _plan_past(graph, [a for a in adjoint.values() if a is not None],
+                                           staged), staged=staged)
     else:
         forward = _emit_stream(graph, streams[0], *_stream_io(step, tiles, "fwd", step.outputs))
         backward = _emit_stream(graph, streams[1], *_stream_io(step, tiles, "bwd", adjoint))
@@ -414,5 +440,7 @@ def render_triton_module(spec: Spec) -> str:
         channel={g: ("V" if g == "delta" else "K") if gates[g].shape == "channel" else ""
                  for g in step.gates},
         prologue=_PROLOGUE, loads=_loads(step, d), forward="\n".join(forward),
+        staged=staged, stage_loads=_loads(step, d, " " * 8),
+        stage="\n".join(_emit(graph, ir.plan(graph, staged), " " * 8)),
         backward="\n".join(backward), adjoint=adjoint_code,
     )

@@ -40,7 +40,7 @@ class CannotCompile(ValueError):
 class Usage:
     """One kernel compiled with one launch configuration."""
 
-    kernel: str                # "fwd" or "bwd"
+    kernel: str                # "fwd", "bwd" or "stage"
     num_warps: int
     num_stages: int
     registers: int | None      # per thread (255 is the hardware's most)
@@ -103,9 +103,10 @@ class _Recorder:
 
 
 def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype | None) -> dict:
-    """"fwd" and "bwd": (Triton kernel, args, kwargs) as the op launches them on inputs of `dtype`
-    at head dims (dk, dv) and T a multiple of 16 (Triton specialises on it), with an initial state
-    in `state_dtype` (None: without one), not varlen, the final state not differentiated."""
+    """"fwd", "bwd" and, where the step has a state-free stage, "stage": (Triton kernel, args,
+    kwargs) as the op launches them on inputs of `dtype` at head dims (dk, dv) and T a multiple
+    of 16 (Triton specialises on it), with an initial state in `state_dtype` (None: without one),
+    not varlen, the final state not differentiated."""
     from mirasc.check import random_inputs
     from mirasc.runtime import interpreting, load_module
 
@@ -120,10 +121,11 @@ def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype 
         del inputs["initial_state"]
     inputs = {k: (tuple(x.detach().requires_grad_() for x in v) if isinstance(v, tuple)
                   else v.detach().requires_grad_()) for k, v in inputs.items()}
-    recorders = {"fwd": _Recorder(), "bwd": _Recorder()}
-    with mock.patch("mirasc.runtime.interpreting", return_value=True), \
-            mock.patch.object(module, "_fwd", recorders["fwd"]), \
-            mock.patch.object(module, "_bwd", recorders["bwd"]):
+    recorders = {k: _Recorder() for k in ("stage", "fwd", "bwd") if hasattr(module, f"_{k}")}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch("mirasc.runtime.interpreting", return_value=True))
+        for kernel, recorder in recorders.items():
+            stack.enter_context(mock.patch.object(module, f"_{kernel}", recorder))
         try:
             o, _ = op(**inputs)
         except (TypeError, ValueError) as exc:  # e.g. an MLP memory without an initial state
@@ -153,21 +155,28 @@ def compile_launch(launch: tuple, capability: int, num_warps: int, num_stages: i
         return kernel.warmup(*args, grid=(1,), **kwargs, **config)
 
 
-def _cubin_facts(cubin: bytes) -> tuple[int, int, int]:
-    """REG and STACK of the cubin's kernel, as cuobjdump -res-usage prints them, and the count of
-    tensor-core instructions (HGMMA: Hopper's wgmma, HMMA: mma.sync) in its SASS."""
+def sass(cubin: bytes) -> tuple[int, int, str]:
+    """REG and STACK of the cubin's kernel, as cuobjdump -res-usage prints them, and its SASS."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage, sass = (subprocess.run([str(tool), flag, f.name], capture_output=True, text=True,
-                                      check=True).stdout for flag in ("-res-usage", "-sass"))
+        usage, listing = (subprocess.run([str(tool), flag, f.name], capture_output=True,
+                                         text=True, check=True).stdout
+                          for flag in ("-res-usage", "-sass"))
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"cuobjdump printed no resource usage:\n{usage}")
-    return int(found[1]), int(found[2]), len(re.findall(r"\b[HQ]GMMA\b|\bHMMA\b", sass))
+    return int(found[1]), int(found[2]), listing
+
+
+def _cubin_facts(cubin: bytes) -> tuple[int, int, int]:
+    """Registers and spill stack per thread, and the count of tensor-core instructions (HGMMA:
+    Hopper's wgmma, HMMA: mma.sync) in the SASS."""
+    registers, stack, listing = sass(cubin)
+    return registers, stack, len(re.findall(r"\b[HQ]GMMA\b|\bHMMA\b", listing))
 
 
 def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
@@ -233,7 +242,7 @@ def _precompile_one(spec, dk, dv, dtype, state_dtype, capability, kernel, num_wa
 def precompile(ops: list, dims: list[tuple[int, int]], dtype: torch.dtype = torch.bfloat16,
                state_dtype: torch.dtype | None = torch.float32, capability: int | None = None,
                workers: int | None = None) -> Iterator[Precompiled]:
-    """Compile each op's forward and backward kernels at each (dk, dv), in every configuration its
+    """Compile each op's kernels (forward, backward, stage) at each (dk, dv), in every configuration its
     autotuner tries, for sm_`capability` (default: this process's GPU), in `workers` processes
     (default: one per CPU core), into Triton's on-disk cache (TRITON_CACHE_DIR). Yields each job
     as it finishes. The launch form must match the calls to come (see `launches`): inputs of
@@ -244,10 +253,10 @@ def precompile(ops: list, dims: list[tuple[int, int]], dtype: torch.dtype = torc
             raise CannotCompile("no GPU here: name the target's compute capability (--sm)")
         major, minor = torch.cuda.get_device_capability()
         capability = 10 * major + minor
-    for op in ops:
-        launches(op, *dims[0], dtype, state_dtype)  # refuses what cannot compile, before forking
+    # the kernels of each op; refuses what cannot compile, before forking
+    kernels = [list(launches(op, *dims[0], dtype, state_dtype)) for op in ops]
     jobs = [(op.spec, dk, dv, dtype, state_dtype, capability, kernel, warps, stages)
-            for op in ops for dk, dv in dims for kernel in ("fwd", "bwd")
+            for op, names in zip(ops, kernels, strict=True) for dk, dv in dims for kernel in names
             for warps, stages in configs(op)]
     context = multiprocessing.get_context("spawn")  # a forked CUDA context would not work
     with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=context) as pool:

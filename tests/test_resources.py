@@ -92,18 +92,23 @@ def test_every_shipped_spec_compiles_for_sm90(env, tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert {(r["spec"], r["kernel"]) for r in rows} == {(s, k) for s in names for k in ("fwd", "bwd")}
+    staged = {"deltanet", "gated_deltanet"}  # the exact path: the inverse has a stage of its own
+    assert {(r["spec"], r["kernel"]) for r in rows} == {
+        (s, k) for s in names for k in ("fwd", "bwd") + (("stage",) if s in staged else ())}
     for r in rows:
         assert 0 < r["registers"] <= 255 and 0 < r["shared"] <= r["limit"], r
 
 
 def test_value_blocks_fit_hopper_at_head_dim_128(env):
     """gated_deltanet at D=128: with its value columns in blocks, the backward's shared memory
-    fits sm_90's 227 KiB (one program holding all 128 columns needed 368 KiB)."""
+    fits sm_90's 227 KiB (one program holding all 128 columns needed 368 KiB); so do its forward
+    and its state-free stage."""
     done = _mirasc(env, "resources", "specs/gated_deltanet.yaml", "--head-dim", "128", "--first")
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("fwd", "bwd"))]
-    assert [r[0] for r in rows] == ["fwd", "bwd"] and all(r[-1] == "yes" for r in rows), done.stdout
+    rows = [line.split() for line in done.stdout.splitlines()
+            if line.startswith(("fwd", "bwd", "stage"))]
+    assert [r[0] for r in rows] == ["stage", "fwd", "bwd"], done.stdout
+    assert all(r[-1] == "yes" for r in rows), done.stdout
 
 
 def test_hidden_blocks_fit_hopper_at_head_dim_64(env):
@@ -161,15 +166,16 @@ def test_precompiled_kernels_are_the_autotuners(env, tmp_path):
 
 def test_a_kernel_that_does_not_fit_is_named(env, tmp_path):
     """A depth-3 MLP has a hidden-to-hidden weight, so its state cannot pass in blocks of hidden
-    units: at D=32 (hidden width 128) its backward needs more shared memory than sm_90's 227 KiB;
-    the command says which kernel at which dims, and exits 1."""
+    units: at D=64 (hidden width 256) its backward needs more shared memory than sm_90's 227 KiB
+    (426 KiB with bf16 tiles; at D=32 they fit since the tiles are bf16); the command says which
+    kernel at which dims, and exits 1."""
     spec = tmp_path / "deep.yaml"
     spec.write_text("name: deep\nmemory: {kind: mlp, depth: 3, expansion: 4}\nbias: {kind: l2}\n"
                     "retention: {kind: none}\nlearner: {kind: gd, eta: {}}\nchunk_size: 16\n")
-    done = _mirasc(env, "resources", str(spec), "--head-dim", "32", "--first")
+    done = _mirasc(env, "resources", str(spec), "--head-dim", "64", "--first")
     assert done.returncode == 1, done.stdout + done.stderr[-3000:]
     assert "no launch configuration of the bwd kernel fits sm_90" in done.stderr
-    assert "Dk=32, Dv=32" in done.stderr
+    assert "Dk=64, Dv=64" in done.stderr
 
 
 def test_bad_arguments_are_refused(env):
@@ -187,3 +193,26 @@ def test_bad_arguments_are_refused(env):
 def test_precompile_without_a_gpu_needs_the_target(env):
     done = _mirasc(env, "precompile", "specs/ttt_linear.yaml")
     assert done.returncode == 2 and "no GPU here" in done.stderr and "--sm" in done.stderr
+
+
+def test_static_sets_mirasc_beside_fla(env, tmp_path):
+    """`python -m benchmarks static` (simple_gla, B=1, T=256, H=2, D=64, first configuration):
+    rows for mirasc's forward and backward kernels and for fla's, each compiled for sm_90; the
+    grid is the launch's (mirasc: one program per sequence, head and block of 64 value columns;
+    fla's output kernel: one per chunk of 64 tokens and head); bf16 inputs reach the tensor cores
+    as bf16, and the loop of mirasc's chunk steps is found in the SASS."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "static", "--specs", "simple_gla",
+                           "--length", "256", "--heads", "2", "--dim", "64", "--configs", "1",
+                           "--out", str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "static.json").read_text())["rows"]
+    kernels = {(r["impl"], r["pass"], r["kernel"]): r for r in rows}
+    fwd, bwd = kernels["mirasc", "fwd", "simple_gla_fwd_kernel"], \
+        kernels["mirasc", "bwd", "simple_gla_bwd_kernel"]
+    assert fwd["programs"] == 2 and bwd["programs"] == 4  # BV = 64 forward, 32 backward
+    assert kernels["fla", "fwd", "chunk_fwd_kernel_o"]["programs"] >= 4 * 2
+    assert {impl for impl, _, _ in kernels} == {"mirasc", "fla"}
+    for r in (fwd, bwd):
+        assert r["half_share"] == 100 and "bf16" in r["tensor_core"], r
+        assert r["loop"] > 100 and r["registers"] > 0 and r["tried"] == "1/2", r

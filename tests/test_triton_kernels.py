@@ -4,9 +4,12 @@ reference of the same chunking: the output, the final state and every input grad
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import axis_spec, op_from_yaml
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
@@ -223,19 +226,47 @@ def test_every_bias_in_float32(bias, tmp_path, monkeypatch):
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float32)
 
 
+HALF_TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # unit roundoff 4.9e-4, 3.9e-3
+
+
+def _leaves(inputs: dict) -> list[torch.Tensor]:
+    return [x for v in inputs.values() for x in (v if isinstance(v, tuple) else (v,))]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs_accumulate_in_float32(dtype):
-    """bf16/fp16 inputs: tiles are loaded into float32 (so the interpreter's half-precision dot
-    is never used); compare with the float32 reference of the same rounded inputs."""
-    op = mirasc.compile("specs/gated_deltanet.yaml")
-    half = random_inputs(op, batch=1, length=40, heads=2, dk=8, dv=8, dtype=dtype)
-    o, (state,) = op(**half, output_final_state=True)
-    assert o.dtype == dtype and state.dtype == torch.float32
+@pytest.mark.parametrize("spec", ["gated_deltanet", "simple_gla"])
+def test_half_precision_inputs_accumulate_in_float32(spec, dtype):
+    """bf16/fp16 inputs: matmul operands in the input dtype, float32 accumulation and state;
+    output, final state and every input gradient against the float32 reference of the same
+    rounded inputs. fp16 runs the half-operand path here; bf16 takes float32 operands in the
+    interpreter, whose bf16 dot is wrong (Triton 3.9)."""
+    op = mirasc.compile(f"specs/{spec}.yaml")
+    half = random_inputs(op, batch=1, length=40, heads=2, dk=16, dv=16, dtype=dtype)
     wide = {k: (tuple(x.float() for x in v) if isinstance(v, tuple) else v.float())
             for k, v in half.items()}
-    o_ref, (state_ref,) = op.reference(**wide, output_final_state=True)
-    assert relative_error(o, o_ref) < 1e-2
-    assert relative_error(state, state_ref) < 1e-3
+    runs = []
+    for inputs, run in ((half, op), (wide, op.reference)):
+        leaves = [x.requires_grad_() for x in _leaves(inputs)]
+        o, (state,) = run(**inputs, output_final_state=True, chunk_size=op.oracle_chunk_size) \
+            if run is op.reference else run(**inputs, output_final_state=True)
+        cotangent = torch.linspace(-1, 1, o.numel()).view_as(o)
+        grads = torch.autograd.grad((o.float() * cotangent).sum(), leaves)
+        runs.append((o, state, grads))
+    (o, state, grads), (o_ref, state_ref, grads_ref) = runs
+    assert o.dtype == dtype and state.dtype == torch.float32
+    errors = [relative_error(o, o_ref), relative_error(state, state_ref)]
+    errors += [relative_error(g, r) for g, r in zip(grads, grads_ref, strict=True)]
+    assert max(errors) < HALF_TOLERANCE[dtype], errors
+
+
+def test_matmul_operands_by_input_dtype(monkeypatch):
+    """The precision of each path: half inputs reach tensor cores in their own dtype, float32 and
+    float64 inputs keep exact dots in their dtype."""
+    module = load_module(mirasc.compile("specs/simple_gla.yaml").spec)
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    assert [module._operands(d) for d in (torch.bfloat16, torch.float16, torch.float32,
+                                          torch.float64)] == [tl.bfloat16, tl.float16,
+                                                              tl.float32, tl.float64]
 
 
 SPLIT_CASES = {  # steps that never mix DV columns: gates per head, per key channel, per value channel
@@ -271,6 +302,25 @@ def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     packed = varlen_inputs(op, [0, 9, 30], dk=5, dv=37)
     _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
     assert {grid[2] for grid in module._fwd.grids + module._bwd.grids} == {3}
+
+
+@pytest.mark.parametrize("spec", ["deltanet", "gated_deltanet"])
+def test_state_free_stage_runs_per_chunk(spec, monkeypatch):
+    """The exact path's (I + A)^-1 reads no state: the stage kernel computes it with one program
+    per chunk and head (sequences of 100 and 37 tokens in chunks of 64: 2 + 1 chunks, batched
+    and packed), before the forward and again before the backward; the chunk steps only load it."""
+    op, module = _compiled(f"specs/{spec}.yaml", None, monkeypatch)
+    source = Path(module.__file__).read_text()
+    assert "_tri_inv(" not in source.split(f"def {spec}_fwd_kernel")[1]
+    monkeypatch.setattr(module, "_stage", _Grids(module._stage))
+    inputs = random_inputs(op, batch=2, length=100, heads=2, dk=6, dv=5)
+    _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
+    grids = module._stage.grids
+    assert set(grids) == {(4, 2)} and len(grids) >= 2
+    grids.clear()
+    packed = varlen_inputs(op, [0, 100, 137], dk=6, dv=5)
+    _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
+    assert set(grids) == {(3, 2)} and len(grids) >= 2
 
 
 STREAM_CASES = {  # MLP memories: the state passes through global memory in blocks of hidden units
@@ -386,6 +436,26 @@ def test_unwritten_outputs_would_show(monkeypatch):
     op = mirasc.compile("specs/simple_gla.yaml")
     inputs = random_inputs(op, batch=1, length=70, heads=3, dk=5, dv=9)
     _assert_close(compare(op, inputs, chunk_size=op.spec.chunk_size), torch.float64)
+
+
+@triton.jit
+def _invert(a_ptr, x_ptr, BT: tl.constexpr, INVERT: tl.constexpr, PRECISION: tl.constexpr):
+    offs = tl.arange(0, BT)
+    tile = offs[:, None] * BT + offs[None, :]
+    tl.store(x_ptr + tile, INVERT(tl.load(a_ptr + tile), BT, PRECISION))
+
+
+@pytest.mark.parametrize("rows", [16, 32, 128])
+def test_blocked_triangular_inverse(rows):
+    """The kernels' (I + A)^-1 (16-row blocks by substitution, merged by products) equals a
+    triangular solve, for one block, one merge and three; A with entries of either sign."""
+    module = load_module(mirasc.compile("specs/deltanet.yaml").spec)
+    a = (torch.randn(rows, rows, dtype=torch.float64) * 0.4).tril(-1)
+    x = torch.full_like(a, float("nan"))
+    _invert[(1,)](a, x, rows, module._tri_inv, "ieee")
+    eye = torch.eye(rows, dtype=a.dtype)
+    expected = torch.linalg.solve_triangular(eye + a, eye, upper=False, unitriangular=True)
+    assert relative_error(x, expected) < 1e-13
 
 
 def test_same_spec_same_bytes():

@@ -1,0 +1,213 @@
+"""mirasc's kernels beside fla's for the same op, compiled for sm_90 without a GPU.
+
+The op and its fla peer (`benchmarks.peers.FLA_PEERS`) run forward and backward on CPU tensors
+at the benchmark shape while every Triton launch is recorded instead of run (the kernel, its
+arguments, each configuration its autotuner would time, the grid). Each launch is then compiled
+for the target by Triton and its ptxas under mirasc's stand-in driver (`mirasc.resources`), and
+its cubin read: registers and spill stack per thread, shared memory per program, tensor-core
+instructions by operand type, and the static instructions of its largest loop (for a kernel
+that walks the chunks, one chunk step: a static estimate of the dynamic instructions per
+sequential step, per warp, inner loops counted once). Without a GPU the autotuner's choice is
+unknown: of the configurations compiled, the row shows the one that spills least (then uses
+fewest registers). fla is imported as on an H100 (sm_90, 227 KiB of shared memory, 132 SMs), so
+it picks its configuration lists as there."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from types import SimpleNamespace
+from unittest import mock
+
+import torch
+
+import mirasc
+from benchmarks.common import SPECS, leaves, table
+from benchmarks.peers import FLA_PEERS
+from mirasc.check import random_inputs
+from mirasc.resources import SHARED_LIMIT, compiling_for, sass
+
+COLUMNS = [("impl", "impl", ""), ("pass", "pass", ""), ("kernel", "kernel", ""),
+           ("programs", "programs", "d"), ("tried", "configs", ""),
+           ("num_warps", "warps", "d"), ("num_stages", "stages", "d"),
+           ("registers", "registers", "d"), ("spill_bytes", "spill B", "d"),
+           ("shared_kib", "shared KiB", ".0f"), ("tensor_core", "tensor-core ops", ""),
+           ("half_share", "bf16/fp16 %", ".0f"), ("loop", "loop instr", "d"),
+           ("seconds", "compile s", ".1f")]
+
+
+@dataclass
+class Launch:
+    """One recorded launch of a Triton kernel in each configuration its autotuner would time."""
+
+    kernel: object               # the JITFunction
+    args: tuple
+    configs: list[dict]          # the keyword arguments of each configuration's launch
+    grid: tuple[int, ...]
+
+
+def _grid(kernel, args, kwargs, grid) -> tuple[int, ...]:
+    """The launch grid, evaluating a grid function on the bound arguments as Triton does."""
+    if not callable(grid):
+        return tuple(grid)
+    params = kernel.signature.parameters
+    bound = kernel.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in params})
+    bound.apply_defaults()
+    return tuple(grid(dict(bound.arguments)))
+
+
+@contextlib.contextmanager
+def recording(launches: list[Launch]):
+    """Within it, Triton launches append to `launches` and run nothing; an autotuned launch is
+    recorded once with every configuration its autotuner holds."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    compile_only = JITFunction.run
+    tuned: list[list[dict]] = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if warmup:
+            return compile_only(self, *args, grid=grid, warmup=warmup, **kwargs)
+        if tuned:
+            tuned[-1].append(kwargs)
+            if len(tuned[-1]) > 1:
+                return None
+        launches.append(Launch(self, args, tuned[-1] if tuned else [kwargs],
+                               _grid(self, args, kwargs, grid)))
+        return None
+
+    def tune(self, *args, **kwargs):
+        tuned.append([])
+        try:
+            for config in self.configs:
+                self.fn.run(*args, **kwargs, **config.all_kwargs())
+        finally:
+            tuned.pop()
+
+    with mock.patch.object(JITFunction, "run", run), mock.patch.object(Autotuner, "run", tune):
+        yield
+
+
+@contextlib.contextmanager
+def _hopper(capability: int):
+    """The stand-in driver and torch.cuda's queries answering as an H100 would, for libraries
+    that read the GPU when imported (fla picks its configuration lists so)."""
+    properties = {"max_shared_mem": SHARED_LIMIT[capability], "multiprocessor_count": 132}
+    with compiling_for(capability):
+        from triton.runtime.driver import driver
+
+        driver.active.utils = SimpleNamespace(get_device_properties=lambda index: properties)
+        with mock.patch("torch.cuda.get_device_name", return_value="NVIDIA H100 80GB HBM3"), \
+                mock.patch("torch.cuda.get_device_capability",
+                           return_value=divmod(capability, 10)), \
+                mock.patch("torch.cuda.device_count", return_value=1), \
+                mock.patch("torch.cuda.current_device", return_value=0):
+            yield
+
+
+def record(spec: str, batch: int, length: int, heads: int, dim: int,
+           capability: int) -> dict[tuple[str, str], list[Launch]]:
+    """(impl, pass): the launches of the op's kernels ("mirasc") and of its fla peer ("fla") in
+    the forward and in the backward, on bf16 inputs [batch, length, heads, dim]."""
+    with _hopper(capability):
+        import fla.ops  # noqa: F401 - imported as on the target
+
+    op = mirasc.compile(SPECS / f"{spec}.yaml")
+    if spec not in FLA_PEERS:
+        raise ValueError(f"{spec}: fla has no peer of it; allowed: {', '.join(sorted(FLA_PEERS))}")
+    peer = FLA_PEERS[spec](op, "cuda")
+    if isinstance(peer, str):
+        raise ValueError(f"{spec}: {peer}")
+    x = random_inputs(op, batch, length, heads, dim, dim, torch.bfloat16,
+                      state_dtype=torch.float32)
+    runs = {"mirasc": lambda inputs: op(**inputs)[0], "fla": lambda inputs: peer.run(inputs, False)[0]}
+    recorded = {}
+    with mock.patch("mirasc.runtime.interpreting", return_value=True):  # the op's kernel path
+        for impl, run in runs.items():
+            inputs = leaves(x)
+            with recording(forward := []):
+                o = run(inputs)
+            with recording(backward := []):
+                o.float().sum().backward()
+            recorded[impl, "fwd"], recorded[impl, "bwd"] = forward, backward
+    return recorded
+
+
+def _loop(text: str) -> int | None:
+    """Instructions in the largest loop of a SASS listing: the span from a branch's target back
+    to the branch when the target lies before it (16 bytes per instruction), or None."""
+    spans = [(int(at, 16) - int(to, 16)) // 16 + 1
+             for at, to in re.findall(r"/\*([0-9a-f]+)\*/[^;]*?\bBRA\s+0x([0-9a-f]+)", text)
+             if int(to, 16) < int(at, 16)]
+    return max(spans, default=None)
+
+
+def _tensor_core(text: str) -> Counter:
+    """Tensor-core instructions by operand type (HGMMA: wgmma, HMMA: mma.sync; fp16 operands
+    carry no suffix in the opcode)."""
+    kinds = Counter()
+    for opcode in re.findall(r"\b(?:HGMMA|HMMA)\.[\w.]+", text):
+        last = opcode.rsplit(".", 1)[-1]
+        kinds[last.lower() if last in ("BF16", "TF32", "E4M3", "E5M2") else "fp16"] += 1
+    return kinds
+
+
+def compile_launch(launch: Launch, capability: int, most: int) -> dict:
+    """The launch compiled in its first `most` configurations: the row of the one that spills
+    least (then uses fewest registers), with the compile seconds of all."""
+    rows = []
+    for kwargs in launch.configs[:most]:
+        start = time.perf_counter()
+        with compiling_for(capability), contextlib.redirect_stdout(io.StringIO()):  # ptxas
+            compiled = launch.kernel.warmup(*launch.args, grid=(1,), **kwargs)
+        registers, stack, listing = sass(compiled.asm["cubin"])
+        kinds = _tensor_core(listing)
+        rows.append({
+            "num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3),
+            "registers": registers, "spill_bytes": stack,
+            "shared_kib": compiled.metadata.shared / 1024,
+            "tensor_core": ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "0",
+            "half_share": 100 * (kinds["bf16"] + kinds["fp16"]) / sum(kinds.values())
+            if kinds else None,
+            "loop": _loop(listing), "seconds": time.perf_counter() - start})
+    best = min(rows, key=lambda r: (r["spill_bytes"], r["registers"]))
+    return best | {"seconds": sum(r["seconds"] for r in rows),
+                   "tried": f"{len(rows)}/{len(launch.configs)}"}
+
+
+def benchmark(specs: list[str], batch: int, length: int, heads: int, dim: int, capability: int,
+              most: int) -> list[dict]:
+    """One row per spec, implementation, pass and distinct kernel launch."""
+    rows = []
+    for spec in specs:
+        for (impl, name), launches in record(spec, batch, length, heads, dim, capability).items():
+            seen = set()
+            for launch in launches:
+                key = (launch.kernel.fn.__qualname__, repr(sorted(
+                    (k, v) for k, v in launch.configs[0].items() if not isinstance(v, torch.Tensor))))
+                if key in seen:
+                    continue
+                seen.add(key)
+                programs = 1
+                for size in launch.grid:
+                    programs *= size
+                rows.append({"spec": spec, "impl": impl, "pass": name,
+                             "kernel": launch.kernel.fn.__name__, "programs": programs}
+                            | compile_launch(launch, capability, most))
+    return rows
+
+
+def report(rows: list[dict], shape: tuple, capability: int, most: int, environment: str) -> str:
+    lines = [environment,
+             f"kernels compiled for sm_{capability}, bf16 inputs, (B, T, H, D) = {shape}; nothing "
+             f"ran. configs: compiled / held by the autotuner (the first {most}); the row is the "
+             "one that spills least. loop instr: static SASS instructions of the largest loop "
+             "(a kernel walking the chunks: one chunk step, per warp; an estimate)", ""]
+    for spec in dict.fromkeys(r["spec"] for r in rows):
+        lines += [spec, table([r for r in rows if r["spec"] == spec], COLUMNS), ""]
+    return "\n".join(lines)
