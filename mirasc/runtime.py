@@ -384,26 +384,32 @@ def run_module(path: Path, text: str) -> ModuleType:
     return module
 
 
-_loaded: dict[Path, ModuleType] = {}  # module files this process verified and ran
+_written: set[Path] = set()  # cache files this process found holding, or wrote, the rendered text
+_modules: dict[str, ModuleType] = {}  # by file name (spec name and digest): run once per process,
+# since a module registers its custom ops under the spec's name, and running it again would
+# replace the registrations that the ops of the first run call
 
 
 def load_module(spec: Spec) -> ModuleType:
     """The generated module of `spec`, from the cache: rendered, written unless the cached file
-    holds the same text, and run from that rendered text (once per process and file)."""
+    holds the same text, and run from that rendered text (once per process)."""
     from mirasc.codegen import render_module
 
     target = module_path(spec)
+    if target in _written:
+        return _modules[target.stem]
+    text = render_module(spec)
     try:
-        if target not in _loaded:
-            text = render_module(spec)
-            if not target.exists() or target.read_text() != text:
-                write_atomic(target, text)
-            _loaded[target] = run_module(target, text)
+        if not target.exists() or target.read_text() != text:
+            write_atomic(target, text)
     except OSError as exc:
         raise CacheError(f"cannot use the compile cache {cache_dir()}: {exc.strerror or exc} "
                          f"({exc.filename or target}); set MIRASC_CACHE_DIR to a writable "
                          "directory") from None
-    return _loaded[target]
+    if target.stem not in _modules:
+        _modules[target.stem] = run_module(target, text)
+    _written.add(target)
+    return _modules[target.stem]
 
 
 def compile(source: str | Path | Spec) -> MirasOp:  # noqa: A001 - the public verb is `mirasc.compile`

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import mirasc
-from mirasc import reference, runtime
+from mirasc import reference
 from mirasc.check import compare, random_inputs, relative_error
 from mirasc.codegen import render_module, render_reference_module, triton_unsupported
 from mirasc.derive import derive
@@ -249,9 +249,23 @@ def test_write_atomic_honours_the_umask(tmp_path):
     assert (tmp_path / "private.py").stat().st_mode & 0o777 == 0o600
 
 
-def test_a_planted_bytecode_file_never_runs(tmp_path, monkeypatch):
+def test_a_module_runs_once_per_process_whatever_the_cache_dir(tmp_path, monkeypatch):
+    """A module registers its custom ops under the spec's name: running it again (for a second
+    cache directory) would replace the registrations the first op calls. The file is still
+    verified and written in each directory."""
+    spec = load_spec(ROOT / "specs" / "simple_gla.yaml")
+    monkeypatch.setenv("MIRASC_CACHE_DIR", str(tmp_path / "first"))
+    first = mirasc.compile(spec)
+    monkeypatch.setenv("MIRASC_CACHE_DIR", str(tmp_path / "second"))
+    assert mirasc.compile(spec) is first
+    for folder in ("first", "second"):
+        assert (tmp_path / folder / module_path(spec).name).read_text() == render_module(spec)
+
+
+def test_a_planted_bytecode_file_never_runs(tmp_path, _cache):
     """Bytecode beside a verified module, with a header that matches the module's source, is
-    what Python's own loader would run; the cache runs the verified text instead."""
+    what Python's own loader would run; the cache runs the verified text instead (in a new
+    process, as the next user of the cache would)."""
     spec = load_spec(ROOT / "specs" / "simple_gla.yaml")
     mirasc.compile(spec)
     path = module_path(spec)
@@ -266,10 +280,14 @@ def test_a_planted_bytecode_file_never_runs(tmp_path, monkeypatch):
     loader.loader.exec_module(importlib.util.module_from_spec(loader))
     assert marker.exists()  # the plant works: Python's loader ran it
     marker.unlink()
-    monkeypatch.setattr(runtime, "_loaded", {})  # as in a new process
-    op = mirasc.compile(spec)
+    child = ("import sys, mirasc; op = mirasc.compile(sys.argv[1]); "
+             "print(type(op).__name__, op.spec.name)")
+    run = subprocess.run([PYTHON, "-c", child, str(ROOT / "specs" / "simple_gla.yaml")],
+                         capture_output=True, text=True, timeout=300,
+                         env=_env(MIRASC_CACHE_DIR=str(_cache)))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["MirasOp", "simple_gla"]
     assert not marker.exists()
-    assert isinstance(op, MirasOp) and op.spec == spec
 
 
 # ---- the generated op against its reference ---------------------------------------------------
