@@ -394,8 +394,9 @@ def _read_map(gr: Graph, d: Derivation, z: str) -> str:
         smask = _dim_mask(gr, cols)
     elif smask not in gr.g:
         ew(gr, lambda a, b: a * b, gr.trans(_dim_mask(gr, rows)), _dim_mask(gr, cols), name=smask)
-    if rule.elementwise is not None:
-        return ew(gr, lambda a, m: rule.elementwise.subs(Z, a) * m, z, smask)
+    if rule.elementwise is not None:  # selected, not multiplied: phi^-1' may be inf at a padded 0
+        return ew(gr, lambda a, m: sp.Piecewise((rule.elementwise.subs(Z, a), m > 0), (0, True)),
+                  z, smask)
     axes = {"matrix": (1, 0), "row": (1,), "column": (0,)} if rows != 1 else dict.fromkeys(
         ("matrix", "row", "column"), (1,))
     if rule.kind == "lq":  # Z / (sum |Z|^q + eps)^((q-2)/q), or the p-norm link's sign(Z)|Z|^(q-1)

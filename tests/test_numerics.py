@@ -217,3 +217,17 @@ def test_large_decays_match_the_reference(compiled, spec, backend, dtype):
     inputs["log_alpha"] = -15 - 10 * torch.rand(inputs["log_alpha"].shape, generator=gen,
                                                 dtype=torch.float64)
     _assert_matches_reference(op, inputs, dtype, backend)
+
+
+@pytest.mark.parametrize("potential", ["w**4", "w*log(w) - w"])
+def test_a_mirror_map_on_padded_columns_stays_finite(potential, tmp_path, monkeypatch):
+    """Head dims below the tile's width leave padded state entries at 0, where the inverse of
+    w**4's gradient, sign(z) |z/4|^(1/3), has an infinite slope: the map is selected on the real
+    entries, never multiplied by their mask (0 * inf = NaN)."""
+    monkeypatch.setenv("MIRASC_CACHE_DIR", str(tmp_path))
+    op = mirasc.compile(f"name: mirror_padded\nmemory: {{kind: matrix}}\nbias: {{kind: l2}}\n"
+                        f"retention: {{kind: mirror, potential: '{potential}', decay: {{}}}}\n"
+                        "learner: {kind: gd, eta: {}}\nchunk_size: 8\n")
+    inputs = random_inputs(op, batch=1, length=13, heads=2, dk=12, dv=12, dtype=torch.float64)
+    errors = compare(op, inputs, chunk_size=op.oracle_chunk_size)
+    assert errors and max(errors.values()) < 1e-10, errors
