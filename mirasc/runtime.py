@@ -297,6 +297,23 @@ class MirasOp:
         return state
 
 
+_CUSTOM_OPS: dict[str, object] = {}  # generated modules' custom ops by name, the first registered
+
+
+def custom_op(name: str):
+    """`torch.library.custom_op(name)`, once per process. A generated module run a second time (a
+    copy imported from `mirasc compile`'s output beside the cached one) takes the op the first
+    registered: a second registration under the name would take the first's place under the ops
+    that call it (the same code either way, as the name includes the spec's digest)."""
+
+    def define(fn):
+        if name not in _CUSTOM_OPS:
+            _CUSTOM_OPS[name] = torch.library.custom_op(name, mutates_args=())(fn)
+        return _CUSTOM_OPS[name]
+
+    return define
+
+
 def per_sequence(run, q, k, v, per_token: dict, state, cu_seqlens):
     """run(q, k, v, per_token, state) -> (o [B, T, H, DV], final states) on the batch or, with
     cu_seqlens, on each packed sequence: per-token inputs [1, T, H(, D)] sliced along T (None kept),

@@ -262,6 +262,24 @@ def test_a_module_runs_once_per_process_whatever_the_cache_dir(tmp_path, monkeyp
         assert (tmp_path / folder / module_path(spec).name).read_text() == render_module(spec)
 
 
+def test_a_copy_of_a_module_shares_the_custom_ops_of_the_first(tmp_path):
+    """`mirasc compile`'s output imported beside the cached module of the same spec: torch keeps
+    one registration per op name, so the copy takes the first module's ops instead of replacing
+    them under the ops that call them."""
+    spec = load_spec(ROOT / "specs" / "deltanet.yaml")
+    cached = load_module(spec)
+    copy_path = tmp_path / "deltanet_copy.py"
+    copy_path.write_text(render_module(spec))
+    loader = importlib.util.spec_from_file_location("deltanet_copy", copy_path)
+    copy = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(copy)
+    assert copy.forward is cached.forward and copy.backward is cached.backward
+    inputs = random_inputs(cached.op, batch=1, length=7, heads=2, dk=4, dv=4)
+    for op in (cached.op, copy.op):
+        errors = compare(op, inputs, chunk_size=op.oracle_chunk_size)
+        assert max(errors.values()) < 1e-10, errors
+
+
 def test_a_planted_bytecode_file_never_runs(tmp_path, _cache):
     """Bytecode beside a verified module, with a header that matches the module's source, is
     what Python's own loader would run; the cache runs the verified text instead (in a new
