@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from mirasc.spec import Spec, SpecError, load_spec, parse_spec, read_spec
+from mirasc.spec import Spec, SpecError, parse_spec, read_spec
 
 SUFFIXES = (".yaml", ".yml")
 
@@ -54,7 +54,5 @@ def resolve(source: str | Path | Spec) -> Spec:
     """A validated `Spec` from itself, a shipped name, a YAML file or YAML text."""
     if isinstance(source, Spec):
         return source
-    if isinstance(source, Path):
-        return load_spec(source)
     text, where = spec_text(source)
     return parse_spec(text, source=where)

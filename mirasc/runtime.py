@@ -403,8 +403,7 @@ def run_module(path: Path, text: str) -> ModuleType:
 
 _written: set[Path] = set()  # cache files this process found holding, or wrote, the rendered text
 _modules: dict[str, ModuleType] = {}  # by file name (spec name and digest): run once per process,
-# since a module registers its custom ops under the spec's name, and running it again would
-# replace the registrations that the ops of the first run call
+# so every cache directory's op of a spec is the same object, on the same custom ops (`custom_op`)
 
 
 def load_module(spec: Spec) -> ModuleType:
