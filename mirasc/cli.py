@@ -156,10 +156,10 @@ def resources(spec: SpecSource,
         raise typer.Exit(2) from None
     typer.echo(f"{op.spec.name}: Dk={head_dim}, Dv={dv}, {dtype}, sm_{sm} (shared memory limit "
                f"{SHARED_LIMIT[sm] // 1024} KiB per block)")
-    typer.echo(f"{'kernel':<6}  {'warps':>5}  {'stages':>6}  {'registers':>9}  {'spill B':>7}  "
+    typer.echo(f"{'kernel':<9}  {'warps':>5}  {'stages':>6}  {'registers':>9}  {'spill B':>7}  "
                f"{'tensor-core ops':>15}  {'shared KiB':>10}  fits")
     for u in rows:
-        head = f"{u.kernel:<6}  {u.num_warps:>5}  {u.num_stages:>6}  "
+        head = f"{u.kernel:<9}  {u.num_warps:>5}  {u.num_stages:>6}  "
         if u.error is not None:
             typer.echo(f"{head}ptxas refused it: {u.error}")
             continue

@@ -9,7 +9,6 @@ from importlib import resources
 from pathlib import Path
 
 import jinja2
-import networkx as nx
 import sympy as sp
 
 import mirasc
@@ -230,30 +229,62 @@ def _expression(graph, n) -> str:
 
 def _emit(graph, nodes, indent=_INDENT, staged=()) -> list[str]:
     """Triton statements computing `nodes` (in order), skipping the loaded and built tiles; a
-    `staged` node is loaded from the buffer the stage kernel wrote."""
-    return [f"{indent}{n} = " + (f"_chunk_tile({n}_ptr, first_chunk + i_t, seg, i_h, H, BT, "
-                                 "SEGMENTS)" if n in staged else _expression(graph, n))
-            for n in nodes if graph.node(n)["op"] not in ("input", "const")]
+    `staged` node is loaded from the buffer its stage kernel wrote."""
+    return [f"{indent}{n} = tl.load({_stage_at(graph, n)})" if n in staged
+            else f"{indent}{n} = {_expression(graph, n)}"
+            for n in nodes if n in staged or graph.node(n)["op"] not in ("input", "const")]
 
 
-def _staged(step) -> list[str]:
-    """The triangular inverses that read no state: the stage kernel computes them for every
-    chunk at once, and the chunk steps load them."""
-    graph = step.graph
-    return [n for n in graph.order() if graph.node(n)["op"] == "tri_inv"
-            and not nx.ancestors(graph.g, n) & set(step.states)]
+_STAGE_DIMS = {"T": ("BT", "offs_t"), "DK": ("BK", "offs_k"), "DV": ("BDV", "offs_v"), 1: ("1", "")}
+STAGED_CONSTS = ("tainted", "qbad")  # consts that read every input: a stage computes them once
 
 
-def _plan_past(graph, targets, staged) -> tuple[str, ...]:
-    """`ir.plan` of `targets` that stops at the `staged` nodes (their inputs are not needed)."""
-    keep, todo = set(), list(targets)
+def _stageable(graph, n) -> bool:
+    """Whether a state-free node can be a stage kernel's output: a tile of the chunk's rows (or
+    one row), not a loaded input and not a state-shaped tile, which the pass computes itself
+    rather than move one per chunk through memory."""
+    node = graph.node(n)
+    rows, cols = node["shape"]
+    computed = node["op"] not in ("input", "const", "broadcast", "trans") or \
+        node.get("kind") in STAGED_CONSTS
+    return computed and rows in ("T", 1) and cols != "DH"
+
+
+def _frontier(graph, targets, live) -> tuple[str, ...]:
+    """The state-free tiles that the nodes of `targets` depending on `live` (the states, their
+    cotangents) read: what a stage kernel computes for every chunk at once, so that the
+    sequential pass only loads them. A state-free node that cannot be staged runs in the pass,
+    and its own state-free inputs join the frontier."""
+    nodes = ir.plan(graph, targets)
+    dep = set(live)
+    for n in nodes:
+        if any(i in dep for i in graph.node(n)["inputs"]):
+            dep.add(n)
+    staged, todo = set(), [i for n in nodes if n in dep for i in graph.node(n)["inputs"]]
     while todo:
         n = todo.pop()
-        if n not in keep:
-            keep.add(n)
-            if n not in staged:
-                todo.extend(graph.g.predecessors(n))
-    return tuple(n for n in graph.order() if n in keep)
+        if n in dep or n in staged:
+            continue
+        if _stageable(graph, n):
+            staged.add(n)
+        else:
+            dep.add(n)
+            todo.extend(graph.node(n)["inputs"])
+    return tuple(n for n in graph.order() if n in staged)
+
+
+def _stage_at(graph, n) -> str:
+    """The address of node n's tile in its stage buffer [chunks * SEGMENTS, H, rows * cols] (the
+    tile padded to its blocks) at this step (`srow`)."""
+    (rows, r), (cols, c) = (_STAGE_DIMS[x] for x in graph.shape(n))
+    index = {(True, True): f"{r}[:, None] * {cols} + {c}[None, :]", (True, False): f"{r}[:, None]",
+             (False, True): f"{c}[None, :]", (False, False): "tl.zeros([1, 1], dtype=tl.int32)"}
+    return f"{n}_ptr + srow * ({rows} * {cols}) + {index[bool(r), bool(c)]}"
+
+
+def _stage_sizes(graph, staged) -> list[tuple[str, str, str, str]]:
+    """(node, rows, cols, address) of each stage buffer, the dims as the launcher's block sizes."""
+    return [(n, *(_STAGE_DIMS[x][0] for x in graph.shape(n)), _stage_at(graph, n)) for n in staged]
 
 
 _BLOCK_HEADER = """for i_hb in range(0, tl.cdiv(DH, BH)):  # the blocks of hidden units, one at a time
@@ -262,19 +293,20 @@ _BLOCK_HEADER = """for i_hb in range(0, tl.cdiv(DH, BH)):  # the blocks of hidde
     hmask = tl.where(mask_h, 1.0, 0.0).to(ACC)[None, :]"""
 
 
-def _emit_stream(graph, stream, loads: dict[str, str], stores: dict[str, list[str]]) -> list[str]:
+def _emit_stream(graph, stream, loads: dict[str, str], stores: dict[str, list[str]],
+                 indent: str, staged=()) -> list[str]:
     """Triton statements for a step run over blocks of hidden units (`ir.stream`): each pass
     loads the state blocks it reads (`loads`), recomputes its blocked tiles, sums its reductions
     over the blocks and writes its blocked targets (`stores`)."""
-    inner = _INDENT + " " * 4
+    inner = indent + " " * 4
     lines = []
     for whole, loop in zip(stream.whole, stream.loops, strict=False):
-        lines += _emit(graph, whole)
+        lines += _emit(graph, whole, indent, staged)
         for r in loop.reduce:
             dims = ", ".join(_DIMS[s] for s in graph.shape(r))
             fill = 'float("-inf")' if graph.node(r)["op"] == "max" else "0.0"
-            lines.append(f"{_INDENT}{r} = tl.full([{dims}], {fill}, ACC)")
-        lines += [_INDENT + line for line in _BLOCK_HEADER.splitlines()]
+            lines.append(f"{indent}{r} = tl.full([{dims}], {fill}, ACC)")
+        lines += [indent + line for line in _BLOCK_HEADER.splitlines()]
         for n in loop.nodes:
             if n in loads:
                 lines.append(inner + loads[n])
@@ -284,12 +316,17 @@ def _emit_stream(graph, stream, loads: dict[str, str], stores: dict[str, list[st
             lines.append(f"{inner}{r} = tl.maximum({r}, {part})" if graph.node(r)["op"] == "max"
                          else f"{inner}{r} += {part}")
         lines += [inner + line for t in loop.store for line in stores[t]]
-    return lines + _emit(graph, stream.whole[-1])
+    return lines + _emit(graph, stream.whole[-1], indent, staged)
 
 
-def _loads(step, d, indent=_INDENT) -> str:
+def _loads(step, d, need, indent=_INDENT) -> str:
+    """The statements that load this step's tiles of the inputs among `need` (the nodes a kernel's
+    body reads), with its row masks. Non-finite entries (ir._poisoned) load as padding; `tainted`
+    marks the rows from the first one on (it reads every input), `qbad` the rows of a bad q."""
     gates = d.op_gates()
+    taint = "tainted" in need
     lines = [
+        "srow = ((first_chunk + i_t) * SEGMENTS + seg) * H + i_h  # the step's row of the buffers",
         "rows = i_t * CHUNK + offs_t",
         "valid = (offs_t < CHUNK) & (rows < eos - bos)",
         "if SEGMENTS == 2:  # the lag token: row 0 alone, then the rest of the chunk",
@@ -297,31 +334,42 @@ def _loads(step, d, indent=_INDENT) -> str:
         "tok = bos + rows",
         "rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]",
         "lastrow = tl.where(rows == tl.max(tl.where(valid, rows, -1), 0), 1.0, 0.0).to(ACC)[:, None]",
-        "q = _load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)",
-        "k = _load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)",
-        "v = _load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)",
     ]
+    pads = {}
+    if "q" in need or "qbad" in need:
+        pads["q"] = "0.0"
+        lines.append("q = _load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)")
+    for x, dim, pad in (("k", "k", "0.0"), ("v", "v", "1.0")):
+        if x in need or taint:
+            pads[x] = pad
+            lines.append(f"{x} = _load_rows({x}_ptr, tok * H + i_h, offs_{dim}, valid, mask_{dim}, "
+                         f"D{dim.upper()}, {pad}, ACC)")
     for p in step.params:  # per-head [1, DV]; padding columns read 0
-        lines.append(f"{p} = tl.load({p}_ptr + i_h * DV + offs_v, mask=mask_v, "
-                     "other=0.0).to(ACC)[None, :]")
-    pads = {"k": "0.0", "v": "1.0"}
+        if p in need:
+            lines.append(f"{p} = tl.load({p}_ptr + i_h * DV + offs_v, mask=mask_v, "
+                         "other=0.0).to(ACC)[None, :]")
     for g in step.gates:
-        other = "1.0" if g in ("delta", "momentum") else "0.0"  # padding: no log(0), no 1/0
-        pads[g] = other
+        if g not in need and not taint:
+            continue
+        pads[g] = "1.0" if g in ("delta", "momentum") else "0.0"  # padding: no log(0), no 1/0
         if gates[g].shape == "channel":
             dim = "v" if g == "delta" else "k"
             lines.append(f"{g} = _load_rows({g}_ptr, tok * H + i_h, offs_{dim}, valid, "
-                         f"mask_{dim}, D{dim.upper()}, {other}, ACC)")
+                         f"mask_{dim}, D{dim.upper()}, {pads[g]}, ACC)")
         else:
             lines.append(f"{g} = tl.load({g}_ptr + tok * H + i_h, mask=valid, "
-                         f"other={other}).to(ACC)[:, None]")
-    # non-finite entries (ir._poisoned) load as padding; the rows from the first one on tainted
-    lines.append("bad = " + " + ".join(_nonfinite(x) for x in pads))
-    lines += ["first = tl.min(tl.where(valid & (bad > 0), offs_t, BT), 0)",
-              "tainted = tl.where(offs_t >= first, 1.0, 0.0).to(ACC)[:, None]",
-              f"qbad = tl.where({_nonfinite('q')} > 0, 1.0, 0.0).to(ACC)[:, None]",
-              'nanfill = tl.full([1, 1], float("nan"), ACC)']
-    lines += [f"{x} = tl.where({_finite(x)}, {x}, {pad})" for x, pad in (pads | {"q": "0.0"}).items()]
+                         f"other={pads[g]}).to(ACC)[:, None]")
+    if taint:
+        lines += ["bad = " + " + ".join(_nonfinite(x) for x in pads if x != "q"),
+                  "first = tl.min(tl.where(valid & (bad > 0), offs_t, BT), 0)",
+                  "tainted = tl.where(offs_t >= first, 1.0, 0.0).to(ACC)[:, None]"]
+    if "qbad" in need:
+        lines.append(f"qbad = tl.where({_nonfinite('q')} > 0, 1.0, 0.0).to(ACC)[:, None]")
+    if "d_o" in need:  # the cotangent of the output (backward kernels)
+        lines.append("d_o = _load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)")
+    if "nanfill" in need:
+        lines.append('nanfill = tl.full([1, 1], float("nan"), ACC)')
+    lines += [f"{x} = tl.where({_finite(x)}, {x}, {pad})" for x, pad in pads.items()]
     return "\n".join(indent + line for line in lines)
 
 
@@ -357,32 +405,32 @@ def _state_tiles(step) -> list[dict]:
     return tiles
 
 
-def _streams(step, adjoint: dict):
-    """The forward and backward steps as passes over blocks of hidden units (`ir.stream`), when
-    a state has hidden units and both steps run so; else None."""
+def _streams(step, targets: dict, staged: dict, adjoint: dict) -> dict | None:
+    """Each kernel's step as passes over blocks of hidden units (`ir.stream`), when a state has
+    hidden units and every kernel's step runs so; else None."""
     graph = step.graph
     if not any("DH" in graph.shape(s) for s in step.states) or \
             any(adjoint[s] is None for s in step.states):
         return None
-    streams = (ir.stream(graph, list(step.outputs.values())),
-               ir.stream(graph, [a for a in adjoint.values() if a is not None]))
-    return None if None in streams else streams
+    streams = {k: ir.stream(graph, t, stop=staged[k[:3]]) for k, t in targets.items()}
+    return None if None in streams.values() else streams
 
 
 def _stream_io(step, tiles, kernel: str, targets: dict) -> tuple[dict, dict]:
     """The loads of the state blocks a streamed step reads and the stores of the blocks it writes.
-    The forward reads the chunk-start state (at state_ptr) and writes the next chunk's (next_ptr);
-    the backward reads that state and the gradient of the chunk-end state (dstate_ptr), and writes
-    the gradient of the chunk-start state (dnext_ptr)."""
+    Every kernel reads the step's state at state_ptr; the forward pass writes the next step's
+    (next_ptr); the backward kernels read the gradient of the step-end state (dstate_ptr), and
+    the backward pass writes that of the step-start state (dnext_ptr)."""
     loads, stores = {}, {}
     for s, tile in zip(step.states, tiles, strict=True):
         at = f"{tile['tile']}, mask={tile['mask']}"
         loads[s] = f"{s} = tl.load(state_ptr + {at}, other=0.0).to(ACC)"
-        if kernel == "bwd":
+        if kernel.startswith("bwd"):
             loads[f"d{s}_new"] = f"d{s}_new = tl.load(dstate_ptr + {at}, other=0.0).to(ACC)"
-        out = "next_ptr" if kernel == "fwd" else "dnext_ptr"
-        stores.setdefault(targets[s], []).append(
-            f"tl.store({out} + {tile['tile']}, {targets[s]}, mask={tile['mask']})")
+        if kernel in ("fwd", "bwd"):
+            out = "next_ptr" if kernel == "fwd" else "dnext_ptr"
+            stores.setdefault(targets[s], []).append(
+                f"tl.store({out} + {tile['tile']}, {targets[s]}, mask={tile['mask']})")
     return loads, stores
 
 
@@ -396,25 +444,50 @@ def _configs(d) -> list[tuple[int, int]]:
 
 
 def render_triton_module(spec: Spec) -> str:
-    """The module with Triton forward/backward kernels, custom ops and autograd for `spec`."""
+    """The module with Triton forward/backward kernels, custom ops and autograd for `spec`. The
+    chunk step splits by its dependence on the state (`_frontier`): per direction a stage kernel
+    computes the state-free tiles the sequential pass reads, the pass carries the state (or its
+    gradient) over the chunks, and an output kernel computes the rest per chunk from the stored
+    states."""
     d = derive(spec)
     reason = triton_unsupported(d)
     if reason:
         raise CodegenError(f"{spec.name}: the Triton backend does not support {reason}")
     step = ir.chunk_step(d)
     graph = step.graph
-    _, _, adjoint = ir.step_adjoint(step)
-    streams = _streams(step, adjoint)
+    _, wrt, adjoint = ir.step_adjoint(step)
+    states = list(step.states)
+    targets = {
+        "fwd": [step.outputs[s] for s in states],
+        "fwd_out": [step.outputs["o"]],
+        "bwd": [adjoint[s] for s in states if adjoint[s] is not None],
+        "bwd_out": [adjoint[x] for x in wrt if x not in states and adjoint[x] is not None],
+    }
+    dstates = [f"d{s}_new" for s in states]
+    staged = {"fwd": _frontier(graph, targets["fwd"], states),
+              "bwd": _frontier(graph, targets["bwd"], states + dstates)}
+    streams = _streams(step, targets, staged, adjoint)
+    if streams is None:  # the stored states are at hand: the backward pass carries dW alone
+        staged["bwd"] = _frontier(graph, targets["bwd"], dstates)
     tiles = _state_tiles(step)
-    staged = _staged(step) if streams is None else []
-    if streams is None:
-        forward = _emit(graph, _plan_past(graph, list(step.outputs.values()), staged),
-                        staged=staged)
-        backward = _emit(graph, _plan_past(graph, [a for a in adjoint.values() if a is not None],
-                                           staged), staged=staged)
-    else:
-        forward = _emit_stream(graph, streams[0], *_stream_io(step, tiles, "fwd", step.outputs))
-        backward = _emit_stream(graph, streams[1], *_stream_io(step, tiles, "bwd", adjoint))
+    kernels = {}
+    for kernel, t in targets.items():
+        stop = staged[kernel[:3]]
+        indent = _INDENT if kernel in ("fwd", "bwd") else " " * 8
+        if streams is None:
+            body = _emit(graph, ir.plan(graph, t, stop), indent, stop)
+        else:
+            io = _stream_io(step, tiles, kernel, step.outputs if kernel == "fwd" else adjoint)
+            body = _emit_stream(graph, streams[kernel], *io, indent, stop)
+        need = set(ir.plan(graph, t, stop)) - set(stop)
+        kernels[kernel] = dict(loads=_loads(step, d, need, indent), body="\n".join(body),
+                               reads=[s for s in states + dstates if s in need])
+    for direction, nodes in staged.items():
+        if nodes:
+            plan = ir.plan(graph, nodes)
+            kernels[f"{direction}_stage"] = dict(loads=_loads(step, d, set(plan), " " * 8),
+                                                 body="\n".join(_emit(graph, plan, " " * 8)),
+                                                 reads=[s for s in states if s in plan])
     zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {
         s: ", ".join(_DIMS[x] for x in graph.shape(s)) for s in step.states}
     gates = d.op_gates()
@@ -439,8 +512,8 @@ def render_triton_module(spec: Spec) -> str:
         expansion=getattr(spec.memory, "expansion", 1),
         channel={g: ("V" if g == "delta" else "K") if gates[g].shape == "channel" else ""
                  for g in step.gates},
-        prologue=_PROLOGUE, loads=_loads(step, d), forward="\n".join(forward),
-        staged=staged, stage_loads=_loads(step, d, " " * 8),
-        stage="\n".join(_emit(graph, ir.plan(graph, staged), " " * 8)),
-        backward="\n".join(backward), adjoint=adjoint_code,
+        prologue=_PROLOGUE, kernels=kernels, adjoint=adjoint_code,
+        staged={k: _stage_sizes(graph, nodes) for k, nodes in staged.items()},
+        staged_sizes={k: [(n, r, c) for n, r, c, _ in _stage_sizes(graph, nodes)]
+                      for k, nodes in staged.items()},
     )

@@ -991,11 +991,16 @@ def _pair_decays(ga, gb, node):
     return torch.where(pairs[:, :, None], diff, diff.new_tensor(float("-inf"))).exp()
 
 
-def plan(graph: Graph, targets) -> tuple[str, ...]:
-    """The nodes `targets` depend on, in topological order (what `evaluate` must run)."""
-    keep = set(targets)
-    for t in targets:
-        keep |= nx.ancestors(graph.g, t)
+def plan(graph: Graph, targets, stop=()) -> tuple[str, ...]:
+    """The nodes `targets` depend on, in topological order (what `evaluate` must run); a node in
+    `stop` is taken as given (its inputs are not needed for it)."""
+    keep, todo = set(), list(targets)
+    while todo:
+        n = todo.pop()
+        if n not in keep:
+            keep.add(n)
+            if n not in stop:
+                todo.extend(graph.g.predecessors(n))
     return tuple(n for n in graph.order() if n in keep)
 
 
@@ -1019,20 +1024,20 @@ class Stream:
     loops: tuple[Loop, ...]
 
 
-def stream(graph: Graph, targets, dim: str = "DH") -> Stream | None:
+def stream(graph: Graph, targets, dim: str = "DH", stop=()) -> Stream | None:
     """The step of `targets` as passes over blocks of `dim`, so that a program holds one block of
     each tile with `dim` at a time (an MLP memory's hidden units): a tile reduced over `dim` is
     complete only after a pass, so whatever depends on it waits for the next pass, which
     recomputes the blocked tiles it needs. None when some tile has `dim` twice or a node mixes
-    `dim` otherwise than by these reductions."""
-    nodes = plan(graph, targets)
+    `dim` otherwise than by these reductions; `stop` as for `plan`."""
+    nodes = plan(graph, targets, stop)
     blocked = {n for n in nodes if dim in graph.shape(n)}
     if any(graph.shape(n).count(dim) > 1 for n in blocked):
         return None
     ready: dict[str, int] = {}  # the pass from which a node's value (or a block of it) exists
     reductions = []  # tiles without `dim` computed from tiles with it: complete after a pass
     for n in nodes:
-        inputs = graph.node(n)["inputs"]
+        inputs = () if n in stop else graph.node(n)["inputs"]
         ready[n] = max((ready[i] for i in inputs), default=0)
         if n not in blocked and any(i in blocked for i in inputs):
             if not _folds(graph, n, dim):

@@ -32,6 +32,11 @@ import torch
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 
 
+# A generated module's kernels in launch order: per direction its stage (where the pass reads
+# state-free tiles), the pass over the chunks and the per-chunk output kernel.
+KERNELS = ("fwd_stage", "fwd", "fwd_out", "bwd_stage", "bwd", "bwd_out")
+
+
 class CannotCompile(ValueError):
     """The op's kernels cannot be compiled for a GPU here: why, in the message."""
 
@@ -40,7 +45,7 @@ class CannotCompile(ValueError):
 class Usage:
     """One kernel compiled with one launch configuration."""
 
-    kernel: str                # "fwd", "bwd" or "stage"
+    kernel: str                # one of KERNELS
     num_warps: int
     num_stages: int
     registers: int | None      # per thread (255 is the hardware's most)
@@ -103,10 +108,10 @@ class _Recorder:
 
 
 def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype | None) -> dict:
-    """"fwd", "bwd" and, where the step has a state-free stage, "stage": (Triton kernel, args,
-    kwargs) as the op launches them on inputs of `dtype` at head dims (dk, dv) and T a multiple
-    of 16 (Triton specialises on it), with an initial state in `state_dtype` (None: without one),
-    not varlen, the final state not differentiated."""
+    """Each of the module's `KERNELS`: (Triton kernel, args, kwargs) as the op launches them on
+    inputs of `dtype` at head dims (dk, dv) and T a multiple of 16 (Triton specialises on it),
+    with an initial state in `state_dtype` (None: without one), not varlen, the final state not
+    differentiated."""
     from mirasc.check import random_inputs
     from mirasc.runtime import interpreting, load_module
 
@@ -121,7 +126,7 @@ def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype 
         del inputs["initial_state"]
     inputs = {k: (tuple(x.detach().requires_grad_() for x in v) if isinstance(v, tuple)
                   else v.detach().requires_grad_()) for k, v in inputs.items()}
-    recorders = {k: _Recorder() for k in ("stage", "fwd", "bwd") if hasattr(module, f"_{k}")}
+    recorders = {k: _Recorder() for k in KERNELS if hasattr(module, f"_{k}")}
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch("mirasc.runtime.interpreting", return_value=True))
         for kernel, recorder in recorders.items():
@@ -181,7 +186,7 @@ def _cubin_facts(cubin: bytes) -> tuple[int, int, int]:
 
 def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
                  capability: int = 90, which: str = "tuned") -> list[Usage]:
-    """Usage of the op's forward and backward kernels at head dims (dk, dv) on inputs of `dtype`,
+    """Usage of the op's kernels at head dims (dk, dv) on inputs of `dtype`,
     for each launch configuration the autotuner tries (`which="tuned"`) or its first only."""
     from triton.runtime.errors import PTXASError
 
@@ -242,7 +247,7 @@ def _precompile_one(spec, dk, dv, dtype, state_dtype, capability, kernel, num_wa
 def precompile(ops: list, dims: list[tuple[int, int]], dtype: torch.dtype = torch.bfloat16,
                state_dtype: torch.dtype | None = torch.float32, capability: int | None = None,
                workers: int | None = None) -> Iterator[Precompiled]:
-    """Compile each op's kernels (forward, backward, stage) at each (dk, dv), in every configuration its
+    """Compile each op's kernels (`KERNELS`) at each (dk, dv), in every configuration its
     autotuner tries, for sm_`capability` (default: this process's GPU), in `workers` processes
     (default: one per CPU core), into Triton's on-disk cache (TRITON_CACHE_DIR). Yields each job
     as it finishes. The launch form must match the calls to come (see `launches`): inputs of

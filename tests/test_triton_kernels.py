@@ -277,8 +277,11 @@ SPLIT_CASES = {  # steps that never mix DV columns: gates per head, per key chan
 }
 
 
+PER_BLOCK = ("fwd", "fwd_out", "bwd", "bwd_out")  # the kernels with a program per block of DV
+
+
 class _Grids:
-    """Stands in for a launcher (`_fwd`, `_bwd`) and records the grids it is launched on."""
+    """Stands in for a launcher (`_fwd`, `_bwd`, ...) and records the grids it is launched on."""
 
     def __init__(self, launcher):
         self.launcher, self.grids = launcher, []
@@ -291,36 +294,45 @@ class _Grids:
 @pytest.mark.parametrize("case", sorted(SPLIT_CASES))
 def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     """SPLIT_V: blocks of 16 value columns run as programs of their own (DV = 37: three, the last
-    one masked); the q, k and gate gradients are the blocks' partial sums; packed sequences too."""
+    one masked) in the passes and the output kernels; the q, k and gate gradients are the blocks'
+    partial sums; packed sequences too."""
     op, module = _compiled(SPLIT_CASES[case], tmp_path, monkeypatch)
     assert module.SPLIT_V
-    for kernel in ("fwd", "bwd"):
+    for kernel in PER_BLOCK:
         monkeypatch.setitem(module.BV_MAX, kernel, 16)
         monkeypatch.setattr(module, f"_{kernel}", _Grids(getattr(module, f"_{kernel}")))
     inputs = random_inputs(op, batch=2, length=23, heads=2, dk=6, dv=37)
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
     packed = varlen_inputs(op, [0, 9, 30], dk=5, dv=37)
     _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
-    assert {grid[2] for grid in module._fwd.grids + module._bwd.grids} == {3}
+    for kernel in PER_BLOCK:
+        assert {grid[2] for grid in getattr(module, f"_{kernel}").grids} == {3}, kernel
 
 
 @pytest.mark.parametrize("spec", ["deltanet", "gated_deltanet"])
-def test_state_free_stage_runs_per_chunk(spec, monkeypatch):
-    """The exact path's (I + A)^-1 reads no state: the stage kernel computes it with one program
-    per chunk and head (sequences of 100 and 37 tokens in chunks of 64: 2 + 1 chunks, batched
-    and packed), before the forward and again before the backward; the chunk steps only load it."""
+def test_chunks_run_apart_but_the_passes(spec, monkeypatch):
+    """Only the passes walk the chunks: the stage kernels (the exact path's (I + A)^-1 reads no
+    state) and the output kernels run one program per chunk and head (sequences of 100 and 37
+    tokens in chunks of 64: 2 + 1 chunks, batched and packed), the passes one per sequence and
+    head, and the passes only load the inverse."""
     op, module = _compiled(f"specs/{spec}.yaml", None, monkeypatch)
     source = Path(module.__file__).read_text()
-    assert "_tri_inv(" not in source.split(f"def {spec}_fwd_kernel")[1]
-    monkeypatch.setattr(module, "_stage", _Grids(module._stage))
-    inputs = random_inputs(op, batch=2, length=100, heads=2, dk=6, dv=5)
-    _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
-    grids = module._stage.grids
-    assert set(grids) == {(4, 2)} and len(grids) >= 2
-    grids.clear()
-    packed = varlen_inputs(op, [0, 100, 137], dk=6, dv=5)
-    _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
-    assert set(grids) == {(3, 2)} and len(grids) >= 2
+    for kernel in ("fwd", "bwd"):
+        body = source.split(f"def {spec}_{kernel}_kernel")[1].split(f"def {spec}_{kernel}_out")[0]
+        assert "_tri_inv(" not in body and "A_inv = tl.load(" in body, kernel
+    kernels = ("fwd_stage", "fwd", "fwd_out", "bwd_stage", "bwd", "bwd_out")
+    for kernel in kernels:
+        monkeypatch.setattr(module, f"_{kernel}", _Grids(getattr(module, f"_{kernel}")))
+    for length, packed, chunks in ((100, False, 4), (None, True, 3)):
+        inputs = varlen_inputs(op, [0, 100, 137], dk=6, dv=5) if packed else \
+            random_inputs(op, batch=2, length=length, heads=2, dk=6, dv=5)
+        _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
+        for kernel in kernels:
+            grids = getattr(module, f"_{kernel}").grids
+            per_sequence = kernel in ("fwd", "bwd")
+            assert {grid[:2] for grid in grids} == {(2, 2) if per_sequence else (chunks, 2)}, \
+                (kernel, grids)
+            grids.clear()
 
 
 STREAM_CASES = {  # MLP memories: the state passes through global memory in blocks of hidden units
@@ -339,7 +351,7 @@ def test_hidden_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
     and a sequence of no tokens keeps its initial state."""
     op, module = _compiled(STREAM_CASES[case], tmp_path, monkeypatch)
     assert module.STREAM_H
-    for kernel in ("fwd", "bwd"):
+    for kernel in PER_BLOCK:
         monkeypatch.setitem(module.BH_MAX, kernel, 16)
     inputs = random_inputs(op, batch=2, length=23, heads=2, dk=7, dv=7)
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
@@ -395,8 +407,8 @@ def test_backend_torch_runs_the_chunk_step_in_torch_where_kernels_would_run(monk
         def __getitem__(self, grid):
             raise AssertionError("a kernel was launched")
 
-    monkeypatch.setattr(module, "_fwd", NoLaunch())
-    monkeypatch.setattr(module, "_bwd", NoLaunch())
+    for kernel in ("fwd_stage", "bwd_stage", *PER_BLOCK):
+        monkeypatch.setattr(module, f"_{kernel}", NoLaunch(), raising=False)
     inputs = random_inputs(op, batch=2, length=21, heads=2, dk=6, dv=6)
 
     class TorchPath:  # what `compare` calls: the op on backend='torch', and its reference
