@@ -209,5 +209,10 @@ def report(rows: list[dict], shape: tuple, capability: int, most: int, environme
              "one that spills least. loop instr: static SASS instructions of the largest loop "
              "(a kernel walking the chunks: one chunk step, per warp; an estimate)", ""]
     for spec in dict.fromkeys(r["spec"] for r in rows):
-        lines += [spec, table([r for r in rows if r["spec"] == spec], COLUMNS), ""]
+        mine = [r for r in rows if r["spec"] == spec]
+        totals = {}
+        for r in mine:
+            totals[r["impl"]] = totals.get(r["impl"], 0.0) + r["seconds"]
+        lines += [spec, table(mine, COLUMNS), "compile s, every kernel in the configurations "
+                  "compiled: " + ", ".join(f"{impl} {s:.1f}" for impl, s in totals.items()), ""]
     return "\n".join(lines)

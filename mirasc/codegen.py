@@ -319,10 +319,11 @@ def _emit_stream(graph, stream, loads: dict[str, str], stores: dict[str, list[st
     return lines + _emit(graph, stream.whole[-1], indent, staged)
 
 
-def _loads(step, d, need, indent=_INDENT) -> str:
+def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
     """The statements that load this step's tiles of the inputs among `need` (the nodes a kernel's
-    body reads), with its row masks. Non-finite entries (ir._poisoned) load as padding; `tainted`
-    marks the rows from the first one on (it reads every input), `qbad` the rows of a bad q."""
+    body reads), with its row masks. Non-finite entries (ir._poisoned) load as padding, unless
+    not `clean`; `tainted` marks the rows from the first one on (it reads every input), `qbad`
+    the rows of a bad q."""
     gates = d.op_gates()
     taint = "tainted" in need
     lines = [
@@ -369,7 +370,8 @@ def _loads(step, d, need, indent=_INDENT) -> str:
         lines.append("d_o = _load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)")
     if "nanfill" in need:
         lines.append('nanfill = tl.full([1, 1], float("nan"), ACC)')
-    lines += [f"{x} = tl.where({_finite(x)}, {x}, {pad})" for x, pad in pads.items()]
+    if clean:
+        lines += [f"{x} = tl.where({_finite(x)}, {x}, {pad})" for x, pad in pads.items()]
     return "\n".join(indent + line for line in lines)
 
 
@@ -434,13 +436,11 @@ def _stream_io(step, tiles, kernel: str, targets: dict) -> tuple[dict, dict]:
     return loads, stores
 
 
-def _configs(d) -> list[tuple[int, int]]:
-    """The (num_warps, num_stages) pairs the autotuner times for the spec's kernels. Measured with
-    `mirasc resources` (sm_90, D=64, 128): 16 warps caps registers at 128 per thread and spills
-    more than 4 or 8, and of 4 and 8 neither wins everywhere. More stages change the code of MLP
-    memories only (their chunk loop pipelines), at more shared memory."""
-    stages = (1, 2) if d.spec.memory.kind == "mlp" else (1,)
-    return [(warps, s) for warps in (4, 8) for s in stages]
+# The (num_warps, num_stages) pairs the autotuner times for every kernel. Measured with `mirasc
+# resources` (sm_90, D=64, 128): 16 warps caps registers at 128 per thread and spills more than 4
+# or 8, and of 4 and 8 neither wins everywhere. 2 stages (which pipeline an MLP memory's loops
+# over hidden blocks) spilled more in every kernel of moneta at D=64 and doubled its compile time.
+CONFIGS = [(4, 1), (8, 1)]
 
 
 def render_triton_module(spec: Spec) -> str:
@@ -480,7 +480,10 @@ def render_triton_module(spec: Spec) -> str:
             io = _stream_io(step, tiles, kernel, step.outputs if kernel == "fwd" else adjoint)
             body = _emit_stream(graph, streams[kernel], *io, indent, stop)
         need = set(ir.plan(graph, t, stop)) - set(stop)
-        kernels[kernel] = dict(loads=_loads(step, d, need, indent), body="\n".join(body),
+        # The forward pass writes only the next states, which are NaN wholesale after a tainted
+        # row (ir._poisoned): it needs no padding in place of a non-finite input.
+        loads = _loads(step, d, need, indent, clean=kernel != "fwd")
+        kernels[kernel] = dict(loads=loads, body="\n".join(body),
                                reads=[s for s in states + dstates if s in need])
     for direction, nodes in staged.items():
         if nodes:
@@ -501,7 +504,7 @@ def render_triton_module(spec: Spec) -> str:
     template = _environment().get_template("triton_chunk.py.j2")
     return template.render(
         split_v=split_v, summed=summed if split_v else [],
-        configs=_configs(d),
+        configs=CONFIGS,
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
         op_name=f"{spec.name}_{spec.digest()}",
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),
