@@ -273,6 +273,12 @@ def _frontier(graph, targets, live) -> tuple[str, ...]:
     return tuple(n for n in graph.order() if n in staged)
 
 
+def _stops(staged: dict) -> dict:
+    """The tiles each direction's kernels load rather than compute: the forward's stage tiles
+    (the forward saves them for the backward) and the backward stage's."""
+    return {"fwd": staged["fwd"], "bwd": tuple(dict.fromkeys(staged["fwd"] + staged["bwd"]))}
+
+
 def _stage_at(graph, n) -> str:
     """The address of node n's tile in its stage buffer [chunks * SEGMENTS, H, rows * cols] (the
     tile padded to its blocks) at this step (`srow`)."""
@@ -466,13 +472,15 @@ def render_triton_module(spec: Spec) -> str:
     dstates = [f"d{s}_new" for s in states]
     staged = {"fwd": _frontier(graph, targets["fwd"], states),
               "bwd": _frontier(graph, targets["bwd"], states + dstates)}
-    streams = _streams(step, targets, staged, adjoint)
+    streams = _streams(step, targets, _stops(staged), adjoint)
     if streams is None:  # the stored states are at hand: the backward pass carries dW alone
         staged["bwd"] = _frontier(graph, targets["bwd"], dstates)
+    stops = _stops(staged)
+    staged["bwd"] = tuple(n for n in staged["bwd"] if n not in staged["fwd"])
     tiles = _state_tiles(step)
     kernels = {}
     for kernel, t in targets.items():
-        stop = staged[kernel[:3]]
+        stop = stops[kernel[:3]]
         indent = _INDENT if kernel in ("fwd", "bwd") else " " * 8
         if streams is None:
             body = _emit(graph, ir.plan(graph, t, stop), indent, stop)
@@ -487,10 +495,12 @@ def render_triton_module(spec: Spec) -> str:
                                reads=[s for s in states + dstates if s in need])
     for direction, nodes in staged.items():
         if nodes:
-            plan = ir.plan(graph, nodes)
-            kernels[f"{direction}_stage"] = dict(loads=_loads(step, d, set(plan), " " * 8),
-                                                 body="\n".join(_emit(graph, plan, " " * 8)),
-                                                 reads=[s for s in states if s in plan])
+            saved = staged["fwd"] if direction == "bwd" else ()
+            plan = ir.plan(graph, nodes, saved)
+            kernels[f"{direction}_stage"] = dict(
+                loads=_loads(step, d, set(plan) - set(saved), " " * 8),
+                body="\n".join(_emit(graph, plan, " " * 8, saved)),
+                reads=[s for s in states if s in plan])
     zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {
         s: ", ".join(_DIMS[x] for x in graph.shape(s)) for s in step.states}
     gates = d.op_gates()
