@@ -332,6 +332,11 @@ def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
     the rows of a bad q."""
     gates = d.op_gates()
     taint = "tainted" in need
+
+    def dtype(x):  # a tile used only as a matmul operand keeps the operands' dtype: exact, and
+        uses = [n for n in step.graph.g.successors(x) if n in need]  # half the registers at bf16
+        return "DOT" if uses and all(step.graph.node(n)["op"] == "dot" for n in uses) else "ACC"
+
     lines = [
         "srow = ((first_chunk + i_t) * SEGMENTS + seg) * H + i_h  # the step's row of the buffers",
         "rows = i_t * CHUNK + offs_t",
@@ -345,12 +350,13 @@ def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
     pads = {}
     if "q" in need or "qbad" in need:
         pads["q"] = "0.0"
-        lines.append("q = _load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)")
+        lines.append(f"q = _load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, "
+                     f"{dtype('q')})")
     for x, dim, pad in (("k", "k", "0.0"), ("v", "v", "1.0")):
         if x in need or taint:
             pads[x] = pad
             lines.append(f"{x} = _load_rows({x}_ptr, tok * H + i_h, offs_{dim}, valid, mask_{dim}, "
-                         f"D{dim.upper()}, {pad}, ACC)")
+                         f"D{dim.upper()}, {pad}, {dtype(x)})")
     for p in step.params:  # per-head [1, DV]; padding columns read 0
         if p in need:
             lines.append(f"{p} = tl.load({p}_ptr + i_h * DV + offs_v, mask=mask_v, "
@@ -373,7 +379,8 @@ def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
     if "qbad" in need:
         lines.append(f"qbad = tl.where({_nonfinite('q')} > 0, 1.0, 0.0).to(ACC)[:, None]")
     if "d_o" in need:  # the cotangent of the output (backward kernels)
-        lines.append("d_o = _load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)")
+        lines.append("d_o = _load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, "
+                     f"{dtype('d_o')})")
     if "nanfill" in need:
         lines.append('nanfill = tl.full([1, 1], float("nan"), ACC)')
     if clean:
