@@ -227,12 +227,19 @@ def _expression(graph, n) -> str:
     return f"tl.broadcast_to({x[0]}, ({', '.join(_DIMS[s] for s in node['shape'])}))"
 
 
-def _emit(graph, nodes, indent=_INDENT, staged=()) -> list[str]:
+def _emit(graph, nodes, indent=_INDENT, staged=(), stored=()) -> list[str]:
     """Triton statements computing `nodes` (in order), skipping the loaded and built tiles; a
-    `staged` node is loaded from the buffer its stage kernel wrote."""
-    return [f"{indent}{n} = tl.load({_stage_at(graph, n)})" if n in staged
-            else f"{indent}{n} = {_expression(graph, n)}"
-            for n in nodes if n in staged or graph.node(n)["op"] not in ("input", "const")]
+    `staged` node is loaded from the buffer another kernel wrote, a `stored` one written to its
+    buffer as soon as it is computed."""
+    lines = []
+    for n in nodes:
+        if n in staged:
+            lines.append(f"{indent}{n} = tl.load({_stage_at(graph, n)})")
+        elif graph.node(n)["op"] not in ("input", "const"):
+            lines.append(f"{indent}{n} = {_expression(graph, n)}")
+        if n in stored:
+            lines.append(f"{indent}tl.store({_stage_at(graph, n)}, {n})")
+    return lines
 
 
 _STAGE_DIMS = {"T": ("BT", "offs_t"), "DK": ("BK", "offs_k"), "DV": ("BDV", "offs_v"), 1: ("1", "")}
@@ -273,10 +280,30 @@ def _frontier(graph, targets, live) -> tuple[str, ...]:
     return tuple(n for n in graph.order() if n in staged)
 
 
-def _stops(staged: dict) -> dict:
-    """The tiles each direction's kernels load rather than compute: the forward's stage tiles
-    (the forward saves them for the backward) and the backward stage's."""
-    return {"fwd": staged["fwd"], "bwd": tuple(dict.fromkeys(staged["fwd"] + staged["bwd"]))}
+def _keepable(graph, n) -> bool:
+    """Whether a node the pass computes is a tile it stores for its output kernel: a product
+    (what is costly to recompute) of the chunk's rows by value columns (a block of columns is
+    its program's own)."""
+    return graph.node(n)["op"] == "dot" and graph.shape(n) == ("T", "DV")
+
+
+def _kept(graph, pass_targets, out_targets, stop) -> tuple[str, ...]:
+    """The [T, DV] products of the forward pass that the output kernels read: the pass stores
+    them rather than have the output kernels recompute what led to them (as fla's state kernel
+    stores the delta rule's corrected values). Keeping the backward pass's too was measured
+    worse (gated_deltanet, sm_90, D=128): its step grew and spilled."""
+    able = {n for n in ir.plan(graph, pass_targets, stop) if n not in stop and _keepable(graph, n)}
+    return tuple(n for n in ir.plan(graph, out_targets, (*stop, *able)) if n in able)
+
+
+def _stops(graph, targets: dict, staged: dict) -> tuple[dict, tuple]:
+    """Per kernel, the tiles it loads rather than computes: the forward's stage tiles, then
+    those of the forward pass (the forward saves both for the backward), then the backward
+    stage's. Also the tiles the forward pass stores (`_kept`)."""
+    kept = _kept(graph, targets["fwd"], targets["fwd_out"], staged["fwd"])
+    stops = {"fwd": staged["fwd"], "fwd_out": staged["fwd"] + kept}
+    stops["bwd"] = stops["bwd_out"] = tuple(dict.fromkeys(stops["fwd_out"] + staged["bwd"]))
+    return stops, kept
 
 
 def _stage_at(graph, n) -> str:
@@ -421,13 +448,14 @@ def _state_tiles(step) -> list[dict]:
 
 
 def _streams(step, targets: dict, staged: dict, adjoint: dict) -> dict | None:
-    """Each kernel's step as passes over blocks of hidden units (`ir.stream`), when a state has
-    hidden units and every kernel's step runs so; else None."""
+    """Each kernel's step as passes over blocks of hidden units (`ir.stream`), stopping at the
+    kernel's `staged` tiles, when a state has hidden units and every kernel's step runs so;
+    else None."""
     graph = step.graph
     if not any("DH" in graph.shape(s) for s in step.states) or \
             any(adjoint[s] is None for s in step.states):
         return None
-    streams = {k: ir.stream(graph, t, stop=staged[k[:3]]) for k, t in targets.items()}
+    streams = {k: ir.stream(graph, t, stop=staged[k]) for k, t in targets.items()}
     return None if None in streams.values() else streams
 
 
@@ -479,30 +507,32 @@ def render_triton_module(spec: Spec) -> str:
     dstates = [f"d{s}_new" for s in states]
     staged = {"fwd": _frontier(graph, targets["fwd"], states),
               "bwd": _frontier(graph, targets["bwd"], states + dstates)}
-    streams = _streams(step, targets, _stops(staged), adjoint)
-    if streams is None:  # the stored states are at hand: the backward pass carries dW alone
+    streamed = _streams(step, targets, _stops(graph, targets, staged)[0], adjoint) is not None
+    if not streamed:  # the stored states are at hand: the backward pass carries dW alone
         staged["bwd"] = _frontier(graph, targets["bwd"], dstates)
-    stops = _stops(staged)
-    staged["bwd"] = tuple(n for n in staged["bwd"] if n not in staged["fwd"])
+    stops, kept = _stops(graph, targets, staged)
+    staged["bwd"] = tuple(n for n in staged["bwd"] if n not in stops["fwd_out"])
+    streams = _streams(step, targets, stops, adjoint) if streamed else None
     tiles = _state_tiles(step)
     kernels = {}
     for kernel, t in targets.items():
-        stop = stops[kernel[:3]]
+        stop, stored = stops[kernel], kept if kernel == "fwd" else ()
         indent = _INDENT if kernel in ("fwd", "bwd") else " " * 8
         if streams is None:
-            body = _emit(graph, ir.plan(graph, t, stop), indent, stop)
-        else:
+            body = _emit(graph, ir.plan(graph, t, stop), indent, stop, stored)
+        else:  # a kept tile may be a sum over the hidden blocks: stored after the last
             io = _stream_io(step, tiles, kernel, step.outputs if kernel == "fwd" else adjoint)
             body = _emit_stream(graph, streams[kernel], *io, indent, stop)
+            body += [f"{indent}tl.store({_stage_at(graph, n)}, {n})" for n in stored]
         need = set(ir.plan(graph, t, stop)) - set(stop)
-        # The forward pass writes only the next states, which are NaN wholesale after a tainted
-        # row (ir._poisoned): it needs no padding in place of a non-finite input.
-        loads = _loads(step, d, need, indent, clean=kernel != "fwd")
+        # A forward pass that writes only the next states (NaN wholesale after a tainted row,
+        # ir._poisoned) needs no padding in place of a non-finite input.
+        loads = _loads(step, d, need, indent, clean=kernel != "fwd" or bool(stored))
         kernels[kernel] = dict(loads=loads, body="\n".join(body),
                                reads=[s for s in states + dstates if s in need])
     for direction, nodes in staged.items():
         if nodes:
-            saved = staged["fwd"] if direction == "bwd" else ()
+            saved = stops["fwd_out"] if direction == "bwd" else ()
             plan = ir.plan(graph, nodes, saved)
             kernels[f"{direction}_stage"] = dict(
                 loads=_loads(step, d, set(plan) - set(saved), " " * 8),
@@ -534,6 +564,7 @@ def render_triton_module(spec: Spec) -> str:
                  for g in step.gates},
         prologue=_PROLOGUE, kernels=kernels, adjoint=adjoint_code,
         staged={k: _stage_sizes(graph, nodes) for k, nodes in staged.items()},
-        staged_sizes={k: [(n, r, c) for n, r, c, _ in _stage_sizes(graph, nodes)]
-                      for k, nodes in staged.items()},
+        kept=_stage_sizes(graph, kept),
+        buffers={k: [(n, r, c) for n, r, c, _ in _stage_sizes(graph, nodes)]
+                 for k, nodes in [*staged.items(), ("fwd_pass", kept)]},
     )
