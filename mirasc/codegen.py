@@ -242,7 +242,8 @@ def _emit(graph, nodes, indent=_INDENT, staged=(), stored=()) -> list[str]:
     return lines
 
 
-_STAGE_DIMS = {"T": ("BT", "offs_t"), "DK": ("BK", "offs_k"), "DV": ("BDV", "offs_v"), 1: ("1", "")}
+_STAGE_DIMS = {"T": ("BT", "offs_t"), "DK": ("BDK", "offs_k"), "DV": ("BDV", "offs_v"),
+               1: ("1", "")}
 STAGED_CONSTS = ("tainted", "qbad")  # consts that read every input: a stage computes them once
 
 
@@ -320,17 +321,24 @@ def _stage_sizes(graph, staged) -> list[tuple[str, str, str, str]]:
     return [(n, *(_STAGE_DIMS[x][0] for x in graph.shape(n)), _stage_at(graph, n)) for n in staged]
 
 
-_BLOCK_HEADER = """for i_hb in range(0, tl.cdiv(DH, BH)):  # the blocks of hidden units, one at a time
+_BLOCK_HEADERS = {  # a pass over the blocks of a dim: the loop that redefines its offsets and masks
+    "DH": """for i_hb in range(0, tl.cdiv(DH, BH)):  # the blocks of hidden units, one at a time
     offs_h = i_hb * BH + tl.arange(0, BH)
     mask_h = offs_h < DH
-    hmask = tl.where(mask_h, 1.0, 0.0).to(ACC)[None, :]"""
+    hmask = tl.where(mask_h, 1.0, 0.0).to(ACC)[None, :]""",
+    "DK": """for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
+    offs_k = i_kb * BK + tl.arange(0, BK)
+    mask_k = offs_k < DK
+    kmask = tl.where(mask_k, 1.0, 0.0).to(ACC)[None, :]""",
+}
 
 
 def _emit_stream(graph, stream, loads: dict[str, str], stores: dict[str, list[str]],
-                 indent: str, staged=()) -> list[str]:
-    """Triton statements for a step run over blocks of hidden units (`ir.stream`): each pass
-    loads the state blocks it reads (`loads`), recomputes its blocked tiles, sums its reductions
-    over the blocks and writes its blocked targets (`stores`)."""
+                 indent: str, staged=(), dim: str = "DH") -> list[str]:
+    """Triton statements for a step run over blocks of `dim` (`ir.stream`; hidden units, or key
+    columns): each pass loads the blocks it reads (`loads`, statements per node), recomputes its
+    blocked tiles, sums its reductions over the blocks and writes its blocked targets
+    (`stores`)."""
     inner = indent + " " * 4
     lines = []
     for whole, loop in zip(stream.whole, stream.loops, strict=False):
@@ -339,11 +347,11 @@ def _emit_stream(graph, stream, loads: dict[str, str], stores: dict[str, list[st
             dims = ", ".join(_DIMS[s] for s in graph.shape(r))
             fill = 'float("-inf")' if graph.node(r)["op"] == "max" else "0.0"
             lines.append(f"{indent}{r} = tl.full([{dims}], {fill}, ACC)")
-        lines += [indent + line for line in _BLOCK_HEADER.splitlines()]
+        lines += [indent + line for line in _BLOCK_HEADERS[dim].splitlines()]
         for n in loop.nodes:
             if n in loads:
-                lines.append(inner + loads[n])
-        lines += _emit(graph, loop.nodes, inner)
+                lines += [inner + line for line in loads[n].splitlines()]
+        lines += _emit(graph, loop.nodes, inner, staged)
         for r in loop.reduce:
             part = _expression(graph, r)
             lines.append(f"{inner}{r} = tl.maximum({r}, {part})" if graph.node(r)["op"] == "max"
@@ -459,6 +467,41 @@ def _streams(step, targets: dict, staged: dict, adjoint: dict) -> dict | None:
     return None if None in streams.values() else streams
 
 
+def _key_blocks(step, tiles, stop, adjoint, summed) -> tuple | None:
+    """The backward output kernel as passes over blocks of key columns (`ir.stream` on DK), so
+    that it holds a block of q, k, the states and their gradients at a time rather than all
+    DK columns (fla's gradient kernels block the keys so): the stream, and the loads and stores
+    of the blocked inputs, states and gradients. None where the step does not pass so (a tile
+    with DK twice) or a key-column input has no gradient to write per block."""
+    graph = step.graph
+    keyed = [x for x in ("q", "k", *step.gates) if "DK" in graph.shape(x)]
+    if not keyed or any(adjoint[x] is None for x in keyed):
+        return None
+    targets = [adjoint[x] for x in ("q", "k", "v", *step.gates, *step.params)
+               if adjoint[x] is not None]
+    stream = ir.stream(graph, targets, dim="DK", stop=stop)
+    if stream is None or not stream.loops:
+        return None
+    loads = {}
+    for x in keyed:
+        pad = "0.0"
+        dtype = "ACC" if x in step.gates else "DOT"
+        loads[x] = (f"{x} = _load_rows({x}_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, {pad}, "
+                    f"{dtype})\n{x} = tl.where({_finite(x)}, {x}, {pad})")
+    for s, tile in zip(step.states, tiles, strict=True):
+        if "DK" in graph.shape(s):
+            at = f"{tile['tile']}, mask={tile['mask']}, other=0.0"
+            loads[s] = f"{s} = tl.load(state_ptr + {at}).to(ACC)"
+            loads[f"d{s}_new"] = f"d{s}_new = tl.load(dstate_ptr + {at}).to(ACC)"
+    stores = {}
+    for x in keyed:
+        part = "part + " if x in summed else ""
+        stores.setdefault(adjoint[x], []).append(
+            f"tl.store(d{x}_ptr + ({part}tok * H + i_h)[:, None] * DK + offs_k[None, :], "
+            f"{adjoint[x]}, mask=valid[:, None] & mask_k[None, :])")
+    return stream, loads, stores, keyed
+
+
 def _stream_io(step, tiles, kernel: str, targets: dict) -> tuple[dict, dict]:
     """The loads of the state blocks a streamed step reads and the stores of the blocks it writes.
     Every kernel reads the step's state at state_ptr; the forward pass writes the next step's
@@ -510,25 +553,40 @@ def render_triton_module(spec: Spec) -> str:
     streamed = _streams(step, targets, _stops(graph, targets, staged)[0], adjoint) is not None
     if not streamed:  # the stored states are at hand: the backward pass carries dW alone
         staged["bwd"] = _frontier(graph, targets["bwd"], dstates)
+    if not streamed:  # the output kernel passes over key blocks: the stage computes the taints
+        plan = ir.plan(graph, targets["bwd_out"], _stops(graph, targets, staged)[0]["bwd_out"])
+        staged["bwd"] += tuple(c for c in STAGED_CONSTS if c in plan)
     stops, kept = _stops(graph, targets, staged)
     staged["bwd"] = tuple(n for n in staged["bwd"] if n not in stops["fwd_out"])
     streams = _streams(step, targets, stops, adjoint) if streamed else None
     tiles = _state_tiles(step)
+    gates = d.op_gates()
+    split_v = ir.separable(step)
+    summed = ["q", "k"] + [g for g in step.gates if not (g == "delta" and gates[g].shape == "channel")]
+    summed = summed if split_v else []
     kernels = {}
     for kernel, t in targets.items():
         stop, stored = stops[kernel], kept if kernel == "fwd" else ()
         indent = _INDENT if kernel in ("fwd", "bwd") else " " * 8
-        if streams is None:
+        keys = _key_blocks(step, tiles, stop, adjoint, summed) \
+            if kernel == "bwd_out" and streams is None else None
+        need = set(ir.plan(graph, t, stop)) - set(stop)
+        if keys is not None:
+            stream, key_loads, key_stores, inside = keys
+            body = _emit_stream(graph, stream, key_loads, key_stores, indent, stop, "DK")
+            need -= set(key_loads)
+        elif streams is None:
+            inside = ()
             body = _emit(graph, ir.plan(graph, t, stop), indent, stop, stored)
         else:  # a kept tile may be a sum over the hidden blocks: stored after the last
+            inside = ()
             io = _stream_io(step, tiles, kernel, step.outputs if kernel == "fwd" else adjoint)
             body = _emit_stream(graph, streams[kernel], *io, indent, stop)
             body += [f"{indent}tl.store({_stage_at(graph, n)}, {n})" for n in stored]
-        need = set(ir.plan(graph, t, stop)) - set(stop)
         # A forward pass that writes only the next states (NaN wholesale after a tainted row,
         # ir._poisoned) needs no padding in place of a non-finite input.
         loads = _loads(step, d, need, indent, clean=kernel != "fwd" or bool(stored))
-        kernels[kernel] = dict(loads=loads, body="\n".join(body),
+        kernels[kernel] = dict(loads=loads, body="\n".join(body), inside=inside,
                                reads=[s for s in states + dstates if s in need])
     for direction, nodes in staged.items():
         if nodes:
@@ -540,17 +598,14 @@ def render_triton_module(spec: Spec) -> str:
                 reads=[s for s in states if s in plan])
     zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {
         s: ", ".join(_DIMS[x] for x in graph.shape(s)) for s in step.states}
-    gates = d.op_gates()
     for g in step.gates:
         zeros[g] = "BT, 1" if gates[g].shape == "head" else ("BT, BV" if g == "delta" else "BT, BK")
     zeros |= dict.fromkeys(step.params, "1, BV")
     adjoint_code = {n: a if a is not None else f"tl.zeros([{zeros[n]}], dtype=ACC)"
                     for n, a in adjoint.items()}
-    split_v = ir.separable(step)
-    summed = ["q", "k"] + [g for g in step.gates if not (g == "delta" and gates[g].shape == "channel")]
     template = _environment().get_template("triton_chunk.py.j2")
     return template.render(
-        split_v=split_v, summed=summed if split_v else [],
+        split_v=split_v, summed=summed, key_blocks=bool(kernels["bwd_out"]["inside"]),
         configs=CONFIGS,
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
         op_name=f"{spec.name}_{spec.digest()}",

@@ -309,6 +309,21 @@ def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
         assert {grid[2] for grid in getattr(module, f"_{kernel}").grids} == {3}, kernel
 
 
+@pytest.mark.parametrize("case", ["gated_deltanet", "simple_gla", "titans", "channel decay, channel eta",
+                                  "huber per value channel"])
+def test_key_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
+    """The gradient kernel of a matrix memory passes over blocks of 16 key columns (DK = 37:
+    three, the last one masked), its products over DK summed across the blocks and dq, dk (and a
+    key-channel gate's gradient) written per block; packed sequences too."""
+    op, module = _compiled(SPLIT_CASES.get(case, f"specs/{case}.yaml"), tmp_path, monkeypatch)
+    assert module.BK_MAX
+    monkeypatch.setitem(module.BK_MAX, "bwd_out", 16)
+    inputs = random_inputs(op, batch=2, length=23, heads=2, dk=37, dv=6)
+    _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
+    packed = varlen_inputs(op, [0, 9, 30], dk=37, dv=5)
+    _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
+
+
 @pytest.mark.parametrize("spec", ["deltanet", "gated_deltanet"])
 def test_chunks_run_apart_but_the_passes(spec, monkeypatch):
     """Only the passes walk the chunks: the stage kernels (the exact path's (I + A)^-1 reads no
