@@ -368,9 +368,8 @@ def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
     gates = d.op_gates()
     taint = "tainted" in need
 
-    def dtype(x):  # a tile used only as a matmul operand keeps the operands' dtype: exact, and
-        uses = [n for n in step.graph.g.successors(x) if n in need]  # half the registers at bf16
-        return "DOT" if uses and all(step.graph.node(n)["op"] == "dot" for n in uses) else "ACC"
+    def dtype(x):
+        return _tile_dtype(step.graph, x, need)
 
     lines = [
         "srow = ((first_chunk + i_t) * SEGMENTS + seg) * H + i_h  # the step's row of the buffers",
@@ -421,6 +420,13 @@ def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
     if clean:
         lines += [f"{x} = tl.where({_finite(x)}, {x}, {pad})" for x, pad in pads.items()]
     return "\n".join(indent + line for line in lines)
+
+
+def _tile_dtype(graph, x: str, need) -> str:
+    """The dtype an input tile loads in: that of the matmul operands (DOT) where the kernel
+    (its nodes `need`) uses it only as one, exact and half the registers at bf16; else ACC."""
+    uses = [n for n in graph.g.successors(x) if n in need]
+    return "DOT" if uses and all(graph.node(n)["op"] == "dot" for n in uses) else "ACC"
 
 
 def _finite(x: str) -> str:
@@ -482,12 +488,10 @@ def _key_blocks(step, tiles, stop, adjoint, summed) -> tuple | None:
     stream = ir.stream(graph, targets, dim="DK", stop=stop)
     if stream is None or not stream.loops:
         return None
-    loads = {}
+    loads, need = {}, set(ir.plan(graph, targets, stop))
     for x in keyed:
-        pad = "0.0"
-        dtype = "ACC" if x in step.gates else "DOT"
-        loads[x] = (f"{x} = _load_rows({x}_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, {pad}, "
-                    f"{dtype})\n{x} = tl.where({_finite(x)}, {x}, {pad})")
+        loads[x] = (f"{x} = _load_rows({x}_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, "
+                    f"{_tile_dtype(graph, x, need)})\n{x} = tl.where({_finite(x)}, {x}, 0.0)")
     for s, tile in zip(step.states, tiles, strict=True):
         if "DK" in graph.shape(s):
             at = f"{tile['tile']}, mask={tile['mask']}, other=0.0"
