@@ -29,7 +29,7 @@ import mirasc
 from benchmarks.common import SPECS, leaves, table
 from benchmarks.peers import FLA_PEERS
 from mirasc.check import random_inputs
-from mirasc.resources import SHARED_LIMIT, compiling_for, sass
+from mirasc.resources import SHARED_LIMIT, compiling_for, largest_loop, sass
 
 COLUMNS = [("impl", "impl", ""), ("pass", "pass", ""), ("kernel", "kernel", ""),
            ("programs", "programs", "d"), ("tried", "configs", ""),
@@ -138,15 +138,6 @@ def record(spec: str, batch: int, length: int, heads: int, dim: int,
     return recorded
 
 
-def _loop(text: str) -> int | None:
-    """Instructions in the largest loop of a SASS listing: the span from a branch's target back
-    to the branch when the target lies before it (16 bytes per instruction), or None."""
-    spans = [(int(at, 16) - int(to, 16)) // 16 + 1
-             for at, to in re.findall(r"/\*([0-9a-f]+)\*/[^;]*?\bBRA\s+0x([0-9a-f]+)", text)
-             if int(to, 16) < int(at, 16)]
-    return max(spans, default=None)
-
-
 def _tensor_core(text: str) -> Counter:
     """Tensor-core instructions by operand type (HGMMA: wgmma, HMMA: mma.sync; fp16 operands
     carry no suffix in the opcode)."""
@@ -174,7 +165,7 @@ def compile_launch(launch: Launch, capability: int, most: int) -> dict:
             "tensor_core": ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "0",
             "half_share": 100 * (kinds["bf16"] + kinds["fp16"]) / sum(kinds.values())
             if kinds else None,
-            "loop": _loop(listing), "seconds": time.perf_counter() - start})
+            "loop": largest_loop(listing), "seconds": time.perf_counter() - start})
     best = min(rows, key=lambda r: (r["spill_bytes"], r["registers"]))
     return best | {"seconds": sum(r["seconds"] for r in rows),
                    "tried": f"{len(rows)}/{len(launch.configs)}"}

@@ -157,14 +157,15 @@ def resources(spec: SpecSource,
     typer.echo(f"{op.spec.name}: Dk={head_dim}, Dv={dv}, {dtype}, sm_{sm} (shared memory limit "
                f"{SHARED_LIMIT[sm] // 1024} KiB per block)")
     typer.echo(f"{'kernel':<9}  {'warps':>5}  {'stages':>6}  {'registers':>9}  {'spill B':>7}  "
-               f"{'tensor-core ops':>15}  {'shared KiB':>10}  fits")
+               f"{'tensor-core ops':>15}  {'shared KiB':>10}  {'loop instr':>10}  fits")
     for u in rows:
         head = f"{u.kernel:<9}  {u.num_warps:>5}  {u.num_stages:>6}  "
         if u.error is not None:
             typer.echo(f"{head}ptxas refused it: {u.error}")
             continue
+        loop = "-" if u.loop is None else u.loop
         typer.echo(f"{head}{u.registers:>9}  {u.spill_bytes:>7}  {u.tensor_core:>15}  "
-                   f"{u.shared_bytes / 1024:>10.1f}  {'yes' if u.fits else 'NO'}")
+                   f"{u.shared_bytes / 1024:>10.1f}  {loop:>10}  {'yes' if u.fits else 'NO'}")
     unfit = sorted({u.kernel for u in rows} - {u.kernel for u in rows if u.fits})
     if unfit:
         typer.echo(f"{op.spec.name}: no launch configuration of the {' and '.join(unfit)} kernel "

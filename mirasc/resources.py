@@ -54,6 +54,7 @@ class Usage:
     shared_limit: int          # the target's per-block limit
     seconds: float             # Triton + ptxas compile time
     tensor_core: int | None = None  # tensor-core instructions in the SASS (HGMMA, HMMA)
+    loop: int | None = None    # instructions of the largest loop (`largest_loop`)
     error: str | None = None   # why ptxas refused the kernel (the autotuner skips such a config)
 
     @property
@@ -177,11 +178,23 @@ def sass(cubin: bytes) -> tuple[int, int, str]:
     return int(found[1]), int(found[2]), listing
 
 
-def _cubin_facts(cubin: bytes) -> tuple[int, int, int]:
-    """Registers and spill stack per thread, and the count of tensor-core instructions (HGMMA:
-    Hopper's wgmma, HMMA: mma.sync) in the SASS."""
+def largest_loop(listing: str) -> int | None:
+    """Instructions in the largest loop of a SASS listing: the span from a branch's target back
+    to the branch when the target lies before it (16 bytes per instruction), or None. For a
+    pass, one chunk step per warp (inner loops counted once): a static estimate of the dynamic
+    instructions per sequential step."""
+    spans = [(int(at, 16) - int(to, 16)) // 16 + 1
+             for at, to in re.findall(r"/\*([0-9a-f]+)\*/[^;]*?\bBRA\s+0x([0-9a-f]+)", listing)
+             if int(to, 16) < int(at, 16)]
+    return max(spans, default=None)
+
+
+def _cubin_facts(cubin: bytes) -> tuple[int, int, int, int | None]:
+    """Registers and spill stack per thread, the count of tensor-core instructions (HGMMA:
+    Hopper's wgmma, HMMA: mma.sync) in the SASS and its `largest_loop`."""
     registers, stack, listing = sass(cubin)
-    return registers, stack, len(re.findall(r"\b[HQ]GMMA\b|\bHMMA\b", listing))
+    return (registers, stack, len(re.findall(r"\b[HQ]GMMA\b|\bHMMA\b", listing)),
+            largest_loop(listing))
 
 
 def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
@@ -207,10 +220,10 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
                                   SHARED_LIMIT[capability], time.perf_counter() - start,
                                   error=reason.strip()))
                 continue
-            registers, stack, tensor_core = _cubin_facts(compiled.asm["cubin"])
+            registers, stack, tensor_core, loop = _cubin_facts(compiled.asm["cubin"])
             rows.append(Usage(kernel, num_warps, num_stages, registers, stack,
                               compiled.metadata.shared, SHARED_LIMIT[capability],
-                              time.perf_counter() - start, tensor_core))
+                              time.perf_counter() - start, tensor_core, loop=loop))
     return rows
 
 
