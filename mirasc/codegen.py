@@ -555,9 +555,11 @@ def render_triton_module(spec: Spec) -> str:
     staged = {"fwd": _frontier(graph, targets["fwd"], states),
               "bwd": _frontier(graph, targets["bwd"], states + dstates)}
     streamed = _streams(step, targets, _stops(graph, targets, staged)[0], adjoint) is not None
-    if not streamed:  # the stored states are at hand: the backward pass carries dW alone
+    if not streamed:
+        # The stored states are at hand: the backward pass carries dW alone. Its output kernel
+        # passes over key blocks, so the backward stage computes the rows' taints (they read
+        # every key column).
         staged["bwd"] = _frontier(graph, targets["bwd"], dstates)
-    if not streamed:  # the output kernel passes over key blocks: the stage computes the taints
         plan = ir.plan(graph, targets["bwd_out"], _stops(graph, targets, staged)[0]["bwd_out"])
         staged["bwd"] += tuple(c for c in STAGED_CONSTS if c in plan)
     stops, kept = _stops(graph, targets, staged)
