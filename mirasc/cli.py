@@ -134,23 +134,28 @@ def resources(spec: SpecSource,
               sm: Annotated[int, typer.Option(help="Compute capability, e.g. 90 (H100), 80 "
                                                    "(A100).")] = 90,
               first: Annotated[bool, typer.Option(help="Only the first launch configuration.")]
-              = False):
+              = False,
+              kernels: Annotated[str, typer.Option(help="Only these kernels, comma-separated "
+                                                        "(default: all).")] = ""):
     """Compile SPEC's kernels for a GPU (no GPU needed: Triton and its ptxas run here) and print
     each launch configuration's registers and spills per thread, tensor-core instructions (HGMMA,
-    HMMA) and shared memory per program.
+    HMMA), shared memory per program and the instructions of its largest loop.
     Exits 1 when no configuration of a kernel fits the GPU's shared memory."""
 
-    from mirasc.resources import SHARED_LIMIT, CannotCompile, kernel_usage
+    from mirasc.resources import KERNELS, SHARED_LIMIT, CannotCompile, kernel_usage
 
     dtypes = _kernel_dtypes()
-    if dtype not in dtypes or sm not in SHARED_LIMIT:
+    only = tuple(k for k in kernels.split(",") if k)
+    if dtype not in dtypes or sm not in SHARED_LIMIT or not set(only) <= set(KERNELS):
         typer.echo(f"error: --dtype: allowed: {', '.join(dtypes)}; --sm: allowed: "
-                   f"{', '.join(map(str, SHARED_LIMIT))}", err=True)
+                   f"{', '.join(map(str, SHARED_LIMIT))}; --kernels: allowed: "
+                   f"{', '.join(KERNELS)}", err=True)
         raise typer.Exit(2)
     op = _compile(spec)
     dv = value_dim or head_dim
     try:
-        rows = kernel_usage(op, head_dim, dv, dtypes[dtype], sm, "first" if first else "tuned")
+        rows = kernel_usage(op, head_dim, dv, dtypes[dtype], sm, "first" if first else "tuned",
+                            only)
     except CannotCompile as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

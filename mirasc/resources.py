@@ -198,9 +198,10 @@ def _cubin_facts(cubin: bytes) -> tuple[int, int, int, int | None]:
 
 
 def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
-                 capability: int = 90, which: str = "tuned") -> list[Usage]:
-    """Usage of the op's kernels at head dims (dk, dv) on inputs of `dtype`,
-    for each launch configuration the autotuner tries (`which="tuned"`) or its first only."""
+                 capability: int = 90, which: str = "tuned", only=()) -> list[Usage]:
+    """Usage of the op's kernels (those named in `only`, default all) at head dims (dk, dv) on
+    inputs of `dtype`, for each launch configuration the autotuner tries (`which="tuned"`) or its
+    first only."""
     from triton.runtime.errors import PTXASError
 
     if capability not in SHARED_LIMIT:
@@ -210,6 +211,8 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
         tried = tried[:1]
     rows = []
     for kernel, launch in launches(op, dk, dv, dtype, state_dtype=dtype).items():
+        if only and kernel not in only:
+            continue
         for num_warps, num_stages in tried:
             start = time.perf_counter()
             try:

@@ -180,8 +180,10 @@ def test_a_kernel_that_does_not_fit_is_named(env, tmp_path):
     spec = tmp_path / "deep.yaml"
     spec.write_text("name: deep\nmemory: {kind: mlp, depth: 3, expansion: 4}\nbias: {kind: l2}\n"
                     "retention: {kind: none}\nlearner: {kind: gd, eta: {}}\nchunk_size: 16\n")
-    done = _mirasc(env, "resources", str(spec), "--head-dim", "64", "--first")
+    done = _mirasc(env, "resources", str(spec), "--head-dim", "64", "--first",
+                   "--kernels", "bwd,bwd_out")
     assert done.returncode == 1, done.stdout + done.stderr[-3000:]
+    assert {line.split()[0] for line in done.stdout.splitlines()[2:]} == {"bwd", "bwd_out"}
     assert re.search(r"no launch configuration of the [\w ]*\bbwd(_out)?\b[\w ]* kernel fits "
                      r"sm_90", done.stderr), done.stderr
     assert "Dk=64, Dv=64" in done.stderr
@@ -190,6 +192,8 @@ def test_a_kernel_that_does_not_fit_is_named(env, tmp_path):
 def test_bad_arguments_are_refused(env):
     done = _mirasc(env, "resources", "specs/gated_deltanet.yaml", "--sm", "75")
     assert done.returncode == 2 and "--sm: allowed: 80, 86, 87, 89, 90" in done.stderr
+    done = _mirasc(env, "resources", "specs/gated_deltanet.yaml", "--kernels", "fwd,out")
+    assert done.returncode == 2 and "--kernels: allowed: fwd_stage, fwd," in done.stderr
     done = _mirasc(env | {"TRITON_INTERPRET": "1"}, "resources", "specs/gated_deltanet.yaml")
     assert done.returncode == 2 and "unset it" in done.stderr
     done = _mirasc(env, "precompile", "specs/ttt_linear.yaml", "--state", "float64")
