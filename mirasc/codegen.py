@@ -492,11 +492,8 @@ def _key_blocks(step, tiles, stop, adjoint, summed) -> tuple | None:
     for x in keyed:
         loads[x] = (f"{x} = _load_rows({x}_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, "
                     f"{_tile_dtype(graph, x, need)})\n{x} = tl.where({_finite(x)}, {x}, 0.0)")
-    for s, tile in zip(step.states, tiles, strict=True):
-        if "DK" in graph.shape(s):
-            at = f"{tile['tile']}, mask={tile['mask']}, other=0.0"
-            loads[s] = f"{s} = tl.load(state_ptr + {at}).to(ACC)"
-            loads[f"d{s}_new"] = f"d{s}_new = tl.load(dstate_ptr + {at}).to(ACC)"
+    state_loads, _ = _stream_io(step, tiles, "bwd_out", adjoint)
+    loads |= {n: line for n, line in state_loads.items() if "DK" in graph.shape(n)}
     stores = {}
     for x in keyed:
         part = "part + " if x in summed else ""
