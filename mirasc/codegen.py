@@ -473,18 +473,18 @@ def _streams(step, targets: dict, staged: dict, adjoint: dict) -> dict | None:
     return None if None in streams.values() else streams
 
 
-def _key_blocks(step, tiles, stop, adjoint, summed) -> tuple | None:
-    """The backward output kernel as passes over blocks of key columns (`ir.stream` on DK), so
-    that it holds a block of q, k, the states and their gradients at a time rather than all
-    DK columns (fla's gradient kernels block the keys so): the stream, and the loads and stores
-    of the blocked inputs, states and gradients. None where the step does not pass so (a tile
-    with DK twice) or a key-column input has no gradient to write per block."""
+def _key_blocks(step, tiles, stop, adjoint, summed, grads) -> tuple | None:
+    """A backward output kernel (writing the gradients of the inputs `grads`) as passes over
+    blocks of key columns (`ir.stream` on DK), so that it holds a block of q, k, the states and
+    their gradients at a time rather than all DK columns (fla's gradient kernels block the keys
+    so): the stream, and the loads and stores of the blocked inputs, states and gradients. None
+    where the step does not pass so (a tile with DK twice) or a key-column input of `grads` has
+    no gradient to write per block."""
     graph = step.graph
     keyed = [x for x in ("q", "k", *step.gates) if "DK" in graph.shape(x)]
-    if not keyed or any(adjoint[x] is None for x in keyed):
+    if not keyed or any(adjoint[x] is None for x in keyed if x in grads):
         return None
-    targets = [adjoint[x] for x in ("q", "k", "v", *step.gates, *step.params)
-               if adjoint[x] is not None]
+    targets = [adjoint[x] for x in grads if adjoint[x] is not None]
     stream = ir.stream(graph, targets, dim="DK", stop=stop)
     if stream is None or not stream.loops:
         return None
@@ -494,13 +494,31 @@ def _key_blocks(step, tiles, stop, adjoint, summed) -> tuple | None:
                     f"{_tile_dtype(graph, x, need)})\n{x} = tl.where({_finite(x)}, {x}, 0.0)")
     state_loads, _ = _stream_io(step, tiles, "bwd_out", adjoint)
     loads |= {n: line for n, line in state_loads.items() if "DK" in graph.shape(n)}
-    stores = {}
+    stores, keyed = {}, [x for x in keyed if x in grads]
     for x in keyed:
         part = "part + " if x in summed else ""
         stores.setdefault(adjoint[x], []).append(
             f"tl.store(d{x}_ptr + ({part}tok * H + i_h)[:, None] * DK + offs_k[None, :], "
             f"{adjoint[x]}, mask=valid[:, None] & mask_k[None, :])")
     return stream, loads, stores, keyed
+
+
+def _gradient_groups(step) -> dict[str, tuple[str, ...]]:
+    """The backward's output kernels, each with the inputs whose gradients it writes. A matrix
+    memory's splits by the columns of the gradient: value columns ("bwd_dv": v, value-channel
+    gates, per-head parameters), key columns ("bwd_dqk": q, k, key-channel gates) and one per row
+    ("bwd_dg": per-head gates), so that each kernel holds only what its gradients read (sm_90,
+    D=128, bf16, 8 warps: gated DeltaNet's single kernel spilled 1152 B per thread, simple GLA's
+    664; their three spill none). An MLP memory keeps one ("bwd_out"): each would recompute the
+    memory over the hidden units."""
+    inputs = ("q", "k", "v", *step.gates, *step.params)
+    if any("DH" in step.graph.shape(s) for s in step.states):
+        return {"bwd_out": inputs}
+    kernel = {"DV": "bwd_dv", "DK": "bwd_dqk", 1: "bwd_dg"}
+    groups = {}
+    for x in inputs:
+        groups.setdefault(kernel[step.graph.shape(x)[1]], []).append(x)
+    return {k: tuple(groups[k]) for k in kernel.values() if k in groups}
 
 
 def _stream_io(step, tiles, kernel: str, targets: dict) -> tuple[dict, dict]:
@@ -567,12 +585,17 @@ def render_triton_module(spec: Spec) -> str:
     split_v = ir.separable(step)
     summed = ["q", "k"] + [g for g in step.gates if not (g == "delta" and gates[g].shape == "channel")]
     summed = summed if split_v else []
+    groups = _gradient_groups(step)
+    del targets["bwd_out"]
+    for kernel, grads in groups.items():
+        targets[kernel] = [adjoint[x] for x in grads if adjoint[x] is not None]
+        stops[kernel] = stops["bwd_out"]
     kernels = {}
     for kernel, t in targets.items():
         stop, stored = stops[kernel], kept if kernel == "fwd" else ()
         indent = _INDENT if kernel in ("fwd", "bwd") else " " * 8
-        keys = _key_blocks(step, tiles, stop, adjoint, summed) \
-            if kernel == "bwd_out" and streams is None else None
+        keys = _key_blocks(step, tiles, stop, adjoint, summed, groups[kernel]) \
+            if kernel in groups and streams is None else None
         need = set(ir.plan(graph, t, stop)) - set(stop)
         if keys is not None:
             stream, key_loads, key_stores, inside = keys
@@ -590,6 +613,7 @@ def render_triton_module(spec: Spec) -> str:
         # ir._poisoned) needs no padding in place of a non-finite input.
         loads = _loads(step, d, need, indent, clean=kernel != "fwd" or bool(stored))
         kernels[kernel] = dict(loads=loads, body="\n".join(body), inside=inside,
+                               key_blocks=keys is not None,
                                reads=[s for s in states + dstates if s in need])
     for direction, nodes in staged.items():
         if nodes:
@@ -608,8 +632,8 @@ def render_triton_module(spec: Spec) -> str:
                     for n, a in adjoint.items()}
     template = _environment().get_template("triton_chunk.py.j2")
     return template.render(
-        split_v=split_v, summed=summed, key_blocks=bool(kernels["bwd_out"]["inside"]),
-        configs=CONFIGS,
+        split_v=split_v, summed=summed, configs=CONFIGS, out_kernels=groups,
+        key_blocks=[k for k in groups if kernels[k]["key_blocks"]],
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
         op_name=f"{spec.name}_{spec.digest()}",
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),

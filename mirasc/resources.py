@@ -33,8 +33,9 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 
 
 # A generated module's kernels in launch order: per direction its stage (where the pass reads
-# state-free tiles), the pass over the chunks and the per-chunk output kernel.
-KERNELS = ("fwd_stage", "fwd", "fwd_out", "bwd_stage", "bwd", "bwd_out")
+# state-free tiles), the pass over the chunks and the per-chunk output kernels (the backward's
+# one, or one per group of gradients: codegen._gradient_groups).
+KERNELS = ("fwd_stage", "fwd", "fwd_out", "bwd_stage", "bwd", "bwd_out", "bwd_dv", "bwd_dqk", "bwd_dg")
 
 
 class CannotCompile(ValueError):

@@ -277,7 +277,7 @@ SPLIT_CASES = {  # steps that never mix DV columns: gates per head, per key chan
 }
 
 
-PER_BLOCK = ("fwd", "fwd_out", "bwd", "bwd_out")  # the kernels with a program per block of DV
+PER_BLOCK = ("fwd", "fwd_out", "bwd")  # with the output kernels: a program per block of DV
 
 
 class _Grids:
@@ -298,26 +298,28 @@ def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     partial sums; packed sequences too."""
     op, module = _compiled(SPLIT_CASES[case], tmp_path, monkeypatch)
     assert module.SPLIT_V
-    for kernel in PER_BLOCK:
+    per_block = (*PER_BLOCK, *module.OUT_KERNELS)
+    for kernel in per_block:
         monkeypatch.setitem(module.BV_MAX, kernel, 16)
         monkeypatch.setattr(module, f"_{kernel}", _Grids(getattr(module, f"_{kernel}")))
     inputs = random_inputs(op, batch=2, length=23, heads=2, dk=6, dv=37)
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
     packed = varlen_inputs(op, [0, 9, 30], dk=5, dv=37)
     _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
-    for kernel in PER_BLOCK:
+    for kernel in per_block:
         assert {grid[2] for grid in getattr(module, f"_{kernel}").grids} == {3}, kernel
 
 
 @pytest.mark.parametrize("case", ["gated_deltanet", "simple_gla", "titans", "channel decay, channel eta",
                                   "huber per value channel"])
 def test_key_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
-    """The gradient kernel of a matrix memory passes over blocks of 16 key columns (DK = 37:
-    three, the last one masked), its products over DK summed across the blocks and dq, dk (and a
-    key-channel gate's gradient) written per block; packed sequences too."""
+    """The gradient kernels of a matrix memory pass over blocks of 16 key columns (DK = 37:
+    three, the last one masked), their products over DK summed across the blocks and dq, dk (and
+    a key-channel gate's gradient) written per block; packed sequences too."""
     op, module = _compiled(SPLIT_CASES.get(case, f"specs/{case}.yaml"), tmp_path, monkeypatch)
-    assert module.BK_MAX
-    monkeypatch.setitem(module.BK_MAX, "bwd_out", 16)
+    assert set(module.BK_MAX) == set(module.OUT_KERNELS)
+    for kernel in module.BK_MAX:
+        monkeypatch.setitem(module.BK_MAX, kernel, 16)
     inputs = random_inputs(op, batch=2, length=23, heads=2, dk=37, dv=6)
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
     packed = varlen_inputs(op, [0, 9, 30], dk=37, dv=5)
@@ -335,7 +337,7 @@ def test_chunks_run_apart_but_the_passes(spec, monkeypatch):
     for kernel in ("fwd", "bwd"):
         body = source.split(f"def {spec}_{kernel}_kernel")[1].split(f"def {spec}_{kernel}_out")[0]
         assert "_tri_inv(" not in body and "A_inv = tl.load(" in body, kernel
-    kernels = ("fwd_stage", "fwd", "fwd_out", "bwd_stage", "bwd", "bwd_out")
+    kernels = ("fwd_stage", "fwd", "fwd_out", "bwd_stage", "bwd", *module.OUT_KERNELS)
     for kernel in kernels:
         monkeypatch.setattr(module, f"_{kernel}", _Grids(getattr(module, f"_{kernel}")))
     for length, packed, chunks in ((100, False, 4), (None, True, 3)):
