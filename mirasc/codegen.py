@@ -189,7 +189,7 @@ _FORMATS = {  # the Triton code of the one-input ops: {0} is the input, {axis} t
     "sum": "tl.sum({0}, {axis}, keep_dims=True)",
     "max": "tl.max({0}, {axis}, keep_dims=True)",
     "trans": "tl.trans({0})",
-    "tri_inv": "_tri_inv({0}, BT, PRECISION)",
+    "tri_inv": "_tri_inv({0}, BT, PRECISION, DOT)",
     "nonfinite": 'tl.sum(tl.sum(tl.where(tl.abs({0}) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0, '
                  'keep_dims=True)',
 }
@@ -496,10 +496,10 @@ def _key_blocks(step, tiles, stop, adjoint, summed, grads) -> tuple | None:
     loads |= {n: line for n, line in state_loads.items() if "DK" in graph.shape(n)}
     stores, keyed = {}, [x for x in keyed if x in grads]
     for x in keyed:
-        part = "part + " if x in summed else ""
+        store = "_store_sum" if x in summed else "tl.store"
         stores.setdefault(adjoint[x], []).append(
-            f"tl.store(d{x}_ptr + ({part}tok * H + i_h)[:, None] * DK + offs_k[None, :], "
-            f"{adjoint[x]}, mask=valid[:, None] & mask_k[None, :])")
+            f"{store}(d{x}_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], "
+            f"{adjoint[x]}, valid[:, None] & mask_k[None, :]{', i_v' if x in summed else ''})")
     return stream, loads, stores, keyed
 
 
@@ -631,9 +631,12 @@ def render_triton_module(spec: Spec) -> str:
     adjoint_code = {n: a if a is not None else f"tl.zeros([{zeros[n]}], dtype=ACC)"
                     for n, a in adjoint.items()}
     template = _environment().get_template("triton_chunk.py.j2")
+    # The kernel of the q and k gradients walks the DV blocks, summing them (no partial copies
+    # per block); it holds what each block reuses, so it takes narrower key blocks.
+    v_summed = [k for k, xs in groups.items() if summed and "q" in xs]
     return template.render(
-        split_v=split_v, summed=summed, configs=CONFIGS, out_kernels=groups,
-        key_blocks=[k for k in groups if kernels[k]["key_blocks"]],
+        split_v=split_v, summed=summed, configs=CONFIGS, out_kernels=groups, v_summed=v_summed,
+        key_blocks={k: 16 if k in v_summed else 32 for k in groups if kernels[k]["key_blocks"]},
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
         op_name=f"{spec.name}_{spec.digest()}",
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),

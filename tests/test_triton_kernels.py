@@ -269,6 +269,31 @@ def test_matmul_operands_by_input_dtype(monkeypatch):
                                                               tl.float32, tl.float64]
 
 
+@triton.jit
+def _product_kernel(a_ptr, b_ptr, out_ptr, N: tl.constexpr, PRECISION: tl.constexpr,
+                    HALF: tl.constexpr, product: tl.constexpr):
+    offs = tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
+    tl.store(out_ptr + offs, product(tl.load(a_ptr + offs), tl.load(b_ptr + offs), PRECISION,
+                                     HALF))
+
+
+def test_split_half_products_keep_float32_precision():
+    """The merges of the triangular inverse for half inputs: three products of the operands'
+    two-half splits, near float32 (a single fp16 product of the rounded operands errs ~3e-4)."""
+    module = load_module(mirasc.compile("specs/gated_deltanet.yaml").spec)
+    a, b = (torch.randn(32, 32, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    exact = a.double() @ b.double()
+    errors = {}
+    for half in (tl.float16, tl.float32):
+        out = torch.empty(32, 32)
+        _product_kernel[(1,)](a, b, out, N=32, PRECISION="tf32", HALF=half,
+                              product=module._dot_fp32)
+        errors[half] = relative_error(out, exact)
+    rounded = a.half().double() @ b.half().double()
+    assert errors[tl.float16] < 1e-5 < relative_error(rounded, exact), errors
+    assert errors[tl.float32] < 1e-6, errors
+
+
 SPLIT_CASES = {  # steps that never mix DV columns: gates per head, per key channel, per value channel
     "gated_deltanet": "specs/gated_deltanet.yaml", "titans": "specs/titans.yaml",
     "channel decay, channel eta": axis_spec(retention="{kind: l2, decay: {shape: channel}}",
@@ -294,8 +319,8 @@ class _Grids:
 @pytest.mark.parametrize("case", sorted(SPLIT_CASES))
 def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     """SPLIT_V: blocks of 16 value columns run as programs of their own (DV = 37: three, the last
-    one masked) in the passes and the output kernels; the q, k and gate gradients are the blocks'
-    partial sums; packed sequences too."""
+    one masked) in the passes and the output kernels, but for the kernels of the q, k and
+    per-head gate gradients, whose programs sum them over the blocks; packed sequences too."""
     op, module = _compiled(SPLIT_CASES[case], tmp_path, monkeypatch)
     assert module.SPLIT_V
     per_block = (*PER_BLOCK, *module.OUT_KERNELS)
@@ -306,8 +331,10 @@ def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
     packed = varlen_inputs(op, [0, 9, 30], dk=5, dv=37)
     _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
+    assert {"bwd_dqk"} <= set(module.V_SUMMED) < set(module.OUT_KERNELS)
     for kernel in per_block:
-        assert {grid[2] for grid in getattr(module, f"_{kernel}").grids} == {3}, kernel
+        blocks = 1 if kernel in module.V_SUMMED else 3
+        assert {grid[2] for grid in getattr(module, f"_{kernel}").grids} == {blocks}, kernel
 
 
 @pytest.mark.parametrize("case", ["gated_deltanet", "simple_gla", "titans", "channel decay, channel eta",
@@ -468,23 +495,27 @@ def test_unwritten_outputs_would_show(monkeypatch):
 
 
 @triton.jit
-def _invert(a_ptr, x_ptr, BT: tl.constexpr, INVERT: tl.constexpr, PRECISION: tl.constexpr):
+def _invert(a_ptr, x_ptr, BT: tl.constexpr, INVERT: tl.constexpr, PRECISION: tl.constexpr,
+            HALF: tl.constexpr):
     offs = tl.arange(0, BT)
     tile = offs[:, None] * BT + offs[None, :]
-    tl.store(x_ptr + tile, INVERT(tl.load(a_ptr + tile), BT, PRECISION))
+    tl.store(x_ptr + tile, INVERT(tl.load(a_ptr + tile), BT, PRECISION, HALF))
 
 
 @pytest.mark.parametrize("rows", [16, 32, 128])
 def test_blocked_triangular_inverse(rows):
     """The kernels' (I + A)^-1 (16-row blocks by substitution, merged by products) equals a
-    triangular solve, for one block, one merge and three; A with entries of either sign."""
+    triangular solve, for one block, one merge and three; A with entries of either sign. In
+    float64 exactly; in float32 with the merges of half inputs (split fp16 products) to 1e-5."""
     module = load_module(mirasc.compile("specs/deltanet.yaml").spec)
     a = (torch.randn(rows, rows, dtype=torch.float64) * 0.4).tril(-1)
-    x = torch.full_like(a, float("nan"))
-    _invert[(1,)](a, x, rows, module._tri_inv, "ieee")
     eye = torch.eye(rows, dtype=a.dtype)
     expected = torch.linalg.solve_triangular(eye + a, eye, upper=False, unitriangular=True)
-    assert relative_error(x, expected) < 1e-13
+    for dtype, precision, half, tolerance in ((torch.float64, "ieee", tl.float64, 1e-13),
+                                              (torch.float32, "tf32", tl.float16, 1e-5)):
+        x = torch.full_like(a, float("nan"), dtype=dtype)
+        _invert[(1,)](a.to(dtype), x, rows, module._tri_inv, precision, half)
+        assert relative_error(x, expected) < tolerance, dtype
 
 
 def test_same_spec_same_bytes():
