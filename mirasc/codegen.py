@@ -539,11 +539,15 @@ def _stream_io(step, tiles, kernel: str, targets: dict) -> tuple[dict, dict]:
     return loads, stores
 
 
-# The (num_warps, num_stages) pairs the autotuner times for every kernel. Measured with `mirasc
+# The (num_warps, num_stages) pairs the autotuner times for a kernel. Measured with `mirasc
 # resources` (sm_90, D=64, 128): 16 warps caps registers at 128 per thread and spills more than 4
 # or 8, and of 4 and 8 neither wins everywhere. 2 stages (which pipeline an MLP memory's loops
 # over hidden blocks) spilled more in every kernel of moneta at D=64 and doubled its compile time.
 CONFIGS = [(4, 1), (8, 1)]
+# The passes of a memory whose step never mixes value columns: 8 warps, without or with their
+# loads prefetched a chunk step ahead (2 stages). Gated DeltaNet and simple GLA at D=64, 128: 4
+# warps took 1.2-1.6x the step's instructions of 8 (and spilled at 128); 2 stages spill nothing.
+PASS_CONFIGS = [(8, 1), (8, 2)]
 
 
 def render_triton_module(spec: Spec) -> str:
@@ -635,7 +639,8 @@ def render_triton_module(spec: Spec) -> str:
     # per block); it holds what each block reuses, so it takes narrower key blocks.
     v_summed = [k for k, xs in groups.items() if summed and "q" in xs]
     return template.render(
-        split_v=split_v, summed=summed, configs=CONFIGS, out_kernels=groups, v_summed=v_summed,
+        split_v=split_v, summed=summed, out_kernels=groups, v_summed=v_summed,
+        configs={k: PASS_CONFIGS if split_v and k in ("fwd", "bwd") else CONFIGS for k in kernels},
         key_blocks={k: 16 if k in v_summed else 32 for k in groups if kernels[k]["key_blocks"]},
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
         op_name=f"{spec.name}_{spec.digest()}",

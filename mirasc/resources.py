@@ -142,11 +142,11 @@ def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype 
             for kernel, r in recorders.items()}
 
 
-def configs(op) -> list[tuple[int, int]]:
-    """The (num_warps, num_stages) pairs the op's autotuner tries."""
+def configs(op, kernel: str) -> list[tuple[int, int]]:
+    """The (num_warps, num_stages) pairs the autotuner of the op's `kernel` tries."""
     from mirasc.runtime import load_module
 
-    return load_module(op.spec).CONFIGS
+    return load_module(op.spec).CONFIGS[kernel]
 
 
 def compile_launch(launch: tuple, capability: int, num_warps: int, num_stages: int):
@@ -207,14 +207,12 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
 
     if capability not in SHARED_LIMIT:
         raise CannotCompile(f"sm_{capability}: allowed: {', '.join(map(str, SHARED_LIMIT))}")
-    tried = configs(op)
-    if which != "tuned":
-        tried = tried[:1]
     rows = []
     for kernel, launch in launches(op, dk, dv, dtype, state_dtype=dtype).items():
         if only and kernel not in only:
             continue
-        for num_warps, num_stages in tried:
+        tried = configs(op, kernel)
+        for num_warps, num_stages in tried if which == "tuned" else tried[:1]:
             start = time.perf_counter()
             try:
                 compiled = compile_launch(launch, capability, num_warps, num_stages)
@@ -279,7 +277,7 @@ def precompile(ops: list, dims: list[tuple[int, int]], dtype: torch.dtype = torc
     kernels = [list(launches(op, *dims[0], dtype, state_dtype)) for op in ops]
     jobs = [(op.spec, dk, dv, dtype, state_dtype, capability, kernel, warps, stages)
             for op, names in zip(ops, kernels, strict=True) for dk, dv in dims for kernel in names
-            for warps, stages in configs(op)]
+            for warps, stages in configs(op, kernel)]
     context = multiprocessing.get_context("spawn")  # a forked CUDA context would not work
     with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=context) as pool:
         for done in as_completed([pool.submit(_precompile_one, *job) for job in jobs]):
