@@ -545,8 +545,9 @@ def _stream_io(step, tiles, kernel: str, targets: dict) -> tuple[dict, dict]:
 # over hidden blocks) spilled more in every kernel of moneta at D=64 and doubled its compile time.
 CONFIGS = [(4, 1), (8, 1)]
 # The passes of a memory whose step never mixes value columns: 8 warps, without or with their
-# loads prefetched a chunk step ahead (2 stages). Gated DeltaNet and simple GLA at D=64, 128: 4
-# warps took 1.2-1.6x the step's instructions of 8 (and spilled at 128); 2 stages spill nothing.
+# loads prefetched a chunk step ahead (2 stages). Gated DeltaNet, DeltaNet, simple GLA and linear
+# attention at D=64, 128: 4 warps took 1.1-1.6x the step's instructions of 8 (and spilled at 128
+# in the delta rules); 2 stages spill nothing.
 PASS_CONFIGS = [(8, 1), (8, 2)]
 
 
