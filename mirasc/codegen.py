@@ -230,11 +230,13 @@ def _expression(graph, n) -> str:
 def _emit(graph, nodes, indent=_INDENT, staged=(), stored=()) -> list[str]:
     """Triton statements computing `nodes` (in order), skipping the loaded and built tiles; a
     `staged` node is loaded from the buffer another kernel wrote, a `stored` one written to its
-    buffer as soon as it is computed."""
+    buffer as soon as it is computed. A tile of value columns loads as zeros past DV: its writer's
+    last block of columns may end before the reader's (blocks of 32 written, 64 read)."""
     lines = []
     for n in nodes:
         if n in staged:
-            lines.append(f"{indent}{n} = tl.load({_stage_at(graph, n)})")
+            mask = ", mask=mask_v[None, :], other=0.0" if "DV" in graph.shape(n) else ""
+            lines.append(f"{indent}{n} = tl.load({_stage_at(graph, n)}{mask})")
         elif graph.node(n)["op"] not in ("input", "const"):
             lines.append(f"{indent}{n} = {_expression(graph, n)}")
         if n in stored:

@@ -320,9 +320,13 @@ class _Grids:
 def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     """SPLIT_V: blocks of 16 value columns run as programs of their own (DV = 37: three, the last
     one masked) in the passes and the output kernels, but for the kernels of the q, k and
-    per-head gate gradients, whose programs sum them over the blocks; packed sequences too."""
+    per-head gate gradients, whose programs sum them over the blocks; packed sequences too. The
+    tiles the kernels pass each other start as NaN, so that reading one no kernel wrote shows."""
     op, module = _compiled(SPLIT_CASES[case], tmp_path, monkeypatch)
     assert module.SPLIT_V
+    buffers = module._buffers
+    monkeypatch.setattr(module, "_buffers",
+                        lambda *args: [b.fill_(float("nan")) for b in buffers(*args)])
     per_block = (*PER_BLOCK, *module.OUT_KERNELS)
     for kernel in per_block:
         monkeypatch.setitem(module.BV_MAX, kernel, 16)
