@@ -332,6 +332,10 @@ _BLOCK_HEADERS = {  # a pass over the blocks of a dim: the loop that redefines i
     offs_k = i_kb * BK + tl.arange(0, BK)
     mask_k = offs_k < DK
     kmask = tl.where(mask_k, 1.0, 0.0).to(ACC)[None, :]""",
+    "DV": """for i_v in range(0, tl.cdiv(DV, BV)):  # the blocks of value columns, one at a time
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_v = offs_v < DV
+    vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]""",
 }
 
 
@@ -655,7 +659,7 @@ def render_triton_module(spec: Spec) -> str:
         expansion=getattr(spec.memory, "expansion", 1),
         channel={g: ("V" if g == "delta" else "K") if gates[g].shape == "channel" else ""
                  for g in step.gates},
-        prologue=_PROLOGUE, kernels=kernels, adjoint=adjoint_code,
+        prologue=_PROLOGUE, v_blocks=_BLOCK_HEADERS["DV"], kernels=kernels, adjoint=adjoint_code,
         staged={k: _stage_sizes(graph, nodes) for k, nodes in staged.items()},
         kept=_stage_sizes(graph, kept),
         buffers={k: [(n, r, c) for n, r, c, _ in _stage_sizes(graph, nodes)]
