@@ -230,12 +230,15 @@ def _expression(graph, n) -> str:
 def _emit(graph, nodes, indent=_INDENT, staged=(), stored=()) -> list[str]:
     """Triton statements computing `nodes` (in order), skipping the loaded and built tiles; a
     `staged` node is loaded from the buffer another kernel wrote, a `stored` one written to its
-    buffer as soon as it is computed. A tile of value columns loads as zeros past DV: its writer's
-    last block of columns may end before the reader's (blocks of 32 written, 64 read)."""
+    buffer as soon as it is computed. A tile of value columns (or a column of value entries)
+    loads as zeros past DV: its writer's last block may end before the reader's (blocks of 32
+    written, 64 read)."""
     lines = []
     for n in nodes:
         if n in staged:
-            mask = ", mask=mask_v[None, :], other=0.0" if "DV" in graph.shape(n) else ""
+            rows, cols = graph.shape(n)
+            mask = "mask_v[None, :]" if cols == "DV" else "mask_v[:, None]" if rows == "DV" else ""
+            mask = f", mask={mask}, other=0.0" if mask else ""
             lines.append(f"{indent}{n} = tl.load({_stage_at(graph, n)}{mask})")
         elif graph.node(n)["op"] not in ("input", "const"):
             lines.append(f"{indent}{n} = {_expression(graph, n)}")
@@ -251,13 +254,13 @@ STAGED_CONSTS = ("tainted", "qbad")  # consts that read every input: a stage com
 
 def _stageable(graph, n) -> bool:
     """Whether a state-free node can be a stage kernel's output: a tile of the chunk's rows (or
-    one row), not a loaded input and not a state-shaped tile, which the pass computes itself
-    rather than move one per chunk through memory."""
+    one row, or one column of key or value entries), not a loaded input and not a state-shaped
+    tile, which the pass computes itself rather than move one per chunk through memory."""
     node = graph.node(n)
     rows, cols = node["shape"]
     computed = node["op"] not in ("input", "const", "broadcast", "trans") or \
         node.get("kind") in STAGED_CONSTS
-    return computed and rows in ("T", 1) and cols != "DH"
+    return computed and (rows in ("T", 1) or cols == 1) and "DH" not in (rows, cols)
 
 
 def _frontier(graph, targets, live) -> tuple[str, ...]:
@@ -318,9 +321,9 @@ def _stage_at(graph, n) -> str:
     return f"{n}_ptr + srow * ({rows} * {cols}) + {index[bool(r), bool(c)]}"
 
 
-def _stage_sizes(graph, staged) -> list[tuple[str, str, str, str]]:
-    """(node, rows, cols, address) of each stage buffer, the dims as the launcher's block sizes."""
-    return [(n, *(_STAGE_DIMS[x][0] for x in graph.shape(n)), _stage_at(graph, n)) for n in staged]
+def _stage_sizes(graph, staged) -> list[tuple[str, str, str]]:
+    """(node, rows, cols) of each stage buffer, the dims as the launcher's block sizes."""
+    return [(n, *(_STAGE_DIMS[x][0] for x in graph.shape(n))) for n in staged]
 
 
 _BLOCK_HEADERS = {  # a pass over the blocks of a dim: the loop that redefines its offsets and masks
@@ -340,15 +343,15 @@ _BLOCK_HEADERS = {  # a pass over the blocks of a dim: the loop that redefines i
 
 
 def _emit_stream(graph, stream, loads: dict[str, str], stores: dict[str, list[str]],
-                 indent: str, staged=(), dim: str = "DH") -> list[str]:
+                 indent: str, staged=(), dim: str = "DH", stored=()) -> list[str]:
     """Triton statements for a step run over blocks of `dim` (`ir.stream`; hidden units, or key
     columns): each pass loads the blocks it reads (`loads`, statements per node), recomputes its
     blocked tiles, sums its reductions over the blocks and writes its blocked targets
-    (`stores`)."""
+    (`stores`). A `stored` tile (unblocked) goes to its stage buffer once complete."""
     inner = indent + " " * 4
     lines = []
     for whole, loop in zip(stream.whole, stream.loops, strict=False):
-        lines += _emit(graph, whole, indent, staged)
+        lines += _emit(graph, whole, indent, staged, stored)
         for r in loop.reduce:
             dims = ", ".join(_DIMS[s] for s in graph.shape(r))
             fill = 'float("-inf")' if graph.node(r)["op"] == "max" else "0.0"
@@ -363,7 +366,8 @@ def _emit_stream(graph, stream, loads: dict[str, str], stores: dict[str, list[st
             lines.append(f"{inner}{r} = tl.maximum({r}, {part})" if graph.node(r)["op"] == "max"
                          else f"{inner}{r} += {part}")
         lines += [inner + line for t in loop.store for line in stores[t]]
-    return lines + _emit(graph, stream.whole[-1], indent, staged)
+        lines += [f"{indent}tl.store({_stage_at(graph, r)}, {r})" for r in loop.reduce if r in stored]
+    return lines + _emit(graph, stream.whole[-1], indent, staged, stored)
 
 
 def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
@@ -581,7 +585,14 @@ def render_triton_module(spec: Spec) -> str:
     staged = {"fwd": _frontier(graph, targets["fwd"], states),
               "bwd": _frontier(graph, targets["bwd"], states + dstates)}
     streamed = _streams(step, targets, _stops(graph, targets, staged)[0], adjoint) is not None
-    if not streamed:
+    if streamed:
+        # The backward stage passes over the hidden blocks of the stored states too: what reads
+        # them but not their gradients leaves the backward pass and output kernel (a
+        # state-shaped tile among it stays there, recomputed per block).
+        wide = _frontier(graph, targets["bwd"] + targets["bwd_out"], dstates)
+        if ir.stream(graph, wide, stop=_stops(graph, targets, staged)[0]["fwd_out"]) is not None:
+            staged["bwd"] = wide
+    else:
         # The stored states are at hand: the backward pass carries dW alone. Its output kernel
         # passes over key blocks, so the backward stage computes the rows' taints (they read
         # every key column).
@@ -630,10 +641,16 @@ def render_triton_module(spec: Spec) -> str:
         if nodes:
             saved = stops["fwd_out"] if direction == "bwd" else ()
             plan = ir.plan(graph, nodes, saved)
+            reads = [s for s in states if s in plan]
+            if reads and streams is not None:
+                io = _stream_io(step, tiles, "bwd_stage", {})
+                body = _emit_stream(graph, ir.stream(graph, nodes, stop=saved), *io, " " * 8,
+                                    saved, stored=nodes)
+            else:
+                body = _emit(graph, plan, " " * 8, saved, stored=nodes)
             kernels[f"{direction}_stage"] = dict(
-                loads=_loads(step, d, set(plan) - set(saved), " " * 8),
-                body="\n".join(_emit(graph, plan, " " * 8, saved)),
-                reads=[s for s in states if s in plan])
+                loads=_loads(step, d, set(plan) - set(saved), " " * 8), body="\n".join(body),
+                reads=reads)
     zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {
         s: ", ".join(_DIMS[x] for x in graph.shape(s)) for s in step.states}
     for g in step.gates:
@@ -660,8 +677,6 @@ def render_triton_module(spec: Spec) -> str:
         channel={g: ("V" if g == "delta" else "K") if gates[g].shape == "channel" else ""
                  for g in step.gates},
         prologue=_PROLOGUE, v_blocks=_BLOCK_HEADERS["DV"], kernels=kernels, adjoint=adjoint_code,
-        staged={k: _stage_sizes(graph, nodes) for k, nodes in staged.items()},
-        kept=_stage_sizes(graph, kept),
-        buffers={k: [(n, r, c) for n, r, c, _ in _stage_sizes(graph, nodes)]
-                 for k, nodes in [*staged.items(), ("fwd_pass", kept)]},
+        staged=staged, kept=kept,
+        buffers={k: _stage_sizes(graph, nodes) for k, nodes in [*staged.items(), ("fwd_pass", kept)]},
     )
