@@ -407,6 +407,20 @@ def test_hidden_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
     _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
 
 
+@pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora"])
+def test_mlp_backward_pass_holds_only_what_reads_the_state_gradient(name):
+    """An MLP memory's backward stage passes over the stored states' hidden blocks, so every
+    pass over them left in the sequential backward kernel reads the state's gradient (what
+    reads the state alone, such as recomputing the chunk's outputs, runs per chunk)."""
+    source = render_module(mirasc.load_spec(f"specs/{name}.yaml"))
+    kernel = source.split(f"def {name}_bwd_kernel(")[1].split("@triton.jit")[0]
+    passes = kernel.split("# the blocks of hidden units, one at a time")[1:]
+    assert passes
+    assert all("tl.load(dstate_ptr" in body for body in passes)
+    stage = source.split(f"def {name}_bwd_stage_kernel(")[1].split("@triton.jit")[0]
+    assert "state_ptr = hs_ptr" in stage and "# the blocks of hidden units" in stage
+
+
 def test_a_hidden_layer_of_hidden_units_keeps_the_state_in_registers():
     """A weight with hidden units on both sides (depth 3: W2 [DH, DH]) cannot pass in blocks of
     hidden units: that module holds the whole state in one program."""
