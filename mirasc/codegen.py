@@ -230,16 +230,11 @@ def _expression(graph, n) -> str:
 def _emit(graph, nodes, indent=_INDENT, staged=(), stored=()) -> list[str]:
     """Triton statements computing `nodes` (in order), skipping the loaded and built tiles; a
     `staged` node is loaded from the buffer another kernel wrote, a `stored` one written to its
-    buffer as soon as it is computed. A tile of value columns (or a column of value entries)
-    loads as zeros past DV: its writer's last block may end before the reader's (blocks of 32
-    written, 64 read)."""
+    buffer as soon as it is computed."""
     lines = []
     for n in nodes:
         if n in staged:
-            rows, cols = graph.shape(n)
-            mask = "mask_v[None, :]" if cols == "DV" else "mask_v[:, None]" if rows == "DV" else ""
-            mask = f", mask={mask}, other=0.0" if mask else ""
-            lines.append(f"{indent}{n} = tl.load({_stage_at(graph, n)}{mask})")
+            lines.append(f"{indent}{n} = tl.load({_stage_at(graph, n)})")
         elif graph.node(n)["op"] not in ("input", "const"):
             lines.append(f"{indent}{n} = {_expression(graph, n)}")
         if n in stored:
