@@ -579,13 +579,14 @@ def render_triton_module(spec: Spec) -> str:
     dstates = [f"d{s}_new" for s in states]
     staged = {"fwd": _frontier(graph, targets["fwd"], states),
               "bwd": _frontier(graph, targets["bwd"], states + dstates)}
-    streamed = _streams(step, targets, _stops(graph, targets, staged)[0], adjoint) is not None
+    first = _stops(graph, targets, staged)[0]
+    streamed = _streams(step, targets, first, adjoint) is not None
     if streamed:
         # The backward stage passes over the hidden blocks of the stored states too: what reads
         # them but not their gradients leaves the backward pass and output kernel (a
         # state-shaped tile among it stays there, recomputed per block).
         wide = _frontier(graph, targets["bwd"] + targets["bwd_out"], dstates)
-        if ir.stream(graph, wide, stop=_stops(graph, targets, staged)[0]["fwd_out"]) is not None:
+        if ir.stream(graph, wide, stop=first["fwd_out"]) is not None:
             staged["bwd"] = wide
     else:
         # The stored states are at hand: the backward pass carries dW alone. Its output kernel
