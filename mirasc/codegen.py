@@ -316,9 +316,20 @@ def _stage_at(graph, n) -> str:
     return f"{n}_ptr + srow * ({rows} * {cols}) + {index[bool(r), bool(c)]}"
 
 
-def _stage_sizes(graph, staged) -> list[tuple[str, str, str]]:
-    """(node, rows, cols) of each stage buffer, the dims as the launcher's block sizes."""
-    return [(n, *(_STAGE_DIMS[x][0] for x in graph.shape(n))) for n in staged]
+def _stage_sizes(graph, staged, operands) -> list[tuple[str, str, str, bool]]:
+    """(node, rows, cols, operand) of each stage buffer, the dims as the launcher's block sizes;
+    `operand`: every kernel reads the tile only as a matmul operand, so the buffer holds it in
+    the operands' dtype (loaded straight into a tensor-core operand: Triton puts a loaded one
+    in shared memory, a converted one in registers)."""
+    return [(n, *(_STAGE_DIMS[x][0] for x in graph.shape(n)), n in operands) for n in staged]
+
+
+def _operand_reads(graph, stop, need, operands: dict[str, bool]) -> None:
+    """Record in `operands` whether a kernel computing `need` reads each tile of `stop` only as
+    a matmul operand (a tile it does not read leaves its record as it is)."""
+    for n in stop:
+        if any(c in need for c in graph.g.successors(n)):
+            operands[n] = operands.get(n, True) and _tile_dtype(graph, n, need) == "DOT"
 
 
 _BLOCK_HEADERS = {  # a pass over the blocks of a dim: the loop that redefines its offsets and masks
@@ -554,6 +565,10 @@ CONFIGS = [(4, 1), (8, 1)]
 # attention at D=64, 128: 4 warps took 1.1-1.6x the step's instructions of 8 (and spilled at 128
 # in the delta rules); 2 stages spill nothing.
 PASS_CONFIGS = [(8, 1), (8, 2)]
+# The stage and output kernels of a memory that streams hidden blocks: 8 warps. Moneta, Yaad and
+# Memora at D=64: 4 warps spilled 1.2-4.4x more in each of them; their passes keep CONFIGS
+# (Moneta's and Memora's backward pass spill less at 4 warps).
+STREAM_CONFIGS = [(8, 1)]
 
 
 def render_triton_module(spec: Spec) -> str:
@@ -608,13 +623,14 @@ def render_triton_module(spec: Spec) -> str:
     for kernel, grads in groups.items():
         targets[kernel] = [adjoint[x] for x in grads if adjoint[x] is not None]
         stops[kernel] = stops["bwd_out"]
-    kernels = {}
+    kernels, operands = {}, {}
     for kernel, t in targets.items():
         stop, stored = stops[kernel], kept if kernel == "fwd" else ()
         indent = _INDENT if kernel in ("fwd", "bwd") else " " * 8
         keys = _key_blocks(step, tiles, stop, adjoint, summed, groups[kernel]) \
             if kernel in groups and streams is None else None
         need = set(ir.plan(graph, t, stop)) - set(stop)
+        _operand_reads(graph, stop, need, operands)
         if keys is not None:
             stream, key_loads, key_stores, inside = keys
             body = _emit_stream(graph, stream, key_loads, key_stores, indent, stop, "DK")
@@ -638,6 +654,7 @@ def render_triton_module(spec: Spec) -> str:
             saved = stops["fwd_out"] if direction == "bwd" else ()
             plan = ir.plan(graph, nodes, saved)
             reads = [s for s in states if s in plan]
+            _operand_reads(graph, saved, set(plan) - set(saved), operands)
             if reads and streams is not None:
                 io = _stream_io(step, tiles, "bwd_stage", {})
                 body = _emit_stream(graph, ir.stream(graph, nodes, stop=saved), *io, " " * 8,
@@ -654,13 +671,21 @@ def render_triton_module(spec: Spec) -> str:
     zeros |= dict.fromkeys(step.params, "1, BV")
     adjoint_code = {n: a if a is not None else f"tl.zeros([{zeros[n]}], dtype=ACC)"
                     for n, a in adjoint.items()}
+    # Stage tiles read only as matmul operands are stored in the operands' dtype where the step
+    # streams hidden blocks (sm_90, bf16, 8 warps, D=64: Moneta's backward output kernel spills
+    # 1304 B rather than 1784, its pass needs 98 KiB of shared memory rather than 138, and at
+    # D=128 176 KiB rather than 240). A matrix memory keeps them in float32: gated DeltaNet's
+    # dq/dk kernel spilled 24 B at D=128 with its (I+A)^-1 in bf16, none without.
+    halves = {n for n, only in operands.items() if only} if streams is not None else set()
     template = _environment().get_template("triton_chunk.py.j2")
     # The kernel of the q and k gradients walks the DV blocks, summing them (no partial copies
     # per block); it holds what each block reuses, so it takes narrower key blocks.
     v_summed = [k for k, xs in groups.items() if summed and "q" in xs]
     return template.render(
         split_v=split_v, summed=summed, out_kernels=groups, v_summed=v_summed,
-        configs={k: PASS_CONFIGS if split_v and k in ("fwd", "bwd") else CONFIGS for k in kernels},
+        configs={k: PASS_CONFIGS if split_v and k in ("fwd", "bwd") else
+                 STREAM_CONFIGS if streams is not None and k not in ("fwd", "bwd") else CONFIGS
+                 for k in kernels},
         key_blocks={k: 16 if k in v_summed else 32 for k in groups if kernels[k]["key_blocks"]},
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
         op_name=f"{spec.name}_{spec.digest()}",
@@ -674,5 +699,6 @@ def render_triton_module(spec: Spec) -> str:
                  for g in step.gates},
         prologue=_PROLOGUE, v_blocks=_BLOCK_HEADERS["DV"], kernels=kernels, adjoint=adjoint_code,
         staged=staged, kept=kept,
-        buffers={k: _stage_sizes(graph, nodes) for k, nodes in [*staged.items(), ("fwd_pass", kept)]},
+        buffers={k: _stage_sizes(graph, nodes, halves)
+                 for k, nodes in [*staged.items(), ("fwd_pass", kept)]},
     )

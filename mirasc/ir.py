@@ -1028,8 +1028,9 @@ def stream(graph: Graph, targets, dim: str = "DH", stop=()) -> Stream | None:
     """The step of `targets` as passes over blocks of `dim`, so that a program holds one block of
     each tile with `dim` at a time (an MLP memory's hidden units): a tile reduced over `dim` is
     complete only after a pass, so whatever depends on it waits for the next pass, which
-    recomputes the blocked tiles it needs. None when some tile has `dim` twice or a node mixes
-    `dim` otherwise than by these reductions; `stop` as for `plan`."""
+    recomputes the blocked tiles it needs; a tile without `dim` waits for the part before its
+    first reader. None when some tile has `dim` twice or a node mixes `dim` otherwise than by
+    these reductions; `stop` as for `plan`."""
     nodes = plan(graph, targets, stop)
     blocked = {n for n in nodes if dim in graph.shape(n)}
     if any(graph.shape(n).count(dim) > 1 for n in blocked):
@@ -1057,6 +1058,15 @@ def stream(graph: Graph, targets, dim: str = "DH", stop=()) -> Stream | None:
                 need.add(n)
                 todo.extend(graph.node(n)["inputs"])
         loops.append(Loop(tuple(n for n in nodes if n in need), reduce, store))
+    # A tile without the dim is computed (or loaded) in the last whole part before its first
+    # reader, so that it holds no registers across passes that do not read it; one no node
+    # reads (a target) as soon as it is ready.
+    first = {n: min(j for j, loop in enumerate(loops) if n in loop.nodes) for n in blocked}
+    first |= {n: ready[n] - 1 for n in reductions}
+    for n in reversed(nodes):
+        if n not in first:
+            readers = [c for c in graph.g.successors(n) if c in first and c not in stop]
+            first[n] = min((first[c] for c in readers), default=ready[n])
     whole = tuple(tuple(n for n in nodes if n not in blocked and n not in reductions
-                        and ready[n] == j) for j in range(last + 2))
+                        and first[n] == j) for j in range(last + 2))
     return Stream(whole, tuple(loops))

@@ -3,7 +3,10 @@ reference of the same chunking: the output, the final state and every input grad
 
 from __future__ import annotations
 
+import ast
+import functools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -233,30 +236,35 @@ def _leaves(inputs: dict) -> list[torch.Tensor]:
     return [x for v in inputs.values() for x in (v if isinstance(v, tuple) else (v,))]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("spec", ["gated_deltanet", "simple_gla"])
+@pytest.mark.parametrize(("spec", "dtype"), [
+    ("gated_deltanet", torch.bfloat16), ("gated_deltanet", torch.float16),
+    ("simple_gla", torch.bfloat16), ("simple_gla", torch.float16), ("yaad", torch.float16)])
 def test_half_precision_inputs_accumulate_in_float32(spec, dtype):
     """bf16/fp16 inputs: matmul operands in the input dtype, float32 accumulation and state;
     output, final state and every input gradient against the float32 reference of the same
-    rounded inputs. fp16 runs the half-operand path here; bf16 takes float32 operands in the
-    interpreter, whose bf16 dot is wrong (Triton 3.9)."""
+    rounded inputs. fp16 runs the half-operand path here, with the stage tiles read only as
+    operands stored in fp16 (`BUFFERS`); bf16 takes float32 operands in the interpreter, whose
+    bf16 dot is wrong (Triton 3.9). An MLP memory's gradients chain some twenty half-operand
+    products (Yaad: 1.8e-2 here, the same whether its stage tiles are stored in fp16 or float32),
+    so its bound is 10x wider; a tile read from the wrong place errs by O(1)."""
     op = mirasc.compile(f"specs/{spec}.yaml")
     half = random_inputs(op, batch=1, length=40, heads=2, dk=16, dv=16, dtype=dtype)
     wide = {k: (tuple(x.float() for x in v) if isinstance(v, tuple) else v.float())
             for k, v in half.items()}
     runs = []
-    for inputs, run in ((half, op), (wide, op.reference)):
+    oracle = functools.partial(op.reference, chunk_size=op.oracle_chunk_size)
+    for inputs, run in ((half, op), (wide, oracle)):
         leaves = [x.requires_grad_() for x in _leaves(inputs)]
-        o, (state,) = run(**inputs, output_final_state=True, chunk_size=op.oracle_chunk_size) \
-            if run is op.reference else run(**inputs, output_final_state=True)
+        o, states = run(**inputs, output_final_state=True)
         cotangent = torch.linspace(-1, 1, o.numel()).view_as(o)
         grads = torch.autograd.grad((o.float() * cotangent).sum(), leaves)
-        runs.append((o, state, grads))
-    (o, state, grads), (o_ref, state_ref, grads_ref) = runs
-    assert o.dtype == dtype and state.dtype == torch.float32
-    errors = [relative_error(o, o_ref), relative_error(state, state_ref)]
+        runs.append((o, states, grads))
+    (o, states, grads), (o_ref, states_ref, grads_ref) = runs
+    assert o.dtype == dtype and {s.dtype for s in states} == {torch.float32}
+    errors = [relative_error(o, o_ref)]
+    errors += [relative_error(s, r) for s, r in zip(states, states_ref, strict=True)]
     errors += [relative_error(g, r) for g, r in zip(grads, grads_ref, strict=True)]
-    assert max(errors) < HALF_TOLERANCE[dtype], errors
+    assert max(errors) < HALF_TOLERANCE[dtype] * (10 if op.spec.memory.kind == "mlp" else 1), errors
 
 
 def test_matmul_operands_by_input_dtype(monkeypatch):
@@ -419,6 +427,61 @@ def test_mlp_backward_pass_holds_only_what_reads_the_state_gradient(name):
     assert all("tl.load(dstate_ptr" in body for body in passes)
     stage = source.split(f"def {name}_bwd_stage_kernel(")[1].split("@triton.jit")[0]
     assert "state_ptr = hs_ptr" in stage and "# the blocks of hidden units" in stage
+
+
+@pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora"])
+def test_streamed_tiles_wait_for_their_first_reader(name):
+    """Over hidden blocks, a tile without them is computed (or loaded from its stage buffer) in
+    the part of the step just before its first reader, not held across passes that do not
+    read it."""
+    step = ir.chunk_step(derive(mirasc.load_spec(f"specs/{name}.yaml")))
+    graph = step.graph
+    _, _, adjoint = ir.step_adjoint(step)
+    targets = [a for a in adjoint.values() if a is not None]  # the whole backward step
+    stream = ir.stream(graph, targets)
+    nodes = set(ir.plan(graph, targets))
+    waited = 0
+    for j, whole in enumerate(stream.whole):
+        after = {n for part in stream.whole[j:] for n in part}
+        after |= {n for loop in stream.loops[j:] for n in (*loop.nodes, *loop.reduce)}
+        here = set(whole) | ({*stream.loops[j].nodes, *stream.loops[j].reduce}
+                             if j < len(stream.loops) else set())
+        for n in whole:
+            readers = [c for c in graph.g.successors(n) if c in nodes and c in after]
+            assert not readers or any(c in here for c in readers), (n, j)
+            waited += j > 0 and bool(readers)
+    assert waited  # some tile does wait past the first pass
+
+
+def _buffer_table(source: str) -> dict:
+    line = next(x for x in source.splitlines() if x.startswith("BUFFERS = "))
+    return ast.literal_eval(line.removeprefix("BUFFERS = ").split("  #")[0])
+
+
+@pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora", "gated_deltanet"])
+def test_operand_tiles_are_stored_in_the_operand_dtype(name, monkeypatch):
+    """An MLP memory's stage tiles that every kernel reads only as matmul operands are stored in
+    the operands' dtype (bf16 for bf16 inputs), so Triton takes them from shared memory; every
+    kernel that loads one uses it only in `tl.dot`. A matrix memory keeps float32 buffers."""
+    spec = mirasc.load_spec(f"specs/{name}.yaml")
+    source = render_module(spec)
+    table = _buffer_table(source)
+    halves = [n for tiles in table.values() for n, *_, half in tiles if half]
+    assert bool(halves) == (spec.memory.kind == "mlp")
+    kernels = source.split("@triton.jit")[1:]
+    for n in halves:
+        readers = [k for k in kernels if f"{n} = tl.load({n}_ptr" in k]
+        assert readers, n
+        for kernel in readers:
+            uses = re.sub(rf"{n} = tl.load\({n}_ptr[^\n]*", "", kernel)
+            uses = re.sub(rf"(tl\.trans\({n}\)|\b{n})\.to\(DOT\)", "", uses)
+            assert not re.search(rf"\b{n}\b", uses), n
+    module = load_module(mirasc.compile(f"specs/{name}.yaml").spec)
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    q = v = torch.zeros(1, 64, 2, 16, dtype=torch.bfloat16)
+    for key, tiles in table.items():
+        dtypes = [b.dtype for b in module._buffers(q, v, 1, key, torch.float32)]
+        assert dtypes == [torch.bfloat16 if half else torch.float32 for *_, half in tiles]
 
 
 def test_a_hidden_layer_of_hidden_units_keeps_the_state_in_registers():
