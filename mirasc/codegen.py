@@ -332,6 +332,48 @@ def _operand_reads(graph, stop, need, operands: dict[str, bool]) -> None:
             operands[n] = operands.get(n, True) and _tile_dtype(graph, n, need) == "DOT"
 
 
+COSTLY = ("dot", "gdot", "gmix", "tri_inv")  # ops a kernel does not recompute from another's inputs
+
+
+def _stage_parts(graph, targets, saved) -> list[tuple[str, ...]]:
+    """A stage that passes over hidden blocks as one kernel per pass, in order: the tiles each
+    stores, its share of `targets` and those a later kernel reads from it (handed over through
+    memory rather than held in registers across the passes after it). A kernel makes its pass
+    and computes what that pass completes, up to the next pass; a tile computed without a
+    product or a hidden unit is recomputed where it is read instead. One part when the stage
+    makes one pass or less, or a tile to hand over cannot be stored (not a tile of rows or a
+    column). Memora, sm_90, bf16, D=64, 8 warps: its single stage kernel spilled 2592 B per
+    thread, its four 0, 0, 800 and 752 B (with what follows a pass in the next kernel, 360 and
+    2064 B in the last two)."""
+    stream = ir.stream(graph, targets, stop=saved)
+    last = len(stream.loops) - 1
+    if last < 1:
+        return [tuple(targets)]
+    part = {n: min(max(j - 1, 0), last) for j, whole in enumerate(stream.whole) for n in whole}
+    part |= {n: j for j, loop in enumerate(stream.loops) for n in loop.reduce}
+    readers = {j: set(loop.nodes) for j, loop in enumerate(stream.loops)}
+    for n, j in part.items():
+        readers.setdefault(j, set()).add(n)
+
+    def cheap(n):
+        return all(graph.node(m)["op"] not in COSTLY and "DH" not in graph.shape(m)
+                   for m in ir.plan(graph, [n], saved) if m not in saved)
+
+    handed = []
+    for n in ir.plan(graph, targets, saved):
+        if n in saved or n not in part or graph.node(n)["op"] in ("input", "const"):
+            continue
+        later = any(c in readers[j] for j in range(part[n] + 1, last + 1)
+                    for c in graph.g.successors(n))
+        if later and n not in targets and not cheap(n):
+            if not _stageable(graph, n):
+                return [tuple(targets)]
+            handed.append(n)
+    stored = [*targets, *handed]
+    return [tuple(n for n in graph.order() if n in stored and part[n] == j)
+            for j in range(last + 1)]
+
+
 _BLOCK_HEADERS = {  # a pass over the blocks of a dim: the loop that redefines its offsets and masks
     "DH": """for i_hb in range(0, tl.cdiv(DH, BH)):  # the blocks of hidden units, one at a time
     offs_h = i_hb * BH + tl.arange(0, BH)
@@ -519,22 +561,33 @@ def _key_blocks(step, tiles, stop, adjoint, summed, grads) -> tuple | None:
     return stream, loads, stores, keyed
 
 
-def _gradient_groups(step) -> dict[str, tuple[str, ...]]:
-    """The backward's output kernels, each with the inputs whose gradients it writes. A matrix
-    memory's splits by the columns of the gradient: value columns ("bwd_dv": v, value-channel
-    gates, per-head parameters), key columns ("bwd_dqk": q, k, key-channel gates) and one per row
-    ("bwd_dg": per-head gates), so that each kernel holds only what its gradients read (sm_90,
-    D=128, bf16, 8 warps: gated DeltaNet's single kernel spilled 1152 B per thread, simple GLA's
-    664; their three spill none). An MLP memory keeps one ("bwd_out"): each would recompute the
-    memory over the hidden units."""
+def _gradient_groups(step, adjoint: dict, streamed: bool) -> dict[str, tuple[str, ...]]:
+    """The backward's output kernels, each with the inputs whose gradients it writes, split by
+    the columns of the gradient: value columns ("bwd_dv": v, value-channel gates, per-head
+    parameters), key columns ("bwd_dqk": q, k, key-channel gates) and one per row ("bwd_dg":
+    per-head gates), so that each kernel holds only what its gradients read (sm_90, D=128, bf16,
+    8 warps: gated DeltaNet's single kernel spilled 1152 B per thread, simple GLA's 664; their
+    three spill none). Where the step passes over hidden blocks (`streamed`), the key columns
+    split further: what does not read the gradient of the step-end state (the query's, which
+    reaches only the outputs: "bwd_dq") apart from what does ("bwd_dk"); each of these kernels
+    recomputes the memory over the hidden units (Memora, sm_90, D=64, bf16: one kernel spilled
+    2672 B per thread, q and k together 2288; these four 904, 1488, 696 and 728 B, for 2.2x the
+    tensor-core instructions). An MLP memory held whole keeps one ("bwd_out")."""
+    graph = step.graph
     inputs = ("q", "k", "v", *step.gates, *step.params)
-    if any("DH" in step.graph.shape(s) for s in step.states):
+    if not streamed and any("DH" in graph.shape(s) for s in step.states):
         return {"bwd_out": inputs}
+    carried = {f"d{s}_new" for s in step.states}
     kernel = {"DV": "bwd_dv", "DK": "bwd_dqk", 1: "bwd_dg"}
     groups = {}
     for x in inputs:
-        groups.setdefault(kernel[step.graph.shape(x)[1]], []).append(x)
-    return {k: tuple(groups[k]) for k in kernel.values() if k in groups}
+        name = kernel[graph.shape(x)[1]]
+        if streamed and x in ("q", "k"):  # (as wide as the values in a residual memory)
+            reads = adjoint[x] is not None and carried & set(ir.plan(graph, [adjoint[x]]))
+            name = "bwd_dk" if reads else "bwd_dq"
+        groups.setdefault(name, []).append(x)
+    order = ("bwd_dv", "bwd_dqk", "bwd_dq", "bwd_dk", "bwd_dg")
+    return {k: tuple(groups[k]) for k in order if k in groups}
 
 
 def _stream_io(step, tiles, kernel: str, targets: dict) -> tuple[dict, dict]:
@@ -567,7 +620,7 @@ CONFIGS = [(4, 1), (8, 1)]
 PASS_CONFIGS = [(8, 1), (8, 2)]
 # The stage and output kernels of a memory that streams hidden blocks: 8 warps. Moneta, Yaad and
 # Memora at D=64: 4 warps spilled 1.2-4.4x more in each of them; their passes keep CONFIGS
-# (Moneta's and Memora's backward pass spill less at 4 warps).
+# (Moneta's and Memora's backward pass spill less at 4 warps at D=64, more at 128).
 STREAM_CONFIGS = [(8, 1)]
 
 
@@ -612,17 +665,17 @@ def render_triton_module(spec: Spec) -> str:
         staged["bwd"] += tuple(c for c in STAGED_CONSTS if c in plan)
     stops, kept = _stops(graph, targets, staged)
     staged["bwd"] = tuple(n for n in staged["bwd"] if n not in stops["fwd_out"])
+    groups = _gradient_groups(step, adjoint, streamed)
+    del targets["bwd_out"]
+    for kernel, grads in groups.items():
+        targets[kernel] = [adjoint[x] for x in grads if adjoint[x] is not None]
+        stops[kernel] = stops["bwd_out"]
     streams = _streams(step, targets, stops, adjoint) if streamed else None
     tiles = _state_tiles(step)
     gates = d.op_gates()
     split_v = ir.separable(step)
     summed = ["q", "k"] + [g for g in step.gates if not (g == "delta" and gates[g].shape == "channel")]
     summed = summed if split_v else []
-    groups = _gradient_groups(step)
-    del targets["bwd_out"]
-    for kernel, grads in groups.items():
-        targets[kernel] = [adjoint[x] for x in grads if adjoint[x] is not None]
-        stops[kernel] = stops["bwd_out"]
     kernels, operands = {}, {}
     for kernel, t in targets.items():
         stop, stored = stops[kernel], kept if kernel == "fwd" else ()
@@ -649,21 +702,29 @@ def render_triton_module(spec: Spec) -> str:
         kernels[kernel] = dict(loads=loads, body="\n".join(body), inside=inside,
                                key_blocks=keys is not None,
                                reads=[s for s in states + dstates if s in need])
+    handover = {}
     for direction, nodes in staged.items():
-        if nodes:
-            saved = stops["fwd_out"] if direction == "bwd" else ()
-            plan = ir.plan(graph, nodes, saved)
+        saved = stops["fwd_out"] if direction == "bwd" else ()
+        streamed_stage = streams is not None and any(
+            s in ir.plan(graph, nodes, saved) for s in states)
+        parts = _stage_parts(graph, nodes, saved) if streamed_stage else [nodes] if nodes else []
+        handover[direction] = tuple(n for part in parts for n in part if n not in nodes)
+        done = ()
+        for j, part in enumerate(parts):
+            stop = (*saved, *done)
+            plan = ir.plan(graph, part, stop)
             reads = [s for s in states if s in plan]
-            _operand_reads(graph, saved, set(plan) - set(saved), operands)
+            _operand_reads(graph, stop, set(plan) - set(stop), operands)
             if reads and streams is not None:
                 io = _stream_io(step, tiles, "bwd_stage", {})
-                body = _emit_stream(graph, ir.stream(graph, nodes, stop=saved), *io, " " * 8,
-                                    saved, stored=nodes)
+                body = _emit_stream(graph, ir.stream(graph, part, stop=stop), *io, " " * 8,
+                                    stop, stored=part)
             else:
-                body = _emit(graph, plan, " " * 8, saved, stored=nodes)
-            kernels[f"{direction}_stage"] = dict(
-                loads=_loads(step, d, set(plan) - set(saved), " " * 8), body="\n".join(body),
-                reads=reads)
+                body = _emit(graph, plan, " " * 8, stop, stored=part)
+            kernels[f"{direction}_stage{j + 1 if j else ''}"] = dict(
+                loads=_loads(step, d, set(plan) - set(stop), " " * 8), body="\n".join(body),
+                reads=reads, direction=direction, stores=part)
+            done += part
     zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {
         s: ", ".join(_DIMS[x] for x in graph.shape(s)) for s in step.states}
     for g in step.gates:
@@ -677,6 +738,8 @@ def render_triton_module(spec: Spec) -> str:
     # D=128 176 KiB rather than 240). A matrix memory keeps them in float32: gated DeltaNet's
     # dq/dk kernel spilled 24 B at D=128 with its (I+A)^-1 in bf16, none without.
     halves = {n for n, only in operands.items() if only} if streams is not None else set()
+    stage_order = {direction: [k for k, kernel in kernels.items()
+                               if kernel.get("direction") == direction] for direction in staged}
     template = _environment().get_template("triton_chunk.py.j2")
     # The kernel of the q and k gradients walks the DV blocks, summing them (no partial copies
     # per block); it holds what each block reuses, so it takes narrower key blocks.
@@ -700,5 +763,8 @@ def render_triton_module(spec: Spec) -> str:
         prologue=_PROLOGUE, v_blocks=_BLOCK_HEADERS["DV"], kernels=kernels, adjoint=adjoint_code,
         staged=staged, kept=kept,
         buffers={k: _stage_sizes(graph, nodes, halves)
-                 for k, nodes in [*staged.items(), ("fwd_pass", kept)]},
+                 for k, nodes in [*staged.items(), ("fwd_pass", kept),
+                                  *((f"{k}_handover", n) for k, n in handover.items() if n)]},
+        handover=handover, stages=[k for ks in stage_order.values() for k in ks],
+        stage_order=stage_order,
     )

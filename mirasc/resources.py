@@ -32,12 +32,6 @@ import torch
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 
 
-# A generated module's kernels in launch order: per direction its stage (where the pass reads
-# state-free tiles), the pass over the chunks and the per-chunk output kernels (the backward's
-# one, or one per group of gradients: codegen._gradient_groups).
-KERNELS = ("fwd_stage", "fwd", "fwd_out", "bwd_stage", "bwd", "bwd_out", "bwd_dv", "bwd_dqk", "bwd_dg")
-
-
 class CannotCompile(ValueError):
     """The op's kernels cannot be compiled for a GPU here: why, in the message."""
 
@@ -46,7 +40,7 @@ class CannotCompile(ValueError):
 class Usage:
     """One kernel compiled with one launch configuration."""
 
-    kernel: str                # one of KERNELS
+    kernel: str                # one of the module's KERNELS
     num_warps: int
     num_stages: int
     registers: int | None      # per thread (255 is the hardware's most)
@@ -110,10 +104,11 @@ class _Recorder:
 
 
 def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype | None) -> dict:
-    """Each of the module's `KERNELS`: (Triton kernel, args, kwargs) as the op launches them on
-    inputs of `dtype` at head dims (dk, dv) and T a multiple of 16 (Triton specialises on it),
-    with an initial state in `state_dtype` (None: without one), not varlen, the final state not
-    differentiated."""
+    """Each of the module's `KERNELS` (in launch order: per direction its stage kernels, the pass
+    over the chunks and the per-chunk output kernels): (Triton kernel, args, kwargs) as the op
+    launches them on inputs of `dtype` at head dims (dk, dv) and T a multiple of 16 (Triton
+    specialises on it), with an initial state in `state_dtype` (None: without one), not varlen,
+    the final state not differentiated."""
     from mirasc.check import random_inputs
     from mirasc.runtime import interpreting, load_module
 
@@ -128,7 +123,7 @@ def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype 
         del inputs["initial_state"]
     inputs = {k: (tuple(x.detach().requires_grad_() for x in v) if isinstance(v, tuple)
                   else v.detach().requires_grad_()) for k, v in inputs.items()}
-    recorders = {k: _Recorder() for k in KERNELS if hasattr(module, f"_{k}")}
+    recorders = {k: _Recorder() for k in module.KERNELS}
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch("mirasc.runtime.interpreting", return_value=True))
         for kernel, recorder in recorders.items():
@@ -207,8 +202,12 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
 
     if capability not in SHARED_LIMIT:
         raise CannotCompile(f"sm_{capability}: allowed: {', '.join(map(str, SHARED_LIMIT))}")
-    rows = []
-    for kernel, launch in launches(op, dk, dv, dtype, state_dtype=dtype).items():
+    rows, found = [], launches(op, dk, dv, dtype, state_dtype=dtype)
+    unknown = sorted(set(only) - set(found))
+    if unknown:
+        raise CannotCompile(f"--kernels: {op.spec.name} has no {', '.join(unknown)}; allowed: "
+                            f"{', '.join(found)}")
+    for kernel, launch in found.items():
         if only and kernel not in only:
             continue
         tried = configs(op, kernel)
@@ -262,7 +261,7 @@ def _precompile_one(spec, dk, dv, dtype, state_dtype, capability, kernel, num_wa
 def precompile(ops: list, dims: list[tuple[int, int]], dtype: torch.dtype = torch.bfloat16,
                state_dtype: torch.dtype | None = torch.float32, capability: int | None = None,
                workers: int | None = None) -> Iterator[Precompiled]:
-    """Compile each op's kernels (`KERNELS`) at each (dk, dv), in every configuration its
+    """Compile each op's kernels (its module's `KERNELS`) at each (dk, dv), in every configuration its
     autotuner tries, for sm_`capability` (default: this process's GPU), in `workers` processes
     (default: one per CPU core), into Triton's on-disk cache (TRITON_CACHE_DIR). Yields each job
     as it finishes. The launch form must match the calls to come (see `launches`): inputs of

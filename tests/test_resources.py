@@ -15,13 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from mirasc.resources import KERNELS
+import mirasc
+from mirasc.runtime import load_module
 
 pytestmark = pytest.mark.slow  # compiles for sm_90 in subprocesses: tens of seconds a test
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted(p.stem for p in (ROOT / "specs").glob("*.yaml"))
-OUTPUTS = set(KERNELS) - {"fwd_stage", "fwd", "fwd_out", "bwd_stage", "bwd"}  # backward outputs
+
+
+def _kernels(spec) -> list[str]:
+    """The generated module's kernels, in launch order."""
+    return load_module(mirasc.load_spec(spec)).KERNELS
+
 
 EVERY_SPEC = """
 import json, sys
@@ -99,10 +105,10 @@ def test_every_shipped_spec_compiles_for_sm90(env, tmp_path):
     # memory) has stages too: its inverse reads no state
     staged = {"deltanet", "gated_deltanet", str(matrix)}
     for s in names:
-        kernels = {r["kernel"] for r in rows if r["spec"] == s}
-        assert {"fwd", "fwd_out", "bwd"} <= kernels <= set(KERNELS), (s, kernels)
-        assert kernels & OUTPUTS, (s, kernels)
-        assert s not in staged or {"fwd_stage", "bwd_stage"} <= kernels, (s, kernels)
+        kernels = [r["kernel"] for r in rows if r["spec"] == s]
+        assert kernels == _kernels(s if s.endswith(".yaml") else f"specs/{s}.yaml"), (s, kernels)
+        assert {"fwd", "fwd_out", "bwd"} < set(kernels), (s, kernels)
+        assert s not in staged or {"fwd_stage", "bwd_stage"} <= set(kernels), (s, kernels)
     for r in rows:
         assert 0 < r["registers"] <= 255 and 0 < r["shared"] <= r["limit"], r
 
@@ -114,7 +120,8 @@ def test_value_blocks_fit_hopper_at_head_dim_128(env):
     done = _mirasc(env, "resources", "specs/gated_deltanet.yaml", "--head-dim", "128", "--first")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("fwd", "bwd"))]
-    assert [r[0] for r in rows] == [k for k in KERNELS if k != "bwd_out"], done.stdout
+    assert [r[0] for r in rows] == _kernels("specs/gated_deltanet.yaml"), done.stdout
+    assert [r[0] for r in rows][-3:] == ["bwd_dv", "bwd_dqk", "bwd_dg"], done.stdout
     assert all(r[-1] == "yes" for r in rows), done.stdout
 
 
@@ -124,7 +131,7 @@ def test_hidden_blocks_fit_hopper_at_head_dim_64(env):
     done = _mirasc(env, "resources", "specs/ttt_mlp.yaml", "--head-dim", "64", "--first")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("fwd", "bwd"))]
-    assert {"fwd", "fwd_out", "bwd", "bwd_out"} <= {r[0] for r in rows}, done.stdout
+    assert [r[0] for r in rows] == _kernels("specs/ttt_mlp.yaml"), done.stdout
     assert all(r[-1] == "yes" for r in rows), done.stdout
 
 
@@ -163,7 +170,7 @@ def test_precompiled_kernels_are_the_autotuners(env, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.split("\n")[:-1]
     kernels = {line.split()[0] for line in lines}
-    assert {"fwd", "fwd_out", "bwd"} <= kernels <= set(KERNELS) and kernels & OUTPUTS, lines
+    assert kernels == set(_kernels("specs/ttt_linear.yaml")), lines
     assert sorted(lines) == sorted(f"{k} {w} 1 None" for k in kernels for w in (4, 8))
     cache = tmp_path / "triton"
     entries = set(cache.iterdir())
@@ -195,7 +202,8 @@ def test_bad_arguments_are_refused(env):
     done = _mirasc(env, "resources", "specs/gated_deltanet.yaml", "--sm", "75")
     assert done.returncode == 2 and "--sm: allowed: 80, 86, 87, 89, 90" in done.stderr
     done = _mirasc(env, "resources", "specs/gated_deltanet.yaml", "--kernels", "fwd,out")
-    assert done.returncode == 2 and "--kernels: allowed: fwd_stage, fwd," in done.stderr
+    assert done.returncode == 2 and "--kernels: gated_deltanet has no out; allowed: fwd_stage, fwd," \
+        in done.stderr
     done = _mirasc(env | {"TRITON_INTERPRET": "1"}, "resources", "specs/gated_deltanet.yaml")
     assert done.returncode == 2 and "unset it" in done.stderr
     done = _mirasc(env, "precompile", "specs/ttt_linear.yaml", "--state", "float64")

@@ -458,6 +458,52 @@ def _buffer_table(source: str) -> dict:
     return ast.literal_eval(line.removeprefix("BUFFERS = ").split("  #")[0])
 
 
+def _module_table(source: str, name: str):
+    line = next(x for x in source.splitlines() if x.startswith(f"{name} = "))
+    return ast.literal_eval(line.removeprefix(f"{name} = ").split("  #")[0])
+
+
+def _kernel_source(source: str, name: str, kernel: str) -> str:
+    return source.split(f"def {name}_{kernel}_kernel(")[1].split("@triton.jit")[0].split("\ndef ")[0]
+
+
+@pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora"])
+def test_streamed_backward_stage_runs_a_kernel_per_pass(name):
+    """An MLP memory's backward stage runs as one kernel per pass over the hidden blocks: each
+    stage tile is stored by one of them, and a tile one hands over to a later one is stored
+    before any kernel loads it and read by no kernel after the stage (it is not held across
+    the passes in registers)."""
+    source = render_module(mirasc.load_spec(f"specs/{name}.yaml"))
+    stages = _module_table(source, "STAGES")["bwd"]
+    table = _buffer_table(source)
+    assert len(stages) > 1
+    bodies = [_kernel_source(source, name, s) for s in stages]
+    assert all(b.count("# the blocks of hidden units, one at a time") == 1 for b in bodies)
+    later = [_kernel_source(source, name, k) for k in ("bwd", *_module_table(source, "OUT_KERNELS"))]
+    for n, *_ in table["bwd"]:
+        assert sum(f"tl.store({n}_ptr" in b for b in bodies) == 1, n
+    for n, *_ in table.get("bwd_handover", []):
+        stored = [i for i, b in enumerate(bodies) if f"tl.store({n}_ptr" in b]
+        loaded = [i for i, b in enumerate(bodies) if f"{n} = tl.load({n}_ptr" in b]
+        assert len(stored) == 1 and loaded and min(loaded) > stored[0], (n, stored, loaded)
+        assert not any(re.search(rf"\b{n}_ptr\b", b) for b in later), n
+
+
+@pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora"])
+def test_query_gradient_runs_apart_from_the_state_gradient(name):
+    """An MLP memory's output kernels split by the gradients' columns, and the query's gradient
+    (it reaches only the outputs) runs apart from the key's: its kernel never reads the
+    gradient of the step-end state. A matrix memory keeps q and k in one kernel."""
+    source = render_module(mirasc.load_spec(f"specs/{name}.yaml"))
+    groups = _module_table(source, "OUT_KERNELS")
+    assert groups["bwd_dq"] == ("q",) and groups["bwd_dk"] == ("k",) and "v" in groups["bwd_dv"]
+    assert "tl.load(dstate_ptr" not in _kernel_source(source, name, "bwd_dq")
+    assert "tl.load(dstate_ptr" in _kernel_source(source, name, "bwd_dk")
+    matrix = _module_table(render_module(mirasc.load_spec("specs/gated_deltanet.yaml")),
+                           "OUT_KERNELS")
+    assert matrix["bwd_dqk"] == ("q", "k")
+
+
 @pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora", "gated_deltanet"])
 def test_operand_tiles_are_stored_in_the_operand_dtype(name, monkeypatch):
     """An MLP memory's stage tiles that every kernel reads only as matmul operands are stored in
