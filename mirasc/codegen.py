@@ -620,7 +620,7 @@ CONFIGS = [(4, 1), (8, 1)]
 PASS_CONFIGS = [(8, 1), (8, 2)]
 # The stage and output kernels of a memory that streams hidden blocks: 8 warps. Moneta, Yaad and
 # Memora at D=64: 4 warps spilled 1.2-4.4x more in each of them; their passes keep CONFIGS
-# (Moneta's and Memora's backward pass spill less at 4 warps at D=64, more at 128).
+# (their backward passes spill less at 4 warps at D=64; Moneta's and Yaad's more at D=128).
 STREAM_CONFIGS = [(8, 1)]
 
 
