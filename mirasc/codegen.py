@@ -434,7 +434,7 @@ def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
         "rows = i_t * CHUNK + offs_t",
         "valid = (offs_t < CHUNK) & (rows < eos - bos)",
         "if SEGMENTS == 2:  # the lag token: row 0 alone, then the rest of the chunk",
-        "    valid = valid & ((rows == i_t * CHUNK) if seg == 0 else (rows > i_t * CHUNK))",
+        "    valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)",
         "tok = bos + rows",
         "rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]",
         "lastrow = tl.where(rows == tl.max(tl.where(valid, rows, -1), 0), 1.0, 0.0).to(ACC)[:, None]",
@@ -562,32 +562,30 @@ def _key_blocks(step, tiles, stop, adjoint, summed, grads) -> tuple | None:
 
 
 def _gradient_groups(step, adjoint: dict, streamed: bool) -> dict[str, tuple[str, ...]]:
-    """The backward's output kernels, each with the inputs whose gradients it writes, split by
-    the columns of the gradient: value columns ("bwd_dv": v, value-channel gates, per-head
-    parameters), key columns ("bwd_dqk": q, k, key-channel gates) and one per row ("bwd_dg":
-    per-head gates), so that each kernel holds only what its gradients read (sm_90, D=128, bf16,
-    8 warps: gated DeltaNet's single kernel spilled 1152 B per thread, simple GLA's 664; their
-    three spill none). Where the step passes over hidden blocks (`streamed`), the key columns
-    split further: what does not read the gradient of the step-end state (the query's, which
-    reaches only the outputs: "bwd_dq") apart from what does ("bwd_dk"); each of these kernels
-    recomputes the memory over the hidden units (Memora, sm_90, D=64, bf16: one kernel spilled
-    2672 B per thread, q and k together 2288; these four 904, 1488, 696 and 728 B, for 2.2x the
-    tensor-core instructions). An MLP memory held whole keeps one ("bwd_out")."""
+    """The backward's output kernels, each with the inputs whose gradients it writes. A matrix
+    memory's split by the columns of the gradient: value columns ("bwd_dv": v, value-channel
+    gates, per-head parameters), key columns ("bwd_dqk": q, k, key-channel gates) and one per row
+    ("bwd_dg": per-head gates), so that each kernel holds only what its gradients read (sm_90,
+    D=128, bf16, 8 warps: gated DeltaNet's single kernel spilled 1152 B per thread, simple GLA's
+    664; their three spill none). An MLP memory passing over hidden blocks (`streamed`) splits
+    what never reads the gradient of the step-end state (the query's gradient, which reaches only
+    the outputs: "bwd_dq") from what does ("bwd_out"), each recomputing the memory over the
+    hidden units (Memora, D=64: one kernel spilled 2160 B, these two 760 and 1352 B, for 1.3x
+    the tensor-core instructions; by the columns as well, four kernels, 2.2x). An MLP memory held
+    whole keeps one ("bwd_out")."""
     graph = step.graph
     inputs = ("q", "k", "v", *step.gates, *step.params)
-    if not streamed and any("DH" in graph.shape(s) for s in step.states):
-        return {"bwd_out": inputs}
-    carried = {f"d{s}_new" for s in step.states}
+    if any("DH" in graph.shape(s) for s in step.states):
+        carried = {f"d{s}_new" for s in step.states}
+        free = tuple(x for x in inputs if streamed and adjoint[x] is not None
+                     and not carried & set(ir.plan(graph, [adjoint[x]])))
+        rest = tuple(x for x in inputs if x not in free)
+        return {k: xs for k, xs in (("bwd_dq", free), ("bwd_out", rest)) if xs}
     kernel = {"DV": "bwd_dv", "DK": "bwd_dqk", 1: "bwd_dg"}
     groups = {}
     for x in inputs:
-        name = kernel[graph.shape(x)[1]]
-        if streamed and x in ("q", "k"):  # (as wide as the values in a residual memory)
-            reads = adjoint[x] is not None and carried & set(ir.plan(graph, [adjoint[x]]))
-            name = "bwd_dk" if reads else "bwd_dq"
-        groups.setdefault(name, []).append(x)
-    order = ("bwd_dv", "bwd_dqk", "bwd_dq", "bwd_dk", "bwd_dg")
-    return {k: tuple(groups[k]) for k in order if k in groups}
+        groups.setdefault(kernel[graph.shape(x)[1]], []).append(x)
+    return {k: tuple(groups[k]) for k in kernel.values() if k in groups}
 
 
 def _stream_io(step, tiles, kernel: str, targets: dict) -> tuple[dict, dict]:
