@@ -342,9 +342,9 @@ def _stage_parts(graph, targets, saved) -> list[tuple[str, ...]]:
     and computes what that pass completes, up to the next pass; a tile computed without a
     product or a hidden unit is recomputed where it is read instead. One part when the stage
     makes one pass or less, or a tile to hand over cannot be stored (not a tile of rows or a
-    column). Memora, sm_90, bf16, D=64, 8 warps: its single stage kernel spilled 2592 B per
-    thread, its four 0, 0, 800 and 752 B (with what follows a pass in the next kernel, 360 and
-    2064 B in the last two)."""
+    column). Memora, sm_90, bf16, D=64, 8 warps: its single stage kernel spilled 2352 B per
+    thread, its four 0, 0, 552 and 384 B (with what follows a pass in the next kernel instead,
+    the last two spilled 360 and 2064 B against 800 and 752, segments unrolled)."""
     stream = ir.stream(graph, targets, stop=saved)
     last = len(stream.loops) - 1
     if last < 1:
@@ -618,7 +618,7 @@ CONFIGS = [(4, 1), (8, 1)]
 PASS_CONFIGS = [(8, 1), (8, 2)]
 # The stage and output kernels of a memory that streams hidden blocks: 8 warps. Moneta, Yaad and
 # Memora at D=64: 4 warps spilled 1.2-4.4x more in each of them; their passes keep CONFIGS
-# (their backward passes spill less at 4 warps at D=64; Moneta's and Yaad's more at D=128).
+# (their backward passes spill less at 4 warps at D=64, more at D=128).
 STREAM_CONFIGS = [(8, 1)]
 
 
