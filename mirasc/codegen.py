@@ -364,7 +364,7 @@ def _stage_parts(graph, targets, saved) -> list[tuple[str, ...]]:
         if n in saved or n not in part or graph.node(n)["op"] in ("input", "const"):
             continue
         later = any(c in readers[j] for j in range(part[n] + 1, last + 1)
-                    for c in graph.g.successors(n))
+                    for c in graph.g.successors(n) if c not in saved)
         if later and n not in targets and not cheap(n):
             if not _stageable(graph, n):
                 return [tuple(targets)]
