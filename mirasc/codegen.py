@@ -353,7 +353,7 @@ def _stage_parts(graph, targets, saved) -> list[tuple[str, ...]]:
     part |= {n: j for j, loop in enumerate(stream.loops) for n in loop.reduce}
     readers = {j: set(loop.nodes) for j, loop in enumerate(stream.loops)}
     for n, j in part.items():
-        readers.setdefault(j, set()).add(n)
+        readers[j].add(n)
 
     def cheap(n):
         return all(graph.node(m)["op"] not in COSTLY and "DH" not in graph.shape(m)
@@ -763,6 +763,5 @@ def render_triton_module(spec: Spec) -> str:
         buffers={k: _stage_sizes(graph, nodes, halves)
                  for k, nodes in [*staged.items(), ("fwd_pass", kept),
                                   *((f"{k}_handover", n) for k, n in handover.items() if n)]},
-        handover=handover, stages=[k for ks in stage_order.values() for k in ks],
-        stage_order=stage_order,
+        handover=handover, stage_order=stage_order,
     )

@@ -415,17 +415,28 @@ def test_hidden_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
     _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
 
 
+def _module_table(source: str, name: str):
+    """The literal a generated module assigns to `name` (BUFFERS, STAGES, OUT_KERNELS)."""
+    line = next(x for x in source.splitlines() if x.startswith(f"{name} = "))
+    return ast.literal_eval(line.removeprefix(f"{name} = ").split("  #")[0])
+
+
+def _kernel_source(source: str, name: str, kernel: str) -> str:
+    """The source of spec `name`'s `kernel` in its generated module."""
+    return source.split(f"def {name}_{kernel}_kernel(")[1].split("@triton.jit")[0].split("\ndef ")[0]
+
+
 @pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora"])
 def test_mlp_backward_pass_holds_only_what_reads_the_state_gradient(name):
     """An MLP memory's backward stage passes over the stored states' hidden blocks, so every
     pass over them left in the sequential backward kernel reads the state's gradient (what
     reads the state alone, such as recomputing the chunk's outputs, runs per chunk)."""
     source = render_module(mirasc.load_spec(f"specs/{name}.yaml"))
-    kernel = source.split(f"def {name}_bwd_kernel(")[1].split("@triton.jit")[0]
+    kernel = _kernel_source(source, name, "bwd")
     passes = kernel.split("# the blocks of hidden units, one at a time")[1:]
     assert passes
     assert all("tl.load(dstate_ptr" in body for body in passes)
-    stage = source.split(f"def {name}_bwd_stage_kernel(")[1].split("@triton.jit")[0]
+    stage = _kernel_source(source, name, "bwd_stage")
     assert "state_ptr = hs_ptr" in stage and "# the blocks of hidden units" in stage
 
 
@@ -453,20 +464,6 @@ def test_streamed_tiles_wait_for_their_first_reader(name):
     assert waited  # some tile does wait past the first pass
 
 
-def _buffer_table(source: str) -> dict:
-    line = next(x for x in source.splitlines() if x.startswith("BUFFERS = "))
-    return ast.literal_eval(line.removeprefix("BUFFERS = ").split("  #")[0])
-
-
-def _module_table(source: str, name: str):
-    line = next(x for x in source.splitlines() if x.startswith(f"{name} = "))
-    return ast.literal_eval(line.removeprefix(f"{name} = ").split("  #")[0])
-
-
-def _kernel_source(source: str, name: str, kernel: str) -> str:
-    return source.split(f"def {name}_{kernel}_kernel(")[1].split("@triton.jit")[0].split("\ndef ")[0]
-
-
 @pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora"])
 def test_streamed_backward_stage_runs_a_kernel_per_pass(name):
     """An MLP memory's backward stage runs as one kernel per pass over the hidden blocks: each
@@ -475,7 +472,7 @@ def test_streamed_backward_stage_runs_a_kernel_per_pass(name):
     the passes in registers)."""
     source = render_module(mirasc.load_spec(f"specs/{name}.yaml"))
     stages = _module_table(source, "STAGES")["bwd"]
-    table = _buffer_table(source)
+    table = _module_table(source, "BUFFERS")
     assert len(stages) > 1
     bodies = [_kernel_source(source, name, s) for s in stages]
     assert all(b.count("# the blocks of hidden units, one at a time") == 1 for b in bodies)
@@ -512,7 +509,7 @@ def test_operand_tiles_are_stored_in_the_operand_dtype(name, monkeypatch):
     kernel that loads one uses it only in `tl.dot`. A matrix memory keeps float32 buffers."""
     spec = mirasc.load_spec(f"specs/{name}.yaml")
     source = render_module(spec)
-    table = _buffer_table(source)
+    table = _module_table(source, "BUFFERS")
     halves = [n for tiles in table.values() for n, *_, half in tiles if half]
     assert bool(halves) == (spec.memory.kind == "mlp")
     kernels = source.split("@triton.jit")[1:]
