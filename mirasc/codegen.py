@@ -5,6 +5,7 @@ The same spec always renders the same bytes (sorted literals, deterministic prin
 from __future__ import annotations
 
 import pprint
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import jinja2
 import sympy as sp
 
 import mirasc
-from mirasc import ir
+from mirasc import ir, tuning
 from mirasc.derive import DELTA, RNORM, RNORM_EPS, R, V, derive
 from mirasc.expr import torch_source
 from mirasc.spec import Spec
@@ -74,7 +75,7 @@ class CodegenError(ValueError):
 
 KERNEL_CONSTANTS = {"DV": "DV", "DK": "DK"}  # symbols the kernels know as constexprs
 TRITON_FUNCTIONS = {sp.exp: "tl.exp", sp.log: "tl.log", sp.Abs: "tl.abs", sp.erf: "tl.erf",
-                    sp.tanh: "_tanh", sp.atan: "_atan"}  # _tanh, _atan: the template's own
+                    sp.tanh: "tanh", sp.atan: "atan"}  # mirasc.triton_helpers
 
 
 def triton_source(expr: sp.Expr, names) -> str:
@@ -155,6 +156,10 @@ _PROLOGUE = """\
     hmask = tl.where(mask_h, 1.0, 0.0).to(ACC)[None, :]"""
 
 
+HELPERS = ("atan", "dot_fp32", "gdot", "gmix", "gmix_t", "load_rows", "store_sum", "tanh", "tri_inv")
+# the functions of mirasc.triton_helpers that kernel bodies call
+
+
 def triton_unsupported(d) -> str | None:
     """Why the Triton backend cannot compile this spec yet (None when it can)."""
     spec = d.spec
@@ -189,7 +194,7 @@ _FORMATS = {  # the Triton code of the one-input ops: {0} is the input, {axis} t
     "sum": "tl.sum({0}, {axis}, keep_dims=True)",
     "max": "tl.max({0}, {axis}, keep_dims=True)",
     "trans": "tl.trans({0})",
-    "tri_inv": "_tri_inv({0}, BT, PRECISION, DOT)",
+    "tri_inv": "tri_inv({0}, BT, PRECISION, DOT)",
     "nonfinite": 'tl.sum(tl.sum(tl.where(tl.abs({0}) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0, '
                  'keep_dims=True)',
 }
@@ -220,7 +225,7 @@ def _expression(graph, n) -> str:
     if op in ("cumsum", "revcumsum"):
         return _prefix_sum(x[0], graph.shape(x[0])[1], reverse=op == "revcumsum")
     if op in ("gdot", "gmix"):
-        helper = "_gmix_t" if node.get("ta") else f"_{op}"
+        helper = "gmix_t" if node.get("ta") else op
         return f"{helper}({', '.join(x)}, BT, {node['offset']})"
     if op in _FORMATS:
         return _FORMATS[op].format(*x, axis=node.get("axis"))
@@ -442,12 +447,12 @@ def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
     pads = {}
     if "q" in need or "qbad" in need:
         pads["q"] = "0.0"
-        lines.append(f"q = _load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, "
+        lines.append(f"q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, "
                      f"{dtype('q')})")
     for x, dim, pad in (("k", "k", "0.0"), ("v", "v", "1.0")):
         if x in need or taint:
             pads[x] = pad
-            lines.append(f"{x} = _load_rows({x}_ptr, tok * H + i_h, offs_{dim}, valid, mask_{dim}, "
+            lines.append(f"{x} = load_rows({x}_ptr, tok * H + i_h, offs_{dim}, valid, mask_{dim}, "
                          f"D{dim.upper()}, {pad}, {dtype(x)})")
     for p in step.params:  # per-head [1, DV]; padding columns read 0
         if p in need:
@@ -459,7 +464,7 @@ def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
         pads[g] = "1.0" if g in ("delta", "momentum") else "0.0"  # padding: no log(0), no 1/0
         if gates[g].shape == "channel":
             dim = "v" if g == "delta" else "k"
-            lines.append(f"{g} = _load_rows({g}_ptr, tok * H + i_h, offs_{dim}, valid, "
+            lines.append(f"{g} = load_rows({g}_ptr, tok * H + i_h, offs_{dim}, valid, "
                          f"mask_{dim}, D{dim.upper()}, {pads[g]}, ACC)")
         else:
             lines.append(f"{g} = tl.load({g}_ptr + tok * H + i_h, mask=valid, "
@@ -471,7 +476,7 @@ def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
     if "qbad" in need:
         lines.append(f"qbad = tl.where({_nonfinite('q')} > 0, 1.0, 0.0).to(ACC)[:, None]")
     if "d_o" in need:  # the cotangent of the output (backward kernels)
-        lines.append("d_o = _load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, "
+        lines.append("d_o = load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, "
                      f"{dtype('d_o')})")
     if "nanfill" in need:
         lines.append('nanfill = tl.full([1, 1], float("nan"), ACC)')
@@ -548,13 +553,13 @@ def _key_blocks(step, tiles, stop, adjoint, summed, grads) -> tuple | None:
         return None
     loads, need = {}, set(ir.plan(graph, targets, stop))
     for x in keyed:
-        loads[x] = (f"{x} = _load_rows({x}_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, "
+        loads[x] = (f"{x} = load_rows({x}_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, "
                     f"{_tile_dtype(graph, x, need)})\n{x} = tl.where({_finite(x)}, {x}, 0.0)")
     state_loads, _ = _stream_io(step, tiles, "bwd_out", adjoint)
     loads |= {n: line for n, line in state_loads.items() if "DK" in graph.shape(n)}
     stores, keyed = {}, [x for x in keyed if x in grads]
     for x in keyed:
-        store = "_store_sum" if x in summed else "tl.store"
+        store = "store_sum" if x in summed else "tl.store"
         stores.setdefault(adjoint[x], []).append(
             f"{store}(d{x}_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], "
             f"{adjoint[x]}, valid[:, None] & mask_k[None, :]{', i_v' if x in summed else ''})")
@@ -604,22 +609,6 @@ def _stream_io(step, tiles, kernel: str, targets: dict) -> tuple[dict, dict]:
             stores.setdefault(targets[s], []).append(
                 f"tl.store({out} + {tile['tile']}, {targets[s]}, mask={tile['mask']})")
     return loads, stores
-
-
-# The (num_warps, num_stages) pairs the autotuner times for a kernel. Measured with `mirasc
-# resources` (sm_90, D=64, 128): 16 warps caps registers at 128 per thread and spills more than 4
-# or 8, and of 4 and 8 neither wins everywhere. 2 stages (which pipeline an MLP memory's loops
-# over hidden blocks) spilled more in every kernel of moneta at D=64 and doubled its compile time.
-CONFIGS = [(4, 1), (8, 1)]
-# The passes of a memory whose step never mixes value columns: 8 warps, without or with their
-# loads prefetched a chunk step ahead (2 stages). Gated DeltaNet, DeltaNet, simple GLA and linear
-# attention at D=64, 128: 4 warps took 1.1-1.6x the step's instructions of 8 (and spilled at 128
-# in the delta rules); 2 stages spill nothing.
-PASS_CONFIGS = [(8, 1), (8, 2)]
-# The stage and output kernels of a memory that streams hidden blocks: 8 warps. Moneta, Yaad and
-# Memora at D=64: 4 warps spilled 1.2-4.4x more in each of them; their passes keep CONFIGS
-# (their backward passes spill less at 4 warps at D=64, more at D=128).
-STREAM_CONFIGS = [(8, 1)]
 
 
 def render_triton_module(spec: Spec) -> str:
@@ -742,12 +731,17 @@ def render_triton_module(spec: Spec) -> str:
     # The kernel of the q and k gradients walks the DV blocks, summing them (no partial copies
     # per block); it holds what each block reuses, so it takes narrower key blocks.
     v_summed = [k for k, xs in groups.items() if summed and "q" in xs]
+    code = "\n".join(k["loads"] + k["body"] for k in kernels.values())
+    helpers = set(re.findall(r"\b(" + "|".join(HELPERS) + r")\(", code))
+    helpers |= {"store_sum"} if v_summed else set()  # the template's in-place sums
     return template.render(
-        split_v=split_v, summed=summed, out_kernels=groups, v_summed=v_summed,
-        configs={k: PASS_CONFIGS if split_v and k in ("fwd", "bwd") else
-                 STREAM_CONFIGS if streams is not None and k not in ("fwd", "bwd") else CONFIGS
-                 for k in kernels},
-        key_blocks={k: 16 if k in v_summed else 32 for k in groups if kernels[k]["key_blocks"]},
+        helpers=sorted(helpers), split_v=split_v, summed=summed, out_kernels=groups, v_summed=v_summed,
+        configs={k: tuning.configs(k, split_v, streams is not None) for k in kernels},
+        key_blocks={k: tuning.BK_WALKING_V if k in v_summed else tuning.BK
+                    for k in groups if kernels[k]["key_blocks"]},
+        bv_max=tuning.BV_MAX, bh_max=tuning.BH_MAX, whole_v=tuning.WHOLE_V,
+        state_dims=[step.graph.shape(s)[1:] if step.graph.shape(s)[0] == 1 else step.graph.shape(s)
+                    for s in step.states],
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
         op_name=f"{spec.name}_{spec.digest()}",
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),

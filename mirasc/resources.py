@@ -126,8 +126,7 @@ def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype 
     recorders = {k: _Recorder() for k in module.KERNELS}
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch("mirasc.runtime.interpreting", return_value=True))
-        for kernel, recorder in recorders.items():
-            stack.enter_context(mock.patch.object(module, f"_{kernel}", recorder))
+        stack.enter_context(mock.patch.dict(module.kernel.launchers, recorders))
         try:
             o, _ = op(**inputs)
         except (TypeError, ValueError) as exc:  # e.g. an MLP memory without an initial state

@@ -20,13 +20,8 @@ import torch
 
 from mirasc import reference
 from mirasc.derive import Derivation, derive
+from mirasc.launch import interpreting
 from mirasc.spec import Spec
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GATE_CHANNELS = {"log_alpha": "Dk", "eta": "Dk", "momentum": "Dk", "delta": "Dv"}
@@ -295,23 +290,6 @@ class MirasOp:
                 raise TypeError(f"{name}: initial_state {label} has dtype {x.dtype} on {x.device}; "
                                 f"allowed: float32, float64 or the inputs' {dtype}, on {device}")
         return state
-
-
-_CUSTOM_OPS: dict[str, object] = {}  # generated modules' custom ops by name, the first registered
-
-
-def custom_op(name: str):
-    """`torch.library.custom_op(name)`, once per process. A generated module run a second time (a
-    copy imported from `mirasc compile`'s output beside the cached one) takes the op the first
-    registered: a second registration under the name would take the first's place under the ops
-    that call it (the same code either way, as the name includes the spec's digest)."""
-
-    def define(fn):
-        if name not in _CUSTOM_OPS:
-            _CUSTOM_OPS[name] = torch.library.custom_op(name, mutates_args=())(fn)
-        return _CUSTOM_OPS[name]
-
-    return define
 
 
 def per_sequence(run, q, k, v, per_token: dict, state, cu_seqlens):

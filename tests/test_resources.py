@@ -66,7 +66,7 @@ op = mirasc.compile("specs/ttt_linear.yaml")
 module = load_module(op.spec)
 for name, (_, args, kwargs) in launches(op, 16, 16, torch.bfloat16, torch.float32).items():
     with compiling_for(90):
-        getattr(module, f"_{name}").warmup(*args, grid=(1,), **kwargs)
+        module.kernel.launchers[name].warmup(*args, grid=(1,), **kwargs)
 """
 
 
@@ -87,7 +87,7 @@ def test_every_shipped_spec_compiles_for_sm90(env, tmp_path):
     """Triton lowers each forward and backward kernel (bf16 inputs, Dk = Dv = 13) to an sm_90
     cubin: code the interpreter accepts but the GPU compiler would reject fails here. Besides the
     shipped specs, a vector memory with per-channel gates (its prefix sums run over Dk columns)
-    and a matrix memory with a per-channel decay (its pairs' decays: _gdot, _gmix, _gmix_t)."""
+    and a matrix memory with a per-channel decay (its pairs' decays: gdot, gmix, gmix_t)."""
     channels = tmp_path / "channels.yaml"
     channels.write_text("name: channels\nmemory: {kind: vector}\nbias: {kind: l2}\n"
                         "retention: {kind: l2, decay: {shape: channel}}\n"

@@ -273,7 +273,8 @@ def test_a_copy_of_a_module_shares_the_custom_ops_of_the_first(tmp_path):
     loader = importlib.util.spec_from_file_location("deltanet_copy", copy_path)
     copy = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(copy)
-    assert copy.forward is cached.forward and copy.backward is cached.backward
+    assert copy.kernel.forward is cached.kernel.forward
+    assert copy.kernel.backward is cached.kernel.backward
     inputs = random_inputs(cached.op, batch=1, length=7, heads=2, dk=4, dv=4)
     for op in (cached.op, copy.op):
         errors = compare(op, inputs, chunk_size=op.oracle_chunk_size)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
 import triton.language as tl
 from conftest import axis_spec, op_from_yaml
 from hypothesis import Phase, example, given, settings
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 from triton.runtime.errors import OutOfResources
 
 import mirasc
-from mirasc import ir
+from mirasc import ir, launch
 from mirasc.check import compare, random_inputs, relative_error, varlen_inputs
 from mirasc.codegen import render_module, triton_unsupported
 from mirasc.derive import derive
@@ -270,36 +269,10 @@ def test_half_precision_inputs_accumulate_in_float32(spec, dtype):
 def test_matmul_operands_by_input_dtype(monkeypatch):
     """The precision of each path: half inputs reach tensor cores in their own dtype, float32 and
     float64 inputs keep exact dots in their dtype."""
-    module = load_module(mirasc.compile("specs/simple_gla.yaml").spec)
-    monkeypatch.setattr(module, "interpreting", lambda: False)
-    assert [module._operands(d) for d in (torch.bfloat16, torch.float16, torch.float32,
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    assert [launch.operands(d) for d in (torch.bfloat16, torch.float16, torch.float32,
                                           torch.float64)] == [tl.bfloat16, tl.float16,
                                                               tl.float32, tl.float64]
-
-
-@triton.jit
-def _product_kernel(a_ptr, b_ptr, out_ptr, N: tl.constexpr, PRECISION: tl.constexpr,
-                    HALF: tl.constexpr, product: tl.constexpr):
-    offs = tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
-    tl.store(out_ptr + offs, product(tl.load(a_ptr + offs), tl.load(b_ptr + offs), PRECISION,
-                                     HALF))
-
-
-def test_split_half_products_keep_float32_precision():
-    """The merges of the triangular inverse for half inputs: three products of the operands'
-    two-half splits, near float32 (a single fp16 product of the rounded operands errs ~3e-4)."""
-    module = load_module(mirasc.compile("specs/gated_deltanet.yaml").spec)
-    a, b = (torch.randn(32, 32, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
-    exact = a.double() @ b.double()
-    errors = {}
-    for half in (tl.float16, tl.float32):
-        out = torch.empty(32, 32)
-        _product_kernel[(1,)](a, b, out, N=32, PRECISION="tf32", HALF=half,
-                              product=module._dot_fp32)
-        errors[half] = relative_error(out, exact)
-    rounded = a.half().double() @ b.half().double()
-    assert errors[tl.float16] < 1e-5 < relative_error(rounded, exact), errors
-    assert errors[tl.float32] < 1e-6, errors
 
 
 SPLIT_CASES = {  # steps that never mix DV columns: gates per head, per key channel, per value channel
@@ -314,7 +287,7 @@ PER_BLOCK = ("fwd", "fwd_out", "bwd")  # with the output kernels: a program per 
 
 
 class _Grids:
-    """Stands in for a launcher (`_fwd`, `_bwd`, ...) and records the grids it is launched on."""
+    """Stands in for a launcher (of `fwd`, `bwd`, ...) and records the grids it is launched on."""
 
     def __init__(self, launcher):
         self.launcher, self.grids = launcher, []
@@ -332,13 +305,13 @@ def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     tiles the kernels pass each other start as NaN, so that reading one no kernel wrote shows."""
     op, module = _compiled(SPLIT_CASES[case], tmp_path, monkeypatch)
     assert module.SPLIT_V
-    buffers = module._buffers
-    monkeypatch.setattr(module, "_buffers",
+    buffers = module.kernel.buffers
+    monkeypatch.setattr(module.kernel, "buffers",
                         lambda *args: [b.fill_(float("nan")) for b in buffers(*args)])
     per_block = (*PER_BLOCK, *module.OUT_KERNELS)
     for kernel in per_block:
         monkeypatch.setitem(module.BV_MAX, kernel, 16)
-        monkeypatch.setattr(module, f"_{kernel}", _Grids(getattr(module, f"_{kernel}")))
+        monkeypatch.setitem(module.kernel.launchers, kernel, _Grids(module.kernel.launchers[kernel]))
     inputs = random_inputs(op, batch=2, length=23, heads=2, dk=6, dv=37)
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
     packed = varlen_inputs(op, [0, 9, 30], dk=5, dv=37)
@@ -346,7 +319,7 @@ def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     assert {"bwd_dqk"} <= set(module.V_SUMMED) < set(module.OUT_KERNELS)
     for kernel in per_block:
         blocks = 1 if kernel in module.V_SUMMED else 3
-        assert {grid[2] for grid in getattr(module, f"_{kernel}").grids} == {blocks}, kernel
+        assert {grid[2] for grid in module.kernel.launchers[kernel].grids} == {blocks}, kernel
 
 
 @pytest.mark.parametrize("case", ["gated_deltanet", "simple_gla", "titans", "channel decay, channel eta",
@@ -378,13 +351,13 @@ def test_chunks_run_apart_but_the_passes(spec, monkeypatch):
         assert "_tri_inv(" not in body and "A_inv = tl.load(" in body, kernel
     kernels = ("fwd_stage", "fwd", "fwd_out", "bwd_stage", "bwd", *module.OUT_KERNELS)
     for kernel in kernels:
-        monkeypatch.setattr(module, f"_{kernel}", _Grids(getattr(module, f"_{kernel}")))
+        monkeypatch.setitem(module.kernel.launchers, kernel, _Grids(module.kernel.launchers[kernel]))
     for length, packed, chunks in ((100, False, 4), (None, True, 3)):
         inputs = varlen_inputs(op, [0, 100, 137], dk=6, dv=5) if packed else \
             random_inputs(op, batch=2, length=length, heads=2, dk=6, dv=5)
         _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
         for kernel in kernels:
-            grids = getattr(module, f"_{kernel}").grids
+            grids = module.kernel.launchers[kernel].grids
             per_sequence = kernel in ("fwd", "bwd")
             assert {grid[:2] for grid in grids} == {(2, 2) if per_sequence else (chunks, 2)}, \
                 (kernel, grids)
@@ -521,10 +494,10 @@ def test_operand_tiles_are_stored_in_the_operand_dtype(name, monkeypatch):
             uses = re.sub(rf"(tl\.trans\({n}\)|\b{n})\.to\(DOT\)", "", uses)
             assert not re.search(rf"\b{n}\b", uses), n
     module = load_module(mirasc.compile(f"specs/{name}.yaml").spec)
-    monkeypatch.setattr(module, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
     q = v = torch.zeros(1, 64, 2, 16, dtype=torch.bfloat16)
     for key, tiles in table.items():
-        dtypes = [b.dtype for b in module._buffers(q, v, 1, key, torch.float32)]
+        dtypes = [b.dtype for b in module.kernel.buffers(q, v, 1, key, torch.float32)]
         assert dtypes == [torch.bfloat16 if half else torch.float32 for *_, half in tiles]
 
 
@@ -556,7 +529,7 @@ def test_a_launch_that_does_not_fit_the_gpu_names_the_kernel(monkeypatch):
                 raise OutOfResources(369664, 232448, "shared memory")
             return launch
 
-    monkeypatch.setattr(module, "_bwd", TooBig())
+    monkeypatch.setitem(module.kernel.launchers, "bwd", TooBig())
     inputs = random_inputs(op, batch=1, length=20, heads=2, dk=8, dv=8)
     leaves = {k: v.requires_grad_() for k, v in inputs.items() if k in ("q", "k", "v")}
     o, _ = op(**(inputs | leaves))
@@ -577,7 +550,7 @@ def test_backend_torch_runs_the_chunk_step_in_torch_where_kernels_would_run(monk
             raise AssertionError("a kernel was launched")
 
     for kernel in ("fwd_stage", "bwd_stage", *PER_BLOCK):
-        monkeypatch.setattr(module, f"_{kernel}", NoLaunch(), raising=False)
+        monkeypatch.setitem(module.kernel.launchers, kernel, NoLaunch())
     inputs = random_inputs(op, batch=2, length=21, heads=2, dk=6, dv=6)
 
     class TorchPath:  # what `compare` calls: the op on backend='torch', and its reference
@@ -617,30 +590,6 @@ def test_unwritten_outputs_would_show(monkeypatch):
     op = mirasc.compile("specs/simple_gla.yaml")
     inputs = random_inputs(op, batch=1, length=70, heads=3, dk=5, dv=9)
     _assert_close(compare(op, inputs, chunk_size=op.spec.chunk_size), torch.float64)
-
-
-@triton.jit
-def _invert(a_ptr, x_ptr, BT: tl.constexpr, INVERT: tl.constexpr, PRECISION: tl.constexpr,
-            HALF: tl.constexpr):
-    offs = tl.arange(0, BT)
-    tile = offs[:, None] * BT + offs[None, :]
-    tl.store(x_ptr + tile, INVERT(tl.load(a_ptr + tile), BT, PRECISION, HALF))
-
-
-@pytest.mark.parametrize("rows", [16, 32, 128])
-def test_blocked_triangular_inverse(rows):
-    """The kernels' (I + A)^-1 (16-row blocks by substitution, merged by products) equals a
-    triangular solve, for one block, one merge and three; A with entries of either sign. In
-    float64 exactly; in float32 with the merges of half inputs (split fp16 products) to 1e-5."""
-    module = load_module(mirasc.compile("specs/deltanet.yaml").spec)
-    a = (torch.randn(rows, rows, dtype=torch.float64) * 0.4).tril(-1)
-    eye = torch.eye(rows, dtype=a.dtype)
-    expected = torch.linalg.solve_triangular(eye + a, eye, upper=False, unitriangular=True)
-    for dtype, precision, half, tolerance in ((torch.float64, "ieee", tl.float64, 1e-13),
-                                              (torch.float32, "tf32", tl.float16, 1e-5)):
-        x = torch.full_like(a, float("nan"), dtype=dtype)
-        _invert[(1,)](a.to(dtype), x, rows, module._tri_inv, precision, half)
-        assert relative_error(x, expected) < tolerance, dtype
 
 
 def test_same_spec_same_bytes():

@@ -1,0 +1,277 @@
+"""Launching a generated module's kernels: the chunk op's forward and backward as PyTorch custom
+ops with autograd, driven by the module's tables (KERNELS, STAGES, OUT_KERNELS, BUFFERS, CONFIGS,
+block limits), so that a generated module holds only its spec, its tables and its kernels.
+
+Forward: per chunk the stage kernels, the pass over the chunks (the state carried, each chunk's
+start state stored), the output kernel. Backward: the stage kernels, the reverse pass (the
+state's gradient carried) and the output kernels that write the inputs' gradients."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_CUSTOM_OPS: dict[str, tuple] = {}  # (forward, backward) ops by name, the first registered
+
+
+def operands(dtype: torch.dtype):
+    """The dtype of matmul operands: the inputs' for bf16/fp16 (tensor cores, float32
+    accumulation), else the tiles' own (float32 or float64 dots, exact: input_precision "ieee").
+    Triton 3.9's interpreter computes bf16 dots wrongly, so there bf16 inputs take float32
+    operands (fp16 runs the half-precision path). The float32 dots left (the merges of the
+    triangular inverse) are exact for float inputs; for half inputs `dot_fp32` splits their
+    operands in two halves, so that every tensor-core instruction takes half operands (bfloat16
+    halves keep 16 significant bits, fp16 ones 21 but overflow beyond 65504)."""
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreting()):
+        return tl.float16 if dtype == torch.float16 else tl.bfloat16
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tuned(kernel, configs):
+    """The kernel under Triton's autotuner over `configs`, keyed by the head dims and the DV
+    block (Triton adds the inputs' dtypes); in the interpreter, which has no timer, the kernel
+    as is."""
+    if interpreting():
+        return kernel
+    return triton.autotune([triton.Config({}, num_warps=w, num_stages=s) for w, s in configs],
+                           key=["DK", "DV", "BV"])(kernel)
+
+
+class ChunkKernels:
+    """The Triton path of one generated module, read from its globals `m` at every call (so a
+    test may swap a table or a launcher): `self(q, k, v, gates, initial_state, cu_seqlens)` ->
+    (o, final states)."""
+
+    def __init__(self, m: dict):
+        self.m = m
+        name = m["SPEC"]["name"]
+        self.launchers = {k: tuned(m[f"{name}_{k}_kernel"], m["CONFIGS"][k]) for k in m["KERNELS"]}
+        self.forward, self.backward = self._register(f"mirasc::{name}_{m['DIGEST']}")
+
+    # ---- sizes ------------------------------------------------------------------------------
+
+    def state_shapes(self, dk: int, dv: int) -> list[tuple[int, ...]]:
+        """Per-head shapes of the state tiles, in order; flattened and concatenated in buffers."""
+        sizes = {"DK": dk, "DV": dv, "DH": self.m["EXPANSION"] * dk}
+        return [tuple(sizes[d] for d in dims) for dims in self.m["STATES"]]
+
+    def state_size(self, q, v) -> int:
+        """Elements of the flattened state per sequence and head."""
+        return sum(math.prod(s) for s in self.state_shapes(q.shape[-1], v.shape[-1]))
+
+    def layout(self, q, cu_seqlens):
+        """Sequences, chunk offsets, total chunks and each chunk's sequence (None unless packed),
+        for a batch or for packed varlen input."""
+        chunk = self.m["CHUNK"]
+        batch, length = q.shape[:2]
+        if cu_seqlens is None:
+            return batch, None, batch * triton.cdiv(length, chunk), None
+        chunks = (cu_seqlens[1:] - cu_seqlens[:-1] + chunk - 1) // chunk
+        offsets = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
+        seq = torch.repeat_interleave(torch.arange(len(chunks), device=q.device), chunks)
+        return len(cu_seqlens) - 1, offsets, int(offsets[-1]), seq
+
+    def meta(self, q, v, cu_seqlens, kernel: str) -> dict:
+        """The constexprs of a `kernel` launch: head dims, block sizes within the module's limits
+        (a stage takes whole rows of value columns), dtypes and precision."""
+        m = self.m
+        _, length, heads, dk = q.shape
+        dv, dh = v.shape[-1], m["EXPANSION"] * dk
+        bv = min(_block(dv), m["BV_MAX"][kernel]) if m["SPLIT_V"] and kernel in m["BV_MAX"] \
+            else _block(dv)
+        bv = _block(dv) if kernel in m["V_SUMMED"] and _block(dv) <= m["WHOLE_V"] else bv
+        widest = max(16, m["BH_MAX"].get(kernel, 16) * 64 // max(64, _block(max(dk, dv))))
+        bh = min(_block(dh), widest) if m["STREAM_H"] else _block(dh)
+        return dict(T=length, H=heads, DK=dk, DV=dv, DH=dh, CHUNK=m["CHUNK"], BT=m["BT"],
+                    BK=min(_block(dk), m["BK_MAX"].get(kernel, _block(dk))), BDK=_block(dk),
+                    BV=bv, BDV=_block(dv), BH=bh, STATE=self.state_size(q, v),
+                    SEGMENTS=m["SEGMENTS"], IS_VARLEN=cu_seqlens is not None,
+                    ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
+                    DOT=operands(q.dtype),
+                    PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32")
+
+    def buffers(self, q, v, chunks: int, key: str, acc: torch.dtype) -> list[torch.Tensor]:
+        """The `BUFFERS[key]` tiles [chunks * SEGMENTS, H, rows * cols]: in `acc`, or in the
+        dtype of the matmul operands where every reader takes the tile only as one."""
+        meta = self.meta(q, v, None, "fwd") | {"1": 1}
+        operand = q.dtype if operands(q.dtype) in (tl.float16, tl.bfloat16) else acc
+        return [q.new_empty((chunks * self.m["SEGMENTS"], q.shape[2], meta[rows] * meta[cols]),
+                            dtype=operand if half else acc)
+                for _, rows, cols, half in self.m["BUFFERS"].get(key, [])]
+
+    # ---- launches ---------------------------------------------------------------------------
+
+    def launch(self, kernel: str, grid, *args, **meta) -> None:
+        """Launch one of KERNELS; when no launch configuration fits the GPU, say which spec,
+        kernel and head dims, and where to see what they need."""
+        try:
+            self.launchers[kernel][grid](*args, **meta)
+        except OutOfResources as exc:
+            raise RuntimeError(
+                f"{self.m['SPEC']['name']}: the {kernel} kernel at Dk={meta['DK']}, "
+                f"Dv={meta['DV']} needs {exc.required} ({exc.name}), over this GPU's {exc.limit}; "
+                f"`mirasc resources SPEC --head-dim {meta['DK']}` shows what each kernel needs, a "
+                "smaller head dim, expansion or chunk_size needs less, and op(..., "
+                "backend='torch') runs the chunk step in torch instead") from exc
+
+    def stage_tiles(self, direction, inputs, saved, extra, cu_seqlens, layout):
+        """The tiles that a pass's stage computes for every chunk (segment) and head (none when
+        the pass reads none); the backward's stage reads the forward's (`saved`)."""
+        q, v = inputs[0], inputs[2]
+        acc, meta = _accumulator(q.dtype), self.meta(q, v, cu_seqlens, f"{direction}_stage")
+        _, offsets, chunks, seq = layout
+        tiles = self.buffers(q, v, chunks, direction, acc)
+        handover = self.buffers(q, v, chunks, f"{direction}_handover", acc)  # between its kernels
+        for kernel in self.m["STAGES"][direction] if chunks else ():
+            self.launch(kernel, (chunks, q.shape[2]), *inputs, *saved, *tiles, *handover, *extra,
+                        cu_seqlens, offsets, seq, **meta)
+        return tiles
+
+    def run_forward(self, inputs, h0, cu_seqlens) -> list[torch.Tensor]:
+        """o [B,T,H,DV], final states [N,H,STATE], chunk-start states [chunks,H,STATE]
+        (flattened), and the tiles the forward's stage and pass stored (the backward reads
+        them)."""
+        q, v = inputs[0], inputs[2]
+        layout = seqs, offsets, chunks, seq = self.layout(q, cu_seqlens)
+        staged = self.stage_tiles("fwd", inputs, (), (), cu_seqlens, layout)
+        acc, meta = _accumulator(q.dtype), self.meta(q, v, cu_seqlens, "fwd")
+        heads, size = q.shape[2], self.state_size(q, v)
+        ht = q.new_empty(seqs, heads, size, dtype=acc)
+        hs = q.new_empty(chunks * self.m["SEGMENTS"], heads, size, dtype=acc)
+        kept = self.buffers(q, v, chunks, "fwd_pass", acc)
+        blocks = triton.cdiv(v.shape[-1], meta["BV"])
+        for tile in kept:  # [T, DV] tiles: past the pass's blocks, readers of wider ones read 0
+            tile.view(*tile.shape[:2], self.m["BT"], -1)[..., blocks * meta["BV"]:].zero_()
+        staged += kept
+        self.launch("fwd", (seqs, heads, blocks), *inputs, *staged, h0, ht, hs, cu_seqlens,
+                    offsets, HAS_H0=h0 is not None, **meta)
+        o = torch.empty_like(v)
+        if chunks:
+            meta = self.meta(q, v, cu_seqlens, "fwd_out")
+            self.launch("fwd_out", (chunks, heads, triton.cdiv(v.shape[-1], meta["BV"])), *inputs,
+                        *staged, hs, o, cu_seqlens, offsets, seq, **meta)
+        return [o, ht, hs, *staged]
+
+    def run_backward(self, inputs, hs, saved, do, dht, cu_seqlens) -> list[torch.Tensor]:
+        """dq, dk, dv, the gates' gradients, the per-head parameters' (summed over sequences) and
+        d initial state."""
+        m = self.m
+        q, v = inputs[0], inputs[2]
+        layout = seqs, offsets, chunks, seq = self.layout(q, cu_seqlens)
+        do = do.contiguous()
+        acc, meta = _accumulator(q.dtype), self.meta(q, v, cu_seqlens, "bwd")
+        staged = [*saved, *self.stage_tiles("bwd", inputs, saved, (do, hs), cu_seqlens, layout)]
+        dh0 = q.new_empty(seqs, q.shape[2], self.state_size(q, v), dtype=acc)
+        dhs = torch.empty_like(hs)  # the gradient of each step's end state
+        self.launch("bwd", (seqs, q.shape[2], triton.cdiv(v.shape[-1], meta["BV"])), *inputs,
+                    *staged, do, hs, dht, dhs, dh0, cu_seqlens, offsets, HAS_DHT=dht is not None,
+                    **meta)
+        metas = {out: self.meta(q, v, cu_seqlens, out) for out in m["OUT_KERNELS"]}
+        blocks = {out: 1 if out in m["V_SUMMED"] else triton.cdiv(v.shape[-1], meta["BV"])
+                  for out, meta in metas.items()}  # the programs per chunk and head
+        parts = {x: blocks[out] for out, xs in m["OUT_KERNELS"].items() for x in xs}
+        tokens = dict(zip(("q", "k", "v", *m["GATES"]), inputs, strict=False))
+        grads = [x.new_empty(parts[name], *x.shape, dtype=acc) if name in m["SUMMED"]
+                 else torch.empty_like(x) for name, x in tokens.items()]
+        per_chunk = [q.new_zeros(max(chunks, 1), *p.shape, dtype=acc)
+                     for p in inputs[len(tokens):]]
+        for out, meta in metas.items() if chunks else ():
+            self.launch(out, (chunks, q.shape[2], blocks[out]), *inputs, *staged, do, hs, dhs,
+                        *grads, *per_chunk, cu_seqlens, offsets, seq, NTOK=q.shape[0] * q.shape[1],
+                        **meta)
+        grads = [(g[0] if len(g) == 1 else g.sum(0)).to(x.dtype) if g.dim() > x.dim() else g
+                 for g, x in zip(grads, tokens.values(), strict=True)]
+        grads += [d.sum(0).to(p.dtype) for d, p in zip(per_chunk, inputs[len(tokens):], strict=True)]
+        return [*grads, dh0]
+
+    # ---- custom ops and autograd --------------------------------------------------------------
+
+    def _register(self, name: str):
+        """The forward and backward custom ops of this module, the backward as the forward's
+        autograd formula; once per process. A generated module run a second time (a copy
+        imported from `mirasc compile`'s output beside the cached one) takes the ops the first
+        registered: a second registration under the name would take the first's place under the
+        ops that call it (the same code either way, as the name includes the spec's digest)."""
+        if name in _CUSTOM_OPS:
+            return _CUSTOM_OPS[name]
+
+        def forward(inputs: list[torch.Tensor], h0: torch.Tensor | None,
+                    cu_seqlens: torch.Tensor | None) -> list[torch.Tensor]:
+            return self.run_forward(inputs, h0, cu_seqlens)
+
+        def backward(inputs: list[torch.Tensor], hs: torch.Tensor, saved: list[torch.Tensor],
+                     do: torch.Tensor, dht: torch.Tensor | None,
+                     cu_seqlens: torch.Tensor | None) -> list[torch.Tensor]:
+            return self.run_backward(inputs, hs, saved, do, dht, cu_seqlens)
+
+        forward_op = torch.library.custom_op(f"{name}_fwd", mutates_args=())(forward)
+        backward_op = torch.library.custom_op(f"{name}_bwd", mutates_args=())(backward)
+        forward_op.register_fake(self._fake_forward)
+        backward_op.register_fake(self._fake_backward)
+
+        def setup_context(ctx, inputs, output):
+            tensors, h0, cu_seqlens = inputs
+            ctx.save_for_backward(*tensors, *output[2:])
+            ctx.inputs, ctx.cu_seqlens = len(tensors), cu_seqlens
+            ctx.h0_dtype = None if h0 is None else h0.dtype
+
+        def gradients(ctx, grads):
+            do, dht = grads[0], grads[1]
+            saved = ctx.saved_tensors
+            tensors, hs, tiles = saved[:ctx.inputs], saved[ctx.inputs], list(saved[ctx.inputs + 1:])
+            *dinputs, dh0 = backward_op(list(tensors), hs, tiles, do, dht, ctx.cu_seqlens)
+            return dinputs, None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype), None
+
+        forward_op.register_autograd(gradients, setup_context=setup_context)
+        _CUSTOM_OPS[name] = forward_op, backward_op
+        return forward_op, backward_op
+
+    def _fake_forward(self, inputs, h0, cu_seqlens):
+        q, v = inputs[0], inputs[2]
+        acc = _accumulator(q.dtype)
+        heads, size, chunk = q.shape[2], self.state_size(q, v), self.m["CHUNK"]
+        if cu_seqlens is None:
+            seqs, chunks = q.shape[0], q.shape[0] * ((q.shape[1] + chunk - 1) // chunk)
+        else:
+            seqs, chunks = cu_seqlens.shape[0] - 1, torch.library.get_ctx().new_dynamic_size()
+        return [torch.empty_like(v), q.new_empty(seqs, heads, size, dtype=acc),
+                q.new_empty(chunks * self.m["SEGMENTS"], heads, size, dtype=acc),
+                *self.buffers(q, v, chunks, "fwd", acc),
+                *self.buffers(q, v, chunks, "fwd_pass", acc)]
+
+    def _fake_backward(self, inputs, hs, saved, do, dht, cu_seqlens):
+        q, v = inputs[0], inputs[2]
+        seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        return [*(torch.empty_like(x) for x in inputs),
+                q.new_empty(seqs, q.shape[2], self.state_size(q, v), dtype=_accumulator(q.dtype))]
+
+    # ---- the op's Triton path -----------------------------------------------------------------
+
+    def __call__(self, q, k, v, gates: dict, initial_state, cu_seqlens):
+        """(o, final state tuple) of checked inputs; `gates` holds GATES and PARAMS by name."""
+        h0 = None if initial_state is None else torch.cat([s.flatten(2) for s in initial_state], 2)
+        inputs = [q.contiguous(), k.contiguous(), v.contiguous(),
+                  *(gates[g].contiguous() for g in self.m["GATES"] + self.m["PARAMS"])]
+        o, ht, *_ = self.forward(inputs, h0, cu_seqlens)
+        shapes = self.state_shapes(q.shape[-1], v.shape[-1])
+        parts = ht.split([math.prod(shape) for shape in shapes], 2)
+        return o, tuple(p.unflatten(2, shape) for p, shape in zip(parts, shapes, strict=True))

@@ -1,0 +1,49 @@
+"""Tuning: the block sizes, warps and pipeline stages of each kind of kernel, in one table.
+
+A generated module carries the values it was rendered with (its BV_MAX, BH_MAX, BK_MAX, WHOLE_V
+and CONFIGS tables); the figures behind each choice are sm_90 compilations without a GPU
+(`mirasc resources`, benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+# The (num_warps, num_stages) pairs the autotuner times for a kernel. 16 warps caps registers at
+# 128 per thread and spills more than 4 or 8, and of 4 and 8 neither wins everywhere. 2 stages
+# (which pipeline an MLP memory's loops over hidden blocks) spilled more in every kernel of
+# moneta at D=64 and doubled its compile time.
+CONFIGS = [(4, 1), (8, 1)]
+# The passes of a memory whose step never mixes value columns: 8 warps, without or with their
+# loads prefetched a chunk step ahead (2 stages). Gated DeltaNet, DeltaNet, simple GLA and linear
+# attention at D=64, 128: 4 warps took 1.1-1.6x the step's instructions of 8 (and spilled at 128
+# in the delta rules); 2 stages spill nothing.
+PASS_CONFIGS = [(8, 1), (8, 2)]
+# The stage and output kernels of a memory that streams hidden blocks: 8 warps. Moneta, Yaad and
+# Memora at D=64: 4 warps spilled 1.2-4.4x more in each of them; their passes keep CONFIGS
+# (their backward passes spill less at 4 warps at D=64, more at D=128).
+STREAM_CONFIGS = [(8, 1)]
+
+# The widest block of value columns per program where the step never mixes them: the passes take
+# narrow ones, for more programs and shorter sequential steps (gated DeltaNet, bf16, D=128:
+# forward step 1126 instructions at 64, 917 at 32; the backward pass spilled at 32); the gate
+# and dq/dk kernels hold [BT, BT] tiles beside their [BT, BV] ones.
+BV_MAX = {"fwd": 32, "fwd_out": 64, "bwd": 16, "bwd_out": 32, "bwd_dv": 32, "bwd_dqk": 16,
+          "bwd_dg": 16}
+# Up to this DV, an output kernel that walks the value blocks (summing its gradients over them)
+# takes DV in one block (no spill at D=64; at D=128 blocks of 16).
+WHOLE_V = 64
+# The widest block of hidden units per pass where the state streams, at head dims up to 64
+# (halved per doubling beyond, at least 16); 16 for the kernels not named. bf16, D=64, 8 warps:
+# at 64 Moneta's forward pass spilled 144 B (at 32 none); at 32 the forward output kernels of
+# Moneta, Yaad and Memora 456, 136 and 856 B (at 16: 128, 0 and 560).
+BH_MAX = {"fwd": 32}
+# The widest block of key columns of a gradient kernel that passes over them: 16 where its
+# program also walks the value blocks (it holds what each block reuses), else 32.
+BK_WALKING_V, BK = 16, 32
+
+
+def configs(kernel: str, split_v: bool, streamed: bool) -> list[tuple[int, int]]:
+    """The (num_warps, num_stages) pairs of `kernel` ('fwd', 'bwd' are the passes)."""
+    if split_v and kernel in ("fwd", "bwd"):
+        return PASS_CONFIGS
+    if streamed and kernel not in ("fwd", "bwd"):
+        return STREAM_CONFIGS
+    return CONFIGS

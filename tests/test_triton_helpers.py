@@ -1,0 +1,126 @@
+"""The Triton functions the generated kernels call (mirasc.triton_helpers), each against torch,
+run one at a time through a small kernel (Triton's interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from mirasc import triton_helpers as th
+from mirasc.check import relative_error
+
+
+@triton.jit
+def _tanh_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, th.tanh(tl.load(x_ptr + offs)))
+
+
+@triton.jit
+def _atan_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, th.atan(tl.load(x_ptr + offs)))
+
+
+@pytest.mark.parametrize(("kernel", "expected"), [(_tanh_kernel, torch.tanh),
+                                                  (_atan_kernel, torch.atan)])
+def test_elementwise_functions_are_exact_in_float64(kernel, expected):
+    """tanh and atan within a few float64 ulps over many scales, both signs and 0 (where the series
+    take over from the closed forms)."""
+    x = torch.cat([torch.logspace(-12, 3, 126, dtype=torch.float64), torch.tensor([0.125, 0.0])])
+    x = torch.cat([x, -x])
+    out = torch.full_like(x, float("nan"))
+    kernel[(1,)](x, out, N=256)
+    want = expected(x)
+    assert torch.all((out - want).abs() <= 1e-15 * want.abs()), (out - want).abs().max()
+
+
+@triton.jit
+def _product_kernel(a_ptr, b_ptr, out_ptr, N: tl.constexpr, PRECISION: tl.constexpr,
+                    HALF: tl.constexpr):
+    offs = tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
+    tl.store(out_ptr + offs, th.dot_fp32(tl.load(a_ptr + offs), tl.load(b_ptr + offs), PRECISION,
+                                         HALF))
+
+
+def test_split_half_products_keep_float32_precision():
+    """The merges of the triangular inverse for half inputs: three products of the operands'
+    two-half splits, near float32 (a single fp16 product of the rounded operands errs ~3e-4)."""
+    a, b = (torch.randn(32, 32, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    exact = a.double() @ b.double()
+    errors = {}
+    for half in (tl.float16, tl.float32):
+        out = torch.full((32, 32), float("nan"))
+        _product_kernel[(1,)](a, b, out, N=32, PRECISION="tf32", HALF=half)
+        errors[half] = relative_error(out, exact)
+    rounded = a.half().double() @ b.half().double()
+    assert errors[tl.float16] < 1e-5 < relative_error(rounded, exact), errors
+    assert errors[tl.float32] < 1e-6, errors
+
+
+@triton.jit
+def _invert_kernel(a_ptr, x_ptr, BT: tl.constexpr, PRECISION: tl.constexpr, HALF: tl.constexpr):
+    offs = tl.arange(0, BT)
+    tile = offs[:, None] * BT + offs[None, :]
+    tl.store(x_ptr + tile, th.tri_inv(tl.load(a_ptr + tile), BT, PRECISION, HALF))
+
+
+@pytest.mark.parametrize("rows", [16, 32, 128])
+def test_blocked_triangular_inverse(rows):
+    """(I + A)^-1 (16-row blocks by substitution, merged by products) equals a triangular solve,
+    for one block, one merge and three; A with entries of either sign. In float64 exactly; in
+    float32 with the merges of half inputs (split fp16 products) to 1e-5."""
+    a = (torch.randn(rows, rows, dtype=torch.float64) * 0.4).tril(-1)
+    eye = torch.eye(rows, dtype=a.dtype)
+    expected = torch.linalg.solve_triangular(eye + a, eye, upper=False, unitriangular=True)
+    for dtype, precision, half, tolerance in ((torch.float64, "ieee", tl.float64, 1e-13),
+                                              (torch.float32, "tf32", tl.float16, 1e-5)):
+        x = torch.full_like(a, float("nan"), dtype=dtype)
+        _invert_kernel[(1,)](a.to(dtype), x, rows, precision, half)
+        assert relative_error(x, expected) < tolerance, dtype
+
+
+@triton.jit
+def _decayed_kernel(a_ptr, b_ptr, ga_ptr, gb_ptr, out_ptr, BT: tl.constexpr, D: tl.constexpr,
+                    OFFSET: tl.constexpr, FN: tl.constexpr, SQUARE_OUT: tl.constexpr):
+    rows = tl.arange(0, BT)[:, None]
+    square = rows * BT + tl.arange(0, BT)[None, :]
+    wide = rows * D + tl.arange(0, D)[None, :]
+    a = tl.load(a_ptr + (square if FN is not th.gdot else wide))
+    out = FN(a, tl.load(b_ptr + wide), tl.load(ga_ptr + wide), tl.load(gb_ptr + wide), BT, OFFSET)
+    tl.store(out_ptr + (square if SQUARE_OUT else wide), out)
+
+
+def _decays(rows: int, width: int) -> torch.Tensor:
+    """Running sums of log decays down the rows: a channel-wise gamma, steep enough that the
+    factors exp(gamma_t) and exp(-gamma_i) apart overflow float64 where their ratio does not."""
+    return -torch.rand(rows, width, dtype=torch.float64).mul(400.0).cumsum(0)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_products_with_pairwise_decays(offset):
+    """gdot, gmix and gmix_t against their sums written out in torch, on the pairs t - i >=
+    offset, with decays whose factors alone overflow."""
+    bt, d = 16, 8
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(bt, d, dtype=torch.float64, generator=gen) for _ in range(2))
+    m = torch.randn(bt, bt, dtype=torch.float64, generator=gen)
+    ga = _decays(bt, d)
+    gb = ga - torch.rand(bt, d, dtype=torch.float64, generator=gen)  # gamma as q and k see it
+    t, i = torch.arange(bt)[:, None], torch.arange(bt)[None, :]
+    pair = t - i >= offset  # [t, i]
+    exponent = (ga[:, None, :] - gb[None, :, :]).masked_fill(~pair[:, :, None], float("-inf"))
+    weight = exponent.exp()  # [t, i, d]: 0 off the pairs
+    expected = {
+        th.gdot: torch.einsum("td,id,tid->ti", a, b, weight),
+        th.gmix: torch.einsum("ti,id,tid->td", m, b, weight),
+        th.gmix_t: torch.einsum("ti,td,tid->id", m, b, weight),
+    }
+    for fn, want in expected.items():
+        out = torch.full((bt, bt) if fn is th.gdot else (bt, d), float("nan"), dtype=torch.float64)
+        first = a if fn is th.gdot else m
+        _decayed_kernel[(1,)](first, b, ga, gb, out, BT=bt, D=d, OFFSET=offset, FN=fn,
+                              SQUARE_OUT=fn is th.gdot)
+        assert relative_error(out, want) < 1e-13, fn.__name__
