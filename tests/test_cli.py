@@ -10,12 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from mirasc.catalog import load_spec
 from mirasc.check import branch_shares, cover_branches, random_inputs
 from mirasc.cli import app
 from mirasc.codegen import render_module
 from mirasc.derive import derive
-from mirasc.runtime import MirasOp
-from mirasc.spec import load_spec
+from mirasc.op import MirasOp
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
