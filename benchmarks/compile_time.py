@@ -18,9 +18,9 @@ from benchmarks.common import ROOT, SPECS, table
 
 CHILD = """
 import json, sys, time
+from mirasc.cache import module_path, run_module, write_atomic
+from mirasc.catalog import load_spec
 from mirasc.codegen import render_module
-from mirasc.runtime import module_path, run_module, write_atomic
-from mirasc.spec import load_spec
 
 start, start_cpu = time.perf_counter(), time.process_time()
 spec = load_spec(sys.argv[1])

@@ -23,7 +23,7 @@ import torch
 import mirasc
 from benchmarks.common import SPECS, flat, leaves, median_times, table
 from mirasc.check import random_inputs
-from mirasc.runtime import interpreting
+from mirasc.launch import interpreting
 
 ALL_SPECS = tuple(sorted(p.stem for p in SPECS.glob("*.yaml")))
 COLUMNS = [("spec", "spec", ""), ("impl", "impl", ""), ("pass", "pass", ""), ("s", "s", ".4f"),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
+from mirasc.op import MirasOp
 from mirasc.reference import memory_shapes
-from mirasc.runtime import MirasOp
 
 BACKWARD_FACTOR = 2.0
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import flops
-from mirasc.runtime import MirasOp
+from mirasc.op import MirasOp
 
 
 @dataclass

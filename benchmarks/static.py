@@ -127,7 +127,7 @@ def record(spec: str, batch: int, length: int, heads: int, dim: int,
                       state_dtype=torch.float32)
     runs = {"mirasc": lambda inputs: op(**inputs)[0], "fla": lambda inputs: peer.run(inputs, False)[0]}
     recorded = {}
-    with mock.patch("mirasc.runtime.interpreting", return_value=True):  # the op's kernel path
+    with mock.patch("mirasc.op.interpreting", return_value=True):  # the op's kernel path
         for impl, run in runs.items():
             inputs = leaves(x)
             with recording(forward := []):

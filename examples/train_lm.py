@@ -34,8 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
 from tqdm import tqdm
 
 from mirasc.catalog import resolve, spec_text
+from mirasc.errors import SpecError
 from mirasc.lm import MirasConfig, MirasForCausalLM
-from mirasc.spec import SpecError
 
 # Arguments that fix the loss curve: a resumed run must agree with its checkpoint on these.
 RUN_ARGS = ("spec", "hidden_size", "layers", "heads", "attention_layers", "seq_len", "batch_size",

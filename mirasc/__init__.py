@@ -9,8 +9,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_EXPORTS = {"MirasOp": "mirasc.runtime", "compile": "mirasc.runtime", "Spec": "mirasc.spec",
-            "SpecError": "mirasc.spec", "load_spec": "mirasc.spec"}
+_EXPORTS = {"MirasOp": "mirasc.op", "compile": "mirasc.cache", "Spec": "mirasc.spec",
+            "SpecError": "mirasc.errors", "load_spec": "mirasc.catalog"}
 __all__ = [*_EXPORTS, "__version__"]
 
 

@@ -1,5 +1,6 @@
 """The specs mirasc ships (package data `mirasc.specs`, the repository's specs/), and how a spec
-source becomes a validated `Spec`: a shipped name ("moneta"), a path to a YAML file, or YAML text."""
+source becomes a checked `Spec`: a shipped name ("moneta"), a path to a YAML file, or YAML text,
+validated (`mirasc.spec`) and derived, so that its expressions are checked too (`mirasc.derive`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import yaml
 
-from mirasc.spec import Spec, SpecError, parse_spec, read_spec
+from mirasc.derive import derive
+from mirasc.errors import FieldError, SpecError
+from mirasc.spec import Spec, field_error, parse_spec, read_spec
 
 SUFFIXES = (".yaml", ".yml")
 
@@ -51,8 +54,24 @@ def spec_text(source: str | Path) -> tuple[str, str]:
 
 
 def resolve(source: str | Path | Spec) -> Spec:
-    """A validated `Spec` from itself, a shipped name, a YAML file or YAML text."""
+    """A checked `Spec` from itself, a shipped name, a YAML file or YAML text."""
     if isinstance(source, Spec):
         return source
     text, where = spec_text(source)
-    return parse_spec(text, source=where)
+    return checked_spec(text, source=where)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and check a spec file."""
+    return checked_spec(read_spec(path), source=str(path))
+
+
+def checked_spec(text: str, source: str = "<spec>") -> Spec:
+    """Validate YAML text into a `Spec` and derive it (its expressions are parsed and
+    differentiated there), raising `SpecError` with the field's YAML line on a problem."""
+    spec = parse_spec(text, source)
+    try:
+        derive(spec)
+    except FieldError as exc:
+        raise field_error(exc, text, source) from None
+    return spec

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mirasc import reference
 from mirasc.derive import DELTA, RNORM, R, V
 from mirasc.expr import to_torch
-from mirasc.runtime import MirasOp
+from mirasc.op import MirasOp
 
 GATE_RANGES = {"log_alpha": (-0.3, -0.01), "eta": (0.05, 0.5), "delta": (0.05, 1.0),
                "momentum": (0.1, 0.9)}

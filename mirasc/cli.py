@@ -18,7 +18,7 @@ SpecSource = Annotated[str, typer.Argument(
 def _load(source: str):
     """The validated spec of SOURCE; a bad one exits 2 with the spec's error."""
     from mirasc.catalog import resolve
-    from mirasc.spec import SpecError
+    from mirasc.errors import SpecError
 
     try:
         return resolve(source)
@@ -30,8 +30,8 @@ def _load(source: str):
 def _compile(source):
     """The op of SOURCE (or of a loaded spec); a bad spec or an unusable cache exits 2 with its
     message."""
-    from mirasc.runtime import CacheError
-    from mirasc.runtime import compile as compile_spec
+    from mirasc.cache import CacheError
+    from mirasc.cache import compile as compile_spec
 
     loaded = _load(source)
     try:
@@ -52,8 +52,8 @@ def _kernel_dtypes() -> dict:
 def compile_(spec: SpecSource,
              out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")] = Path(".")):
     """Write the generated module of SPEC to OUT/<name>.py."""
+    from mirasc.cache import write_atomic
     from mirasc.codegen import render_module
-    from mirasc.runtime import write_atomic
 
     loaded = _load(spec)
     target = out / f"{loaded.name}.py"

@@ -15,8 +15,8 @@ from typing import Literal
 import sympy as sp
 
 from mirasc import spec as S
+from mirasc.errors import MAX_EXPONENT, FieldError
 from mirasc.expr import check_derived, finite_real, parse_expression
-from mirasc.spec import MAX_EXPONENT, FieldError
 
 R = sp.Symbol("r", real=True)
 V = sp.Symbol("v", real=True)

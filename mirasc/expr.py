@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 import sympy as sp
 import torch
 
-from mirasc.spec import MAX_EXPONENT, FieldError
+from mirasc.errors import MAX_EXPONENT, FieldError
 
 MAX_LENGTH = 400
 MAX_LOG_MAGNITUDE = 709  # |ln c| for a constant power c: float64 range (and no huge integers)

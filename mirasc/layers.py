@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mirasc.cache import compile as compile_spec
 from mirasc.catalog import resolve
-from mirasc.runtime import BACKENDS, MirasOp
-from mirasc.runtime import compile as compile_spec
+from mirasc.op import BACKENDS, MirasOp
 from mirasc.spec import Spec
 
 # How a raw projection becomes each gate: log alpha <= 0, step and momentum in (0, 1), delta > 0.

@@ -109,8 +109,9 @@ def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype 
     launches them on inputs of `dtype` at head dims (dk, dv) and T a multiple of 16 (Triton
     specialises on it), with an initial state in `state_dtype` (None: without one), not varlen,
     the final state not differentiated."""
+    from mirasc.cache import load_module
     from mirasc.check import random_inputs
-    from mirasc.runtime import interpreting, load_module
+    from mirasc.launch import interpreting
 
     if interpreting():
         raise CannotCompile("TRITON_INTERPRET=1 replaces Triton's compiler; unset it")
@@ -125,7 +126,7 @@ def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype 
                   else v.detach().requires_grad_()) for k, v in inputs.items()}
     recorders = {k: _Recorder() for k in module.KERNELS}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch("mirasc.runtime.interpreting", return_value=True))
+        stack.enter_context(mock.patch("mirasc.op.interpreting", return_value=True))
         stack.enter_context(mock.patch.dict(module.kernel.launchers, recorders))
         try:
             o, _ = op(**inputs)
@@ -138,7 +139,7 @@ def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype 
 
 def configs(op, kernel: str) -> list[tuple[int, int]]:
     """The (num_warps, num_stages) pairs the autotuner of the op's `kernel` tries."""
-    from mirasc.runtime import load_module
+    from mirasc.cache import load_module
 
     return load_module(op.spec).CONFIGS[kernel]
 

@@ -1,7 +1,8 @@
 """The spec language: a YAML file with four axes (memory, bias, retention, learner) plus chunking.
 
-`load_spec(path)` parses the YAML, validates it into frozen pydantic models and raises `SpecError`
-with the file, the YAML line, the dotted field, the bad value and what is allowed.
+`parse_spec(text)` parses the YAML, validates it into frozen pydantic models and raises `SpecError`
+with the file, the YAML line, the dotted field, the bad value and what is allowed. Its expressions
+are checked where the spec is derived (`mirasc.catalog` does both).
 """
 
 from __future__ import annotations
@@ -16,22 +17,10 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticCustomError
 
-MAX_EXPONENT = 64  # the largest power a spec may take: lp.p, lq.q and ** in expressions
+from mirasc.errors import MAX_EXPONENT, FieldError, SpecError
+
 MAX_SPEC_CHARS = 100_000  # a spec's text (shipped specs are under 1,000)
 MAX_DEPTH = 12  # nested YAML mappings and lists (a spec needs 4)
-
-
-class SpecError(ValueError):
-    """A spec that cannot be compiled; the message names the file, line, field and what is allowed."""
-
-
-class FieldError(Exception):
-    """A problem with one field of an otherwise well-formed spec (turned into a `SpecError`)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def _not_a_flag(value: Any) -> Any:
@@ -491,7 +480,8 @@ def _select_branches(errors: list[dict]) -> list[dict]:
 
 
 def parse_spec(text: str, source: str = "<spec>") -> Spec:
-    """Validate YAML text into a `Spec`, raising `SpecError` on the first problems found."""
+    """Validate YAML text into a `Spec` (its fields, constant gates and cross-axis rules; not its
+    expressions), raising `SpecError` on the first problems found."""
     _check_yaml(text, source)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -513,17 +503,26 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
     except ValidationError as exc:
         errors = _select_branches(exc.errors())
         raise SpecError("\n".join(_describe(e, data, lines, source) for e in errors)) from None
-    from mirasc.derive import derive  # expressions are parsed and differentiated there
-
     try:
         _check_gates(spec)
         _check_combinations(spec)
-        derive(spec)
     except FieldError as exc:
-        path = tuple(exc.field.split("."))
-        line = next(lines[path[:i]] for i in range(len(path), -1, -1) if path[:i] in lines)
-        raise SpecError(f"{source}:{line}: {exc.field}: {exc.message}") from None
+        raise _located(exc, lines, source) from None
     return spec
+
+
+def field_error(exc: FieldError, text: str, source: str = "<spec>") -> SpecError:
+    """`exc`, raised for a field of the spec that `parse_spec` read from `text`, as a `SpecError`
+    naming the field's YAML line."""
+    lines: dict[tuple, int] = {}
+    _index_lines(yaml.compose(text, Loader=yaml.SafeLoader), (), lines, source)
+    return _located(exc, lines, source)
+
+
+def _located(exc: FieldError, lines: dict[tuple, int], source: str) -> SpecError:
+    path = tuple(exc.field.split("."))
+    line = next(lines[path[:i]] for i in range(len(path), -1, -1) if path[:i] in lines)
+    return SpecError(f"{source}:{line}: {exc.field}: {exc.message}")
 
 
 GATE_VALUES = {  # the range of a constant gate `value`, by the gate's key
@@ -566,11 +565,6 @@ def _check_combinations(spec: Spec) -> None:
                     "'channel' is not allowed with memory.kind 'mlp' (its layers have different "
                     "widths); allowed: 'head'",
                 )
-
-
-def load_spec(path: str | Path) -> Spec:
-    """Read and validate a spec file."""
-    return parse_spec(read_spec(path), source=str(path))
 
 
 def read_spec(path: str | Path) -> str:

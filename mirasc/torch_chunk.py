@@ -83,7 +83,7 @@ class _ChunkFn(torch.autograd.Function):
 
 def run(step: Step, q, k, v, given: dict, state):
     """o [B, T, H, DV] (v's dtype) and the final states (the accumulator's dtype), like the
-    kernels, for one batch of sequences (`runtime.per_sequence` splits packed ones); `given`
+    kernels, for one batch of sequences (`op.per_sequence` splits packed ones); `given`
     holds what the kernels take besides q, k, v: the op's data-dependent gates [B, T, H(, D)] and
     ln_weight/ln_bias [H, DV]."""
     batch, length, heads, dk = q.shape

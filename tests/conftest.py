@@ -14,14 +14,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from mirasc.catalog import checked_spec  # noqa: E402
 from mirasc.check import random_inputs  # noqa: E402
 from mirasc.derive import derive  # noqa: E402
-from mirasc.runtime import MirasOp  # noqa: E402
-from mirasc.spec import parse_spec  # noqa: E402
+from mirasc.op import MirasOp  # noqa: E402
 
 
 def op_from_yaml(text: str) -> MirasOp:
-    return MirasOp(derive(parse_spec(text)))
+    return MirasOp(derive(checked_spec(text)))
 
 
 def axis_spec(memory="{kind: matrix}", bias="{kind: l2}", retention="{kind: l2, decay: {}}",

@@ -13,11 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 import mirasc
-from mirasc.catalog import resolve, shipped, spec_text
+from mirasc.catalog import load_spec, resolve, shipped, spec_text
 from mirasc.cli import app
+from mirasc.errors import SpecError
 from mirasc.layers import MirasLayer
 from mirasc.lm import MirasConfig
-from mirasc.spec import SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_FILES = sorted((ROOT / "specs").glob("*.yaml"))

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from mirasc.catalog import load_spec
 from mirasc.check import branch_shares, cover_branches, random_inputs
 from mirasc.cli import app
 from mirasc.codegen import render_module
 from mirasc.derive import derive
-from mirasc.runtime import MirasOp
-from mirasc.spec import load_spec
+from mirasc.op import MirasOp
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -107,6 +110,25 @@ def test_compile_writes_an_importable_module(tmp_path):
     assert o.shape == (1, 9, 2, 4) and final[0].shape == (1, 2, 4, 5)
     torch.testing.assert_close(o, ref_o, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(final[0], ref_final[0], rtol=1e-10, atol=1e-10)
+
+
+def test_python_m_mirasc_runs_the_command_line(tmp_path):
+    """`python -m mirasc` is the `mirasc` command: --help, and compile -o writing the module."""
+    env = os.environ | {"MIRASC_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "mirasc", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    shown = run("--help")
+    assert shown.returncode == 0, shown.stderr
+    assert "compile" in shown.stdout and "explain" in shown.stdout
+    out = tmp_path / "out"
+    written = run("compile", "gated_deltanet", "-o", str(out))
+    assert written.returncode == 0, written.stderr
+    target = out / "gated_deltanet.py"
+    assert f"wrote {target}" in written.stdout
+    assert target.read_text() == render_module(load_spec(SPECS / "gated_deltanet.yaml"))
 
 
 def test_check_prints_every_tensor():

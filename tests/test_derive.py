@@ -10,10 +10,12 @@ import sympy as sp
 import torch
 from conftest import axis_spec
 
+from mirasc.catalog import checked_spec, load_spec
 from mirasc.derive import DELTA, RNORM, R, V, Z, derive, derive_bias, explain
+from mirasc.errors import SpecError
 from mirasc.expr import to_torch
 from mirasc.reference import bias_grad, residual_norm
-from mirasc.spec import SpecError, load_spec, parse_spec
+from mirasc.spec import parse_spec
 
 SMOOTH_BIASES = {
     "l2": "{kind: l2}",
@@ -148,5 +150,5 @@ def test_derivation_is_bounded(loss, message):
     """A short loss whose derivation grows exponentially is refused by a size bound, fast."""
     start = time.perf_counter()
     with pytest.raises(SpecError, match=message):
-        parse_spec(axis_spec(bias=f"{{kind: expression, loss: '{loss}'}}"))
+        checked_spec(axis_spec(bias=f"{{kind: expression, loss: '{loss}'}}"))
     assert time.perf_counter() - start < 5.0

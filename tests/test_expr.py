@@ -18,8 +18,8 @@ import sympy.parsing.sympy_parser
 import torch
 import torch.nn.functional as F
 
+from mirasc.errors import FieldError
 from mirasc.expr import MAX_EXPONENT, MAX_LENGTH, parse_expression, to_torch, torch_source
-from mirasc.spec import FieldError
 
 R = sp.Symbol("r", real=True)
 V = sp.Symbol("v", real=True)

@@ -8,8 +8,9 @@ import torch
 from conftest import axis_spec
 
 from mirasc import ir
+from mirasc.catalog import load_spec
 from mirasc.derive import derive
-from mirasc.spec import load_spec, parse_spec
+from mirasc.spec import parse_spec
 
 CASES = {
     "gated_deltanet (exact WY)": "specs/gated_deltanet.yaml",

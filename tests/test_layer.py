@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import axis_spec
 
+from mirasc.errors import SpecError
 from mirasc.layers import MirasLayer, SlidingWindowAttention
-from mirasc.spec import SpecError
 
 HIDDEN, HEADS = 24, 3
 

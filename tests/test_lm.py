@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from mirasc.errors import SpecError
 from mirasc.lm import CACHE_FIELD, MirasConfig, MirasForCausalLM
-from mirasc.spec import SpecError
 
 VOCAB = 40
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mirasc
-from mirasc.runtime import load_module
+from mirasc.cache import load_module
 
 pytestmark = pytest.mark.slow  # compiles for sm_90 in subprocesses: tens of seconds a test
 
@@ -61,7 +61,7 @@ if __name__ == "__main__":
 AUTOTUNE = """
 import torch, mirasc
 from mirasc.resources import compiling_for, launches
-from mirasc.runtime import load_module
+from mirasc.cache import load_module
 op = mirasc.compile("specs/ttt_linear.yaml")
 module = load_module(op.spec)
 for name, (_, args, kwargs) in launches(op, 16, 16, torch.bfloat16, torch.float32).items():

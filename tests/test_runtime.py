@@ -20,11 +20,13 @@ import torch
 
 import mirasc
 from mirasc import reference
+from mirasc.cache import CacheError, load_module, module_path, write_atomic
+from mirasc.catalog import load_spec
 from mirasc.check import compare, random_inputs, relative_error
 from mirasc.codegen import render_module, render_reference_module, triton_unsupported
 from mirasc.derive import derive
-from mirasc.runtime import CacheError, MirasOp, load_module, module_path, write_atomic
-from mirasc.spec import load_spec, parse_spec
+from mirasc.op import MirasOp
+from mirasc.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -64,8 +66,8 @@ def _env(**extra) -> dict[str, str]:
 
 RENDER_HASHES = """
 import hashlib, json, sys
+from mirasc.catalog import load_spec
 from mirasc.codegen import render_module
-from mirasc.spec import load_spec
 print(json.dumps({p: hashlib.sha256(render_module(load_spec(p)).encode()).hexdigest()
                   for p in sys.argv[1:]}))
 """

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import mirasc
-from mirasc.spec import SpecError, parse_spec
+from mirasc.catalog import checked_spec
+from mirasc.errors import SpecError
 
 SPECS = sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.yaml"))
 
@@ -290,7 +291,7 @@ CASES = [
 
 
 def test_base_spec_is_valid():
-    spec = parse_spec(BASE, source="base.yaml")
+    spec = checked_spec(BASE, source="base.yaml")
     assert (spec.memory.kind, spec.bias.kind, spec.bias.p) == ("matrix", "lp", 3)
     assert (spec.retention.kind, spec.learner.kind, spec.chunk_size) == ("l2", "gd", 16)
 
@@ -298,7 +299,7 @@ def test_base_spec_is_valid():
 @pytest.mark.parametrize(("text", "line", "field", "hints"), CASES)
 def test_bad_spec(text, line, field, hints):
     with pytest.raises(SpecError) as info:
-        parse_spec(text, source="bad.yaml")
+        checked_spec(text, source="bad.yaml")
     message = str(info.value)
     # one line of the message places the problem: "bad.yaml:<line>: <field>: ..."
     prefix = f"bad.yaml:{line}: " + (f"{field}: " if field else "")
@@ -312,7 +313,7 @@ def test_bad_spec(text, line, field, hints):
 def test_errors_are_clean_spec_errors():
     """A SpecError is a ValueError raised without a chained traceback (`from None`)."""
     with pytest.raises(ValueError) as info:
-        parse_spec(loss("floor(r)"), source="bad.yaml")
+        checked_spec(loss("floor(r)"), source="bad.yaml")
     assert isinstance(info.value, SpecError)
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
@@ -345,7 +346,7 @@ def test_load_spec_reports_the_file_and_line(tmp_path):
 
 def test_numbers_in_exponent_notation_are_numbers():
     """YAML 1.1 reads 1e-3 (no dot) as a string; it is still the number it spells."""
-    spec = parse_spec(edit(("  kind: matrix\n", "  kind: matrix\n  layer_norm: {eps: 1e-3}\n")))
+    spec = checked_spec(edit(("  kind: matrix\n", "  kind: matrix\n  layer_norm: {eps: 1e-3}\n")))
     assert spec.memory.layer_norm.eps == 1e-3
 
 
@@ -355,7 +356,7 @@ def test_alias_bomb_is_refused_before_it_expands():
         f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
     text = BASE + "extra:\n" + "".join(f"  {line}\n" for line in levels)
     with pytest.raises(SpecError, match=r"bad.yaml:16: extra.l0: YAML anchors and aliases"):
-        parse_spec(text, source="bad.yaml")
+        checked_spec(text, source="bad.yaml")
 
 
 def test_binary_spec_file_is_a_clean_error(tmp_path):
@@ -370,4 +371,4 @@ def test_binary_spec_file_is_a_clean_error(tmp_path):
 def test_oversized_spec_is_refused(tmp_path):
     with pytest.raises(SpecError, match=r"<spec>:1: the spec has 100001 characters; allowed: at "
                                         r"most 100000"):
-        parse_spec(BASE + "#" * (100_001 - len(BASE)))
+        checked_spec(BASE + "#" * (100_001 - len(BASE)))

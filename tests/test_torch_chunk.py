@@ -14,7 +14,7 @@ import mirasc
 from mirasc import torch_chunk
 from mirasc.check import compare, random_inputs, varlen_inputs
 from mirasc.codegen import triton_unsupported
-from mirasc.runtime import MirasOp
+from mirasc.op import MirasOp
 
 SPECS = ["linear_attention", "simple_gla", "deltanet", "gated_deltanet", "titans",
          "ttt_linear", "ttt_mlp", "moneta", "yaad", "memora"]

@@ -19,11 +19,11 @@ from triton.runtime.errors import OutOfResources
 
 import mirasc
 from mirasc import ir, launch
+from mirasc.cache import load_module
 from mirasc.check import compare, random_inputs, relative_error, varlen_inputs
 from mirasc.codegen import render_module, triton_unsupported
 from mirasc.derive import derive
-from mirasc.runtime import load_module
-from mirasc.spec import SpecError
+from mirasc.errors import SpecError
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 TRITON_SPECS = ["linear_attention", "simple_gla", "deltanet", "gated_deltanet", "titans",
