@@ -13,9 +13,12 @@ import jinja2
 import sympy as sp
 
 import mirasc
-from mirasc import ir, tuning
+from mirasc import tuning
 from mirasc.derive import DELTA, RNORM, RNORM_EPS, R, V, derive
 from mirasc.expr import torch_source
+from mirasc.graph import plan
+from mirasc.memories import chunk_step, step_adjoint
+from mirasc.schedule.streams import separable, stream
 from mirasc.spec import Spec
 
 _NAMES = {R: "r", V: "v", RNORM: "rnorm", DELTA: "delta"}
@@ -268,7 +271,7 @@ def _frontier(graph, targets, live) -> tuple[str, ...]:
     cotangents) read: what a stage kernel computes for every chunk at once, so that the
     sequential pass only loads them. A state-free node that cannot be staged runs in the pass,
     and its own state-free inputs join the frontier."""
-    nodes = ir.plan(graph, targets)
+    nodes = plan(graph, targets)
     dep = set(live)
     for n in nodes:
         if any(i in dep for i in graph.node(n)["inputs"]):
@@ -298,8 +301,8 @@ def _kept(graph, pass_targets, out_targets, stop) -> tuple[str, ...]:
     them rather than have the output kernels recompute what led to them (as fla's state kernel
     stores the delta rule's corrected values). Keeping the backward pass's too was measured
     worse (gated_deltanet, sm_90, D=128): its step grew and spilled."""
-    able = {n for n in ir.plan(graph, pass_targets, stop) if n not in stop and _keepable(graph, n)}
-    return tuple(n for n in ir.plan(graph, out_targets, (*stop, *able)) if n in able)
+    able = {n for n in plan(graph, pass_targets, stop) if n not in stop and _keepable(graph, n)}
+    return tuple(n for n in plan(graph, out_targets, (*stop, *able)) if n in able)
 
 
 def _stops(graph, targets: dict, staged: dict) -> tuple[dict, tuple]:
@@ -350,22 +353,22 @@ def _stage_parts(graph, targets, saved) -> list[tuple[str, ...]]:
     column). Memora, sm_90, bf16, D=64, 8 warps: its single stage kernel spilled 2352 B per
     thread, its four 0, 0, 552 and 384 B (with what follows a pass in the next kernel instead,
     the last two spilled 360 and 2064 B against 800 and 752, segments unrolled)."""
-    stream = ir.stream(graph, targets, stop=saved)
-    last = len(stream.loops) - 1
+    passes = stream(graph, targets, stop=saved)
+    last = len(passes.loops) - 1
     if last < 1:
         return [tuple(targets)]
-    part = {n: min(max(j - 1, 0), last) for j, whole in enumerate(stream.whole) for n in whole}
-    part |= {n: j for j, loop in enumerate(stream.loops) for n in loop.reduce}
-    readers = {j: set(loop.nodes) for j, loop in enumerate(stream.loops)}
+    part = {n: min(max(j - 1, 0), last) for j, whole in enumerate(passes.whole) for n in whole}
+    part |= {n: j for j, loop in enumerate(passes.loops) for n in loop.reduce}
+    readers = {j: set(loop.nodes) for j, loop in enumerate(passes.loops)}
     for n, j in part.items():
         readers[j].add(n)
 
     def cheap(n):
         return all(graph.node(m)["op"] not in COSTLY and "DH" not in graph.shape(m)
-                   for m in ir.plan(graph, [n], saved) if m not in saved)
+                   for m in plan(graph, [n], saved) if m not in saved)
 
     handed = []
-    for n in ir.plan(graph, targets, saved):
+    for n in plan(graph, targets, saved):
         if n in saved or n not in part or graph.node(n)["op"] in ("input", "const"):
             continue
         later = any(c in readers[j] for j in range(part[n] + 1, last + 1)
@@ -395,15 +398,15 @@ _BLOCK_HEADERS = {  # a pass over the blocks of a dim: the loop that redefines i
 }
 
 
-def _emit_stream(graph, stream, loads: dict[str, str], stores: dict[str, list[str]],
+def _emit_stream(graph, passes, loads: dict[str, str], stores: dict[str, list[str]],
                  indent: str, staged=(), dim: str = "DH", stored=()) -> list[str]:
-    """Triton statements for a step run over blocks of `dim` (`ir.stream`; hidden units, or key
+    """Triton statements for a step run over blocks of `dim` (`stream`; hidden units, or key
     columns): each pass loads the blocks it reads (`loads`, statements per node), recomputes its
     blocked tiles, sums its reductions over the blocks and writes its blocked targets
     (`stores`). A `stored` tile (unblocked) goes to its stage buffer once complete."""
     inner = indent + " " * 4
     lines = []
-    for whole, loop in zip(stream.whole, stream.loops, strict=False):
+    for whole, loop in zip(passes.whole, passes.loops, strict=False):
         lines += _emit(graph, whole, indent, staged, stored)
         for r in loop.reduce:
             dims = ", ".join(_DIMS[s] for s in graph.shape(r))
@@ -420,14 +423,14 @@ def _emit_stream(graph, stream, loads: dict[str, str], stores: dict[str, list[st
                          else f"{inner}{r} += {part}")
         lines += [inner + line for t in loop.store for line in stores[t]]
         lines += [f"{indent}tl.store({_stage_at(graph, r)}, {r})" for r in loop.reduce if r in stored]
-    return lines + _emit(graph, stream.whole[-1], indent, staged, stored)
+    return lines + _emit(graph, passes.whole[-1], indent, staged, stored)
 
 
 def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
     """The statements that load this step's tiles of the inputs among `need` (the nodes a kernel's
-    body reads), with its row masks. Non-finite entries (ir._poisoned) load as padding, unless
-    not `clean`; `tainted` marks the rows from the first one on (it reads every input), `qbad`
-    the rows of a bad q."""
+    body reads), with its row masks. Non-finite entries (`memories.taints.poisoned`) load as
+    padding, unless not `clean`; `tainted` marks the rows from the first one on (it reads every
+    input), `qbad` the rows of a bad q."""
     gates = d.op_gates()
     taint = "tainted" in need
 
@@ -525,20 +528,20 @@ def _state_tiles(step) -> list[dict]:
 
 
 def _streams(step, targets: dict, staged: dict, adjoint: dict) -> dict | None:
-    """Each kernel's step as passes over blocks of hidden units (`ir.stream`), stopping at the
+    """Each kernel's step as passes over blocks of hidden units (`stream`), stopping at the
     kernel's `staged` tiles, when a state has hidden units and every kernel's step runs so;
     else None."""
     graph = step.graph
     if not any("DH" in graph.shape(s) for s in step.states) or \
             any(adjoint[s] is None for s in step.states):
         return None
-    streams = {k: ir.stream(graph, t, stop=staged[k]) for k, t in targets.items()}
+    streams = {k: stream(graph, t, stop=staged[k]) for k, t in targets.items()}
     return None if None in streams.values() else streams
 
 
 def _key_blocks(step, tiles, stop, adjoint, summed, grads) -> tuple | None:
     """A backward output kernel (writing the gradients of the inputs `grads`) as passes over
-    blocks of key columns (`ir.stream` on DK), so that it holds a block of q, k, the states and
+    blocks of key columns (`stream` on DK), so that it holds a block of q, k, the states and
     their gradients at a time rather than all DK columns (fla's gradient kernels block the keys
     so): the stream, and the loads and stores of the blocked inputs, states and gradients. None
     where the step does not pass so (a tile with DK twice) or a key-column input of `grads` has
@@ -548,10 +551,10 @@ def _key_blocks(step, tiles, stop, adjoint, summed, grads) -> tuple | None:
     if not keyed or any(adjoint[x] is None for x in keyed if x in grads):
         return None
     targets = [adjoint[x] for x in grads if adjoint[x] is not None]
-    stream = ir.stream(graph, targets, dim="DK", stop=stop)
-    if stream is None or not stream.loops:
+    passes = stream(graph, targets, dim="DK", stop=stop)
+    if passes is None or not passes.loops:
         return None
-    loads, need = {}, set(ir.plan(graph, targets, stop))
+    loads, need = {}, set(plan(graph, targets, stop))
     for x in keyed:
         loads[x] = (f"{x} = load_rows({x}_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, "
                     f"{_tile_dtype(graph, x, need)})\n{x} = tl.where({_finite(x)}, {x}, 0.0)")
@@ -563,7 +566,7 @@ def _key_blocks(step, tiles, stop, adjoint, summed, grads) -> tuple | None:
         stores.setdefault(adjoint[x], []).append(
             f"{store}(d{x}_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], "
             f"{adjoint[x]}, valid[:, None] & mask_k[None, :]{', i_v' if x in summed else ''})")
-    return stream, loads, stores, keyed
+    return passes, loads, stores, keyed
 
 
 def _gradient_groups(step, adjoint: dict, streamed: bool) -> dict[str, tuple[str, ...]]:
@@ -583,7 +586,7 @@ def _gradient_groups(step, adjoint: dict, streamed: bool) -> dict[str, tuple[str
     if any("DH" in graph.shape(s) for s in step.states):
         carried = {f"d{s}_new" for s in step.states}
         free = tuple(x for x in inputs if streamed and adjoint[x] is not None
-                     and not carried & set(ir.plan(graph, [adjoint[x]])))
+                     and not carried & set(plan(graph, [adjoint[x]])))
         rest = tuple(x for x in inputs if x not in free)
         return {k: xs for k, xs in (("bwd_dq", free), ("bwd_out", rest)) if xs}
     kernel = {"DV": "bwd_dv", "DK": "bwd_dqk", 1: "bwd_dg"}
@@ -621,9 +624,9 @@ def render_triton_module(spec: Spec) -> str:
     reason = triton_unsupported(d)
     if reason:
         raise CodegenError(f"{spec.name}: the Triton backend does not support {reason}")
-    step = ir.chunk_step(d)
+    step = chunk_step(d)
     graph = step.graph
-    _, wrt, adjoint = ir.step_adjoint(step)
+    _, wrt, adjoint = step_adjoint(step)
     states = list(step.states)
     targets = {
         "fwd": [step.outputs[s] for s in states],
@@ -641,15 +644,15 @@ def render_triton_module(spec: Spec) -> str:
         # them but not their gradients leaves the backward pass and output kernel (a
         # state-shaped tile among it stays there, recomputed per block).
         wide = _frontier(graph, targets["bwd"] + targets["bwd_out"], dstates)
-        if ir.stream(graph, wide, stop=first["fwd_out"]) is not None:
+        if stream(graph, wide, stop=first["fwd_out"]) is not None:
             staged["bwd"] = wide
     else:
         # The stored states are at hand: the backward pass carries dW alone. Its output kernel
         # passes over key blocks, so the backward stage computes the rows' taints (they read
         # every key column).
         staged["bwd"] = _frontier(graph, targets["bwd"], dstates)
-        plan = ir.plan(graph, targets["bwd_out"], _stops(graph, targets, staged)[0]["bwd_out"])
-        staged["bwd"] += tuple(c for c in STAGED_CONSTS if c in plan)
+        bwd_nodes = plan(graph, targets["bwd_out"], _stops(graph, targets, staged)[0]["bwd_out"])
+        staged["bwd"] += tuple(c for c in STAGED_CONSTS if c in bwd_nodes)
     stops, kept = _stops(graph, targets, staged)
     staged["bwd"] = tuple(n for n in staged["bwd"] if n not in stops["fwd_out"])
     groups = _gradient_groups(step, adjoint, streamed)
@@ -660,7 +663,7 @@ def render_triton_module(spec: Spec) -> str:
     streams = _streams(step, targets, stops, adjoint) if streamed else None
     tiles = _state_tiles(step)
     gates = d.op_gates()
-    split_v = ir.separable(step)
+    split_v = separable(step)
     summed = ["q", "k"] + [g for g in step.gates if not (g == "delta" and gates[g].shape == "channel")]
     summed = summed if split_v else []
     kernels, operands = {}, {}
@@ -669,22 +672,22 @@ def render_triton_module(spec: Spec) -> str:
         indent = _INDENT if kernel in ("fwd", "bwd") else " " * 8
         keys = _key_blocks(step, tiles, stop, adjoint, summed, groups[kernel]) \
             if kernel in groups and streams is None else None
-        need = set(ir.plan(graph, t, stop)) - set(stop)
+        need = set(plan(graph, t, stop)) - set(stop)
         _operand_reads(graph, stop, need, operands)
         if keys is not None:
-            stream, key_loads, key_stores, inside = keys
-            body = _emit_stream(graph, stream, key_loads, key_stores, indent, stop, "DK")
+            passes, key_loads, key_stores, inside = keys
+            body = _emit_stream(graph, passes, key_loads, key_stores, indent, stop, "DK")
             need -= set(key_loads)
         elif streams is None:
             inside = ()
-            body = _emit(graph, ir.plan(graph, t, stop), indent, stop, stored)
+            body = _emit(graph, plan(graph, t, stop), indent, stop, stored)
         else:  # a kept tile may be a sum over the hidden blocks: stored after the last
             inside = ()
             io = _stream_io(step, tiles, kernel, step.outputs if kernel == "fwd" else adjoint)
             body = _emit_stream(graph, streams[kernel], *io, indent, stop)
             body += [f"{indent}tl.store({_stage_at(graph, n)}, {n})" for n in stored]
         # A forward pass that writes only the next states (NaN wholesale after a tainted row,
-        # ir._poisoned) needs no padding in place of a non-finite input.
+        # memories.taints.poisoned) needs no padding in place of a non-finite input.
         loads = _loads(step, d, need, indent, clean=kernel != "fwd" or bool(stored))
         kernels[kernel] = dict(loads=loads, body="\n".join(body), inside=inside,
                                key_blocks=keys is not None,
@@ -693,23 +696,23 @@ def render_triton_module(spec: Spec) -> str:
     for direction, nodes in staged.items():
         saved = stops["fwd_out"] if direction == "bwd" else ()
         streamed_stage = streams is not None and any(
-            s in ir.plan(graph, nodes, saved) for s in states)
+            s in plan(graph, nodes, saved) for s in states)
         parts = _stage_parts(graph, nodes, saved) if streamed_stage else [nodes] if nodes else []
         handover[direction] = tuple(n for part in parts for n in part if n not in nodes)
         done = ()
         for j, part in enumerate(parts):
             stop = (*saved, *done)
-            plan = ir.plan(graph, part, stop)
-            reads = [s for s in states if s in plan]
-            _operand_reads(graph, stop, set(plan) - set(stop), operands)
+            part_nodes = plan(graph, part, stop)
+            reads = [s for s in states if s in part_nodes]
+            _operand_reads(graph, stop, set(part_nodes) - set(stop), operands)
             if reads and streams is not None:
                 io = _stream_io(step, tiles, "bwd_stage", {})
-                body = _emit_stream(graph, ir.stream(graph, part, stop=stop), *io, " " * 8,
+                body = _emit_stream(graph, stream(graph, part, stop=stop), *io, " " * 8,
                                     stop, stored=part)
             else:
-                body = _emit(graph, plan, " " * 8, stop, stored=part)
+                body = _emit(graph, part_nodes, " " * 8, stop, stored=part)
             kernels[f"{direction}_stage{j + 1 if j else ''}"] = dict(
-                loads=_loads(step, d, set(plan) - set(stop), " " * 8), body="\n".join(body),
+                loads=_loads(step, d, set(part_nodes) - set(stop), " " * 8), body="\n".join(body),
                 reads=reads, direction=direction, stores=part)
             done += part
     zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {

@@ -1,24 +1,26 @@
-"""The chunk-parallel torch path: the kernels' chunk-step graph (mirasc/ir.py) run in torch.
+"""The chunk-parallel torch path: the kernels' chunk-step graph (mirasc/memories) run in torch.
 
 A spec with Triton kernels runs them on CUDA (or in Triton's interpreter); on CPU `MirasOp` runs
 this instead: the same forward graph the kernels are emitted from, evaluated on tiles batched
 over every (sequence, head) pair, looping only over chunks (and the lag token's segments). Each
 chunk step is an autograd function whose backward evaluates the graph's reverse mode
-(`ir.backward`, the kernels' backward), so the gradients are the kernels' math too, with no
+(`graph.backward`, the kernels' backward), so the gradients are the kernels' math too, with no
 NaN from the masked branches of a `where`. Inputs are fed as the kernels load them: rows past a
 sequence's end padded (q, k 0; v 1; log_alpha, eta 0; delta, momentum 1) and masked, gates per
 head [T, 1] or per channel, the layer norm's parameters per head, and the compute dtype is the
 kernels' accumulator (float64 for float64 inputs, else float32; o is cast back to v's dtype).
 A sequence shorter than a chunk runs in a tile of its own rows (the rest would be masked).
-Non-finite inputs are loaded as the kernels load them (`ir._poisoned`): a row's non-finite k, v
-or gate as padding, marking the rows from it on as tainted, a non-finite q as 0 (row marked).
+Non-finite inputs are loaded as the kernels load them (`memories.taints.poisoned`): a row's
+non-finite k, v or gate as padding, marking the rows from it on as tainted, a non-finite q as 0
+(row marked).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mirasc import ir
+from mirasc.graph import evaluate, plan
+from mirasc.memories import chunk_step, step_adjoint
 
 _PAD = {"q": 0.0, "k": 0.0, "v": 1.0, "log_alpha": 0.0, "eta": 0.0, "delta": 1.0,
         "momentum": 1.0}
@@ -29,12 +31,12 @@ class Step:
 
     def __init__(self, derivation):
         spec = derivation.spec
-        self.step = step = ir.chunk_step(derivation)
+        self.step = step = chunk_step(derivation)
         graph = step.graph
         self.forward_targets = (step.outputs["o"], *(step.outputs[s] for s in step.states))
-        self.seeds, self.wrt, self.adjoint = ir.step_adjoint(step)  # wrt: the passing order
-        self.forward_plan = ir.plan(graph, self.forward_targets)
-        self.backward_plan = ir.plan(graph, [a for a in self.adjoint.values() if a is not None])
+        self.seeds, self.wrt, self.adjoint = step_adjoint(step)  # wrt: the passing order
+        self.forward_plan = plan(graph, self.forward_targets)
+        self.backward_plan = plan(graph, [a for a in self.adjoint.values() if a is not None])
         self.consts = tuple(n for n in graph.g if graph.node(n)["op"] == "const")
         self.chunk = spec.chunk_size
         self.segments = 2 if spec.lag_token else 1
@@ -47,7 +49,7 @@ class _ChunkFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, step, consts, sizes, *tensors):
         values = dict(zip(step.wrt, tensors, strict=True)) | consts
-        env = ir.evaluate(step.step.graph, values, sizes, step.forward_plan)
+        env = evaluate(step.step.graph, values, sizes, step.forward_plan)
         ctx.step, ctx.consts, ctx.sizes = step, consts, sizes
         ctx.save_for_backward(*tensors)
         return tuple(env[t] for t in step.forward_targets)
@@ -59,7 +61,7 @@ class _ChunkFn(torch.autograd.Function):
         outs = _ChunkFn.forward_shapes(step, tensors, ctx.sizes)
         for seed, g, shape in zip(step.seeds.values(), grads, outs, strict=True):
             values[seed] = g if g is not None else tensors[0].new_zeros(shape)
-        env = ir.evaluate(step.step.graph, values, ctx.sizes, step.backward_plan)
+        env = evaluate(step.step.graph, values, ctx.sizes, step.backward_plan)
         result = []
         for name, x in zip(step.wrt, tensors, strict=True):
             a = step.adjoint[name]

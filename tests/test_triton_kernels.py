@@ -18,12 +18,14 @@ from hypothesis import strategies as st
 from triton.runtime.errors import OutOfResources
 
 import mirasc
-from mirasc import ir, launch
+from mirasc import launch, memories
 from mirasc.cache import load_module
 from mirasc.check import compare, random_inputs, relative_error, varlen_inputs
 from mirasc.codegen import render_module, triton_unsupported
 from mirasc.derive import derive
 from mirasc.errors import SpecError
+from mirasc.graph import plan
+from mirasc.schedule import streams
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 TRITON_SPECS = ["linear_attention", "simple_gla", "deltanet", "gated_deltanet", "titans",
@@ -418,12 +420,12 @@ def test_streamed_tiles_wait_for_their_first_reader(name):
     """Over hidden blocks, a tile without them is computed (or loaded from its stage buffer) in
     the part of the step just before its first reader, not held across passes that do not
     read it."""
-    step = ir.chunk_step(derive(mirasc.load_spec(f"specs/{name}.yaml")))
+    step = memories.chunk_step(derive(mirasc.load_spec(f"specs/{name}.yaml")))
     graph = step.graph
-    _, _, adjoint = ir.step_adjoint(step)
+    _, _, adjoint = memories.step_adjoint(step)
     targets = [a for a in adjoint.values() if a is not None]  # the whole backward step
-    stream = ir.stream(graph, targets)
-    nodes = set(ir.plan(graph, targets))
+    stream = streams.stream(graph, targets)
+    nodes = set(plan(graph, targets))
     waited = 0
     for j, whole in enumerate(stream.whole):
         after = {n for part in stream.whole[j:] for n in part}
@@ -505,13 +507,13 @@ def test_a_hidden_layer_of_hidden_units_keeps_the_state_in_registers():
     """A weight with hidden units on both sides (depth 3: W2 [DH, DH]) cannot pass in blocks of
     hidden units: that module holds the whole state in one program."""
     deep = op_from_yaml(axis_spec(memory="{kind: mlp, depth: 3, expansion: 2}"))
-    step = ir.chunk_step(deep.derivation)
-    assert ir.stream(step.graph, list(step.outputs.values())) is None
+    step = memories.chunk_step(deep.derivation)
+    assert streams.stream(step.graph, list(step.outputs.values())) is None
     assert "STREAM_H = False" in render_module(deep.spec)
     for name in ("ttt_mlp", "moneta"):  # the shipped MLPs do pass in blocks
         spec = mirasc.load_spec(f"specs/{name}.yaml")
-        step = ir.chunk_step(derive(spec))
-        stream = ir.stream(step.graph, list(step.outputs.values()))
+        step = memories.chunk_step(derive(spec))
+        stream = streams.stream(step.graph, list(step.outputs.values()))
         assert all("DH" in step.graph.shape(n) for loop in stream.loops for n in loop.nodes)
         assert not any("DH" in step.graph.shape(n) for whole in stream.whole for n in whole)
         assert "STREAM_H = True" in render_module(spec)
@@ -570,7 +572,7 @@ def test_steps_that_mix_value_columns_keep_them_together():
     mixed = [axis_spec(bias="{kind: huber, variant: norm, delta: {value: 0.3}}"),
              axis_spec(memory="{kind: mlp, depth: 2, expansion: 2}")]
     for text in mixed:
-        assert not ir.separable(ir.chunk_step(op_from_yaml(text).derivation))
+        assert not streams.separable(memories.chunk_step(op_from_yaml(text).derivation))
     for spec in ("ttt_linear", "moneta"):
         assert "SPLIT_V = False" in render_module(mirasc.load_spec(f"specs/{spec}.yaml"))
 

@@ -1,5 +1,6 @@
-"""The IR's reverse mode against torch autograd, evaluating the graph itself with `ir.evaluate`
-(independent of Triton): for every matrix-memory shape of chunk step the compiler builds."""
+"""The graph's reverse mode against torch autograd, evaluating the graph itself with
+`graph.evaluate` (independent of Triton): for every matrix-memory shape of chunk step the compiler
+builds."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import pytest
 import torch
 from conftest import axis_spec
 
-from mirasc import ir
 from mirasc.catalog import load_spec
 from mirasc.derive import derive
+from mirasc.graph import backward, evaluate
+from mirasc.memories.matrix import matrix_chunk_step
 from mirasc.spec import parse_spec
 
 CASES = {
@@ -33,7 +35,7 @@ def _spec(text):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_reverse_mode_matches_autograd(case):
     d = derive(_spec(CASES[case]))
-    step = ir.matrix_chunk_step(d)
+    step = matrix_chunk_step(d)
     graph = step.graph
     t, dk, dv = 6, 5, 5
     sizes = {"T": t, "DK": dk, "DV": dv}
@@ -56,7 +58,7 @@ def test_reverse_mode_matches_autograd(case):
                "strict": ones.tril(-1), "strict2": ones.tril(-2),
                "vmask": torch.ones(1, dv, dtype=torch.float64),
                "lastrow": last}
-    env = ir.evaluate(graph, values, sizes)
+    env = evaluate(graph, values, sizes)
     outputs = [env[step.outputs[n]] for n in ("o", *step.states)]
     cotangents = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in outputs]
     wrt = ("q", "k", "v", *step.states, *step.gates)
@@ -66,9 +68,9 @@ def test_reverse_mode_matches_autograd(case):
     seeds = {step.outputs["o"]: graph.input("d_o", ("T", "DV"))}
     for state in step.states:
         seeds[step.outputs[state]] = graph.input(f"d{state}_new", graph.shape(step.outputs[state]))
-    adjoint = ir.backward(graph, seeds, wrt)
+    adjoint = backward(graph, seeds, wrt)
     cot = dict(zip(["d_o", *(f"d{s}_new" for s in step.states)], cotangents, strict=True))
-    env = ir.evaluate(graph, {k: v.detach() for k, v in values.items()} | cot, sizes)
+    env = evaluate(graph, {k: v.detach() for k, v in values.items()} | cot, sizes)
     for name, want in zip(wrt, expected, strict=True):
         got = env[adjoint[name]] if adjoint[name] is not None else torch.zeros_like(values[name])
         want = torch.zeros_like(got) if want is None else want

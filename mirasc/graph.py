@@ -1,0 +1,335 @@
+"""The graph: one chunk step as a networkx DAG of tile operations, its reverse mode, and its
+evaluation in torch.
+
+Every value is a 2-D tile whose dims are symbolic ("T" chunk rows, "DK", "DV", or 1). Node ops:
+  input    a tile loaded by the kernel (q, k, v, gates, the chunk-start state W)
+  const    a tile the kernel builds (row mask, causal mask)
+  dot      a @ b with optional transposes (tl.dot)
+  ew       an elementwise sympy expression of its inputs (broadcasting, like numpy)
+  sum      a reduction over one axis, keeping dims
+  cumsum   an inclusive prefix sum over the rows
+  trans    a transpose
+  tri_inv  (I + A)^-1 for a strictly lower-triangular A (forward substitution)
+  max      a reduction by max over one axis, keeping dims; used only as a constant offset (a
+           softmax's stabiliser), so it passes no gradient
+  gdot     a causal product under per-channel decays: out[t, i] = sum_d a[t, d] b[i, d]
+           exp(ga[t, d] - gb[i, d]) for the pairs t - i >= offset, 0 elsewhere
+  gmix     its companion: out[t, d] = sum_i m[t, i] x[i, d] exp(ga[t, d] - gb[i, d]) over the
+           same pairs, or with `ta` out[i, d] = sum_t m[t, i] x[t, d] exp(ga[t, d] - gb[i, d])
+           (every pair's exponent is selected before exp: exact for any decay, no overflow).
+           `flat`: the exponent of the nearest pairs (t - i = offset) is 0 whatever the gates
+  nonfinite  how many entries of a tile are NaN or +-inf, as [1, 1]; it passes no gradient
+The backward is derived here, on the graph: `backward(graph, seeds, wrt)` adds the adjoint nodes
+by reverse mode, with sympy differentiating every `ew` node, so no rule is written per model.
+`plan` picks the nodes some targets need, in order; `evaluate` runs them on torch tiles (the
+oracle for the emitted kernels and the CPU path). The chunk steps built on it are in
+`mirasc.memories`, the kernels' layout in `mirasc.schedule`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import sympy as sp
+
+
+@dataclass
+class Graph:
+    """A DAG of named tile nodes (insertion order is a topological order)."""
+
+    g: nx.DiGraph = field(default_factory=nx.DiGraph)
+    counter: int = 0
+
+    def add(self, op: str, shape: tuple, inputs: tuple[str, ...] = (), name: str | None = None,
+            **attrs) -> str:
+        if name is None:
+            self.counter += 1
+            name = f"t{self.counter}"
+        assert name not in self.g, name
+        self.g.add_node(name, op=op, shape=shape, inputs=inputs, **attrs)
+        for src in inputs:
+            self.g.add_edge(src, name)
+        return name
+
+    def node(self, name: str) -> dict:
+        return self.g.nodes[name]
+
+    def shape(self, name: str) -> tuple:
+        return self.node(name)["shape"]
+
+    # -- builders ---------------------------------------------------------------------------
+
+    def input(self, name: str, shape: tuple, differentiable: bool = True) -> str:
+        return self.add("input", shape, name=name, differentiable=differentiable)
+
+    def const(self, name: str, shape: tuple, kind: str) -> str:
+        return self.add("const", shape, name=name, kind=kind)
+
+    def dot(self, a: str, b: str, ta: bool = False, tb: bool = False, name=None) -> str:
+        rows = self.shape(a)[1 if ta else 0]
+        cols = self.shape(b)[0 if tb else 1]
+        return self.add("dot", (rows, cols), (a, b), name=name, ta=ta, tb=tb)
+
+    def ew(self, expr: sp.Expr, args: dict[sp.Symbol, str], name=None) -> str:
+        """An elementwise node computing `expr` with each symbol bound to a node."""
+        used = {s: n for s, n in args.items() if expr.has(s)}
+        symbols = tuple(used)
+        inputs = tuple(used[s] for s in symbols)
+        shape = broadcast(*(self.shape(n) for n in inputs)) if inputs else (1, 1)
+        return self.add("ew", shape, inputs, name=name, expr=expr, symbols=symbols)
+
+    def sum(self, x: str, axis: int, name=None) -> str:
+        shape = tuple(1 if i == axis else d for i, d in enumerate(self.shape(x)))
+        return self.add("sum", shape, (x,), name=name, axis=axis)
+
+    def cumsum(self, x: str, name=None) -> str:
+        return self.add("cumsum", self.shape(x), (x,), name=name)
+
+    def trans(self, x: str, name=None) -> str:
+        return self.add("trans", self.shape(x)[::-1], (x,), name=name)
+
+    def gdot(self, a: str, b: str, ga: str, gb: str, offset: int = 0, flat: bool = False,
+             name=None) -> str:
+        flat = flat or (ga == gb and offset == 0)
+        return self.add("gdot", ("T", "T"), (a, b, ga, gb), name=name, offset=offset, flat=flat)
+
+    def gmix(self, m: str, x: str, ga: str, gb: str, offset: int = 0, ta: bool = False,
+             flat: bool = False, name=None) -> str:
+        flat = flat or (ga == gb and offset == 0)
+        return self.add("gmix", self.shape(x), (m, x, ga, gb), name=name, offset=offset, ta=ta,
+                        flat=flat)
+
+    def order(self) -> list[str]:
+        return list(nx.topological_sort(self.g))
+
+
+def broadcast(*shapes: tuple) -> tuple:
+    out = []
+    for dims in zip(*shapes, strict=True):
+        sized = {d for d in dims if d != 1}
+        assert len(sized) <= 1, f"cannot broadcast {shapes}"
+        out.append(sized.pop() if sized else 1)
+    return tuple(out)
+
+
+def _x(i: int) -> sp.Symbol:
+    return sp.Symbol(f"x{i}", real=True)
+
+
+def ew(graph: Graph, text_expr, *nodes: str, name=None) -> str:
+    """Shorthand: an elementwise node from a function of sympy symbols x0, x1, ..."""
+    symbols = [_x(i) for i in range(len(nodes))]
+    return graph.ew(text_expr(*symbols), dict(zip(symbols, nodes, strict=True)), name=name)
+
+
+def plan(graph: Graph, targets, stop=()) -> tuple[str, ...]:
+    """The nodes `targets` depend on, in topological order (what `evaluate` must run); a node in
+    `stop` is taken as given (its inputs are not needed for it)."""
+    keep, todo = set(), list(targets)
+    while todo:
+        n = todo.pop()
+        if n not in keep:
+            keep.add(n)
+            if n not in stop:
+                todo.extend(graph.g.predecessors(n))
+    return tuple(n for n in graph.order() if n in keep)
+
+
+
+# ---- reverse mode --------------------------------------------------------------------------------
+
+
+def _ae(expr: sp.Expr) -> sp.Expr:
+    return expr.replace(sp.DiracDelta, lambda *a: sp.Integer(0))
+
+
+def backward(graph: Graph, seeds: dict[str, str], wrt: tuple[str, ...]) -> dict[str, str]:
+    """Add adjoint nodes for d(sum <output, seed>)/d(wrt) to `graph`; returns {wrt: adjoint}.
+
+    `seeds` maps forward outputs to the input nodes holding their cotangents."""
+    forward = [n for n in graph.order() if n not in seeds.values()]
+    needed = set()
+    for n in wrt:
+        needed |= nx.descendants(graph.g, n) | {n}
+    contributions: dict[str, list[str]] = {n: [] for n in forward}
+    for out, seed in seeds.items():
+        contributions[out].append(seed)
+    adjoint: dict[str, str] = {}
+    for n in reversed(forward):
+        if n not in needed or not contributions.get(n):
+            continue
+        adjoint[n] = _accumulate(graph, n, contributions[n])
+        node = graph.node(n)
+        for src, grad in _vjp(graph, n, node, adjoint[n]):
+            if src in needed:
+                contributions[src].append(grad)
+    return {n: adjoint.get(n) for n in wrt}
+
+
+def _accumulate(graph: Graph, n: str, parts: list[str]) -> str:
+    shape = graph.shape(n)
+    total = parts[0] if len(parts) == 1 else ew(graph, lambda *xs: sp.Add(*xs), *parts)
+    if graph.shape(total) != shape:
+        total = graph.add("broadcast", shape, (total,))
+    return total
+
+
+def _reduce_to(graph: Graph, grad: str, shape: tuple) -> str:
+    for axis, (have, want) in enumerate(zip(graph.shape(grad), shape, strict=True)):
+        if want == 1 and have != 1:
+            grad = graph.sum(grad, axis)
+    return grad
+
+
+def _vjp(graph: Graph, n: str, node: dict, dy: str):
+    op, inputs = node["op"], node["inputs"]
+    if op == "dot":
+        a, b = inputs
+        ta, tb = node["ta"], node["tb"]
+        da = graph.dot(b, dy, ta=tb, tb=True) if ta else graph.dot(dy, b, tb=not tb)
+        db = graph.dot(dy, a, ta=True, tb=ta) if tb else graph.dot(a, dy, ta=not ta)
+        yield a, da
+        yield b, db
+    elif op == "ew":
+        expr, symbols = node["expr"], node["symbols"]
+        dsym = sp.Symbol(f"d_{n}", real=True)  # fresh: the expression may be an adjoint itself
+        for sym, src in zip(symbols, inputs, strict=True):
+            partial = _ae(sp.diff(expr, sym))
+            if partial == 0:
+                continue
+            args = {s: i for s, i in zip(symbols, inputs, strict=True)} | {dsym: dy}
+            grad = graph.ew(_chain(graph, dsym, partial, args), args)
+            yield src, _reduce_to(graph, grad, graph.shape(src))
+    elif op == "sum":
+        yield inputs[0], graph.add("broadcast", graph.shape(inputs[0]), (dy,))
+    elif op == "cumsum":
+        yield inputs[0], graph.add("revcumsum", graph.shape(dy), (dy,))
+    elif op == "trans":
+        yield inputs[0], graph.trans(dy)
+    elif op == "broadcast":
+        yield inputs[0], _reduce_to(graph, dy, graph.shape(inputs[0]))
+    elif op == "tri_inv":  # X = (I + A)^-1: dA = -X^T dX X^T
+        left = graph.dot(n, dy, ta=True)
+        yield inputs[0], ew(graph, lambda m: -m, graph.dot(left, n, tb=True))
+    elif op in ("gdot", "gmix"):
+        yield from _decayed_vjp(graph, n, node, dy)
+
+
+def _chain(graph: Graph, dy: sp.Symbol, partial: sp.Expr, args: dict) -> sp.Expr:
+    """dy * partial; a partial that is a where on a per-step flag ([1, 1], e.g. whether a state
+    is spoiled) between constants selects dy instead, so that a NaN dy (a spoiled state's
+    gradient) does not pass as 0 * NaN. (A where on bits of another shape may feed a tl.dot,
+    whose operand layouts Triton cannot give to bits; such cotangents are finite.)"""
+    chain = dy * partial
+    if isinstance(partial, sp.Piecewise) and all(v.is_number for v, _ in partial.args):
+        flags = set().union(*(c.free_symbols for _, c in partial.args))
+        if all(graph.shape(args[f]) == (1, 1) for f in flags):
+            return sp.piecewise_fold(chain)
+    return chain
+
+
+def _decayed_vjp(graph: Graph, n: str, node: dict, dy: str):
+    """Reverse mode of gdot and gmix (E_tid = exp(ga_td - gb_id) on the causal pairs): each
+    adjoint of a or b (m or x) is the other op with dy in its place; with y the node's output,
+    dga = a * da and dgb = -b * db for gdot; dga = dy * y, dgb = -x * dx for gmix (dga = x * dx,
+    dgb = -dy * y for its transpose)."""
+    ga, gb, offset, flat = *node["inputs"][2:], node["offset"], node["flat"]
+    # The nearest pairs of a flat node have the exponent 0: their terms in dga and dgb cancel,
+    # so the gates' gradients sum the farther pairs only (the cancellation would leave rounding,
+    # which swamps the gradient of a large decay).
+    far = dict(offset=offset + 1) if flat else None
+    same = dict(offset=offset, flat=flat)
+    if node["op"] == "gdot":
+        a, b = node["inputs"][:2]
+        da = graph.gmix(dy, b, ga, gb, **same)
+        db = graph.gmix(dy, a, ga, gb, ta=True, **same)
+        da_g = da if far is None else graph.gmix(dy, b, ga, gb, **far)
+        db_g = db if far is None else graph.gmix(dy, a, ga, gb, ta=True, **far)
+        grads = [(a, da), (b, db), (ga, ew(graph, lambda x, y: x * y, a, da_g)),
+                 (gb, ew(graph, lambda x, y: -x * y, b, db_g))]
+    else:
+        m, x = node["inputs"][:2]
+        ta = node["ta"]
+        if ta:  # y_i = sum_t m_ti x_t E_ti
+            dm, dx = graph.gdot(x, dy, ga, gb, **same), graph.gmix(m, dy, ga, gb, **same)
+        else:  # y_t = sum_i m_ti x_i E_ti
+            dm, dx = graph.gdot(dy, x, ga, gb, **same), graph.gmix(m, dy, ga, gb, ta=True, **same)
+        y = n if far is None else graph.gmix(m, x, ga, gb, ta=ta, **far)
+        dx_g = dx if far is None else graph.gmix(m, dy, ga, gb, ta=not ta, **far)
+        if ta:
+            dga, dgb = ew(graph, lambda u, w: u * w, x, dx_g), ew(graph, lambda u, w: -u * w, dy, y)
+        else:
+            dga, dgb = ew(graph, lambda u, w: u * w, dy, y), ew(graph, lambda u, w: -u * w, x, dx_g)
+        grads = [(m, dm), (x, dx), (ga, dga), (gb, dgb)]
+    for src, grad in grads:
+        yield src, _reduce_to(graph, grad, graph.shape(src))
+
+# ---- evaluation in torch -------------------------------------------------------------------------
+
+
+def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
+    """Run the graph (or the `nodes` of a `plan`, in order) on torch tiles [..., rows, cols] with
+    any leading batch dims: the oracle for the emitted code and the reverse mode, and the CPU
+    path (`mirasc.torch_chunk`). `values` holds the input and const nodes needed; `sizes` the
+    kernel constants (e.g. {"T": 64, "DV": 5})."""
+    import torch
+
+    from mirasc.expr import to_torch
+
+    env = dict(values)
+    constants = {sp.Symbol(n, positive=True): v for n, v in sizes.items()}
+    like = next(iter(values.values()))
+    for n in graph.order() if nodes is None else nodes:
+        if n in env:
+            continue
+        node = graph.node(n)
+        x = [env[i] for i in node["inputs"]]
+        op = node["op"]
+        if op == "dot":
+            a = x[0].transpose(-1, -2) if node["ta"] else x[0]
+            b = x[1].transpose(-1, -2) if node["tb"] else x[1]
+            out = a @ b
+        elif op == "ew":
+            scope = dict(zip(node["symbols"], x, strict=True)) | constants
+            out = to_torch(node["expr"], scope)
+            if not isinstance(out, torch.Tensor):
+                out = like.new_full((1, 1), float(out))
+        elif op == "sum":
+            out = x[0].sum(node["axis"] - 2, keepdim=True)
+        elif op == "nonfinite":
+            out = (~torch.isfinite(x[0])).sum((-2, -1), keepdim=True).to(x[0].dtype)
+        elif op == "max":  # a stabiliser: no gradient flows through it
+            out = x[0].amax(node["axis"] - 2, keepdim=True).detach()
+        elif op == "cumsum":
+            out = x[0].cumsum(-2)
+        elif op == "revcumsum":
+            out = x[0].flip(-2).cumsum(-2).flip(-2)
+        elif op == "trans":
+            out = x[0].transpose(-1, -2)
+        elif op == "gdot":
+            out = torch.einsum("...td,...id,...tid->...ti", x[0], x[1], _pair_decays(*x[2:], node))
+        elif op == "gmix":
+            pattern = "...ti,...id,...tid->...td" if not node["ta"] else "...ti,...td,...tid->...id"
+            out = torch.einsum(pattern, x[0], x[1], _pair_decays(*x[2:], node))
+        elif op == "tri_inv":  # (I + A)^-1, A strictly lower triangular
+            eye = torch.eye(x[0].shape[-1], dtype=x[0].dtype, device=x[0].device)
+            out = torch.linalg.solve_triangular(eye + x[0], eye.expand_as(x[0]), upper=False,
+                                                unitriangular=True)
+        else:  # broadcast
+            dims = [1 if d == 1 else sizes[d] for d in node["shape"]]
+            out = x[0].expand(*x[0].shape[:-2], *dims)
+        env[n] = out
+    return env
+
+
+def _pair_decays(ga, gb, node):
+    """E [..., t, i, d] = exp(ga_td - gb_id) for t - i >= offset, else 0; the exponent is
+    selected before exp, so the masked pairs never overflow."""
+    import torch
+
+    ga, gb = torch.broadcast_tensors(ga, gb)
+    rows = torch.arange(ga.shape[-2], device=ga.device)
+    pairs = rows[:, None] - rows[None, :] >= node["offset"]
+    diff = ga.unsqueeze(-2) - gb.unsqueeze(-3)
+    return torch.where(pairs[:, :, None], diff, diff.new_tensor(float("-inf"))).exp()

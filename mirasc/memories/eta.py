@@ -1,0 +1,42 @@
+"""The learner's step size eta: whether it is the reading token's (learner.eta_at 'query'), its
+value at the chunk end, and its factor in the updates."""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from mirasc.derive import DELTA, Derivation
+from mirasc.graph import Graph, ew
+from mirasc.memories.step import lastrow_mask
+
+
+def by_query(d: Derivation) -> bool:
+    """Whether the step is indexed by the reading token (learner.eta_at 'query' with a
+    data-dependent eta); a constant step is the same either way."""
+    learner = d.spec.learner
+    return learner.kind == "gd" and learner.eta_at == "query" and learner.eta.is_input
+
+
+def last_row_eta(gr: Graph, d: Derivation) -> str | None:
+    """eta at the chunk's last real row [1, 1] when the step is the reading token's, else None."""
+    if not by_query(d):
+        return None
+    return gr.sum(ew(gr, lambda e, m: e * m, "eta", lastrow_mask(gr)), 0, name="eta_end")
+
+
+def gate_args(gr: Graph, d: Derivation, ctx: dict) -> tuple[dict, sp.Expr]:
+    """Symbols bound to the masks and gates, and the factor eta * rowmask * vmask."""
+    eta_sym, mask_sym = sp.Symbol("eta", real=True), sp.Symbol("rowmask", real=True)
+    vmask_sym = sp.Symbol("vmask", real=True)
+    args = {mask_sym: ctx["rowmask"], vmask_sym: ctx["vmask"]}
+    if "delta" in gr.g:
+        args[DELTA] = "delta"
+    eta_gate = d.spec.learner.eta
+    if eta_gate.shape == "channel" or by_query(d):  # folded into the keys, or into the reads
+        eta = sp.Integer(1)
+    elif eta_gate.is_input:
+        args[eta_sym] = "eta"
+        eta = eta_sym
+    else:
+        eta = sp.Float(eta_gate.value)
+    return args, eta * mask_sym * vmask_sym

@@ -1,0 +1,156 @@
+"""The chunk step of a matrix memory."""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from mirasc.derive import Derivation
+from mirasc.graph import Graph, ew
+from mirasc.memories.decay import chunk_decays, decayed_to_end, momentum_mixing, tail_decays
+from mirasc.memories.eta import last_row_eta
+from mirasc.memories.maps import finish, read_map
+from mirasc.memories.step import ChunkStep, chunk_inputs, last_row_reads, param_inputs
+from mirasc.memories.updates import exact_updates, minibatch_updates
+
+
+def matrix_chunk_step(d: Derivation) -> ChunkStep:
+    """One chunk of a matrix memory W [DV, DK]: with gamma = cumsum(log alpha), beta = exp(gamma)
+    and U the chunk's updates (eta_i g_i per row),
+        O = beta * Q W^T - (QK^T * exp(gamma_t - gamma_i) * causal) U,
+        W_new = exp(gamma_T) W - (U * exp(gamma_T - gamma))^T K.
+    U comes from mini-batch gradients at W (`minibatch_updates`) or, for a quadratic bias, from
+    the exact recurrence solved by the WY/UT transform (`exact_updates`). A momentum learner
+    (`_momentum_terms`) mixes the updates through the momentum's decay as well. A bias b [1, DV]
+    is a weight on a constant input 1: QK^T + 1 above, b_new = exp(gamma_T) b - sum of U * tail.
+    With eta_at 'query', U holds the raw g_i and row t of the mix (and the chunk end) is scaled
+    by eta_t (eta of the last row)."""
+    gr = Graph()
+    ctx = _inputs(gr, d)
+    ctx |= _decays(gr, d, ctx)
+    qk, attn, read = _reads(gr, ctx)
+    updates = exact_updates(gr, d, ctx) if d.exact and d.bias.kind == "affine" \
+        else minibatch_updates(gr, d, ctx)
+    keep = decayed_to_end(gr, ctx["gam_end"], ctx["state"], "keep")
+    if d.spec.learner.kind == "momentum":
+        z_o, acc, extra = _momentum_terms(gr, d, ctx, updates, ctx["decay_mat"], qk, read, keep)
+    else:
+        z_o, acc, extra = _gradient_terms(gr, d, ctx, updates, attn, qk, read, keep)
+    o = finish(gr, d, z_o, ctx["q"], ctx["vmask"], name="o_chunk", read=True)
+    return _chunk_end(gr, d, ctx, o, acc, extra)
+
+
+def _inputs(gr: Graph, d: Derivation) -> dict:
+    """The loaded tiles (q, k, v, the gates, the masks), the state W [DV, DK] and a bias b [1, DV]
+    as read (through the retention's map when dual), and the keys of the updates (`k_upd`)."""
+    gates = d.op_gates()
+    dk = "DV" if d.spec.memory.residual else "DK"  # a residual memory needs DK == DV
+    data_gates, rowmask = chunk_inputs(gr, d, dk)
+    state = gr.input("W", ("DV", dk))  # the retention's state: Z (dual) or W (proximal)
+    w = read_map(gr, d, state) if d.retention.dual else state
+    b_state = gr.input("b", (1, "DV")) if d.spec.memory.bias else None
+    b = read_map(gr, d, b_state) if b_state is not None and d.retention.dual else b_state
+    channel_decay = gates.get("log_alpha") is not None and gates["log_alpha"].shape == "channel"
+    # A channel-wise step scales the key channels of each update: u_i (k_i * eta_i)^T.
+    k_upd = ew(gr, lambda a, b: a * b, "k", "eta", name="k_eta") \
+        if gates["eta"].shape == "channel" and gates["eta"].is_input else "k"
+    return dict(q="q", k="k", k_upd=k_upd, v="v", w=w, b=b, rowmask=rowmask, vmask="vmask",
+                dk=dk, gates=tuple(data_gates), channel=channel_decay, state=state,
+                b_state=b_state)
+
+
+def _decays(gr: Graph, d: Derivation, ctx: dict) -> dict:
+    """The chunk's decays (`chunk_decays`), a per-channel decay without its matrix."""
+    la, gam, gam_end, beta, decay_mat = chunk_decays(gr, d, ctx["rowmask"],
+                                                     matrix=not ctx["channel"])
+    gam_row = "gam_row" if decay_mat not in (None, "causal") else None
+    return dict(la=la, gam=gam, gam_end=gam_end, beta=beta, decay_mat=decay_mat, gam_row=gam_row)
+
+
+def _reads(gr: Graph, ctx: dict) -> tuple[str | None, str | None, str]:
+    """The rows' reads of the chunk-start state, beta * Q W^T (+ b), and the query-key products:
+    (qk, None, read), or (None, attn, read) with a per-channel decay inside attn (a gdot):
+    attn_ti = sum_d q_td k_id exp(gamma_td - gamma_id)."""
+    q, k_upd, w, b, beta = ctx["q"], ctx["k_upd"], ctx["w"], ctx["b"], ctx["beta"]
+    if ctx["channel"]:
+        q_dec = ew(gr, lambda a, b: a * b, q, beta, name="q_dec")
+        attn = gr.gdot(q, k_upd, ctx["gam"], ctx["gam"], name="attn")
+        return None, attn, gr.dot(q_dec, w, tb=True, name="read")
+    qk = gr.dot(q, k_upd, tb=True, name="qk")
+    qw = gr.dot(q, w, tb=True, name="qw")
+    if b is not None:
+        qk = ew(gr, lambda a: a + 1, qk, name="qk1")
+        qw = ew(gr, lambda a, c: a + c, qw, b, name="qwb")
+    read = qw if beta is None else ew(gr, lambda b_, a: b_ * a, beta, qw, name="read")
+    return qk, None, read
+
+
+def _gradient_terms(gr: Graph, d: Derivation, ctx: dict, updates: str, attn: str | None,
+                    qk: str | None, read: str, keep: str) -> tuple[str, str, dict]:
+    """The plain gradient step over a chunk: z_O = read - (QK^T * decay) U and
+    W_new = keep - (U * tail)^T K (b_new = keep_b - sum of U * tail), with the rows of the mix
+    and the chunk end scaled by eta_t when the step is the reading token's."""
+    channel, rowmask, k_upd, b = ctx["channel"], ctx["rowmask"], ctx["k_upd"], ctx["b"]
+    eta_end = last_row_eta(gr, d)
+    if not channel:
+        attn = ew(gr, lambda a, b_: a * b_, qk, ctx["decay_mat"], name="attn")
+    mixed = gr.dot(attn, updates, name="mixed")
+    if eta_end is not None:
+        mixed = ew(gr, lambda a, e: a * e, mixed, "eta", name="mixed_eta")
+    z_o = ew(gr, lambda a, m: a - m, read, mixed, name="z_o")
+    if ctx["gam_end"] is not None:  # each update decays from its row to the chunk end
+        tail = tail_decays(gr, ctx["la"], rowmask)
+        if channel:
+            k_upd = ew(gr, lambda a, b_: a * b_, k_upd, tail, name="k_tail")
+        else:
+            updates = ew(gr, lambda a, b_: a * b_, updates, tail, name="u_tail")
+    update = gr.dot(updates, k_upd, ta=True, name="update")
+    b_update = gr.sum(updates, 0, name="b_update") if b is not None else None
+    if eta_end is not None:
+        update = ew(gr, lambda a, e: a * e, update, eta_end, name="update_eta")
+        if b_update is not None:
+            b_update = ew(gr, lambda a, e: a * e, b_update, eta_end, name="b_update_eta")
+    acc, extra = ew(gr, lambda a, u: a - u, keep, update, name="acc"), {}
+    if b is not None:
+        keep_b = decayed_to_end(gr, ctx["gam_end"], ctx["b_state"], "keep_b")
+        extra["b"] = ew(gr, lambda a, u: a - u, keep_b, b_update, name="b_acc")
+    return z_o, acc, extra
+
+
+def _chunk_end(gr: Graph, d: Derivation, ctx: dict, o: str, acc: str, extra: dict) -> ChunkStep:
+    """The step's outputs: o and the new states. A nonlinear retention maps the state at the
+    chunk end only; the chunk's last row reads it."""
+    gates, q, vmask = ctx["gates"], ctx["q"], ctx["vmask"]
+    states = ("W", *extra)
+    params = param_inputs(gr)
+    if d.retention.linear:
+        return ChunkStep(gr, gates, states, {"o": o, "W": acc, **extra}, params)
+    w_end = read_map(gr, d, acc)
+    z_end = gr.dot(q, w_end, tb=True)
+    if ctx["b"] is not None:
+        b_end = read_map(gr, d, extra["b"])
+        z_end = ew(gr, lambda a, c: a + c, z_end, b_end)
+        extra["b"] = extra["b"] if d.retention.dual else b_end
+    o_end = finish(gr, d, z_end, q, vmask, name="o_end", read=True)
+    o = last_row_reads(gr, o, o_end, name="o")
+    new_state = acc if d.retention.dual else w_end
+    return ChunkStep(gr, gates, states, {"o": o, "W": new_state, **extra}, params)
+
+
+def _momentum_terms(gr: Graph, d: Derivation, ctx: dict, updates: str, decay_mat: str, qk: str,
+                    read: str, keep: str) -> tuple[str, str, dict]:
+    """S_t = m_t S_{t-1} + u_t, W_t = alpha_t W_{t-1} - S_t over a chunk, with mu = cumsum(log m):
+    C = decay @ exp(mu_t - mu_i) (causal), s = decay @ exp(mu),
+        z_O = read - s * Q S^T - (QK^T * C) U,
+        W_new = keep - s_T S - (U * C_T)^T K,   S_new = exp(mu_T) S + (U * exp(mu_T - mu))^T K."""
+    k, rowmask = ctx["k"], ctx["rowmask"]
+    s_in = gr.input("S", ("DV", ctx["dk"]))
+    mix, s_vec, mix_end, s_end, m_tail, mu_end = momentum_mixing(gr, d, decay_mat, rowmask)
+    attn = ew(gr, lambda a, b: a * b, qk, mix, name="attn")
+    mixed = gr.dot(attn, updates, name="mixed")
+    qs = gr.dot(ctx["q"], s_in, tb=True, name="qs")
+    z_o = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, qs, mixed, name="z_o")
+    w_update = gr.dot(ew(gr, lambda a, b: a * b, updates, mix_end), k, ta=True, name="w_update")
+    acc = ew(gr, lambda a, s, x, u: a - s * x - u, keep, s_end, s_in, w_update, name="acc")
+    s_update = gr.dot(ew(gr, lambda a, b: a * b, updates, m_tail), k, ta=True, name="s_update")
+    s_new = ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, s_update, name="S_new")
+    return z_o, acc, {"S": s_new}

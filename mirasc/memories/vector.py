@@ -1,0 +1,93 @@
+"""The chunk step of a vector (diagonal) memory."""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from mirasc.derive import Derivation
+from mirasc.graph import Graph, backward, ew
+from mirasc.memories.decay import chunk_decays, decayed_to_end, momentum_mixing, tail_decays
+from mirasc.memories.eta import last_row_eta
+from mirasc.memories.maps import finish, read_map
+from mirasc.memories.step import ChunkStep, chunk_inputs, last_row_reads, param_inputs
+from mirasc.memories.updates import bias_gradient
+
+
+def vector_chunk_step(d: Derivation) -> ChunkStep:
+    """One chunk of a vector (diagonal) memory M(x) = [x +] [LN](w * x), w [1, D], D = DK = DV.
+    Token gradients are elementwise, u_i = eta_i delta_i * k_i, so the chunk reads
+        w_t = beta_t w - sum_(i<=t) (beta_t / beta_i) u_i    (a decay-weighted prefix sum)
+    and o_t = [q_t +] [LN](q_t * w_t); per-channel decays weigh each pair by exp(gamma_t - gamma_i).
+    With eta_at 'query' the sum holds the raw delta_i * k_i and row t scales it by eta_t."""
+    gates = d.op_gates()
+    gr = Graph()
+    data_gates, rowmask = chunk_inputs(gr, d, "DV")
+    q, vmask = "q", "vmask"
+    state = gr.input("W", (1, "DV"))
+    w = read_map(gr, d, state) if d.retention.dual else state
+    channel = gates.get("log_alpha") is not None and gates["log_alpha"].shape == "channel"
+    la, gam, gam_end, beta, decay_mat = chunk_decays(gr, d, rowmask, matrix=not channel)
+
+    u, eta_end, row_eta = _token_updates(gr, d, w, beta, rowmask)
+
+    def decayed_sum(x):
+        """sum_(i<=t) (beta_t / beta_i) x_i for every row t."""
+        if channel:
+            return gr.gmix("causal", x, gam, gam)
+        return gr.dot(decay_mat, x)
+
+    keep = decayed_to_end(gr, gam_end, state)
+    read = w if beta is None else ew(gr, lambda b, a: b * a, beta, w, name="read")
+    outputs = {}
+    if d.spec.learner.kind == "momentum":
+        s_in = gr.input("S", (1, "DV"))
+        mix, s_vec, mix_end, s_end, m_tail, mu_end = momentum_mixing(gr, d, decay_mat, rowmask)
+        w_rows = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, s_in, gr.dot(mix, u))
+        acc = ew(gr, lambda a, s, x, c: a - s * x - c, keep, s_end, s_in,
+                 gr.sum(ew(gr, lambda a, b: a * b, u, mix_end), 0))
+        outputs["S"] = ew(gr, lambda e, x, c: sp.exp(e) * x + c, mu_end, s_in,
+                          gr.sum(ew(gr, lambda a, b: a * b, u, m_tail), 0), name="S_new")
+    else:
+        mixed = decayed_sum(u)
+        tail = rowmask if gam_end is None else tail_decays(gr, la, rowmask)
+        update = gr.sum(ew(gr, lambda a, b: a * b, u, tail), 0)
+        if eta_end is not None:
+            mixed = ew(gr, lambda a, e: a * e, mixed, row_eta)
+            update = ew(gr, lambda a, e: a * e, update, eta_end)
+        w_rows = ew(gr, lambda a, m: a - m, read, mixed, name="w_rows")
+        acc = ew(gr, lambda a, c: a - c, keep, update)
+    acc = ew(gr, lambda a: a, acc, name="acc")
+    o = finish(gr, d, ew(gr, lambda a, b: a * b, q, w_rows), q, vmask, name="o_chunk", read=True)
+    new_state = acc
+    if not d.retention.linear:  # the map at the chunk end; the last row reads the mapped vector
+        w_end = read_map(gr, d, acc)
+        o_end = finish(gr, d, ew(gr, lambda a, b: a * b, q, w_end), q, vmask, name="o_end",
+                        read=True)
+        o = last_row_reads(gr, o, o_end)
+        new_state = acc if d.retention.dual else w_end
+    names = ("W", *outputs)
+    return ChunkStep(gr, tuple(data_gates), names,
+                     {"o": ew(gr, lambda a: a, o, name="o"), "W": new_state, **outputs},
+                     param_inputs(gr))
+
+
+def _token_updates(gr: Graph, d: Derivation, w: str, beta: str | None,
+                   rowmask: str) -> tuple[str, str | None, str | None]:
+    """The elementwise token updates u_i = eta_i delta_i * k_i at the chunk-start vector (decayed
+    to row i when grad_at is 'retained'), with eta at the chunk end and eta per row when the step
+    is the reading token's (then u holds the raw delta_i * k_i): (u, eta_end, row_eta)."""
+    k, v, vmask = "k", "v", "vmask"
+    pred_w = w if d.spec.learner.grad_at == "previous" or beta is None \
+        else ew(gr, lambda a, b: a * b, w, beta, name="w_point")
+    kz = ew(gr, lambda a, b: a * b, k, pred_w, name="kz")
+    pred = finish(gr, d, kz, k, vmask, name="pred_m")
+    g = bias_gradient(gr, d, pred, v, vmask)
+    delta = g if pred == kz else backward(gr, {pred: g}, (kz,))[kz]
+    eta_gate = d.spec.learner.eta
+    eta = "eta" if eta_gate.is_input else ew(gr, lambda m: m * sp.Float(eta_gate.value), rowmask)
+    eta_end = last_row_eta(gr, d)
+    row_eta = None
+    if eta_end is not None:  # the step scales the reads below, not the updates
+        eta, row_eta = rowmask, eta
+    u = ew(gr, lambda a, b, e, m, c: a * b * e * m * c, delta, k, eta, rowmask, vmask, name="u")
+    return u, eta_end, row_eta
