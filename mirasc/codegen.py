@@ -17,8 +17,10 @@ from mirasc import tuning
 from mirasc.derive import DELTA, RNORM, RNORM_EPS, R, V, derive
 from mirasc.expr import torch_source
 from mirasc.graph import plan
-from mirasc.memories import chunk_step, step_adjoint
-from mirasc.schedule.streams import separable, stream
+from mirasc.memories import chunk_step
+from mirasc.schedule import Schedule, schedule
+from mirasc.schedule.kernels import KernelPlan
+from mirasc.schedule.stages import tile_dtype
 from mirasc.spec import Spec
 
 _NAMES = {R: "r", V: "v", RNORM: "rnorm", DELTA: "delta"}
@@ -252,69 +254,6 @@ def _emit(graph, nodes, indent=_INDENT, staged=(), stored=()) -> list[str]:
 
 _STAGE_DIMS = {"T": ("BT", "offs_t"), "DK": ("BDK", "offs_k"), "DV": ("BDV", "offs_v"),
                1: ("1", "")}
-STAGED_CONSTS = ("tainted", "qbad")  # consts that read every input: a stage computes them once
-
-
-def _stageable(graph, n) -> bool:
-    """Whether a state-free node can be a stage kernel's output: a tile of the chunk's rows (or
-    one row, or one column of key or value entries), not a loaded input and not a state-shaped
-    tile, which the pass computes itself rather than move one per chunk through memory."""
-    node = graph.node(n)
-    rows, cols = node["shape"]
-    computed = node["op"] not in ("input", "const", "broadcast", "trans") or \
-        node.get("kind") in STAGED_CONSTS
-    return computed and (rows in ("T", 1) or cols == 1) and "DH" not in (rows, cols)
-
-
-def _frontier(graph, targets, live) -> tuple[str, ...]:
-    """The state-free tiles that the nodes of `targets` depending on `live` (the states, their
-    cotangents) read: what a stage kernel computes for every chunk at once, so that the
-    sequential pass only loads them. A state-free node that cannot be staged runs in the pass,
-    and its own state-free inputs join the frontier."""
-    nodes = plan(graph, targets)
-    dep = set(live)
-    for n in nodes:
-        if any(i in dep for i in graph.node(n)["inputs"]):
-            dep.add(n)
-    staged, todo = set(), [i for n in nodes if n in dep for i in graph.node(n)["inputs"]]
-    while todo:
-        n = todo.pop()
-        if n in dep or n in staged:
-            continue
-        if _stageable(graph, n):
-            staged.add(n)
-        else:
-            dep.add(n)
-            todo.extend(graph.node(n)["inputs"])
-    return tuple(n for n in graph.order() if n in staged)
-
-
-def _keepable(graph, n) -> bool:
-    """Whether a node the pass computes is a tile it stores for its output kernel: a product
-    (what is costly to recompute) of the chunk's rows by value columns (a block of columns is
-    its program's own)."""
-    return graph.node(n)["op"] == "dot" and graph.shape(n) == ("T", "DV")
-
-
-def _kept(graph, pass_targets, out_targets, stop) -> tuple[str, ...]:
-    """The [T, DV] products of the forward pass that the output kernels read: the pass stores
-    them rather than have the output kernels recompute what led to them (as fla's state kernel
-    stores the delta rule's corrected values). Keeping the backward pass's too was measured
-    worse (gated_deltanet, sm_90, D=128): its step grew and spilled."""
-    able = {n for n in plan(graph, pass_targets, stop) if n not in stop and _keepable(graph, n)}
-    return tuple(n for n in plan(graph, out_targets, (*stop, *able)) if n in able)
-
-
-def _stops(graph, targets: dict, staged: dict) -> tuple[dict, tuple]:
-    """Per kernel, the tiles it loads rather than computes: the forward's stage tiles, then
-    those of the forward pass (the forward saves both for the backward), then the backward
-    stage's. Also the tiles the forward pass stores (`_kept`)."""
-    kept = _kept(graph, targets["fwd"], targets["fwd_out"], staged["fwd"])
-    stops = {"fwd": staged["fwd"], "fwd_out": staged["fwd"] + kept}
-    stops["bwd"] = stops["bwd_out"] = tuple(dict.fromkeys(stops["fwd_out"] + staged["bwd"]))
-    return stops, kept
-
-
 def _stage_at(graph, n) -> str:
     """The address of node n's tile in its stage buffer [chunks * SEGMENTS, H, rows * cols] (the
     tile padded to its blocks) at this step (`srow`)."""
@@ -324,62 +263,9 @@ def _stage_at(graph, n) -> str:
     return f"{n}_ptr + srow * ({rows} * {cols}) + {index[bool(r), bool(c)]}"
 
 
-def _stage_sizes(graph, staged, operands) -> list[tuple[str, str, str, bool]]:
-    """(node, rows, cols, operand) of each stage buffer, the dims as the launcher's block sizes;
-    `operand`: every kernel reads the tile only as a matmul operand, so the buffer holds it in
-    the operands' dtype (loaded straight into a tensor-core operand: Triton puts a loaded one
-    in shared memory, a converted one in registers)."""
-    return [(n, *(_STAGE_DIMS[x][0] for x in graph.shape(n)), n in operands) for n in staged]
-
-
-def _operand_reads(graph, stop, need, operands: dict[str, bool]) -> None:
-    """Record in `operands` whether a kernel computing `need` reads each tile of `stop` only as
-    a matmul operand (a tile it does not read leaves its record as it is)."""
-    for n in stop:
-        if any(c in need for c in graph.g.successors(n)):
-            operands[n] = operands.get(n, True) and _tile_dtype(graph, n, need) == "DOT"
-
-
-COSTLY = ("dot", "gdot", "gmix", "tri_inv")  # ops a kernel does not recompute from another's inputs
-
-
-def _stage_parts(graph, targets, saved) -> list[tuple[str, ...]]:
-    """A stage that passes over hidden blocks as one kernel per pass, in order: the tiles each
-    stores, its share of `targets` and those a later kernel reads from it (handed over through
-    memory rather than held in registers across the passes after it). A kernel makes its pass
-    and computes what that pass completes, up to the next pass; a tile computed without a
-    product or a hidden unit is recomputed where it is read instead. One part when the stage
-    makes one pass or less, or a tile to hand over cannot be stored (not a tile of rows or a
-    column). Memora, sm_90, bf16, D=64, 8 warps: its single stage kernel spilled 2352 B per
-    thread, its four 0, 0, 552 and 384 B (with what follows a pass in the next kernel instead,
-    the last two spilled 360 and 2064 B against 800 and 752, segments unrolled)."""
-    passes = stream(graph, targets, stop=saved)
-    last = len(passes.loops) - 1
-    if last < 1:
-        return [tuple(targets)]
-    part = {n: min(max(j - 1, 0), last) for j, whole in enumerate(passes.whole) for n in whole}
-    part |= {n: j for j, loop in enumerate(passes.loops) for n in loop.reduce}
-    readers = {j: set(loop.nodes) for j, loop in enumerate(passes.loops)}
-    for n, j in part.items():
-        readers[j].add(n)
-
-    def cheap(n):
-        return all(graph.node(m)["op"] not in COSTLY and "DH" not in graph.shape(m)
-                   for m in plan(graph, [n], saved) if m not in saved)
-
-    handed = []
-    for n in plan(graph, targets, saved):
-        if n in saved or n not in part or graph.node(n)["op"] in ("input", "const"):
-            continue
-        later = any(c in readers[j] for j in range(part[n] + 1, last + 1)
-                    for c in graph.g.successors(n) if c not in saved)
-        if later and n not in targets and not cheap(n):
-            if not _stageable(graph, n):
-                return [tuple(targets)]
-            handed.append(n)
-    stored = [*targets, *handed]
-    return [tuple(n for n in graph.order() if n in stored and part[n] == j)
-            for j in range(last + 1)]
+def _buffer_table(buffers) -> list[tuple[str, str, str, bool]]:
+    """(node, rows, cols, operand) of each buffer, the dims as the launcher's block sizes."""
+    return [(b.node, *(_STAGE_DIMS[x][0] for x in b.dims), b.operand) for b in buffers]
 
 
 _BLOCK_HEADERS = {  # a pass over the blocks of a dim: the loop that redefines its offsets and masks
@@ -435,7 +321,7 @@ def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
     taint = "tainted" in need
 
     def dtype(x):
-        return _tile_dtype(step.graph, x, need)
+        return tile_dtype(step.graph, x, need)
 
     lines = [
         "srow = ((first_chunk + i_t) * SEGMENTS + seg) * H + i_h  # the step's row of the buffers",
@@ -488,13 +374,6 @@ def _loads(step, d, need, indent=_INDENT, clean=True) -> str:
     return "\n".join(indent + line for line in lines)
 
 
-def _tile_dtype(graph, x: str, need) -> str:
-    """The dtype an input tile loads in: that of the matmul operands (DOT) where the kernel
-    (its nodes `need`) uses it only as one, exact and half the registers at bf16; else ACC."""
-    uses = [n for n in graph.g.successors(x) if n in need]
-    return "DOT" if uses and all(graph.node(n)["op"] == "dot" for n in uses) else "ACC"
-
-
 def _finite(x: str) -> str:
     """Whether each entry of tile x is finite (log_alpha may also be -inf: a decay to 0)."""
     return f"{x} < float(\"inf\")" if x == "log_alpha" else f"tl.abs({x}) < float(\"inf\")"
@@ -527,75 +406,6 @@ def _state_tiles(step) -> list[dict]:
     return tiles
 
 
-def _streams(step, targets: dict, staged: dict, adjoint: dict) -> dict | None:
-    """Each kernel's step as passes over blocks of hidden units (`stream`), stopping at the
-    kernel's `staged` tiles, when a state has hidden units and every kernel's step runs so;
-    else None."""
-    graph = step.graph
-    if not any("DH" in graph.shape(s) for s in step.states) or \
-            any(adjoint[s] is None for s in step.states):
-        return None
-    streams = {k: stream(graph, t, stop=staged[k]) for k, t in targets.items()}
-    return None if None in streams.values() else streams
-
-
-def _key_blocks(step, tiles, stop, adjoint, summed, grads) -> tuple | None:
-    """A backward output kernel (writing the gradients of the inputs `grads`) as passes over
-    blocks of key columns (`stream` on DK), so that it holds a block of q, k, the states and
-    their gradients at a time rather than all DK columns (fla's gradient kernels block the keys
-    so): the stream, and the loads and stores of the blocked inputs, states and gradients. None
-    where the step does not pass so (a tile with DK twice) or a key-column input of `grads` has
-    no gradient to write per block."""
-    graph = step.graph
-    keyed = [x for x in ("q", "k", *step.gates) if "DK" in graph.shape(x)]
-    if not keyed or any(adjoint[x] is None for x in keyed if x in grads):
-        return None
-    targets = [adjoint[x] for x in grads if adjoint[x] is not None]
-    passes = stream(graph, targets, dim="DK", stop=stop)
-    if passes is None or not passes.loops:
-        return None
-    loads, need = {}, set(plan(graph, targets, stop))
-    for x in keyed:
-        loads[x] = (f"{x} = load_rows({x}_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, "
-                    f"{_tile_dtype(graph, x, need)})\n{x} = tl.where({_finite(x)}, {x}, 0.0)")
-    state_loads, _ = _stream_io(step, tiles, "bwd_out", adjoint)
-    loads |= {n: line for n, line in state_loads.items() if "DK" in graph.shape(n)}
-    stores, keyed = {}, [x for x in keyed if x in grads]
-    for x in keyed:
-        store = "store_sum" if x in summed else "tl.store"
-        stores.setdefault(adjoint[x], []).append(
-            f"{store}(d{x}_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], "
-            f"{adjoint[x]}, valid[:, None] & mask_k[None, :]{', i_v' if x in summed else ''})")
-    return passes, loads, stores, keyed
-
-
-def _gradient_groups(step, adjoint: dict, streamed: bool) -> dict[str, tuple[str, ...]]:
-    """The backward's output kernels, each with the inputs whose gradients it writes. A matrix
-    memory's split by the columns of the gradient: value columns ("bwd_dv": v, value-channel
-    gates, per-head parameters), key columns ("bwd_dqk": q, k, key-channel gates) and one per row
-    ("bwd_dg": per-head gates), so that each kernel holds only what its gradients read (sm_90,
-    D=128, bf16, 8 warps: gated DeltaNet's single kernel spilled 1152 B per thread, simple GLA's
-    664; their three spill none). An MLP memory passing over hidden blocks (`streamed`) splits
-    what never reads the gradient of the step-end state (the query's gradient, which reaches only
-    the outputs: "bwd_dq") from what does ("bwd_out"), each recomputing the memory over the
-    hidden units (Memora, D=64: one kernel spilled 2160 B, these two 760 and 1352 B, for 1.3x
-    the tensor-core instructions; by the columns as well, four kernels, 2.2x). An MLP memory held
-    whole keeps one ("bwd_out")."""
-    graph = step.graph
-    inputs = ("q", "k", "v", *step.gates, *step.params)
-    if any("DH" in graph.shape(s) for s in step.states):
-        carried = {f"d{s}_new" for s in step.states}
-        free = tuple(x for x in inputs if streamed and adjoint[x] is not None
-                     and not carried & set(plan(graph, [adjoint[x]])))
-        rest = tuple(x for x in inputs if x not in free)
-        return {k: xs for k, xs in (("bwd_dq", free), ("bwd_out", rest)) if xs}
-    kernel = {"DV": "bwd_dv", "DK": "bwd_dqk", 1: "bwd_dg"}
-    groups = {}
-    for x in inputs:
-        groups.setdefault(kernel[graph.shape(x)[1]], []).append(x)
-    return {k: tuple(groups[k]) for k in kernel.values() if k in groups}
-
-
 def _stream_io(step, tiles, kernel: str, targets: dict) -> tuple[dict, dict]:
     """The loads of the state blocks a streamed step reads and the stores of the blocks it writes.
     Every kernel reads the step's state at state_ptr; the forward pass writes the next step's
@@ -614,151 +424,105 @@ def _stream_io(step, tiles, kernel: str, targets: dict) -> tuple[dict, dict]:
     return loads, stores
 
 
+def _key_io(step, tiles, kernel: KernelPlan) -> dict:
+    """The loads of a kernel passing over key blocks, per block: the key columns of its inputs,
+    states and state gradients."""
+    graph = step.graph
+    need = set(plan(graph, kernel.targets, kernel.loads))
+    inputs = ("q", "k", *step.gates)
+    loads = {x: f"{x} = load_rows({x}_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, "
+                f"{tile_dtype(graph, x, need)})\n{x} = tl.where({_finite(x)}, {x}, 0.0)"
+             for x in kernel.block_loads if x in inputs}
+    state_loads, _ = _stream_io(step, tiles, "bwd_out", {})
+    return loads | {n: line for n, line in state_loads.items() if n in kernel.block_loads}
+
+
+def _key_stores(step, kernel: KernelPlan, adjoint, summed) -> dict:
+    """Per gradient tile, the stores that write it per key block (summed over value blocks in
+    place where the gradient is a sum over them)."""
+    stores = {}
+    for x in kernel.blocked:
+        store = "store_sum" if x in summed else "tl.store"
+        stores.setdefault(adjoint[x], []).append(
+            f"{store}(d{x}_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], "
+            f"{adjoint[x]}, valid[:, None] & mask_k[None, :]{', i_v' if x in summed else ''})")
+    return stores
+
+
+def _body(step, tiles, kernel: KernelPlan, sched: Schedule) -> list[str]:
+    """The statements of a kernel's chunk step: flat, or its passes over blocks of a dim."""
+    graph, adjoint = step.graph, sched.adjoint
+    indent = _INDENT if kernel.kind == "pass" else " " * 8
+    stop = kernel.loads
+    if kernel.kind == "stage":
+        if kernel.passes is not None:
+            io = _stream_io(step, tiles, "bwd_stage", {})
+            return _emit_stream(graph, kernel.passes, *io, indent, stop, stored=kernel.stores)
+        return _emit(graph, plan(graph, kernel.targets, stop), indent, stop,
+                     stored=kernel.stores)
+    if kernel.dim == "DK":
+        return _emit_stream(graph, kernel.passes, _key_io(step, tiles, kernel),
+                            _key_stores(step, kernel, adjoint, sched.summed), indent, stop, "DK")
+    if kernel.passes is None:
+        return _emit(graph, plan(graph, kernel.targets, stop), indent, stop, kernel.stores)
+    # a kept tile may be a sum over the hidden blocks: stored after the last
+    io = _stream_io(step, tiles, kernel.name,
+                    step.outputs if kernel.name == "fwd" else adjoint)
+    body = _emit_stream(graph, kernel.passes, *io, indent, stop)
+    return body + [f"{indent}tl.store({_stage_at(graph, n)}, {n})" for n in kernel.stores]
+
+
 def render_triton_module(spec: Spec) -> str:
-    """The module with Triton forward/backward kernels, custom ops and autograd for `spec`. The
-    chunk step splits by its dependence on the state (`_frontier`): per direction a stage kernel
-    computes the state-free tiles the sequential pass reads, the pass carries the state (or its
-    gradient) over the chunks, and an output kernel computes the rest per chunk from the stored
-    states."""
+    """The module with Triton forward/backward kernels for `spec`, printed from its kernel
+    schedule (`mirasc.schedule`): per kernel its input loads and its chunk step's statements,
+    and the tables the launcher (`mirasc.launch`) reads."""
     d = derive(spec)
     reason = triton_unsupported(d)
     if reason:
         raise CodegenError(f"{spec.name}: the Triton backend does not support {reason}")
-    step = chunk_step(d)
+    sched = schedule(chunk_step(d))
+    step = sched.step
     graph = step.graph
-    _, wrt, adjoint = step_adjoint(step)
-    states = list(step.states)
-    targets = {
-        "fwd": [step.outputs[s] for s in states],
-        "fwd_out": [step.outputs["o"]],
-        "bwd": [adjoint[s] for s in states if adjoint[s] is not None],
-        "bwd_out": [adjoint[x] for x in wrt if x not in states and adjoint[x] is not None],
-    }
-    dstates = [f"d{s}_new" for s in states]
-    staged = {"fwd": _frontier(graph, targets["fwd"], states),
-              "bwd": _frontier(graph, targets["bwd"], states + dstates)}
-    first = _stops(graph, targets, staged)[0]
-    streamed = _streams(step, targets, first, adjoint) is not None
-    if streamed:
-        # The backward stage passes over the hidden blocks of the stored states too: what reads
-        # them but not their gradients leaves the backward pass and output kernel (a
-        # state-shaped tile among it stays there, recomputed per block).
-        wide = _frontier(graph, targets["bwd"] + targets["bwd_out"], dstates)
-        if stream(graph, wide, stop=first["fwd_out"]) is not None:
-            staged["bwd"] = wide
-    else:
-        # The stored states are at hand: the backward pass carries dW alone. Its output kernel
-        # passes over key blocks, so the backward stage computes the rows' taints (they read
-        # every key column).
-        staged["bwd"] = _frontier(graph, targets["bwd"], dstates)
-        bwd_nodes = plan(graph, targets["bwd_out"], _stops(graph, targets, staged)[0]["bwd_out"])
-        staged["bwd"] += tuple(c for c in STAGED_CONSTS if c in bwd_nodes)
-    stops, kept = _stops(graph, targets, staged)
-    staged["bwd"] = tuple(n for n in staged["bwd"] if n not in stops["fwd_out"])
-    groups = _gradient_groups(step, adjoint, streamed)
-    del targets["bwd_out"]
-    for kernel, grads in groups.items():
-        targets[kernel] = [adjoint[x] for x in grads if adjoint[x] is not None]
-        stops[kernel] = stops["bwd_out"]
-    streams = _streams(step, targets, stops, adjoint) if streamed else None
     tiles = _state_tiles(step)
     gates = d.op_gates()
-    split_v = separable(step)
-    summed = ["q", "k"] + [g for g in step.gates if not (g == "delta" and gates[g].shape == "channel")]
-    summed = summed if split_v else []
-    kernels, operands = {}, {}
-    for kernel, t in targets.items():
-        stop, stored = stops[kernel], kept if kernel == "fwd" else ()
-        indent = _INDENT if kernel in ("fwd", "bwd") else " " * 8
-        keys = _key_blocks(step, tiles, stop, adjoint, summed, groups[kernel]) \
-            if kernel in groups and streams is None else None
-        need = set(plan(graph, t, stop)) - set(stop)
-        _operand_reads(graph, stop, need, operands)
-        if keys is not None:
-            passes, key_loads, key_stores, inside = keys
-            body = _emit_stream(graph, passes, key_loads, key_stores, indent, stop, "DK")
-            need -= set(key_loads)
-        elif streams is None:
-            inside = ()
-            body = _emit(graph, plan(graph, t, stop), indent, stop, stored)
-        else:  # a kept tile may be a sum over the hidden blocks: stored after the last
-            inside = ()
-            io = _stream_io(step, tiles, kernel, step.outputs if kernel == "fwd" else adjoint)
-            body = _emit_stream(graph, streams[kernel], *io, indent, stop)
-            body += [f"{indent}tl.store({_stage_at(graph, n)}, {n})" for n in stored]
-        # A forward pass that writes only the next states (NaN wholesale after a tainted row,
-        # memories.taints.poisoned) needs no padding in place of a non-finite input.
-        loads = _loads(step, d, need, indent, clean=kernel != "fwd" or bool(stored))
-        kernels[kernel] = dict(loads=loads, body="\n".join(body), inside=inside,
-                               key_blocks=keys is not None,
-                               reads=[s for s in states + dstates if s in need])
-    handover = {}
-    for direction, nodes in staged.items():
-        saved = stops["fwd_out"] if direction == "bwd" else ()
-        streamed_stage = streams is not None and any(
-            s in plan(graph, nodes, saved) for s in states)
-        parts = _stage_parts(graph, nodes, saved) if streamed_stage else [nodes] if nodes else []
-        handover[direction] = tuple(n for part in parts for n in part if n not in nodes)
-        done = ()
-        for j, part in enumerate(parts):
-            stop = (*saved, *done)
-            part_nodes = plan(graph, part, stop)
-            reads = [s for s in states if s in part_nodes]
-            _operand_reads(graph, stop, set(part_nodes) - set(stop), operands)
-            if reads and streams is not None:
-                io = _stream_io(step, tiles, "bwd_stage", {})
-                body = _emit_stream(graph, stream(graph, part, stop=stop), *io, " " * 8,
-                                    stop, stored=part)
-            else:
-                body = _emit(graph, part_nodes, " " * 8, stop, stored=part)
-            kernels[f"{direction}_stage{j + 1 if j else ''}"] = dict(
-                loads=_loads(step, d, set(part_nodes) - set(stop), " " * 8), body="\n".join(body),
-                reads=reads, direction=direction, stores=part)
-            done += part
+    kernels = {}
+    for name, kernel in sched.kernels.items():
+        indent = _INDENT if kernel.kind == "pass" else " " * 8
+        body = _body(step, tiles, kernel, sched)
+        loads = _loads(step, d, kernel.needs, indent, clean=kernel.pads_nonfinite)
+        kernels[name] = dict(loads=loads, body="\n".join(body), inside=kernel.blocked,
+                             reads=list(kernel.reads), direction=kernel.direction,
+                             stores=kernel.stores)
     zeros = {"q": "BT, BK", "k": "BT, BK", "v": "BT, BV"} | {
         s: ", ".join(_DIMS[x] for x in graph.shape(s)) for s in step.states}
     for g in step.gates:
         zeros[g] = "BT, 1" if gates[g].shape == "head" else ("BT, BV" if g == "delta" else "BT, BK")
     zeros |= dict.fromkeys(step.params, "1, BV")
     adjoint_code = {n: a if a is not None else f"tl.zeros([{zeros[n]}], dtype=ACC)"
-                    for n, a in adjoint.items()}
-    # Stage tiles read only as matmul operands are stored in the operands' dtype where the step
-    # streams hidden blocks (sm_90, bf16, 8 warps, D=64: Moneta's backward output kernel spills
-    # 1304 B rather than 1784, its pass needs 98 KiB of shared memory rather than 138, and at
-    # D=128 176 KiB rather than 240). A matrix memory keeps them in float32: gated DeltaNet's
-    # dq/dk kernel spilled 24 B at D=128 with its (I+A)^-1 in bf16, none without.
-    halves = {n for n, only in operands.items() if only} if streams is not None else set()
-    stage_order = {direction: [k for k, kernel in kernels.items()
-                               if kernel.get("direction") == direction] for direction in staged}
-    template = _environment().get_template("triton_chunk.py.j2")
-    # The kernel of the q and k gradients walks the DV blocks, summing them (no partial copies
-    # per block); it holds what each block reuses, so it takes narrower key blocks.
-    v_summed = [k for k, xs in groups.items() if summed and "q" in xs]
+                    for n, a in sched.adjoint.items()}
     code = "\n".join(k["loads"] + k["body"] for k in kernels.values())
     helpers = set(re.findall(r"\b(" + "|".join(HELPERS) + r")\(", code))
-    helpers |= {"store_sum"} if v_summed else set()  # the template's in-place sums
+    helpers |= {"store_sum"} if sched.walks_v else set()  # the template's in-place sums
+    template = _environment().get_template("triton_chunk.py.j2")
     return template.render(
-        helpers=sorted(helpers), split_v=split_v, summed=summed, out_kernels=groups, v_summed=v_summed,
-        configs={k: tuning.configs(k, split_v, streams is not None) for k in kernels},
-        key_blocks={k: tuning.BK_WALKING_V if k in v_summed else tuning.BK
-                    for k in groups if kernels[k]["key_blocks"]},
+        helpers=sorted(helpers), split_v=sched.split_v, summed=list(sched.summed),
+        out_kernels=sched.groups, v_summed=list(sched.walks_v),
+        configs={k: p.configs for k, p in sched.kernels.items()},
+        key_blocks=sched.key_blocks,
         bv_max=tuning.BV_MAX, bh_max=tuning.BH_MAX, whole_v=tuning.WHOLE_V,
-        state_dims=[step.graph.shape(s)[1:] if step.graph.shape(s)[0] == 1 else step.graph.shape(s)
+        state_dims=[graph.shape(s)[1:] if graph.shape(s)[0] == 1 else graph.shape(s)
                     for s in step.states],
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
-        op_name=f"{spec.name}_{spec.digest()}",
         spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),
         chunk=spec.chunk_size, tile=max(16, 1 << (spec.chunk_size - 1).bit_length()),
         exact=d.exact, gates=list(step.gates), params=list(step.params),
-        states=tiles, stream=streams is not None, outputs=step.outputs, memory=spec.memory.kind,
+        states=tiles, stream=sched.streamed, outputs=step.outputs, memory=spec.memory.kind,
         segments=2 if spec.lag_token else 1,
         expansion=getattr(spec.memory, "expansion", 1),
         channel={g: ("V" if g == "delta" else "K") if gates[g].shape == "channel" else ""
                  for g in step.gates},
         prologue=_PROLOGUE, v_blocks=_BLOCK_HEADERS["DV"], kernels=kernels, adjoint=adjoint_code,
-        staged=staged, kept=kept,
-        buffers={k: _stage_sizes(graph, nodes, halves)
-                 for k, nodes in [*staged.items(), ("fwd_pass", kept),
-                                  *((f"{k}_handover", n) for k, n in handover.items() if n)]},
-        handover=handover, stage_order=stage_order,
+        staged=sched.staged, kept=sched.kept,
+        buffers={k: _buffer_table(b) for k, b in sched.buffers.items()},
+        handover=sched.handover, stage_order=sched.stage_order,
     )

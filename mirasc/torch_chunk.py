@@ -27,7 +27,7 @@ _PAD = {"q": 0.0, "k": 0.0, "v": 1.0, "log_alpha": 0.0, "eta": 0.0, "delta": 1.0
 
 
 class Step:
-    """A spec's chunk step with its reverse mode (as `codegen.render_triton_module` builds it)."""
+    """A spec's chunk step with its reverse mode (as `mirasc.schedule.schedule` takes it)."""
 
     def __init__(self, derivation):
         spec = derivation.spec

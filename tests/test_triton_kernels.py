@@ -7,7 +7,6 @@ import ast
 import functools
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,6 @@ from mirasc.check import compare, random_inputs, relative_error, varlen_inputs
 from mirasc.codegen import render_module, triton_unsupported
 from mirasc.derive import derive
 from mirasc.errors import SpecError
-from mirasc.graph import plan
 from mirasc.schedule import streams
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -345,12 +343,8 @@ def test_chunks_run_apart_but_the_passes(spec, monkeypatch):
     """Only the passes walk the chunks: the stage kernels (the exact path's (I + A)^-1 reads no
     state) and the output kernels run one program per chunk and head (sequences of 100 and 37
     tokens in chunks of 64: 2 + 1 chunks, batched and packed), the passes one per sequence and
-    head, and the passes only load the inverse."""
+    head (tests/test_schedule.py checks that the passes only load the inverse)."""
     op, module = _compiled(f"specs/{spec}.yaml", None, monkeypatch)
-    source = Path(module.__file__).read_text()
-    for kernel in ("fwd", "bwd"):
-        body = source.split(f"def {spec}_{kernel}_kernel")[1].split(f"def {spec}_{kernel}_out")[0]
-        assert "_tri_inv(" not in body and "A_inv = tl.load(" in body, kernel
     kernels = ("fwd_stage", "fwd", "fwd_out", "bwd_stage", "bwd", *module.OUT_KERNELS)
     for kernel in kernels:
         monkeypatch.setitem(module.kernel.launchers, kernel, _Grids(module.kernel.launchers[kernel]))
@@ -394,87 +388,6 @@ def _module_table(source: str, name: str):
     """The literal a generated module assigns to `name` (BUFFERS, STAGES, OUT_KERNELS)."""
     line = next(x for x in source.splitlines() if x.startswith(f"{name} = "))
     return ast.literal_eval(line.removeprefix(f"{name} = ").split("  #")[0])
-
-
-def _kernel_source(source: str, name: str, kernel: str) -> str:
-    """The source of spec `name`'s `kernel` in its generated module."""
-    return source.split(f"def {name}_{kernel}_kernel(")[1].split("@triton.jit")[0].split("\ndef ")[0]
-
-
-@pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora"])
-def test_mlp_backward_pass_holds_only_what_reads_the_state_gradient(name):
-    """An MLP memory's backward stage passes over the stored states' hidden blocks, so every
-    pass over them left in the sequential backward kernel reads the state's gradient (what
-    reads the state alone, such as recomputing the chunk's outputs, runs per chunk)."""
-    source = render_module(mirasc.load_spec(f"specs/{name}.yaml"))
-    kernel = _kernel_source(source, name, "bwd")
-    passes = kernel.split("# the blocks of hidden units, one at a time")[1:]
-    assert passes
-    assert all("tl.load(dstate_ptr" in body for body in passes)
-    stage = _kernel_source(source, name, "bwd_stage")
-    assert "state_ptr = hs_ptr" in stage and "# the blocks of hidden units" in stage
-
-
-@pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora"])
-def test_streamed_tiles_wait_for_their_first_reader(name):
-    """Over hidden blocks, a tile without them is computed (or loaded from its stage buffer) in
-    the part of the step just before its first reader, not held across passes that do not
-    read it."""
-    step = memories.chunk_step(derive(mirasc.load_spec(f"specs/{name}.yaml")))
-    graph = step.graph
-    _, _, adjoint = memories.step_adjoint(step)
-    targets = [a for a in adjoint.values() if a is not None]  # the whole backward step
-    stream = streams.stream(graph, targets)
-    nodes = set(plan(graph, targets))
-    waited = 0
-    for j, whole in enumerate(stream.whole):
-        after = {n for part in stream.whole[j:] for n in part}
-        after |= {n for loop in stream.loops[j:] for n in (*loop.nodes, *loop.reduce)}
-        here = set(whole) | ({*stream.loops[j].nodes, *stream.loops[j].reduce}
-                             if j < len(stream.loops) else set())
-        for n in whole:
-            readers = [c for c in graph.g.successors(n) if c in nodes and c in after]
-            assert not readers or any(c in here for c in readers), (n, j)
-            waited += j > 0 and bool(readers)
-    assert waited  # some tile does wait past the first pass
-
-
-@pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora"])
-def test_streamed_backward_stage_runs_a_kernel_per_pass(name):
-    """An MLP memory's backward stage runs as one kernel per pass over the hidden blocks: each
-    stage tile is stored by one of them, and a tile one hands over to a later one is stored
-    before any kernel loads it and read by no kernel after the stage (it is not held across
-    the passes in registers)."""
-    source = render_module(mirasc.load_spec(f"specs/{name}.yaml"))
-    stages = _module_table(source, "STAGES")["bwd"]
-    table = _module_table(source, "BUFFERS")
-    assert len(stages) > 1
-    bodies = [_kernel_source(source, name, s) for s in stages]
-    assert all(b.count("# the blocks of hidden units, one at a time") == 1 for b in bodies)
-    later = [_kernel_source(source, name, k) for k in ("bwd", *_module_table(source, "OUT_KERNELS"))]
-    for n, *_ in table["bwd"]:
-        assert sum(f"tl.store({n}_ptr" in b for b in bodies) == 1, n
-    for n, *_ in table.get("bwd_handover", []):
-        stored = [i for i, b in enumerate(bodies) if f"tl.store({n}_ptr" in b]
-        loaded = [i for i, b in enumerate(bodies) if f"{n} = tl.load({n}_ptr" in b]
-        assert len(stored) == 1 and loaded and min(loaded) > stored[0], (n, stored, loaded)
-        assert not any(re.search(rf"\b{n}_ptr\b", b) for b in later), n
-
-
-@pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora"])
-def test_query_gradient_runs_apart_from_the_state_gradient(name):
-    """An MLP memory's backward output kernels: the query's gradient (it reaches only the
-    outputs) runs in a kernel of its own that never reads the gradient of the step-end state,
-    the other inputs' in one that does. A matrix memory's split by gradient columns instead."""
-    source = render_module(mirasc.load_spec(f"specs/{name}.yaml"))
-    groups = _module_table(source, "OUT_KERNELS")
-    assert list(groups) == ["bwd_dq", "bwd_out"] and groups["bwd_dq"] == ("q",)
-    assert {"k", "v"} <= set(groups["bwd_out"])
-    assert "tl.load(dstate_ptr" not in _kernel_source(source, name, "bwd_dq")
-    assert "tl.load(dstate_ptr" in _kernel_source(source, name, "bwd_out")
-    matrix = _module_table(render_module(mirasc.load_spec("specs/gated_deltanet.yaml")),
-                           "OUT_KERNELS")
-    assert matrix["bwd_dqk"] == ("q", "k")
 
 
 @pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora", "gated_deltanet"])

@@ -1,0 +1,269 @@
+"""The kernel schedule of a chunk step, as data: which kernels run, in which order, over which
+grid, what each computes (flat, or as passes over blocks of a dim), what each loads from and
+stores to the buffers between kernels, and how each is tuned.
+
+Forward: per direction a stage kernel per chunk computes the state-free tiles (`stages`), the
+pass walks the chunks carrying the state, and an output kernel per chunk computes the outputs
+from the stored chunk-start states. Backward likewise, the pass carrying the state's gradient
+and the output kernels writing the inputs' gradients (grouped by what they read)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mirasc import tuning
+from mirasc.graph import plan
+from mirasc.memories import ChunkStep, step_adjoint
+from mirasc.schedule import stages
+from mirasc.schedule.streams import Stream, separable, stream
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A tile one kernel stores per chunk (segment) and head for the kernels after it: [chunks *
+    SEGMENTS, H, rows * cols], `dims` = (rows, cols); `operand`: every reader takes it only as a
+    matmul operand, so it is held in the operands' dtype."""
+
+    node: str
+    dims: tuple
+    operand: bool
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """One kernel. `kind`: 'stage' (per chunk, state-free tiles), 'pass' (per sequence, walks the
+    chunks) or 'out' (per chunk, from the stored states). It computes `targets` from the tiles of
+    `loads` (read from buffers, not recomputed), flat or as `passes` over blocks of `dim`;
+    `stores` are the tiles it writes to buffers, `reads` the state tiles (and their gradients)
+    it reads whole, `needs` the nodes whose inputs it loads before its body. An output kernel
+    writes the gradients of `grads` (of `blocked` inside its passes over key blocks)."""
+
+    name: str
+    kind: str
+    direction: str
+    targets: tuple[str, ...]
+    loads: tuple[str, ...]
+    needs: frozenset
+    reads: tuple[str, ...]
+    stores: tuple[str, ...] = ()
+    passes: Stream | None = None
+    dim: str | None = None
+    block_loads: tuple[str, ...] = ()
+    grads: tuple[str, ...] = ()
+    blocked: tuple[str, ...] = ()
+    pads_nonfinite: bool = True
+    configs: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The kernels of a chunk step (`kernels`, by name) and what connects them: the tiles each
+    direction's stage stores (`staged`), those the forward pass keeps (`kept`), those a stage's
+    kernels hand each other (`handover`), every buffer (`buffers`, by writer), and the layout
+    choices: `split_v` (blocks of value columns run as programs of their own), `streamed`
+    (states pass over blocks of hidden units), `summed` (gradients summed over value blocks),
+    `walks_v` (output kernels whose program walks every value block), `key_blocks` (output
+    kernels that pass over key blocks: their widest block)."""
+
+    step: ChunkStep
+    adjoint: dict
+    kernels: dict[str, KernelPlan]
+    groups: dict[str, tuple[str, ...]]
+    staged: dict[str, tuple[str, ...]]
+    kept: tuple[str, ...]
+    handover: dict[str, tuple[str, ...]]
+    buffers: dict[str, list[Buffer]]
+    split_v: bool
+    streamed: bool
+    summed: tuple[str, ...]
+    walks_v: tuple[str, ...]
+    key_blocks: dict[str, int]
+
+    @property
+    def stage_order(self) -> dict[str, list[str]]:
+        """Per direction, its stage kernels in launch order."""
+        return {d: [k for k, p in self.kernels.items() if p.kind == "stage" and p.direction == d]
+                for d in self.staged}
+
+
+def gradient_groups(step: ChunkStep, adjoint: dict, streamed: bool) -> dict[str, tuple[str, ...]]:
+    """The backward's output kernels, each with the inputs whose gradients it writes. A matrix
+    memory's split by the columns of the gradient: value columns ("bwd_dv": v, value-channel
+    gates, per-head parameters), key columns ("bwd_dqk": q, k, key-channel gates) and one per row
+    ("bwd_dg": per-head gates), so that each kernel holds only what its gradients read (sm_90,
+    D=128, bf16, 8 warps: gated DeltaNet's single kernel spilled 1152 B per thread, simple GLA's
+    664; their three spill none). An MLP memory passing over hidden blocks (`streamed`) splits
+    what never reads the gradient of the step-end state (the query's gradient, which reaches only
+    the outputs: "bwd_dq") from what does ("bwd_out"), each recomputing the memory over the
+    hidden units (Memora, D=64: one kernel spilled 2160 B, these two 760 and 1352 B, for 1.3x
+    the tensor-core instructions; by the columns as well, four kernels, 2.2x). An MLP memory held
+    whole keeps one ("bwd_out")."""
+    graph = step.graph
+    inputs = ("q", "k", "v", *step.gates, *step.params)
+    if any("DH" in graph.shape(s) for s in step.states):
+        carried = {f"d{s}_new" for s in step.states}
+        free = tuple(x for x in inputs if streamed and adjoint[x] is not None
+                     and not carried & set(plan(graph, [adjoint[x]])))
+        rest = tuple(x for x in inputs if x not in free)
+        return {k: xs for k, xs in (("bwd_dq", free), ("bwd_out", rest)) if xs}
+    kernel = {"DV": "bwd_dv", "DK": "bwd_dqk", 1: "bwd_dg"}
+    groups = {}
+    for x in inputs:
+        groups.setdefault(kernel[graph.shape(x)[1]], []).append(x)
+    return {k: tuple(groups[k]) for k in kernel.values() if k in groups}
+
+
+def _hidden_streams(step, targets: dict, loads: dict, adjoint: dict) -> dict | None:
+    """Each kernel's step as passes over blocks of hidden units (`stream`), stopping at the
+    kernel's `loads`, when a state has hidden units and every kernel's step runs so; else
+    None."""
+    graph = step.graph
+    if not any("DH" in graph.shape(s) for s in step.states) or \
+            any(adjoint[s] is None for s in step.states):
+        return None
+    streams = {k: stream(graph, t, stop=loads[k]) for k, t in targets.items()}
+    return None if None in streams.values() else streams
+
+
+def _key_passes(step, stop, adjoint, grads) -> tuple | None:
+    """An output kernel (writing the gradients of `grads`) as passes over blocks of key columns
+    (`stream` on DK), so that it holds a block of q, k, the states and their gradients at a time
+    rather than all DK columns (fla's gradient kernels block the keys so): the stream, the
+    inputs and states loaded per block, and the inputs whose gradients are written per block.
+    None where the step does not pass so (a tile with DK twice) or a key-column input of `grads`
+    has no gradient to write per block."""
+    graph = step.graph
+    keyed = [x for x in ("q", "k", *step.gates) if "DK" in graph.shape(x)]
+    if not keyed or any(adjoint[x] is None for x in keyed if x in grads):
+        return None
+    targets = [adjoint[x] for x in grads if adjoint[x] is not None]
+    passes = stream(graph, targets, dim="DK", stop=stop)
+    if passes is None or not passes.loops:
+        return None
+    states = [n for s in step.states for n in (s, f"d{s}_new") if "DK" in graph.shape(s)]
+    return passes, (*keyed, *states), tuple(x for x in keyed if x in grads)
+
+
+def _operand_reads(graph, stop, need, operands: dict[str, bool]) -> None:
+    """Record in `operands` whether a kernel computing `need` reads each tile of `stop` only as
+    a matmul operand (a tile it does not read leaves its record as it is)."""
+    for n in stop:
+        if any(c in need for c in graph.g.successors(n)):
+            operands[n] = operands.get(n, True) and stages.tile_dtype(graph, n, need) == "DOT"
+
+
+def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
+    """The tiles each direction's stage computes, each kernel's loads, the forward pass's kept
+    tiles, and whether the step streams hidden blocks."""
+    graph = step.graph
+    states = list(step.states)
+    dstates = [f"d{s}_new" for s in states]
+    staged = {"fwd": stages.frontier(graph, targets["fwd"], states),
+              "bwd": stages.frontier(graph, targets["bwd"], states + dstates)}
+    first = stages.stops(graph, targets, staged)[0]
+    streamed = _hidden_streams(step, targets, first, adjoint) is not None
+    if streamed:
+        # The backward stage passes over the hidden blocks of the stored states too: what reads
+        # them but not their gradients leaves the backward pass and output kernel (a
+        # state-shaped tile among it stays there, recomputed per block).
+        wide = stages.frontier(graph, targets["bwd"] + targets["bwd_out"], dstates)
+        if stream(graph, wide, stop=first["fwd_out"]) is not None:
+            staged["bwd"] = wide
+    else:
+        # The stored states are at hand: the backward pass carries dW alone. Its output kernel
+        # passes over key blocks, so the backward stage computes the rows' taints (they read
+        # every key column).
+        staged["bwd"] = stages.frontier(graph, targets["bwd"], dstates)
+        out = plan(graph, targets["bwd_out"], stages.stops(graph, targets, staged)[0]["bwd_out"])
+        staged["bwd"] += tuple(c for c in stages.STAGED_CONSTS if c in out)
+    loads, kept = stages.stops(graph, targets, staged)
+    staged["bwd"] = tuple(n for n in staged["bwd"] if n not in loads["fwd_out"])
+    return staged, loads, kept, streamed
+
+
+def schedule(step: ChunkStep) -> Schedule:
+    """The kernels of `step`, forward and backward, and the buffers between them."""
+    graph = step.graph
+    _, wrt, adjoint = step_adjoint(step)
+    states = list(step.states)
+    dstates = [f"d{s}_new" for s in states]
+    targets = {
+        "fwd": [step.outputs[s] for s in states],
+        "fwd_out": [step.outputs["o"]],
+        "bwd": [adjoint[s] for s in states if adjoint[s] is not None],
+        "bwd_out": [adjoint[x] for x in wrt if x not in states and adjoint[x] is not None],
+    }
+    staged, loads, kept, streamed = _stage_targets(step, targets, adjoint)
+    groups = gradient_groups(step, adjoint, streamed)
+    del targets["bwd_out"]
+    for name, grads in groups.items():
+        targets[name] = [adjoint[x] for x in grads if adjoint[x] is not None]
+        loads[name] = loads["bwd_out"]
+    streams = _hidden_streams(step, targets, loads, adjoint) if streamed else None
+    split_v = separable(step)
+    summed = ("q", "k", *(g for g in step.gates if g != "delta" or graph.shape(g)[1] == 1)) \
+        if split_v else ()  # a channel-wise delta is per value column
+    # The kernel of the q and k gradients walks the DV blocks, summing them (no partial copies
+    # per block); it holds what each block reuses, so it takes narrower key blocks.
+    walks_v = tuple(k for k, xs in groups.items() if summed and "q" in xs)
+    kernels, operands, key_blocks = {}, {}, {}
+    for name, t in targets.items():
+        stop = loads[name]
+        direction = name[:3]
+        kind = "pass" if name in ("fwd", "bwd") else "out"
+        keys = _key_passes(step, stop, adjoint, groups[name]) \
+            if name in groups and streams is None else None
+        need = set(plan(graph, t, stop)) - set(stop)
+        _operand_reads(graph, stop, need, operands)
+        passes, dim, block_loads, blocked = None, None, (), ()
+        if keys is not None:
+            passes, block_loads, blocked = keys
+            dim, need = "DK", need - set(block_loads)
+            key_blocks[name] = tuning.BK_WALKING_V if name in walks_v else tuning.BK
+        elif streams is not None:
+            passes, dim = streams[name], "DH"
+        stored = kept if name == "fwd" else ()
+        kernels[name] = KernelPlan(
+            name=name, kind=kind, direction=direction, targets=tuple(t), loads=stop,
+            needs=frozenset(need), reads=tuple(s for s in states + dstates if s in need),
+            stores=stored, passes=passes, dim=dim, block_loads=block_loads,
+            grads=groups.get(name, ()), blocked=blocked,
+            # A forward pass that writes only the next states (NaN wholesale after a tainted
+            # row, memories.taints.poisoned) needs no padding in place of a non-finite input.
+            pads_nonfinite=name != "fwd" or bool(stored),
+            configs=tuning.configs(name, split_v, streams is not None))
+    handover = {}
+    for direction, nodes in staged.items():
+        saved = loads["fwd_out"] if direction == "bwd" else ()
+        streamed_stage = streams is not None and any(
+            s in plan(graph, nodes, saved) for s in states)
+        parts = stages.stage_parts(graph, nodes, saved) if streamed_stage else \
+            [nodes] if nodes else []
+        handover[direction] = tuple(n for part in parts for n in part if n not in nodes)
+        done = ()
+        for j, part in enumerate(parts):
+            stop = (*saved, *done)
+            part_nodes = plan(graph, part, stop)
+            reads = tuple(s for s in states if s in part_nodes)
+            _operand_reads(graph, stop, set(part_nodes) - set(stop), operands)
+            passes = stream(graph, part, stop=stop) if reads and streams is not None else None
+            name = f"{direction}_stage{j + 1 if j else ''}"
+            kernels[name] = KernelPlan(
+                name=name, kind="stage", direction=direction, targets=part, loads=stop,
+                needs=frozenset(set(part_nodes) - set(stop)), reads=reads, stores=part,
+                passes=passes, dim="DH" if passes is not None else None,
+                configs=tuning.configs(name, split_v, streams is not None))
+            done += part
+    # Stage tiles read only as matmul operands are stored in the operands' dtype where the step
+    # streams hidden blocks (sm_90, bf16, 8 warps, D=64: Moneta's backward output kernel spills
+    # 1304 B rather than 1784, its pass needs 98 KiB of shared memory rather than 138, and at
+    # D=128 176 KiB rather than 240). A matrix memory keeps them in float32: gated DeltaNet's
+    # dq/dk kernel spilled 24 B at D=128 with its (I+A)^-1 in bf16, none without.
+    halves = {n for n, only in operands.items() if only} if streams is not None else set()
+    buffers = {key: [Buffer(n, graph.shape(n), n in halves) for n in nodes]
+               for key, nodes in [*staged.items(), ("fwd_pass", kept),
+                                  *((f"{k}_handover", n) for k, n in handover.items() if n)]}
+    return Schedule(step=step, adjoint=adjoint, kernels=kernels, groups=groups, staged=staged,
+                    kept=kept, handover=handover, buffers=buffers, split_v=split_v,
+                    streamed=streams is not None, summed=summed, walks_v=walks_v,
+                    key_blocks=key_blocks)

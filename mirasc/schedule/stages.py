@@ -1,0 +1,119 @@
+"""Stages: which state-free tiles a stage kernel computes for every chunk at once, which tiles
+the forward pass stores for its output kernel, and what each kernel loads rather than computes.
+
+A stage tile is a node of the chunk step that does not depend on the state; the sequential pass
+then only loads it (fla's chunk kernels split their work the same way)."""
+
+from __future__ import annotations
+
+from mirasc.graph import Graph, plan
+from mirasc.schedule.streams import stream
+
+STAGED_CONSTS = ("tainted", "qbad")  # consts that read every input: a stage computes them once
+COSTLY = ("dot", "gdot", "gmix", "tri_inv")  # ops a kernel does not recompute from another's inputs
+
+
+def stageable(graph: Graph, n: str) -> bool:
+    """Whether a state-free node can be a stage kernel's output: a tile of the chunk's rows (or
+    one row, or one column of key or value entries), not a loaded input and not a state-shaped
+    tile, which the pass computes itself rather than move one per chunk through memory."""
+    node = graph.node(n)
+    rows, cols = node["shape"]
+    computed = node["op"] not in ("input", "const", "broadcast", "trans") or \
+        node.get("kind") in STAGED_CONSTS
+    return computed and (rows in ("T", 1) or cols == 1) and "DH" not in (rows, cols)
+
+
+def frontier(graph: Graph, targets, live) -> tuple[str, ...]:
+    """The state-free tiles that the nodes of `targets` depending on `live` (the states, their
+    cotangents) read: what a stage kernel computes for every chunk at once, so that the
+    sequential pass only loads them. A state-free node that cannot be staged runs in the pass,
+    and its own state-free inputs join the frontier."""
+    nodes = plan(graph, targets)
+    dep = set(live)
+    for n in nodes:
+        if any(i in dep for i in graph.node(n)["inputs"]):
+            dep.add(n)
+    staged, todo = set(), [i for n in nodes if n in dep for i in graph.node(n)["inputs"]]
+    while todo:
+        n = todo.pop()
+        if n in dep or n in staged:
+            continue
+        if stageable(graph, n):
+            staged.add(n)
+        else:
+            dep.add(n)
+            todo.extend(graph.node(n)["inputs"])
+    return tuple(n for n in graph.order() if n in staged)
+
+
+def _keepable(graph: Graph, n: str) -> bool:
+    """Whether a node the pass computes is a tile it stores for its output kernel: a product
+    (what is costly to recompute) of the chunk's rows by value columns (a block of columns is
+    its program's own)."""
+    return graph.node(n)["op"] == "dot" and graph.shape(n) == ("T", "DV")
+
+
+def kept(graph: Graph, pass_targets, out_targets, stop) -> tuple[str, ...]:
+    """The [T, DV] products of the forward pass that the output kernels read: the pass stores
+    them rather than have the output kernels recompute what led to them (as fla's state kernel
+    stores the delta rule's corrected values). Keeping the backward pass's too was measured
+    worse (gated_deltanet, sm_90, D=128): its step grew and spilled."""
+    able = {n for n in plan(graph, pass_targets, stop) if n not in stop and _keepable(graph, n)}
+    return tuple(n for n in plan(graph, out_targets, (*stop, *able)) if n in able)
+
+
+def stops(graph: Graph, targets: dict, staged: dict) -> tuple[dict, tuple]:
+    """Per kernel, the tiles it loads rather than computes: the forward's stage tiles, then
+    those of the forward pass (the forward saves both for the backward), then the backward
+    stage's. Also the tiles the forward pass stores (`kept`)."""
+    stored = kept(graph, targets["fwd"], targets["fwd_out"], staged["fwd"])
+    loads = {"fwd": staged["fwd"], "fwd_out": staged["fwd"] + stored}
+    loads["bwd"] = loads["bwd_out"] = tuple(dict.fromkeys(loads["fwd_out"] + staged["bwd"]))
+    return loads, stored
+
+
+def stage_parts(graph: Graph, targets, saved) -> list[tuple[str, ...]]:
+    """A stage that passes over hidden blocks as one kernel per pass, in order: the tiles each
+    stores, its share of `targets` and those a later kernel reads from it (handed over through
+    memory rather than held in registers across the passes after it). A kernel makes its pass
+    and computes what that pass completes, up to the next pass; a tile computed without a
+    product or a hidden unit is recomputed where it is read instead. One part when the stage
+    makes one pass or less, or a tile to hand over cannot be stored (not a tile of rows or a
+    column). Memora, sm_90, bf16, D=64, 8 warps: its single stage kernel spilled 2352 B per
+    thread, its four 0, 0, 552 and 384 B (with what follows a pass in the next kernel instead,
+    the last two spilled 360 and 2064 B against 800 and 752, segments unrolled)."""
+    passes = stream(graph, targets, stop=saved)
+    last = len(passes.loops) - 1
+    if last < 1:
+        return [tuple(targets)]
+    part = {n: min(max(j - 1, 0), last) for j, whole in enumerate(passes.whole) for n in whole}
+    part |= {n: j for j, loop in enumerate(passes.loops) for n in loop.reduce}
+    readers = {j: set(loop.nodes) for j, loop in enumerate(passes.loops)}
+    for n, j in part.items():
+        readers[j].add(n)
+
+    def cheap(n):
+        return all(graph.node(m)["op"] not in COSTLY and "DH" not in graph.shape(m)
+                   for m in plan(graph, [n], saved) if m not in saved)
+
+    handed = []
+    for n in plan(graph, targets, saved):
+        if n in saved or n not in part or graph.node(n)["op"] in ("input", "const"):
+            continue
+        later = any(c in readers[j] for j in range(part[n] + 1, last + 1)
+                    for c in graph.g.successors(n) if c not in saved)
+        if later and n not in targets and not cheap(n):
+            if not stageable(graph, n):
+                return [tuple(targets)]
+            handed.append(n)
+    stored = [*targets, *handed]
+    return [tuple(n for n in graph.order() if n in stored and part[n] == j)
+            for j in range(last + 1)]
+
+
+def tile_dtype(graph: Graph, x: str, need) -> str:
+    """The dtype a tile loads in: that of the matmul operands (DOT) where the kernel (its nodes
+    `need`) uses it only as one, exact and half the registers at bf16; else ACC."""
+    uses = [n for n in graph.g.successors(x) if n in need]
+    return "DOT" if uses and all(graph.node(n)["op"] == "dot" for n in uses) else "ACC"

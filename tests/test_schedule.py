@@ -1,0 +1,141 @@
+"""Kernel schedules, checked on the plan (`mirasc.schedule`): which kernels run, what each
+computes, loads and stores, and how a step passes over blocks of a dim."""
+
+from __future__ import annotations
+
+import pytest
+
+from mirasc import tuning
+from mirasc.catalog import resolve
+from mirasc.derive import derive
+from mirasc.graph import plan
+from mirasc.memories import chunk_step, step_adjoint
+from mirasc.schedule import schedule
+from mirasc.schedule.streams import stream
+
+MLP_SPECS = ["ttt_mlp", "moneta", "yaad", "memora"]
+
+
+def _schedule(name: str):
+    return schedule(chunk_step(derive(resolve(name))))
+
+
+def _computes(sched, kernel) -> set[str]:
+    """The nodes a kernel computes (what it needs and does not load from a buffer)."""
+    return set(plan(sched.step.graph, kernel.targets, kernel.loads)) - set(kernel.loads)
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_the_passes_only_load_the_inverse(name):
+    """The exact path's (I + A)^-1 reads no state: a stage kernel computes it per chunk and the
+    passes load it rather than invert in their sequential step."""
+    sched = _schedule(name)
+    graph = sched.step.graph
+    inverse = [n for n in graph.order() if graph.node(n)["op"] == "tri_inv"]
+    assert inverse
+    for kernel in (sched.kernels["fwd"], sched.kernels["bwd"]):
+        assert not any(graph.node(n)["op"] == "tri_inv" for n in _computes(sched, kernel))
+        assert set(inverse) <= set(kernel.loads) and set(inverse) & kernel.needs == set()
+    assert set(inverse) <= set(sched.kernels["fwd_stage"].stores)
+
+
+@pytest.mark.parametrize("name", MLP_SPECS)
+def test_mlp_backward_pass_holds_only_what_reads_the_state_gradient(name):
+    """An MLP memory's backward stage passes over the stored states' hidden blocks, so every
+    pass over them left in the sequential backward kernel reads the state's gradient (what
+    reads the state alone, such as recomputing the chunk's outputs, runs per chunk)."""
+    sched = _schedule(name)
+    dstates = {f"d{s}_new" for s in sched.step.states}
+    backward = sched.kernels["bwd"]
+    assert backward.dim == "DH" and backward.passes.loops
+    assert all(dstates & set(loop.nodes) for loop in backward.passes.loops)
+    stage = sched.kernels["bwd_stage"]
+    assert stage.reads and stage.dim == "DH"
+
+
+@pytest.mark.parametrize("name", MLP_SPECS)
+def test_streamed_backward_stage_runs_a_kernel_per_pass(name):
+    """An MLP memory's backward stage runs as one kernel per pass over the hidden blocks: each
+    stage tile is stored by one of them, and a tile one hands over to a later one is stored
+    before any kernel loads it and loaded by no kernel after the stage (it is not held across
+    the passes in registers)."""
+    sched = _schedule(name)
+    stages = [sched.kernels[k] for k in sched.stage_order["bwd"]]
+    assert len(stages) > 1
+    assert all(k.passes is not None and len(k.passes.loops) == 1 for k in stages)
+    later = [sched.kernels[k] for k in ("bwd", *sched.groups)]
+    for n in sched.staged["bwd"]:
+        assert sum(n in k.stores for k in stages) == 1, n
+    for n in sched.handover["bwd"]:
+        stored = [i for i, k in enumerate(stages) if n in k.stores]
+        loaded = [i for i, k in enumerate(stages) if n in k.loads and n in plan(
+            sched.step.graph, k.targets, k.loads)]
+        assert len(stored) == 1 and loaded and min(loaded) > stored[0], (n, stored, loaded)
+        assert not any(n in k.loads for k in later), n
+    handed = {b.node for b in sched.buffers.get("bwd_handover", [])}
+    assert handed == set(sched.handover["bwd"])
+
+
+@pytest.mark.parametrize("name", MLP_SPECS)
+def test_query_gradient_runs_apart_from_the_state_gradient(name):
+    """An MLP memory's backward output kernels: the query's gradient (it reaches only the
+    outputs) runs in a kernel of its own that never reads the gradient of the step-end state,
+    the other inputs' in one that does. A matrix memory's split by gradient columns instead."""
+    sched = _schedule(name)
+    dstates = {f"d{s}_new" for s in sched.step.states}
+    assert list(sched.groups) == ["bwd_dq", "bwd_out"] and sched.groups["bwd_dq"] == ("q",)
+    assert {"k", "v"} <= set(sched.groups["bwd_out"])
+    assert not dstates & sched.kernels["bwd_dq"].needs
+    assert dstates & sched.kernels["bwd_out"].needs
+    matrix = _schedule("gated_deltanet")
+    assert matrix.groups == {"bwd_dv": ("v",), "bwd_dqk": ("q", "k"),
+                             "bwd_dg": ("log_alpha", "eta")}  # per-head gates: one per row
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "simple_gla", "titans"])
+def test_matrix_gradients_pass_over_key_blocks(name):
+    """A matrix memory's dq/dk kernel passes over blocks of key columns, loading q, k and the
+    state's key columns per block and writing dq, dk per block; it walks the value blocks,
+    summing dq and dk over them, with narrower key blocks than the other output kernels."""
+    sched = _schedule(name)
+    dqk = sched.kernels["bwd_dqk"]
+    assert dqk.dim == "DK" and {"q", "k"} <= set(dqk.block_loads)
+    assert set(dqk.blocked) == {"q", "k"} and not {"q", "k"} & dqk.needs
+    assert "bwd_dqk" in sched.walks_v and {"q", "k"} <= set(sched.summed)
+    assert sched.key_blocks["bwd_dqk"] == tuning.BK_WALKING_V < tuning.BK
+
+
+def test_kernels_launch_order_and_kinds():
+    """Every direction: its stage kernels, then its pass, then its output kernels; stage and
+    output kernels per chunk, the passes per sequence."""
+    sched = _schedule("gated_deltanet")
+    kinds = {name: k.kind for name, k in sched.kernels.items()}
+    assert kinds == {"fwd": "pass", "fwd_out": "out", "bwd": "pass", "bwd_dv": "out",
+                     "bwd_dqk": "out", "bwd_dg": "out", "fwd_stage": "stage",
+                     "bwd_stage": "stage"}
+    assert sched.stage_order == {"fwd": ["fwd_stage"], "bwd": ["bwd_stage"]}
+    assert all(k.direction == k.name[:3] for k in sched.kernels.values())
+
+
+@pytest.mark.parametrize("name", MLP_SPECS)
+def test_streamed_tiles_wait_for_their_first_reader(name):
+    """Over hidden blocks, a tile without them is computed (or loaded from its stage buffer) in
+    the part of the step just before its first reader, not held across passes that do not
+    read it."""
+    step = chunk_step(derive(resolve(name)))
+    graph = step.graph
+    _, _, adjoint = step_adjoint(step)
+    targets = [a for a in adjoint.values() if a is not None]  # the whole backward step
+    passes = stream(graph, targets)
+    nodes = set(plan(graph, targets))
+    waited = 0
+    for j, whole in enumerate(passes.whole):
+        after = {n for part in passes.whole[j:] for n in part}
+        after |= {n for loop in passes.loops[j:] for n in (*loop.nodes, *loop.reduce)}
+        here = set(whole) | ({*passes.loops[j].nodes, *passes.loops[j].reduce}
+                             if j < len(passes.loops) else set())
+        for n in whole:
+            readers = [c for c in graph.g.successors(n) if c in nodes and c in after]
+            assert not readers or any(c in here for c in readers), (n, j)
+            waited += j > 0 and bool(readers)
+    assert waited  # some tile does wait past the first pass
