@@ -1,0 +1,229 @@
+"""Printing one kernel of a schedule: walk its plan (`mirasc.schedule.KernelPlan`) and emit its
+statements through the named macros of templates/statements.j2 (a load of a tile, a loop over
+the blocks of a dim, a store, a dot, ...); expressions of sympy nodes through `triton_source`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mirasc.graph import plan
+from mirasc.memories import ChunkStep
+from mirasc.schedule import KernelPlan, Schedule
+from mirasc.schedule.stages import tile_dtype
+
+BLOCKS = {"T": "BT", "DK": "BK", "DV": "BV", "DH": "BH", 1: "1"}  # a dim's block in a kernel
+# a dim's block in a buffer between kernels, and the offsets of its entries
+BUFFER_BLOCKS = {"T": ("BT", "offs_t"), "DK": ("BDK", "offs_k"), "DV": ("BDV", "offs_v"),
+                 1: ("1", "")}
+
+
+@dataclass(frozen=True)
+class StateTile:
+    """How a state tile sits in the flattened state of a sequence and head: its entries'
+    offsets (`tile`), mask and block shape (`block`), and its dims."""
+
+    name: str
+    dims: tuple
+    tile: str
+    mask: str
+    block: str
+
+
+def state_tiles(step: ChunkStep, macros) -> list[StateTile]:
+    """Each state tile's place in the flattened state of a sequence and head: the tiles one
+    after another, a tile [rows, cols] row-major (a vector state [1, D] as its D entries)."""
+    tiles, offset = [], "0"
+    for name in step.states:
+        rows, cols = step.graph.shape(name)
+        c = cols[1:].lower()
+        r = "" if rows == 1 else rows[1:].lower()
+        block = f"{'B' + r.upper() if r else 1}, B{c.upper()}"
+        tiles.append(StateTile(name, (rows, cols) if r else (cols,),
+                               macros.state_entries(offset, r, c, cols),
+                               macros.state_mask(r, c), block))
+        size = f"{rows} * {cols}" if r else cols
+        offset = f"{offset} + {size}" if offset != "0" else size
+    return tiles
+
+
+class KernelPrinter:
+    """Prints the kernels of one schedule: `loads(kernel)` (the step's rows and its input tiles)
+    and `body(kernel)` (its chunk step), each as lines of Triton."""
+
+    def __init__(self, sched: Schedule, macros, source, gates: dict):
+        self.sched, self.step, self.graph = sched, sched.step, sched.step.graph
+        self.m = macros  # templates/statements.j2's macros
+        self.source = source  # sympy expression, {symbol: name} -> Triton text
+        self.gates = gates  # the op's gates by name (head or channel)
+        self.tiles = state_tiles(self.step, macros)
+
+    # ---- expressions ----------------------------------------------------------------------
+
+    def expression(self, n: str) -> str:
+        """The Triton expression of node n over its inputs (tiles named as the nodes)."""
+        graph, m = self.graph, self.m
+        node = graph.node(n)
+        x = list(node["inputs"])
+        op = node["op"]
+        if op == "dot":
+            return m.dot(x[0], x[1], node["ta"], node["tb"])
+        if op == "ew":
+            return self.source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
+        if op in ("cumsum", "revcumsum"):
+            return m.prefix_sum(x[0], graph.shape(x[0])[1] == 1, op == "revcumsum")
+        if op in ("gdot", "gmix"):
+            return m.pair_decays("gmix_t" if node.get("ta") else op, x, node["offset"])
+        if op in ("sum", "max"):
+            return m.reduce(op, x[0], node["axis"])
+        if op == "trans":
+            return m.trans(x[0])
+        if op == "tri_inv":
+            return m.tri_inv(x[0])
+        if op == "nonfinite":
+            return m.nonfinite_count(x[0])
+        return m.broadcast(x[0], [BLOCKS[s] for s in node["shape"]])
+
+    def buffer_at(self, n: str) -> str:
+        """The address of node n's tile in its buffer at this step."""
+        (rows, r), (cols, c) = (BUFFER_BLOCKS[x] for x in self.graph.shape(n))
+        return self.m.buffer_at(n, rows, cols, r, c)
+
+    # ---- statements -----------------------------------------------------------------------
+
+    def compute(self, nodes, loaded=(), stored=()) -> list[str]:
+        """Statements computing `nodes` (in order), skipping inputs and constants: a `loaded`
+        node is read from the buffer another kernel wrote, a `stored` one written to its buffer
+        as soon as it is computed."""
+        lines = []
+        for n in nodes:
+            if n in loaded:
+                lines.append(self.m.load_tile(n, self.buffer_at(n)))
+            elif self.graph.node(n)["op"] not in ("input", "const"):
+                lines.append(self.m.assign(n, self.expression(n)))
+            if n in stored:
+                lines.append(self.m.store_tile(n, self.buffer_at(n)))
+        return lines
+
+    def passes(self, passes, loads: dict, stores: dict, loaded=(), dim="DH",
+               stored=()) -> list[str]:
+        """Statements for a step run over blocks of `dim` (hidden units, or key columns): each
+        pass loads the blocks it reads (`loads`, statements per node), recomputes its blocked
+        tiles, sums its reductions over the blocks and writes its blocked targets (`stores`). A
+        `stored` tile (unblocked) goes to its buffer once complete."""
+        graph, m = self.graph, self.m
+        lines = []
+        for whole, loop in zip(passes.whole, passes.loops, strict=False):
+            lines += self.compute(whole, loaded, stored)
+            lines += [m.accumulator(r, [BLOCKS[s] for s in graph.shape(r)], graph.node(r)["op"])
+                      for r in loop.reduce]
+            inner = [line for n in loop.nodes if n in loads for line in loads[n]]
+            inner += self.compute(loop.nodes, loaded)
+            inner += [m.accumulate(r, self.expression(r), graph.node(r)["op"]) for r in loop.reduce]
+            inner += [line for t in loop.store for line in stores[t]]
+            lines += [*m.block_loop(dim).splitlines(), *_indented(inner)]
+            lines += [m.store_tile(r, self.buffer_at(r)) for r in loop.reduce if r in stored]
+        return lines + self.compute(passes.whole[-1], loaded, stored)
+
+    def state_io(self, kernel: str, targets: dict) -> tuple[dict, dict]:
+        """The loads of the state blocks a streamed step reads and the stores of the blocks it
+        writes. Every kernel reads the step's state at state_ptr; the forward pass writes the
+        next step's (next_ptr); the backward kernels read the gradient of the step-end state
+        (dstate_ptr), and the backward pass writes that of the step-start state (dnext_ptr)."""
+        m = self.m
+        loads, stores = {}, {}
+        for tile in self.tiles:
+            s = tile.name
+            loads[s] = [m.load_state(s, "state_ptr", tile.tile, tile.mask)]
+            if kernel.startswith("bwd"):
+                loads[f"d{s}_new"] = [m.load_state(f"d{s}_new", "dstate_ptr", tile.tile, tile.mask)]
+            if kernel in ("fwd", "bwd"):
+                out = "next_ptr" if kernel == "fwd" else "dnext_ptr"
+                stores.setdefault(targets[s], []).append(
+                    m.store_state(out, tile.tile, targets[s], tile.mask))
+        return loads, stores
+
+    def key_io(self, kernel: KernelPlan) -> tuple[dict, dict]:
+        """A kernel passing over key blocks: per block, the loads of the key columns of its
+        inputs, states and state gradients, and the stores of its gradients."""
+        graph, m, adjoint = self.graph, self.m, self.sched.adjoint
+        need = set(plan(graph, kernel.targets, kernel.loads))
+        inputs = ("q", "k", *self.step.gates)
+        loads = {x: [m.load_rows(x, f"{x}_ptr", "k", "0.0", tile_dtype(graph, x, need)),
+                     m.pad_nonfinite(x, "0.0")]
+                 for x in kernel.block_loads if x in inputs}
+        states, _ = self.state_io("bwd_out", {})
+        loads |= {n: lines for n, lines in states.items() if n in kernel.block_loads}
+        stores = {}
+        for x in kernel.blocked:
+            stores.setdefault(adjoint[x], []).append(
+                m.store_key_grad(x, adjoint[x], x in self.sched.summed))
+        return loads, stores
+
+    def body(self, kernel: KernelPlan) -> list[str]:
+        """The statements of a kernel's chunk step: flat, or its passes over blocks of a dim."""
+        step, loaded = self.step, kernel.loads
+        if kernel.kind == "stage":
+            if kernel.passes is not None:
+                io = self.state_io("bwd_stage", {})
+                return self.passes(kernel.passes, *io, loaded, stored=kernel.stores)
+            return self.compute(plan(self.graph, kernel.targets, loaded), loaded, kernel.stores)
+        if kernel.dim == "DK":
+            return self.passes(kernel.passes, *self.key_io(kernel), loaded, "DK")
+        if kernel.passes is None:
+            return self.compute(plan(self.graph, kernel.targets, loaded), loaded, kernel.stores)
+        # a kept tile may be a sum over the hidden blocks: stored after the last
+        targets = step.outputs if kernel.name == "fwd" else self.sched.adjoint
+        body = self.passes(kernel.passes, *self.state_io(kernel.name, targets), loaded)
+        return body + [self.m.store_tile(n, self.buffer_at(n)) for n in kernel.stores]
+
+    def loads(self, kernel: KernelPlan) -> list[str]:
+        """The rows of the step and the input tiles the kernel's body reads (`needs`), with
+        their masks. Non-finite entries (`memories.taints.poisoned`) load as padding unless the
+        kernel pads none; `tainted` marks the rows from the first bad one on (it reads every
+        input), `qbad` the rows of a bad q."""
+        m, need = self.m, kernel.needs
+        taint = "tainted" in need
+
+        def dtype(x):
+            return tile_dtype(self.graph, x, need)
+
+        lines = m.step_rows().splitlines()
+        pads = {}
+        if "q" in need or "qbad" in need:
+            pads["q"] = "0.0"
+            lines.append(m.load_rows("q", "q_ptr", "k", "0.0", dtype("q")))
+        for x, dim, pad in (("k", "k", "0.0"), ("v", "v", "1.0")):
+            if x in need or taint:
+                pads[x] = pad
+                lines.append(m.load_rows(x, f"{x}_ptr", dim, pad, dtype(x)))
+        lines += [m.load_param(p) for p in self.step.params if p in need]
+        for g in self.step.gates:
+            if g not in need and not taint:
+                continue
+            pads[g] = "1.0" if g in ("delta", "momentum") else "0.0"  # no log(0), no 1/0
+            if self.gates[g].shape == "channel":
+                lines.append(m.load_rows(g, f"{g}_ptr", "v" if g == "delta" else "k", pads[g],
+                                         "ACC"))
+            else:
+                lines.append(m.load_gate(g, pads[g]))
+        if taint:
+            lines += m.taint([x for x in pads if x != "q"]).splitlines()
+        if "qbad" in need:
+            lines.append(m.bad_query())
+        if "d_o" in need:  # the cotangent of the output (backward kernels)
+            lines.append(m.load_rows("d_o", "do_ptr", "v", "0.0", dtype("d_o")))
+        if "nanfill" in need:
+            lines.append(m.nan_fill())
+        if kernel.pads_nonfinite:
+            lines += [m.pad_nonfinite(x, pad) for x, pad in pads.items()]
+        return lines
+
+
+def _indented(lines: list[str], by: int = 4) -> list[str]:
+    return [" " * by + line for ln in lines for line in ln.splitlines()]
+
+
+def indent(lines: list[str], by: int) -> str:
+    """Lines (each possibly several) as one block indented by `by` spaces."""
+    return "\n".join(_indented(lines, by))
+
