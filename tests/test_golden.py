@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mirasc
+from mirasc.catalog import resolve
 from mirasc.codegen import render_module
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "gated_deltanet.py"
 
 
 def test_the_generated_gated_deltanet_module_is_the_reviewed_one():
-    rendered = render_module(mirasc.load_spec("gated_deltanet"))
+    rendered = render_module(resolve("gated_deltanet"))
     assert rendered == GOLDEN.read_text(), (
         "the generated module changed: review it and regenerate tests/golden (this file's "
         "docstring has the command)")
