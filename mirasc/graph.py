@@ -28,29 +28,94 @@ oracle for the emitted kernels and the CPU path). The chunk steps built on it ar
 
 from __future__ import annotations
 
+import keyword
+import re
 from dataclasses import dataclass, field
 
 import networkx as nx
 import sympy as sp
 
+# Names a node may not take: the kernels' own variables, helpers and constants (a node is a
+# Triton variable of that name), Python's keywords and the builtins a kernel may call.
+RESERVED = frozenset((
+    "tl", "triton", "torch", "seg", "seg_back", "srow", "rows", "tok", "valid", "rowmask", "lastrow",
+    "bos", "dln_weight_sum", "dln_bias_sum",
+    "eos", "causal", "strict", "strict2", "vmask", "kmask", "hmask", "first_chunk", "n_chunks",
+    "part", "step", "bad", "first", "kernel", "op", "load_rows", "store_sum", "tri_inv",
+    "dot_fp32", "gdot", "gmix", "gmix_t", "tanh", "atan", "pairs", "ChunkKernels", "MirasOp",
+    "abs", "all", "any", "float", "int", "len", "max", "min", "pow", "range", "sum",
+    "ACC", "BDK", "BDV", "BH", "BK", "BT", "BV", "CHUNK", "DH", "DK", "DOT", "DV", "H",
+    "HAS_DHT", "HAS_H0", "IS_VARLEN", "PRECISION", "SEGMENTS", "STATE", "T", "NTOK",
+))
+
+
+def reserved(name: str) -> bool:
+    """Whether a computed node may not be called `name` (inputs and consts are named as the
+    kernels load or build them)."""
+    return (name in RESERVED or keyword.iskeyword(name) or name.endswith("_ptr")
+            or name.startswith(("offs_", "mask_", "i_")) or re.fullmatch(r"t\d+", name) is not None)
+
+
+# The name of an unnamed node: its op, or for an elementwise node the head of its expression.
+_OP_NAMES = {"sum": "total", "max": "peak", "tri_inv": "inv", "gdot": "gprod", "gmix": "gmixed",
+             "broadcast": "bcast"}
+_HEAD_NAMES = {sp.exp: "exp", sp.log: "log", sp.erf: "erf", sp.Piecewise: "where", sp.Add: "add",
+               sp.Mul: "mul", sp.Symbol: "copy"}
+
+
+def _fallback(op: str, attrs: dict) -> str:
+    if op != "ew":
+        return _OP_NAMES.get(op, op)
+    expr = attrs["expr"]
+    if isinstance(expr, sp.Mul) and len(expr.args) == 2 and expr.args[0] == -1:
+        return "neg"
+    if isinstance(expr, sp.Pow):
+        return "sqrt" if expr.exp == sp.Rational(1, 2) else "recip" if expr.exp == -1 else "power"
+    return _HEAD_NAMES.get(expr.func, "ew")
+
 
 @dataclass
 class Graph:
-    """A DAG of named tile nodes (insertion order is a topological order)."""
+    """A DAG of named tile nodes (insertion order is a topological order). Every node's name is
+    a Triton variable of the kernels: the builders name what they compute after the math, reverse
+    mode names adjoints after their nodes, and an unnamed node is named after its op; a name
+    taken (or `reserved`) gets the first free suffix _2, _3, ... A node may carry a `formula`,
+    a one-line statement of what it computes."""
 
     g: nx.DiGraph = field(default_factory=nx.DiGraph)
-    counter: int = 0
 
     def add(self, op: str, shape: tuple, inputs: tuple[str, ...] = (), name: str | None = None,
-            **attrs) -> str:
-        if name is None:
-            self.counter += 1
-            name = f"t{self.counter}"
-        assert name not in self.g, name
+            formula: str | None = None, **attrs) -> str:
+        if op in ("input", "const"):
+            assert name is not None and name not in self.g, name
+        else:
+            name = self.free(name or _fallback(op, attrs))
+        if formula is not None:
+            attrs["formula"] = formula
         self.g.add_node(name, op=op, shape=shape, inputs=inputs, **attrs)
         for src in inputs:
             self.g.add_edge(src, name)
         return name
+
+    def free(self, name: str) -> str:
+        """`name`, or with the first suffix _2, _3, ... that no node has and is not reserved."""
+        assert name.isidentifier(), name
+        out, i = name, 1
+        while out in self.g or reserved(out):
+            i += 1
+            out = f"{name}_{i}"
+        return out
+
+    def rename(self, names: dict[str, str]) -> None:
+        """Rename nodes, keeping the insertion order (the order of `order` and of the code)."""
+        if not names:
+            return
+        g = nx.DiGraph()
+        for n, data in self.g.nodes(data=True):
+            inputs = tuple(names.get(i, i) for i in data["inputs"])
+            g.add_node(names.get(n, n), **(data | {"inputs": inputs}))
+        g.add_edges_from((names.get(a, a), names.get(b, b)) for a, b in self.g.edges)
+        self.g = g
 
     def node(self, name: str) -> dict:
         return self.g.nodes[name]
@@ -66,39 +131,42 @@ class Graph:
     def const(self, name: str, shape: tuple, kind: str) -> str:
         return self.add("const", shape, name=name, kind=kind)
 
-    def dot(self, a: str, b: str, ta: bool = False, tb: bool = False, name=None) -> str:
+    def dot(self, a: str, b: str, ta: bool = False, tb: bool = False, name=None,
+            formula=None) -> str:
         rows = self.shape(a)[1 if ta else 0]
         cols = self.shape(b)[0 if tb else 1]
-        return self.add("dot", (rows, cols), (a, b), name=name, ta=ta, tb=tb)
+        return self.add("dot", (rows, cols), (a, b), name=name, formula=formula, ta=ta, tb=tb)
 
-    def ew(self, expr: sp.Expr, args: dict[sp.Symbol, str], name=None) -> str:
+    def ew(self, expr: sp.Expr, args: dict[sp.Symbol, str], name=None, formula=None) -> str:
         """An elementwise node computing `expr` with each symbol bound to a node."""
         used = {s: n for s, n in args.items() if expr.has(s)}
         symbols = tuple(used)
         inputs = tuple(used[s] for s in symbols)
         shape = broadcast(*(self.shape(n) for n in inputs)) if inputs else (1, 1)
-        return self.add("ew", shape, inputs, name=name, expr=expr, symbols=symbols)
+        return self.add("ew", shape, inputs, name=name, formula=formula, expr=expr,
+                        symbols=symbols)
 
-    def sum(self, x: str, axis: int, name=None) -> str:
+    def sum(self, x: str, axis: int, name=None, formula=None) -> str:
         shape = tuple(1 if i == axis else d for i, d in enumerate(self.shape(x)))
-        return self.add("sum", shape, (x,), name=name, axis=axis)
+        return self.add("sum", shape, (x,), name=name, formula=formula, axis=axis)
 
-    def cumsum(self, x: str, name=None) -> str:
-        return self.add("cumsum", self.shape(x), (x,), name=name)
+    def cumsum(self, x: str, name=None, formula=None) -> str:
+        return self.add("cumsum", self.shape(x), (x,), name=name, formula=formula)
 
     def trans(self, x: str, name=None) -> str:
         return self.add("trans", self.shape(x)[::-1], (x,), name=name)
 
     def gdot(self, a: str, b: str, ga: str, gb: str, offset: int = 0, flat: bool = False,
-             name=None) -> str:
+             name=None, formula=None) -> str:
         flat = flat or (ga == gb and offset == 0)
-        return self.add("gdot", ("T", "T"), (a, b, ga, gb), name=name, offset=offset, flat=flat)
+        return self.add("gdot", ("T", "T"), (a, b, ga, gb), name=name, formula=formula,
+                        offset=offset, flat=flat)
 
     def gmix(self, m: str, x: str, ga: str, gb: str, offset: int = 0, ta: bool = False,
-             flat: bool = False, name=None) -> str:
+             flat: bool = False, name=None, formula=None) -> str:
         flat = flat or (ga == gb and offset == 0)
-        return self.add("gmix", self.shape(x), (m, x, ga, gb), name=name, offset=offset, ta=ta,
-                        flat=flat)
+        return self.add("gmix", self.shape(x), (m, x, ga, gb), name=name, formula=formula,
+                        offset=offset, ta=ta, flat=flat)
 
     def order(self) -> list[str]:
         return list(nx.topological_sort(self.g))
@@ -117,10 +185,11 @@ def _x(i: int) -> sp.Symbol:
     return sp.Symbol(f"x{i}", real=True)
 
 
-def ew(graph: Graph, text_expr, *nodes: str, name=None) -> str:
+def ew(graph: Graph, text_expr, *nodes: str, name=None, formula=None) -> str:
     """Shorthand: an elementwise node from a function of sympy symbols x0, x1, ..."""
     symbols = [_x(i) for i in range(len(nodes))]
-    return graph.ew(text_expr(*symbols), dict(zip(symbols, nodes, strict=True)), name=name)
+    return graph.ew(text_expr(*symbols), dict(zip(symbols, nodes, strict=True)), name=name,
+                    formula=formula)
 
 
 def plan(graph: Graph, targets, stop=()) -> tuple[str, ...]:
@@ -144,11 +213,18 @@ def _ae(expr: sp.Expr) -> sp.Expr:
     return expr.replace(sp.DiracDelta, lambda *a: sp.Integer(0))
 
 
-def backward(graph: Graph, seeds: dict[str, str], wrt: tuple[str, ...]) -> dict[str, str]:
+def backward(graph: Graph, seeds: dict[str, str], wrt: tuple[str, ...],
+             prefix: str = "d") -> dict[str, str]:
     """Add adjoint nodes for d(sum <output, seed>)/d(wrt) to `graph`; returns {wrt: adjoint}.
 
-    `seeds` maps forward outputs to the input nodes holding their cotangents."""
+    `seeds` maps forward outputs to the input nodes holding their cotangents. The adjoint of a
+    node x is named `{prefix}x` (a pullback inside the forward step, such as the memory's own
+    gradient, takes another prefix than the training gradient's "d"); where x has several
+    consumers, the contribution through consumer c is `{prefix}x_from_c` and `{prefix}x` their
+    sum."""
     forward = [n for n in graph.order() if n not in seeds.values()]
+    made = set(graph.g)
+    index = {n: i for i, n in enumerate(graph.g)}
     needed = set()
     for n in wrt:
         needed |= nx.descendants(graph.g, n) | {n}
@@ -159,61 +235,96 @@ def backward(graph: Graph, seeds: dict[str, str], wrt: tuple[str, ...]) -> dict[
     for n in reversed(forward):
         if n not in needed or not contributions.get(n):
             continue
-        adjoint[n] = _accumulate(graph, n, contributions[n])
+        adjoint[n] = _accumulate(graph, n, contributions[n], prefix)
         node = graph.node(n)
-        for src, grad in _vjp(graph, n, node, adjoint[n]):
+        for src, grad in _vjp(graph, n, node, adjoint[n], prefix, index[n]):
             if src in needed:
                 contributions[src].append(grad)
-    return {n: adjoint.get(n) for n in wrt}
+    # A node with one contribution has it as its adjoint: named so, where it is no one else's.
+    uses = [p for parts in contributions.values() for p in parts] + list(adjoint.values())
+    names = {}
+    for n, a in adjoint.items():
+        if a not in made and uses.count(a) == 2 and f"{prefix}{n}" not in graph.g:
+            names[a] = graph.free(f"{prefix}{n}")
+    graph.rename(names)
+    return {n: names.get(adjoint[n], adjoint[n]) if n in adjoint else None for n in wrt}
 
 
-def _accumulate(graph: Graph, n: str, parts: list[str]) -> str:
+def _accumulate(graph: Graph, n: str, parts: list[str], prefix: str) -> str:
     shape = graph.shape(n)
-    total = parts[0] if len(parts) == 1 else ew(graph, lambda *xs: sp.Add(*xs), *parts)
+    name = f"{prefix}{n}"
+    if len(parts) == 1:
+        total = parts[0]
+    else:
+        wide = broadcast(*(graph.shape(p) for p in parts)) != shape
+        total = ew(graph, lambda *xs: sp.Add(*xs), *parts, name=f"{name}_parts" if wide else name)
     if graph.shape(total) != shape:
-        total = graph.add("broadcast", shape, (total,))
+        total = graph.add("broadcast", shape, (total,), name=name)
     return total
 
 
-def _reduce_to(graph: Graph, grad: str, shape: tuple) -> str:
-    for axis, (have, want) in enumerate(zip(graph.shape(grad), shape, strict=True)):
-        if want == 1 and have != 1:
-            grad = graph.sum(grad, axis)
+def _reduce_to(graph: Graph, grad: str, shape: tuple, name: str) -> str:
+    """grad summed over the axes where `shape` is 1; the last sum is `name`."""
+    axes = [axis for axis, (have, want) in enumerate(zip(graph.shape(grad), shape, strict=True))
+            if want == 1 and have != 1]
+    for i, axis in enumerate(axes):
+        grad = graph.sum(grad, axis, name=name if i == len(axes) - 1 else f"{name}_half")
     return grad
 
 
-def _vjp(graph: Graph, n: str, node: dict, dy: str):
+def _vjp(graph: Graph, n: str, node: dict, dy: str, prefix: str, index: int):
+    """(input, its contribution) of node n (the graph's `index`-th) with adjoint dy; a
+    contribution to x is named `{prefix}x_from_n`, n without a `_from_` part of its own (and the
+    node it sums over broadcast axes `..._full`)."""
     op, inputs = node["op"], node["inputs"]
+
+    def part(src):
+        return f"{prefix}{src}_from_{n.split('_from_')[0]}"
+
     if op == "dot":
         a, b = inputs
         ta, tb = node["ta"], node["tb"]
-        da = graph.dot(b, dy, ta=tb, tb=True) if ta else graph.dot(dy, b, tb=not tb)
-        db = graph.dot(dy, a, ta=True, tb=ta) if tb else graph.dot(a, dy, ta=not ta)
+        da = graph.dot(b, dy, ta=tb, tb=True, name=part(a)) if ta else \
+            graph.dot(dy, b, tb=not tb, name=part(a))
+        db = graph.dot(dy, a, ta=True, tb=ta, name=part(b)) if tb else \
+            graph.dot(a, dy, ta=not ta, name=part(b))
         yield a, da
         yield b, db
     elif op == "ew":
         expr, symbols = node["expr"], node["symbols"]
-        dsym = sp.Symbol(f"d_{n}", real=True)  # fresh: the expression may be an adjoint itself
+        # fresh: the expression may be an adjoint itself. Named by the node's place, not its
+        # name: sympy orders a product's factors by name, and so the code's products.
+        dsym = sp.Symbol(f"d_{index:05d}", real=True)
         for sym, src in zip(symbols, inputs, strict=True):
             partial = _ae(sp.diff(expr, sym))
             if partial == 0:
                 continue
             args = {s: i for s, i in zip(symbols, inputs, strict=True)} | {dsym: dy}
-            grad = graph.ew(_chain(graph, dsym, partial, args), args)
-            yield src, _reduce_to(graph, grad, graph.shape(src))
+            chain = _chain(graph, dsym, partial, args)
+            used = [i for s, i in args.items() if chain.has(s)]
+            full = broadcast(*(graph.shape(i) for i in used)) if used else (1, 1)
+            reduced = _reduced(full, graph.shape(src))
+            grad = graph.ew(chain, args, name=part(src) + ("_full" if reduced else ""))
+            yield src, _reduce_to(graph, grad, graph.shape(src), part(src))
     elif op == "sum":
-        yield inputs[0], graph.add("broadcast", graph.shape(inputs[0]), (dy,))
+        yield inputs[0], graph.add("broadcast", graph.shape(inputs[0]), (dy,), name=part(inputs[0]))
     elif op == "cumsum":
-        yield inputs[0], graph.add("revcumsum", graph.shape(dy), (dy,))
+        yield inputs[0], graph.add("revcumsum", graph.shape(dy), (dy,), name=part(inputs[0]))
     elif op == "trans":
-        yield inputs[0], graph.trans(dy)
+        yield inputs[0], graph.trans(dy, name=part(inputs[0]))
     elif op == "broadcast":
-        yield inputs[0], _reduce_to(graph, dy, graph.shape(inputs[0]))
+        yield inputs[0], _reduce_to(graph, dy, graph.shape(inputs[0]), part(inputs[0]))
     elif op == "tri_inv":  # X = (I + A)^-1: dA = -X^T dX X^T
-        left = graph.dot(n, dy, ta=True)
-        yield inputs[0], ew(graph, lambda m: -m, graph.dot(left, n, tb=True))
+        name = part(inputs[0])
+        left = graph.dot(n, dy, ta=True, name=f"{name}_left")
+        yield inputs[0], ew(graph, lambda m: -m, graph.dot(left, n, tb=True, name=f"{name}_neg"),
+                            name=name)
     elif op in ("gdot", "gmix"):
-        yield from _decayed_vjp(graph, n, node, dy)
+        yield from _decayed_vjp(graph, n, node, dy, part)
+
+
+def _reduced(have: tuple, want: tuple) -> bool:
+    return any(w == 1 and h != 1 for h, w in zip(have, want, strict=True))
 
 
 def _chain(graph: Graph, dy: sp.Symbol, partial: sp.Expr, args: dict) -> sp.Expr:
@@ -229,7 +340,7 @@ def _chain(graph: Graph, dy: sp.Symbol, partial: sp.Expr, args: dict) -> sp.Expr
     return chain
 
 
-def _decayed_vjp(graph: Graph, n: str, node: dict, dy: str):
+def _decayed_vjp(graph: Graph, n: str, node: dict, dy: str, part):
     """Reverse mode of gdot and gmix (E_tid = exp(ga_td - gb_id) on the causal pairs): each
     adjoint of a or b (m or x) is the other op with dy in its place; with y the node's output,
     dga = a * da and dgb = -b * db for gdot; dga = dy * y, dgb = -x * dx for gmix (dga = x * dx,
@@ -240,30 +351,42 @@ def _decayed_vjp(graph: Graph, n: str, node: dict, dy: str):
     # which swamps the gradient of a large decay).
     far = dict(offset=offset + 1) if flat else None
     same = dict(offset=offset, flat=flat)
+
+    def gate(g, fn, *xs):
+        """A gate's contribution (before its sum over the broadcast axes, if any)."""
+        full = broadcast(*(graph.shape(x) for x in xs))
+        return ew(graph, fn, *xs, name=part(g) + ("_full" if _reduced(full, graph.shape(g)) else ""))
+
     if node["op"] == "gdot":
         a, b = node["inputs"][:2]
-        da = graph.gmix(dy, b, ga, gb, **same)
-        db = graph.gmix(dy, a, ga, gb, ta=True, **same)
-        da_g = da if far is None else graph.gmix(dy, b, ga, gb, **far)
-        db_g = db if far is None else graph.gmix(dy, a, ga, gb, ta=True, **far)
-        grads = [(a, da), (b, db), (ga, ew(graph, lambda x, y: x * y, a, da_g)),
-                 (gb, ew(graph, lambda x, y: -x * y, b, db_g))]
+        da = graph.gmix(dy, b, ga, gb, **same, name=part(a))
+        db = graph.gmix(dy, a, ga, gb, ta=True, **same, name=part(b))
+        da_g = da if far is None else graph.gmix(dy, b, ga, gb, **far, name=f"{part(a)}_far")
+        db_g = db if far is None else graph.gmix(dy, a, ga, gb, ta=True, **far,
+                                                 name=f"{part(b)}_far")
+        grads = [(a, da), (b, db), (ga, gate(ga, lambda x, y: x * y, a, da_g)),
+                 (gb, gate(gb, lambda x, y: -x * y, b, db_g))]
     else:
         m, x = node["inputs"][:2]
         ta = node["ta"]
         if ta:  # y_i = sum_t m_ti x_t E_ti
-            dm, dx = graph.gdot(x, dy, ga, gb, **same), graph.gmix(m, dy, ga, gb, **same)
+            dm = graph.gdot(x, dy, ga, gb, **same, name=part(m))
+            dx = graph.gmix(m, dy, ga, gb, **same, name=part(x))
         else:  # y_t = sum_i m_ti x_i E_ti
-            dm, dx = graph.gdot(dy, x, ga, gb, **same), graph.gmix(m, dy, ga, gb, ta=True, **same)
-        y = n if far is None else graph.gmix(m, x, ga, gb, ta=ta, **far)
-        dx_g = dx if far is None else graph.gmix(m, dy, ga, gb, ta=not ta, **far)
+            dm = graph.gdot(dy, x, ga, gb, **same, name=part(m))
+            dx = graph.gmix(m, dy, ga, gb, ta=True, **same, name=part(x))
+        y = n if far is None else graph.gmix(m, x, ga, gb, ta=ta, **far, name=f"{n}_far")
+        dx_g = dx if far is None else graph.gmix(m, dy, ga, gb, ta=not ta, **far,
+                                                 name=f"{part(x)}_far")
         if ta:
-            dga, dgb = ew(graph, lambda u, w: u * w, x, dx_g), ew(graph, lambda u, w: -u * w, dy, y)
+            dga = gate(ga, lambda u, w: u * w, x, dx_g)
+            dgb = gate(gb, lambda u, w: -u * w, dy, y)
         else:
-            dga, dgb = ew(graph, lambda u, w: u * w, dy, y), ew(graph, lambda u, w: -u * w, x, dx_g)
+            dga = gate(ga, lambda u, w: u * w, dy, y)
+            dgb = gate(gb, lambda u, w: -u * w, x, dx_g)
         grads = [(m, dm), (x, dx), (ga, dga), (gb, dgb)]
     for src, grad in grads:
-        yield src, _reduce_to(graph, grad, graph.shape(src))
+        yield src, _reduce_to(graph, grad, graph.shape(src), part(src))
 
 # ---- evaluation in torch -------------------------------------------------------------------------
 

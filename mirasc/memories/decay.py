@@ -17,17 +17,18 @@ def chunk_decays(gr: Graph, d: Derivation, rowmask: str, matrix: bool = True) ->
     la = log_gate(gr, d.op_gates(), "log_alpha", rowmask, name="la")
     if la is None:
         return None, None, None, None, "causal"
-    gam = gr.cumsum(la, name="gam")
-    gam_end = gr.sum(la, 0, name="gam_end")
-    beta = ew(gr, sp.exp, gam, name="beta")
+    gam = gr.cumsum(la, name="gam", formula="gam_t = sum_(s<=t) la_s")
+    gam_end = gr.sum(la, 0, name="gam_end", formula="gam_end = sum_t la_t")
+    beta = ew(gr, sp.exp, gam, name="beta", formula="beta = exp(gam)")
     decay_mat = decay_matrix(gr, "causal", gam, gr.trans(gam, name="gam_row"), name="decay") \
         if matrix else None
     return la, gam, gam_end, beta, decay_mat
 
 
-def decayed_to_end(gr: Graph, gam_end: str | None, x: str, name: str | None = None) -> str:
+def decayed_to_end(gr: Graph, gam_end: str | None, x: str, name: str) -> str:
     """A chunk-start value decayed to the chunk end, exp(gamma_T) x (x itself without a decay)."""
-    return x if gam_end is None else ew(gr, lambda e, a: sp.exp(e) * a, gam_end, x, name=name)
+    return x if gam_end is None else ew(gr, lambda e, a: sp.exp(e) * a, gam_end, x, name=name,
+                                        formula=f"{name} = exp(gam_end) {x}")
 
 
 LOG_FLOOR = -110.0  # log_alpha below it (down to -inf, alpha = 0: a full reset) counts as it
@@ -44,9 +45,10 @@ def log_gate(gr: Graph, gates: dict, arg: str, rowmask: str, name: str) -> str |
     if gate.is_input:
         if arg == "log_alpha":
             return ew(gr, lambda a: sp.Piecewise((a, a > LOG_FLOOR), (LOG_FLOOR, True)), arg,
-                      name=name)
-        return ew(gr, sp.log, arg, name=name)
-    return ew(gr, lambda m: m * sp.log(sp.Float(gate.value)), rowmask, name=name)
+                      name=name, formula=f"{name} = max(log_alpha, {LOG_FLOOR:g})")
+        return ew(gr, sp.log, arg, name=name, formula=f"{name} = log({arg})")
+    return ew(gr, lambda m: m * sp.log(sp.Float(gate.value)), rowmask, name=name,
+              formula=f"{name} = log({gate.value:g}) on real rows")
 
 
 def decay_matrix(gr: Graph, causal: str, cum: str, cum_row: str, name: str) -> str:
@@ -54,7 +56,8 @@ def decay_matrix(gr: Graph, causal: str, cum: str, cum_row: str, name: str) -> s
     gradients of cum_t and cum_i would cancel only to rounding, which swamps the gradient of
     a large decay), 0 above."""
     return ew(gr, lambda c, s, a, b: sp.Piecewise((sp.exp(a - b), s > 0), (1, c > 0), (0, True)),
-              causal, strict_mask(gr), cum, cum_row, name=name)
+              causal, strict_mask(gr), cum, cum_row, name=name,
+              formula=f"{name}_ti = exp({cum}_t - {cum}_i) (t > i), 1 (t = i), 0 (t < i)")
 
 
 def previous_decays(gr: Graph, kk: str, strict: str, lag: str, gam_row: str) -> str:
@@ -63,25 +66,31 @@ def previous_decays(gr: Graph, kk: str, strict: str, lag: str, gam_row: str) -> 
     band = gr.const("strict2", ("T", "T"), "strict2")  # t > i + 1
     return ew(gr, lambda a, s, s2, x, y: a * sp.Piecewise((sp.exp(x - y), s2 > 0), (1, s > 0),
                                                           (0, True)),
-              kk, strict, band, lag, gam_row, name="kk_decay")
+              kk, strict, band, lag, gam_row, name="kk_decay",
+              formula=f"kk_decay_ti = kk_ti exp({lag}_t - gam_i) (t > i + 1), kk_ti (t = i + 1), 0")
 
 
 def exclusive_cumsum(gr: Graph, la: str) -> str:
     """The exclusive prefix sum sum_(s < t) la_s (not gamma_t - la_t, whose gradients cancel to
     rounding at the first row)."""
+    formula = "gam_prev_t = sum_(s<t) la_s"
     if gr.shape(la)[1] == 1:
-        return gr.sum(ew(gr, lambda s, a: s * a, strict_mask(gr), gr.trans(la)), 1, name="gam_prev")
-    return gr.dot(strict_mask(gr), la, name="gam_prev")
+        before = ew(gr, lambda s, a: s * a, strict_mask(gr), gr.trans(la, name=f"{la}_row"),
+                    name=f"{la}_before")
+        return gr.sum(before, 1, name="gam_prev", formula=formula)
+    return gr.dot(strict_mask(gr), la, name="gam_prev", formula=formula)
 
 
 def tail_decays(gr: Graph, la: str, rowmask: str, name: str = "tail") -> str:
     """The decay from each real row to the chunk end, exp(sum_(s > i) la_s), by a sum over the
     later rows (not gamma_T - gamma_i, whose gradients cancel to rounding at the last row)."""
     if gr.shape(la)[1] == 1:
-        later = gr.trans(gr.sum(ew(gr, lambda s, a: s * a, strict_mask(gr), la), 0))
+        after = ew(gr, lambda s, a: s * a, strict_mask(gr), la, name=f"{la}_after")
+        later = gr.trans(gr.sum(after, 0, name=f"log_{name}_row"), name=f"log_{name}")
     else:
-        later = gr.dot(strict_mask(gr), la, ta=True)
-    return ew(gr, lambda m, x: m * sp.exp(x), rowmask, later, name=name)
+        later = gr.dot(strict_mask(gr), la, ta=True, name=f"log_{name}")
+    return ew(gr, lambda m, x: m * sp.exp(x), rowmask, later, name=name,
+              formula=f"{name}_i = exp(sum_(s>i) {la}_s) on real rows")
 
 
 def momentum_mixing(gr: Graph, d: Derivation, decay_mat: str, rowmask: str):
@@ -90,12 +99,16 @@ def momentum_mixing(gr: Graph, d: Derivation, decay_mat: str, rowmask: str):
     their values at the chunk's last real row, and exp(mu_T - mu)."""
     lastrow = lastrow_mask(gr)
     lm = log_gate(gr, d.op_gates(), "momentum", rowmask, name="lm")
-    mu = gr.cumsum(lm, name="mu")
-    mu_end = gr.sum(lm, 0, name="mu_end")
-    mix = gr.dot(decay_mat, decay_matrix(gr, "causal", mu, gr.trans(mu), name="mom"), name="mix")
-    s_vec = gr.sum(ew(gr, lambda a, b, m: a * sp.exp(b) * m, decay_mat, gr.trans(mu),
-                      gr.trans(rowmask)), 1, name="s_vec")  # no step at masked rows
-    mix_end = gr.trans(gr.sum(ew(gr, lambda a, b: a * b, mix, lastrow), 0), name="mix_end")
-    s_end = gr.sum(ew(gr, lambda a, b: a * b, s_vec, lastrow), 0, name="s_end")
+    mu = gr.cumsum(lm, name="mu", formula="mu_t = sum_(s<=t) lm_s")
+    mu_end = gr.sum(lm, 0, name="mu_end", formula="mu_end = sum_t lm_t")
+    mom = decay_matrix(gr, "causal", mu, gr.trans(mu, name="mu_row"), name="mom")
+    mix = gr.dot(decay_mat, mom, name="mix", formula="mix = decay mom")
+    s_terms = ew(gr, lambda a, b, m: a * sp.exp(b) * m, decay_mat, gr.trans(mu, name="mu_row"),
+                 gr.trans(rowmask, name="rowmask_row"), name="s_terms")
+    s_vec = gr.sum(s_terms, 1, name="s_vec",  # no step at masked rows
+                   formula="s_vec_t = sum_(j<=t, real j) decay_tj exp(mu_j)")
+    mix_last = ew(gr, lambda a, b: a * b, mix, lastrow, name="mix_last")
+    mix_end = gr.trans(gr.sum(mix_last, 0, name="mix_end_row"), name="mix_end")
+    s_end = gr.sum(ew(gr, lambda a, b: a * b, s_vec, lastrow, name="s_last"), 0, name="s_end")
     m_tail = tail_decays(gr, lm, rowmask, name="m_tail")
     return mix, s_vec, mix_end, s_end, m_tail, mu_end

@@ -21,7 +21,8 @@ def last_row_eta(gr: Graph, d: Derivation) -> str | None:
     """eta at the chunk's last real row [1, 1] when the step is the reading token's, else None."""
     if not by_query(d):
         return None
-    return gr.sum(ew(gr, lambda e, m: e * m, "eta", lastrow_mask(gr)), 0, name="eta_end")
+    last = ew(gr, lambda e, m: e * m, "eta", lastrow_mask(gr), name="eta_last")
+    return gr.sum(last, 0, name="eta_end", formula="eta_end = eta at the last real row")
 
 
 def gate_args(gr: Graph, d: Derivation, ctx: dict) -> tuple[dict, sp.Expr]:

@@ -46,12 +46,12 @@ def _inputs(gr: Graph, d: Derivation) -> dict:
     dk = "DV" if d.spec.memory.residual else "DK"  # a residual memory needs DK == DV
     data_gates, rowmask = chunk_inputs(gr, d, dk)
     state = gr.input("W", ("DV", dk))  # the retention's state: Z (dual) or W (proximal)
-    w = read_map(gr, d, state) if d.retention.dual else state
+    w = read_map(gr, d, state, "W_read") if d.retention.dual else state
     b_state = gr.input("b", (1, "DV")) if d.spec.memory.bias else None
-    b = read_map(gr, d, b_state) if b_state is not None and d.retention.dual else b_state
+    b = read_map(gr, d, b_state, "b_read") if b_state is not None and d.retention.dual else b_state
     channel_decay = gates.get("log_alpha") is not None and gates["log_alpha"].shape == "channel"
     # A channel-wise step scales the key channels of each update: u_i (k_i * eta_i)^T.
-    k_upd = ew(gr, lambda a, b: a * b, "k", "eta", name="k_eta") \
+    k_upd = ew(gr, lambda a, b: a * b, "k", "eta", name="k_eta", formula="k_eta = k * eta") \
         if gates["eta"].shape == "channel" and gates["eta"].is_input else "k"
     return dict(q="q", k="k", k_upd=k_upd, v="v", w=w, b=b, rowmask=rowmask, vmask="vmask",
                 dk=dk, gates=tuple(data_gates), channel=channel_decay, state=state,
@@ -72,15 +72,17 @@ def _reads(gr: Graph, ctx: dict) -> tuple[str | None, str | None, str]:
     attn_ti = sum_d q_td k_id exp(gamma_td - gamma_id)."""
     q, k_upd, w, b, beta = ctx["q"], ctx["k_upd"], ctx["w"], ctx["b"], ctx["beta"]
     if ctx["channel"]:
-        q_dec = ew(gr, lambda a, b: a * b, q, beta, name="q_dec")
-        attn = gr.gdot(q, k_upd, ctx["gam"], ctx["gam"], name="attn")
-        return None, attn, gr.dot(q_dec, w, tb=True, name="read")
-    qk = gr.dot(q, k_upd, tb=True, name="qk")
-    qw = gr.dot(q, w, tb=True, name="qw")
+        q_dec = ew(gr, lambda a, b: a * b, q, beta, name="q_dec", formula="q_dec = q * beta")
+        attn = gr.gdot(q, k_upd, ctx["gam"], ctx["gam"], name="attn",
+                       formula=f"attn_ti = sum_d q_td {k_upd}_id exp(gam_td - gam_id) (t >= i)")
+        return None, attn, gr.dot(q_dec, w, tb=True, name="read", formula=f"read = q_dec {w}^T")
+    qk = gr.dot(q, k_upd, tb=True, name="qk", formula=f"qk = q {k_upd}^T")
+    qw = gr.dot(q, w, tb=True, name="qw", formula=f"qw = q {w}^T")
     if b is not None:
-        qk = ew(gr, lambda a: a + 1, qk, name="qk1")
-        qw = ew(gr, lambda a, c: a + c, qw, b, name="qwb")
-    read = qw if beta is None else ew(gr, lambda b_, a: b_ * a, beta, qw, name="read")
+        qk = ew(gr, lambda a: a + 1, qk, name="qk1", formula="qk1 = qk + 1")
+        qw = ew(gr, lambda a, c: a + c, qw, b, name="qwb", formula=f"qwb = qw + {b}")
+    read = qw if beta is None else ew(gr, lambda b_, a: b_ * a, beta, qw, name="read",
+                                      formula=f"read = beta * {qw}")
     return qk, None, read
 
 
@@ -92,27 +94,30 @@ def _gradient_terms(gr: Graph, d: Derivation, ctx: dict, updates: str, attn: str
     channel, rowmask, k_upd, b = ctx["channel"], ctx["rowmask"], ctx["k_upd"], ctx["b"]
     eta_end = last_row_eta(gr, d)
     if not channel:
-        attn = ew(gr, lambda a, b_: a * b_, qk, ctx["decay_mat"], name="attn")
-    mixed = gr.dot(attn, updates, name="mixed")
+        attn = ew(gr, lambda a, b_: a * b_, qk, ctx["decay_mat"], name="attn",
+                  formula=f"attn = {qk} * {ctx['decay_mat']}")
+    mixed = gr.dot(attn, updates, name="mixed", formula=f"mixed = attn {updates}")
     if eta_end is not None:
         mixed = ew(gr, lambda a, e: a * e, mixed, "eta", name="mixed_eta")
-    z_o = ew(gr, lambda a, m: a - m, read, mixed, name="z_o")
+    z_o = ew(gr, lambda a, m: a - m, read, mixed, name="z_o", formula=f"z_o = {read} - {mixed}")
     if ctx["gam_end"] is not None:  # each update decays from its row to the chunk end
         tail = tail_decays(gr, ctx["la"], rowmask)
         if channel:
             k_upd = ew(gr, lambda a, b_: a * b_, k_upd, tail, name="k_tail")
         else:
             updates = ew(gr, lambda a, b_: a * b_, updates, tail, name="u_tail")
-    update = gr.dot(updates, k_upd, ta=True, name="update")
+    update = gr.dot(updates, k_upd, ta=True, name="update", formula=f"update = {updates}^T {k_upd}")
     b_update = gr.sum(updates, 0, name="b_update") if b is not None else None
     if eta_end is not None:
         update = ew(gr, lambda a, e: a * e, update, eta_end, name="update_eta")
         if b_update is not None:
             b_update = ew(gr, lambda a, e: a * e, b_update, eta_end, name="b_update_eta")
-    acc, extra = ew(gr, lambda a, u: a - u, keep, update, name="acc"), {}
+    acc, extra = ew(gr, lambda a, u: a - u, keep, update, name="acc",
+                    formula=f"acc = {keep} - {update}"), {}
     if b is not None:
         keep_b = decayed_to_end(gr, ctx["gam_end"], ctx["b_state"], "keep_b")
-        extra["b"] = ew(gr, lambda a, u: a - u, keep_b, b_update, name="b_acc")
+        extra["b"] = ew(gr, lambda a, u: a - u, keep_b, b_update, name="b_acc",
+                        formula=f"b_acc = {keep_b} - {b_update}")
     return z_o, acc, extra
 
 
@@ -124,11 +129,11 @@ def _chunk_end(gr: Graph, d: Derivation, ctx: dict, o: str, acc: str, extra: dic
     params = param_inputs(gr)
     if d.retention.linear:
         return ChunkStep(gr, gates, states, {"o": o, "W": acc, **extra}, params)
-    w_end = read_map(gr, d, acc)
-    z_end = gr.dot(q, w_end, tb=True)
+    w_end = read_map(gr, d, acc, "W_end")
+    z_end = gr.dot(q, w_end, tb=True, name="z_end", formula="z_end = q W_end^T")
     if ctx["b"] is not None:
-        b_end = read_map(gr, d, extra["b"])
-        z_end = ew(gr, lambda a, c: a + c, z_end, b_end)
+        b_end = read_map(gr, d, extra["b"], "b_end")
+        z_end = ew(gr, lambda a, c: a + c, z_end, b_end, name="z_end_b")
         extra["b"] = extra["b"] if d.retention.dual else b_end
     o_end = finish(gr, d, z_end, q, vmask, name="o_end", read=True)
     o = last_row_reads(gr, o, o_end, name="o")
@@ -145,12 +150,17 @@ def _momentum_terms(gr: Graph, d: Derivation, ctx: dict, updates: str, decay_mat
     k, rowmask = ctx["k"], ctx["rowmask"]
     s_in = gr.input("S", ("DV", ctx["dk"]))
     mix, s_vec, mix_end, s_end, m_tail, mu_end = momentum_mixing(gr, d, decay_mat, rowmask)
-    attn = ew(gr, lambda a, b: a * b, qk, mix, name="attn")
-    mixed = gr.dot(attn, updates, name="mixed")
-    qs = gr.dot(ctx["q"], s_in, tb=True, name="qs")
-    z_o = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, qs, mixed, name="z_o")
-    w_update = gr.dot(ew(gr, lambda a, b: a * b, updates, mix_end), k, ta=True, name="w_update")
-    acc = ew(gr, lambda a, s, x, u: a - s * x - u, keep, s_end, s_in, w_update, name="acc")
-    s_update = gr.dot(ew(gr, lambda a, b: a * b, updates, m_tail), k, ta=True, name="s_update")
-    s_new = ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, s_update, name="S_new")
+    attn = ew(gr, lambda a, b: a * b, qk, mix, name="attn", formula=f"attn = {qk} * mix")
+    mixed = gr.dot(attn, updates, name="mixed", formula=f"mixed = attn {updates}")
+    qs = gr.dot(ctx["q"], s_in, tb=True, name="qs", formula="qs = q S^T")
+    z_o = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, qs, mixed, name="z_o",
+             formula=f"z_o = {read} - s_vec * qs - mixed")
+    u_mix = ew(gr, lambda a, b: a * b, updates, mix_end, name=f"{updates}_mix_end")
+    w_update = gr.dot(u_mix, k, ta=True, name="w_update", formula=f"w_update = {u_mix}^T k")
+    acc = ew(gr, lambda a, s, x, u: a - s * x - u, keep, s_end, s_in, w_update, name="acc",
+             formula=f"acc = {keep} - s_end S - w_update")
+    u_tail = ew(gr, lambda a, b: a * b, updates, m_tail, name=f"{updates}_m_tail")
+    s_update = gr.dot(u_tail, k, ta=True, name="s_update", formula=f"s_update = {u_tail}^T k")
+    s_new = ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, s_update, name="S_new",
+               formula="S_new = exp(mu_end) S + s_update")
     return z_o, acc, {"S": s_new}

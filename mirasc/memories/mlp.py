@@ -46,7 +46,7 @@ def _inputs(gr: Graph, d: Derivation) -> dict:
     hmask = dim_mask(gr, "DH")
     dims = [dk] + ["DH"] * (mem.depth - 1) + ["DV"]
     states = [gr.input(f"W{i + 1}", (dims[i + 1], dims[i])) for i in range(mem.depth)]
-    weights = [read_map(gr, d, w) if d.retention.dual else w for w in states]
+    weights = [read_map(gr, d, w, f"{w}_read") if d.retention.dual else w for w in states]
     la, _, gam_end, beta, decay_mat = chunk_decays(gr, d, rowmask)
     return dict(q="q", k="k", v="v", vmask="vmask", hmask=hmask, rowmask=rowmask,
                 gates=tuple(data_gates), dims=dims, states=states, weights=weights,
@@ -61,17 +61,18 @@ def _key_gradients(gr: Graph, d: Derivation, ctx: dict) -> dict:
     x, keys, pre = ctx["k"], [], []
     for i, w in enumerate(weights):
         keys.append(x)
-        pre.append(gr.dot(x, w, tb=True, name=f"kz{i + 1}"))
+        pre.append(gr.dot(x, w, tb=True, name=f"kz{i + 1}", formula=f"kz{i + 1} = {x} {w}^T"))
         if i < len(weights) - 1:
-            x = ew(gr, lambda a, m: act(a) * m, pre[-1], hmask, name=f"kh{i + 1}")
+            x = ew(gr, lambda a, m: act(a) * m, pre[-1], hmask, name=f"kh{i + 1}",
+                   formula=f"kh{i + 1} = act(kz{i + 1})")
     pred = finish(gr, d, pre[-1], ctx["k"], vmask, name="pred_m")
     g = bias_gradient(gr, d, pred, ctx["v"], vmask)
-    deltas = backward(gr, {pred: g}, tuple(pre))
+    deltas = backward(gr, {pred: g}, tuple(pre), prefix="g_")
     args, factor = gate_args(gr, d, {"rowmask": ctx["rowmask"], "vmask": vmask})
     factor = factor.subs(sp.Symbol("vmask", real=True), 1)
     x_sym, m_sym = sp.Symbol("x", real=True), sp.Symbol("m", real=True)
     updates = [gr.ew(x_sym * factor * m_sym, args | {x_sym: deltas[z], m_sym: dim_mask(gr, dim)},
-                     name=f"u{i + 1}")
+                     name=f"u{i + 1}", formula=f"u{i + 1} = eta * {deltas[z]}")
                for i, (z, dim) in enumerate(zip(pre, ctx["dims"][1:], strict=True))]
     return dict(keys=keys, updates=updates)
 
@@ -101,21 +102,29 @@ def _read_chain(gr: Graph, d: Derivation, ctx: dict, layers: list[str], name: st
     chunk-start weights): decayed to each row, minus the decayed updates so far."""
     act, hmask, beta = ctx["act"], ctx["hmask"], ctx["beta"]
     x = ctx["q"]
+    end = "" if inside else "_end"  # the chunk-end chain: the names of the rows' with _end
     for i, (w, key, u) in enumerate(zip(layers, ctx["keys"], ctx["updates"], strict=True)):
-        z = gr.dot(x, w, tb=True)
+        j = i + 1
+        z = gr.dot(x, w, tb=True, name=f"qw{j}{end}", formula=f"qw{j}{end} = {x} {w}^T")
         if beta is not None and inside:
-            z = ew(gr, lambda b, a: b * a, beta, z)
+            z = ew(gr, lambda b, a: b * a, beta, z, name=f"read{j}", formula=f"read{j} = beta * {z}")
         if inside:
-            attn = ew(gr, lambda a, b: a * b, gr.dot(x, key, tb=True), ctx["attn_mask"])
-            mixed = gr.dot(attn, u)
+            attn = ew(gr, lambda a, b: a * b, gr.dot(x, key, tb=True, name=f"qk{j}"),
+                      ctx["attn_mask"], name=f"attn{j}",
+                      formula=f"attn{j} = ({x} {key}^T) * {ctx['attn_mask']}")
+            mixed = gr.dot(attn, u, name=f"mixed{j}", formula=f"mixed{j} = attn{j} {u}")
             if ctx["eta_end"] is not None:
-                mixed = ew(gr, lambda a, e: a * e, mixed, "eta")
-            z = ew(gr, lambda a, m: a - m, z, mixed)
-            if ctx["momentum"]:
+                mixed = ew(gr, lambda a, e: a * e, mixed, "eta", name=f"mixed{j}_eta")
+            momentum = ctx["momentum"]
+            z = ew(gr, lambda a, m: a - m, z, mixed, name=f"qz{j}_gd" if momentum else f"qz{j}",
+                   formula=None if momentum else f"qz{j} = {z} - {mixed}")
+            if momentum:
                 z = ew(gr, lambda a, s, y: a - s * y, z, ctx["s_vec"],
-                       gr.dot(x, ctx["mom_in"][i], tb=True))
+                       gr.dot(x, ctx["mom_in"][i], tb=True, name=f"qs{j}"), name=f"qz{j}",
+                       formula=f"qz{j} = {z} - s_vec * qs{j}")
         if i < len(layers) - 1:
-            x = ew(gr, lambda a, m: act(a) * m, z, hmask)
+            x = ew(gr, lambda a, m: act(a) * m, z, hmask, name=f"qh{j}{end}",
+                   formula=f"qh{j}{end} = act({z})")
     return finish(gr, d, z, ctx["q"], ctx["vmask"], name=name, read=True)
 
 
@@ -125,21 +134,31 @@ def _new_states(gr: Graph, ctx: dict) -> tuple[dict, list[str]]:
     outputs, new_acc = {}, []
     for i, (state, key, u) in enumerate(zip(ctx["states"], ctx["keys"], ctx["updates"],
                                             strict=True)):
-        keep = decayed_to_end(gr, ctx["gam_end"], state)
+        j = i + 1
+        keep = decayed_to_end(gr, ctx["gam_end"], state, f"keep{j}")
         if ctx["momentum"]:
             s_in = ctx["mom_in"][i]
-            w_upd = gr.dot(ew(gr, lambda a, b: a * b, u, ctx["mix_end"]), key, ta=True)
-            acc = ew(gr, lambda a, s, y, c: a - s * y - c, keep, ctx["s_end"], s_in, w_upd)
-            s_upd = gr.dot(ew(gr, lambda a, b: a * b, u, ctx["m_tail"]), key, ta=True)
-            outputs[f"S{i + 1}"] = ew(gr, lambda e, y, c: sp.exp(e) * y + c, ctx["mu_end"], s_in,
-                                      s_upd, name=f"S{i + 1}_new")
+            u_mix = ew(gr, lambda a, b: a * b, u, ctx["mix_end"], name=f"{u}_mix_end")
+            w_upd = gr.dot(u_mix, key, ta=True, name=f"w_update{j}",
+                           formula=f"w_update{j} = {u_mix}^T {key}")
+            acc = ew(gr, lambda a, s, y, c: a - s * y - c, keep, ctx["s_end"], s_in, w_upd,
+                     name=f"acc{j}_raw", formula=f"acc{j}_raw = {keep} - s_end {s_in} - w_update{j}")
+            u_tail = ew(gr, lambda a, b: a * b, u, ctx["m_tail"], name=f"{u}_m_tail")
+            s_upd = gr.dot(u_tail, key, ta=True, name=f"s_update{j}",
+                           formula=f"s_update{j} = {u_tail}^T {key}")
+            outputs[f"S{j}"] = ew(gr, lambda e, y, c: sp.exp(e) * y + c, ctx["mu_end"], s_in,
+                                  s_upd, name=f"S{j}_new",
+                                  formula=f"S{j}_new = exp(mu_end) {s_in} + s_update{j}")
         else:
-            scaled = u if ctx["tail"] is None else ew(gr, lambda a, b: a * b, u, ctx["tail"])
-            update = gr.dot(scaled, key, ta=True)
+            scaled = u if ctx["tail"] is None else ew(gr, lambda a, b: a * b, u, ctx["tail"],
+                                                      name=f"{u}_tail")
+            update = gr.dot(scaled, key, ta=True, name=f"update{j}",
+                            formula=f"update{j} = {scaled}^T {key}")
             if ctx["eta_end"] is not None:
-                update = ew(gr, lambda a, e: a * e, update, ctx["eta_end"])
-            acc = ew(gr, lambda a, c: a - c, keep, update)
-        new_acc.append(ew(gr, lambda a: a, acc, name=f"acc{i + 1}"))
+                update = ew(gr, lambda a, e: a * e, update, ctx["eta_end"], name=f"update{j}_eta")
+            acc = ew(gr, lambda a, c: a - c, keep, update, name=f"acc{j}_raw",
+                     formula=f"acc{j}_raw = {keep} - {update}")
+        new_acc.append(ew(gr, lambda a: a, acc, name=f"acc{j}"))
     return outputs, new_acc
 
 
@@ -151,7 +170,7 @@ def _chunk_end(gr: Graph, d: Derivation, ctx: dict, o: str, outputs: dict,
     if d.retention.linear:
         outputs |= {f"W{i + 1}": a for i, a in enumerate(new_acc)}
     else:
-        ends = [read_map(gr, d, a) for a in new_acc]
+        ends = [read_map(gr, d, a, f"W{i + 1}_end") for i, a in enumerate(new_acc)]
         o_end = _read_chain(gr, d, ctx, ends, "o_end", inside=False)
         o = last_row_reads(gr, o, o_end)
         outputs |= {f"W{i + 1}": (a if d.retention.dual else e)

@@ -67,9 +67,10 @@ def lastrow_mask(gr: Graph) -> str:
     return "lastrow" if "lastrow" in gr.g else gr.const("lastrow", ("T", 1), "lastrow")
 
 
-def last_row_reads(gr: Graph, o: str, o_end: str, name: str | None = None) -> str:
+def last_row_reads(gr: Graph, o: str, o_end: str, name: str = "o_rows") -> str:
     """The rows' outputs o, but the chunk's last real row reads o_end (the chunk-end state)."""
-    return ew(gr, lambda a, b, m: a * (1 - m) + b * m, o, o_end, lastrow_mask(gr), name=name)
+    return ew(gr, lambda a, b, m: a * (1 - m) + b * m, o, o_end, lastrow_mask(gr), name=name,
+              formula=f"{name} = {o}, but {o_end} on the last real row")
 
 
 def kept_when_empty(step: ChunkStep) -> ChunkStep:
@@ -77,7 +78,9 @@ def kept_when_empty(step: ChunkStep) -> ChunkStep:
     must keep the states, but a proximal retention's map (a soft threshold, a softmax) would
     apply once more: every new state is the old one where the step has no rows."""
     gr = step.graph
-    rows = gr.sum("rowmask", 0, name="rows")
+    rows = gr.sum("rowmask", 0, name="n_rows", formula="n_rows = sum_t rowmask_t")
     kept = {s: ew(gr, lambda n, new, old: sp.Piecewise((new, n > 0), (old, True)), rows,
-                  step.outputs[s], s, name=f"{s}_kept") for s in step.states}
+                  step.outputs[s], s, name=f"{s}_kept",
+                  formula=f"{s}_kept = {step.outputs[s]} if n_rows > 0 else {s}")
+            for s in step.states}
     return ChunkStep(gr, step.gates, step.states, step.outputs | kept, step.params)

@@ -19,14 +19,18 @@ def poisoned(step: ChunkStep) -> ChunkStep:
     gr = step.graph
     tainted, qbad = gr.const("tainted", ("T", 1), "tainted"), gr.const("qbad", ("T", 1), "qbad")
     nan = gr.const("nanfill", (1, 1), "nanfill")
-    counts = [gr.add("nonfinite", (1, 1), (s,)) for s in step.states]
-    inherited = ew(gr, lambda *c: sp.Add(*c), *counts, name="inherited")
-    spoiled = ew(gr, lambda a, b: a + b, gr.sum(tainted, 0), inherited, name="spoiled")
+    counts = [gr.add("nonfinite", (1, 1), (s,), name=f"nonfinite_{s}") for s in step.states]
+    inherited = ew(gr, lambda *c: sp.Add(*c), *counts, name="inherited",
+                   formula="inherited = how many entries of the states are not finite")
+    spoiled = ew(gr, lambda a, b: a + b, gr.sum(tainted, 0, name="n_tainted"), inherited,
+                 name="spoiled", formula="spoiled = n_tainted + inherited")
 
     def poison(flag, x, name):
-        return ew(gr, lambda f, n, a: sp.Piecewise((n, f > 0), (a, True)), flag, nan, x, name=name)
+        return ew(gr, lambda f, n, a: sp.Piecewise((n, f > 0), (a, True)), flag, nan, x, name=name,
+                  formula=f"{name} = NaN if {flag} > 0 else {x}")
 
-    bad_rows = ew(gr, lambda a, b, c: a + b + c, tainted, qbad, inherited, name="bad_rows")
+    bad_rows = ew(gr, lambda a, b, c: a + b + c, tainted, qbad, inherited, name="bad_rows",
+                  formula="bad_rows = tainted + qbad + inherited")
     outputs = {"o": poison(bad_rows, step.outputs["o"], "o_out")}
     outputs |= {s: poison(spoiled, step.outputs[s], f"{s}_out") for s in step.states}
     return ChunkStep(gr, step.gates, step.states, outputs, step.params)

@@ -18,11 +18,15 @@ def bias_gradient(gr: Graph, d: Derivation, pred: str, v: str, vmask: str) -> st
 
     Padding (rows past the sequence, columns past DV) is loaded as v = 1 so that r != 0 there and
     every derivative of g stays finite; the masks then zero its contributions."""
-    r = ew(gr, lambda a, b: a - b, pred, v, name="r")
-    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, vmask), 1, name="rsq")
-    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm")
+    r = ew(gr, lambda a, b: a - b, pred, v, name="r", formula=f"r = {pred} - {v}")
+    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, vmask, name="r_sq"), 1, name="rsq")
+    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm",
+               formula="rnorm = sqrt(sum_DV r^2 + eps)")
     args = {R: r, V: v, RNORM: rnorm} | ({DELTA: "delta"} if "delta" in gr.g else {})
-    return gr.ew(d.bias.elem + d.bias.norm * R, args, name="g")
+    expr = d.bias.elem + d.bias.norm * R
+    text = sp.sstr(expr)
+    return gr.ew(expr, args, name="g", formula=f"g = dl/dr = {text}" if len(text) <= 60 else
+                 "g = dl/dr (r, v, rnorm)")
 
 
 def minibatch_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
@@ -31,22 +35,22 @@ def minibatch_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
     retained = d.spec.learner.grad_at == "retained" and ctx["beta"] is not None
     if retained and ctx["channel"]:
         k_point = ew(gr, lambda a, b: a * b, ctx["k"], ctx["beta"], name="k_point")
-        kw = gr.dot(k_point, ctx["w"], tb=True, name="kw")
+        kw = gr.dot(k_point, ctx["w"], tb=True, name="kw", formula=f"kw = k_point {ctx['w']}^T")
     else:
-        kw = gr.dot(ctx["k"], ctx["w"], tb=True, name="kw")
+        kw = gr.dot(ctx["k"], ctx["w"], tb=True, name="kw", formula=f"kw = k {ctx['w']}^T")
         if ctx.get("b") is not None:
-            kw = ew(gr, lambda a, b: a + b, kw, ctx["b"], name="kwb")
+            kw = ew(gr, lambda a, b: a + b, kw, ctx["b"], name="kwb", formula=f"kwb = kw + {ctx['b']}")
         if retained:
-            kw = ew(gr, lambda a, b: a * b, kw, ctx["beta"], name="pred")
+            kw = ew(gr, lambda a, b: a * b, kw, ctx["beta"], name="pred", formula=f"pred = beta * {kw}")
     mem = d.spec.memory
     pred = finish(gr, d, kw, ctx["k"], ctx["vmask"], name="pred_m") \
         if mem.layer_norm or mem.residual else kw
     g = bias_gradient(gr, d, pred, ctx["v"], ctx["vmask"])
     # J^T g: the bias gradient pulled back through LN/residual
-    through = g if pred == kw else backward(gr, {pred: g}, (kw,))[kw]
+    through = g if pred == kw else backward(gr, {pred: g}, (kw,), prefix="g_")[kw]
     args, factor = gate_args(gr, d, ctx)
     x = sp.Symbol("x", real=True)
-    return gr.ew(x * factor, args | {x: through}, name="u")
+    return gr.ew(x * factor, args | {x: through}, name="u", formula=f"u = eta * {through}")
 
 
 def exact_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
@@ -63,24 +67,31 @@ def exact_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
         lag = ctx["gam"] if d.spec.learner.grad_at == "retained" \
             else exclusive_cumsum(gr, ctx["la"])
     if lag is not None and ctx["channel"]:  # per key channel: k_t k_i e^(lag_t - gamma_i), t > i
-        k_point = ew(gr, lambda a, g: a * sp.exp(g), k, lag, name="k_point")
-        kk = gr.gdot(k, k_upd, lag, ctx["gam"], offset=1, flat=lag != ctx["gam"], name="kk")
-        pred = gr.dot(k_point, ctx["w"], tb=True, name="pred")
+        k_point = ew(gr, lambda a, g: a * sp.exp(g), k, lag, name="k_point",
+                     formula=f"k_point = k * exp({lag})")
+        kk = gr.gdot(k, k_upd, lag, ctx["gam"], offset=1, flat=lag != ctx["gam"], name="kk",
+                     formula=f"kk_ti = sum_d k_td {k_upd}_id exp({lag}_td - gam_id) (t > i)")
+        pred = gr.dot(k_point, ctx["w"], tb=True, name="pred", formula=f"pred = k_point {ctx['w']}^T")
     else:
-        kk = gr.dot(k, k_upd, tb=True, name="kk")
-        kw = gr.dot(k, ctx["w"], tb=True, name="kw")
+        kk = gr.dot(k, k_upd, tb=True, name="kk", formula=f"kk = k {k_upd}^T")
+        kw = gr.dot(k, ctx["w"], tb=True, name="kw", formula=f"kw = k {ctx['w']}^T")
         if lag is None:
-            kk = ew(gr, lambda a, s: a * s, kk, strict, name="kk_strict")
+            kk = ew(gr, lambda a, s: a * s, kk, strict, name="kk_strict",
+                    formula="kk_strict = kk * strict")
             pred = kw
         else:
             kk = ew(gr, lambda a, s, x, y: a * sp.Piecewise((sp.exp(x - y), s > 0), (0, True)),
-                    kk, strict, lag, ctx["gam_row"], name="kk_decay") if lag == ctx["gam"] else \
-                previous_decays(gr, kk, strict, lag, ctx["gam_row"])
-            pred = ew(gr, lambda x, g: x * sp.exp(g), kw, lag, name="pred")
+                    kk, strict, lag, ctx["gam_row"], name="kk_decay",
+                    formula="kk_decay_ti = kk_ti exp(gam_t - gam_i) (t > i), 0 (t <= i)") \
+                if lag == ctx["gam"] else previous_decays(gr, kk, strict, lag, ctx["gam_row"])
+            pred = ew(gr, lambda x, g: x * sp.exp(g), kw, lag, name="pred",
+                      formula=f"pred = kw * exp({lag})")
     args, factor = gate_args(gr, d, ctx)
-    eta_row = gr.ew(factor.subs(sp.Symbol("vmask", real=True), 1) * c, args, name="eta_c")
-    a = ew(gr, lambda x, y: x * y, eta_row, kk, name="A")
-    inverse = gr.add("tri_inv", ("T", "T"), (a,), name="A_inv")
+    eta_expr = factor.subs(sp.Symbol("vmask", real=True), 1) * c
+    eta_row = gr.ew(eta_expr, args, name="eta_c", formula=f"eta_c = {sp.sstr(eta_expr)}")
+    a = ew(gr, lambda x, y: x * y, eta_row, kk, name="A", formula=f"A = diag(eta_c) {kk}")
+    inverse = gr.add("tri_inv", ("T", "T"), (a,), name="A_inv", formula="A_inv = (I + A)^-1")
     p_sym = sp.Symbol("pred", real=True)
-    rhs = gr.ew((c * p_sym + e) * factor, args | {p_sym: pred, V: ctx["v"]}, name="rhs")
-    return gr.dot(inverse, rhs, name="u")
+    rhs = gr.ew((c * p_sym + e) * factor, args | {p_sym: pred, V: ctx["v"]}, name="rhs",
+                formula=f"rhs = {sp.sstr(sp.Symbol('eta') * (c * sp.Symbol(pred) + e))}")
+    return gr.dot(inverse, rhs, name="u", formula="u = A_inv rhs")

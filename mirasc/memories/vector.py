@@ -24,7 +24,7 @@ def vector_chunk_step(d: Derivation) -> ChunkStep:
     data_gates, rowmask = chunk_inputs(gr, d, "DV")
     q, vmask = "q", "vmask"
     state = gr.input("W", (1, "DV"))
-    w = read_map(gr, d, state) if d.retention.dual else state
+    w = read_map(gr, d, state, "W_read") if d.retention.dual else state
     channel = gates.get("log_alpha") is not None and gates["log_alpha"].shape == "channel"
     la, gam, gam_end, beta, decay_mat = chunk_decays(gr, d, rowmask, matrix=not channel)
 
@@ -32,37 +32,48 @@ def vector_chunk_step(d: Derivation) -> ChunkStep:
 
     def decayed_sum(x):
         """sum_(i<=t) (beta_t / beta_i) x_i for every row t."""
+        formula = f"mixed_t = sum_(i<=t) (beta_t / beta_i) {x}_i"
         if channel:
-            return gr.gmix("causal", x, gam, gam)
-        return gr.dot(decay_mat, x)
+            return gr.gmix("causal", x, gam, gam, name="mixed", formula=formula)
+        return gr.dot(decay_mat, x, name="mixed", formula=formula)
 
-    keep = decayed_to_end(gr, gam_end, state)
-    read = w if beta is None else ew(gr, lambda b, a: b * a, beta, w, name="read")
+    keep = decayed_to_end(gr, gam_end, state, "keep")
+    read = w if beta is None else ew(gr, lambda b, a: b * a, beta, w, name="read",
+                                     formula=f"read = beta * {w}")
     outputs = {}
     if d.spec.learner.kind == "momentum":
         s_in = gr.input("S", (1, "DV"))
         mix, s_vec, mix_end, s_end, m_tail, mu_end = momentum_mixing(gr, d, decay_mat, rowmask)
-        w_rows = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, s_in, gr.dot(mix, u))
-        acc = ew(gr, lambda a, s, x, c: a - s * x - c, keep, s_end, s_in,
-                 gr.sum(ew(gr, lambda a, b: a * b, u, mix_end), 0))
-        outputs["S"] = ew(gr, lambda e, x, c: sp.exp(e) * x + c, mu_end, s_in,
-                          gr.sum(ew(gr, lambda a, b: a * b, u, m_tail), 0), name="S_new")
+        w_rows = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, s_in,
+                    gr.dot(mix, u, name="mixed", formula="mixed = mix u"), name="w_rows",
+                    formula=f"w_rows = {read} - s_vec * S - mixed")
+        update = gr.sum(ew(gr, lambda a, b: a * b, u, mix_end, name="u_mix_end"), 0, name="update")
+        acc = ew(gr, lambda a, s, x, c: a - s * x - c, keep, s_end, s_in, update, name="acc_raw",
+                 formula=f"acc_raw = {keep} - s_end * S - update")
+        s_update = gr.sum(ew(gr, lambda a, b: a * b, u, m_tail, name="u_m_tail"), 0,
+                          name="s_update")
+        outputs["S"] = ew(gr, lambda e, x, c: sp.exp(e) * x + c, mu_end, s_in, s_update,
+                          name="S_new", formula="S_new = exp(mu_end) * S + s_update")
     else:
         mixed = decayed_sum(u)
         tail = rowmask if gam_end is None else tail_decays(gr, la, rowmask)
-        update = gr.sum(ew(gr, lambda a, b: a * b, u, tail), 0)
+        update = gr.sum(ew(gr, lambda a, b: a * b, u, tail, name="u_tail"), 0, name="update",
+                        formula=f"update = sum_i u_i * {tail}_i")
         if eta_end is not None:
-            mixed = ew(gr, lambda a, e: a * e, mixed, row_eta)
-            update = ew(gr, lambda a, e: a * e, update, eta_end)
-        w_rows = ew(gr, lambda a, m: a - m, read, mixed, name="w_rows")
-        acc = ew(gr, lambda a, c: a - c, keep, update)
+            mixed = ew(gr, lambda a, e: a * e, mixed, row_eta, name="mixed_eta")
+            update = ew(gr, lambda a, e: a * e, update, eta_end, name="update_eta")
+        w_rows = ew(gr, lambda a, m: a - m, read, mixed, name="w_rows",
+                    formula=f"w_rows = {read} - {mixed}")
+        acc = ew(gr, lambda a, c: a - c, keep, update, name="acc_raw",
+                 formula=f"acc_raw = {keep} - {update}")
     acc = ew(gr, lambda a: a, acc, name="acc")
-    o = finish(gr, d, ew(gr, lambda a, b: a * b, q, w_rows), q, vmask, name="o_chunk", read=True)
+    z_o = ew(gr, lambda a, b: a * b, q, w_rows, name="z_o", formula="z_o = q * w_rows")
+    o = finish(gr, d, z_o, q, vmask, name="o_chunk", read=True)
     new_state = acc
     if not d.retention.linear:  # the map at the chunk end; the last row reads the mapped vector
-        w_end = read_map(gr, d, acc)
-        o_end = finish(gr, d, ew(gr, lambda a, b: a * b, q, w_end), q, vmask, name="o_end",
-                        read=True)
+        w_end = read_map(gr, d, acc, "W_end")
+        z_end = ew(gr, lambda a, b: a * b, q, w_end, name="z_end", formula="z_end = q * W_end")
+        o_end = finish(gr, d, z_end, q, vmask, name="o_end", read=True)
         o = last_row_reads(gr, o, o_end)
         new_state = acc if d.retention.dual else w_end
     names = ("W", *outputs)
@@ -78,16 +89,18 @@ def _token_updates(gr: Graph, d: Derivation, w: str, beta: str | None,
     is the reading token's (then u holds the raw delta_i * k_i): (u, eta_end, row_eta)."""
     k, v, vmask = "k", "v", "vmask"
     pred_w = w if d.spec.learner.grad_at == "previous" or beta is None \
-        else ew(gr, lambda a, b: a * b, w, beta, name="w_point")
-    kz = ew(gr, lambda a, b: a * b, k, pred_w, name="kz")
+        else ew(gr, lambda a, b: a * b, w, beta, name="w_point", formula=f"w_point = {w} * beta")
+    kz = ew(gr, lambda a, b: a * b, k, pred_w, name="kz", formula=f"kz = k * {pred_w}")
     pred = finish(gr, d, kz, k, vmask, name="pred_m")
     g = bias_gradient(gr, d, pred, v, vmask)
-    delta = g if pred == kz else backward(gr, {pred: g}, (kz,))[kz]
+    delta = g if pred == kz else backward(gr, {pred: g}, (kz,), prefix="g_")[kz]
     eta_gate = d.spec.learner.eta
-    eta = "eta" if eta_gate.is_input else ew(gr, lambda m: m * sp.Float(eta_gate.value), rowmask)
+    eta = "eta" if eta_gate.is_input else ew(gr, lambda m: m * sp.Float(eta_gate.value), rowmask,
+                                             name="eta_const")
     eta_end = last_row_eta(gr, d)
     row_eta = None
     if eta_end is not None:  # the step scales the reads below, not the updates
         eta, row_eta = rowmask, eta
-    u = ew(gr, lambda a, b, e, m, c: a * b * e * m * c, delta, k, eta, rowmask, vmask, name="u")
+    u = ew(gr, lambda a, b, e, m, c: a * b * e * m * c, delta, k, eta, rowmask, vmask, name="u",
+           formula=f"u = {eta} * {delta} * k")
     return u, eta_end, row_eta
