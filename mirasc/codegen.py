@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pprint
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mirasc.expr import torch_source
 from mirasc.kernel_printer import BLOCKS, BUFFER_BLOCKS, KernelPrinter, indent
 from mirasc.memories import chunk_step
 from mirasc.schedule import schedule
+from mirasc.source_tidy import drop_blank_lines_in_functions, drop_dead_assignments, wrap
 from mirasc.spec import Spec
 
 _NAMES = {R: "r", V: "v", RNORM: "rnorm", DELTA: "delta"}
@@ -129,7 +131,8 @@ def _pow(base: str, exponent: sp.Expr) -> str:
     return f"tl.exp({float(exponent)!r} * tl.log({base}))"  # a positive base (smoothed norms)
 
 
-HELPERS = ("atan", "dot_fp32", "gdot", "gmix", "gmix_t", "load_rows", "store_sum", "tanh", "tri_inv")
+HELPERS = ("atan", "dot_fp32", "gdot", "gmix", "gmix_t", "load_rows", "sequence_bounds",
+           "store_sum", "tanh", "tri_inv")
 # the functions of mirasc.triton_helpers that kernel bodies call
 
 
@@ -193,29 +196,80 @@ def render_triton_module(spec: Spec) -> str:
     zeros |= dict.fromkeys(step.params, ("1", "BV"))
     adjoint_code = {n: a if a is not None else macros.zeros(zeros[n])
                     for n, a in sched.adjoint.items()}
-    code = "\n".join(k["loads"] + k["body"] for k in kernels.values())
+    code = "\n".join(k["loads"] + k["body"] for k in kernels.values()) + macros.prologue()
     helpers = set(re.findall(r"\b(" + "|".join(HELPERS) + r")\(", code))
     helpers |= {"store_sum"} if sched.walks_v else set()  # the template's in-place sums
-    tiles = [dict(name=t.name, tile=t.tile, mask=t.mask, block=t.block) for t in printer.tiles]
-    return environment.get_template("triton_chunk.py.j2").render(
-        helpers=sorted(helpers), split_v=sched.split_v, summed=list(sched.summed),
-        out_kernels=sched.groups, v_summed=list(sched.walks_v),
-        configs={k: p.configs for k, p in sched.kernels.items()},
-        key_blocks=sched.key_blocks,
-        bv_max=tuning.BV_MAX, bh_max=tuning.BH_MAX, whole_v=tuning.WHOLE_V,
-        state_dims=[t.dims for t in printer.tiles],
+    order = [*sched.stage_order["fwd"], "fwd", "fwd_out", *sched.stage_order["bwd"], "bwd",
+             *sched.groups]
+    tables = {
+        "GATES": list(step.gates), "PARAMS": list(step.params),
+        "STATES": [t.dims for t in printer.tiles], "SUMMED": list(sched.summed),
+        "V_SUMMED": list(sched.walks_v), "OUT_KERNELS": sched.groups, "STAGES": sched.stage_order,
+        "BUFFERS": {k: [(b.node, *(BUFFER_BLOCKS[x][0] for x in b.dims), b.operand) for b in bs]
+                    for k, bs in sched.buffers.items()},
+        "CONFIGS": {k: sched.kernels[k].configs for k in order}, "BV_MAX": tuning.BV_MAX,
+        "BK_MAX": sched.key_blocks, "BH_MAX": tuning.BH_MAX, "WHOLE_V": tuning.WHOLE_V,
+    }
+    context = ModuleContext(
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
-        spec_data=pprint.pformat(spec.model_dump(mode="json"), width=96, sort_dicts=True),
-        chunk=spec.chunk_size, tile=max(16, 1 << (spec.chunk_size - 1).bit_length()),
-        exact=d.exact, gates=list(step.gates), params=list(step.params),
-        states=tiles, stream=sched.streamed, outputs=step.outputs, memory=spec.memory.kind,
-        segments=2 if spec.lag_token else 1,
-        expansion=getattr(spec.memory, "expansion", 1),
+        spec_data=_literal(spec.model_dump(mode="json"), sort=True),
+        tables={k: _literal(v) for k, v in tables.items()}, helpers=sorted(helpers),
+        memory=spec.memory.kind, exact=d.exact, chunk=spec.chunk_size,
+        tile=max(16, 1 << (spec.chunk_size - 1).bit_length()),
+        segments=2 if spec.lag_token else 1, expansion=getattr(spec.memory, "expansion", 1),
+        gates=list(step.gates), params=list(step.params), states=printer.tiles,
+        split_v=sched.split_v, stream=sched.streamed, summed=sched.summed, v_summed=sched.walks_v,
+        out_kernels=sched.groups, stage_order=sched.stage_order, staged=sched.staged,
+        kept=sched.kept, handover=sched.handover, kernels=kernels, adjoint=adjoint_code,
+        outputs=step.outputs,
         channel={g: ("V" if g == "delta" else "K") if gates[g].shape == "channel" else ""
                  for g in step.gates},
-        prologue=indent(macros.prologue().splitlines(), 4), v_blocks=macros.block_loop("DV"),
-        kernels=kernels, adjoint=adjoint_code, staged=sched.staged, kept=sched.kept,
-        buffers={k: [(b.node, *(BUFFER_BLOCKS[x][0] for x in b.dims), b.operand) for b in bs]
-                 for k, bs in sched.buffers.items()},
-        handover=sched.handover, stage_order=sched.stage_order,
-    )
+        prologue=indent(macros.prologue().splitlines(), 4),
+        prologue_walking=indent(macros.prologue(False).splitlines(), 4),
+        v_blocks=macros.block_loop("DV"))
+    text = environment.get_template("triton_chunk.py.j2").render(m=context)
+    return wrap(drop_blank_lines_in_functions(drop_dead_assignments(text)))
+
+
+@dataclass(frozen=True)
+class ModuleContext:
+    """What the module template prints: the spec's names, the launcher's tables (as literals),
+    the schedule's kernels with their printed loads and bodies, and what the fixed parts of the
+    kernels (signatures, state copies, gradient stores) need."""
+
+    name: str
+    digest: str
+    version: str
+    spec_data: str
+    tables: dict
+    helpers: list
+    memory: str
+    exact: bool
+    chunk: int
+    tile: int
+    segments: int
+    expansion: int
+    gates: list
+    params: list
+    states: list
+    split_v: bool
+    stream: bool
+    summed: tuple
+    v_summed: tuple
+    out_kernels: dict
+    stage_order: dict
+    staged: dict
+    kept: tuple
+    handover: dict
+    kernels: dict
+    adjoint: dict
+    outputs: dict
+    channel: dict
+    prologue: str
+    prologue_walking: str
+    v_blocks: str
+
+
+def _literal(value, sort: bool = False) -> str:
+    """A Python literal of `value`, wrapped to 100 columns."""
+    return pprint.pformat(value, width=100, sort_dicts=sort)

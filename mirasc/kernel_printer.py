@@ -4,6 +4,7 @@ the blocks of a dim, a store, a dot, ...); expressions of sympy nodes through `t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from mirasc.graph import plan
@@ -11,6 +12,7 @@ from mirasc.memories import ChunkStep
 from mirasc.schedule import KernelPlan, Schedule
 from mirasc.schedule.stages import tile_dtype
 
+INLINE_WIDTH = 60  # the longest expression a reader takes in rather than a named value
 BLOCKS = {"T": "BT", "DK": "BK", "DV": "BV", "DH": "BH", 1: "1"}  # a dim's block in a kernel
 # a dim's block in a buffer between kernels, and the offsets of its entries
 BUFFER_BLOCKS = {"T": ("BT", "offs_t"), "DK": ("BDK", "offs_k"), "DV": ("BDV", "offs_v"),
@@ -60,17 +62,18 @@ class KernelPrinter:
     # ---- expressions ----------------------------------------------------------------------
 
     def expression(self, n: str) -> str:
-        """The Triton expression of node n over its inputs (tiles named as the nodes)."""
+        """The Triton expression of node n over its inputs (each by its name, or inlined)."""
         graph, m = self.graph, self.m
         node = graph.node(n)
-        x = list(node["inputs"])
+        x = [self.ref(i) for i in node["inputs"]]
         op = node["op"]
         if op == "dot":
             return m.dot(x[0], x[1], node["ta"], node["tb"])
         if op == "ew":
             return self.source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
         if op in ("cumsum", "revcumsum"):
-            return m.prefix_sum(x[0], graph.shape(x[0])[1] == 1, op == "revcumsum")
+            column = graph.shape(node["inputs"][0])[1] == 1
+            return m.prefix_sum(x[0], column, op == "revcumsum")
         if op in ("gdot", "gmix"):
             return m.pair_decays("gmix_t" if node.get("ta") else op, x, node["offset"])
         if op in ("sum", "max"):
@@ -83,6 +86,10 @@ class KernelPrinter:
             return m.nonfinite_count(x[0])
         return m.broadcast(x[0], [BLOCKS[s] for s in node["shape"]])
 
+    def ref(self, n: str) -> str:
+        """How a statement reads node n: its name, or its expression where it is inlined."""
+        return self.inlined.get(n, n)
+
     def buffer_at(self, n: str) -> str:
         """The address of node n's tile in its buffer at this step."""
         (rows, r), (cols, c) = (BUFFER_BLOCKS[x] for x in self.graph.shape(n))
@@ -90,19 +97,65 @@ class KernelPrinter:
 
     # ---- statements -----------------------------------------------------------------------
 
-    def compute(self, nodes, loaded=(), stored=()) -> list[str]:
+    def compute(self, nodes, loaded=(), stored=(), sinks=()) -> list[str]:
         """Statements computing `nodes` (in order), skipping inputs and constants: a `loaded`
         node is read from the buffer another kernel wrote, a `stored` one written to its buffer
-        as soon as it is computed."""
+        as soon as it is computed. A node read once, by a node of the same statements (or a sum
+        of `sinks`), is inlined there rather than named; a node that is another's plain name is
+        never named."""
         lines = []
+        scope = {*nodes, *sinks}
         for n in nodes:
             if n in loaded:
                 lines.append(self.m.load_tile(n, self.buffer_at(n)))
             elif self.graph.node(n)["op"] not in ("input", "const"):
-                lines.append(self.m.assign(n, self.expression(n)))
+                value = self.expression(n)
+                if self.inlinable(n, value, scope):
+                    self.inlined[n] = value if _atomic(value) else f"({value})"
+                    continue
+                formula = self.graph.node(n).get("formula")
+                lines.append(self.m.assign(n, value, formula))
             if n in stored:
                 lines.append(self.m.store_tile(n, self.buffer_at(n)))
         return lines
+
+    def inlinable(self, n: str, value: str, scope) -> bool:
+        """Whether node n (its expression `value`) is written into its reader rather than
+        named: not a tile the kernel keeps, loads, stores or sums, printed in one place only,
+        and either a plain name or read once, there, short, with no formula of its own and not
+        named in its reader's."""
+        if n in self.pinned or self.places.get(n, 0) != 1:
+            return False
+        readers = self.readers(n)
+        if not readers or not readers <= scope:
+            return False
+        if value.isidentifier():
+            return True
+        node = self.graph.node(n)
+        named = any(re.search(rf"\b{n}\b", self.graph.node(c).get("formula", "")) for c in readers)
+        return len(readers) == 1 and "formula" not in node and not named and \
+            len(value) <= INLINE_WIDTH
+
+    def readers(self, n: str) -> set[str]:
+        """The nodes this kernel computes from node n (not those it loads from a buffer)."""
+        return {c for c in self.graph.g.successors(n) if c in self.places and c not in self.loaded}
+
+    def begin(self, kernel: KernelPlan) -> None:
+        """Start printing `kernel`: where each node is printed, what must keep its name."""
+        self.inlined, self.loaded = {}, set(kernel.loads)
+        passes = kernel.passes
+        if passes is None:
+            self.places = dict.fromkeys(plan(self.graph, kernel.targets, kernel.loads), 1)
+        else:
+            self.places = {}
+            scopes = [*passes.whole, *(loop.nodes for loop in passes.loops)]
+            for n in (n for scope in scopes for n in scope):
+                self.places[n] = self.places.get(n, 0) + 1
+            for loop in passes.loops:
+                self.places.update(dict.fromkeys(loop.reduce, 1))
+        reduced = [r for loop in (passes.loops if passes else ()) for r in loop.reduce]
+        self.pinned = {*kernel.targets, *kernel.stores, *kernel.loads, *kernel.block_loads,
+                       *reduced, *self.step.states, *(f"d{s}_new" for s in self.step.states)}
 
     def passes(self, passes, loads: dict, stores: dict, loaded=(), dim="DH",
                stored=()) -> list[str]:
@@ -117,7 +170,7 @@ class KernelPrinter:
             lines += [m.accumulator(r, [BLOCKS[s] for s in graph.shape(r)], graph.node(r)["op"])
                       for r in loop.reduce]
             inner = [line for n in loop.nodes if n in loads for line in loads[n]]
-            inner += self.compute(loop.nodes, loaded)
+            inner += self.compute(loop.nodes, loaded, sinks=loop.reduce)
             inner += [m.accumulate(r, self.expression(r), graph.node(r)["op"]) for r in loop.reduce]
             inner += [line for t in loop.store for line in stores[t]]
             lines += [*m.block_loop(dim).splitlines(), *_indented(inner)]
@@ -162,6 +215,7 @@ class KernelPrinter:
     def body(self, kernel: KernelPlan) -> list[str]:
         """The statements of a kernel's chunk step: flat, or its passes over blocks of a dim."""
         step, loaded = self.step, kernel.loads
+        self.begin(kernel)
         if kernel.kind == "stage":
             if kernel.passes is not None:
                 io = self.state_io("bwd_stage", {})
@@ -217,6 +271,22 @@ class KernelPrinter:
         if kernel.pads_nonfinite:
             lines += [m.pad_nonfinite(x, pad) for x, pad in pads.items()]
         return lines
+
+
+def _atomic(text: str) -> bool:
+    """Whether an expression reads as one operand: a name, a call or a bracketed whole."""
+    if text.replace(".", "_").isidentifier():
+        return True
+    head = text.find("(")
+    if head < 0 or not text.endswith(")") or not (head == 0 or text[:head].replace(".", "_")
+                                                    .isidentifier()):
+        return False
+    depth = 0
+    for i, ch in enumerate(text[head:], head):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return i == len(text) - 1
+    return False
 
 
 def _indented(lines: list[str], by: int = 4) -> list[str]:

@@ -139,28 +139,10 @@ def run(step: Step, q, k, v, given: dict, state):
                 valid = valid & ((rows_in_chunk == 0) if seg == 0 else (rows_in_chunk > 0))
             last = torch.where(valid, rows, -1).max()
             tainted = (bad[:, i] & valid).cumsum(-1) > 0  # [N, chunk]: from the first bad row on
-            consts = {}
-            for c in step.consts:
-                if c in ones:
-                    consts[c] = q.new_ones(ones[c], dtype=acc)
-                elif c == "causal":
-                    consts[c] = causal
-                elif c == "strict":
-                    consts[c] = strict
-                elif c == "strict2":
-                    consts[c] = strict2
-                elif c == "rowmask":
-                    consts[c] = valid.to(acc)[:, None]
-                elif c == "lastrow":
-                    consts[c] = (rows == last).to(acc)[:, None]
-                elif c == "tainted":
-                    consts[c] = tainted.to(acc)[..., None]
-                elif c == "qbad":
-                    consts[c] = qbad[:, i].to(acc)[..., None]
-                elif c == "nanfill":
-                    consts[c] = q.new_full((1, 1), float("nan"), dtype=acc)
-                else:
-                    raise ValueError(f"unknown const node {c!r}")
+            masks = {"causal": causal, "strict": strict, "strict2": strict2,
+                     "rowmask": valid.to(acc)[:, None], "lastrow": (rows == last).to(acc)[:, None],
+                     "tainted": tainted.to(acc)[..., None], "qbad": qbad[:, i].to(acc)[..., None]}
+            consts = _consts(step.consts, masks, ones, q.new_ones((1, 1), dtype=acc))
             loaded = ("q", "k", "v", *step.step.gates)
             if step.segments == 2:  # rows of the other segment load as padding, as in the kernel
                 values = {x: torch.where(valid[:, None], data[x][:, i], _PAD[x]) for x in loaded}
@@ -175,6 +157,22 @@ def run(step: Step, q, k, v, given: dict, state):
     o = torch.stack(o_chunks, 1).flatten(1, 2)[:, :length]  # [N, T, DV]
     o = o.reshape(batch, heads, length, dv).transpose(1, 2).to(v.dtype)
     return o, _finals(carried, batch, heads, shapes, sizes)
+
+
+def _consts(names, masks: dict, ones: dict, one: torch.Tensor) -> dict:
+    """The values of the step's const nodes: the chunk's masks, rows of ones for the column
+    masks (every column is real here) and a NaN for the poisoned outputs."""
+    consts = {}
+    for c in names:
+        if c in ones:
+            consts[c] = one.new_ones(ones[c])
+        elif c in masks:
+            consts[c] = masks[c]
+        elif c == "nanfill":
+            consts[c] = one * float("nan")
+        else:
+            raise ValueError(f"unknown const node {c!r}")
+    return consts
 
 
 def _nonfinite_rows(data: dict, names) -> torch.Tensor:

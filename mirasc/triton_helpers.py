@@ -8,6 +8,22 @@ import triton.language as tl
 
 
 @triton.jit
+def sequence_bounds(cu_ptr, chunk_ptr, i_n, T, CHUNK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(bos, eos, first_chunk) of sequence i_n: its first and past-the-end token and its first
+    chunk counted over all sequences; packed sequences read them from cu_seqlens and the chunk
+    offsets, a batch of length-T sequences computes them."""
+    if IS_VARLEN:
+        bos = tl.load(cu_ptr + i_n).to(tl.int64)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+        first_chunk = tl.load(chunk_ptr + i_n).to(tl.int64)
+    else:
+        bos = tl.cast(i_n, tl.int64) * T
+        eos = bos + T
+        first_chunk = tl.cast(i_n, tl.int64) * tl.cdiv(T, CHUNK)
+    return bos, eos, first_chunk
+
+
+@triton.jit
 def load_rows(ptr, tok, cols, valid, mask_cols, width, other, ACC: tl.constexpr):
     """Rows `tok` (token indices, already offset by head) of a [tokens, width] tile, in ACC."""
     return tl.load(ptr + tok[:, None] * width + cols[None, :], mask=valid[:, None] & mask_cols[None, :],

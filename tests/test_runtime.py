@@ -677,3 +677,23 @@ def test_exact_ops_chain_through_the_final_state(name):
     errors = _chain(op, inputs, 7)
     bad = {k: e for k, e in errors.items() if not e <= 1e-10}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("render", [render_module, render_reference_module])
+def test_importing_a_module_derives_nothing(render, tmp_path, monkeypatch):
+    """A generated module (with kernels, or the reference's) holds its spec, tables and code:
+    importing it neither validates nor derives the spec; its op does, on first use."""
+    import mirasc.op
+
+    derived = []
+    monkeypatch.setattr(mirasc.op, "derive", lambda spec: derived.append(spec) or derive(spec))
+    path = tmp_path / "deltanet_module.py"
+    path.write_text(render(load_spec(ROOT / "specs" / "deltanet.yaml")))
+    loader = importlib.util.spec_from_file_location("deltanet_module", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    assert derived == []
+    assert module.op.spec.name == "deltanet" and len(derived) == 1
+    assert module.op is module.op and len(derived) == 1
+    with pytest.raises(AttributeError, match="no attribute 'opp'"):
+        module.opp  # noqa: B018 - the attribute access is the test

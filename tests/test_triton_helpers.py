@@ -124,3 +124,26 @@ def test_products_with_pairwise_decays(offset):
         _decayed_kernel[(1,)](first, b, ga, gb, out, BT=bt, D=d, OFFSET=offset, FN=fn,
                               SQUARE_OUT=fn is th.gdot)
         assert relative_error(out, want) < 1e-13, fn.__name__
+
+
+@triton.jit
+def _bounds_kernel(cu_ptr, chunk_ptr, out_ptr, T, CHUNK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_n = tl.program_id(0)
+    bos, eos, first_chunk = th.sequence_bounds(cu_ptr, chunk_ptr, i_n, T, CHUNK, IS_VARLEN)
+    tl.store(out_ptr + i_n * 3, bos)
+    tl.store(out_ptr + i_n * 3 + 1, eos)
+    tl.store(out_ptr + i_n * 3 + 2, first_chunk)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sequence_bounds(packed):
+    """Each sequence's first and past-the-end token and its first chunk over all sequences: a
+    batch of 3 sequences of 37 tokens in chunks of 16 (3 chunks each), or packed sequences of
+    5, 0 and 40 tokens (1, 0 and 3 chunks)."""
+    lengths = [5, 0, 40] if packed else [37] * 3
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    chunks = torch.tensor([0, *torch.tensor([-(-n // 16) for n in lengths]).cumsum(0).tolist()])
+    out = torch.full((3, 3), -1, dtype=torch.int64)
+    _bounds_kernel[(3,)](cu, chunks, out, 37, CHUNK=16, IS_VARLEN=packed)
+    expected = [[cu[i], cu[i + 1], chunks[i]] for i in range(3)]
+    assert out.tolist() == torch.tensor(expected).tolist()

@@ -386,8 +386,9 @@ def test_hidden_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
 
 def _module_table(source: str, name: str):
     """The literal a generated module assigns to `name` (BUFFERS, STAGES, OUT_KERNELS)."""
-    line = next(x for x in source.splitlines() if x.startswith(f"{name} = "))
-    return ast.literal_eval(line.removeprefix(f"{name} = ").split("  #")[0])
+    assign = next(node for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                  and [t.id for t in node.targets if isinstance(t, ast.Name)] == [name])
+    return ast.literal_eval(assign.value)
 
 
 @pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora", "gated_deltanet"])

@@ -19,9 +19,12 @@ def poisoned(step: ChunkStep) -> ChunkStep:
     gr = step.graph
     tainted, qbad = gr.const("tainted", ("T", 1), "tainted"), gr.const("qbad", ("T", 1), "qbad")
     nan = gr.const("nanfill", (1, 1), "nanfill")
-    counts = [gr.add("nonfinite", (1, 1), (s,), name=f"nonfinite_{s}") for s in step.states]
-    inherited = ew(gr, lambda *c: sp.Add(*c), *counts, name="inherited",
-                   formula="inherited = how many entries of the states are not finite")
+    formula = "inherited = how many entries of the states are not finite"
+    if len(step.states) == 1:
+        inherited = gr.add("nonfinite", (1, 1), step.states, name="inherited", formula=formula)
+    else:
+        counts = [gr.add("nonfinite", (1, 1), (s,), name=f"nonfinite_{s}") for s in step.states]
+        inherited = ew(gr, lambda *c: sp.Add(*c), *counts, name="inherited", formula=formula)
     spoiled = ew(gr, lambda a, b: a + b, gr.sum(tainted, 0, name="n_tainted"), inherited,
                  name="spoiled", formula="spoiled = n_tainted + inherited")
 

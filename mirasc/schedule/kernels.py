@@ -181,6 +181,36 @@ def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
     return staged, loads, kept, streamed
 
 
+def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands) -> dict:
+    """Add each direction's stage kernels to `kernels` (one, or one per pass over hidden blocks
+    where the stage streams them) and record the tiles they read only as operands; returns the
+    tiles each direction's stage kernels hand each other."""
+    graph, states = step.graph, list(step.states)
+    handover = {}
+    for direction, nodes in staged.items():
+        saved = loads["fwd_out"] if direction == "bwd" else ()
+        streamed_stage = streams is not None and any(
+            s in plan(graph, nodes, saved) for s in states)
+        parts = stages.stage_parts(graph, nodes, saved) if streamed_stage else \
+            [nodes] if nodes else []
+        handover[direction] = tuple(n for part in parts for n in part if n not in nodes)
+        done = ()
+        for j, part in enumerate(parts):
+            stop = (*saved, *done)
+            part_nodes = plan(graph, part, stop)
+            reads = tuple(s for s in states if s in part_nodes)
+            _operand_reads(graph, stop, set(part_nodes) - set(stop), operands)
+            passes = stream(graph, part, stop=stop) if reads and streams is not None else None
+            name = f"{direction}_stage{j + 1 if j else ''}"
+            kernels[name] = KernelPlan(
+                name=name, kind="stage", direction=direction, targets=part, loads=stop,
+                needs=frozenset(set(part_nodes) - set(stop)), reads=reads, stores=part,
+                passes=passes, dim="DH" if passes is not None else None,
+                configs=tuning.configs(name, split_v, streams is not None))
+            done += part
+    return handover
+
+
 def schedule(step: ChunkStep) -> Schedule:
     """The kernels of `step`, forward and backward, and the buffers between them."""
     graph = step.graph
@@ -232,28 +262,7 @@ def schedule(step: ChunkStep) -> Schedule:
             # row, memories.taints.poisoned) needs no padding in place of a non-finite input.
             pads_nonfinite=name != "fwd" or bool(stored),
             configs=tuning.configs(name, split_v, streams is not None))
-    handover = {}
-    for direction, nodes in staged.items():
-        saved = loads["fwd_out"] if direction == "bwd" else ()
-        streamed_stage = streams is not None and any(
-            s in plan(graph, nodes, saved) for s in states)
-        parts = stages.stage_parts(graph, nodes, saved) if streamed_stage else \
-            [nodes] if nodes else []
-        handover[direction] = tuple(n for part in parts for n in part if n not in nodes)
-        done = ()
-        for j, part in enumerate(parts):
-            stop = (*saved, *done)
-            part_nodes = plan(graph, part, stop)
-            reads = tuple(s for s in states if s in part_nodes)
-            _operand_reads(graph, stop, set(part_nodes) - set(stop), operands)
-            passes = stream(graph, part, stop=stop) if reads and streams is not None else None
-            name = f"{direction}_stage{j + 1 if j else ''}"
-            kernels[name] = KernelPlan(
-                name=name, kind="stage", direction=direction, targets=part, loads=stop,
-                needs=frozenset(set(part_nodes) - set(stop)), reads=reads, stores=part,
-                passes=passes, dim="DH" if passes is not None else None,
-                configs=tuning.configs(name, split_v, streams is not None))
-            done += part
+    handover = _stage_kernels(step, staged, loads, streams, split_v, kernels, operands)
     # Stage tiles read only as matmul operands are stored in the operands' dtype where the step
     # streams hidden blocks (sm_90, bf16, 8 warps, D=64: Moneta's backward output kernel spills
     # 1304 B rather than 1784, its pass needs 98 KiB of shared memory rather than 138, and at
