@@ -15,8 +15,7 @@ LIMIT = 120  # the longest line a generated module holds
 
 def drop_dead_assignments(source: str) -> str:
     """`source` without the single-name assignments inside its functions whose name nothing in
-    the function reads, repeated until none is left; an assignment that is its block's only
-    statement stays."""
+    the function reads, repeated until none is left; a block keeps at least one statement."""
     while True:
         dead = []
         for function in ast.parse(source).body:
@@ -24,9 +23,10 @@ def drop_dead_assignments(source: str) -> str:
                 continue
             read = {n.id for n in ast.walk(function) if isinstance(n, ast.Name)
                     and isinstance(n.ctx, ast.Load)}
-            dead += [stmt for block in _blocks(function) for stmt in block
-                     if isinstance(stmt, ast.Assign) and len(block) > 1
-                     and all(isinstance(t, ast.Name) and t.id not in read for t in stmt.targets)]
+            for block in _blocks(function):
+                unread = [stmt for stmt in block if isinstance(stmt, ast.Assign) and all(
+                    isinstance(t, ast.Name) and t.id not in read for t in stmt.targets)]
+                dead += unread[:len(block) - 1]  # a block keeps a statement
         if not dead:
             return source
         lines = source.splitlines(keepends=True)

@@ -6,6 +6,7 @@ generated module is imported (triton.jit reads it when decorating)."""
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 
@@ -18,6 +19,13 @@ from mirasc.catalog import checked_spec  # noqa: E402
 from mirasc.check import random_inputs  # noqa: E402
 from mirasc.derive import derive  # noqa: E402
 from mirasc.op import MirasOp  # noqa: E402
+
+
+def run_generated(text: str) -> types.ModuleType:
+    """A generated module's source run as a module of its own (not through the cache)."""
+    module = types.ModuleType("generated")
+    exec(compile(text, "<generated>", "exec"), module.__dict__)  # noqa: S102 - generated code
+    return module
 
 
 def op_from_yaml(text: str) -> MirasOp:
@@ -37,4 +45,4 @@ def _float64_default():
     yield
 
 
-__all__ = ["axis_spec", "op_from_yaml", "random_inputs"]
+__all__ = ["axis_spec", "op_from_yaml", "random_inputs", "run_generated"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_generated
 
 import mirasc
 from mirasc import reference
@@ -349,17 +350,16 @@ def test_generated_bias_gradient_matches_reference(bias):
     """The reference module prints the derived gradient as torch code; it must agree with the
     sympy rule evaluated directly."""
     spec = parse_spec(spec_text(memory="{kind: mlp}", bias=bias))
-    module: dict = {}
-    exec(compile(render_reference_module(spec), "<generated>", "exec"), module)  # noqa: S102
+    module = run_generated(render_reference_module(spec))
     d = derive(spec)
     gen = torch.Generator().manual_seed(3)
     r, v = (torch.randn(2, 3, 5, generator=gen, dtype=torch.float64) for _ in range(2))
     delta = 0.2 + torch.rand(2, 3, 1, generator=gen, dtype=torch.float64)
-    got = module["bias_grad"](d, r, v, delta)
+    got = module.bias_grad(d, r, v, delta)
     want = reference.bias_grad(d, r, v, delta)
     assert got.shape == r.shape
     assert relative_error(got, want) <= 1e-12
-    assert module["op"].spec == spec
+    assert module.op.spec == spec
 
 
 # ---- bad inputs -------------------------------------------------------------------------------

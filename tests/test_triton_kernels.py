@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 import triton.language as tl
-from conftest import axis_spec, op_from_yaml
+from conftest import axis_spec, op_from_yaml, run_generated
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 from triton.runtime.errors import OutOfResources
@@ -125,9 +125,7 @@ def test_random_axis_combinations(memory, bias, retention, learner, chunk, lag, 
         return
     if op.spec.memory.residual or op.spec.memory.kind == "vector":
         dv = dk
-    module = {}
-    exec(compile(render_module(op.spec), "<generated>", "exec"), module)  # noqa: S102 - generated
-    op = module["op"]
+    op = run_generated(render_module(op.spec)).op
     if triton_unsupported(op.derivation):  # refused combinations fall back to the torch path
         assert op.backend == "reference"
     else:
@@ -182,9 +180,7 @@ FALLBACK_CASES = {  # combinations the kernels leave to the torch path, with the
 def _generated(axes: dict):
     """The op of the module rendered for an inline spec (chunk size 5, an odd tile)."""
     text = axis_spec(**axes).replace("chunk_size: 4", "chunk_size: 5")
-    module = {}
-    exec(compile(render_module(op_from_yaml(text).spec), "<generated>", "exec"), module)  # noqa: S102
-    return module["op"]
+    return run_generated(render_module(op_from_yaml(text).spec)).op
 
 
 @pytest.mark.parametrize("case", sorted(OPTION_CASES))
@@ -406,7 +402,8 @@ def test_operand_tiles_are_stored_in_the_operand_dtype(name, monkeypatch):
         readers = [k for k in kernels if f"{n} = tl.load({n}_ptr" in k]
         assert readers, n
         for kernel in readers:
-            uses = re.sub(rf"{n} = tl.load\({n}_ptr[^\n]*", "", kernel)
+            uses = re.sub(r"#[^\n]*", "", kernel)  # formulas in comments name tiles too
+            uses = re.sub(rf"{n} = tl.load\({n}_ptr[^\n]*", "", uses)
             uses = re.sub(rf"(tl\.trans\({n}\)|\b{n})\.to\(DOT\)", "", uses)
             assert not re.search(rf"\b{n}\b", uses), n
     module = load_module(mirasc.compile(f"specs/{name}.yaml").spec)
