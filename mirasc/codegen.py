@@ -184,10 +184,8 @@ def render_triton_module(spec: Spec) -> str:
     kernels = {}
     for name, kernel in sched.kernels.items():
         depth = 12 if kernel.kind == "pass" else 8  # inside the chunk and segment loops
-        kernels[name] = dict(loads=indent(printer.loads(kernel), depth),
-                             body=indent(printer.body(kernel), depth), inside=kernel.blocked,
-                             reads=list(kernel.reads), direction=kernel.direction,
-                             stores=kernel.stores)
+        kernels[name] = dict(plan=kernel, loads=indent(printer.loads(kernel), depth),
+                             body=indent(printer.body(kernel), depth))
     zeros = {"q": ("BT", "BK"), "k": ("BT", "BK"), "v": ("BT", "BV")} | {
         s: [BLOCKS[x] for x in graph.shape(s)] for s in step.states}
     for g in step.gates:
@@ -199,15 +197,13 @@ def render_triton_module(spec: Spec) -> str:
     code = "\n".join(k["loads"] + k["body"] for k in kernels.values()) + macros.prologue()
     helpers = set(re.findall(r"\b(" + "|".join(HELPERS) + r")\(", code))
     helpers |= {"store_sum"} if sched.walks_v else set()  # the template's in-place sums
-    order = [*sched.stage_order["fwd"], "fwd", "fwd_out", *sched.stage_order["bwd"], "bwd",
-             *sched.groups]
     tables = {
         "GATES": list(step.gates), "PARAMS": list(step.params),
         "STATES": [t.dims for t in printer.tiles], "SUMMED": list(sched.summed),
         "V_SUMMED": list(sched.walks_v), "OUT_KERNELS": sched.groups, "STAGES": sched.stage_order,
         "BUFFERS": {k: [(b.node, *(BUFFER_BLOCKS[x][0] for x in b.dims), b.operand) for b in bs]
                     for k, bs in sched.buffers.items()},
-        "CONFIGS": {k: sched.kernels[k].configs for k in order}, "BV_MAX": tuning.BV_MAX,
+        "CONFIGS": {k: p.configs for k, p in sched.kernels.items()}, "BV_MAX": tuning.BV_MAX,
         "BK_MAX": sched.key_blocks, "BH_MAX": tuning.BH_MAX, "WHOLE_V": tuning.WHOLE_V,
     }
     context = ModuleContext(

@@ -114,6 +114,8 @@ def test_kernels_launch_order_and_kinds():
                      "bwd_dqk": "out", "bwd_dg": "out", "fwd_stage": "stage",
                      "bwd_stage": "stage"}
     assert sched.stage_order == {"fwd": ["fwd_stage"], "bwd": ["bwd_stage"]}
+    assert list(sched.kernels) == ["fwd_stage", "fwd", "fwd_out", "bwd_stage", "bwd", "bwd_dv",
+                                   "bwd_dqk", "bwd_dg"]
     assert all(k.direction == k.name[:3] for k in sched.kernels.values())
 
 

@@ -57,13 +57,13 @@ class KernelPlan:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The kernels of a chunk step (`kernels`, by name) and what connects them: the tiles each
-    direction's stage stores (`staged`), those the forward pass keeps (`kept`), those a stage's
-    kernels hand each other (`handover`), every buffer (`buffers`, by writer), and the layout
-    choices: `split_v` (blocks of value columns run as programs of their own), `streamed`
+    """The kernels of a chunk step (`kernels`, by name, in launch order) and what connects them: the
+    tiles each direction's stage stores (`staged`), those the forward pass keeps (`kept`), those a
+    stage's kernels hand each other (`handover`), every buffer (`buffers`, by writer), and the
+    layout choices: `split_v` (blocks of value columns run as programs of their own), `streamed`
     (states pass over blocks of hidden units), `summed` (gradients summed over value blocks),
-    `walks_v` (output kernels whose program walks every value block), `key_blocks` (output
-    kernels that pass over key blocks: their widest block)."""
+    `walks_v` (output kernels whose program walks every value block), `key_blocks` (output kernels
+    that pass over key blocks: their widest block)."""
 
     step: ChunkStep
     adjoint: dict
@@ -272,6 +272,11 @@ def schedule(step: ChunkStep) -> Schedule:
     buffers = {key: [Buffer(n, graph.shape(n), n in halves) for n in nodes]
                for key, nodes in [*staged.items(), ("fwd_pass", kept),
                                   *((f"{k}_handover", n) for k, n in handover.items() if n)]}
+    order = [*(k for k, p in kernels.items() if p.kind == "stage" and p.direction == "fwd"),
+             "fwd", "fwd_out",
+             *(k for k, p in kernels.items() if p.kind == "stage" and p.direction == "bwd"),
+             "bwd", *groups]
+    kernels = {k: kernels[k] for k in order}  # in launch order
     return Schedule(step=step, adjoint=adjoint, kernels=kernels, groups=groups, staged=staged,
                     kept=kept, handover=handover, buffers=buffers, split_v=split_v,
                     streamed=streams is not None, summed=summed, walks_v=walks_v,
