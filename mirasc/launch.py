@@ -230,6 +230,8 @@ class ChunkKernels:
 
         def setup_context(ctx, inputs, output):
             tensors, h0, cu_seqlens = inputs
+            ctx.set_materialize_grads(False)  # no zeros for the saved states and tiles
+            ctx.mark_non_differentiable(*output[2:])
             ctx.save_for_backward(*tensors, *output[2:])
             ctx.inputs, ctx.cu_seqlens = len(tensors), cu_seqlens
             ctx.h0_dtype = None if h0 is None else h0.dtype
@@ -238,6 +240,8 @@ class ChunkKernels:
             do, dht = grads[0], grads[1]
             saved = ctx.saved_tensors
             tensors, hs, tiles = saved[:ctx.inputs], saved[ctx.inputs], list(saved[ctx.inputs + 1:])
+            if do is None:  # only the final state reaches the loss
+                do = torch.zeros_like(tensors[2])
             *dinputs, dh0 = backward_op(list(tensors), hs, tiles, do, dht, ctx.cu_seqlens)
             return dinputs, None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype), None
 

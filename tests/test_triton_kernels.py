@@ -546,3 +546,25 @@ def test_torch_compile_fullgraph_with_layer_norm_parameters():
     o.square().sum().backward()
     for got, want in zip(leaves, ref, strict=True):
         assert relative_error(got.grad, want.grad) < 1e-5
+
+
+@pytest.mark.parametrize("reads", ["output", "final state"])
+def test_a_loss_of_one_output_only(reads):
+    """A loss of the output alone (no gradient reaches the final state) or of the final state
+    alone (none reaches the output): autograd hands the kernels no zero tiles for what the loss
+    does not read, and every input gradient still equals the reference's."""
+    op = mirasc.compile("specs/gated_deltanet.yaml")
+    inputs = random_inputs(op, batch=2, length=37, heads=2, dk=5, dv=6)
+    runs = []
+    for run in (op, functools.partial(op.reference, chunk_size=op.oracle_chunk_size)):
+        leaves = [x.detach().requires_grad_() for x in _leaves(inputs)]
+        it = iter(leaves)
+        fresh = {k: (tuple(next(it) for _ in v) if isinstance(v, tuple) else next(it))
+                 for k, v in inputs.items()}
+        o, states = run(**fresh, output_final_state=True)
+        loss = (o * o).sum() if reads == "output" else sum((s * s).sum() for s in states)
+        runs.append(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
+    errors = [relative_error(g, r) for g, r in zip(*runs, strict=True) if r.any()]
+    assert errors and max(errors) < TOLERANCE[torch.float64], errors
+    unread = [g for g, r in zip(*runs, strict=True) if not r.any()]  # q, when only states count
+    assert len(unread) == (reads == "final state") and not any(g.any() for g in unread)
