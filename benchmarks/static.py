@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ import torch
 import mirasc
 from benchmarks.common import SPECS, leaves, table
 from benchmarks.peers import FLA_PEERS
+from benchmarks.work import per_warp, run_program, sass_with_lines
 from mirasc.check import random_inputs
 from mirasc.resources import SHARED_LIMIT, compiling_for, largest_loop, sass
 
@@ -37,7 +39,13 @@ COLUMNS = [("impl", "impl", ""), ("pass", "pass", ""), ("kernel", "kernel", ""),
            ("registers", "registers", "d"), ("spill_bytes", "spill B", "d"),
            ("shared_kib", "shared KiB", ".0f"), ("tensor_core", "tensor-core ops", ""),
            ("half_share", "bf16/fp16 %", ".0f"), ("loop", "loop instr", "d"),
+           ("launches", "launches", "d"), ("warp_instr", "warp-instr M", ".1f"),
+           ("moved_mb", "moved MB", ".0f"), ("tensor_mb", "tensors MB", ".0f"),
            ("seconds", "compile s", ".1f")]
+PHASE = [("impl", "impl", ""), ("pass", "pass", ""), ("warp_instr", "warp-instr M", ".1f"),
+         ("moved_mb", "moved MB", ".0f"), ("tensor_mb", "tensors MB", ".0f"),
+         ("instr_ratio", "instr / fla", ".2f"), ("moved_ratio", "moved / fla", ".2f"),
+         ("tensor_ratio", "tensors / fla", ".2f")]
 
 
 @dataclass
@@ -152,7 +160,7 @@ def compile_launch(launch: Launch, capability: int, most: int) -> dict:
     """The launch compiled in its first `most` configurations: the row of the one that spills
     least (then uses fewest registers), with the compile seconds of all."""
     rows = []
-    for kwargs in launch.configs[:most]:
+    for index, kwargs in enumerate(launch.configs[:most]):
         start = time.perf_counter()
         with compiling_for(capability), contextlib.redirect_stdout(io.StringIO()):  # ptxas
             compiled = launch.kernel.warmup(*launch.args, grid=(1,), **kwargs)
@@ -165,10 +173,24 @@ def compile_launch(launch: Launch, capability: int, most: int) -> dict:
             "tensor_core": ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "0",
             "half_share": 100 * (kinds["bf16"] + kinds["fp16"]) / sum(kinds.values())
             if kinds else None,
-            "loop": largest_loop(listing), "seconds": time.perf_counter() - start})
+            "loop": largest_loop(listing), "seconds": time.perf_counter() - start,
+            "config": index, "sass": sass_with_lines(compiled.asm["cubin"])})
     best = min(rows, key=lambda r: (r["spill_bytes"], r["registers"]))
     return best | {"seconds": sum(r["seconds"] for r in rows),
                    "tried": f"{len(rows)}/{len(launch.configs)}"}
+
+
+def launch_work(launch: Launch, config: int, sass: list) -> dict:
+    """The launch's whole work in configuration `config` (`benchmarks.work`): dynamic
+    warp-instructions, bytes its programs' loads and stores move, and bytes of the argument
+    tensors they touch."""
+    programs = math.prod(launch.grid)
+    kwargs = launch.configs[config]
+    run = run_program(launch.kernel, launch.args, kwargs, launch.grid)
+    tensors = [launch.args[key] if isinstance(key, int) else kwargs[key] for key in run.tensors]
+    touched = sum(t.numel() * t.element_size() for t in tensors)
+    return {"warp_instr": per_warp(sass, run) * kwargs.get("num_warps", 4) * programs / 1e6,
+            "moved_mb": run.bytes_moved * programs / 2**20, "tensor_mb": touched / 2**20}
 
 
 def benchmark(specs: list[str], batch: int, length: int, heads: int, dim: int, capability: int,
@@ -177,20 +199,44 @@ def benchmark(specs: list[str], batch: int, length: int, heads: int, dim: int, c
     rows = []
     for spec in specs:
         for (impl, name), launches in record(spec, batch, length, heads, dim, capability).items():
-            seen = set()
+            seen: dict[tuple, dict] = {}
             for launch in launches:
-                key = (launch.kernel.fn.__qualname__, repr(sorted(
+                key = (launch.kernel.fn.__qualname__, tuple(launch.grid), repr(sorted(
                     (k, v) for k, v in launch.configs[0].items() if not isinstance(v, torch.Tensor))))
-                if key in seen:
+                if key in seen:  # launched again alike: the same row, its work once more
+                    row = seen[key]
+                    row["launches"] += 1
+                    for total, value in launch_work(launch, row["config"], row["sass"]).items():
+                        row[total] += value
                     continue
-                seen.add(key)
-                programs = 1
-                for size in launch.grid:
-                    programs *= size
-                rows.append({"spec": spec, "impl": impl, "pass": name,
-                             "kernel": launch.kernel.fn.__name__, "programs": programs}
-                            | compile_launch(launch, capability, most))
+                row = {"spec": spec, "impl": impl, "pass": name, "launches": 1,
+                       "kernel": launch.kernel.fn.__name__, "programs": math.prod(launch.grid)}
+                row |= compile_launch(launch, capability, most)
+                row |= launch_work(launch, row["config"], row["sass"])
+                seen[key] = row
+                rows.append(row)
+    for row in rows:
+        del row["sass"]
     return rows
+
+
+def phases(rows: list[dict]) -> list[dict]:
+    """Per spec, implementation and pass: the work of its launches summed, with mirasc's
+    totals over fla's."""
+    totals: dict[tuple, dict] = {}
+    for row in rows:
+        total = totals.setdefault((row["spec"], row["impl"], row["pass"]),
+                                  {"spec": row["spec"], "impl": row["impl"], "pass": row["pass"],
+                                   "warp_instr": 0.0, "moved_mb": 0.0, "tensor_mb": 0.0})
+        for key in ("warp_instr", "moved_mb", "tensor_mb"):
+            total[key] += row[key]
+    for (spec, impl, name), total in totals.items():
+        peer = totals.get((spec, "fla", name))
+        if impl == "mirasc" and peer:
+            for key, ratio in (("warp_instr", "instr_ratio"), ("moved_mb", "moved_ratio"),
+                               ("tensor_mb", "tensor_ratio")):
+                total[ratio] = total[key] / peer[key] if peer[key] else None
+    return list(totals.values())
 
 
 def report(rows: list[dict], shape: tuple, capability: int, most: int, environment: str) -> str:
@@ -198,12 +244,18 @@ def report(rows: list[dict], shape: tuple, capability: int, most: int, environme
              f"kernels compiled for sm_{capability}, bf16 inputs, (B, T, H, D) = {shape}; nothing "
              f"ran. configs: compiled / held by the autotuner (the first {most}); the row is the "
              "one that spills least. loop instr: static SASS instructions of the largest loop "
-             "(a kernel walking the chunks: one chunk step, per warp; an estimate)", ""]
+             "(a kernel walking the chunks: one chunk step, per warp; an estimate). warp-instr: "
+             "dynamic SASS instructions summed over every warp of every program of every launch "
+             "of the row; moved: bytes its loads and stores move; tensors: bytes of the argument "
+             "tensors they touch (benchmarks.work: one program interpreted, the SASS's loops "
+             "counted by its trips)", ""]
     for spec in dict.fromkeys(r["spec"] for r in rows):
         mine = [r for r in rows if r["spec"] == spec]
         totals = {}
         for r in mine:
             totals[r["impl"]] = totals.get(r["impl"], 0.0) + r["seconds"]
         lines += [spec, table(mine, COLUMNS), "compile s, every kernel in the configurations "
-                  "compiled: " + ", ".join(f"{impl} {s:.1f}" for impl, s in totals.items()), ""]
+                  "compiled: " + ", ".join(f"{impl} {s:.1f}" for impl, s in totals.items()), "",
+                  "per phase, every launch:",
+                  table([p for p in phases(mine) if p["spec"] == spec], PHASE), ""]
     return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""`benchmarks.work`: a launch's dynamic instructions and bytes without a GPU. A small kernel is
+compiled for sm_90 (in a child process: the tests' TRITON_INTERPRET would replace the
+compiler) and one program of it interpreted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # compiles for sm_90 in a child process
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = """
+import json, torch, triton, triton.language as tl
+from benchmarks.work import loops, per_warp, run_program, sass_with_lines
+from mirasc.resources import compiling_for
+
+@triton.jit
+def kernel(x_ptr, w_ptr, y_ptr, N, B: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * B + tl.arange(0, B)
+    acc = tl.zeros([B, B], tl.float32)
+    for i in range(0, N):
+        x = tl.load(x_ptr + rows[:, None] * B + tl.arange(0, B)[None, :] + i * 4)
+        acc = tl.dot(x, tl.load(w_ptr + tl.arange(0, B)[:, None] * B + tl.arange(0, B)[None, :]), acc)
+    tl.store(y_ptr + rows[:, None] * B + tl.arange(0, B)[None, :], acc, mask=rows[:, None] < 40)
+
+x, w, y = torch.randn(64 * 16 + 64), torch.randn(16 * 16), torch.empty(64 * 16)
+with compiling_for(90):
+    compiled = kernel.warmup(x, w, y, 3, grid=(1,), B=16, num_warps=4)
+sass = sass_with_lines(compiled.asm["cubin"])
+out = {"loops": len([s for s in loops(sass) if s[0] != s[1]])}
+for n in (3, 10):
+    run = run_program(kernel, (x, w, y, n), {"B": 16}, (4,))
+    out[n] = {"instructions": per_warp(sass, run), "bytes": run.bytes_moved,
+              "tensors": sorted(run.tensors), "middle": int(y.view(4, -1)[2].abs().sum() > 0)}
+print(json.dumps(out))
+"""
+
+
+def test_loops_count_by_their_trips_and_bytes_by_their_lanes(tmp_path):
+    """One program (the middle one of 4) of a loop of N trips, each loading a 16x16 fp32 tile
+    of x and of w, then storing a 16x16 tile where its rows are below 40 (program 2: rows 32-47,
+    so 8 rows): its bytes are exact, its instructions grow by the loop's body per trip, and it
+    wrote the middle program's rows only."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"TRITON_CACHE_DIR": str(tmp_path / "triton"), "TRITON_DEFAULT_FP_FUSION": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    script = tmp_path / "child.py"  # Triton reads a kernel's source from its file
+    script.write_text(CHILD)
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    tile = 16 * 16 * 4
+    for n in ("3", "10"):
+        assert out[n]["bytes"] == int(n) * 2 * tile + 8 * 16 * 4, out
+        assert out[n]["tensors"] == [0, 1, 2] and out[n]["middle"] == 1, out
+    assert out["loops"] >= 1
+    grown = out["10"]["instructions"] - out["3"]["instructions"]
+    assert grown > 0 and grown % 7 == 0, out  # 7 more trips of the same body
