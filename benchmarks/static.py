@@ -29,7 +29,7 @@ import torch
 import mirasc
 from benchmarks.common import SPECS, leaves, table
 from benchmarks.peers import FLA_PEERS
-from benchmarks.work import per_warp, run_program, sass_with_lines
+from benchmarks.work import per_warp, run_program, sass_with_lines, split_loops
 from mirasc.check import random_inputs
 from mirasc.resources import SHARED_LIMIT, compiling_for, largest_loop, sass
 
@@ -190,7 +190,8 @@ def launch_work(launch: Launch, config: int, sass: list) -> dict:
     tensors = [launch.args[key] if isinstance(key, int) else kwargs[key] for key in run.tensors]
     touched = sum(t.numel() * t.element_size() for t in tensors)
     return {"warp_instr": per_warp(sass, run) * kwargs.get("num_warps", 4) * programs / 1e6,
-            "moved_mb": run.bytes_moved * programs / 2**20, "tensor_mb": touched / 2**20}
+            "moved_mb": run.bytes_moved * programs / 2**20, "tensor_mb": touched / 2**20,
+            "split_loops": split_loops(sass)}
 
 
 def benchmark(specs: list[str], batch: int, length: int, heads: int, dim: int, capability: int,
@@ -206,8 +207,9 @@ def benchmark(specs: list[str], batch: int, length: int, heads: int, dim: int, c
                 if key in seen:  # launched again alike: the same row, its work once more
                     row = seen[key]
                     row["launches"] += 1
-                    for total, value in launch_work(launch, row["config"], row["sass"]).items():
-                        row[total] += value
+                    work = launch_work(launch, row["config"], row["sass"])
+                    for total in ("warp_instr", "moved_mb", "tensor_mb"):
+                        row[total] += work[total]
                     continue
                 row = {"spec": spec, "impl": impl, "pass": name, "launches": 1,
                        "kernel": launch.kernel.fn.__name__, "programs": math.prod(launch.grid)}
@@ -258,4 +260,7 @@ def report(rows: list[dict], shape: tuple, capability: int, most: int, environme
                   "compiled: " + ", ".join(f"{impl} {s:.1f}" for impl, s in totals.items()), "",
                   "per phase, every launch:",
                   table([p for p in phases(mine) if p["spec"] == spec], PHASE), ""]
+        split = [r["kernel"] for r in mine if r["split_loops"]]
+        lines += [f"loops split by unrolling (their trips counted in each part): "
+                  f"{', '.join(split) if split else 'none'}", ""]
     return "\n".join(lines)

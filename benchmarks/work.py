@@ -81,6 +81,14 @@ def loops(instructions: list[Instruction]) -> list[tuple[int, int, Instruction]]
     return spans
 
 
+def split_loops(instructions: list[Instruction]) -> int:
+    """Loops of the SASS whose `for` line another loop also carries: a loop LLVM split into an
+    unrolled main loop and a remainder, each of which `per_warp` counts with every trip."""
+    lines = Counter(branch.source for _, _, branch in loops(instructions)
+                    if _is_for(branch.source))
+    return sum(n for n in lines.values() if n > 1)
+
+
 def _is_for(source: tuple[str, int] | None) -> bool:
     return source is not None and linecache.getline(*source).lstrip().startswith("for ")
 

@@ -144,6 +144,18 @@ class KernelPrinter:
         """Start printing `kernel`: where each node is printed, what must keep its name."""
         self.inlined, self.loaded = {}, set(kernel.loads)
         passes = kernel.passes
+        if kernel.walk is not None:
+            walk = kernel.walk
+            scopes = [*walk.before.whole, *(loop.nodes for loop in walk.before.loops),
+                      *walk.walk.whole, *(loop.nodes for loop in walk.walk.loops), walk.after]
+            self.places = {}
+            for n in (n for scope in scopes for n in scope):
+                self.places[n] = self.places.get(n, 0) + 1
+            reduced = [r for s in (walk.before, walk.walk) for loop in s.loops for r in loop.reduce]
+            self.places.update(dict.fromkeys([*reduced, *walk.sums], 1))
+            self.pinned = {*kernel.targets, *kernel.loads, *kernel.block_loads, *reduced,
+                           *walk.sums, *self.step.states, *(f"d{s}_new" for s in self.step.states)}
+            return
         if passes is None:
             self.places = dict.fromkeys(plan(self.graph, kernel.targets, kernel.loads), 1)
         else:
@@ -212,10 +224,68 @@ class KernelPrinter:
                 m.store_key_grad(x, adjoint[x], x in self.sched.summed))
         return loads, stores
 
+    def value_inputs(self, kernel: KernelPlan) -> list[str]:
+        """The inputs a kernel that walks the value blocks loads per block: v, the output's
+        cotangent, value-channel gates and per-head parameters."""
+        if kernel.walk is None:
+            return []
+        candidates = ("v", "d_o", *self.step.gates, *self.step.params)
+        return [x for x in candidates if x in kernel.needs and "DV" in self.graph.shape(x)]
+
+    def walk_body(self, kernel: KernelPlan) -> list[str]:
+        """A program per key block walking the value blocks (`ValueWalk`): the value-free tiles
+        over every key block, then per value block its step (its last pass on the program's key
+        block) adding to the sums, then what follows from the sums, and the gradients stored."""
+        graph, m, walk, loaded = self.graph, self.m, kernel.walk, kernel.loads
+        loads, _ = self.key_io(kernel)
+        lines = ["i_k = tl.program_id(2)  # the program's block of key columns"]
+        lines += self.passes(walk.before, loads, {}, loaded, "DK")
+        lines += [m.accumulator(n, [BLOCKS[d] for d in graph.shape(n)], "sum") for n in walk.sums]
+        inner = []
+        for x in self.value_inputs(kernel):
+            if x in self.step.params:
+                inner.append(m.load_param(x))
+                continue
+            pad = {"v": "1.0", "d_o": "0.0", "delta": "1.0"}.get(x, "0.0")
+            inner.append(m.load_rows(x, "do_ptr" if x == "d_o" else f"{x}_ptr", "v", pad,
+                                     tile_dtype(graph, x, kernel.needs)))
+            if x != "d_o" and kernel.pads_nonfinite:
+                inner.append(m.pad_nonfinite(x, pad))
+        states, _ = self.state_io("bwd_out", {})
+        inner += [line for n, lines in states.items()
+                  if n in kernel.reads and n not in kernel.block_loads for line in lines]
+        sums = set(walk.sums)
+        *others, own = walk.walk.loops
+        for whole, loop in zip(walk.walk.whole, walk.walk.loops, strict=False):
+            inner += self.compute([n for n in whole if n not in sums], loaded, sinks=sums)
+            inner += [m.accumulate(n, self.expression(n), "sum") for n in whole if n in sums]
+            body = [line for n in loop.nodes if n in loads for line in loads[n]]
+            body += self.compute([n for n in loop.nodes if n not in sums], loaded,
+                                 sinks=(*loop.reduce, *loop.store))
+            body += [m.accumulate(r, self.expression(r), graph.node(r)["op"]) for r in loop.reduce]
+            body += [m.accumulate(n, self.expression(n), "sum") for n in loop.store]
+            if loop is own:
+                inner += [*m.own_key_block().splitlines(), *body]
+            else:
+                inner += [m.accumulator(r, [BLOCKS[d] for d in graph.shape(r)],
+                                        graph.node(r)["op"]) for r in loop.reduce]
+                inner += [*m.block_loop("DK").splitlines(), *_indented(body)]
+        last = walk.walk.whole[len(walk.walk.loops)]
+        inner += self.compute([n for n in last if n not in sums], loaded, sinks=sums)
+        inner += [m.accumulate(n, self.expression(n), "sum") for n in last if n in sums]
+        lines += [*m.block_loop("DV").splitlines(), *_indented(inner)]
+        lines += m.own_key_block().splitlines()
+        lines += [line for n in walk.after if n in loads for line in loads[n]]
+        lines += self.compute([n for n in walk.after if n not in loads], loaded)
+        adjoint = self.sched.adjoint
+        return lines + [m.store_key_grad(x, adjoint[x], False) for x in kernel.blocked]
+
     def body(self, kernel: KernelPlan) -> list[str]:
         """The statements of a kernel's chunk step: flat, or its passes over blocks of a dim."""
         step, loaded = self.step, kernel.loads
         self.begin(kernel)
+        if kernel.walk is not None:
+            return self.walk_body(kernel)
         if kernel.kind == "stage":
             if kernel.passes is not None:
                 io = self.state_io("bwd_stage", {})
@@ -235,11 +305,12 @@ class KernelPrinter:
         their masks. Non-finite entries (`memories.taints.poisoned`) load as padding unless the
         kernel pads none; `tainted` marks the rows from the first bad one on (it reads every
         input), `qbad` the rows of a bad q."""
-        m, need = self.m, kernel.needs
+        m, walked = self.m, self.value_inputs(kernel)
+        need = kernel.needs - set(walked)
         taint = "tainted" in need
 
         def dtype(x):
-            return tile_dtype(self.graph, x, need)
+            return tile_dtype(self.graph, x, kernel.needs)
 
         lines = m.step_rows().splitlines()
         pads = {}

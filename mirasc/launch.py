@@ -186,12 +186,16 @@ class ChunkKernels:
                     *staged, do, hs, dht, dhs, dh0, cu_seqlens, offsets, HAS_DHT=dht is not None,
                     **meta)
         metas = {out: self.meta(q, v, cu_seqlens, out) for out in m["OUT_KERNELS"]}
-        blocks = {out: 1 if out in m["V_SUMMED"] else triton.cdiv(v.shape[-1], meta["BV"])
-                  for out, meta in metas.items()}  # the programs per chunk and head
-        parts = {x: blocks[out] for out, xs in m["OUT_KERNELS"].items() for x in xs}
+        # the programs per chunk and head: per key block, one walking the value blocks, or per
+        # value block
+        blocks = {out: triton.cdiv(q.shape[-1], meta["BK"]) if out in m["KEY_PROGRAMS"]
+                  else 1 if out in m["V_SUMMED"] else triton.cdiv(v.shape[-1], meta["BV"])
+                  for out, meta in metas.items()}
+        parts = {x: 0 if out in m["KEY_PROGRAMS"] else blocks[out]  # 0: stored once
+                 for out, xs in m["OUT_KERNELS"].items() for x in xs}
         tokens = dict(zip(("q", "k", "v", *m["GATES"]), inputs, strict=False))
-        grads = [x.new_empty(parts[name], *x.shape, dtype=acc) if name in m["SUMMED"]
-                 else torch.empty_like(x) for name, x in tokens.items()]
+        grads = [x.new_empty(parts[name], *x.shape, dtype=acc) if name in m["SUMMED"] and
+                 parts[name] else torch.empty_like(x) for name, x in tokens.items()]
         per_chunk = [q.new_zeros(max(chunks, 1), *p.shape, dtype=acc)
                      for p in inputs[len(tokens):]]
         for out, meta in metas.items() if chunks else ():

@@ -38,6 +38,13 @@ BH_MAX = {"fwd": 32}
 # The widest block of key columns of a gradient kernel that passes over them: 16 where its
 # program also walks the value blocks (it holds what each block reuses), else 32.
 BK_WALKING_V, BK = 16, 32
+# A gradient kernel with a program per key block that walks the value blocks, summing over them
+# in registers (`schedule.streams.ValueWalk`): its key block, and 8 warps. bf16, D=128, blocks of
+# 16 value columns: gated DeltaNet's dq/dk kernel at 8 warps spilled 56 B per thread with key
+# blocks of 64, none with 32 (245 registers); at 4 warps 576 and 224 B. Simple GLA's spills
+# none in any of these. Blocks of 32 value columns spilled 40 B at 8 warps.
+BK_PER_PROGRAM = 32
+WALK_CONFIGS = [(8, 1)]
 
 
 def configs(kernel: str, split_v: bool, streamed: bool) -> list[tuple[int, int]]:

@@ -95,14 +95,26 @@ def test_query_gradient_runs_apart_from_the_state_gradient(name):
 @pytest.mark.parametrize("name", ["gated_deltanet", "simple_gla", "titans"])
 def test_matrix_gradients_pass_over_key_blocks(name):
     """A matrix memory's dq/dk kernel passes over blocks of key columns, loading q, k and the
-    state's key columns per block and writing dq, dk per block; it walks the value blocks,
-    summing dq and dk over them, with narrower key blocks than the other output kernels."""
+    state's key columns per block and writing dq, dk per block. It runs a program per key block
+    that walks the value blocks (`ValueWalk`): what contracts the value columns is summed over
+    them (no sum has a value column), the state's products on the program's own key block
+    last; what follows from the sums (dq, dk among it) runs after the walk, and reads no tile
+    with a value column."""
     sched = _schedule(name)
+    graph = sched.step.graph
     dqk = sched.kernels["bwd_dqk"]
     assert dqk.dim == "DK" and {"q", "k"} <= set(dqk.block_loads)
     assert set(dqk.blocked) == {"q", "k"} and not {"q", "k"} & dqk.needs
     assert "bwd_dqk" in sched.walks_v and {"q", "k"} <= set(sched.summed)
-    assert sched.key_blocks["bwd_dqk"] == tuning.BK_WALKING_V < tuning.BK
+    assert sched.key_blocks["bwd_dqk"] == tuning.BK_PER_PROGRAM
+    walk = dqk.walk
+    assert walk is not None and walk.sums and set(dqk.targets) <= set(walk.after)
+    assert not any("DV" in graph.shape(n) for n in (*walk.sums, *walk.after))
+    keyed = {n for n in walk.sums if "DK" in graph.shape(n)}
+    own = walk.walk.loops[-1]
+    assert keyed and set(own.store) == keyed and not own.reduce
+    for n in walk.after:  # nothing after the walk reads a tile of one value block
+        assert not any("DV" in graph.shape(i) for i in graph.node(n)["inputs"]), n
 
 
 def test_kernels_launch_order_and_kinds():

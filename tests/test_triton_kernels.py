@@ -312,9 +312,9 @@ def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
     packed = varlen_inputs(op, [0, 9, 30], dk=5, dv=37)
     _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
-    assert {"bwd_dqk"} <= set(module.V_SUMMED) < set(module.OUT_KERNELS)
+    assert {"bwd_dqk"} <= set(module.KEY_PROGRAMS) <= set(module.V_SUMMED) < set(module.OUT_KERNELS)
     for kernel in per_block:
-        blocks = 1 if kernel in module.V_SUMMED else 3
+        blocks = 1 if kernel in module.V_SUMMED else 3  # one key block of 6 columns
         assert {grid[2] for grid in module.kernel.launchers[kernel].grids} == {blocks}, kernel
 
 
@@ -328,10 +328,15 @@ def test_key_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
     assert set(module.BK_MAX) == set(module.OUT_KERNELS)
     for kernel in module.BK_MAX:
         monkeypatch.setitem(module.BK_MAX, kernel, 16)
+    for kernel in module.KEY_PROGRAMS:
+        monkeypatch.setitem(module.kernel.launchers, kernel, _Grids(module.kernel.launchers[kernel]))
     inputs = random_inputs(op, batch=2, length=23, heads=2, dk=37, dv=6)
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
     packed = varlen_inputs(op, [0, 9, 30], dk=37, dv=5)
     _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
+    assert "bwd_dqk" in module.KEY_PROGRAMS
+    for kernel in module.KEY_PROGRAMS:  # a program per key block
+        assert {grid[2] for grid in module.kernel.launchers[kernel].grids} == {3}, kernel
 
 
 @pytest.mark.parametrize("spec", ["deltanet", "gated_deltanet"])

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
 import json, torch, triton, triton.language as tl
-from benchmarks.work import loops, per_warp, run_program, sass_with_lines
+from benchmarks.work import loops, per_warp, run_program, sass_with_lines, split_loops
 from mirasc.resources import compiling_for
 
 @triton.jit
@@ -35,7 +35,7 @@ x, w, y = torch.randn(64 * 16 + 64), torch.randn(16 * 16), torch.empty(64 * 16)
 with compiling_for(90):
     compiled = kernel.warmup(x, w, y, 3, grid=(1,), B=16, num_warps=4)
 sass = sass_with_lines(compiled.asm["cubin"])
-out = {"loops": len([s for s in loops(sass) if s[0] != s[1]])}
+out = {"loops": len([s for s in loops(sass) if s[0] != s[1]]), "split": split_loops(sass)}
 for n in (3, 10):
     run = run_program(kernel, (x, w, y, n), {"B": 16}, (4,))
     out[n] = {"instructions": per_warp(sass, run), "bytes": run.bytes_moved,
@@ -62,6 +62,6 @@ def test_loops_count_by_their_trips_and_bytes_by_their_lanes(tmp_path):
     for n in ("3", "10"):
         assert out[n]["bytes"] == int(n) * 2 * tile + 8 * 16 * 4, out
         assert out[n]["tensors"] == [0, 1, 2] and out[n]["middle"] == 1, out
-    assert out["loops"] >= 1
+    assert out["loops"] >= 1 and out["split"] == 0  # one loop per `for`, not unrolled
     grown = out["10"]["instructions"] - out["3"]["instructions"]
     assert grown > 0 and grown % 7 == 0, out  # 7 more trips of the same body

@@ -15,7 +15,7 @@ from mirasc import tuning
 from mirasc.graph import plan
 from mirasc.memories import ChunkStep, step_adjoint
 from mirasc.schedule import stages
-from mirasc.schedule.streams import Stream, separable, stream
+from mirasc.schedule.streams import Stream, ValueWalk, separable, stream, value_walk
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class KernelPlan:
     `loads` (read from buffers, not recomputed), flat or as `passes` over blocks of `dim`;
     `stores` are the tiles it writes to buffers, `reads` the state tiles (and their gradients)
     it reads whole, `needs` the nodes whose inputs it loads before its body. An output kernel
-    writes the gradients of `grads` (of `blocked` inside its passes over key blocks)."""
+    writes the gradients of `grads` (of `blocked` inside its passes over key blocks); one with
+    a `walk` runs a program per key block that walks the value blocks (`streams.ValueWalk`)."""
 
     name: str
     kind: str
@@ -53,6 +54,7 @@ class KernelPlan:
     blocked: tuple[str, ...] = ()
     pads_nonfinite: bool = True
     configs: list = field(default_factory=list)
+    walk: ValueWalk | None = None
 
 
 @dataclass(frozen=True)
@@ -245,11 +247,14 @@ def schedule(step: ChunkStep) -> Schedule:
             if name in groups and streams is None else None
         need = set(plan(graph, t, stop)) - set(stop)
         _operand_reads(graph, stop, need, operands)
-        passes, dim, block_loads, blocked = None, None, (), ()
+        passes, dim, block_loads, blocked, walk = None, None, (), (), None
         if keys is not None:
             passes, block_loads, blocked = keys
             dim, need = "DK", need - set(block_loads)
             key_blocks[name] = tuning.BK_WALKING_V if name in walks_v else tuning.BK
+            walk = value_walk(graph, t, stop) if name in walks_v else None
+            if walk is not None:
+                key_blocks[name] = tuning.BK_PER_PROGRAM
         elif streams is not None:
             passes, dim = streams[name], "DH"
         stored = kept if name == "fwd" else ()
@@ -261,7 +266,8 @@ def schedule(step: ChunkStep) -> Schedule:
             # A forward pass that writes only the next states (NaN wholesale after a tainted
             # row, memories.taints.poisoned) needs no padding in place of a non-finite input.
             pads_nonfinite=name != "fwd" or bool(stored),
-            configs=tuning.configs(name, split_v, streams is not None))
+            configs=tuning.WALK_CONFIGS if walk else tuning.configs(name, split_v, streams is not None),
+            walk=walk)
     handover = _stage_kernels(step, staged, loads, streams, split_v, kernels, operands)
     # Stage tiles read only as matmul operands are stored in the operands' dtype where the step
     # streams hidden blocks (sm_90, bf16, 8 warps, D=64: Moneta's backward output kernel spills

@@ -99,3 +99,93 @@ def stream(graph: Graph, targets, dim: str = "DH", stop=()) -> Stream | None:
     whole = tuple(tuple(n for n in nodes if n not in blocked and n not in reductions
                         and first[n] == j) for j in range(last + 2))
     return Stream(whole, tuple(loops))
+
+
+@dataclass(frozen=True)
+class ValueWalk:
+    """An output kernel whose program holds one block of key columns and walks the blocks of
+    value columns, summing in registers what contracts them (`sums`: dots over DV, sums over
+    it), so that what follows from the sums runs once, after the walk, on its key block
+    (`after`), and its gradients are stored once. `before`: the value-free tiles the walk
+    reads, as passes over every key block; `walk`: one value block's step, as passes over
+    every key block but the last, which runs on the program's own block."""
+
+    before: Stream
+    walk: Stream
+    sums: tuple[str, ...]
+    after: tuple[str, ...]
+
+
+def _blocked_inputs(graph: Graph, roots, blocked) -> set[str]:
+    """The blocked tiles `roots` are computed from, back to the unblocked ones."""
+    need, todo = set(), list(roots)
+    while todo:
+        n = todo.pop()
+        if n in blocked and n not in need:
+            need.add(n)
+            todo.extend(graph.node(n)["inputs"])
+    return need
+
+
+def _stores_last(graph: Graph, passes: Stream | None) -> Stream | None:
+    """`passes` with every blocked target stored in one last pass that reduces nothing (its own
+    pass after the others where a pass both reduced and stored); None where it stores none."""
+    if passes is None or not any(loop.store for loop in passes.loops):
+        return None
+    stores = [t for loop in passes.loops for t in loop.store]
+    if len(passes.loops) == 1 and not passes.loops[0].reduce:
+        return passes
+    blocked = {n for loop in passes.loops for n in loop.nodes}
+    loops = [Loop(tuple(n for n in loop.nodes if n in _blocked_inputs(
+        graph, [i for r in loop.reduce for i in graph.node(r)["inputs"]], blocked)), loop.reduce, ())
+             for loop in passes.loops if loop.reduce]
+    need = _blocked_inputs(graph, stores, blocked)
+    own = Loop(tuple(dict.fromkeys(n for loop in passes.loops for n in loop.nodes if n in need)),
+               (), tuple(stores))
+    whole = (*passes.whole[:len(loops)], tuple(n for w in passes.whole[len(loops):] for n in w), ())
+    return Stream(whole, (*loops, own))
+
+
+def value_walk(graph: Graph, targets, stop=()) -> ValueWalk | None:
+    """The kernel of `targets` (gradients of key columns, from a step that never mixes value
+    columns) as a `ValueWalk`; None where it does not run so: a tile that depends on one value
+    block reads a sum over them, a sum over DV is also one over DK (or a max), or what follows
+    the sums reduces over DK."""
+    nodes = plan(graph, targets, stop)
+    value, sums, after = set(), [], set()
+    for n in nodes:
+        inputs = () if n in stop else graph.node(n)["inputs"]
+        from_values = any(i in value for i in inputs)
+        if "DV" in graph.shape(n) or (from_values and not _folds(graph, n, "DV")):
+            if any(i in after or i in sums for i in inputs):
+                return None
+            value.add(n)
+        elif from_values:
+            if graph.node(n)["op"] == "max":
+                return None
+            sums.append(n)
+        elif any(i in after or i in sums for i in inputs):
+            after.add(n)
+    if not sums:
+        return None
+    done = {n for n in nodes if n not in value and n not in after and n not in sums
+            and "DK" not in graph.shape(n)}
+    walk = _stores_last(graph, stream(graph, sums, dim="DK", stop=(*stop, *done)))
+    if walk is None or {n for n in sums if "DK" in graph.shape(n)} != set(walk.loops[-1].store) \
+            or any(n in sums for loop in walk.loops for n in loop.reduce):
+        return None
+    walked = value | set(sums)
+    walk = Stream(tuple(tuple(n for n in whole if n in walked) for whole in walk.whole),
+                  walk.loops)
+    # Before the walk: what it reads, and the sums over key blocks only the part after it
+    # reads; the rest waits for the part after the walk, holding no registers across it.
+    wanted = [n for n in done if any(c in walked for c in graph.g.successors(n)) or (
+        any(c in after for c in graph.g.successors(n))
+        and any(_folds(graph, i, "DK") for i in plan(graph, [n], stop) if i not in stop))]
+    before = stream(graph, wanted, dim="DK", stop=stop)
+    ready = set(plan(graph, wanted, stop))
+    tail = [n for n in plan(graph, targets, (*stop, *ready, *sums))
+            if n not in ready and n not in walked]
+    if before is None or any(_folds(graph, n, "DK") for n in tail):
+        return None
+    return ValueWalk(before, walk, tuple(sums), tuple(tail))
