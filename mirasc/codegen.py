@@ -196,13 +196,14 @@ def render_triton_module(spec: Spec) -> str:
                     for n, a in sched.adjoint.items()}
     code = "\n".join(k["loads"] + k["body"] for k in kernels.values()) + macros.prologue()
     helpers = set(re.findall(r"\b(" + "|".join(HELPERS) + r")\(", code))
-    key_programs = [k for k in sched.walks_v if sched.kernels[k].walk is not None]
-    if set(sched.walks_v) - set(key_programs):
+    walks = [k for k in sched.walks_v if sched.kernels[k].walk is not None]
+    key_programs = [k for k in walks if sched.kernels[k].walk.per_key_block]
+    if set(sched.walks_v) - set(walks):
         helpers.add("store_sum")  # the template's in-place sums
     tables = {
         "GATES": list(step.gates), "PARAMS": list(step.params),
         "STATES": [t.dims for t in printer.tiles], "SUMMED": list(sched.summed),
-        "V_SUMMED": list(sched.walks_v), "KEY_PROGRAMS": key_programs,
+        "V_SUMMED": list(sched.walks_v), "WALKS": walks, "KEY_PROGRAMS": key_programs,
         "OUT_KERNELS": sched.groups, "STAGES": sched.stage_order,
         "BUFFERS": {k: [(b.node, *(BUFFER_BLOCKS[x][0] for x in b.dims), b.operand) for b in bs]
                     for k, bs in sched.buffers.items()},

@@ -238,7 +238,8 @@ class KernelPrinter:
         block) adding to the sums, then what follows from the sums, and the gradients stored."""
         graph, m, walk, loaded = self.graph, self.m, kernel.walk, kernel.loads
         loads, _ = self.key_io(kernel)
-        lines = ["i_k = tl.program_id(2)  # the program's block of key columns"]
+        lines = ["i_k = tl.program_id(2)  # the program's block of key columns"] \
+            if walk.per_key_block else []
         lines += self.passes(walk.before, loads, {}, loaded, "DK")
         lines += [m.accumulator(n, [BLOCKS[d] for d in graph.shape(n)], "sum") for n in walk.sums]
         inner = []
@@ -255,7 +256,7 @@ class KernelPrinter:
         inner += [line for n, lines in states.items()
                   if n in kernel.reads and n not in kernel.block_loads for line in lines]
         sums = set(walk.sums)
-        *others, own = walk.walk.loops
+        own = walk.walk.loops[-1] if walk.per_key_block else None
         for whole, loop in zip(walk.walk.whole, walk.walk.loops, strict=False):
             inner += self.compute([n for n in whole if n not in sums], loaded, sinks=sums)
             inner += [m.accumulate(n, self.expression(n), "sum") for n in whole if n in sums]
@@ -266,16 +267,17 @@ class KernelPrinter:
             body += [m.accumulate(n, self.expression(n), "sum") for n in loop.store]
             if loop is own:
                 inner += [*m.own_key_block().splitlines(), *body]
-            else:
+            else:  # a sum over the value blocks too starts before the walk
                 inner += [m.accumulator(r, [BLOCKS[d] for d in graph.shape(r)],
-                                        graph.node(r)["op"]) for r in loop.reduce]
+                                        graph.node(r)["op"]) for r in loop.reduce if r not in sums]
                 inner += [*m.block_loop("DK").splitlines(), *_indented(body)]
         last = walk.walk.whole[len(walk.walk.loops)]
         inner += self.compute([n for n in last if n not in sums], loaded, sinks=sums)
         inner += [m.accumulate(n, self.expression(n), "sum") for n in last if n in sums]
         lines += [*m.block_loop("DV").splitlines(), *_indented(inner)]
-        lines += m.own_key_block().splitlines()
-        lines += [line for n in walk.after if n in loads for line in loads[n]]
+        if walk.per_key_block:
+            lines += m.own_key_block().splitlines()
+            lines += [line for n in walk.after if n in loads for line in loads[n]]
         lines += self.compute([n for n in walk.after if n not in loads], loaded)
         adjoint = self.sched.adjoint
         return lines + [m.store_key_grad(x, adjoint[x], False) for x in kernel.blocked]

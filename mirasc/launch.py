@@ -191,7 +191,7 @@ class ChunkKernels:
         blocks = {out: triton.cdiv(q.shape[-1], meta["BK"]) if out in m["KEY_PROGRAMS"]
                   else 1 if out in m["V_SUMMED"] else triton.cdiv(v.shape[-1], meta["BV"])
                   for out, meta in metas.items()}
-        parts = {x: 0 if out in m["KEY_PROGRAMS"] else blocks[out]  # 0: stored once
+        parts = {x: 0 if out in m["WALKS"] else blocks[out]  # 0: stored once
                  for out, xs in m["OUT_KERNELS"].items() for x in xs}
         tokens = dict(zip(("q", "k", "v", *m["GATES"]), inputs, strict=False))
         grads = [x.new_empty(parts[name], *x.shape, dtype=acc) if name in m["SUMMED"] and

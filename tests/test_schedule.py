@@ -117,6 +117,28 @@ def test_matrix_gradients_pass_over_key_blocks(name):
         assert not any("DV" in graph.shape(i) for i in graph.node(n)["inputs"]), n
 
 
+@pytest.mark.parametrize("name", ["gated_deltanet", "simple_gla"])
+def test_gate_gradients_walk_the_value_blocks_once(name):
+    """The per-head gates' kernel runs one program per chunk and head that walks the value
+    blocks (`ValueWalk` without key blocks): the key-side products (q k^T, and k k^T where the
+    step has them) over every key block once before the walk, the sums over value blocks kept
+    in registers (a sum over the state's entries summed over its key blocks too), and the
+    gates' gradients (reverse cumulative sums among them) once after it, from tiles with
+    neither key nor value columns."""
+    sched = _schedule(name)
+    graph = sched.step.graph
+    dg = sched.kernels["bwd_dg"]
+    walk = dg.walk
+    assert walk is not None and not walk.per_key_block and "bwd_dg" in sched.walks_v
+    assert "qk" in {r for loop in walk.before.loops for r in loop.reduce}
+    assert not any("DV" in graph.shape(n) or "DK" in graph.shape(n)
+                   for n in (*walk.sums, *walk.after))
+    assert set(dg.targets) <= set(walk.after)
+    assert any(graph.node(n)["op"] == "revcumsum" for n in walk.after)
+    summed_over_keys = {r for loop in walk.walk.loops for r in loop.reduce} & set(walk.sums)
+    assert summed_over_keys == {"dgam_end"}
+
+
 def test_kernels_launch_order_and_kinds():
     """Every direction: its stage kernels, then its pass, then its output kernels; stage and
     output kernels per chunk, the passes per sequence."""

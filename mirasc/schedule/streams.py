@@ -103,17 +103,19 @@ def stream(graph: Graph, targets, dim: str = "DH", stop=()) -> Stream | None:
 
 @dataclass(frozen=True)
 class ValueWalk:
-    """An output kernel whose program holds one block of key columns and walks the blocks of
-    value columns, summing in registers what contracts them (`sums`: dots over DV, sums over
-    it), so that what follows from the sums runs once, after the walk, on its key block
-    (`after`), and its gradients are stored once. `before`: the value-free tiles the walk
-    reads, as passes over every key block; `walk`: one value block's step, as passes over
-    every key block but the last, which runs on the program's own block."""
+    """An output kernel whose program walks the blocks of value columns, summing in registers
+    what contracts them (`sums`: dots over DV, sums over it), so that what follows from the sums
+    runs once, after the walk (`after`), and its gradients are stored once. `before`: the
+    value-free tiles the walk reads, as passes over every key block; `walk`: one value block's
+    step, as passes over every key block. With `per_key_block` (gradients of key columns) a
+    program holds one block of key columns: the walk's last pass runs on it alone, and so does
+    the part after the walk."""
 
     before: Stream
     walk: Stream
     sums: tuple[str, ...]
     after: tuple[str, ...]
+    per_key_block: bool
 
 
 def _blocked_inputs(graph: Graph, roots, blocked) -> set[str]:
@@ -146,12 +148,10 @@ def _stores_last(graph: Graph, passes: Stream | None) -> Stream | None:
     return Stream(whole, (*loops, own))
 
 
-def value_walk(graph: Graph, targets, stop=()) -> ValueWalk | None:
-    """The kernel of `targets` (gradients of key columns, from a step that never mixes value
-    columns) as a `ValueWalk`; None where it does not run so: a tile that depends on one value
-    block reads a sum over them, a sum over DV is also one over DK (or a max), or what follows
-    the sums reduces over DK."""
-    nodes = plan(graph, targets, stop)
+def _by_values(graph: Graph, nodes, stop) -> tuple[set, list, set] | None:
+    """The nodes that depend on one block of value columns, those that sum over the blocks
+    (fold DV, from the former), and those that follow from the sums; None where a node of one
+    block reads a sum, or the blocks are maxed over."""
     value, sums, after = set(), [], set()
     for n in nodes:
         inputs = () if n in stop else graph.node(n)["inputs"]
@@ -166,13 +166,48 @@ def value_walk(graph: Graph, targets, stop=()) -> ValueWalk | None:
             sums.append(n)
         elif any(i in after or i in sums for i in inputs):
             after.add(n)
-    if not sums:
+    return value, sums, after
+
+
+def _sum_over_keys(graph: Graph, nodes, value: set, sums: list, after: set) -> bool:
+    """Where the program holds every key column: a sum over DV that keeps key columns and is
+    read only by sums over them becomes one block's tile, and its readers the sums (summed over
+    both); False where such a sum has another reader."""
+    for s in [s for s in sums if "DK" in graph.shape(s)]:
+        readers = [c for c in graph.g.successors(s) if c in nodes]
+        if not readers or not all(graph.node(c)["op"] == "sum" and _folds(graph, c, "DK")
+                                  for c in readers):
+            return False
+        sums.remove(s)
+        value.add(s)
+        after.difference_update(readers)
+        sums.extend(c for c in readers if c not in sums)
+    sums.sort(key=list(nodes).index)
+    return True
+
+
+def value_walk(graph: Graph, targets, stop=()) -> ValueWalk | None:
+    """The kernel of `targets` (gradients, from a step that never mixes value columns) as a
+    `ValueWalk`, per key block where the targets have key columns; None where it does not run
+    so: a tile of one value block reads a sum over them, or the blocks are maxed over, or what
+    follows the sums reduces over DK, or (per key block) a sum over DV is also one over DK."""
+    nodes = plan(graph, targets, stop)
+    classes = _by_values(graph, nodes, stop)
+    if classes is None:
+        return None
+    value, sums, after = classes
+    per_key_block = any("DK" in graph.shape(t) for t in targets)
+    if not sums or not (per_key_block or _sum_over_keys(graph, nodes, value, sums, after)):
         return None
     done = {n for n in nodes if n not in value and n not in after and n not in sums
             and "DK" not in graph.shape(n)}
-    walk = _stores_last(graph, stream(graph, sums, dim="DK", stop=(*stop, *done)))
-    if walk is None or {n for n in sums if "DK" in graph.shape(n)} != set(walk.loops[-1].store) \
-            or any(n in sums for loop in walk.loops for n in loop.reduce):
+    walk = stream(graph, sums, dim="DK", stop=(*stop, *done))
+    if per_key_block:
+        walk = _stores_last(graph, walk)
+        if walk is None or any(n in sums for loop in walk.loops for n in loop.reduce) or \
+                {n for n in sums if "DK" in graph.shape(n)} != set(walk.loops[-1].store):
+            return None
+    elif walk is None or any(loop.store for loop in walk.loops):
         return None
     walked = value | set(sums)
     walk = Stream(tuple(tuple(n for n in whole if n in walked) for whole in walk.whole),
@@ -186,6 +221,7 @@ def value_walk(graph: Graph, targets, stop=()) -> ValueWalk | None:
     ready = set(plan(graph, wanted, stop))
     tail = [n for n in plan(graph, targets, (*stop, *ready, *sums))
             if n not in ready and n not in walked]
-    if before is None or any(_folds(graph, n, "DK") for n in tail):
+    if before is None or any(_folds(graph, n, "DK") or (
+            not per_key_block and "DK" in graph.shape(n)) for n in tail):
         return None
-    return ValueWalk(before, walk, tuple(sums), tuple(tail))
+    return ValueWalk(before, walk, tuple(sums), tuple(tail), per_key_block)
