@@ -15,7 +15,7 @@ import triton.language as tl
 
 from mirasc.launch import ChunkKernels
 from mirasc.op import MirasOp
-from mirasc.triton_helpers import load_rows, sequence_bounds, store_sum, tri_inv
+from mirasc.triton_helpers import load_rows, sequence_bounds, tri_inv
 
 SPEC = {'bias': {'kind': 'l2'},
  'chunk_size': 64,
@@ -48,9 +48,12 @@ SPLIT_V = True
 STREAM_H = False
 # gradients that are sums over the DV blocks (float32 buffers)
 SUMMED = ['q', 'k', 'log_alpha', 'eta']
-# output kernels whose program walks every DV block, summing in place (the others write a
-# partial copy per block)
-V_SUMMED = ['bwd_dqk']
+# output kernels whose program walks every DV block (the others write a partial copy per
+# block): summing in place, or (WALKS) in registers, storing their gradients once, in the
+# inputs' dtype; of these, KEY_PROGRAMS run a program per block of key columns
+V_SUMMED = ['bwd_dqk', 'bwd_dg']
+WALKS = ['bwd_dqk', 'bwd_dg']
+KEY_PROGRAMS = ['bwd_dqk']
 # the backward's output kernels and the inputs whose gradients each writes
 OUT_KERNELS = {'bwd_dv': ('v',), 'bwd_dqk': ('q', 'k'), 'bwd_dg': ('log_alpha', 'eta')}
 # per direction, its stage kernels in launch order
@@ -80,10 +83,10 @@ CONFIGS = {'fwd_stage': [(4, 1), (8, 1)],
  'bwd_stage': [(4, 1), (8, 1)],
  'bwd': [(8, 1), (8, 2)],
  'bwd_dv': [(4, 1), (8, 1)],
- 'bwd_dqk': [(4, 1), (8, 1)],
- 'bwd_dg': [(4, 1), (8, 1)]}
+ 'bwd_dqk': [(8, 1)],
+ 'bwd_dg': [(8, 1)]}
 BV_MAX = {'fwd': 32, 'fwd_out': 64, 'bwd': 16, 'bwd_out': 32, 'bwd_dv': 32, 'bwd_dqk': 16, 'bwd_dg': 16}
-BK_MAX = {'bwd_dv': 32, 'bwd_dqk': 16, 'bwd_dg': 32}
+BK_MAX = {'bwd_dv': 32, 'bwd_dqk': 32, 'bwd_dg': 32}
 BH_MAX = {'fwd': 32}
 WHOLE_V = 64
 
@@ -514,7 +517,7 @@ def gated_deltanet_bwd_dqk_kernel(
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The gradients of q, k: one program per chunk, head walks the blocks of value columns,
+    """The gradients of q, k: one program per chunk, head and block of key columns walks the blocks of value columns,
     reading the stored chunk-start state and the gradient of the chunk-end state."""
     i_c = tl.program_id(0).to(tl.int64)  # the chunk, counted over all sequences
     i_h = tl.program_id(1)
@@ -529,27 +532,39 @@ def gated_deltanet_bwd_dqk_kernel(
     causal = tl.where(offs_t[:, None] >= offs_t[None, :], 1.0, 0.0).to(ACC)
     strict = tl.where(offs_t[:, None] > offs_t[None, :], 1.0, 0.0).to(ACC)
     i_t = i_c - first_chunk
-    for i_v in range(0, tl.cdiv(DV, BV)):  # the blocks of value columns, one at a time
-        offs_v = i_v * BV + tl.arange(0, BV)
-        mask_v = offs_v < DV
-        vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]
-        for seg in tl.static_range(SEGMENTS):
-            srow = ((first_chunk + i_t) * SEGMENTS + seg) * H + i_h  # the step's row of the buffers
-            rows = i_t * CHUNK + offs_t
-            valid = (offs_t < CHUNK) & (rows < eos - bos)
-            if SEGMENTS == 2:  # the lag token: row 0 alone, then the rest of the chunk
-                valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
-            tok = bos + rows
-            rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]
+    for seg in tl.static_range(SEGMENTS):
+        srow = ((first_chunk + i_t) * SEGMENTS + seg) * H + i_h  # the step's row of the buffers
+        rows = i_t * CHUNK + offs_t
+        valid = (offs_t < CHUNK) & (rows < eos - bos)
+        if SEGMENTS == 2:  # the lag token: row 0 alone, then the rest of the chunk
+            valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
+        tok = bos + rows
+        rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]
+        eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
+        eta = tl.where(tl.abs(eta) < float("inf"), eta, 0.0)
+        state_ptr = hs_ptr + srow * STATE
+        dstate_ptr = dhs_ptr + srow * STATE
+        i_k = tl.program_id(2)  # the program's block of key columns
+        tainted = tl.load(tainted_ptr + srow * BT + offs_t[:, None])
+        qbad = tl.load(qbad_ptr + srow * BT + offs_t[:, None])
+        gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
+        spoiled = tl.load(spoiled_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
+        tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
+        A_inv = tl.load(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :])
+        dq_from_qw = tl.full([BT, BK], 0.0, ACC)
+        dattn = tl.full([BT, BT], 0.0, ACC)
+        dA_inv = tl.full([BT, BT], 0.0, ACC)
+        dk_from_update = tl.full([BT, BK], 0.0, ACC)
+        dk_from_kw = tl.full([BT, BK], 0.0, ACC)
+        for i_v in range(0, tl.cdiv(DV, BV)):  # the blocks of value columns, one at a time
+            offs_v = i_v * BV + tl.arange(0, BV)
+            mask_v = offs_v < DV
+            vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]
             v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)
-            eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-            d_o = load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)
             v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
-            eta = tl.where(tl.abs(eta) < float("inf"), eta, 0.0)
-            state_ptr = hs_ptr + srow * STATE
-            dstate_ptr = dhs_ptr + srow * STATE
-
-            spoiled = tl.load(spoiled_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
+            d_o = load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)
+            dqw = tl.load(dqw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             kw = tl.full([BT, BV], 0.0, ACC)
             inherited = tl.full([1, 1], 0.0, ACC)
             du_tail = tl.full([BT, BV], 0.0, ACC)
@@ -568,58 +583,48 @@ def gated_deltanet_bwd_dqk_kernel(
                 inherited += tl.sum(tl.sum(tl.where(tl.abs(W) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0,
                         keep_dims=True)
                 du_tail += tl.dot(k.to(DOT), tl.trans(dupdate).to(DOT), input_precision=PRECISION)
-            tainted = tl.load(tainted_ptr + srow * BT + offs_t[:, None])
-            qbad = tl.load(qbad_ptr + srow * BT + offs_t[:, None])
-            eta_c = (eta * rowmask)  # eta_c = eta*rowmask
-            gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
             bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
-            gam_row = tl.trans(gam)
             pred = (kw * tl.exp(gam))  # pred = kw * exp(gam)
-            # decay_ti = exp(gam_t - gam_i) (t > i), 1 (t = i), 0 (t < i)
-            decay = tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), tl.where((causal > 0.0), 1.0, 0.0))
             rhs = (eta * rowmask * vmask * (pred + (-1.0 * v)))  # rhs = eta*(pred - v)
-            tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
-            A_inv = tl.load(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :])
-            dqw = tl.load(dqw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             du_from_mixed = tl.load(du_from_mixed_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             du = ((du_tail * tail) + du_from_mixed)
-            u_tail = (u * tail)
-            dattn = tl.dot((-1.0 * (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))).to(DOT), tl.trans(u).to(DOT),
-                    input_precision=PRECISION)
-            dA_inv = tl.dot(du.to(DOT), tl.trans(rhs).to(DOT), input_precision=PRECISION)
             drhs = tl.dot(tl.trans(A_inv).to(DOT), du.to(DOT), input_precision=PRECISION)
-            dqk = (dattn * decay)
-            dA_from_A_inv_left = tl.dot(tl.trans(A_inv).to(DOT), dA_inv.to(DOT), input_precision=PRECISION)
-            dA_from_A_inv_neg = tl.dot(dA_from_A_inv_left.to(DOT), tl.trans(A_inv).to(DOT), input_precision=PRECISION)
-            dkw = ((drhs * eta * rowmask * vmask) * tl.exp(gam))
-            dkk = (((-1.0 * dA_from_A_inv_neg) * eta_c) * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))),
-                    0.0))
-            for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
-                offs_k = i_kb * BK + tl.arange(0, BK)
-                mask_k = offs_k < DK
-                q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-                q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
-                k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-                k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
-                W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
-                        other=0.0).to(ACC)
-                dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
-                        mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
-                dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
-                dupdate = (-1.0 * dacc)
-                dk_from_update = tl.dot(u_tail.to(DOT), dupdate.to(DOT), input_precision=PRECISION)
-                dk_from_qk = tl.dot(tl.trans(dqk).to(DOT), q.to(DOT), input_precision=PRECISION)
-                dq = (tl.dot(dqw.to(DOT), W.to(DOT), input_precision=PRECISION) + tl.dot(dqk.to(DOT), k.to(DOT),
-                        input_precision=PRECISION))
-                dk_from_kk_2 = tl.dot(tl.trans(dkk).to(DOT), k.to(DOT), input_precision=PRECISION)
-                dk = (dk_from_update + tl.dot(dkw.to(DOT), W.to(DOT), input_precision=PRECISION) + tl.dot(dkk.to(DOT),
-                        k.to(DOT), input_precision=PRECISION) + dk_from_kk_2 + dk_from_qk)
-                store_sum(dq_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], dq,
-                        valid[:, None] & mask_k[None, :], i_v)
-                store_sum(dk_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], dk,
-                        valid[:, None] & mask_k[None, :], i_v)
-        tl.debug_barrier()  # the next block adds to the sums this one stored
+            dattn += tl.dot((-1.0 * (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))).to(DOT), tl.trans(u).to(DOT),
+                    input_precision=PRECISION)
+            dA_inv += tl.dot(du.to(DOT), tl.trans(rhs).to(DOT), input_precision=PRECISION)
+            offs_k = i_k * BK + tl.arange(0, BK)  # this program's block of key columns
+            mask_k = offs_k < DK
+            W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
+                    other=0.0).to(ACC)
+            dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
+                    mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
+            dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
+            dupdate = (-1.0 * dacc)
+            dq_from_qw += tl.dot(dqw.to(DOT), W.to(DOT), input_precision=PRECISION)
+            dk_from_update += tl.dot((u * tail).to(DOT), dupdate.to(DOT), input_precision=PRECISION)
+            dk_from_kw += tl.dot(((drhs * eta * rowmask * vmask) * tl.exp(gam)).to(DOT), W.to(DOT),
+                    input_precision=PRECISION)
+        offs_k = i_k * BK + tl.arange(0, BK)  # this program's block of key columns
+        mask_k = offs_k < DK
+        q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
+        q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
+        k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
+        k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
+        eta_c = (eta * rowmask)  # eta_c = eta*rowmask
+        gam_row = tl.trans(gam)
+        # decay_ti = exp(gam_t - gam_i) (t > i), 1 (t = i), 0 (t < i)
+        decay = tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), tl.where((causal > 0.0), 1.0, 0.0))
+        dqk = (dattn * decay)
+        dA_from_A_inv_left = tl.dot(tl.trans(A_inv).to(DOT), dA_inv.to(DOT), input_precision=PRECISION)
+        dk_from_qk = tl.dot(tl.trans(dqk).to(DOT), q.to(DOT), input_precision=PRECISION)
+        dA_from_A_inv_neg = tl.dot(dA_from_A_inv_left.to(DOT), tl.trans(A_inv).to(DOT), input_precision=PRECISION)
+        dq = (dq_from_qw + tl.dot(dqk.to(DOT), k.to(DOT), input_precision=PRECISION))
+        dkk = (((-1.0 * dA_from_A_inv_neg) * eta_c) * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
+        dk_from_kk_2 = tl.dot(tl.trans(dkk).to(DOT), k.to(DOT), input_precision=PRECISION)
+        dk = (dk_from_update + dk_from_kw + tl.dot(dkk.to(DOT), k.to(DOT),
+                input_precision=PRECISION) + dk_from_kk_2 + dk_from_qk)
+        tl.store(dq_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], dq, valid[:, None] & mask_k[None, :])
+        tl.store(dk_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], dk, valid[:, None] & mask_k[None, :])
 
 
 @triton.jit
@@ -632,7 +637,7 @@ def gated_deltanet_bwd_dg_kernel(
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The gradients of log_alpha, eta: one program per chunk, head (and block of value columns),
+    """The gradients of log_alpha, eta: one program per chunk, head walks the blocks of value columns,
     reading the stored chunk-start state and the gradient of the chunk-end state."""
     i_c = tl.program_id(0).to(tl.int64)  # the chunk, counted over all sequences
     i_h = tl.program_id(1)
@@ -643,14 +648,9 @@ def gated_deltanet_bwd_dg_kernel(
     bos, eos, first_chunk = sequence_bounds(cu_ptr, chunk_ptr, i_n, T, CHUNK, IS_VARLEN)
     offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
-    i_v = tl.program_id(2)  # the block of DV columns (0 unless SPLIT_V)
-    offs_v = i_v * BV + tl.arange(0, BV)
     mask_k = offs_k < DK
-    mask_v = offs_v < DV
     strict = tl.where(offs_t[:, None] > offs_t[None, :], 1.0, 0.0).to(ACC)
-    vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]
     i_t = i_c - first_chunk
-    part = i_v.to(tl.int64) * NTOK * H  # this DV block's partial sums: rows of NTOK * H
     for seg in tl.static_range(SEGMENTS):
         srow = ((first_chunk + i_t) * SEGMENTS + seg) * H + i_h  # the step's row of the buffers
         rows = i_t * CHUNK + offs_t
@@ -659,25 +659,20 @@ def gated_deltanet_bwd_dg_kernel(
             valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
         tok = bos + rows
         rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]
-        v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)
         log_alpha = tl.load(log_alpha_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
         eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-        d_o = load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)
-        v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
         log_alpha = tl.where(log_alpha < float("inf"), log_alpha, 0.0)
         eta = tl.where(tl.abs(eta) < float("inf"), eta, 0.0)
         state_ptr = hs_ptr + srow * STATE
         dstate_ptr = dhs_ptr + srow * STATE
-
+        tainted = tl.load(tainted_ptr + srow * BT + offs_t[:, None])
+        qbad = tl.load(qbad_ptr + srow * BT + offs_t[:, None])
         gam_end = tl.load(gam_end_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
         spoiled = tl.load(spoiled_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
+        tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
+        A_inv = tl.load(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :])
         qk = tl.full([BT, BT], 0.0, ACC)
         kk = tl.full([BT, BT], 0.0, ACC)
-        qw = tl.full([BT, BV], 0.0, ACC)
-        kw = tl.full([BT, BV], 0.0, ACC)
-        inherited = tl.full([1, 1], 0.0, ACC)
-        du_tail = tl.full([BT, BV], 0.0, ACC)
-        dgam_end = tl.full([1, 1], 0.0, ACC)
         for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
             offs_k = i_kb * BK + tl.arange(0, BK)
             mask_k = offs_k < DK
@@ -685,49 +680,71 @@ def gated_deltanet_bwd_dg_kernel(
             q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
             k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
             k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
-            W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
-                    other=0.0).to(ACC)
-            dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
-                    mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
-            dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
             qk += tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)
             kk += tl.dot(k.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)
-            qw += tl.dot(q.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
-            kw += tl.dot(k.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
-            inherited += tl.sum(tl.sum(tl.where(tl.abs(W) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0,
-                    keep_dims=True)
-            du_tail += tl.dot(k.to(DOT), tl.trans((-1.0 * dacc)).to(DOT), input_precision=PRECISION)
-            dgam_end += tl.sum(tl.sum((dacc * W * tl.exp(gam_end)), 0, keep_dims=True), 1, keep_dims=True)
-        tainted = tl.load(tainted_ptr + srow * BT + offs_t[:, None])
-        qbad = tl.load(qbad_ptr + srow * BT + offs_t[:, None])
-        la = tl.where((log_alpha > -110.0), log_alpha, -110.0)  # la = max(log_alpha, -110)
-        eta_c = (eta * rowmask)  # eta_c = eta*rowmask
         gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
-        bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
         gam_row = tl.trans(gam)
-        pred = (kw * tl.exp(gam))  # pred = kw * exp(gam)
         # kk_decay_ti = kk_ti exp(gam_t - gam_i) (t > i), 0 (t <= i)
         kk_decay = (kk * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
-        rhs = (eta * rowmask * vmask * (pred + (-1.0 * v)))  # rhs = eta*(pred - v)
-        dz_o = (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))
-        tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
-        A_inv = tl.load(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :])
-        du_from_mixed = tl.load(du_from_mixed_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-        u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-        du = ((du_tail * tail) + du_from_mixed)
-        dattn = tl.dot((-1.0 * dz_o).to(DOT), tl.trans(u).to(DOT), input_precision=PRECISION)
-        dA_inv = tl.dot(du.to(DOT), tl.trans(rhs).to(DOT), input_precision=PRECISION)
-        drhs = tl.dot(tl.trans(A_inv).to(DOT), du.to(DOT), input_precision=PRECISION)
+        dbeta = tl.full([BT, 1], 0.0, ACC)
+        dgam_end = tl.full([1, 1], 0.0, ACC)
+        dattn = tl.full([BT, BT], 0.0, ACC)
+        dA_inv = tl.full([BT, BT], 0.0, ACC)
+        dtail = tl.full([BT, 1], 0.0, ACC)
+        deta_from_rhs = tl.full([BT, 1], 0.0, ACC)
+        dgam_from_pred = tl.full([BT, 1], 0.0, ACC)
+        for i_v in range(0, tl.cdiv(DV, BV)):  # the blocks of value columns, one at a time
+            offs_v = i_v * BV + tl.arange(0, BV)
+            mask_v = offs_v < DV
+            vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]
+            v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)
+            v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
+            d_o = load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)
+            qw = tl.full([BT, BV], 0.0, ACC)
+            kw = tl.full([BT, BV], 0.0, ACC)
+            inherited = tl.full([1, 1], 0.0, ACC)
+            du_tail = tl.full([BT, BV], 0.0, ACC)
+            for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
+                offs_k = i_kb * BK + tl.arange(0, BK)
+                mask_k = offs_k < DK
+                q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
+                q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
+                k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
+                k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
+                W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
+                        other=0.0).to(ACC)
+                dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
+                        mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
+                dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
+                qw += tl.dot(q.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
+                kw += tl.dot(k.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
+                inherited += tl.sum(tl.sum(tl.where(tl.abs(W) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0,
+                        keep_dims=True)
+                du_tail += tl.dot(k.to(DOT), tl.trans((-1.0 * dacc)).to(DOT), input_precision=PRECISION)
+                dgam_end += tl.sum(tl.sum((dacc * W * tl.exp(gam_end)), 0, keep_dims=True), 1, keep_dims=True)
+            bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
+            pred = (kw * tl.exp(gam))  # pred = kw * exp(gam)
+            rhs = (eta * rowmask * vmask * (pred + (-1.0 * v)))  # rhs = eta*(pred - v)
+            dz_o = (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))
+            du_from_mixed = tl.load(du_from_mixed_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            du = ((du_tail * tail) + du_from_mixed)
+            drhs = tl.dot(tl.trans(A_inv).to(DOT), du.to(DOT), input_precision=PRECISION)
+            dbeta += tl.sum((dz_o * qw), 1, keep_dims=True)
+            dattn += tl.dot((-1.0 * dz_o).to(DOT), tl.trans(u).to(DOT), input_precision=PRECISION)
+            dA_inv += tl.dot(du.to(DOT), tl.trans(rhs).to(DOT), input_precision=PRECISION)
+            dtail += tl.sum((du_tail * u), 1, keep_dims=True)
+            deta_from_rhs += tl.sum((drhs * rowmask * vmask * (pred + (-1.0 * v))), 1, keep_dims=True)
+            dgam_from_pred += tl.sum(((drhs * eta * rowmask * vmask) * kw * tl.exp(gam)), 1, keep_dims=True)
+        la = tl.where((log_alpha > -110.0), log_alpha, -110.0)  # la = max(log_alpha, -110)
+        eta_c = (eta * rowmask)  # eta_c = eta*rowmask
         ddecay = (dattn * qk)
         dA_from_A_inv_left = tl.dot(tl.trans(A_inv).to(DOT), dA_inv.to(DOT), input_precision=PRECISION)
-        dlog_tail = (tl.sum((du_tail * u), 1,
-                keep_dims=True) * rowmask * tl.exp(tl.trans(tl.sum((strict * la), 0, keep_dims=True))))
+        dlog_tail = (dtail * rowmask * tl.exp(tl.trans(tl.sum((strict * la), 0, keep_dims=True))))
         dgam_from_decay_full = (ddecay * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
         dgam_row_from_decay_full = (ddecay * tl.where((strict > 0.0), (-1.0 * tl.exp((gam + (-1.0 * gam_row)))), 0.0))
         dA_from_A_inv_neg = tl.dot(dA_from_A_inv_left.to(DOT), tl.trans(A_inv).to(DOT), input_precision=PRECISION)
-        deta_from_rhs = tl.sum((drhs * rowmask * vmask * (pred + (-1.0 * v))), 1, keep_dims=True)
         dA = (-1.0 * dA_from_A_inv_neg)
-        dgam_from_pred = tl.sum(((drhs * eta * rowmask * vmask) * kw * tl.exp(gam)), 1, keep_dims=True)
         dkk_decay = (dA * eta_c)
         dgam_from_kk_decay_full = (dkk_decay * kk * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
         dgam_row_from_kk_decay_full = (dkk_decay * kk * tl.where((strict > 0.0),
@@ -737,13 +754,12 @@ def gated_deltanet_bwd_dg_kernel(
         dgam_row = (tl.sum(dgam_row_from_kk_decay_full, 0, keep_dims=True) + tl.sum(dgam_row_from_decay_full, 0,
                 keep_dims=True))
         dgam = (tl.sum(dgam_from_kk_decay_full, 1, keep_dims=True) + tl.sum(dgam_from_decay_full, 1,
-                keep_dims=True) + dgam_from_pred + tl.trans(dgam_row) + (tl.sum((dz_o * qw), 1, keep_dims=True)
-                * tl.exp(gam)))
+                keep_dims=True) + dgam_from_pred + tl.trans(dgam_row) + (dbeta * tl.exp(gam)))
         dla_from_gam = tl.reshape(tl.cumsum(tl.reshape(dgam, [BT]), 0, reverse=True), [BT, 1])
         dla = (dla_from_la_after + tl.broadcast_to(dgam_end, (BT, 1)) + dla_from_gam)
         dlog_alpha = (dla * tl.where((log_alpha > -110.0), 1.0, 0.0))
-        tl.store(dlog_alpha_ptr + tok * H + i_h + part, tl.sum(dlog_alpha, 1), mask=valid)
-        tl.store(deta_ptr + tok * H + i_h + part, tl.sum(deta, 1), mask=valid)
+        tl.store(dlog_alpha_ptr + tok * H + i_h, tl.sum(dlog_alpha, 1), mask=valid)
+        tl.store(deta_ptr + tok * H + i_h, tl.sum(deta, 1), mask=valid)
 
 
 kernel = ChunkKernels(globals())  # the op's Triton path: launches, custom ops, autograd
