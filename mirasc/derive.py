@@ -304,7 +304,8 @@ def derive_bias(bias: S.Bias) -> BiasRule:
                                              "it enters the norm term here; allowed: 'head'")
     if not (elem.has(R) or elem.has(RNORM) or norm != 0):
         kind = "state_free"
-    elif norm == 0 and not elem.has(RNORM) and d_elem["r"].is_number:
+    elif (norm == 0 and not elem.has(RNORM) and d_elem["r"].is_number
+          and not sp.expand(elem - d_elem["r"] * R).has(R)):  # g = c r + e(v), not sign(r)
         kind = "affine"
     else:
         kind = "general"
