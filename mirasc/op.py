@@ -7,6 +7,7 @@ kernels the reference); `MirasOp.reference` runs the oracle recurrence on the sa
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,13 @@ from mirasc.spec import Spec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GATE_CHANNELS = {"log_alpha": "Dk", "eta": "Dk", "momentum": "Dk", "delta": "Dv"}
+# Each data-dependent gate's range, as the test of an entry outside it (False for NaN: a NaN gate
+# spoils the outputs from its token on, as documented, and is not refused).
+GATE_RANGES = {"log_alpha": ("<= 0 (the log of a decay in [0, 1]; -inf is a full reset)",
+                             lambda x: x > 0),
+               "eta": (">= 0", lambda x: x < 0),
+               "momentum": ("in [0, 1]", lambda x: (x < 0) | (x > 1)),
+               "delta": ("> 0", lambda x: x <= 0)}
 BACKENDS = ("auto", "torch")
 
 
@@ -90,11 +98,12 @@ class MirasOp:
 
     def __call__(self, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None,
                  ln_weight=None, ln_bias=None, initial_state=None, output_final_state=False,
-                 cu_seqlens=None, backend="auto"):
+                 cu_seqlens=None, backend="auto", check_gates=None):
         """backend 'auto': the Triton kernels on CUDA tensors (or under Triton's interpreter),
         else torch; 'torch': the kernels' chunk-step graph in torch on any device (for a GPU
         whose shared memory a kernel does not fit). Specs without kernels run the reference's
-        chunked recurrence either way."""
+        chunked recurrence either way. `check_gates` (default: on unless MIRASC_CHECK_GATES=0)
+        refuses a gate outside its range in eager mode (`check_gate_ranges`)."""
         if backend not in BACKENDS:
             why = ("'auto' runs the Triton kernels on CUDA tensors (or under TRITON_INTERPRET=1); "
                    f"on {q.device.type} tensors, with no GPU, it runs their chunk step in torch. "
@@ -107,6 +116,8 @@ class MirasOp:
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         ln = self._check_ln(ln_weight, ln_bias, q, v)
         named = {name: x for name, x in gates.items() if x is not None}  # data-dependent gates
+        if _checking_gates(check_gates):
+            self.check_gate_ranges(named)
         if ln is not None:
             named |= {"ln_weight": ln[0], "ln_bias": ln[1]}
         if self._kernel is not None and backend == "auto" and (q.is_cuda or interpreting()):
@@ -221,6 +232,21 @@ class MirasOp:
             batch = self._check_cu_seqlens(cu_seqlens, q)
         return self._check_state(initial_state, batch, heads, dk, dv, q.dtype, q.device)
 
+    def check_gate_ranges(self, gates: dict) -> None:
+        """Refuse a gate with an entry outside its range (log_alpha <= 0, eta >= 0,
+        0 <= momentum <= 1, delta > 0), naming the first such (batch, token, head[, channel]).
+        One reduction per gate and one host sync for all of them."""
+        outside = {arg: GATE_RANGES[arg][1](x) for arg, x in gates.items() if arg in GATE_RANGES}
+        if not outside or not torch.stack([bad.any() for bad in outside.values()]).any():
+            return
+        arg, bad = next((arg, bad) for arg, bad in outside.items() if bad.any())
+        where = bad.nonzero()[0].tolist()
+        place = ", ".join(f"{axis} {i}" for axis, i in zip(("batch", "token", "head", "channel"),
+                                                             where, strict=False))
+        raise ValueError(f"{self.spec.name}: {arg} must be {GATE_RANGES[arg][0]}, got "
+                         f"{gates[arg][tuple(where)].item():g} at ({place}); to skip this check "
+                         "pass check_gates=False or set MIRASC_CHECK_GATES=0")
+
     def _check_flag(self, output_final_state) -> None:
         """output_final_state is a bool: a string such as "no" would be truthy."""
         if not isinstance(output_final_state, bool):
@@ -283,6 +309,16 @@ class MirasOp:
                 raise TypeError(f"{name}: initial_state {label} has dtype {x.dtype} on {x.device}; "
                                 f"allowed: float32, float64 or the inputs' {dtype}, on {device}")
         return state
+
+
+def _checking_gates(flag: bool | None) -> bool:
+    """Whether to check the gates' ranges: `flag`, else MIRASC_CHECK_GATES (on unless "0");
+    never while torch.compile traces or a CUDA graph captures (the check syncs with the host)."""
+    if flag is False or (flag is None and os.environ.get("MIRASC_CHECK_GATES", "1") == "0"):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def per_sequence(run, q, k, v, per_token: dict, state, cu_seqlens):
