@@ -113,8 +113,9 @@ def pair_decays(gr: Graph, lm: str, name: str) -> str:
 
 def momentum_mixing(gr: Graph, d: Derivation, decay_mat: str, rowmask: str):
     """The momentum's mixing of a chunk's updates (see `memories.matrix._momentum_terms`), shared
-    by all layers: C = decay @ exp(mu_t - mu_i), s_t = sum_(j<=t, real rows) decay_tj exp(mu_j),
-    their values at the chunk's last real row, and exp(mu_T - mu)."""
+    by all layers: C = decay @ exp(mu_t - mu_i) (`pair_decays`),
+    s_t = sum_(j<=t, real rows) decay_tj exp(mu_j), their values at the chunk's last real row,
+    and exp(mu_T - mu)."""
     lastrow = lastrow_mask(gr)
     lm = log_gate(gr, d.op_gates(), "momentum", rowmask, name="lm")
     mu = gr.cumsum(lm, name="mu", formula="mu_t = sum_(s<=t) lm_s")
