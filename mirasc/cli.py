@@ -166,6 +166,9 @@ def _check_half(op, inputs: dict, dtype: str, length: int) -> None:
     elif op.backend == "triton":
         skipped = ("kernels: not run (Triton's interpreter computes bfloat16 dots wrongly)"
                    if interpreting() else "kernels: not run (check runs CPU tensors)")
+    else:
+        skipped = (f"no kernels: the op runs the reference recurrence in {dtype} itself (the "
+                   "precision table's bounds are for the kernels' float32 accumulation)")
     errors = {label: compare(OnBackend(op, backend), inputs, chunk_size=op.oracle_chunk_size,
                              against=rounded) for label, backend in runs.items()}
     bound = half_bound(op, getattr(torch, dtype))
