@@ -33,7 +33,7 @@ class _Backend:
 def _edges(op, seed=0) -> dict:
     """Random inputs (two chunks of 4 and a part) with each gate at its edges: in the first
     sequence on one row, in the second on a run across a chunk boundary."""
-    inputs = random_inputs(op, batch=2, length=11, heads=2, dk=4, dv=4, seed=seed)
+    inputs = random_inputs(op, batch=2, length=11, heads=1, dk=4, dv=4, seed=seed)
     inputs["momentum"][0, 2] = 0.0
     inputs["momentum"][1, 3:6] = 0.0
     inputs["momentum"][0, 6:9] = 1.0
