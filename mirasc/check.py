@@ -18,6 +18,28 @@ from mirasc.op import MirasOp
 
 GATE_RANGES = {"log_alpha": (-0.3, -0.01), "eta": (0.05, 0.5), "delta": (0.05, 1.0),
                "momentum": (0.1, 0.9)}
+# docs/kernels.md#precision: half inputs against the reference of the same rounded inputs, per
+# tensor; an MLP memory's gradients chain some twenty half-operand products: 10x wider.
+HALF_PRECISION = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+MLP_HALF_FACTOR = 10
+
+
+def half_bound(op: MirasOp, dtype: torch.dtype) -> float:
+    """The relative error the precision table allows `op` on `dtype` (half) inputs."""
+    return HALF_PRECISION[dtype] * (MLP_HALF_FACTOR if op.spec.memory.kind == "mlp" else 1)
+
+
+class OnBackend:
+    """`op` called with `backend` (what `compare` calls), its reference and attributes as is."""
+
+    def __init__(self, op: MirasOp, backend: str):
+        self.op, self.backend = op, backend
+
+    def __getattr__(self, name):
+        return getattr(self.op, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.op(*args, **kwargs, backend=self.backend)
 
 
 def random_inputs(op: MirasOp, batch=2, length=19, heads=2, dk=12, dv=12, dtype=torch.float64,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +42,17 @@ def _compile(source):
         raise typer.Exit(2) from None
 
 
+FP_FUSION_NOTICE = "TRITON_DEFAULT_FP_FUSION is unset"  # Triton 3.9's notice when compiling
+
+
+def _quiet_triton() -> None:
+    """Silence Triton 3.9's notice that TRITON_DEFAULT_FP_FUSION is unset (its default, fusion,
+    is what the kernels are measured with), here and in the worker processes spawned later."""
+    warnings.filterwarnings("ignore", message=FP_FUSION_NOTICE, category=UserWarning)
+    rule = f"ignore:{FP_FUSION_NOTICE}:UserWarning"
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), rule)))
+
+
 def _kernel_dtypes() -> dict:
     """The input dtypes the GPU kernels are compiled for, by name."""
     import torch
@@ -48,7 +60,7 @@ def _kernel_dtypes() -> dict:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-@app.command("compile")
+@app.command("compile", short_help="Write the generated module of SPEC to OUT/<name>.py.")
 def compile_(spec: SpecSource,
              out: Annotated[Path, typer.Option("-o", "--out", help="Output directory.")] = Path(".")):
     """Write the generated module of SPEC to OUT/<name>.py."""
@@ -66,7 +78,7 @@ def compile_(spec: SpecSource,
     typer.echo(f"wrote {target}")
 
 
-@app.command()
+@app.command(short_help="Print the derived update rule of SPEC.")
 def explain(spec: SpecSource,
             latex: Annotated[bool, typer.Option(help="Print the expressions as LaTeX.")] = False):
     """Print the derived update rule of SPEC."""
@@ -75,28 +87,35 @@ def explain(spec: SpecSource,
     typer.echo(explain_rule(_load(spec), latex=latex))
 
 
-@app.command()
+@app.command(short_help="Check SPEC's op against its reference: output, state, gradients.")
 def check(spec: SpecSource,
           length: Annotated[int, typer.Option(min=1, help="Sequence length T.")] = 37,
           heads: Annotated[int, typer.Option(min=1, help="Heads H.")] = 2,
           head_dim: Annotated[int, typer.Option(min=1, help="Head dimension Dk = Dv.")] = 12,
-          dtype: Annotated[str, typer.Option(help="float32 or float64.")] = "float32",
-          tolerance: Annotated[float, typer.Option(help="Largest relative error that passes.")]
-          = 1e-5):
+          dtype: Annotated[str, typer.Option(help="float32, float64, float16 or bfloat16.")]
+          = "float32",
+          tolerance: Annotated[float, typer.Option(help="Largest relative error that passes "
+                                                        "(float32 and float64).")] = 1e-5):
     """Run SPEC's compiled op against its reference (same chunking, evaluated in float64 on the
     same inputs) and print the relative error of the output, the final state and every input
     gradient, beside the error of the reference itself in --dtype (the precision the problem
-    allows). A tensor passes within --tolerance or within 8x that baseline."""
-    if dtype not in ("float32", "float64"):
-        typer.echo("error: --dtype: allowed: float32, float64", err=True)
+    allows). A tensor passes within --tolerance or within 8x that baseline.
+
+    Half inputs (float16, bfloat16) run the torch path, and the kernels where they can be checked
+    here (without a GPU in Triton's interpreter, float16 only: its bfloat16 dot is wrong), against
+    the float64 reference of the same rounded inputs; a tensor passes within the precision
+    table's bound (docs/kernels.md): 2e-3 for float16, 1e-2 for bfloat16, 10x for an MLP memory."""
+    if dtype not in ("float32", "float64", "float16", "bfloat16"):
+        typer.echo("error: --dtype: allowed: float32, float64, float16, bfloat16", err=True)
         raise typer.Exit(2)
     loaded = _load(spec)
     import torch
 
+    if not torch.cuda.is_available():  # run the Triton kernels in the interpreter: set before
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # triton.language is first imported
+    _quiet_triton()
     from mirasc.check import branch_shares, compare, cover_branches, random_inputs
 
-    if not torch.cuda.is_available():  # run the Triton kernels in the interpreter
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     op = _compile(loaded)
     exact = cover_branches(op, random_inputs(op, length=length, heads=heads, dk=head_dim,
                                              dv=head_dim))
@@ -105,8 +124,9 @@ def check(spec: SpecSource,
         never = " (a branch never taken goes unchecked)" if min(shares) == 0 else ""
         typer.echo(f"where({cond}, ...) in g: branches taken by {taken} of the residual "
                    f"entries{never}")
-    inputs = {k: (tuple(x.to(getattr(torch, dtype)) for x in v) if isinstance(v, tuple)
-                  else v.to(getattr(torch, dtype))) for k, v in exact.items()}
+    inputs = _cast(exact, getattr(torch, dtype))
+    if dtype in ("float16", "bfloat16"):
+        return _check_half(op, inputs, dtype, length)
     errors = compare(op, inputs, chunk_size=op.oracle_chunk_size, against=exact)
     baseline = compare(op, inputs, chunk_size=op.oracle_chunk_size, against=exact,
                        run_reference=True)
@@ -125,7 +145,58 @@ def check(spec: SpecSource,
         raise typer.Exit(1)
 
 
-@app.command()
+def _cast(inputs: dict, dtype) -> dict:
+    return {k: (tuple(x.to(dtype) for x in v) if isinstance(v, tuple) else v.to(dtype))
+            for k, v in inputs.items()}
+
+
+def _check_half(op, inputs: dict, dtype: str, length: int) -> None:
+    """`check` on half inputs: the torch path and (where they can run here) the kernels against
+    the float64 reference of the same rounded inputs, within the precision table's bound."""
+    import torch
+
+    from mirasc.check import OnBackend, compare, half_bound
+    from mirasc.launch import interpreting
+
+    rounded = _cast(inputs, torch.float64)
+    runs = {"torch path": "torch"}
+    skipped = ""
+    if op.backend == "triton" and interpreting() and dtype == "float16":
+        runs["kernels"] = "auto"
+    elif op.backend == "triton":
+        skipped = ("kernels: not run (Triton's interpreter computes bfloat16 dots wrongly)"
+                   if interpreting() else "kernels: not run (check runs CPU tensors)")
+    else:
+        skipped = (f"no kernels: the op runs the reference recurrence in {dtype} itself (the "
+                   "precision table's bounds are for the kernels' float32 accumulation)")
+    errors = {label: compare(OnBackend(op, backend), inputs, chunk_size=op.oracle_chunk_size,
+                             against=rounded) for label, backend in runs.items()}
+    bound = half_bound(op, getattr(torch, dtype))
+    names = list(next(iter(errors.values())))
+    width = max(map(len, names))
+    typer.echo(f"{'tensor':<{width}}  " + "  ".join(f"{label:>10}" for label in runs)
+               + f"  {'bound':>9}")
+    passed = True
+    for name in names:
+        ok = all(e[name] <= bound for e in errors.values())
+        passed &= ok
+        typer.echo(f"{name:<{width}}  " + "  ".join(f"{e[name]:10.3e}" for e in errors.values())
+                   + f"  {bound:9.1e}  {'ok' if ok else 'FAIL'}")
+    if skipped:
+        typer.echo(skipped)
+    against = ("the token recurrence" if op.oracle_chunk_size is None
+               else f"the chunked reference (chunk_size {op.oracle_chunk_size})")
+    worst = max(max(e.values()) for e in errors.values())
+    typer.echo(f"{op.spec.name}: worst relative error {worst:.3e} within the precision table's "
+               f"{bound:g} for {dtype} ({', '.join(runs)} vs {against} in float64 on the same "
+               f"rounded inputs; T={length})" if passed else
+               f"{op.spec.name}: worst relative error {worst:.3e} exceeds the precision table's "
+               f"{bound:g} for {dtype} (T={length})")
+    if not passed:
+        raise typer.Exit(1)
+
+
+@app.command(short_help="Compile SPEC's kernels for a GPU and print what each one needs.")
 def resources(spec: SpecSource,
               head_dim: Annotated[int, typer.Option(help="Head dimension Dk.")] = 64,
               value_dim: Annotated[int | None, typer.Option(help="Dv (default: Dk).")] = None,
@@ -141,7 +212,7 @@ def resources(spec: SpecSource,
     each launch configuration's registers and spills per thread, tensor-core instructions (HGMMA,
     HMMA), shared memory per program and the instructions of its largest loop.
     Exits 1 when no configuration of a kernel fits the GPU's shared memory."""
-
+    _quiet_triton()
     from mirasc.resources import SHARED_LIMIT, CannotCompile, kernel_usage
 
     dtypes = _kernel_dtypes()
@@ -179,7 +250,7 @@ def resources(spec: SpecSource,
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(short_help="Compile SPECS' kernels in every launch configuration beforehand.")
 def precompile(specs: Annotated[list[str], typer.Argument(help="Shipped spec names or spec YAML "
                                                                 "files.")],
                head_dim: Annotated[list[int], typer.Option(help="Head dimension Dk = Dv; "
@@ -203,6 +274,7 @@ def precompile(specs: Annotated[list[str], typer.Argument(help="Shipped spec nam
 
     import torch
 
+    _quiet_triton()
     from mirasc.resources import CannotCompile
     from mirasc.resources import precompile as run
 
@@ -233,7 +305,7 @@ def precompile(specs: Annotated[list[str], typer.Argument(help="Shipped spec nam
         raise typer.Exit(1)
 
 
-@app.command("list")
+@app.command("list", short_help="List the shipped specs, then the building blocks on each axis.")
 def list_():
     """List the shipped specs, then the building blocks on each axis."""
     from mirasc import spec as S

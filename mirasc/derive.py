@@ -59,13 +59,15 @@ class BiasRule:
 
 @dataclass(frozen=True)
 class RetentionRule:
-    """The read map W = phi^-1(Z); `dual` states carry Z, primal (proximal) states carry W."""
+    """The read map W = phi^-1(Z); `dual` states carry Z, primal (proximal) states carry W.
+    `text` states it in plain text, `latex` in LaTeX."""
 
     kind: str
     linear: bool
     dual: bool
     text: str
     elementwise: sp.Expr | None = None
+    latex: str = ""
 
 
 @dataclass(frozen=True)
@@ -304,7 +306,8 @@ def derive_bias(bias: S.Bias) -> BiasRule:
                                              "it enters the norm term here; allowed: 'head'")
     if not (elem.has(R) or elem.has(RNORM) or norm != 0):
         kind = "state_free"
-    elif norm == 0 and not elem.has(RNORM) and d_elem["r"].is_number:
+    elif (norm == 0 and not elem.has(RNORM) and d_elem["r"].is_number
+          and not sp.expand(elem - d_elem["r"] * R).has(R)):  # g = c r + e(v), not sign(r)
         kind = "affine"
     else:
         kind = "general"
@@ -315,16 +318,24 @@ def derive_bias(bias: S.Bias) -> BiasRule:
 
 def derive_retention(ret: S.Retention) -> RetentionRule:
     if ret.kind in ("none", "l2"):
-        return RetentionRule(kind=ret.kind, linear=True, dual=True, text="the state is W")
+        return RetentionRule(kind=ret.kind, linear=True, dual=True, text="the state is W",
+                             latex=r"\text{the state is } W")
     if ret.kind == "lq":
         norm = f"||A||_{ret.q:g}"
         core = "A" if ret.link == "scale" else f"sign(A)|A|^{ret.q - 1:g}"
+        tex_core = "A" if ret.link == "scale" else \
+            rf"\operatorname{{sign}}(A)\,|A|^{{{ret.q - 1:g}}}"
         return RetentionRule(kind="lq", linear=ret.q == 2 and ret.link == "scale", dual=True,
-                             text=f"W = {core} / {norm}^{ret.q - 2:g}   (norm over each {ret.scope})")
+                             text=f"W = {core} / {norm}^{ret.q - 2:g}   (norm over each {ret.scope})",
+                             latex=rf"W = {tex_core} / \|A\|_{{{ret.q:g}}}^{{{ret.q - 2:g}}}"
+                                   rf"\quad\text{{(norm over each {ret.scope})}}")
     if ret.kind == "kl":
         return RetentionRule(kind="kl", linear=False, dual=True,
                              text=f"W = {ret.scale:g} * softmax(Z) over each {ret.axis}"
-                                  "  (Z = log W up to a constant per slice)")
+                                  "  (Z = log W up to a constant per slice)",
+                             latex=rf"W = {ret.scale:g}\,\operatorname{{softmax}}(Z)\quad"
+                                   rf"\text{{over each {ret.axis} (}}Z = \log W"
+                                   r"\text{ up to a constant per slice)}")
     if ret.kind == "elastic_net":
         gamma = sp.Float(ret.gamma)
         if ret.smooth:
@@ -334,7 +345,9 @@ def derive_retention(ret: S.Retention) -> RetentionRule:
         letter = "A" if ret.form == "dual" else "W"
         return RetentionRule(kind="elastic_net", linear=False, dual=ret.form == "dual",
                              elementwise=shrink,
-                             text=f"W_t = S({letter}_t), S(z) = {_plain(shrink)}  (soft threshold)")
+                             text=f"W_t = S({letter}_t), S(z) = {_plain(shrink)}  (soft threshold)",
+                             latex=rf"W_t = S({letter}_t),\quad S(z) = {sp.latex(shrink)}"
+                                   r"\quad\text{(soft threshold)}")
     params = {name: sp.Symbol(name, real=True) for name in ret.params}
     potential = parse_expression(ret.potential, {"w": W, **params}, "retention.potential")
     potential = potential.subs({params[k]: sp.Float(v) for k, v in ret.params.items()})
@@ -354,7 +367,9 @@ def derive_retention(ret: S.Retention) -> RetentionRule:
         raise FieldError("retention.potential", f"f(w) = {potential} is not strictly convex: "
                          f"(f')^-1(z) = {inverse} does not increase with z")
     return RetentionRule(kind="mirror", linear=False, dual=True, elementwise=inverse,
-                         text=f"W = (f')^-1(Z) = {_plain(inverse)},  f(w) = {potential}")
+                         text=f"W = (f')^-1(Z) = {_plain(inverse)},  f(w) = {potential}",
+                         latex=rf"W = (f')^{{-1}}(Z) = {sp.latex(inverse)},\quad "
+                               rf"f(w) = {sp.latex(potential)}")
 
 
 _derived: dict[str, Derivation] = {}
@@ -409,6 +424,32 @@ def _memory_text(mem: S.Memory) -> str:
     return (f"M(x) = x + {inner}" if mem.residual else f"M(x) = {inner}") + learned
 
 
+def _memory_latex(mem: S.Memory) -> str:
+    """M(x) in LaTeX, as `_memory_text` states it."""
+    plus_b = " + b_{{{}}}" if mem.bias else ""
+    if mem.kind == "mlp":
+        inner = "x"
+        act = rf"\operatorname{{{ACTIVATIONS[mem.activation]}}}"
+        for i in range(1, mem.depth + 1):
+            inner = f"W_{{{i}}} {inner}" if i == 1 else f"W_{{{i}}}\\,{act}({inner})"
+            inner += plus_b.format(i)
+    else:
+        inner = ("W x" if mem.kind == "matrix" else r"w \odot x") + plus_b.format("")
+    norm = mem.norm
+    if norm is not None:
+        affine = r" \odot \gamma_{\mathrm{ln}} + \beta_{\mathrm{ln}}" if norm.affine else ""
+        inner = rf"\operatorname{{LN}}({inner}){affine}"
+    return f"M(x) = x + {inner}" if mem.residual else f"M(x) = {inner}"
+
+
+def _gate_latex(gate: S.Gate | None, symbol: str) -> str:
+    if gate is None:
+        return "1"
+    if gate.value is not None:
+        return f"{gate.value:g}"
+    return f"{symbol}_t" + (r"^{(\text{channel})}" if gate.shape == "channel" else "")
+
+
 def _read_text(mem: S.Memory) -> str:
     if mem.read_residual == "output":
         return ("o_t = z_t + LN(z_t) with the memory's layer norm, z_t = the memory's pre-norm "
@@ -417,9 +458,12 @@ def _read_text(mem: S.Memory) -> str:
 
 
 def explain(spec: S.Spec, latex: bool = False) -> str:
-    """The derived update rule of a spec as plain text (or LaTeX for the sympy expressions)."""
+    """The derived update rule of a spec as plain text, or with `latex` its formulas (memory,
+    bias, gradient, retention, learner, output) in LaTeX."""
     d = derive(spec)
-    show = sp.latex if latex else _plain
+    if latex:
+        return _explain_latex(spec, d)
+    show = _plain
     b, ret, learner = d.bias, d.retention, spec.learner
     alpha = _gate_text(getattr(spec.retention, "decay", None), "alpha")
     eta = _gate_text(learner.eta, "eta")
@@ -440,11 +484,7 @@ def explain(spec: S.Spec, latex: bool = False) -> str:
         lines.append(f"  smoothing {b.smoothing}")
     lines += [
         f"  dg/dr     {show(b.d_elem['r'])}  (elementwise part)",
-        f"  class     {b.kind}"
-        + {"state_free": " (g does not depend on the state",
-           "affine": " (quadratic loss", "general": " (a general loss"}[b.kind]
-        + ({"state_free": ": exact chunking)", "affine": ": exact WY/UT chunking)"}[b.kind]
-           if d.exact else "; mini-batch chunking: gradients at the chunk-start state)"),
+        _class_line(d),
         f"retention   {spec.retention.kind}: {_state_letter(ret)}_t = {alpha} * "
         f"{_state_letter(ret)}_(t-1) - U_t;  {ret.text}",
     ]
@@ -463,4 +503,51 @@ def explain(spec: S.Spec, latex: bool = False) -> str:
         f"chunking    chunk_size {spec.chunk_size}"
         + (", first token of each chunk exact (lag token)" if spec.lag_token else ""),
     ]
+    return "\n".join(lines)
+
+
+def _class_line(d: Derivation) -> str:
+    b = d.bias
+    return (f"  class     {b.kind}"
+            + {"state_free": " (g does not depend on the state",
+               "affine": " (quadratic loss", "general": " (a general loss"}[b.kind]
+            + ({"state_free": ": exact chunking)", "affine": ": exact WY/UT chunking)"}[b.kind]
+               if d.exact else "; mini-batch chunking: gradients at the chunk-start state)"))
+
+
+def _explain_latex(spec: S.Spec, d: Derivation) -> str:
+    """`explain` with every formula in LaTeX (one per line, after its plain label)."""
+    b, ret, learner = d.bias, d.retention, spec.learner
+    alpha = _gate_latex(getattr(spec.retention, "decay", None), r"\alpha")
+    eta = _gate_latex(learner.eta, r"\eta")
+    letter = _state_letter(ret)
+    loss = " + ".join(t for t in (rf"\sum_j {sp.latex(b.loss)}" if b.loss != 0 else "",
+                                  sp.latex(b.norm_loss) if b.norm_loss != 0 else "") if t)
+    grad = " + ".join(t for t in (sp.latex(b.elem) if b.elem != 0 else "",
+                                  rf"\left({sp.latex(b.norm)}\right) r" if b.norm != 0 else "")
+                      if t)
+    lines = [f"{spec.name}: {spec.description}".rstrip(": "), "",
+             f"memory      {_memory_latex(spec.memory)}",
+             f"bias        \\ell(r) = {loss}\\quad\\text{{(}}r = M(k) - v,\\ "
+             r"r_{\mathrm{norm}} = \|r\|\text{, sums over value channels } j\text{)}",
+             f"  g = dl/dr   g = {grad}"]
+    if b.smoothing:
+        lines.append(f"  smoothing {b.smoothing}")
+    lines += [f"  dg/dr     {sp.latex(b.d_elem['r'])}  (elementwise part)", _class_line(d),
+              f"retention   {letter}_t = {alpha} {letter}_{{t-1}} - U_t;\\quad {ret.latex}"]
+    if learner.kind == "momentum":
+        m = _gate_latex(learner.momentum, "m")
+        lines.append(f"learner     S_t = {m} S_{{t-1}} + {eta} \\nabla_t;\\quad U_t = S_t")
+    elif learner.eta_at == "query":
+        lines.append(f"learner     U_t = {eta} \\nabla_t;\\quad W_t = W_s - {eta} "
+                     r"\sum_{i \le t} \nabla_i \text{ inside a chunk}")
+    else:
+        lines.append(f"learner     U_t = {eta} \\nabla_t")
+    point = "W_{t-1}" if learner.grad_at == "previous" else r"\text{the retained state}"
+    read = (r"o_t = z_t + \operatorname{LN}(z_t),\ z_t = \text{the pre-norm output at } q_t"
+            if spec.memory.read_residual == "output" else "o_t = M_{W_t}(q_t)")
+    lines += [rf"  \nabla_t = \partial \ell(M_W(k_t), v_t) / \partial W \text{{ at }} W = {point}",
+              f"output      {read}",
+              f"chunking    chunk_size {spec.chunk_size}"
+              + (", first token of each chunk exact (lag token)" if spec.lag_token else "")]
     return "\n".join(lines)

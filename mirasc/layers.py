@@ -83,11 +83,13 @@ class MirasLayer(nn.Module):
     backend: 'auto' runs the op (generated kernels on CUDA or under TRITON_INTERPRET=1, else its
     torch path: the kernels' chunk step in torch, or the reference for specs without kernels);
     'torch' always runs the torch reference of the op's chunking.
+    check_gates: passed to the op (None: on unless MIRASC_CHECK_GATES=0); the layer's gates are
+    in range by construction, so False skips one host sync per call.
     """
 
     def __init__(self, spec: str | Path | Spec, hidden_size: int, num_heads: int,
                  head_dim: int | None = None, conv_size: int = 4, gate_rank: int = 32,
-                 norm_eps: float = 1e-5, backend: str = "auto"):
+                 norm_eps: float = 1e-5, backend: str = "auto", check_gates: bool | None = None):
         super().__init__()
         self.spec = resolve(spec)
         self.name = f"MirasLayer({self.spec.name})"
@@ -101,7 +103,7 @@ class MirasLayer(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"{self.name}: backend {backend!r}; allowed: {', '.join(BACKENDS)}")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
-        self.backend = backend
+        self.backend, self.check_gates = backend, check_gates
         self.op: MirasOp = compile_spec(self.spec)
         width = num_heads * head_dim
         self.q_proj = nn.Linear(hidden_size, width, bias=False)
@@ -180,7 +182,8 @@ class MirasLayer(nn.Module):
         if self.backend == "torch":
             return self.op.reference(**inputs, initial_state=memory, output_final_state=final,
                                      chunk_size=self.op.oracle_chunk_size)
-        return self.op(**inputs, initial_state=memory, output_final_state=final)
+        return self.op(**inputs, initial_state=memory, output_final_state=final,
+                       check_gates=self.check_gates)
 
     def _continue(self, inputs: dict, state: dict | None, batch: int, like: torch.Tensor):
         """Run from the last chunk boundary: the state keeps the memory there and the inputs since

@@ -7,6 +7,7 @@ kernels the reference); `MirasOp.reference` runs the oracle recurrence on the sa
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,13 @@ from mirasc.spec import Spec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 GATE_CHANNELS = {"log_alpha": "Dk", "eta": "Dk", "momentum": "Dk", "delta": "Dv"}
+# Each data-dependent gate's range, as the test of an entry outside it (False for NaN: a NaN gate
+# spoils the outputs from its token on, as documented, and is not refused).
+GATE_RANGES = {"log_alpha": ("<= 0 (the log of a decay in [0, 1]; -inf is a full reset)",
+                             lambda x: x > 0),
+               "eta": (">= 0", lambda x: x < 0),
+               "momentum": ("in [0, 1]", lambda x: (x < 0) | (x > 1)),
+               "delta": ("> 0", lambda x: x <= 0)}
 BACKENDS = ("auto", "torch")
 
 
@@ -88,13 +96,14 @@ class MirasOp:
             shapes = shapes + shapes
         return [(batch, heads, *s) for s in shapes]
 
-    def __call__(self, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None,
+    def __call__(self, q, k, v, *extra, log_alpha=None, eta=None, delta=None, momentum=None,
                  ln_weight=None, ln_bias=None, initial_state=None, output_final_state=False,
-                 cu_seqlens=None, backend="auto"):
+                 cu_seqlens=None, backend="auto", check_gates=None):
         """backend 'auto': the Triton kernels on CUDA tensors (or under Triton's interpreter),
         else torch; 'torch': the kernels' chunk-step graph in torch on any device (for a GPU
         whose shared memory a kernel does not fit). Specs without kernels run the reference's
-        chunked recurrence either way."""
+        chunked recurrence either way. `check_gates` (default: on unless MIRASC_CHECK_GATES=0)
+        refuses a gate outside its range in eager mode (`check_gate_ranges`)."""
         if backend not in BACKENDS:
             why = ("'auto' runs the Triton kernels on CUDA tensors (or under TRITON_INTERPRET=1); "
                    f"on {q.device.type} tensors, with no GPU, it runs their chunk step in torch. "
@@ -102,11 +111,14 @@ class MirasOp:
                    else "")
             raise ValueError(f"{self.spec.name}: backend {backend!r}; {why}allowed: "
                              f"{', '.join(BACKENDS)}")
+        self._check_positional(extra)
         gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
         self._check_flag(output_final_state)
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         ln = self._check_ln(ln_weight, ln_bias, q, v)
         named = {name: x for name, x in gates.items() if x is not None}  # data-dependent gates
+        if _checking_gates(check_gates):
+            self.check_gate_ranges(named)
         if ln is not None:
             named |= {"ln_weight": ln[0], "ln_bias": ln[1]}
         if self._kernel is not None and backend == "auto" and (q.is_cuda or interpreting()):
@@ -150,10 +162,11 @@ class MirasOp:
                                                 g=self._bias_grad),
             q, k, v, {n: given.get(n) for n in GATE_CHANNELS}, state, cu_seqlens, ln)
 
-    def reference(self, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None,
+    def reference(self, q, k, v, *extra, log_alpha=None, eta=None, delta=None, momentum=None,
                   ln_weight=None, ln_bias=None, initial_state=None, output_final_state=False,
                   cu_seqlens=None, chunk_size=None):
         """The oracle: the token recurrence, or with `chunk_size` the mini-batch chunked one."""
+        self._check_positional(extra)
         gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
         self._check_flag(output_final_state)
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
@@ -182,7 +195,8 @@ class MirasOp:
         """Validate every input against the spec; returns the initial state as a tuple (or None)."""
         name = self.spec.name
         for arg, x in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            _check_tensor(name, arg, x)
+            if x.dim() != 4:
                 raise ValueError(f"{name}: {arg} must be a 4-D tensor [B, T, H, D], got "
                                  f"{getattr(x, 'shape', type(x).__name__)}")
             if x.dtype not in FLOAT_DTYPES:
@@ -221,6 +235,32 @@ class MirasOp:
             batch = self._check_cu_seqlens(cu_seqlens, q)
         return self._check_state(initial_state, batch, heads, dk, dv, q.dtype, q.device)
 
+    def check_gate_ranges(self, gates: dict) -> None:
+        """Refuse a gate with an entry outside its range (log_alpha <= 0, eta >= 0,
+        0 <= momentum <= 1, delta > 0), naming the first such (batch, token, head[, channel]).
+        One reduction per gate and one host sync for all of them."""
+        outside = {arg: GATE_RANGES[arg][1](x) for arg, x in gates.items()
+                   if arg in GATE_RANGES and not x.is_meta}  # a meta tensor has no values
+        if not outside or not torch.stack([bad.any() for bad in outside.values()]).any():
+            return
+        arg, bad = next((arg, bad) for arg, bad in outside.items() if bad.any())
+        where = bad.nonzero()[0].tolist()
+        place = ", ".join(f"{axis} {i}" for axis, i in zip(("batch", "token", "head", "channel"),
+                                                             where, strict=False))
+        raise ValueError(f"{self.spec.name}: {arg} must be {GATE_RANGES[arg][0]}, got "
+                         f"{gates[arg][tuple(where)].item():g} at ({place}); to skip this check "
+                         "pass check_gates=False or set MIRASC_CHECK_GATES=0")
+
+    def _check_positional(self, extra: tuple) -> None:
+        """Refuse arguments after q, k, v given by position: the rest are keywords."""
+        if not extra:
+            return
+        named = ", ".join(f"{n}=..." for n in self.torch_input_names) or "none"
+        raise TypeError(f"{self.spec.name}: the op takes q, k, v by position and everything else "
+                        f"by keyword; got {len(extra)} more positional argument(s). Pass the "
+                        f"gates by name (this spec's: {named}), and initial_state=..., "
+                        "output_final_state=... likewise")
+
     def _check_flag(self, output_final_state) -> None:
         """output_final_state is a bool: a string such as "no" would be truthy."""
         if not isinstance(output_final_state, bool):
@@ -250,11 +290,17 @@ class MirasOp:
 
     def _check_cu_seqlens(self, cu_seqlens, q) -> int:
         name = self.spec.name
+        _check_tensor(name, "cu_seqlens", cu_seqlens)
+        if cu_seqlens.is_meta:
+            raise ValueError(f"{name}: cu_seqlens is a meta tensor, which holds no values, but "
+                             "the op reads the sequence offsets on the host to split the "
+                             "sequences; pass cu_seqlens as a CPU (or CUDA) int32/int64 tensor "
+                             "(q, k, v and the gates may stay on meta)")
         if q.shape[0] != 1:
             raise ValueError(f"{name}: with cu_seqlens the batch size must be 1 (sequences packed "
                              f"along T), got B={q.shape[0]}")
-        if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1
-                or cu_seqlens.dtype not in (torch.int32, torch.int64) or len(cu_seqlens) < 2):
+        if (cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64)
+                or len(cu_seqlens) < 2):
             raise ValueError(f"{name}: cu_seqlens must be a 1-D int32/int64 tensor [N + 1] of "
                              "sequence offsets")
         bounds = cu_seqlens.tolist()
@@ -270,19 +316,33 @@ class MirasOp:
                 raise ValueError(f"{name}: an mlp memory needs initial_state ({', '.join(names)}): "
                                  "from zero weights its gradients vanish and it never learns")
             return None
-        state = (state,) if isinstance(state, torch.Tensor) else tuple(state)
+        if not isinstance(state, tuple | list):  # one tensor
+            _check_tensor(name, "initial_state", state)
+            state = (state,)
+        state = tuple(state)
         shapes = self.state_shapes(batch, heads, dk, dv)
         if len(state) != len(shapes):
             raise ValueError(f"{name}: initial_state must hold {len(shapes)} tensors "
                              f"({', '.join(names)}), got {len(state)}")
         for label, x, shape in zip(names, state, shapes, strict=True):
-            if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+            _check_tensor(name, f"initial_state {label}", x)
+            if tuple(x.shape) != shape:
                 raise ValueError(f"{name}: initial_state {label} must have shape {list(shape)}, "
                                  f"got {list(getattr(x, 'shape', []))}")
             if x.dtype not in (dtype, torch.float32, torch.float64) or x.device != device:
                 raise TypeError(f"{name}: initial_state {label} has dtype {x.dtype} on {x.device}; "
                                 f"allowed: float32, float64 or the inputs' {dtype}, on {device}")
         return state
+
+
+def _checking_gates(flag: bool | None) -> bool:
+    """Whether to check the gates' ranges: `flag`, else MIRASC_CHECK_GATES (on unless "0");
+    never while torch.compile traces or a CUDA graph captures (the check syncs with the host)."""
+    if flag is False or (flag is None and os.environ.get("MIRASC_CHECK_GATES", "1") == "0"):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def per_sequence(run, q, k, v, per_token: dict, state, cu_seqlens):
@@ -304,12 +364,26 @@ def per_sequence(run, q, k, v, per_token: dict, state, cu_seqlens):
 
 def _check_like(name: str, arg: str, x, shape: tuple, what: str, q: torch.Tensor) -> None:
     """Refuse `x` unless it is a tensor of `shape` with q's dtype and device."""
-    if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+    _check_tensor(name, arg, x)
+    if tuple(x.shape) != shape:
         raise ValueError(f"{name}: {arg} must have shape {list(shape)} {what}, got "
                          f"{list(getattr(x, 'shape', []))}{_head_first_hint(q)}")
     if x.dtype != q.dtype or x.device != q.device:
         raise TypeError(f"{name}: {arg} has dtype {x.dtype} on {x.device}; it must match "
                         f"q ({q.dtype} on {q.device})")
+
+
+def _check_tensor(name: str, arg: str, x) -> None:
+    """Refuse `x` unless it is a torch.Tensor, saying what it is (a numpy array has a shape too)."""
+    if isinstance(x, torch.Tensor):
+        return
+    kind = f"{type(x).__module__}.{type(x).__qualname__}".removeprefix("builtins.")
+    shape = f" of shape {list(x.shape)}" if hasattr(x, "shape") else ""
+    how = {"q": "torch.as_tensor(q)", "k": "torch.as_tensor(k)", "v": "torch.as_tensor(v)",
+           "cu_seqlens": "torch.as_tensor(cu_seqlens, dtype=torch.int64)"}.get(
+        arg, "torch.as_tensor(..., dtype=q.dtype, device=q.device)")
+    raise ValueError(f"{name}: {arg} is a {kind}{shape}, not a torch.Tensor; the op takes torch "
+                     f"tensors only: convert it with {how}")
 
 
 def _head_first_hint(q: torch.Tensor) -> str:

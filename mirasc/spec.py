@@ -343,11 +343,24 @@ def _check_yaml(text: str, source: str) -> None:
                 continue
             if isinstance(event, yaml.ScalarEvent):
                 _check_text(event, fail)
+                _check_boolean_word(event, fail)
             parent = frames[-1] if frames else None
             if parent is not None and parent["mapping"]:
                 parent["key"] = True
     except yaml.YAMLError:
         return  # parse_spec reports the syntax error with its own line
+
+
+YAML11_BOOLEANS = ("yes", "no", "on", "off")  # booleans in YAML 1.1 (PyYAML), text in YAML 1.2
+
+
+def _check_boolean_word(event: yaml.ScalarEvent, fail) -> None:
+    """Refuse an unquoted yes/no/on/off (any case) as a value: PyYAML reads some as booleans and
+    others as text, while a spec's booleans are true and false only."""
+    if event.style is None and event.value.lower() in YAML11_BOOLEANS:
+        raise fail(event, f"{event.value!r} is not allowed: a spec's booleans are true and false "
+                          f"only (YAML 1.1 words such as yes, no, on, off are not); write true "
+                          f"or false, or quote it ('{event.value}') for the text")
 
 
 def _check_text(event: yaml.ScalarEvent, fail) -> None:

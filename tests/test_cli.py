@@ -131,6 +131,18 @@ def test_python_m_mirasc_runs_the_command_line(tmp_path):
     assert target.read_text() == render_module(load_spec(SPECS / "gated_deltanet.yaml"))
 
 
+def test_python_m_mirasc_check_runs_the_kernels_in_a_fresh_process(tmp_path):
+    """Without a GPU, `check` turns on Triton's interpreter before Triton is imported (the
+    parent's TRITON_INTERPRET, set by conftest, is not passed on)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MIRASC_CACHE_DIR"] = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, "-m", "mirasc", "check", "deltanet", "--length", "9",
+                          "--head-dim", "6"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "deltanet: worst relative error" in run.stdout and "triton backend" in run.stdout
+
+
 def test_check_prints_every_tensor():
     result = invoke("check", SPECS / "deltanet.yaml", "--length", "9", "--head-dim", "6")
     assert result.exit_code == 0, result.output
@@ -146,11 +158,89 @@ def test_check_prints_every_tensor():
     assert "T=9" in result.stdout
 
 
-def test_check_rejects_float16():
-    result = invoke("check", SPECS / "deltanet.yaml", "--dtype", "float16")
+def test_check_rejects_an_unknown_dtype():
+    result = invoke("check", SPECS / "deltanet.yaml", "--dtype", "float8")
     assert result.exit_code == 2
-    assert "--dtype" in result.stderr and "float32" in result.stderr
+    assert "--dtype" in result.stderr and "bfloat16" in result.stderr
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_check_half_inputs_against_the_precision_table(dtype):
+    """The torch path (and in the interpreter, for float16, the kernels) on half inputs against
+    the float64 reference of the same rounded inputs, within docs/kernels.md's bound."""
+    result = invoke("check", SPECS / "gated_deltanet.yaml", "--dtype", dtype, "--length", "21",
+                    "--head-dim", "8")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = lines[0].split()
+    interpreted = dtype == "float16" and not torch.cuda.is_available()
+    runs = ["torch path"] + (["kernels"] if interpreted else [])
+    assert lines[0].split("  ")[0].strip() == "tensor" and header[-1] == "bound"
+    assert [r for r in runs if r in lines[0]] == runs
+    bound = {"bfloat16": 1e-2, "float16": 2e-3}[dtype]
+    rows = {}
+    for line in lines[1:]:
+        match = re.match(r"^(\S+)\s+((?:\S+\s+)+)(\S+)\s+(ok|FAIL)$", line)
+        if match:
+            rows[match[1]] = ([float(x) for x in match[2].split()], float(match[3]), match[4])
+    assert set(rows) == {"o", "final_state[0]", "dq", "dk", "dv", "dlog_alpha", "deta",
+                         "dinitial_state[0]"}, result.stdout
+    for name, (errors, shown_bound, status) in rows.items():
+        assert len(errors) == len(runs) and shown_bound == bound and status == "ok", name
+        assert all(err <= bound for err in errors), (name, errors)
+    assert rows["o"][0][0] > 1e-5  # the inputs were rounded to half, and the path ran in half
+    assert f"within the precision table's {bound:g} for {dtype}" in result.stdout
+    if not interpreted:
+        assert "kernels: not run" in result.stdout
+
+
+def test_help_lists_each_command_with_a_whole_sentence():
+    from typer.main import get_command
+
+    group = get_command(app)
+    for columns in ("60", "120"):
+        shown = runner.invoke(app, ["--help"], env={"COLUMNS": columns, "TERMINAL_WIDTH": columns})
+        assert shown.exit_code == 0, shown.output
+        flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", shown.stdout).split())
+        for name, command in group.commands.items():
+            summary = command.short_help
+            assert summary and summary.endswith(".") and summary.count(". ") == 0, name
+            assert f"{name} {summary}" in flat, (name, summary, shown.stdout)
+        commands = shown.stdout.split("Commands", 1)[1]
+        assert "..." not in commands and "…" not in commands  # nothing truncated
+
+
+def test_explain_latex_renders_every_line():
+    lines = {}
+    for spec in ("moneta", "titans", "memora"):
+        out = invoke("explain", SPECS / f"{spec}.yaml", "--latex").stdout
+        lines[spec] = {line[:12].strip(): line[12:] for line in out.splitlines()
+                       if line[:12].strip() in ("memory", "retention", "learner", "output")}
+    assert "\\operatorname{LN}(W_{2}\\,\\operatorname{GELU}(W_{1} x))" in lines["moneta"]["memory"]
+    assert "\\alpha_t A_{t-1}" in lines["moneta"]["retention"]
+    assert "\\|A\\|_{4}^{2}" in lines["moneta"]["retention"]
+    assert lines["moneta"]["learner"].strip() == "U_t = \\eta_t \\nabla_t"
+    assert "S_t = m_t S_{t-1} + \\eta_t \\nabla_t" in lines["titans"]["learner"]
+    assert "\\operatorname{softmax}(Z)" in lines["memora"]["retention"]
+    assert lines["titans"]["output"].strip() == "o_t = M_{W_t}(q_t)"
+    plain = invoke("explain", SPECS / "moneta.yaml").stdout
+    assert "\\" not in "".join(line for line in plain.splitlines()
+                               if line.startswith(("memory", "retention", "learner")))
+
+
+def test_resources_prints_no_triton_fusion_notice(tmp_path):
+    """`mirasc resources` compiles for sm_90 with Triton (not its interpreter), in a fresh Triton
+    cache, without Triton 3.9's notice that TRITON_DEFAULT_FP_FUSION is unset."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    env |= {"MIRASC_CACHE_DIR": str(tmp_path / "cache"), "TRITON_CACHE_DIR": str(tmp_path / "t")}
+    run = subprocess.run([sys.executable, "-m", "mirasc", "resources", "linear_attention",
+                          "--first", "--kernels", "fwd_stage", "--head-dim", "16"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"^fwd_stage\s+4\s+1\s+\d+", run.stdout, flags=re.M), run.stdout
+    assert "TRITON_DEFAULT_FP_FUSION" not in run.stderr + run.stdout
 
 
 BAD_SPEC = """\

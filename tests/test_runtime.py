@@ -390,7 +390,8 @@ def test_q_must_be_4d():
     q, k, v = _qkv()
     _raises(ValueError, lambda: op(q[0], k, v, eta=_eta()), "deltanet", "q must be a 4-D tensor",
             "[B, T, H, D]", "[5, 2, 4]")
-    _raises(ValueError, lambda: op(q.tolist(), k, v, eta=_eta()), "q must be a 4-D tensor", "list")
+    _raises(ValueError, lambda: op(q.tolist(), k, v, eta=_eta()), "q is a list",
+            "not a torch.Tensor", "torch.as_tensor(q)")
     _raises(ValueError, lambda: op(q, k, v[..., None], eta=_eta()), "v must be a 4-D tensor")
 
 

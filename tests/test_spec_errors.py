@@ -287,6 +287,14 @@ CASES = [
          "learner.momentum.value", "2.0 is not allowed", "allowed: 0 <= value <= 1"),
     case("huber-delta-negative", edit((BIAS_LP, "  kind: huber\n  delta: {value: -1}\n")), 7,
          "bias.delta.value", "-1.0 is not allowed", "allowed: value > 0"),
+    *(case(f"boolean-word-{word}", edit(("chunk_size: 16", f"chunk_size: 16\nlag_token: {word}")),
+           15, "lag_token", f"{word!r} is not allowed", "booleans are true and false only",
+           "write true or false") for word in ("yes", "No", "ON", "off", "oFF")),
+    case("boolean-word-in-a-flow-mapping",
+         edit(("  kind: matrix\n", "  kind: matrix\n  layer_norm: {affine: Yes}\n")), 5,
+         "memory.layer_norm.affine", "'Yes' is not allowed", "quote it ('Yes') for the text"),
+    case("boolean-word-as-text", edit(("name: base", "name: off")), 1, "name",
+         "'off' is not allowed", "quote it"),
 ]
 
 
@@ -342,6 +350,13 @@ def test_load_spec_reports_the_file_and_line(tmp_path):
     with pytest.raises(SpecError) as info:
         mirasc.load_spec(path)
     assert str(info.value).startswith(f"{path}:7: bias.p: 0.5 is not allowed")
+
+
+def test_booleans_are_true_and_false_and_quoted_words_are_text():
+    spec = checked_spec(edit(("chunk_size: 16", "chunk_size: 16\nlag_token: true"),
+                             ("name: base\ndescription: a valid spec that each case below "
+                              "breaks in one place", "name: base\ndescription: 'yes'")))
+    assert spec.lag_token is True and spec.description == "yes"
 
 
 def test_numbers_in_exponent_notation_are_numbers():

@@ -32,13 +32,16 @@ def decayed_to_end(gr: Graph, gam_end: str | None, x: str, name: str) -> str:
 
 
 LOG_FLOOR = -110.0  # log_alpha below it (down to -inf, alpha = 0: a full reset) counts as it
+MOMENTUM_EPS = 1e-20  # the momentum enters the logs as m + 1e-20 (exact to float64's precision)
 
 
 def log_gate(gr: Graph, gates: dict, arg: str, rowmask: str, name: str) -> str | None:
     """log of a multiplicative gate per row (the op takes log_alpha, but the momentum as is).
     log_alpha is raised to LOG_FLOOR: exp(-110) is 0 in float32 and 2e-48 in float64, so the
     decay is the same to the precision of either, and the prefix sums of the decays stay finite
-    (-inf - -inf would be NaN); the gradient there is 0, as d alpha / d log_alpha = alpha."""
+    (-inf - -inf would be NaN); the gradient there is 0, as d alpha / d log_alpha = alpha. The
+    momentum is log(m + MOMENTUM_EPS): finite at m = 0, and d exp(lm) / dm = 1 exactly, so a
+    momentum of 0 has the recurrence's gradient (with `pair_decays`, not a quotient of noise)."""
     gate = gates.get(arg)
     if gate is None:
         return None
@@ -46,7 +49,8 @@ def log_gate(gr: Graph, gates: dict, arg: str, rowmask: str, name: str) -> str |
         if arg == "log_alpha":
             return ew(gr, lambda a: sp.Piecewise((a, a > LOG_FLOOR), (LOG_FLOOR, True)), arg,
                       name=name, formula=f"{name} = max(log_alpha, {LOG_FLOOR:g})")
-        return ew(gr, sp.log, arg, name=name, formula=f"{name} = log({arg})")
+        return ew(gr, lambda m: sp.log(m + MOMENTUM_EPS), arg, name=name,
+                  formula=f"{name} = log({arg} + {MOMENTUM_EPS:g})")
     return ew(gr, lambda m: m * sp.log(sp.Float(gate.value)), rowmask, name=name,
               formula=f"{name} = log({gate.value:g}) on real rows")
 
@@ -93,15 +97,30 @@ def tail_decays(gr: Graph, la: str, rowmask: str, name: str = "tail") -> str:
               formula=f"{name}_i = exp(sum_(s>i) {la}_s) on real rows")
 
 
+def pair_decays(gr: Graph, lm: str, name: str) -> str:
+    """exp(sum_(i<s<=t) lm_s) below the diagonal, 1 on it, 0 above, for a per-head log gate
+    [T, 1]: the exponent is a sum over the rows between each pair (a dot with the strict mask),
+    not a difference of prefix sums, so the gradient of each lm_s sums only the pairs it lies
+    between, each a multiple of its gate, and d/dm = (d/dlm) / m keeps its precision as m -> 0."""
+    between = ew(gr, lambda c, m: c * m, "causal", gr.trans(lm, name=f"{lm}_row"),
+                 name=f"{lm}_upto", formula=f"{lm}_upto_ts = {lm}_s (s <= t)")
+    exponent = gr.dot(between, strict_mask(gr), name=f"{lm}_pairs",
+                      formula=f"{lm}_pairs_ti = sum_(i<s<=t) {lm}_s")
+    return ew(gr, lambda c, s, a: sp.Piecewise((sp.exp(a), s > 0), (1, c > 0), (0, True)),
+              "causal", strict_mask(gr), exponent, name=name,
+              formula=f"{name}_ti = exp({lm}_pairs_ti) (t > i), 1 (t = i), 0 (t < i)")
+
+
 def momentum_mixing(gr: Graph, d: Derivation, decay_mat: str, rowmask: str):
     """The momentum's mixing of a chunk's updates (see `memories.matrix._momentum_terms`), shared
-    by all layers: C = decay @ exp(mu_t - mu_i), s_t = sum_(j<=t, real rows) decay_tj exp(mu_j),
-    their values at the chunk's last real row, and exp(mu_T - mu)."""
+    by all layers: C = decay @ exp(mu_t - mu_i) (`pair_decays`),
+    s_t = sum_(j<=t, real rows) decay_tj exp(mu_j), their values at the chunk's last real row,
+    and exp(mu_T - mu)."""
     lastrow = lastrow_mask(gr)
     lm = log_gate(gr, d.op_gates(), "momentum", rowmask, name="lm")
     mu = gr.cumsum(lm, name="mu", formula="mu_t = sum_(s<=t) lm_s")
     mu_end = gr.sum(lm, 0, name="mu_end", formula="mu_end = sum_t lm_t")
-    mom = decay_matrix(gr, "causal", mu, gr.trans(mu, name="mu_row"), name="mom")
+    mom = pair_decays(gr, lm, name="mom")
     mix = gr.dot(decay_mat, mom, name="mix", formula="mix = decay mom")
     s_terms = ew(gr, lambda a, b, m: a * sp.exp(b) * m, decay_mat, gr.trans(mu, name="mu_row"),
                  gr.trans(rowmask, name="rowmask_row"), name="s_terms")
