@@ -55,10 +55,10 @@ def _mismatch(op: MirasOp, gates: set[str], states: tuple[str, ...], affine: boo
 
 
 def _fla_state_recurrence(op: MirasOp, device: str, package: str, chunk: str, naive: str,
-                          gates: dict[str, str]) -> Impl | str:
-    """fla.ops.<package>.<chunk>(q, k, v, scale=1, <fla gate>=<op gate>...) with the state W^T; on
-    CPU its naive recurrence <naive> (fla's chunk kernels need a GPU driver, even under
-    TRITON_INTERPRET). k is L2-normalised by the inputs, not in the kernel."""
+                          gates: dict[str, str], **options) -> Impl | str:
+    """fla.ops.<package>.<chunk>(q, k, v, scale=1, <fla gate>=<op gate>..., **options) with the
+    state W^T; on CPU its naive recurrence <naive> (fla's chunk kernels need a GPU driver, even
+    under TRITON_INTERPRET). k is L2-normalised by the inputs, not in the kernel."""
     if why := _mismatch(op, set(gates.values()), ("W",), False):
         return why
     try:
@@ -71,7 +71,8 @@ def _fla_state_recurrence(op: MirasOp, device: str, package: str, chunk: str, na
     def run(x, final):
         (w0,) = x["initial_state"]
         o, s = fn(q=x["q"], k=x["k"], v=x["v"], scale=1.0, initial_state=w0.transpose(-1, -2),
-                  output_final_state=final, **{arg: x[gate] for arg, gate in gates.items()})
+                  output_final_state=final, **{arg: x[gate] for arg, gate in gates.items()},
+                  **options)
         return o, ((s.transpose(-1, -2),) if final else None)
 
     name = f"fla {chunk if device == 'cuda' else naive}"
@@ -89,6 +90,20 @@ def fla_gated_delta_rule(op: MirasOp, device: str) -> Impl | str:
     return _fla_state_recurrence(op, device, "gated_delta_rule", "chunk_gated_delta_rule",
                                  "naive_recurrent_gated_delta_rule",
                                  {"g": "log_alpha", "beta": "eta"})
+
+
+def fla_delta_rule(op: MirasOp, device: str) -> Impl | str:
+    """chunk_delta_rule(q, k, v, beta=eta, scale=1), on a GPU: fla's CPU delta rule (its naive
+    recurrence) takes head-first inputs and scales q itself."""
+    if device != "cuda":
+        return "fla's CPU delta rule is head-first and scales q itself: compared on a GPU only"
+    return _fla_state_recurrence(op, device, "delta_rule", "chunk_delta_rule", "", {"beta": "eta"})
+
+
+def fla_linear_attn(op: MirasOp, device: str) -> Impl | str:
+    """chunk_linear_attn(q, k, v, scale=1, normalize=False)."""
+    return _fla_state_recurrence(op, device, "linear_attn", "chunk_linear_attn",
+                                 "naive_recurrent_linear_attn", {}, normalize=False)
 
 
 def fla_ttt_linear(op: MirasOp, device: str) -> Impl | str:
@@ -159,6 +174,7 @@ def sdpa(device: str) -> Impl:
 
 
 FLA_PEERS = {"simple_gla": fla_simple_gla, "gated_deltanet": fla_gated_delta_rule,
+             "deltanet": fla_delta_rule, "linear_attention": fla_linear_attn,
              "ttt_linear": fla_ttt_linear}
 
 

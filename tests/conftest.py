@@ -39,6 +39,19 @@ def axis_spec(memory="{kind: matrix}", bias="{kind: l2}", retention="{kind: l2, 
             f"learner: {learner}\nchunk_size: 4\n{extra}")
 
 
+class OnBackend:
+    """The op on one backend, "triton" or "torch" (what `compare` calls)."""
+
+    def __init__(self, op, backend):
+        self.op, self.backend = op, backend
+
+    def __getattr__(self, name):
+        return getattr(self.op, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.op(*args, **kwargs, backend=self.backend)
+
+
 @pytest.fixture(autouse=True)
 def _float64_default():
     torch.manual_seed(0)

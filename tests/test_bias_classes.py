@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import axis_spec, op_from_yaml
+from conftest import OnBackend, axis_spec, op_from_yaml
 
 import mirasc
 from mirasc.check import compare, random_inputs
@@ -34,19 +34,6 @@ def test_only_a_gradient_linear_in_r_is_affine(bias):
     assert d.exact == (kind != "general")  # the token recurrence only where chunks solve it
 
 
-class _Backend:
-    """The op on one backend (what `compare` calls)."""
-
-    def __init__(self, op, backend):
-        self.op, self.backend = op, backend
-
-    def __getattr__(self, name):
-        return getattr(self.op, name)
-
-    def __call__(self, *args, **kwargs):
-        return self.op(*args, **kwargs, backend=self.backend)
-
-
 @pytest.mark.parametrize(("memory", "bias"), [(m, b) for m in MEMORIES for b in ("l1", "abs_plus_l2")]
                          + [("mlp", "linear")])  # g constant, pulled back through the layers
 def test_constant_and_piecewise_constant_derivatives_run(memory, bias, tmp_path, monkeypatch):
@@ -55,7 +42,7 @@ def test_constant_and_piecewise_constant_derivatives_run(memory, bias, tmp_path,
     assert op.backend == "triton"
     inputs = random_inputs(op, batch=1, length=7, heads=1, dk=4, dv=4, seed=3)
     for backend in ("torch", "auto"):  # auto: the kernels, in the interpreter on CPU
-        errors = compare(_Backend(op, backend), inputs, chunk_size=op.oracle_chunk_size)
+        errors = compare(OnBackend(op, backend), inputs, chunk_size=op.oracle_chunk_size)
         bad = {name: err for name, err in errors.items() if not err <= 1e-10}
         assert not bad, (backend, bad)
     # the update moved the state: the residual's sign mattered

@@ -8,26 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import axis_spec, op_from_yaml
+from conftest import OnBackend, axis_spec, op_from_yaml
 
 import mirasc
 from mirasc.check import compare, random_inputs
 
 MEMORIES = {"matrix": "{kind: matrix}", "vector": "{kind: vector}",  # matrix: titans' axes
             "mlp": "{kind: mlp, depth: 2, expansion: 2}"}
-
-
-class _Backend:
-    """The op on one backend (what `compare` calls)."""
-
-    def __init__(self, op, backend):
-        self.op, self.backend = op, backend
-
-    def __getattr__(self, name):
-        return getattr(self.op, name)
-
-    def __call__(self, *args, **kwargs):
-        return self.op(*args, **kwargs, backend=self.backend)
 
 
 def _edges(op, seed=0) -> dict:
@@ -54,7 +41,7 @@ def test_gates_at_their_edges_match_the_reference(memory, backend, tmp_path, mon
                                   learner="{kind: momentum, eta: {}, momentum: {}}"))
     assert op.backend == "triton"
     inputs = _edges(op)
-    errors = compare(_Backend(op, backend), inputs, chunk_size=op.oracle_chunk_size)
+    errors = compare(OnBackend(op, backend), inputs, chunk_size=op.oracle_chunk_size)
     bad = {name: err for name, err in errors.items() if not err <= 1e-10}
     assert not bad, bad
 
