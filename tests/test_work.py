@@ -10,10 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.slow  # compiles for sm_90 in a child process
-
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
