@@ -8,11 +8,12 @@ import functools
 import math
 import re
 
+import oracle
 import pytest
 import torch
 import triton.language as tl
 from conftest import axis_spec, op_from_yaml, run_generated
-from hypothesis import Phase, example, given, settings
+from hypothesis import Phase, assume, example, given, reject, settings
 from hypothesis import strategies as st
 from triton.runtime.errors import OutOfResources
 
@@ -105,7 +106,7 @@ MEMORIES = ["{kind: matrix}", "{kind: matrix, residual: true, layer_norm: true}"
 
 
 @pytest.mark.slow
-@settings(max_examples=40, deadline=None, derandomize=True,
+@settings(max_examples=24, deadline=None, derandomize=True,
           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: each run is slow
 @example(memory=MEMORIES[7], bias=BIASES[8], retention=RETENTIONS[9], learner=LEARNERS[0],
          chunk=16, lag=True, length=17, dk=3, dv=3)  # a chunk of one token: an empty lag segment
@@ -114,7 +115,10 @@ MEMORIES = ["{kind: matrix}", "{kind: matrix, residual: true, layer_norm: true}"
        chunk=st.sampled_from([5, 16, 32]), lag=st.booleans(), length=st.integers(17, 70),
        dk=st.integers(3, 20), dv=st.integers(3, 20))
 def test_random_axis_combinations(memory, bias, retention, learner, chunk, lag, length, dk, dv):
-    """Every combination compiles and matches its reference, or is refused with a clear error."""
+    """Every combination with kernels matches its reference; a refused one names the field and
+    what is allowed. Only combinations with kernels count as examples (refusals and fallbacks
+    are rejected: test_options_the_kernels_leave_to_torch checks the fallbacks), so each of the
+    24 runs kernels (42 % of the draws fall back or are refused; a fallback met itself)."""
     text = axis_spec(memory=memory, bias=bias, retention=retention, learner=learner,
                      extra=f"chunk_size: {chunk}\nlag_token: {str(lag).lower()}")
     text = text.replace("chunk_size: 4\n", "")
@@ -122,15 +126,13 @@ def test_random_axis_combinations(memory, bias, retention, learner, chunk, lag, 
         op = op_from_yaml(text)
     except SpecError as exc:
         assert "not allowed" in str(exc) and "allowed:" in str(exc), str(exc)
-        return
+        reject()
+    assume(triton_unsupported(op.derivation) is None)
     if op.spec.memory.residual or op.spec.memory.kind == "vector":
         dv = dk
     op = run_generated(render_module(op.spec)).op
-    if triton_unsupported(op.derivation):  # refused combinations fall back to the torch path
-        assert op.backend == "reference"
-    else:
-        assert op.backend == "triton"
-    inputs = random_inputs(op, batch=1, length=length, heads=2, dk=dk, dv=dv)
+    assert op.backend == "triton"
+    inputs = random_inputs(op, batch=1, length=length, heads=2, dk=dk, dv=dv, seed=length)
     errors = compare(op, inputs, chunk_size=op.oracle_chunk_size)
     # float64; a deep memory with a nonlinear retention is ill-conditioned (2e-10 seen for mlp
     # with kl), while a wrong kernel is off by 1e-3 or more
@@ -199,11 +201,13 @@ def test_memory_and_learner_options(case):
 
 @pytest.mark.parametrize("reason", sorted(FALLBACK_CASES))
 def test_options_the_kernels_leave_to_torch(reason):
+    """The fallback (the reference's chunked recurrence) against the second oracle, not itself."""
     op = _generated(FALLBACK_CASES[reason])
     assert op.backend == "reference"
     assert reason in triton_unsupported(op.derivation)
-    inputs = random_inputs(op, batch=1, length=11, heads=2, dk=5, dv=5)
-    _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
+    inputs = random_inputs(op, batch=1, length=11, heads=2, dk=5, dv=5, seed=4)
+    _assert_close(oracle.errors_against_oracle(op, op.spec, inputs, op.oracle_chunk_size),
+                  torch.float64)
 
 
 def test_ttt_linear_varlen_sums_the_parameter_gradients():
