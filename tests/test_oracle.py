@@ -121,6 +121,21 @@ def test_axis_values_match_the_oracle(case):
         _assert_small({f"chunk {chunk}: {n}": e for n, e in errors.items()})
 
 
+EXACT_CASES = {  # the exact (WY/UT) kernels beyond the shipped specs: gradient at W_(t-1)
+    "l2, head decay": axis_spec(),
+    "l2, channel decay": axis_spec(retention="{kind: l2, decay: {shape: channel}}"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXACT_CASES))
+def test_exact_kernels_match_the_oracle(case):
+    """The token recurrence's kernels, 3 chunks of 8 and a partial one, against the oracle."""
+    op = _kernel_op(EXACT_CASES[case].replace("chunk_size: 4", "chunk_size: 8"))
+    assert op.oracle_chunk_size is None
+    inputs = draw(op, seed=30 + sorted(EXACT_CASES).index(case), length=27)
+    _assert_small(oracle.errors_against_oracle(op, op.spec, inputs, None))
+
+
 # ---- each where() on both sides ---------------------------------------------------------------
 
 BRANCH_CASES = {  # where() in the loss or the retention map; delta redrawn across the residuals
