@@ -122,8 +122,7 @@ def test_axis_values_match_the_oracle(case):
 
 
 EXACT_CASES = {  # the exact (WY/UT) kernels beyond the shipped specs: gradient at W_(t-1)
-    "l2, head decay": axis_spec(),
-    "l2, channel decay": axis_spec(retention="{kind: l2, decay: {shape: channel}}"),
+    "l2, head decay": axis_spec(),  # (a channel decay takes 12 s in the interpreter)
 }
 
 
