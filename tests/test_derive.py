@@ -152,3 +152,11 @@ def test_derivation_is_bounded(loss, message):
     with pytest.raises(SpecError, match=message):
         checked_spec(axis_spec(bias=f"{{kind: expression, loss: '{loss}'}}"))
     assert time.perf_counter() - start < 5.0
+
+
+@pytest.mark.parametrize("name", ["r", "v", "rnorm", "delta", "pi"])
+def test_a_parameter_may_not_shadow_a_variable(name):
+    """Each name the loss reads (and pi) is refused as a parameter name (mutation testing found
+    only r checked)."""
+    with pytest.raises(SpecError, match=rf"bias\.params\.{name}: shadows a variable"):
+        checked_spec(axis_spec(bias=f"{{kind: expression, loss: 'r**2', params: {{{name}: 2.0}}}}"))
