@@ -152,3 +152,26 @@ def test_derivation_is_bounded(loss, message):
     with pytest.raises(SpecError, match=message):
         checked_spec(axis_spec(bias=f"{{kind: expression, loss: '{loss}'}}"))
     assert time.perf_counter() - start < 5.0
+
+
+@pytest.mark.parametrize("name", ["r", "v", "rnorm", "delta", "pi"])
+def test_a_parameter_may_not_shadow_a_variable(name):
+    """Each name the loss reads (and pi) is refused as a parameter name (mutation testing found
+    only r checked)."""
+    with pytest.raises(SpecError, match=rf"bias\.params\.{name}: shadows a variable"):
+        checked_spec(axis_spec(bias=f"{{kind: expression, loss: 'r**2', params: {{{name}: 2.0}}}}"))
+
+
+def test_a_channel_delta_in_the_norm_term_is_refused():
+    """The robust loss's delta multiplies ||r||, one number per head: a delta per value channel
+    is refused, with the field and what is allowed."""
+    with pytest.raises(SpecError) as refused:
+        checked_spec(axis_spec(bias="{kind: robust, delta: {shape: channel}}"))
+    assert str(refused.value).endswith(
+        "bias.delta.shape: 'channel' needs delta only in the elementwise loss; it enters the norm "
+        "term here; allowed: 'head'")
+
+
+def test_explain_states_a_smoothing_only_when_there_is_one():
+    assert "smoothing" not in explain(load_spec("specs/yaad.yaml"))
+    assert "smoothing" in explain(load_spec("specs/moneta.yaml"))

@@ -1,5 +1,7 @@
 """The classic specs equal flash-linear-attention's naive reference recurrences (fla-core, a test
-dependency): fla keeps S = W^T [K, V] and scales q by 1/sqrt(K) unless told scale=1."""
+dependency): fla keeps S = W^T [K, V] and scales q by 1/sqrt(K) unless told scale=1. Outputs,
+final states and every input gradient. fla's chunked Triton kernels need a GPU driver (and
+bfloat16 for the delta rule), so on CPU the peers are its naive recurrences."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from functools import partial
 
 import pytest
 import torch
+from fla.ops.delta_rule import naive as naive_dr
 from fla.ops.gated_delta_rule import naive as naive_gdr
 from fla.ops.simple_gla import naive as naive_gla
 from fla.ops.ttt import naive as naive_ttt
@@ -44,6 +47,64 @@ def test_gated_deltanet_equals_fla(path):
         initial_state=w0.transpose(-1, -2), output_final_state=True)
     assert relative_error(o, o_fla) < 1e-5
     assert relative_error(wt, s_fla.transpose(-1, -2)) < 1e-5
+
+
+def _fla_simple_gla(q, k, v, log_alpha, initial_state):
+    o, s = naive_gla.naive_recurrent_simple_gla(q, k, v, log_alpha, scale=1.0,
+                                                initial_state=initial_state.transpose(-1, -2),
+                                                output_final_state=True)
+    return o, s.transpose(-1, -2)
+
+
+def _fla_gated_deltanet(q, k, v, log_alpha, eta, initial_state):
+    o, s = naive_gdr.naive_recurrent_gated_delta_rule(
+        q, k, v, eta, log_alpha, scale=1.0, initial_state=initial_state.transpose(-1, -2),
+        output_final_state=True)
+    return o, s.transpose(-1, -2)
+
+
+def _fla_deltanet(q, k, v, eta, initial_state):
+    """fla's head-first delta rule, which scales q by K^-1/2 itself (undone here)."""
+    heads_first = lambda t: t.transpose(1, 2)  # noqa: E731
+    o, s = naive_dr.delta_rule_recurrence(
+        heads_first(q * q.shape[-1] ** 0.5), heads_first(k), heads_first(v), heads_first(eta),
+        initial_state=initial_state.transpose(-1, -2), output_final_state=True)
+    return heads_first(o), s.transpose(-1, -2)
+
+
+PEERS = {"simple_gla": _fla_simple_gla, "gated_deltanet": _fla_gated_deltanet,
+         "deltanet": _fla_deltanet}
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_gradients_equal_fla(name):
+    """The kernels' outputs, final state and the gradients of q, k, v, every gate and the initial
+    state against autograd through fla's recurrence, in float32 (fla computes in float32), 45
+    tokens (not a multiple of the chunk), eta up to 1.5, seed 9."""
+    op = mirasc.compile(f"specs/{name}.yaml")
+    x = random_inputs(op, batch=2, length=45, heads=2, dk=8, dv=6, dtype=torch.float32, seed=9)
+    if "eta" in x:
+        x["eta"] = x["eta"] * 3
+    x["initial_state"] = x["initial_state"][0]
+    gen = torch.Generator().manual_seed(11)
+    cotangents = [torch.randn(shape, generator=gen) for shape in
+                  (x["v"].shape, (2, 2, 6, 8))]
+
+    def grads(fn):
+        leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+        o, s = fn(**leaves)
+        objective = (o * cotangents[0]).sum() + (s * cotangents[1]).sum()
+        return [o, s, *torch.autograd.grad(objective, list(leaves.values()))]
+
+    def mirasc_run(initial_state, **inputs):
+        o, (s,) = op(**inputs, initial_state=initial_state, output_final_state=True)
+        return o, s
+
+    got, want = grads(mirasc_run), grads(PEERS[name])
+    names = ["o", "final_state", *(f"d{n}" for n in x)]
+    errors = {n: relative_error(g, w) for n, g, w in zip(names, got, want, strict=True)}
+    bad = {n: e for n, e in errors.items() if not e < 2e-5}  # NaN is never < 2e-5
+    assert not bad, bad
 
 
 def _ttt_linear_run(fn, x: dict, cotangents: tuple) -> dict[str, torch.Tensor]:
