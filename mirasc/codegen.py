@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pprint
 import re
+import struct
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -90,7 +91,7 @@ def triton_source(expr: sp.Expr, names) -> str:
         if e.is_Symbol:
             return names[e] if e in names else KERNEL_CONSTANTS[e.name]
         if e.is_number:  # constant subexpressions (sqrt(2), pi/2, ...) are folded in float64
-            return repr(float(e))
+            return _number(float(e))
         if isinstance(e, sp.Add | sp.Mul):
             return "(" + (" + " if isinstance(e, sp.Add) else " * ").join(map(show, e.args)) + ")"
         if isinstance(e, sp.Pow):
@@ -128,7 +129,18 @@ def _pow(base: str, exponent: sp.Expr) -> str:
         return f"tl.sqrt({base})"
     if exponent == -sp.Rational(1, 2):
         return f"(1.0 / tl.sqrt({base}))"
-    return f"tl.exp({float(exponent)!r} * tl.log({base}))"  # a positive base (smoothed norms)
+    return f"tl.exp({_number(float(exponent))} * tl.log({base}))"  # a positive base (smoothed norms)
+
+
+def _number(value: float) -> str:
+    """A constant as Triton code: a Python float where float32 holds it exactly, else a tile of
+    the accumulator's dtype (Triton takes a Python float as float32: 0.8 would be 0.800000012
+    in a float64 kernel)."""
+    try:
+        exact = value != value or struct.unpack("f", struct.pack("f", value))[0] == value
+    except OverflowError:  # beyond float32's range
+        exact = False
+    return repr(value) if exact else f"tl.full([1, 1], {value!r}, ACC)"
 
 
 HELPERS = ("atan", "dot_fp32", "gdot", "gmix", "gmix_t", "load_rows", "sequence_bounds",

@@ -314,23 +314,25 @@ class KernelPrinter:
         def dtype(x):
             return tile_dtype(self.graph, x, kernel.needs)
 
+        def columns(x):  # a vector memory's q, k and gates run along its value columns
+            return "v" if self.graph.shape(x)[1] == "DV" else "k"
+
         lines = m.step_rows().splitlines()
         pads = {}
         if "q" in need or "qbad" in need:
             pads["q"] = "0.0"
-            lines.append(m.load_rows("q", "q_ptr", "k", "0.0", dtype("q")))
-        for x, dim, pad in (("k", "k", "0.0"), ("v", "v", "1.0")):
+            lines.append(m.load_rows("q", "q_ptr", columns("q"), "0.0", dtype("q")))
+        for x, pad in (("k", "0.0"), ("v", "1.0")):
             if x in need or taint:
                 pads[x] = pad
-                lines.append(m.load_rows(x, f"{x}_ptr", dim, pad, dtype(x)))
+                lines.append(m.load_rows(x, f"{x}_ptr", columns(x), pad, dtype(x)))
         lines += [m.load_param(p) for p in self.step.params if p in need]
         for g in self.step.gates:
             if g not in need and not taint:
                 continue
             pads[g] = "1.0" if g in ("delta", "momentum") else "0.0"  # no log(0), no 1/0
             if self.gates[g].shape == "channel":
-                lines.append(m.load_rows(g, f"{g}_ptr", "v" if g == "delta" else "k", pads[g],
-                                         "ACC"))
+                lines.append(m.load_rows(g, f"{g}_ptr", columns(g), pads[g], "ACC"))
             else:
                 lines.append(m.load_gate(g, pads[g]))
         if taint:

@@ -130,8 +130,6 @@ def test_random_axis_combinations(memory, bias, retention, learner, chunk, lag, 
         assert "not allowed" in str(exc) and "allowed:" in str(exc), str(exc)
         SWEEP["refused"] += 1
         return
-    if op.spec.memory.kind == "vector":
-        dk = min(dk, 16)  # test_oracle's test_vector_memory_wider_than_16
     if op.spec.memory.residual or op.spec.memory.kind == "vector":
         dv = dk
     op = run_generated(render_module(op.spec)).op
