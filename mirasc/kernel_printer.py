@@ -13,6 +13,8 @@ from mirasc.schedule import KernelPlan, Schedule
 from mirasc.schedule.stages import tile_dtype
 
 INLINE_WIDTH = 60  # the longest expression a reader takes in rather than a named value
+# what a masked or non-finite entry of an input loads as (0.0 where not named): no log(0), no 1/0
+PADS = {"v": "1.0", "delta": "1.0", "momentum": "1.0"}
 BLOCKS = {"T": "BT", "DK": "BK", "DV": "BV", "DH": "BH", 1: "1"}  # a dim's block in a kernel
 # a dim's block in a buffer between kernels, and the offsets of its entries
 BUFFER_BLOCKS = {"T": ("BT", "offs_t"), "DK": ("BDK", "offs_k"), "DV": ("BDV", "offs_v"),
@@ -143,31 +145,21 @@ class KernelPrinter:
     def begin(self, kernel: KernelPlan) -> None:
         """Start printing `kernel`: where each node is printed, what must keep its name."""
         self.inlined, self.loaded = {}, set(kernel.loads)
-        passes = kernel.passes
-        if kernel.walk is not None:
-            walk = kernel.walk
-            scopes = [*walk.before.whole, *(loop.nodes for loop in walk.before.loops),
-                      *walk.walk.whole, *(loop.nodes for loop in walk.walk.loops), walk.after]
+        walk = kernel.walk
+        streams = (walk.before, walk.walk) if walk else (kernel.passes,) if kernel.passes else ()
+        sums = walk.sums if walk else ()
+        if streams:
+            scopes = [*(part for s in streams for part in (*s.whole, *(loop.nodes for loop in s.loops))),
+                      *((walk.after,) if walk else ())]
             self.places = {}
             for n in (n for scope in scopes for n in scope):
                 self.places[n] = self.places.get(n, 0) + 1
-            reduced = [r for s in (walk.before, walk.walk) for loop in s.loops for r in loop.reduce]
-            self.places.update(dict.fromkeys([*reduced, *walk.sums], 1))
-            self.pinned = {*kernel.targets, *kernel.loads, *kernel.block_loads, *reduced,
-                           *walk.sums, *self.step.states, *(f"d{s}_new" for s in self.step.states)}
-            return
-        if passes is None:
-            self.places = dict.fromkeys(plan(self.graph, kernel.targets, kernel.loads), 1)
         else:
-            self.places = {}
-            scopes = [*passes.whole, *(loop.nodes for loop in passes.loops)]
-            for n in (n for scope in scopes for n in scope):
-                self.places[n] = self.places.get(n, 0) + 1
-            for loop in passes.loops:
-                self.places.update(dict.fromkeys(loop.reduce, 1))
-        reduced = [r for loop in (passes.loops if passes else ()) for r in loop.reduce]
+            self.places = dict.fromkeys(plan(self.graph, kernel.targets, kernel.loads), 1)
+        reduced = [r for s in streams for loop in s.loops for r in loop.reduce]
+        self.places.update(dict.fromkeys([*reduced, *sums], 1))
         self.pinned = {*kernel.targets, *kernel.stores, *kernel.loads, *kernel.block_loads,
-                       *reduced, *self.step.states, *(f"d{s}_new" for s in self.step.states)}
+                       *reduced, *sums, *self.step.states, *(f"d{s}_new" for s in self.step.states)}
 
     def passes(self, passes, loads: dict, stores: dict, loaded=(), dim="DH",
                stored=()) -> list[str]:
@@ -247,7 +239,7 @@ class KernelPrinter:
             if x in self.step.params:
                 inner.append(m.load_param(x))
                 continue
-            pad = {"v": "1.0", "d_o": "0.0", "delta": "1.0"}.get(x, "0.0")
+            pad = PADS.get(x, "0.0")
             inner.append(m.load_rows(x, "do_ptr" if x == "d_o" else f"{x}_ptr", "v", pad,
                                      tile_dtype(graph, x, kernel.needs)))
             if x != "d_o" and kernel.pads_nonfinite:
@@ -322,15 +314,15 @@ class KernelPrinter:
         if "q" in need or "qbad" in need:
             pads["q"] = "0.0"
             lines.append(m.load_rows("q", "q_ptr", columns("q"), "0.0", dtype("q")))
-        for x, pad in (("k", "0.0"), ("v", "1.0")):
+        for x in ("k", "v"):
             if x in need or taint:
-                pads[x] = pad
-                lines.append(m.load_rows(x, f"{x}_ptr", columns(x), pad, dtype(x)))
+                pads[x] = PADS.get(x, "0.0")
+                lines.append(m.load_rows(x, f"{x}_ptr", columns(x), pads[x], dtype(x)))
         lines += [m.load_param(p) for p in self.step.params if p in need]
         for g in self.step.gates:
             if g not in need and not taint:
                 continue
-            pads[g] = "1.0" if g in ("delta", "momentum") else "0.0"  # no log(0), no 1/0
+            pads[g] = PADS.get(g, "0.0")
             if self.gates[g].shape == "channel":
                 lines.append(m.load_rows(g, f"{g}_ptr", columns(g), pads[g], "ACC"))
             else:

@@ -80,12 +80,9 @@ def stream(graph: Graph, targets, dim: str = "DH", stop=()) -> Stream | None:
     for j in range(last + 1):
         reduce = tuple(n for n in reductions if ready[n] == j + 1)
         store = tuple(t for t in stores if ready[t] == j)
-        need, todo = set(), [*store, *(i for n in reduce for i in graph.node(n)["inputs"])]
-        while todo:  # the blocked tiles these use, back to the states and the ready values
-            n = todo.pop()
-            if n in blocked and n not in need:
-                need.add(n)
-                todo.extend(graph.node(n)["inputs"])
+        # the blocked tiles these use, back to the states and the ready values
+        need = _blocked_inputs(graph, [*store, *(i for n in reduce for i in graph.node(n)["inputs"])],
+                               blocked)
         loops.append(Loop(tuple(n for n in nodes if n in need), reduce, store))
     # A tile without the dim is computed (or loaded) in the last whole part before its first
     # reader, so that it holds no registers across passes that do not read it; one no node
