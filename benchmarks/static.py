@@ -174,10 +174,11 @@ def compile_launch(launch: Launch, capability: int, most: int) -> dict:
             "half_share": 100 * (kinds["bf16"] + kinds["fp16"]) / sum(kinds.values())
             if kinds else None,
             "loop": largest_loop(listing), "seconds": time.perf_counter() - start,
-            "config": index, "sass": sass_with_lines(compiled.asm["cubin"])})
+            "config": index, "cubin": compiled.asm["cubin"]})
     best = min(rows, key=lambda r: (r["spill_bytes"], r["registers"]))
-    return best | {"seconds": sum(r["seconds"] for r in rows),
-                   "tried": f"{len(rows)}/{len(launch.configs)}"}
+    return {k: v for k, v in best.items() if k != "cubin"} | {
+        "sass": sass_with_lines(best["cubin"]),  # with source lines, for `launch_work`
+        "seconds": sum(r["seconds"] for r in rows), "tried": f"{len(rows)}/{len(launch.configs)}"}
 
 
 def launch_work(launch: Launch, config: int, sass: list) -> dict:
