@@ -236,9 +236,10 @@ def schedule(step: ChunkStep) -> Schedule:
     summed = ("q", "k", *(g for g in step.gates if g != "delta" or graph.shape(g)[1] == 1)) \
         if split_v else ()  # a channel-wise delta is per value column
     # The kernel of the q and k gradients walks the DV blocks, summing them (no partial copies
-    # per block); it holds what each block reuses, so it takes narrower key blocks. So does any
-    # other kernel of gradients summed over the blocks that runs as a `ValueWalk`.
-    walks_v = tuple(k for k, xs in groups.items() if summed and "q" in xs)
+    # per block): in place where it runs as no `ValueWalk`, holding what each block reuses, so
+    # with narrower key blocks. Any other kernel of gradients summed over the blocks that runs
+    # as a `ValueWalk` walks them too.
+    in_place = tuple(k for k, xs in groups.items() if summed and "q" in xs)
     walkers = tuple(k for k, xs in groups.items() if set(xs) & set(summed))
     kernels, operands, key_blocks = {}, {}, {}
     for name, t in targets.items():
@@ -253,7 +254,7 @@ def schedule(step: ChunkStep) -> Schedule:
         if keys is not None:
             passes, block_loads, blocked = keys
             dim, need = "DK", need - set(block_loads)
-            key_blocks[name] = tuning.BK_WALKING_V if name in walks_v else tuning.BK
+            key_blocks[name] = tuning.BK_WALKING_V if name in in_place else tuning.BK
             walk = value_walk(graph, t, stop) if name in walkers else None
             if walk is not None and walk.per_key_block:
                 key_blocks[name] = tuning.BK_PER_PROGRAM
@@ -285,7 +286,7 @@ def schedule(step: ChunkStep) -> Schedule:
              *(k for k, p in kernels.items() if p.kind == "stage" and p.direction == "bwd"),
              "bwd", *groups]
     kernels = {k: kernels[k] for k in order}  # in launch order
-    walks_v = tuple(k for k in groups if k in walks_v or kernels[k].walk is not None)
+    walks_v = tuple(k for k in groups if k in in_place or kernels[k].walk is not None)
     return Schedule(step=step, adjoint=adjoint, kernels=kernels, groups=groups, staged=staged,
                     kept=kept, handover=handover, buffers=buffers, split_v=split_v,
                     streamed=streams is not None, summed=summed, walks_v=walks_v,
