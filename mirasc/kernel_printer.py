@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from mirasc.graph import plan
 from mirasc.memories import ChunkStep
 from mirasc.schedule import KernelPlan, Schedule
-from mirasc.schedule.stages import tile_dtype
+from mirasc.schedule.stages import ACROSS_V, tile_dtype
 
 INLINE_WIDTH = 60  # the longest expression a reader takes in rather than a named value
 # what a masked or non-finite entry of an input loads as (0.0 where not named): no log(0), no 1/0
@@ -60,6 +60,7 @@ class KernelPrinter:
         self.source = source  # sympy expression, {symbol: name} -> Triton text
         self.gates = gates  # the op's gates by name (head or channel)
         self.tiles = state_tiles(self.step, macros)
+        self.buffer_dims = {b.node: b.dims for bs in sched.buffers.values() for b in bs}
 
     # ---- expressions ----------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ class KernelPrinter:
 
     def buffer_at(self, n: str) -> str:
         """The address of node n's tile in its buffer at this step."""
-        (rows, r), (cols, c) = (BUFFER_BLOCKS[x] for x in self.graph.shape(n))
+        (rows, r), (cols, c) = (BUFFER_BLOCKS[x] for x in self.buffer_dims.get(n, self.graph.shape(n)))
         return self.m.buffer_at(n, rows, cols, r, c)
 
     # ---- statements -----------------------------------------------------------------------
@@ -108,7 +109,9 @@ class KernelPrinter:
         lines = []
         scope = {*nodes, *sinks}
         for n in nodes:
-            if n in loaded:
+            if n in loaded and self.graph.node(n)["op"] in ACROSS_V:
+                lines.append(self.m.load_across_v(n))
+            elif n in loaded:
                 lines.append(self.m.load_tile(n, self.buffer_at(n)))
             elif self.graph.node(n)["op"] not in ("input", "const"):
                 value = self.expression(n)
@@ -205,8 +208,10 @@ class KernelPrinter:
         graph, m, adjoint = self.graph, self.m, self.sched.adjoint
         need = set(plan(graph, kernel.targets, kernel.loads))
         inputs = ("q", "k", *self.step.gates)
-        loads = {x: [m.load_rows(x, f"{x}_ptr", "k", "0.0", tile_dtype(graph, x, need)),
-                     m.pad_nonfinite(x, "0.0")]
+        rows = self.row_masks(kernel)
+        loads = {x: [m.load_rows(x, f"{x}_ptr", "k", "0.0", tile_dtype(graph, x, need),
+                                 rows.get(x, "valid"))]
+                 + ([] if x in rows else [m.pad_nonfinite(x, "0.0")])
                  for x in kernel.block_loads if x in inputs}
         states, _ = self.state_io("bwd_out", {})
         loads |= {n: lines for n, lines in states.items() if n in kernel.block_loads}
@@ -234,15 +239,15 @@ class KernelPrinter:
             if walk.per_key_block else []
         lines += self.passes(walk.before, loads, {}, loaded, "DK")
         lines += [m.accumulator(n, [BLOCKS[d] for d in graph.shape(n)], "sum") for n in walk.sums]
-        inner = []
+        inner, rows = [], self.row_masks(kernel)
         for x in self.value_inputs(kernel):
             if x in self.step.params:
                 inner.append(m.load_param(x))
                 continue
             pad = PADS.get(x, "0.0")
             inner.append(m.load_rows(x, "do_ptr" if x == "d_o" else f"{x}_ptr", "v", pad,
-                                     tile_dtype(graph, x, kernel.needs)))
-            if x != "d_o" and kernel.pads_nonfinite:
+                                     tile_dtype(graph, x, kernel.needs), rows.get(x, "valid")))
+            if x != "d_o" and x not in rows and kernel.pads_nonfinite:
                 inner.append(m.pad_nonfinite(x, pad))
         states, _ = self.state_io("bwd_out", {})
         inner += [line for n, lines in states.items()
@@ -294,14 +299,29 @@ class KernelPrinter:
         body = self.passes(kernel.passes, *self.state_io(kernel.name, targets), loaded)
         return body + [self.m.store_tile(n, self.buffer_at(n)) for n in kernel.stores]
 
+    def row_masks(self, kernel: KernelPlan) -> dict[str, str]:
+        """The row mask each input loads under where the kernel pads non-finite entries and a
+        stage stored the rows' flags (`tainted`, `qbad`, in its loads): a flagged row loads
+        whole as padding, so no entry is tested. k, v and the gates load the rows before the
+        first bad one (`clean`), q its finite rows (`q_rows`); every other input, the valid
+        rows."""
+        if not kernel.pads_nonfinite:
+            return {}
+        masks = dict.fromkeys(("k", "v", *self.step.gates), "clean") \
+            if "tainted" in kernel.loads else {}
+        return masks | ({"q": "q_rows"} if "qbad" in kernel.loads else {})
+
     def loads(self, kernel: KernelPlan) -> list[str]:
         """The rows of the step and the input tiles the kernel's body reads (`needs`), with
         their masks. Non-finite entries (`memories.taints.poisoned`) load as padding unless the
-        kernel pads none; `tainted` marks the rows from the first bad one on (it reads every
-        input), `qbad` the rows of a bad q."""
+        kernel pads none: the rows a stage flagged (`row_masks`), or each entry tested where
+        the kernel computes the flags itself; `tainted` marks the rows from the first bad one on
+        (it reads every input), `qbad` the rows of a bad q."""
         m, walked = self.m, self.value_inputs(kernel)
         need = kernel.needs - set(walked)
         taint = "tainted" in need
+        rows = self.row_masks(kernel)
+        read = need | set(walked) | set(kernel.block_loads)
 
         def dtype(x):
             return tile_dtype(self.graph, x, kernel.needs)
@@ -310,23 +330,30 @@ class KernelPrinter:
             return "v" if self.graph.shape(x)[1] == "DV" else "k"
 
         lines = m.step_rows().splitlines()
+        flags = {"clean": ("tainted", "rows before the first with a non-finite input"),
+                 "q_rows": ("qbad", "rows with a finite q")}
+        for mask in dict.fromkeys(mask for x, mask in rows.items() if x in read):
+            lines.append(m.finite_rows(mask, *flags[mask]))
         pads = {}
         if "q" in need or "qbad" in need:
             pads["q"] = "0.0"
-            lines.append(m.load_rows("q", "q_ptr", columns("q"), "0.0", dtype("q")))
+            lines.append(m.load_rows("q", "q_ptr", columns("q"), "0.0", dtype("q"),
+                                     rows.get("q", "valid")))
         for x in ("k", "v"):
             if x in need or taint:
                 pads[x] = PADS.get(x, "0.0")
-                lines.append(m.load_rows(x, f"{x}_ptr", columns(x), pads[x], dtype(x)))
+                lines.append(m.load_rows(x, f"{x}_ptr", columns(x), pads[x], dtype(x),
+                                         rows.get(x, "valid")))
         lines += [m.load_param(p) for p in self.step.params if p in need]
         for g in self.step.gates:
             if g not in need and not taint:
                 continue
             pads[g] = PADS.get(g, "0.0")
             if self.gates[g].shape == "channel":
-                lines.append(m.load_rows(g, f"{g}_ptr", columns(g), pads[g], "ACC"))
+                lines.append(m.load_rows(g, f"{g}_ptr", columns(g), pads[g], "ACC",
+                                         rows.get(g, "valid")))
             else:
-                lines.append(m.load_gate(g, pads[g]))
+                lines.append(m.load_gate(g, pads[g], rows.get(g, "valid")))
         if taint:
             lines += m.taint([x for x in pads if x != "q"]).splitlines()
         if "qbad" in need:
@@ -336,7 +363,7 @@ class KernelPrinter:
         if "nanfill" in need:
             lines.append(m.nan_fill())
         if kernel.pads_nonfinite:
-            lines += [m.pad_nonfinite(x, pad) for x, pad in pads.items()]
+            lines += [m.pad_nonfinite(x, pad) for x, pad in pads.items() if x not in rows]
         return lines
 
 

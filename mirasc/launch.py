@@ -159,8 +159,9 @@ class ChunkKernels:
         hs = q.new_empty(chunks * self.m["SEGMENTS"], heads, size, dtype=acc)
         kept = self.buffers(q, v, chunks, "fwd_pass", acc)
         blocks = triton.cdiv(v.shape[-1], meta["BV"])
-        for tile in kept:  # [T, DV] tiles: past the pass's blocks, readers of wider ones read 0
-            tile.view(*tile.shape[:2], self.m["BT"], -1)[..., blocks * meta["BV"]:].zero_()
+        for tile, (_, rows, _, _) in zip(kept, self.m["BUFFERS"]["fwd_pass"], strict=True):
+            if rows == "BT":  # [T, DV] tiles: past the pass's blocks, readers of wider ones read 0
+                tile.view(*tile.shape[:2], self.m["BT"], -1)[..., blocks * meta["BV"]:].zero_()
         staged += kept
         self.launch("fwd", (seqs, heads, blocks), *inputs, *staged, h0, ht, hs, cu_seqlens,
                     offsets, HAS_H0=h0 is not None, **meta)

@@ -175,3 +175,25 @@ def test_streamed_tiles_wait_for_their_first_reader(name):
             assert not readers or any(c in here for c in readers), (n, j)
             waited += j > 0 and bool(readers)
     assert waited  # some tile does wait past the first pass
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "simple_gla", "titans", "moneta", "memora"])
+def test_flags_are_computed_once(name):
+    """The rows' flags (every input scanned for non-finite entries) are the forward stage's,
+    the count of a state's non-finite entries the forward pass's: every other kernel loads them,
+    and a kernel that pads non-finite inputs loads the flagged rows as padding rather than test
+    each entry (`KernelPrinter.row_masks`)."""
+    sched = _schedule(name)
+    graph = sched.step.graph
+    flags = {n for n in graph.order() if graph.node(n).get("kind") in ("tainted", "qbad")}
+    counts = {n for n in graph.order() if graph.node(n)["op"] == "nonfinite"}
+    assert flags and counts
+    for kernel in sched.kernels.values():
+        computed = _computes(sched, kernel)
+        assert kernel.name == "fwd_stage" or not computed & flags, kernel.name
+        assert kernel.name == "fwd" or not computed & counts, kernel.name
+    assert flags <= set(sched.staged["fwd"])
+    kept = {b.node: b.dims for b in sched.buffers["fwd_pass"] if b.node in counts}
+    assert kept and set(kept.values()) == {(1, "DV")}
+    readers = [k for k in sched.kernels.values() if k.kind == "out" and k.pads_nonfinite]
+    assert readers and all({"tainted", "qbad"} <= set(k.loads) for k in readers)

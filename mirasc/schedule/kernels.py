@@ -163,6 +163,11 @@ def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
     staged = {"fwd": stages.frontier(graph, targets["fwd"], states),
               "bwd": stages.frontier(graph, targets["bwd"], states + dstates)}
     first = stages.stops(graph, targets, staged)[0]
+    # The rows' flags read every input: the forward stage computes them once, and every kernel
+    # after it loads them (and its inputs' flagged rows as padding, testing no entry).
+    read = {n for k in ("fwd_out", "bwd", "bwd_out") for n in plan(graph, targets[k], first[k])}
+    staged["fwd"] += tuple(c for c in stages.STAGED_CONSTS if c in read and c not in staged["fwd"])
+    first = stages.stops(graph, targets, staged)[0]
     streamed = _hidden_streams(step, targets, first, adjoint) is not None
     if streamed:
         # The backward stage passes over the hidden blocks of the stored states too: what reads
@@ -172,12 +177,8 @@ def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
         if stream(graph, wide, stop=first["fwd_out"]) is not None:
             staged["bwd"] = wide
     else:
-        # The stored states are at hand: the backward pass carries dW alone. Its output kernel
-        # passes over key blocks, so the backward stage computes the rows' taints (they read
-        # every key column).
+        # The stored states are at hand: the backward pass carries dW alone.
         staged["bwd"] = stages.frontier(graph, targets["bwd"], dstates)
-        out = plan(graph, targets["bwd_out"], stages.stops(graph, targets, staged)[0]["bwd_out"])
-        staged["bwd"] += tuple(c for c in stages.STAGED_CONSTS if c in out)
     loads, kept = stages.stops(graph, targets, staged)
     staged["bwd"] = tuple(n for n in staged["bwd"] if n not in loads["fwd_out"])
     return staged, loads, kept, streamed
@@ -267,8 +268,9 @@ def schedule(step: ChunkStep) -> Schedule:
             stores=stored, passes=passes, dim=dim, block_loads=block_loads,
             grads=groups.get(name, ()), blocked=blocked,
             # A forward pass that writes only the next states (NaN wholesale after a tainted
-            # row, memories.taints.poisoned) needs no padding in place of a non-finite input.
-            pads_nonfinite=name != "fwd" or bool(stored),
+            # row, memories.taints.poisoned) and scalars of them needs no padding in place of a
+            # non-finite input.
+            pads_nonfinite=name != "fwd" or any("T" in graph.shape(n) for n in stored),
             configs=tuning.WALK_CONFIGS if walk else tuning.configs(name, split_v, streams is not None),
             walk=walk)
     handover = _stage_kernels(step, staged, loads, streams, split_v, kernels, operands)
@@ -278,7 +280,8 @@ def schedule(step: ChunkStep) -> Schedule:
     # D=128 176 KiB rather than 240). A matrix memory keeps them in float32: gated DeltaNet's
     # dq/dk kernel spilled 24 B at D=128 with its (I+A)^-1 in bf16, none without.
     halves = {n for n, only in operands.items() if only} if streams is not None else set()
-    buffers = {key: [Buffer(n, graph.shape(n), n in halves) for n in nodes]
+    buffers = {key: [Buffer(n, (1, "DV") if graph.node(n)["op"] in stages.ACROSS_V
+                            else graph.shape(n), n in halves) for n in nodes]
                for key, nodes in [*staged.items(), ("fwd_pass", kept),
                                   *((f"{k}_handover", n) for k, n in handover.items() if n)]}
     order = [*(k for k, p in kernels.items() if p.kind == "stage" and p.direction == "fwd"),

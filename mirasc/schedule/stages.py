@@ -11,6 +11,10 @@ from mirasc.schedule.streams import stream
 
 STAGED_CONSTS = ("tainted", "qbad")  # consts that read every input: a stage computes them once
 COSTLY = ("dot", "gdot", "gmix", "tri_inv")  # ops a kernel does not recompute from another's inputs
+# Scalars per chunk that a pass over blocks of value columns stores per column: each program
+# writes its block's, and a reader takes the largest over every column (nonzero where any
+# block's is), so every kernel after the pass sees the whole state's count.
+ACROSS_V = ("nonfinite",)
 
 
 def stageable(graph: Graph, n: str) -> bool:
@@ -50,8 +54,10 @@ def frontier(graph: Graph, targets, live) -> tuple[str, ...]:
 def _keepable(graph: Graph, n: str) -> bool:
     """Whether a node the pass computes is a tile it stores for its output kernel: a product
     (what is costly to recompute) of the chunk's rows by value columns (a block of columns is
-    its program's own)."""
-    return graph.node(n)["op"] == "dot" and graph.shape(n) == ("T", "DV")
+    its program's own), or the count of a state's non-finite entries (which rereads the state:
+    the pass has it at hand; `ACROSS_V`)."""
+    node = graph.node(n)
+    return node["op"] == "dot" and graph.shape(n) == ("T", "DV") or node["op"] == "nonfinite"
 
 
 def kept(graph: Graph, pass_targets, out_targets, stop) -> tuple[str, ...]:

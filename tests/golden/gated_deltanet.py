@@ -66,13 +66,13 @@ BUFFERS = {'fwd': [('n_tainted', '1', '1', False),
          ('gam', 'BT', '1', False),
          ('gam_end', '1', '1', False),
          ('tail', 'BT', '1', False),
-         ('A_inv', 'BT', 'BT', False)],
- 'bwd': [('spoiled', '1', '1', False),
-         ('dqw', 'BT', 'BDV', False),
-         ('du_from_mixed', 'BT', 'BDV', False),
+         ('A_inv', 'BT', 'BT', False),
          ('tainted', 'BT', '1', False),
          ('qbad', 'BT', '1', False)],
- 'fwd_pass': [('u', 'BT', 'BDV', False)]}
+ 'bwd': [('spoiled', '1', '1', False),
+         ('dqw', 'BT', 'BDV', False),
+         ('du_from_mixed', 'BT', 'BDV', False)],
+ 'fwd_pass': [('inherited', '1', 'BDV', False), ('u', 'BT', 'BDV', False)]}
 # tuning (mirasc.tuning): per kernel, the (num_warps, num_stages) its autotuner times; the
 # widest block of value columns (when SPLIT_V), of key columns (in the kernels that pass over
 # them) and of hidden units (when STREAM_H, at head dims up to 64) per program; up to WHOLE_V,
@@ -93,15 +93,16 @@ WHOLE_V = 64
 
 @triton.jit
 def gated_deltanet_fwd_stage_kernel(
-    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, cu_ptr,
-            chunk_ptr, seq_ptr, T,
+    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
+            qbad_ptr, cu_ptr, chunk_ptr, seq_ptr, T,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The forward pass's stage: one program per chunk and head computes the tiles its chunk step
-    reads that do not depend on what the pass carries (n_tainted, gam, gam_end, tail, A_inv)."""
+    reads that do not depend on what the pass carries (n_tainted, gam, gam_end, tail, A_inv,
+    tainted, qbad)."""
     i_c = tl.program_id(0).to(tl.int64)  # the chunk, counted over all sequences
     i_h = tl.program_id(1)
     if IS_VARLEN:
@@ -125,6 +126,7 @@ def gated_deltanet_fwd_stage_kernel(
             valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
         tok = bos + rows
         rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]
+        q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)
         k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
         v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)
         log_alpha = tl.load(log_alpha_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
@@ -135,10 +137,14 @@ def gated_deltanet_fwd_stage_kernel(
         bad += tl.sum(tl.where(tl.abs(eta) < float("inf"), 0.0, 1.0), 1)
         first = tl.min(tl.where(valid & (bad > 0), offs_t, BT), 0)
         tainted = tl.where(offs_t >= first, 1.0, 0.0).to(ACC)[:, None]
+        qbad = tl.where(tl.sum(tl.where(tl.abs(q) < float("inf"), 0.0, 1.0), 1) > 0, 1.0, 0.0).to(ACC)[:, None]
+        q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
         k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
         v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
         log_alpha = tl.where(log_alpha < float("inf"), log_alpha, 0.0)
         eta = tl.where(tl.abs(eta) < float("inf"), eta, 0.0)
+        tl.store(tainted_ptr + srow * BT + offs_t[:, None], tainted)
+        tl.store(qbad_ptr + srow * BT + offs_t[:, None], qbad)
         kk = tl.dot(k.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)  # kk = k k^T
         la = tl.where((log_alpha > -110.0), log_alpha, -110.0)  # la = max(log_alpha, -110)
         eta_c = (eta * rowmask)  # eta_c = eta*rowmask
@@ -160,17 +166,16 @@ def gated_deltanet_fwd_stage_kernel(
 
 @triton.jit
 def gated_deltanet_bwd_stage_kernel(
-    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, u_ptr,
-            spoiled_ptr, dqw_ptr, du_from_mixed_ptr, tainted_ptr, qbad_ptr, do_ptr, hs_ptr, cu_ptr, chunk_ptr, seq_ptr,
-            T,
+    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
+            qbad_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, cu_ptr, chunk_ptr,
+            seq_ptr, T,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The backward pass's stage: one program per chunk and head computes the tiles its chunk step
-    reads that do not depend on what the pass carries (spoiled, dqw, du_from_mixed, tainted,
-    qbad); it reads the stored chunk-start state."""
+    reads that do not depend on what the pass carries (spoiled, dqw, du_from_mixed)."""
     i_c = tl.program_id(0).to(tl.int64)  # the chunk, counted over all sequences
     i_h = tl.program_id(1)
     if IS_VARLEN:
@@ -194,31 +199,18 @@ def gated_deltanet_bwd_stage_kernel(
         if SEGMENTS == 2:  # the lag token: row 0 alone, then the rest of the chunk
             valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
         tok = bos + rows
-        q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-        k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-        v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)
-        log_alpha = tl.load(log_alpha_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-        eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-        bad = tl.sum(tl.where(tl.abs(k) < float("inf"), 0.0, 1.0), 1)
-        bad += tl.sum(tl.where(tl.abs(v) < float("inf"), 0.0, 1.0), 1)
-        bad += tl.sum(tl.where(log_alpha < float("inf"), 0.0, 1.0), 1)
-        bad += tl.sum(tl.where(tl.abs(eta) < float("inf"), 0.0, 1.0), 1)
-        first = tl.min(tl.where(valid & (bad > 0), offs_t, BT), 0)
-        tainted = tl.where(offs_t >= first, 1.0, 0.0).to(ACC)[:, None]
-        qbad = tl.where(tl.sum(tl.where(tl.abs(q) < float("inf"), 0.0, 1.0), 1) > 0, 1.0, 0.0).to(ACC)[:, None]
+        # rows before the first with a non-finite input
+        clean = valid & (tl.load(tainted_ptr + srow * BT + offs_t) == 0.0)
+        q_rows = valid & (tl.load(qbad_ptr + srow * BT + offs_t) == 0.0)  # rows with a finite q
+        q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
+        k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
         d_o = load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)
-        q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
-        k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
-        v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
-        log_alpha = tl.where(log_alpha < float("inf"), log_alpha, 0.0)
-        eta = tl.where(tl.abs(eta) < float("inf"), eta, 0.0)
-        W = tl.load(hs_ptr + srow * STATE + offs_v[:, None] * DK + offs_k[None, :],
-                mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
-        tl.store(tainted_ptr + srow * BT + offs_t[:, None], tainted)
-        tl.store(qbad_ptr + srow * BT + offs_t[:, None], qbad)
+        tainted = tl.load(tainted_ptr + srow * BT + offs_t[:, None])
+        qbad = tl.load(qbad_ptr + srow * BT + offs_t[:, None])
         qk = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)  # qk = q k^T
-        # inherited = how many entries of the states are not finite
-        inherited = tl.sum(tl.sum(tl.where(tl.abs(W) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0, keep_dims=True)
+        offs_dv = tl.arange(0, BDV)[None, :]  # every value column of the buffer
+        inherited = tl.max(tl.load(inherited_ptr + srow * BDV + offs_dv, mask=offs_dv < DV, other=0.0), 1,
+                keep_dims=True)
         n_tainted = tl.load(n_tainted_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
         gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
         bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
@@ -237,8 +229,8 @@ def gated_deltanet_bwd_stage_kernel(
 
 @triton.jit
 def gated_deltanet_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, u_ptr,
-            h0_ptr, ht_ptr, hs_ptr, cu_ptr, chunk_ptr, T,
+    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
+            qbad_ptr, inherited_ptr, u_ptr, h0_ptr, ht_ptr, hs_ptr, cu_ptr, chunk_ptr, T,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -272,19 +264,19 @@ def gated_deltanet_fwd_kernel(
                 valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
             tok = bos + rows
             rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]
-            k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-            v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)
-            eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
+            # rows before the first with a non-finite input
+            clean = valid & (tl.load(tainted_ptr + srow * BT + offs_t) == 0.0)
+            k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
+            v = load_rows(v_ptr, tok * H + i_h, offs_v, clean, mask_v, DV, 1.0, ACC)
+            eta = tl.load(eta_ptr + tok * H + i_h, mask=clean, other=0.0).to(ACC)[:, None]
             nanfill = tl.full([1, 1], float("nan"), ACC)
-            k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
-            v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
-            eta = tl.where(tl.abs(eta) < float("inf"), eta, 0.0)
             tl.store(hs_ptr + srow * STATE + offs_v[:, None] * DK + offs_k[None, :], W,
                     mask=mask_v[:, None] & mask_k[None, :])
             kw = tl.dot(k.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)  # kw = k W^T
             # inherited = how many entries of the states are not finite
             inherited = tl.sum(tl.sum(tl.where(tl.abs(W) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0,
                     keep_dims=True)
+            tl.store(inherited_ptr + srow * BDV + offs_v[None, :], inherited)
             n_tainted = tl.load(n_tainted_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
             gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
             gam_end = tl.load(gam_end_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
@@ -307,8 +299,8 @@ def gated_deltanet_fwd_kernel(
 
 @triton.jit
 def gated_deltanet_fwd_out_kernel(
-    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, u_ptr,
-            hs_ptr, o_ptr, cu_ptr, chunk_ptr, seq_ptr, T,
+    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
+            qbad_ptr, inherited_ptr, u_ptr, hs_ptr, o_ptr, cu_ptr, chunk_ptr, seq_ptr, T,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -339,31 +331,22 @@ def gated_deltanet_fwd_out_kernel(
         if SEGMENTS == 2:  # the lag token: row 0 alone, then the rest of the chunk
             valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
         tok = bos + rows
-        q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-        k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-        v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)
-        log_alpha = tl.load(log_alpha_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-        eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-        bad = tl.sum(tl.where(tl.abs(k) < float("inf"), 0.0, 1.0), 1)
-        bad += tl.sum(tl.where(tl.abs(v) < float("inf"), 0.0, 1.0), 1)
-        bad += tl.sum(tl.where(log_alpha < float("inf"), 0.0, 1.0), 1)
-        bad += tl.sum(tl.where(tl.abs(eta) < float("inf"), 0.0, 1.0), 1)
-        first = tl.min(tl.where(valid & (bad > 0), offs_t, BT), 0)
-        tainted = tl.where(offs_t >= first, 1.0, 0.0).to(ACC)[:, None]
-        qbad = tl.where(tl.sum(tl.where(tl.abs(q) < float("inf"), 0.0, 1.0), 1) > 0, 1.0, 0.0).to(ACC)[:, None]
+        # rows before the first with a non-finite input
+        clean = valid & (tl.load(tainted_ptr + srow * BT + offs_t) == 0.0)
+        q_rows = valid & (tl.load(qbad_ptr + srow * BT + offs_t) == 0.0)  # rows with a finite q
+        q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
+        k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
         nanfill = tl.full([1, 1], float("nan"), ACC)
-        q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
-        k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
-        v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
-        log_alpha = tl.where(log_alpha < float("inf"), log_alpha, 0.0)
-        eta = tl.where(tl.abs(eta) < float("inf"), eta, 0.0)
         state_ptr = hs_ptr + srow * STATE
         W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
                 other=0.0).to(ACC)
+        tainted = tl.load(tainted_ptr + srow * BT + offs_t[:, None])
+        qbad = tl.load(qbad_ptr + srow * BT + offs_t[:, None])
         qk = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)  # qk = q k^T
         qw = tl.dot(q.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)  # qw = q W^T
-        # inherited = how many entries of the states are not finite
-        inherited = tl.sum(tl.sum(tl.where(tl.abs(W) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0, keep_dims=True)
+        offs_dv = tl.arange(0, BDV)[None, :]  # every value column of the buffer
+        inherited = tl.max(tl.load(inherited_ptr + srow * BDV + offs_dv, mask=offs_dv < DV, other=0.0), 1,
+                keep_dims=True)
         gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
         bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
         beta = tl.exp(gam)  # beta = exp(gam)
@@ -381,9 +364,9 @@ def gated_deltanet_fwd_out_kernel(
 
 @triton.jit
 def gated_deltanet_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, u_ptr,
-            spoiled_ptr, dqw_ptr, du_from_mixed_ptr, tainted_ptr, qbad_ptr, do_ptr, hs_ptr, dht_ptr, dhs_ptr, dh0_ptr,
-            cu_ptr, chunk_ptr, T,
+    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
+            qbad_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, dht_ptr, dhs_ptr,
+            dh0_ptr, cu_ptr, chunk_ptr, T,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -420,12 +403,12 @@ def gated_deltanet_bwd_kernel(
                 valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
             tok = bos + rows
             rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]
-            q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-            k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-            eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-            q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
-            k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
-            eta = tl.where(tl.abs(eta) < float("inf"), eta, 0.0)
+            # rows before the first with a non-finite input
+            clean = valid & (tl.load(tainted_ptr + srow * BT + offs_t) == 0.0)
+            q_rows = valid & (tl.load(qbad_ptr + srow * BT + offs_t) == 0.0)  # rows with a finite q
+            q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
+            k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
+            eta = tl.load(eta_ptr + tok * H + i_h, mask=clean, other=0.0).to(ACC)[:, None]
             tl.store(dhs_ptr + srow * STATE + offs_v[:, None] * DK + offs_k[None, :], dW_new,
                     mask=mask_v[:, None] & mask_k[None, :])
             gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
@@ -450,9 +433,9 @@ def gated_deltanet_bwd_kernel(
 
 @triton.jit
 def gated_deltanet_bwd_dv_kernel(
-    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, u_ptr,
-            spoiled_ptr, dqw_ptr, du_from_mixed_ptr, tainted_ptr, qbad_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr,
-            dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr, seq_ptr, T, NTOK,
+    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
+            qbad_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr,
+            dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr, seq_ptr, T, NTOK,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -483,8 +466,9 @@ def gated_deltanet_bwd_dv_kernel(
             valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
         tok = bos + rows
         rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]
-        eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-        eta = tl.where(tl.abs(eta) < float("inf"), eta, 0.0)
+        # rows before the first with a non-finite input
+        clean = valid & (tl.load(tainted_ptr + srow * BT + offs_t) == 0.0)
+        eta = tl.load(eta_ptr + tok * H + i_h, mask=clean, other=0.0).to(ACC)[:, None]
         dstate_ptr = dhs_ptr + srow * STATE
 
         spoiled = tl.load(spoiled_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
@@ -492,8 +476,7 @@ def gated_deltanet_bwd_dv_kernel(
         for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
             offs_k = i_kb * BK + tl.arange(0, BK)
             mask_k = offs_k < DK
-            k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-            k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
+            k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
             dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
                     mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
             du_tail += tl.dot(k.to(DOT), tl.trans((-1.0 * tl.where((spoiled > 0.0), 0.0, dW_new))).to(DOT),
@@ -509,9 +492,9 @@ def gated_deltanet_bwd_dv_kernel(
 
 @triton.jit
 def gated_deltanet_bwd_dqk_kernel(
-    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, u_ptr,
-            spoiled_ptr, dqw_ptr, du_from_mixed_ptr, tainted_ptr, qbad_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr,
-            dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr, seq_ptr, T, NTOK,
+    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
+            qbad_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr,
+            dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr, seq_ptr, T, NTOK,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -540,14 +523,20 @@ def gated_deltanet_bwd_dqk_kernel(
             valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
         tok = bos + rows
         rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]
-        eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-        eta = tl.where(tl.abs(eta) < float("inf"), eta, 0.0)
+        # rows before the first with a non-finite input
+        clean = valid & (tl.load(tainted_ptr + srow * BT + offs_t) == 0.0)
+        q_rows = valid & (tl.load(qbad_ptr + srow * BT + offs_t) == 0.0)  # rows with a finite q
+        eta = tl.load(eta_ptr + tok * H + i_h, mask=clean, other=0.0).to(ACC)[:, None]
         state_ptr = hs_ptr + srow * STATE
         dstate_ptr = dhs_ptr + srow * STATE
         i_k = tl.program_id(2)  # the program's block of key columns
         tainted = tl.load(tainted_ptr + srow * BT + offs_t[:, None])
         qbad = tl.load(qbad_ptr + srow * BT + offs_t[:, None])
+        offs_dv = tl.arange(0, BDV)[None, :]  # every value column of the buffer
+        inherited = tl.max(tl.load(inherited_ptr + srow * BDV + offs_dv, mask=offs_dv < DV, other=0.0), 1,
+                keep_dims=True)
         gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
+        bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
         spoiled = tl.load(spoiled_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
         tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
         A_inv = tl.load(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :])
@@ -560,19 +549,18 @@ def gated_deltanet_bwd_dqk_kernel(
             offs_v = i_v * BV + tl.arange(0, BV)
             mask_v = offs_v < DV
             vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]
-            v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)
-            v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
+            v = load_rows(v_ptr, tok * H + i_h, offs_v, clean, mask_v, DV, 1.0, ACC)
             d_o = load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)
             dqw = tl.load(dqw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            dattn += tl.dot((-1.0 * (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))).to(DOT), tl.trans(u).to(DOT),
+                    input_precision=PRECISION)
             kw = tl.full([BT, BV], 0.0, ACC)
-            inherited = tl.full([1, 1], 0.0, ACC)
             du_tail = tl.full([BT, BV], 0.0, ACC)
             for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
                 offs_k = i_kb * BK + tl.arange(0, BK)
                 mask_k = offs_k < DK
-                k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-                k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
+                k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
                 W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
                         other=0.0).to(ACC)
                 dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
@@ -580,17 +568,12 @@ def gated_deltanet_bwd_dqk_kernel(
                 dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
                 dupdate = (-1.0 * dacc)
                 kw += tl.dot(k.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
-                inherited += tl.sum(tl.sum(tl.where(tl.abs(W) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0,
-                        keep_dims=True)
                 du_tail += tl.dot(k.to(DOT), tl.trans(dupdate).to(DOT), input_precision=PRECISION)
-            bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
             pred = (kw * tl.exp(gam))  # pred = kw * exp(gam)
             rhs = (eta * rowmask * vmask * (pred + (-1.0 * v)))  # rhs = eta*(pred - v)
             du_from_mixed = tl.load(du_from_mixed_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             du = ((du_tail * tail) + du_from_mixed)
             drhs = tl.dot(tl.trans(A_inv).to(DOT), du.to(DOT), input_precision=PRECISION)
-            dattn += tl.dot((-1.0 * (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))).to(DOT), tl.trans(u).to(DOT),
-                    input_precision=PRECISION)
             dA_inv += tl.dot(du.to(DOT), tl.trans(rhs).to(DOT), input_precision=PRECISION)
             offs_k = i_k * BK + tl.arange(0, BK)  # this program's block of key columns
             mask_k = offs_k < DK
@@ -606,10 +589,8 @@ def gated_deltanet_bwd_dqk_kernel(
                     input_precision=PRECISION)
         offs_k = i_k * BK + tl.arange(0, BK)  # this program's block of key columns
         mask_k = offs_k < DK
-        q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-        q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
-        k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-        k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
+        q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
+        k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
         eta_c = (eta * rowmask)  # eta_c = eta*rowmask
         gam_row = tl.trans(gam)
         # decay_ti = exp(gam_t - gam_i) (t > i), 1 (t = i), 0 (t < i)
@@ -629,9 +610,9 @@ def gated_deltanet_bwd_dqk_kernel(
 
 @triton.jit
 def gated_deltanet_bwd_dg_kernel(
-    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, u_ptr,
-            spoiled_ptr, dqw_ptr, du_from_mixed_ptr, tainted_ptr, qbad_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr,
-            dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr, seq_ptr, T, NTOK,
+    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
+            qbad_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr,
+            dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr, seq_ptr, T, NTOK,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -659,15 +640,20 @@ def gated_deltanet_bwd_dg_kernel(
             valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
         tok = bos + rows
         rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]
-        log_alpha = tl.load(log_alpha_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-        eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-        log_alpha = tl.where(log_alpha < float("inf"), log_alpha, 0.0)
-        eta = tl.where(tl.abs(eta) < float("inf"), eta, 0.0)
+        # rows before the first with a non-finite input
+        clean = valid & (tl.load(tainted_ptr + srow * BT + offs_t) == 0.0)
+        q_rows = valid & (tl.load(qbad_ptr + srow * BT + offs_t) == 0.0)  # rows with a finite q
+        log_alpha = tl.load(log_alpha_ptr + tok * H + i_h, mask=clean, other=0.0).to(ACC)[:, None]
+        eta = tl.load(eta_ptr + tok * H + i_h, mask=clean, other=0.0).to(ACC)[:, None]
         state_ptr = hs_ptr + srow * STATE
         dstate_ptr = dhs_ptr + srow * STATE
         tainted = tl.load(tainted_ptr + srow * BT + offs_t[:, None])
         qbad = tl.load(qbad_ptr + srow * BT + offs_t[:, None])
+        offs_dv = tl.arange(0, BDV)[None, :]  # every value column of the buffer
+        inherited = tl.max(tl.load(inherited_ptr + srow * BDV + offs_dv, mask=offs_dv < DV, other=0.0), 1,
+                keep_dims=True)
         gam_end = tl.load(gam_end_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
+        bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
         spoiled = tl.load(spoiled_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
         tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
         A_inv = tl.load(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :])
@@ -676,10 +662,8 @@ def gated_deltanet_bwd_dg_kernel(
         for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
             offs_k = i_kb * BK + tl.arange(0, BK)
             mask_k = offs_k < DK
-            q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-            q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
-            k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-            k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
+            q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
+            k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
             qk += tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)
             kk += tl.dot(k.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)
         gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
@@ -697,20 +681,19 @@ def gated_deltanet_bwd_dg_kernel(
             offs_v = i_v * BV + tl.arange(0, BV)
             mask_v = offs_v < DV
             vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]
-            v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)
-            v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
+            v = load_rows(v_ptr, tok * H + i_h, offs_v, clean, mask_v, DV, 1.0, ACC)
             d_o = load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)
+            dz_o = (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))
+            u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            dattn += tl.dot((-1.0 * dz_o).to(DOT), tl.trans(u).to(DOT), input_precision=PRECISION)
             qw = tl.full([BT, BV], 0.0, ACC)
             kw = tl.full([BT, BV], 0.0, ACC)
-            inherited = tl.full([1, 1], 0.0, ACC)
             du_tail = tl.full([BT, BV], 0.0, ACC)
             for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
                 offs_k = i_kb * BK + tl.arange(0, BK)
                 mask_k = offs_k < DK
-                q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-                q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
-                k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-                k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
+                q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
+                k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
                 W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
                         other=0.0).to(ACC)
                 dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
@@ -718,20 +701,14 @@ def gated_deltanet_bwd_dg_kernel(
                 dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
                 qw += tl.dot(q.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
                 kw += tl.dot(k.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
-                inherited += tl.sum(tl.sum(tl.where(tl.abs(W) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0,
-                        keep_dims=True)
                 du_tail += tl.dot(k.to(DOT), tl.trans((-1.0 * dacc)).to(DOT), input_precision=PRECISION)
                 dgam_end += tl.sum(tl.sum((dacc * W * tl.exp(gam_end)), 0, keep_dims=True), 1, keep_dims=True)
-            bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
             pred = (kw * tl.exp(gam))  # pred = kw * exp(gam)
             rhs = (eta * rowmask * vmask * (pred + (-1.0 * v)))  # rhs = eta*(pred - v)
-            dz_o = (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))
             du_from_mixed = tl.load(du_from_mixed_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             du = ((du_tail * tail) + du_from_mixed)
             drhs = tl.dot(tl.trans(A_inv).to(DOT), du.to(DOT), input_precision=PRECISION)
             dbeta += tl.sum((dz_o * qw), 1, keep_dims=True)
-            dattn += tl.dot((-1.0 * dz_o).to(DOT), tl.trans(u).to(DOT), input_precision=PRECISION)
             dA_inv += tl.dot(du.to(DOT), tl.trans(rhs).to(DOT), input_precision=PRECISION)
             dtail += tl.sum((du_tail * u), 1, keep_dims=True)
             deta_from_rhs += tl.sum((drhs * rowmask * vmask * (pred + (-1.0 * v))), 1, keep_dims=True)
