@@ -29,7 +29,7 @@ import torch
 import mirasc
 from benchmarks.common import SPECS, leaves, table
 from benchmarks.peers import FLA_PEERS
-from benchmarks.work import per_warp, run_program, sass_with_lines, split_loops
+from benchmarks.work import compiled_afresh, per_warp, run_program, sass_with_lines, split_loops
 from mirasc.check import random_inputs
 from mirasc.resources import SHARED_LIMIT, compiling_for, largest_loop, sass
 
@@ -162,7 +162,8 @@ def compile_launch(launch: Launch, capability: int, most: int) -> dict:
     rows = []
     for index, kwargs in enumerate(launch.configs[:most]):
         start = time.perf_counter()
-        with compiling_for(capability), contextlib.redirect_stdout(io.StringIO()):  # ptxas
+        with compiling_for(capability), compiled_afresh(), \
+                contextlib.redirect_stdout(io.StringIO()):  # ptxas
             compiled = launch.kernel.warmup(*launch.args, grid=(1,), **kwargs)
         registers, stack, listing = sass(compiled.asm["cubin"])
         kinds = _tensor_core(listing)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import linecache
+import os
 import re
 import subprocess
 import sys
@@ -43,6 +44,16 @@ class ProgramRun:
     lines: Counter = field(default_factory=Counter)   # (file, line) -> times Python reached it
     bytes_moved: int = 0                              # loaded + stored, masked-off lanes excluded
     tensors: set = field(default_factory=set)         # the argument tensors hit: index or name
+
+
+@contextlib.contextmanager
+def compiled_afresh():
+    """Triton compiling into an empty cache: a cubin from its cache carries the line table of
+    the first file that held the same kernel source (a spec's module under another cache
+    directory), whose lines the interpreted run never reaches, so no loop would count a trip."""
+    with tempfile.TemporaryDirectory() as cache, \
+            mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": cache}):
+        yield
 
 
 def sass_with_lines(cubin: bytes) -> list[Instruction]:
