@@ -232,7 +232,8 @@ def render_triton_module(spec: Spec) -> str:
         gates=list(step.gates), params=list(step.params), states=printer.tiles,
         split_v=sched.split_v, stream=sched.streamed, summed=sched.summed, v_summed=sched.walks_v,
         out_kernels=sched.groups, stage_order=sched.stage_order, staged=sched.staged,
-        kept=sched.kept, handover=sched.handover, kernels=kernels, adjoint=adjoint_code,
+        kept=sched.kept, handed=[b.node for b in sched.buffers["bwd_out"]],
+        handover=sched.handover, kernels=kernels, adjoint=adjoint_code,
         outputs=step.outputs,
         channel={g: ("V" if g == "delta" else "K") if gates[g].shape == "channel" else ""
                  for g in step.gates},
@@ -272,6 +273,7 @@ class ModuleContext:
     stage_order: dict
     staged: dict
     kept: tuple
+    handed: list  # the tiles the backward's output kernels hand the later ones
     handover: dict
     kernels: dict
     adjoint: dict

@@ -291,7 +291,7 @@ class KernelPrinter:
                 return self.passes(kernel.passes, *io, loaded, stored=kernel.stores)
             return self.compute(plan(self.graph, kernel.targets, loaded), loaded, kernel.stores)
         if kernel.dim == "DK":
-            return self.passes(kernel.passes, *self.key_io(kernel), loaded, "DK")
+            return self.passes(kernel.passes, *self.key_io(kernel), loaded, "DK", kernel.stores)
         if kernel.passes is None:
             return self.compute(plan(self.graph, kernel.targets, loaded), loaded, kernel.stores)
         # a kept tile may be a sum over the hidden blocks: stored after the last

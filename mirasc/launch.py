@@ -187,6 +187,9 @@ class ChunkKernels:
                     *staged, do, hs, dht, dhs, dh0, cu_seqlens, offsets, HAS_DHT=dht is not None,
                     **meta)
         metas = {out: self.meta(q, v, cu_seqlens, out) for out in m["OUT_KERNELS"]}
+        handed = self.buffers(q, v, chunks, "bwd_out", acc)  # between the output kernels
+        for tile in handed:  # [T, DV] tiles: a reader's block past the value columns reads 0
+            tile.view(*tile.shape[:2], m["BT"], -1)[..., v.shape[-1]:].zero_()
         # the programs per chunk and head: per key block, one walking the value blocks, or per
         # value block
         blocks = {out: triton.cdiv(q.shape[-1], meta["BK"]) if out in m["KEY_PROGRAMS"]
@@ -200,7 +203,7 @@ class ChunkKernels:
         per_chunk = [q.new_zeros(max(chunks, 1), *p.shape, dtype=acc)
                      for p in inputs[len(tokens):]]
         for out, meta in metas.items() if chunks else ():
-            self.launch(out, (chunks, q.shape[2], blocks[out]), *inputs, *staged, do, hs, dhs,
+            self.launch(out, (chunks, q.shape[2], blocks[out]), *inputs, *staged, *handed, do, hs, dhs,
                         *grads, *per_chunk, cu_seqlens, offsets, seq, NTOK=q.shape[0] * q.shape[1],
                         **meta)
         grads = [(g[0] if len(g) == 1 else g.sum(0)).to(x.dtype) if g.dim() > x.dim() else g

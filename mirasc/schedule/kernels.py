@@ -9,7 +9,7 @@ and the output kernels writing the inputs' gradients (grouped by what they read)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mirasc import tuning
 from mirasc.graph import plan
@@ -146,6 +146,21 @@ def _key_passes(step, stop, adjoint, grads) -> tuple | None:
     return passes, (*keyed, *states), tuple(x for x in keyed if x in grads)
 
 
+def _handed(graph, producers: dict[str, KernelPlan], targets, stop) -> dict[str, str]:
+    """The tiles an output kernel (computing `targets` from `stop`) loads from those before it
+    (`producers`: kernels that run per block of value columns), by the kernel that stores them:
+    the [T, DV] tiles a producer computes whose computation contracts the key columns (dv's
+    kernel contracts them once per value block, where a kernel per key block would over every
+    key column, in each of its programs), the ones nearest the targets."""
+    able = {}
+    for name, producer in producers.items():
+        for n in graph.order():
+            if n in producer.needs and n not in stop and graph.shape(n) == ("T", "DV") and any(
+                    graph.node(m)["op"] in stages.COSTLY for m in plan(graph, [n], stop)):
+                able.setdefault(n, name)
+    return {n: able[n] for n in plan(graph, targets, (*stop, *able)) if n in able}
+
+
 def _operand_reads(graph, stop, need, operands: dict[str, bool]) -> None:
     """Record in `operands` whether a kernel computing `need` reads each tile of `stop` only as
     a matmul operand (a tile it does not read leaves its record as it is)."""
@@ -242,11 +257,16 @@ def schedule(step: ChunkStep) -> Schedule:
     # as a `ValueWalk` walks them too.
     in_place = tuple(k for k, xs in groups.items() if summed and "q" in xs)
     walkers = tuple(k for k, xs in groups.items() if set(xs) & set(summed))
-    kernels, operands, key_blocks = {}, {}, {}
+    kernels, operands, key_blocks, handed = {}, {}, {}, {}
     for name, t in targets.items():
         stop = loads[name]
         direction = name[:3]
         kind = "pass" if name in ("fwd", "bwd") else "out"
+        if name in groups and streams is None:
+            producers = {k: kernels[k] for k in groups if k in kernels and kernels[k].walk is None}
+            taken = _handed(graph, producers, t, stop)
+            handed |= taken
+            stop = (*stop, *taken)
         keys = _key_passes(step, stop, adjoint, groups[name]) \
             if name in groups and streams is None else None
         need = set(plan(graph, t, stop)) - set(stop)
@@ -273,6 +293,8 @@ def schedule(step: ChunkStep) -> Schedule:
             pads_nonfinite=name != "fwd" or any("T" in graph.shape(n) for n in stored),
             configs=tuning.WALK_CONFIGS if walk else tuning.configs(name, split_v, streams is not None),
             walk=walk)
+    for k in dict.fromkeys(handed.values()):  # a producer stores its handed tiles once computed
+        kernels[k] = replace(kernels[k], stores=tuple(n for n in graph.order() if handed.get(n) == k))
     handover = _stage_kernels(step, staged, loads, streams, split_v, kernels, operands)
     # Stage tiles read only as matmul operands are stored in the operands' dtype where the step
     # streams hidden blocks (sm_90, bf16, 8 warps, D=64: Moneta's backward output kernel spills
@@ -282,7 +304,7 @@ def schedule(step: ChunkStep) -> Schedule:
     halves = {n for n, only in operands.items() if only} if streams is not None else set()
     buffers = {key: [Buffer(n, (1, "DV") if graph.node(n)["op"] in stages.ACROSS_V
                             else graph.shape(n), n in halves) for n in nodes]
-               for key, nodes in [*staged.items(), ("fwd_pass", kept),
+               for key, nodes in [*staged.items(), ("fwd_pass", kept), ("bwd_out", tuple(handed)),
                                   *((f"{k}_handover", n) for k, n in handover.items() if n)]}
     order = [*(k for k, p in kernels.items() if p.kind == "stage" and p.direction == "fwd"),
              "fwd", "fwd_out",

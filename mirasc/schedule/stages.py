@@ -73,7 +73,7 @@ def stops(graph: Graph, targets: dict, staged: dict) -> tuple[dict, tuple]:
     """Per kernel, the tiles it loads rather than computes: the forward's stage tiles, then
     those of the forward pass (the forward saves both for the backward), then the backward
     stage's. Also the tiles the forward pass stores (`kept`)."""
-    stored = kept(graph, targets["fwd"], targets["fwd_out"], staged["fwd"])
+    stored = kept(graph, targets["fwd"], targets["fwd_out"] + targets["bwd_out"], staged["fwd"])
     loads = {"fwd": staged["fwd"], "fwd_out": staged["fwd"] + stored}
     loads["bwd"] = loads["bwd_out"] = tuple(dict.fromkeys(loads["fwd_out"] + staged["bwd"]))
     return loads, stored

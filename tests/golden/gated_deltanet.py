@@ -59,9 +59,9 @@ OUT_KERNELS = {'bwd_dv': ('v',), 'bwd_dqk': ('q', 'k'), 'bwd_dg': ('log_alpha', 
 # per direction, its stage kernels in launch order
 STAGES = {'fwd': ['fwd_stage'], 'bwd': ['bwd_stage']}
 KERNELS = [*STAGES["fwd"], "fwd", "fwd_out", *STAGES["bwd"], "bwd", *OUT_KERNELS]  # in launch order
-# the tiles each stage ("fwd", "bwd"), the forward pass ("fwd_pass") and a stage's kernels
-# between them ("*_handover") store for the kernels after them: (node, rows, cols as blocks,
-# whether in the matmul operands' dtype)
+# the tiles each stage ("fwd", "bwd"), the forward pass ("fwd_pass"), a stage's kernels
+# between them ("*_handover") and the backward's output kernels ("bwd_out") store for the
+# kernels after them: (node, rows, cols as blocks, whether in the matmul operands' dtype)
 BUFFERS = {'fwd': [('n_tainted', '1', '1', False),
          ('gam', 'BT', '1', False),
          ('gam_end', '1', '1', False),
@@ -72,7 +72,12 @@ BUFFERS = {'fwd': [('n_tainted', '1', '1', False),
  'bwd': [('spoiled', '1', '1', False),
          ('dqw', 'BT', 'BDV', False),
          ('du_from_mixed', 'BT', 'BDV', False)],
- 'fwd_pass': [('inherited', '1', 'BDV', False), ('u', 'BT', 'BDV', False)]}
+ 'fwd_pass': [('kw', 'BT', 'BDV', False),
+              ('inherited', '1', 'BDV', False),
+              ('u', 'BT', 'BDV', False)],
+ 'bwd_out': [('du', 'BT', 'BDV', False),
+             ('drhs', 'BT', 'BDV', False),
+             ('du_tail', 'BT', 'BDV', False)]}
 # tuning (mirasc.tuning): per kernel, the (num_warps, num_stages) its autotuner times; the
 # widest block of value columns (when SPLIT_V), of key columns (in the kernels that pass over
 # them) and of hidden units (when STREAM_H, at head dims up to 64) per program; up to WHOLE_V,
@@ -167,8 +172,8 @@ def gated_deltanet_fwd_stage_kernel(
 @triton.jit
 def gated_deltanet_bwd_stage_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, cu_ptr, chunk_ptr,
-            seq_ptr, T,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, cu_ptr,
+            chunk_ptr, seq_ptr, T,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -230,7 +235,7 @@ def gated_deltanet_bwd_stage_kernel(
 @triton.jit
 def gated_deltanet_fwd_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, inherited_ptr, u_ptr, h0_ptr, ht_ptr, hs_ptr, cu_ptr, chunk_ptr, T,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, h0_ptr, ht_ptr, hs_ptr, cu_ptr, chunk_ptr, T,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -273,6 +278,7 @@ def gated_deltanet_fwd_kernel(
             tl.store(hs_ptr + srow * STATE + offs_v[:, None] * DK + offs_k[None, :], W,
                     mask=mask_v[:, None] & mask_k[None, :])
             kw = tl.dot(k.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)  # kw = k W^T
+            tl.store(kw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :], kw)
             # inherited = how many entries of the states are not finite
             inherited = tl.sum(tl.sum(tl.where(tl.abs(W) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0,
                     keep_dims=True)
@@ -300,7 +306,7 @@ def gated_deltanet_fwd_kernel(
 @triton.jit
 def gated_deltanet_fwd_out_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, inherited_ptr, u_ptr, hs_ptr, o_ptr, cu_ptr, chunk_ptr, seq_ptr, T,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, hs_ptr, o_ptr, cu_ptr, chunk_ptr, seq_ptr, T,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -365,8 +371,8 @@ def gated_deltanet_fwd_out_kernel(
 @triton.jit
 def gated_deltanet_bwd_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, dht_ptr, dhs_ptr,
-            dh0_ptr, cu_ptr, chunk_ptr, T,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, dht_ptr,
+            dhs_ptr, dh0_ptr, cu_ptr, chunk_ptr, T,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -434,8 +440,9 @@ def gated_deltanet_bwd_kernel(
 @triton.jit
 def gated_deltanet_bwd_dv_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr,
-            dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr, seq_ptr, T, NTOK,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, du_ptr, drhs_ptr,
+            du_tail_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr,
+            seq_ptr, T, NTOK,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -481,10 +488,14 @@ def gated_deltanet_bwd_dv_kernel(
                     mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
             du_tail += tl.dot(k.to(DOT), tl.trans((-1.0 * tl.where((spoiled > 0.0), 0.0, dW_new))).to(DOT),
                     input_precision=PRECISION)
+        tl.store(du_tail_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :], du_tail)
         tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
         A_inv = tl.load(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :])
         du_from_mixed = tl.load(du_from_mixed_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-        drhs = tl.dot(tl.trans(A_inv).to(DOT), ((du_tail * tail) + du_from_mixed).to(DOT), input_precision=PRECISION)
+        du = ((du_tail * tail) + du_from_mixed)
+        tl.store(du_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :], du)
+        drhs = tl.dot(tl.trans(A_inv).to(DOT), du.to(DOT), input_precision=PRECISION)
+        tl.store(drhs_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :], drhs)
         dv = (-1.0 * drhs * eta * rowmask * vmask)
         tl.store(dv_ptr + (tok * H + i_h)[:, None] * DV + offs_v[None, :], dv,
                  mask=valid[:, None] & mask_v[None, :])
@@ -493,8 +504,9 @@ def gated_deltanet_bwd_dv_kernel(
 @triton.jit
 def gated_deltanet_bwd_dqk_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr,
-            dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr, seq_ptr, T, NTOK,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, du_ptr, drhs_ptr,
+            du_tail_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr,
+            seq_ptr, T, NTOK,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -551,29 +563,15 @@ def gated_deltanet_bwd_dqk_kernel(
             vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]
             v = load_rows(v_ptr, tok * H + i_h, offs_v, clean, mask_v, DV, 1.0, ACC)
             d_o = load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)
-            dqw = tl.load(dqw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            dattn += tl.dot((-1.0 * (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))).to(DOT), tl.trans(u).to(DOT),
-                    input_precision=PRECISION)
-            kw = tl.full([BT, BV], 0.0, ACC)
-            du_tail = tl.full([BT, BV], 0.0, ACC)
-            for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
-                offs_k = i_kb * BK + tl.arange(0, BK)
-                mask_k = offs_k < DK
-                k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
-                W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
-                        other=0.0).to(ACC)
-                dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
-                        mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
-                dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
-                dupdate = (-1.0 * dacc)
-                kw += tl.dot(k.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
-                du_tail += tl.dot(k.to(DOT), tl.trans(dupdate).to(DOT), input_precision=PRECISION)
+            kw = tl.load(kw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             pred = (kw * tl.exp(gam))  # pred = kw * exp(gam)
             rhs = (eta * rowmask * vmask * (pred + (-1.0 * v)))  # rhs = eta*(pred - v)
-            du_from_mixed = tl.load(du_from_mixed_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            du = ((du_tail * tail) + du_from_mixed)
-            drhs = tl.dot(tl.trans(A_inv).to(DOT), du.to(DOT), input_precision=PRECISION)
+            dqw = tl.load(dqw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            du = tl.load(du_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            drhs = tl.load(drhs_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            dattn += tl.dot((-1.0 * (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))).to(DOT), tl.trans(u).to(DOT),
+                    input_precision=PRECISION)
             dA_inv += tl.dot(du.to(DOT), tl.trans(rhs).to(DOT), input_precision=PRECISION)
             offs_k = i_k * BK + tl.arange(0, BK)  # this program's block of key columns
             mask_k = offs_k < DK
@@ -581,10 +579,9 @@ def gated_deltanet_bwd_dqk_kernel(
                     other=0.0).to(ACC)
             dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
                     mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
-            dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
-            dupdate = (-1.0 * dacc)
             dq_from_qw += tl.dot(dqw.to(DOT), W.to(DOT), input_precision=PRECISION)
-            dk_from_update += tl.dot((u * tail).to(DOT), dupdate.to(DOT), input_precision=PRECISION)
+            dk_from_update += tl.dot((u * tail).to(DOT), (-1.0 * tl.where((spoiled > 0.0), 0.0, dW_new)).to(DOT),
+                    input_precision=PRECISION)
             dk_from_kw += tl.dot(((drhs * eta * rowmask * vmask) * tl.exp(gam)).to(DOT), W.to(DOT),
                     input_precision=PRECISION)
         offs_k = i_k * BK + tl.arange(0, BK)  # this program's block of key columns
@@ -611,8 +608,9 @@ def gated_deltanet_bwd_dqk_kernel(
 @triton.jit
 def gated_deltanet_bwd_dg_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr,
-            dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr, seq_ptr, T, NTOK,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, du_ptr, drhs_ptr,
+            du_tail_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr,
+            seq_ptr, T, NTOK,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -655,7 +653,6 @@ def gated_deltanet_bwd_dg_kernel(
         gam_end = tl.load(gam_end_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
         bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
         spoiled = tl.load(spoiled_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
-        tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
         A_inv = tl.load(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :])
         qk = tl.full([BT, BT], 0.0, ACC)
         kk = tl.full([BT, BT], 0.0, ACC)
@@ -683,36 +680,32 @@ def gated_deltanet_bwd_dg_kernel(
             vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]
             v = load_rows(v_ptr, tok * H + i_h, offs_v, clean, mask_v, DV, 1.0, ACC)
             d_o = load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)
-            dz_o = (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))
-            u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            dattn += tl.dot((-1.0 * dz_o).to(DOT), tl.trans(u).to(DOT), input_precision=PRECISION)
-            qw = tl.full([BT, BV], 0.0, ACC)
-            kw = tl.full([BT, BV], 0.0, ACC)
-            du_tail = tl.full([BT, BV], 0.0, ACC)
-            for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
-                offs_k = i_kb * BK + tl.arange(0, BK)
-                mask_k = offs_k < DK
-                q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
-                k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
-                W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
-                        other=0.0).to(ACC)
-                dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
-                        mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
-                dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
-                qw += tl.dot(q.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
-                kw += tl.dot(k.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
-                du_tail += tl.dot(k.to(DOT), tl.trans((-1.0 * dacc)).to(DOT), input_precision=PRECISION)
-                dgam_end += tl.sum(tl.sum((dacc * W * tl.exp(gam_end)), 0, keep_dims=True), 1, keep_dims=True)
+            kw = tl.load(kw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             pred = (kw * tl.exp(gam))  # pred = kw * exp(gam)
             rhs = (eta * rowmask * vmask * (pred + (-1.0 * v)))  # rhs = eta*(pred - v)
-            du_from_mixed = tl.load(du_from_mixed_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            du = ((du_tail * tail) + du_from_mixed)
-            drhs = tl.dot(tl.trans(A_inv).to(DOT), du.to(DOT), input_precision=PRECISION)
-            dbeta += tl.sum((dz_o * qw), 1, keep_dims=True)
+            dz_o = (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))
+            du_tail = tl.load(du_tail_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            du = tl.load(du_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            drhs = tl.load(drhs_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            dattn += tl.dot((-1.0 * dz_o).to(DOT), tl.trans(u).to(DOT), input_precision=PRECISION)
             dA_inv += tl.dot(du.to(DOT), tl.trans(rhs).to(DOT), input_precision=PRECISION)
             dtail += tl.sum((du_tail * u), 1, keep_dims=True)
             deta_from_rhs += tl.sum((drhs * rowmask * vmask * (pred + (-1.0 * v))), 1, keep_dims=True)
             dgam_from_pred += tl.sum(((drhs * eta * rowmask * vmask) * kw * tl.exp(gam)), 1, keep_dims=True)
+            qw = tl.full([BT, BV], 0.0, ACC)
+            for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
+                offs_k = i_kb * BK + tl.arange(0, BK)
+                mask_k = offs_k < DK
+                q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
+                W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
+                        other=0.0).to(ACC)
+                dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
+                        mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
+                dgam_end_from_keep_full = (tl.where((spoiled > 0.0), 0.0, dW_new) * W * tl.exp(gam_end))
+                qw += tl.dot(q.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
+                dgam_end += tl.sum(tl.sum(dgam_end_from_keep_full, 0, keep_dims=True), 1, keep_dims=True)
+            dbeta += tl.sum((dz_o * qw), 1, keep_dims=True)
         la = tl.where((log_alpha > -110.0), log_alpha, -110.0)  # la = max(log_alpha, -110)
         eta_c = (eta * rowmask)  # eta_c = eta*rowmask
         ddecay = (dattn * qk)
