@@ -123,12 +123,26 @@ def test_axis_values_match_the_oracle(case):
         _assert_small({f"chunk {chunk}: {n}": e for n, e in errors.items()})
 
 
-@pytest.mark.parametrize("case", sorted(AXIS_CASES))
+BUILDER_CASES = AXIS_CASES | {  # grad_at 'retained' on the other paths; a proximal lag token
+    "retained, channel decay": {"retention": "{kind: l2, decay: {shape: channel}}",
+                                "bias": "{kind: huber, delta: {}}", "learner": LEARNERS[3]},
+    "retained, channel decay, exact": {"retention": "{kind: l2, decay: {shape: channel}}",
+                                       "learner": LEARNERS[3]},
+    "retained, momentum": {"bias": "{kind: huber, delta: {}}",
+                           "learner": "{kind: momentum, eta: {}, momentum: {}, grad_at: retained}"},
+    "retained, vector": {"memory": "{kind: vector}", "bias": "{kind: huber, delta: {}}",
+                         "learner": LEARNERS[3]},
+    "lag token, proximal": {"retention": RETENTIONS[9], "extra": "lag_token: true"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BUILDER_CASES))
 def test_axis_values_on_the_torch_path_match_the_oracle(case, monkeypatch):
     """The kernels' chunk-step graph (mirasc/memories), run in torch, on each axis value that has
-    kernels: chunks of 5 over 17 tokens, each where() on both sides, forward and every input
-    gradient against the oracle (the builders' decays, updates and maps, not the reference's)."""
-    axes = AXIS_CASES[case]
+    kernels and on the retained gradient point of each path: chunks of 5 over 17 tokens (16 with
+    a lag token), each where() on both sides, forward and every input gradient against the
+    oracle (the builders' decays, updates and maps, not the reference's)."""
+    axes = BUILDER_CASES[case]
     derivation = op_from_yaml(axis_spec(**axes).replace("chunk_size: 4", "chunk_size: 5")).derivation
     if triton_unsupported(derivation) is not None:
         pytest.skip(f"no kernels: {triton_unsupported(derivation)}")
@@ -138,9 +152,10 @@ def test_axis_values_on_the_torch_path_match_the_oracle(case, monkeypatch):
     dk = 4
     dv = dk if op.spec.memory.residual or op.spec.memory.kind == "vector" else 3
     steep = op.spec.bias.kind == "lp"
-    inputs = draw(op, seed=sorted(AXIS_CASES).index(case) + 50, length=17, dk=dk, dv=dv,
+    length = 16 if op.spec.lag_token else 17  # a last chunk of one token: an empty segment
+    inputs = draw(op, seed=sorted(BUILDER_CASES).index(case) + 50, length=length, dk=dk, dv=dv,
                   ranges={"eta": (0.05, 0.4) if steep else (0.1, 1.0)})
-    inputs = cover_branches(op, inputs, seed=sorted(AXIS_CASES).index(case))
+    inputs = cover_branches(op, inputs, seed=sorted(BUILDER_CASES).index(case))
     _assert_small(oracle.errors_against_oracle(lambda **x: op(**x, backend="torch"), op.spec,
                                                inputs, op.oracle_chunk_size))
     assert calls  # the chunk step ran, not the reference
