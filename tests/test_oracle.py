@@ -123,8 +123,8 @@ def test_axis_values_match_the_oracle(case):
         _assert_small({f"chunk {chunk}: {n}": e for n, e in errors.items()})
 
 
-BUILDER_CASES = AXIS_CASES | {  # grad_at 'retained' on the other paths, a proximal lag token and
-    # an exact (WY/UT) update whose g is not r - v
+BUILDER_CASES = AXIS_CASES | {  # grad_at 'retained' on the other paths, a lag token with a
+    # proximal map or an affine layer norm, an exact (WY/UT) update whose g is not r - v
     "retained, channel decay": {"retention": "{kind: l2, decay: {shape: channel}}",
                                 "bias": "{kind: huber, delta: {}}", "learner": LEARNERS[3]},
     "retained, channel decay, exact": {"retention": "{kind: l2, decay: {shape: channel}}",
@@ -134,6 +134,8 @@ BUILDER_CASES = AXIS_CASES | {  # grad_at 'retained' on the other paths, a proxi
     "retained, vector": {"memory": "{kind: vector}", "bias": "{kind: huber, delta: {}}",
                          "learner": LEARNERS[3]},
     "lag token, proximal": {"retention": RETENTIONS[9], "extra": "lag_token: true"},
+    "lag token, affine layer norm": {"memory": "{kind: matrix, layer_norm: {affine: true}}",
+                                     "extra": "lag_token: true"},
     "exact, g = 1.4 r + v": {"bias": "{kind: expression, loss: '0.7 * r**2 + r * v'}"},
 }
 
