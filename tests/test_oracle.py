@@ -124,7 +124,8 @@ def test_axis_values_match_the_oracle(case):
 
 
 BUILDER_CASES = AXIS_CASES | {  # grad_at 'retained' on the other paths, a lag token with a
-    # proximal map or an affine layer norm, an exact (WY/UT) update whose g is not r - v
+    # proximal map or an affine layer norm, an exact (WY/UT) update whose g is not r - v, and a
+    # chunk-end map read through a residual and an affine layer norm
     "retained, channel decay": {"retention": "{kind: l2, decay: {shape: channel}}",
                                 "bias": "{kind: huber, delta: {}}", "learner": LEARNERS[3]},
     "retained, channel decay, exact": {"retention": "{kind: l2, decay: {shape: channel}}",
@@ -137,6 +138,9 @@ BUILDER_CASES = AXIS_CASES | {  # grad_at 'retained' on the other paths, a lag t
     "lag token, affine layer norm": {"memory": "{kind: matrix, layer_norm: {affine: true}}",
                                      "extra": "lag_token: true"},
     "exact, g = 1.4 r + v": {"bias": "{kind: expression, loss: '0.7 * r**2 + r * v'}"},
+    "lq map, residual, affine layer norm": {
+        "memory": "{kind: matrix, residual: true, layer_norm: {affine: true}}",
+        "retention": RETENTIONS[4]},
 }
 
 
