@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from conftest import axis_spec, op_from_yaml, run_generated
 from test_triton_kernels import BIASES, LEARNERS, MEMORIES, OPTION_CASES, RETENTIONS
 
+from mirasc import torch_chunk
 from mirasc.check import cover_branches
-from mirasc.codegen import render_module
+from mirasc.codegen import render_module, triton_unsupported
 from mirasc.derive import DELTA, RNORM, R, V, Z
 from mirasc.errors import SpecError
 from mirasc.expr import to_torch
+from mirasc.op import MirasOp
 from mirasc.reference import bias_grad
 
 SPECS = Path(__file__).parent.parent / "specs"
@@ -119,6 +121,52 @@ def test_axis_values_match_the_oracle(case):
         errors = oracle.errors_against_oracle(
             lambda chunk=chunk, **x: op.reference(**x, chunk_size=chunk), op.spec, inputs, chunk)
         _assert_small({f"chunk {chunk}: {n}": e for n, e in errors.items()})
+
+
+BUILDER_CASES = AXIS_CASES | {  # grad_at 'retained' on the other paths, a lag token with a
+    # proximal map or an affine layer norm, an exact (WY/UT) update whose g is not r - v, and a
+    # chunk-end map read through a residual and an affine layer norm
+    "retained, channel decay": {"retention": "{kind: l2, decay: {shape: channel}}",
+                                "bias": "{kind: huber, delta: {}}", "learner": LEARNERS[3]},
+    "retained, channel decay, exact": {"retention": "{kind: l2, decay: {shape: channel}}",
+                                       "learner": LEARNERS[3]},
+    "retained, momentum": {"bias": "{kind: huber, delta: {}}",
+                           "learner": "{kind: momentum, eta: {}, momentum: {}, grad_at: retained}"},
+    "retained, vector": {"memory": "{kind: vector}", "bias": "{kind: huber, delta: {}}",
+                         "learner": LEARNERS[3]},
+    "lag token, proximal": {"retention": RETENTIONS[9], "extra": "lag_token: true"},
+    "lag token, affine layer norm": {"memory": "{kind: matrix, layer_norm: {affine: true}}",
+                                     "extra": "lag_token: true"},
+    "exact, g = 1.4 r + v": {"bias": "{kind: expression, loss: '0.7 * r**2 + r * v'}"},
+    "lq map, residual, affine layer norm": {
+        "memory": "{kind: matrix, residual: true, layer_norm: {affine: true}}",
+        "retention": RETENTIONS[4]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BUILDER_CASES))
+def test_axis_values_on_the_torch_path_match_the_oracle(case, monkeypatch):
+    """The kernels' chunk-step graph (mirasc/memories), run in torch, on each axis value that has
+    kernels and on the retained gradient point of each path: chunks of 5 over 17 tokens (16 with
+    a lag token), each where() on both sides, forward and every input gradient against the
+    oracle (the builders' decays, updates and maps, not the reference's)."""
+    axes = BUILDER_CASES[case]
+    derivation = op_from_yaml(axis_spec(**axes).replace("chunk_size: 4", "chunk_size: 5")).derivation
+    if triton_unsupported(derivation) is not None:
+        pytest.skip(f"no kernels: {triton_unsupported(derivation)}")
+    op = MirasOp(derivation, kernel=lambda *a: pytest.fail("the kernel ran"))
+    calls, run = [], torch_chunk.run
+    monkeypatch.setattr(torch_chunk, "run", lambda *a: calls.append(1) or run(*a))
+    dk = 4
+    dv = dk if op.spec.memory.residual or op.spec.memory.kind == "vector" else 3
+    steep = op.spec.bias.kind == "lp"
+    length = 16 if op.spec.lag_token else 17  # a last chunk of one token: an empty segment
+    inputs = draw(op, seed=sorted(BUILDER_CASES).index(case) + 50, length=length, dk=dk, dv=dv,
+                  ranges={"eta": (0.05, 0.4) if steep else (0.1, 1.0)})
+    inputs = cover_branches(op, inputs, seed=sorted(BUILDER_CASES).index(case))
+    _assert_small(oracle.errors_against_oracle(lambda **x: op(**x, backend="torch"), op.spec,
+                                               inputs, op.oracle_chunk_size))
+    assert calls  # the chunk step ran, not the reference
 
 
 EXACT_CASES = {  # the exact (WY/UT) kernels beyond the shipped specs: gradient at W_(t-1)
