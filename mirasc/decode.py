@@ -19,42 +19,50 @@ token recurrence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from mirasc import reference
 from mirasc.derive import Derivation
 
+Tensors = tuple[torch.Tensor, ...]
+
 
 @dataclass(frozen=True)
 class StepState:
-    """One batch of sequences' memory between tokens, head-major [B, H, ...] tensors in the
-    accumulator's dtype (float64 for float64 inputs, else float32).
+    """One batch of sequences' memory between tokens: head-major [B, H, ...] tensors in the
+    accumulator's dtype (float64 for float64 inputs, else float32), one per memory tensor in
+    each track the spec needs:
 
-    position: tokens since the last chunk boundary; start: W_s = phi^-1(Z_s) as the chunk reads
-    it; base: A_t Z_s; base_read: A_t W_s (None unless the retention is dual, as W_s is Z_s
-    otherwise); summed: U_t (0 at a boundary); momentum: the momentum buffers S (None without)."""
+    start: W_s = phi^-1(Z_s) (grad_at 'previous'); base: A_t Z_s (grad_at 'retained' or eta_at
+    'query'); running: A_t Z_s - U_t, and running_read: A_t W_s - U_t (a dual retention), for a
+    step of the token's own eta; with eta_at 'query' instead sums: G_t and base_read: A_t W_s
+    (dual). position: tokens since the last chunk boundary; momentum: the buffers S, or None."""
 
     position: int
-    start: tuple[torch.Tensor, ...]
-    base: tuple[torch.Tensor, ...]
-    base_read: tuple[torch.Tensor, ...] | None
-    summed: tuple[torch.Tensor, ...]
-    momentum: tuple[torch.Tensor, ...] | None
+    tracks: dict[str, Tensors]
+    momentum: Tensors | None
 
     @property
-    def boundary(self) -> tuple[torch.Tensor, ...]:
+    def boundary(self) -> Tensors:
         """The op's state at a chunk boundary (position 0): Z, then the momentum buffers."""
         if self.position:
             raise ValueError(f"StepState.boundary: the state is {self.position} tokens into a "
                              "chunk; the op's state exists at chunk boundaries only")
-        return self.base + (self.momentum or ())
+        return self.tracks.get("running", self.tracks.get("base")) + (self.momentum or ())
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the state holds."""
-        return [x for group in (self.start, self.base, self.base_read, self.summed,
-                                self.momentum) for x in group or ()]
+        return [x for group in (*self.tracks.values(), self.momentum or ()) for x in group]
+
+    def clone(self) -> StepState:
+        """A copy that later steps (which update in place) leave as it is."""
+        def copy(group):
+            return tuple(x.clone() for x in group)
+
+        return StepState(self.position, {n: copy(g) for n, g in self.tracks.items()},
+                         None if self.momentum is None else copy(self.momentum))
 
     def nbytes(self) -> int:
         """The state's size in bytes."""
@@ -62,10 +70,11 @@ class StepState:
 
     def select(self, index: torch.Tensor) -> StepState:
         """The state of the sequences `index` picks along the batch (beam search)."""
-        pick = lambda group: None if group is None else tuple(  # noqa: E731
-            x.index_select(0, index.to(x.device)) for x in group)
-        return StepState(self.position, pick(self.start), pick(self.base),
-                         pick(self.base_read), pick(self.summed), pick(self.momentum))
+        def pick(group):
+            return tuple(x.index_select(0, index.to(x.device)) for x in group)
+
+        return StepState(self.position, {n: pick(g) for n, g in self.tracks.items()},
+                         None if self.momentum is None else pick(self.momentum))
 
 
 class Decoder:
@@ -85,15 +94,35 @@ class Decoder:
         self.by_query = spec.learner.kind == "gd" and spec.learner.eta_at == "query"
         self.momentum = spec.learner.kind == "momentum"
 
-    def start(self, state: tuple[torch.Tensor, ...], position: int = 0) -> StepState:
+    def start(self, state: Tensors, position: int = 0) -> StepState:
         """The step state at a chunk boundary from the op's state (Z, then the momentum)."""
         n = len(state) // 2 if self.momentum else len(state)
-        zs, momentum = tuple(state[:n]), (tuple(state[n:]) if self.momentum else None)
-        read = tuple(reference.read(self.derivation, z) for z in zs) if self.dual else zs
-        summed = tuple(torch.zeros_like(z) for z in zs)
-        base = tuple(z.clone() for z in zs)  # no tensor shared: the state's size is fixed
-        base_read = tuple(w.clone() for w in read) if self.dual else None
-        return StepState(position, read, base, base_read, summed, momentum)
+        zs = tuple(state[:n])
+        momentum = tuple(s.clone() for s in state[n:]) if self.momentum else None
+        return self._fresh(zs, self._read(zs), momentum, position)
+
+    def _read(self, zs: Tensors) -> Tensors:
+        """W = phi^-1(Z) for a dual retention (a proximal one keeps W itself)."""
+        return tuple(reference.read(self.derivation, z) for z in zs) if self.dual else zs
+
+    def _fresh(self, zs: Tensors, read: Tensors, momentum: Tensors | None,
+               position: int) -> StepState:
+        """The tracks at a boundary: the sums 0, no tensor shared (the state's size is fixed)."""
+        def copy(group):
+            return tuple(x.clone() for x in group)
+
+        tracks = {} if self.retained else {"start": read}
+        if self.retained or self.by_query:
+            tracks["base"] = copy(zs)
+        if self.by_query:
+            tracks["sums"] = tuple(torch.zeros_like(z) for z in zs)
+            if self.dual:
+                tracks["base_read"] = copy(read)
+        else:
+            tracks["running"] = copy(zs)
+            if self.dual:
+                tracks["running_read"] = copy(read)
+        return StepState(position, tracks, momentum)
 
     def chunk_end(self, position: int) -> bool:
         """Whether the token at `position` inside a chunk closes a chunk (or the lag token's)."""
@@ -101,37 +130,78 @@ class Decoder:
 
     def __call__(self, state: StepState, inputs: reference.Inputs) -> tuple[torch.Tensor,
                                                                               StepState]:
-        """Step every token of `inputs` (head-major, [B, H, T, D]): (o [B, H, T, Dv], state)."""
+        """Step every token of `inputs` (head-major, [B, H, T, D]): (o [B, H, T, Dv], state).
+        Without autograd the state's tensors are updated in place (`StepState.clone` keeps a
+        copy); with it, new tensors are made."""
         d = self.derivation
+        update = _in_place if not torch.is_grad_enabled() else _new
         outputs = []
         for t in range(inputs.q.shape[2]):
             k, v = inputs.k[:, :, t], inputs.v[:, :, t]
-            base = reference._decay(inputs, t, state.base)
-            base_read = reference._decay(inputs, t, state.base_read) if self.dual else base
-            if not self.retained:
-                point = state.start
-            else:
-                point = tuple(reference.read(d, z) for z in base) if self.dual else base
+            alpha, eta = _gate(inputs, t, "alpha"), _gate(inputs, t, "eta")
+            tracks = dict(state.tracks)
+            for name in ("base", "base_read", "sums"):
+                if name in tracks:
+                    tracks[name] = update(tracks[name], alpha)
+            point = tracks["start"] if not self.retained else self._read(tracks["base"])
             grads = reference.memory_grad(d, point, k, v, inputs.gate("delta", t, v), ln=inputs.ln)
             momentum = state.momentum
-            if self.by_query:
-                new = grads
+            if self.by_query:  # the decayed sum of raw gradients, scaled by this token's eta
+                tracks["sums"] = update(tracks["sums"], None, grads, 1)
+                scaled = tuple(g * eta(g) for g in tracks["sums"])
+                end = update(tracks["base"], None, scaled, -1, fresh=True)
+                read = update(tracks["base_read"], None, scaled, -1, fresh=True) if self.dual \
+                    else end
             else:
-                new, momentum = reference._learn(d, inputs, t, grads, momentum)
-            summed = tuple(s + n for s, n in zip(reference._decay(inputs, t, state.summed), new,
-                                                 strict=True))
-            update = tuple(s * inputs.gate("eta", t, s) for s in summed) if self.by_query \
-                else summed
+                new = update(grads, eta)
+                if self.momentum:  # S_t = m_t S_(t-1) + eta_t grad_t, and U moves by S_t
+                    momentum = new = update(momentum, _gate(inputs, t, "momentum"), new, 1)
+                for name in ("running", "running_read"):
+                    if name in tracks:
+                        tracks[name] = update(tracks[name], alpha, new, -1)
+                end = tracks["running"]
+                read = tracks["running_read"] if self.dual else end
             position = (state.position + 1) % self.chunk
             if self.chunk_end(state.position):  # the boundary: phi^-1, then the sums restart
-                end = tuple(z - u for z, u in zip(base, update, strict=True))
-                zs = end if self.dual else tuple(reference.read(d, z) for z in end)
-                state = replace(self.start(zs + (momentum or ())), position=position)
-                read = state.start
+                zs = end if self.dual else self._read_map(end)
+                read = self._read(zs) if self.dual else zs
+                state = self._fresh(zs, read, momentum, position)
             else:
-                read = tuple(w - u for w, u in zip(base_read, update, strict=True))
-                state = StepState(position, state.start, base,
-                                  base_read if self.dual else None, summed, momentum)
+                state = StepState(position, tracks, momentum)
             outputs.append(reference.memory_apply(d, read, inputs.q[:, :, t], inputs.ln,
                                                   read=True))
         return reference._stacked(outputs, inputs), state
+
+    def _read_map(self, zs: Tensors) -> Tensors:
+        """A proximal retention's map at the chunk end, W = phi^-1(acc)."""
+        return tuple(reference.read(self.derivation, z) for z in zs)
+
+
+def _gate(inputs: reference.Inputs, t: int, name: str):
+    """x -> gate `name` at token t shaped to broadcast onto x (None or a float when fixed)."""
+    return lambda x: inputs.gate(name, t, x)
+
+
+def _new(xs: Tensors, scale, add: Tensors | None = None, sign: int = 1,
+         fresh: bool = False) -> Tensors:
+    """x * scale(x) + sign * add, tensor by tensor (scale None: 1; add None: 0), new tensors."""
+    out = []
+    for i, x in enumerate(xs):
+        factor = None if scale is None else scale(x)
+        y = x if factor is None else x * factor
+        out.append(y if add is None else y + sign * add[i])
+    return tuple(out)
+
+
+def _in_place(xs: Tensors, scale, add: Tensors | None = None, sign: int = 1,
+              fresh: bool = False) -> Tensors:
+    """`_new` written into xs (into new tensors when `fresh`: xs is read again later)."""
+    if fresh:
+        return _new(xs, scale, add, sign)
+    for i, x in enumerate(xs):
+        factor = None if scale is None else scale(x)
+        if factor is not None:
+            x.mul_(factor)
+        if add is not None:
+            x.add_(add[i], alpha=sign)
+    return xs

@@ -217,7 +217,7 @@ class MirasLayer(nn.Module):
 
     def _step(self, inputs: dict, memory: StepState):
         """The tokens of `inputs` through the O(1) step, in the state's dtype: (o, state)."""
-        dtype = memory.base[0].dtype
+        dtype = memory.tensors()[0].dtype
         cast = {n: x.to(dtype) for n, x in inputs.items()}
         gates = {n: cast.get(n) for n in self.op.torch_input_names if n not in ("ln_weight",
                                                                                  "ln_bias")}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import axis_spec
 
+import mirasc.op
 from mirasc.cache import compile as compile_spec
 from mirasc.catalog import resolve
 from mirasc.check import random_inputs
@@ -17,7 +18,7 @@ from mirasc.layers import MirasLayer
 from mirasc.lm import MirasConfig, MirasForCausalLM
 from mirasc.reference import Inputs
 
-SHIPPED = sorted(str(p) for p in Path("specs").glob("*.yaml"))
+SHIPPED = sorted(str(p) for p in (Path(__file__).parent.parent / "specs").glob("*.yaml"))
 GENERATED = {
     "elastic-proximal-momentum": axis_spec(bias="{kind: huber, delta: {}}",
                                            retention="{kind: elastic_net, gamma: 0.01, "
@@ -40,8 +41,9 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 @pytest.fixture(autouse=True)
 def torch_path(monkeypatch):
-    """The parallel forward is the op's chunk-step graph in torch, not Triton's interpreter."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    """The parallel forward is the op's chunk-step graph in torch, not Triton's interpreter
+    (TRITON_INTERPRET itself stays: generated modules read it when they are imported)."""
+    monkeypatch.setattr(mirasc.op, "interpreting", lambda: False)
 
 
 def relative_error(out, ref):
@@ -89,8 +91,9 @@ def test_steps_equal_the_parallel_chunked_forward(spec, dtype):
     exact = random_inputs(op, batch=2, length=length, heads=3, dk=5, dv=5, seed=1)
     exact, _ = op(**exact, backend="torch", check_gates=False)
     own = relative_error(parallel.double(), exact)
-    for per_call in (1, 3):
-        o, state = step_all(op, inputs, per_call)
+    for per_call, grad in ((1, False), (3, True)):  # in place without autograd, else not
+        with torch.set_grad_enabled(grad):
+            o, state = step_all(op, inputs, per_call)
         assert state.position == 0
         error = relative_error(o, parallel)
         assert error < TOLERANCE[dtype] or (
@@ -118,7 +121,9 @@ def test_prefill_then_decode_at_every_offset(spec):
     x = torch.randn(2, 11, 12, dtype=torch.float64)
     parallel, _ = layer(x)
     for prefill in range(1, 7):
-        assert relative_error(layer_decode(layer, x, prefill), parallel) < 1e-10, prefill
+        with torch.set_grad_enabled(prefill % 2 == 0):  # the state updated in place or not
+            decoded = layer_decode(layer, x, prefill)
+        assert relative_error(decoded, parallel) < 1e-10, prefill
 
 
 @pytest.mark.parametrize("spec", ["specs/moneta.yaml", "specs/ttt_mlp.yaml",
