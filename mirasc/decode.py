@@ -35,6 +35,7 @@ class StepState:
     accumulator's dtype (float64 for float64 inputs, else float32), one per memory tensor in
     each track the spec needs:
 
+    zs: Z at a chunk boundary, alone (the tracks start from it at the next token);
     start: W_s = phi^-1(Z_s) (grad_at 'previous'); base: A_t Z_s (grad_at 'retained' or eta_at
     'query'); running: A_t Z_s - U_t, and running_read: A_t W_s - U_t (a dual retention), for a
     step of the token's own eta; with eta_at 'query' instead sums: G_t and base_read: A_t W_s
@@ -46,11 +47,11 @@ class StepState:
 
     @property
     def boundary(self) -> Tensors:
-        """The op's state at a chunk boundary (position 0): Z, then the momentum buffers."""
-        if self.position:
+        """The op's state at a chunk boundary: Z, then the momentum buffers."""
+        if "zs" not in self.tracks:
             raise ValueError(f"StepState.boundary: the state is {self.position} tokens into a "
                              "chunk; the op's state exists at chunk boundaries only")
-        return self.tracks.get("running", self.tracks.get("base")) + (self.momentum or ())
+        return self.tracks["zs"] + (self.momentum or ())
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the state holds."""
@@ -89,7 +90,7 @@ class Decoder:
         self.chunk = chunk or 1
         spec = derivation.spec
         self.lag = spec.lag_token
-        self.dual = derivation.retention.dual
+        self.dual = derivation.retention.dual and not derivation.retention.linear  # W != Z
         self.retained = spec.learner.grad_at == "retained"
         self.by_query = spec.learner.kind == "gd" and spec.learner.eta_at == "query"
         self.momentum = spec.learner.kind == "momentum"
@@ -97,32 +98,34 @@ class Decoder:
     def start(self, state: Tensors, position: int = 0) -> StepState:
         """The step state at a chunk boundary from the op's state (Z, then the momentum)."""
         n = len(state) // 2 if self.momentum else len(state)
-        zs = tuple(state[:n])
-        momentum = tuple(s.clone() for s in state[n:]) if self.momentum else None
-        return self._fresh(zs, self._read(zs), momentum, position)
+        own = tuple(s.clone() for s in state)  # later steps update the state in place
+        return StepState(position, {"zs": own[:n]}, own[n:] if self.momentum else None)
 
     def _read(self, zs: Tensors) -> Tensors:
         """W = phi^-1(Z) for a dual retention (a proximal one keeps W itself)."""
         return tuple(reference.read(self.derivation, z) for z in zs) if self.dual else zs
 
-    def _fresh(self, zs: Tensors, read: Tensors, momentum: Tensors | None,
-               position: int) -> StepState:
-        """The tracks at a boundary: the sums 0, no tensor shared (the state's size is fixed)."""
-        def copy(group):
-            return tuple(x.clone() for x in group)
-
+    def _tracks(self, zs: Tensors) -> dict[str, Tensors]:
+        """The tracks at a chunk's first token from the boundary's Z (which they take over):
+        the sums 0, and no tensor in two tracks, as the steps update them in place."""
+        read = self._read(zs)
         tracks = {} if self.retained else {"start": read}
+        free = [zs] if self.retained or read is not zs else []  # zs, unless start holds it
+
+        def take(group):
+            return free.pop() if free else tuple(x.clone() for x in group)
+
         if self.retained or self.by_query:
-            tracks["base"] = copy(zs)
+            tracks["base"] = take(zs)
         if self.by_query:
             tracks["sums"] = tuple(torch.zeros_like(z) for z in zs)
             if self.dual:
-                tracks["base_read"] = copy(read)
+                tracks["base_read"] = tuple(w.clone() for w in read)
         else:
-            tracks["running"] = copy(zs)
+            tracks["running"] = take(zs)
             if self.dual:
-                tracks["running_read"] = copy(read)
-        return StepState(position, tracks, momentum)
+                tracks["running_read"] = tuple(w.clone() for w in read)
+        return tracks
 
     def chunk_end(self, position: int) -> bool:
         """Whether the token at `position` inside a chunk closes a chunk (or the lag token's)."""
@@ -139,7 +142,8 @@ class Decoder:
         for t in range(inputs.q.shape[2]):
             k, v = inputs.k[:, :, t], inputs.v[:, :, t]
             alpha, eta = _gate(inputs, t, "alpha"), _gate(inputs, t, "eta")
-            tracks = dict(state.tracks)
+            tracks = self._tracks(state.tracks["zs"]) if "zs" in state.tracks \
+                else dict(state.tracks)
             for name in ("base", "base_read", "sums"):
                 if name in tracks:
                     tracks[name] = update(tracks[name], alpha)
@@ -164,8 +168,8 @@ class Decoder:
             position = (state.position + 1) % self.chunk
             if self.chunk_end(state.position):  # the boundary: phi^-1, then the sums restart
                 zs = end if self.dual else self._read_map(end)
-                read = self._read(zs) if self.dual else zs
-                state = self._fresh(zs, read, momentum, position)
+                read = self._read(zs)
+                state = StepState(position, {"zs": zs}, momentum)
             else:
                 state = StepState(position, tracks, momentum)
             outputs.append(reference.memory_apply(d, read, inputs.q[:, :, t], inputs.ln,
