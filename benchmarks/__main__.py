@@ -60,7 +60,7 @@ def cpu(specs: Specs = None,
 def decode(specs: Specs = None,
            hidden: Annotated[int, typer.Option(help="The layer's hidden size.")] = 512,
            heads: Annotated[int, typer.Option(help="Heads (head dim = hidden / heads).")] = 4,
-           repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 3,
+           repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 5,
            threads: Annotated[int, typer.Option(help="torch.set_num_threads.")] = 1,
            new_tokens: Annotated[int, typer.Option(help="Tokens each generate call adds.")] = 32,
            out: Out = None):

@@ -1,10 +1,14 @@
 """Decode benchmark, CPU: the O(1) step (`mirasc.decode`) against re-running the chunk op on the
 inputs since the chunk boundary (the path it replaced), per token and by position in the chunk.
 
-Per spec, a `MirasLayer` (float32, no grad) at the given hidden size and heads:
+Per spec, a `MirasLayer` (float32, no grad) at the given hidden size and heads; per-token times
+are this process's CPU time (time.process_time: other load on a shared machine disturbs it less
+than the wall clock), generate's tokens/s wall clock:
 - layer ms: one `layer(x_t, state)` call at each position inside a chunk (a whole chunk
-  prefilled first, so position 0 starts a chunk), median of repeats; early is the mean over
-  positions 1 .. C/8, late over C-1-C/8 .. C-2 (for C = 64: 1-8 and 55-62), as the issue measured;
+  prefilled first, so position 0 starts a chunk), the least of repeats (the run other load
+  disturbed least); early is the mean over positions 1 .. C/8, late over C-1-C/8 .. C-2 (for
+  C = 64: 1-8 and 55-62), as the issue measured; an exact spec (chunks of one) has no position:
+  its row is the median over 16 tokens;
 - memory ms: the memory's share alone, the step (`layer._step`) against the op on the p + 1
   inputs since the boundary (`layer._memory`, what a cached call ran before), on random inputs;
 - cache bytes: the layer's state (memory step state and convolution tails) against the
@@ -49,10 +53,10 @@ class Config:
     new_tokens: int
 
 
-def _ms(fn) -> float:
-    start = time.perf_counter()
+def _ms(fn, clock=time.process_time) -> float:
+    start = clock()
     fn()
-    return 1e3 * (time.perf_counter() - start)
+    return 1e3 * (clock() - start)
 
 
 def _windows(chunk: int) -> tuple[range, range]:
@@ -74,7 +78,7 @@ def _positions(chunk: int) -> int:
 
 
 def layer_times(layer: MirasLayer, repeats: int) -> list[float]:
-    """Median ms of one cached layer call at each position of a chunk."""
+    """The least ms of one cached layer call at each position of a chunk, over repeats."""
     chunk, n = layer.decoder.chunk, _positions(layer.decoder.chunk)
     x = torch.randn(1, chunk + n, layer.hidden_size)
     _, prefilled = layer(x[:, :chunk], None, use_cache=True)
@@ -82,15 +86,15 @@ def layer_times(layer: MirasLayer, repeats: int) -> list[float]:
     for _ in range(repeats):
         state, times = prefilled | {"memory": prefilled["memory"].clone()}, []
         for t in range(chunk, chunk + n):
-            start = time.perf_counter()
+            start = time.process_time()
             _, state = layer(x[:, t:t + 1], state, use_cache=True)
-            times.append(1e3 * (time.perf_counter() - start))
+            times.append(1e3 * (time.process_time() - start))
         runs.append(times)
-    return [statistics.median(r[p] for r in runs) for p in range(n)]
+    return [min(r[p] for r in runs) for p in range(n)]
 
 
 def memory_times(layer: MirasLayer, repeats: int) -> tuple[list[float], list[float]]:
-    """Median ms of the memory's work per token at each position: the step, and the op run on
+    """The least ms of the memory's work per token at each position: the step, and the op run on
     the inputs since the boundary."""
     chunk, op, n = layer.decoder.chunk, layer.op, _positions(layer.decoder.chunk)
     drawn = random_inputs(op, batch=1, length=n, heads=layer.num_heads, dk=layer.head_dim,
@@ -103,16 +107,16 @@ def memory_times(layer: MirasLayer, repeats: int) -> tuple[list[float], list[flo
         state, step_run, rerun_run = start.clone(), [], []
         for p in range(n):
             token = {name: x[:, p:p + 1] for name, x in inputs.items()}
-            begin = time.perf_counter()
+            begin = time.process_time()
             _, state = layer._step(token, state)
-            step_run.append(1e3 * (time.perf_counter() - begin))
+            step_run.append(1e3 * (time.process_time() - begin))
             first = p - p % chunk  # the boundary the replaced path re-ran from
             since = {name: x[:, first:p + 1] for name, x in inputs.items()}
             rerun_run.append(_ms(lambda since=since: layer._memory(since, boundary)))
         steps.append(step_run)
         reruns.append(rerun_run)
-    median = lambda runs: [statistics.median(r[p] for r in runs) for p in range(n)]  # noqa: E731
-    return median(steps), median(reruns)
+    least = lambda runs: [min(r[p] for r in runs) for p in range(n)]  # noqa: E731
+    return least(steps), least(reruns)
 
 
 def cache_bytes(layer: MirasLayer) -> tuple[int, int]:
@@ -143,7 +147,7 @@ def generate_rate(spec: str, hidden: int, heads: int, new_tokens: int) -> tuple[
     for use_cache in (True, False):
         seconds = _ms(lambda use_cache=use_cache: model.generate(
             prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            use_cache=use_cache)) / 1e3
+            use_cache=use_cache), time.perf_counter) / 1e3
         rates.append(new_tokens / seconds)
     return rates[0], rates[1]
 
@@ -176,5 +180,5 @@ def benchmark(cfg: Config) -> list[dict]:
 
 def report(cfg: Config, rows: list[dict], environment: str) -> str:
     return (f"Decoding, MirasLayer hidden {cfg.hidden}, {cfg.heads} heads, float32, batch 1, "
-            f"{cfg.threads} thread(s), median of {cfg.repeats}; generate: 2 layers, "
+            f"{cfg.threads} thread(s), CPU ms, least of {cfg.repeats}; generate: 2 layers, "
             f"{cfg.new_tokens} new tokens\n{environment}\n\n{table(rows, COLUMNS)}")
