@@ -9,8 +9,9 @@ A_t = prod_(s<i<=t) alpha_i the decay since the boundary and grad_i taken at W_s
                                                       the decayed sum of raw gradients)
 and at the chunk's last token Z_e = A_t Z_s - U_t, mapped by the retention (phi^-1) and read there:
 o_t = M_(phi^-1(Z_e))(q_t); then Z_e is the next chunk's start and the sums restart at 0.
-So a step needs Z_s (as read), A_t Z_s, the sums and the momentum: memory-sized tensors whatever
-the position. Each piece comes from the spec's derivation through the reference's functions (the
+So a step keeps a few memory-sized tracks whatever the position (W_s, A_t Z_s - U_t and its read
+A_t W_s - U_t, or what grad_at and eta_at ask for instead; see `StepState`), and Z alone at a
+boundary. Each piece comes from the spec's derivation through the reference's functions (the
 bias gradient by sympy's rule, the memory's vjp, the retention's map), the same math the chunked
 oracle (`reference.chunked`) and the chunk-step graph compute, so the step equals the parallel
 chunked forward. A lag token is a chunk of one; an exact (WY) spec steps with chunks of one: the
@@ -95,11 +96,11 @@ class Decoder:
         self.by_query = spec.learner.kind == "gd" and spec.learner.eta_at == "query"
         self.momentum = spec.learner.kind == "momentum"
 
-    def start(self, state: Tensors, position: int = 0) -> StepState:
+    def start(self, state: Tensors) -> StepState:
         """The step state at a chunk boundary from the op's state (Z, then the momentum)."""
         n = len(state) // 2 if self.momentum else len(state)
         own = tuple(s.clone() for s in state)  # later steps update the state in place
-        return StepState(position, {"zs": own[:n]}, own[n:] if self.momentum else None)
+        return StepState(0, {"zs": own[:n]}, own[n:] if self.momentum else None)
 
     def _read(self, zs: Tensors) -> Tensors:
         """W = phi^-1(Z) for a dual retention (a proximal one keeps W itself)."""
@@ -177,7 +178,7 @@ class Decoder:
         return reference._stacked(outputs, inputs), state
 
     def _read_map(self, zs: Tensors) -> Tensors:
-        """A proximal retention's map at the chunk end, W = phi^-1(acc)."""
+        """The retention's map W = phi^-1(Z), dual or not (a proximal one's at the chunk end)."""
         return tuple(reference.read(self.derivation, z) for z in zs)
 
 
