@@ -208,3 +208,37 @@ def test_bad_arguments_are_refused():
                                              inputs["v"], gates))
     with pytest.raises(ValueError, match="chunk boundaries"):
         state.boundary  # noqa: B018
+
+
+def test_selected_sequences_continue_as_their_own():
+    """Beam search's reorder: a state's select(index) continues each picked sequence as if it
+    had been decoded alone (mid-chunk, with momentum)."""
+    op = compile_spec(small("specs/titans.yaml"))
+    inputs = random_inputs(op, batch=3, length=7, heads=2, dk=5, dv=5, seed=3)
+    with torch.no_grad():
+        _, state = step_all(op, {n: x if n == "initial_state" else x[:, :5]
+                                 for n, x in inputs.items()}, 1)
+        index = torch.tensor([2, 0, 2])
+        picked = state.select(index)
+        rest = {n: x[:, 5:] for n, x in inputs.items() if n not in ("initial_state",)}
+        decoder = Decoder(op.derivation, op.oracle_chunk_size)
+        gates = {n: rest.get(n) for n in ("log_alpha", "eta", "delta", "momentum")}
+        o, _ = decoder(picked, Inputs.from_op(op.derivation, rest["q"][index], rest["k"][index],
+                                              rest["v"][index],
+                                              {n: None if x is None else x[index]
+                                               for n, x in gates.items()}))
+        alone, _ = step_all(op, inputs, 1)
+    assert relative_error(o.transpose(1, 2), alone[index, 5:]) < 1e-12
+
+
+def test_bfloat16_layer_decodes_in_float32_state():
+    """A bf16 layer keeps its step state in float32 and decodes close to its parallel forward."""
+    torch.manual_seed(2)
+    layer = MirasLayer(small("specs/moneta.yaml"), 16, 2).to(torch.bfloat16)
+    x = torch.randn(1, 9, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        parallel, _ = layer(x)
+        _, state = layer(x[:, :6], None, use_cache=True)
+        assert all(t.dtype == torch.float32 for t in state["memory"].tensors())
+        decoded = layer_decode(layer, x, 6)
+    assert relative_error(decoded.float(), parallel.float()) < 2e-2
