@@ -127,6 +127,23 @@ def test_prefill_then_decode_at_every_offset(spec):
         assert relative_error(decoded, parallel) < 1e-10, prefill
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_continuing_in_pieces(spec):
+    """Calls of several tokens from a mid-chunk state: the tokens to the boundary step, whole
+    chunks run through the op, the rest steps (chunks of 4; pieces of 3, 6, 1, 5 tokens)."""
+    torch.manual_seed(3)
+    layer = MirasLayer(small(spec), 12, 2, head_dim=5).double()
+    x = torch.randn(2, 15, 12, dtype=torch.float64)
+    parallel, _ = layer(x)
+    state, outputs, start = None, [], 0
+    with torch.no_grad():
+        for size in (3, 6, 1, 5):
+            y, state = layer(x[:, start:start + size], state, use_cache=True)
+            outputs.append(y)
+            start += size
+    assert relative_error(torch.cat(outputs, 1), parallel) < 1e-10
+
+
 @pytest.mark.parametrize("spec", ["specs/moneta.yaml", "specs/ttt_mlp.yaml",
                                   "specs/gated_deltanet.yaml"])
 def test_float32_decoding_at_the_shipped_chunk_size(spec):
