@@ -99,7 +99,7 @@ def memory_times(layer: MirasLayer, repeats: int) -> tuple[list[float], list[flo
     chunk, op, n = layer.decoder.chunk, layer.op, _positions(layer.decoder.chunk)
     drawn = random_inputs(op, batch=1, length=n, heads=layer.num_heads, dk=layer.head_dim,
                           dv=layer.head_dim, dtype=torch.float32)
-    inputs = {n: x for n, x in drawn.items() if n in ("q", "k", "v", *layer.gates)}
+    inputs = {name: x for name, x in drawn.items() if name in ("q", "k", "v", *layer.gates)}
     boundary = tuple(s.to(torch.float32) for s in drawn["initial_state"])
     start = layer.decoder.start(boundary)
     steps, reruns = [], []
