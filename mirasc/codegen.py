@@ -16,7 +16,7 @@ import sympy as sp
 
 import mirasc
 from mirasc import tuning
-from mirasc.derive import DELTA, RNORM, RNORM_EPS, R, V, derive
+from mirasc.derive import DELTA, RNORM, RNORM_EPS, R, V, Z, derive
 from mirasc.expr import torch_source
 from mirasc.kernel_printer import BLOCKS, BUFFER_BLOCKS, KernelPrinter, indent
 from mirasc.memories import chunk_step
@@ -241,6 +241,78 @@ def render_triton_module(spec: Spec) -> str:
         v_blocks=macros.block_loop("DV"))
     text = environment.get_template("triton_chunk.py.j2").render(m=context)
     return wrap(drop_blank_lines_in_functions(drop_dead_assignments(text)))
+
+
+# ---- the decode step ----------------------------------------------------------------------------
+
+
+def step_unsupported(d) -> str | None:
+    """Why the Triton step kernel does not cover this spec (None when it does): it steps a plain
+    matrix memory W [Dv, Dk] (M_W(k) = W k) whose state is the memory itself, read at W, with
+    the token's own eta. Other specs decode by the torch step on every device."""
+    spec = d.spec
+    mem, learner = spec.memory, spec.learner
+    reasons = [
+        (mem.kind != "matrix", f"the {mem.kind} memory (the kernel steps a matrix memory W k)"),
+        (mem.kind == "matrix" and (mem.bias or mem.residual or mem.norm is not None),
+         "memory.bias, residual or layer_norm (the kernel's memory is W k alone)"),
+        (d.retention.dual and not d.retention.linear,
+         f"the {d.retention.kind} retention's dual state (W = phi^-1(Z) is a second track"
+         + (", a whole-state reduction)" if d.retention.elementwise is None else ")")),
+        (learner.kind == "gd" and learner.eta_at == "query",
+         "learner.eta_at 'query' (the read scales the decayed gradient sum by the reading "
+         "token's eta: a second track)"),
+    ]
+    why = [text for failed, text in reasons if failed]
+    for expr in (d.bias.elem, d.bias.norm, d.retention.elementwise):
+        try:
+            if expr is not None:
+                triton_source(expr, {s: s.name for s in expr.free_symbols})
+        except CodegenError as exc:
+            why.append(str(exc))
+    return "; ".join(why) if why else None
+
+
+STEP_GATES = {"log_alpha": "alpha", "eta": "eta", "momentum": "momentum", "delta": "delta"}
+# the step kernel's name of each op gate (the decay enters as alpha = exp(log_alpha))
+
+
+def render_step_module(spec: Spec) -> str:
+    """The module holding the Triton decode step of `spec` (`templates/step.py.j2`): the bias
+    gradient g(r) and the retention's elementwise map printed from the derivation."""
+    d = derive(spec)
+    reason = step_unsupported(d)
+    if reason:
+        raise CodegenError(f"{spec.name}: the Triton step kernel does not support {reason}")
+    gates = {STEP_GATES[n]: g for n, g in d.op_gates().items()}
+    loaded = [n for n in ("alpha", "eta", "momentum", "delta") if n in gates and gates[n].is_input]
+    channel = {n: gates[n].shape == "channel" for n in loaded}
+
+    def gate(name: str) -> str:
+        return f"{name}_t" if name in loaded else _number(float(gates[name].value))
+
+    names = {R: "r", V: "v_t", RNORM: "rnorm", DELTA: "delta_t"}
+    elem, norm = d.bias.elem, d.bias.norm
+    bias = triton_source(elem, names) if norm == 0 else \
+        f"{triton_source(elem, names)} + {triton_source(norm, names)} * r"
+    shrink = d.retention.elementwise
+    retention_map = None if shrink is None else triton_source(shrink, {Z: "running"})
+    code = bias + (retention_map or "")
+    context = dict(
+        name=spec.name, digest=spec.digest(), version=mirasc.__version__, gates=loaded,
+        gate_offsets={n: ("bh * DV + rows" if n == "delta" else "bh * DK + cols") if channel[n]
+                      else "bh" for n in loaded},
+        gate_masks={n: ("mask_r" if n == "delta" else "mask_c") if channel[n] else ""
+                    for n in loaded},
+        retained=spec.learner.grad_at == "retained", decays="alpha" in gates,
+        alpha=gate("alpha") if "alpha" in gates else "", eta=gate("eta"),
+        momentum=spec.learner.kind == "momentum",
+        momentum_gate=gate("momentum") if "momentum" in gates else "",
+        whole_v=any(e.has(RNORM) for e in (elem, norm)), rnorm_eps=_number(RNORM_EPS),
+        bias=bias, bias_text=sp.sstr(elem + norm * R), retention_map=retention_map,
+        map_text=None if shrink is None else sp.sstr(shrink),
+        helpers=sorted(set(re.findall(r"\b(" + "|".join(HELPERS) + r")\(", code))))
+    return wrap(_environment().get_template("step.py.j2").render(s=context))
 
 
 @dataclass(frozen=True)

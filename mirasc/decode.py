@@ -16,6 +16,11 @@ bias gradient by sympy's rule, the memory's vjp, the retention's map), the same 
 oracle (`reference.chunked`) and the chunk-step graph compute, so the step equals the parallel
 chunked forward. A lag token is a chunk of one; an exact (WY) spec steps with chunks of one: the
 token recurrence.
+
+On CUDA tensors and under TRITON_INTERPRET=1 a generated Triton kernel steps the specs that
+`codegen.step_unsupported` admits (a plain matrix memory whose state is W itself: `mirasc.step_op`),
+one token per launch, the tracks updated in place; the torch step below runs the other specs, any
+spec on CPU tensors, and any step that autograd records.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from mirasc import reference
+from mirasc.codegen import step_unsupported
 from mirasc.derive import Derivation
 
 Tensors = tuple[torch.Tensor, ...]
@@ -95,6 +101,8 @@ class Decoder:
         self.retained = spec.learner.grad_at == "retained"
         self.by_query = spec.learner.kind == "gd" and spec.learner.eta_at == "query"
         self.momentum = spec.learner.kind == "momentum"
+        self.kernel_unsupported = step_unsupported(derivation)  # why the kernel does not step it
+        self._kernel = None  # its `step_op.StepKernel`, made on first use
 
     def start(self, state: Tensors) -> StepState:
         """The step state at a chunk boundary from the op's state (Z, then the momentum)."""
@@ -137,6 +145,8 @@ class Decoder:
         """Step every token of `inputs` (head-major, [B, H, T, D]): (o [B, H, T, Dv], state).
         Without autograd the state's tensors are updated in place (`StepState.clone` keeps a
         copy); with it, new tensors are made."""
+        if self._uses_kernel(state, inputs):
+            return self._kernel_steps(state, inputs)
         d = self.derivation
         update = _in_place if not torch.is_grad_enabled() else _new
         outputs = []
@@ -175,6 +185,43 @@ class Decoder:
                 state = StepState(position, tracks, momentum)
             outputs.append(reference.memory_apply(d, read, inputs.q[:, :, t], inputs.ln,
                                                   read=True))
+        return reference._stacked(outputs, inputs), state
+
+    def _uses_kernel(self, state: StepState, inputs: reference.Inputs) -> bool:
+        """Whether the Triton step runs: a spec it covers, on CUDA tensors (or under the
+        interpreter), with no tensor whose gradient autograd would record."""
+        from mirasc.step_op import runs_here
+
+        if self.kernel_unsupported is not None or not runs_here(inputs.q):
+            return False
+        tensors = [inputs.q, inputs.k, inputs.v, *state.tensors(), *(
+            g for g in inputs.gates.values() if isinstance(g, torch.Tensor))]
+        return not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+
+    def _kernel_steps(self, state: StepState, inputs: reference.Inputs) -> tuple[torch.Tensor,
+                                                                                  StepState]:
+        """`__call__` by the Triton step, token by token: the kernel writes the tracks in place
+        (a chunk's first token writes R into a new tensor, or into Z for a chunk of one)."""
+        from mirasc.step_op import StepKernel
+
+        if self._kernel is None:
+            self._kernel = StepKernel(self.derivation)
+        kernel, point_track = self._kernel, "base" if self.retained else "start"
+        outputs = []
+        for t in range(inputs.q.shape[2]):
+            first, close = "zs" in state.tracks, self.chunk_end(state.position)
+            if first:
+                (z,) = state.tracks["zs"]
+                point, src, dst = z, z, z if close else torch.empty_like(z)
+            else:
+                (point,), (src,) = state.tracks[point_track], state.tracks["running"]
+                dst = src
+            gates = [inputs.gates[n][:, :, t].contiguous() for n in kernel.gates]
+            outputs.append(kernel.op(
+                *(x[:, :, t].contiguous() for x in (inputs.q, inputs.k, inputs.v)), gates,
+                point, src, dst, state.momentum[0] if self.momentum else None, first, close))
+            tracks = {"zs": (dst,)} if close else {point_track: (point,), "running": (dst,)}
+            state = StepState((state.position + 1) % self.chunk, tracks, state.momentum)
         return reference._stacked(outputs, inputs), state
 
     def _read_map(self, zs: Tensors) -> Tensors:

@@ -1,0 +1,82 @@
+"""The decode step's Triton kernel (`codegen.render_step_module`) as a PyTorch custom op.
+
+One launch steps one token: one program per sequence, head and block of value rows, which reads
+the gradient point P (W_s, or A_t Z_s with grad_at 'retained') and the running state
+R = A_t Z_s - U_t, and writes R (and P, S) in place. `mirasc.decode.Decoder` runs it on CUDA
+tensors and under TRITON_INTERPRET=1 for the specs `codegen.step_unsupported` admits; the torch
+step (`Decoder`'s own) runs the others, and every spec on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from mirasc.cache import load_step_module
+from mirasc.derive import Derivation
+from mirasc.launch import interpreting
+
+BV_SPLIT = 32  # value rows per program when g(r) is elementwise in r
+ELEMENTS_PER_THREAD = 16  # of each [BV, BK] tile: num_warps = BV * BK / (32 * this), 1 to 16
+
+_CUSTOM_OPS: dict[str, object] = {}  # the step op by name, the first registered
+
+
+def meta(dk: int, dv: int, whole_v: bool, dtype: torch.dtype) -> dict:
+    """The constexprs and num_warps of a launch at head dims (dk, dv) with a state of `dtype`."""
+    import triton.language as tl
+
+    bk, bdv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    bv = bdv if whole_v else min(bdv, BV_SPLIT)
+    warps = max(1, min(16, bv * bk // (32 * ELEMENTS_PER_THREAD)))
+    return dict(DK=dk, DV=dv, BK=bk, BV=bv, num_warps=warps,
+                ACC=tl.float64 if dtype == torch.float64 else tl.float32)
+
+
+class StepKernel:
+    """The step of one spec: `self.op(q, k, v, gates, point, src, dst, s_buf, first, close)` ->
+    o [B, H, Dv] in the state's dtype, for one token's q, k [B, H, Dk], v [B, H, Dv] and gates
+    [B, H(, D)] (named by `self.gates`, contiguous), the state's tracks [B, H, Dv, Dk]: at a
+    chunk's first token (`first`) point and src are the boundary's Z; `close`: the token ends a
+    chunk. dst may be src (in place) or a new tensor."""
+
+    def __init__(self, derivation: Derivation):
+        spec = derivation.spec
+        module = load_step_module(spec)
+        self.gates: list[str] = module.GATES
+        self.whole_v: bool = module.WHOLE_V
+        self.launcher = getattr(module, f"{spec.name}_step_kernel")
+        self.op = self._register(f"mirasc::{spec.name}_{module.DIGEST}_step")
+
+    def run(self, q, k, v, gates, point, src, dst, s_buf, first: bool, close: bool):
+        """Launch the kernel: o [B, H, Dv]."""
+        batch, heads, dk = q.shape
+        dv = v.shape[-1]
+        o = point.new_empty(batch, heads, dv)
+        launch = meta(dk, dv, self.whole_v, point.dtype)
+        grid = (batch, heads, triton.cdiv(dv, launch["BV"]))
+        self.launcher[grid](q, k, v, *gates, point, src, dst, s_buf, o, H=heads, FIRST=first,
+                            CLOSE=close, **launch)
+        return o
+
+    def _register(self, name: str):
+        """The custom op (once per process: a second module of the same spec and digest takes
+        the first's)."""
+        if name in _CUSTOM_OPS:
+            return _CUSTOM_OPS[name]
+
+        def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: list[torch.Tensor],
+                 point: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                 s_buf: torch.Tensor | None, first: bool, close: bool) -> torch.Tensor:
+            return self.run(q, k, v, gates, point, src, dst, s_buf, first, close)
+
+        op = torch.library.custom_op(name, mutates_args=("point", "dst", "s_buf"))(step)
+        op.register_fake(lambda q, k, v, gates, point, src, dst, s_buf, first, close:
+                         point.new_empty(*q.shape[:2], v.shape[-1]))
+        _CUSTOM_OPS[name] = op
+        return op
+
+
+def runs_here(x: torch.Tensor) -> bool:
+    """Whether the kernel runs on tensors like `x`: CUDA ones, or any under the interpreter."""
+    return x.is_cuda or interpreting()
