@@ -137,6 +137,45 @@ def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype 
             for kernel, r in recorders.items()}
 
 
+STEP_VARIANTS = {(False, False): "step", (True, False): "step_1st", (False, True): "step_end",
+                 (True, True): "step_one"}
+# the decode step's kernel by (a chunk's first token, its last): inside a chunk, opening one,
+# closing one, a chunk of one token (an exact spec's every token, a lag token)
+
+
+def step_launches(op, dk: int, dv: int, dtype: torch.dtype) -> dict:
+    """The decode step's kernel (`mirasc.step_op`) as `Decoder` launches it on one token's inputs
+    of `dtype` into a float32 state at head dims (dk, dv), in each variant (`STEP_VARIANTS`) its
+    positions in a chunk take: {name: ((kernel, args, kwargs), [(num_warps, num_stages)])}."""
+    from mirasc.decode import Decoder
+    from mirasc.step_op import StepKernel
+
+    decoder = Decoder(op.derivation, op.oracle_chunk_size)
+    variants, opens = {}, True
+    for position in range(decoder.chunk):
+        closes = decoder.chunk_end(position)
+        variants[STEP_VARIANTS[opens, closes]] = (opens, closes)
+        opens = closes
+    kernel, gates = StepKernel(op.derivation), op.derivation.op_gates()
+    names = {"alpha": "log_alpha"}
+    heads = 2
+    q, k, v = (torch.randn(1, heads, n).to(dtype) for n in (dk, dk, dv))
+    per_token = [torch.rand(1, heads, *(() if gates[names.get(g, g)].shape == "head"
+                                        else (dv if g == "delta" else dk,))).to(dtype)
+                 for g in kernel.gates]
+    state = [torch.zeros(1, heads, dv, dk) for _ in range(3)]  # point, src, dst
+    state.append(torch.zeros(1, heads, dv, dk) if decoder.momentum else None)
+    found = {}
+    for name, (first, close) in variants.items():
+        recorder = _Recorder()
+        with mock.patch.object(kernel, "launcher", recorder):
+            kernel.run(q, k, v, per_token, *state, first, close)
+        args, kwargs = recorder.call
+        warps = kwargs.pop("num_warps")
+        found[name] = ((kernel.launcher, args, kwargs), [(warps, 1)])
+    return found
+
+
 def configs(op, kernel: str) -> list[tuple[int, int]]:
     """The (num_warps, num_stages) pairs the autotuner of the op's `kernel` tries."""
     from mirasc.cache import load_module
@@ -200,17 +239,31 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
     first only."""
     from triton.runtime.errors import PTXASError
 
+    from mirasc.codegen import step_unsupported
+    from mirasc.launch import interpreting
+
     if capability not in SHARED_LIMIT:
         raise CannotCompile(f"sm_{capability}: allowed: {', '.join(map(str, SHARED_LIMIT))}")
-    rows, found = [], launches(op, dk, dv, dtype, state_dtype=dtype)
+    if interpreting():
+        raise CannotCompile("TRITON_INTERPRET=1 replaces Triton's compiler; unset it")
+    found = {}
+    if op.backend == "triton":
+        found = {kernel: (launch, configs(op, kernel))
+                 for kernel, launch in launches(op, dk, dv, dtype, state_dtype=dtype).items()}
+    step = step_unsupported(op.derivation)
+    if step is None:
+        found |= step_launches(op, dk, dv, dtype)
+    elif not found:
+        raise CannotCompile(f"{op.spec.name} has no Triton kernels (it runs on the torch path; "
+                            f"the step kernel does not support {step})")
     unknown = sorted(set(only) - set(found))
     if unknown:
         raise CannotCompile(f"--kernels: {op.spec.name} has no {', '.join(unknown)}; allowed: "
                             f"{', '.join(found)}")
-    for kernel, launch in found.items():
+    rows = []
+    for kernel, (launch, tried) in found.items():
         if only and kernel not in only:
             continue
-        tried = configs(op, kernel)
         for num_warps, num_stages in tried if which == "tuned" else tried[:1]:
             start = time.perf_counter()
             try:

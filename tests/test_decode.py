@@ -1,7 +1,10 @@
 """The O(1) decode step (mirasc.decode): token by token, prefill + decode at every offset inside a
 chunk and batched sequences equal the parallel chunked forward (the op's chunk-step graph in
 torch) for every shipped spec and generated ones; the cache's size does not grow with the
-position; cached generation equals uncached."""
+position; cached generation equals uncached. Under Triton's interpreter (the tests' default
+without a GPU) the specs the step kernel covers (`codegen.step_unsupported`) step by it
+(`mirasc.step_op`), so these hold for the kernel too; tests/test_step_kernel.py compares it with
+the torch step."""
 
 import math
 from pathlib import Path
