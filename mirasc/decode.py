@@ -18,7 +18,7 @@ chunked forward. A lag token is a chunk of one; an exact (WY) spec steps with ch
 token recurrence.
 
 On CUDA tensors and under TRITON_INTERPRET=1 a generated Triton kernel steps the specs that
-`codegen.step_unsupported` admits (a plain matrix memory whose state is W itself: `mirasc.step_op`),
+`codegen.step_unsupported` admits (a matrix memory whose state is W itself: `mirasc.step_op`),
 one token per launch, the tracks updated in place; the torch step below runs the other specs, any
 spec on CPU tensors, and any step that autograd records.
 """
@@ -201,28 +201,63 @@ class Decoder:
     def _kernel_steps(self, state: StepState, inputs: reference.Inputs) -> tuple[torch.Tensor,
                                                                                   StepState]:
         """`__call__` by the Triton step, token by token: the kernel writes the tracks in place
-        (a chunk's first token writes R into a new tensor, or into Z for a chunk of one)."""
+        (a chunk's first token writes them into new tensors, or into Z where a track takes it
+        over: a chunk of one token, W_s's track keeps it)."""
         from mirasc.step_op import StepKernel
 
         if self._kernel is None:
             self._kernel = StepKernel(self.derivation)
-        kernel, point_track = self._kernel, "base" if self.retained else "start"
+        kernel = self._kernel
+        ln = []
+        if kernel.layer_norm:
+            dv, heads = inputs.v.shape[-1], inputs.v.shape[1]
+            ln = [x.contiguous() for x in inputs.ln] if inputs.ln is not None else [
+                inputs.v.new_ones(heads, dv), inputs.v.new_zeros(heads, dv)]
         outputs = []
         for t in range(inputs.q.shape[2]):
-            first, close = "zs" in state.tracks, self.chunk_end(state.position)
-            if first:
-                (z,) = state.tracks["zs"]
-                point, src, dst = z, z, z if close else torch.empty_like(z)
-            else:
-                (point,), (src,) = state.tracks[point_track], state.tracks["running"]
-                dst = src
+            close = self.chunk_end(state.position)
+            roles, tracks = self._roles(state, close)
+            pointers = [None if roles.get(n.removesuffix("_b")) is None
+                        else roles[n.removesuffix("_b")][n.endswith("_b")] for n in kernel.tracks]
             gates = [inputs.gates[n][:, :, t].contiguous() for n in kernel.gates]
             outputs.append(kernel.op(
                 *(x[:, :, t].contiguous() for x in (inputs.q, inputs.k, inputs.v)), gates,
-                point, src, dst, state.momentum[0] if self.momentum else None, first, close))
-            tracks = {"zs": (dst,)} if close else {point_track: (point,), "running": (dst,)}
+                pointers, [x.to(pointers[1].dtype) for x in ln], "zs" in state.tracks, close))
             state = StepState((state.position + 1) % self.chunk, tracks, state.momentum)
         return reference._stacked(outputs, inputs), state
+
+    def _roles(self, state: StepState, close: bool) -> tuple[dict, dict]:
+        """The kernel's pointers by role (`codegen.step_tracks`) for the next token, and the
+        tracks after it (the tensors the kernel writes, named as `_tracks` names them)."""
+        def new(group):
+            return tuple(torch.empty_like(x) for x in group)
+
+        tracks = state.tracks
+        roles = {"s_buf": state.momentum}
+        if "zs" in tracks:  # a chunk's first token: the tracks start from Z
+            zs = tracks["zs"]
+            roles |= {"point": zs, "src": zs}
+            if self.by_query:  # Z stays as W_s, or becomes the decayed base (grad_at retained)
+                roles |= {"dst": zs if close or self.retained else new(zs),
+                          "g_dst": None if close else new(zs)}
+                after = ({} if self.retained else {"start": zs}) | {"base": roles["dst"],
+                                                                    "sums": roles["g_dst"]}
+            elif self.retained:  # Z becomes the running state, the decayed base a new tensor
+                roles |= {"point": None if close else new(zs), "dst": zs}
+                after = {"base": roles["point"], "running": zs}
+            else:  # Z stays as W_s
+                roles["dst"] = zs if close else new(zs)
+                after = {"start": zs, "running": roles["dst"]}
+        elif self.by_query:
+            roles |= {"point": tracks["base" if self.retained else "start"],
+                      "src": tracks["base"], "dst": tracks["base"], "g_src": tracks["sums"],
+                      "g_dst": tracks["sums"]}
+            after = tracks
+        else:
+            roles |= {"point": tracks["base" if self.retained else "start"],
+                      "src": tracks["running"], "dst": tracks["running"]}
+            after = tracks
+        return roles, {"zs": roles["dst"]} if close else dict(after)
 
     def _read_map(self, zs: Tensors) -> Tensors:
         """The retention's map W = phi^-1(Z), dual or not (a proximal one's at the chunk end)."""

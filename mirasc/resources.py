@@ -143,36 +143,43 @@ STEP_VARIANTS = {(False, False): "step", (True, False): "step_1st", (False, True
 # closing one, a chunk of one token (an exact spec's every token, a lag token)
 
 
+class _Calls:
+    """Stands in for the step kernel's launcher: keeps the first launch of each (FIRST, CLOSE)
+    variant instead of running it."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.setdefault((kwargs["FIRST"], kwargs["CLOSE"]), (args, kwargs))
+        return launch
+
+
 def step_launches(op, dk: int, dv: int, dtype: torch.dtype) -> dict:
-    """The decode step's kernel (`mirasc.step_op`) as `Decoder` launches it on one token's inputs
-    of `dtype` into a float32 state at head dims (dk, dv), in each variant (`STEP_VARIANTS`) its
-    positions in a chunk take: {name: ((kernel, args, kwargs), [(num_warps, num_stages)])}."""
+    """The decode step's kernel (`mirasc.step_op`) as `Decoder` launches it over a chunk's tokens
+    of `dtype` into a float32 state at head dims (dk, dv), in each variant (`STEP_VARIANTS`)
+    the chunk's positions take: {name: ((kernel, args, kwargs), [(num_warps, num_stages)])}."""
+    from mirasc.check import random_inputs
     from mirasc.decode import Decoder
+    from mirasc.reference import Inputs
     from mirasc.step_op import StepKernel
 
     decoder = Decoder(op.derivation, op.oracle_chunk_size)
-    variants, opens = {}, True
-    for position in range(decoder.chunk):
-        closes = decoder.chunk_end(position)
-        variants[STEP_VARIANTS[opens, closes]] = (opens, closes)
-        opens = closes
-    kernel, gates = StepKernel(op.derivation), op.derivation.op_gates()
-    names = {"alpha": "log_alpha"}
-    heads = 2
-    q, k, v = (torch.randn(1, heads, n).to(dtype) for n in (dk, dk, dv))
-    per_token = [torch.rand(1, heads, *(() if gates[names.get(g, g)].shape == "head"
-                                        else (dv if g == "delta" else dk,))).to(dtype)
-                 for g in kernel.gates]
-    state = [torch.zeros(1, heads, dv, dk) for _ in range(3)]  # point, src, dst
-    state.append(torch.zeros(1, heads, dv, dk) if decoder.momentum else None)
+    decoder._kernel = kernel = StepKernel(op.derivation)
+    x = random_inputs(op, batch=1, length=decoder.chunk, heads=2, dk=dk, dv=dv)
+    gates = {n: x.get(n) for n in ("log_alpha", "eta", "delta", "momentum")}
+    ln = (x["ln_weight"], x["ln_bias"]) if op.affine else None
+    inputs = Inputs.from_op(op.derivation, x["q"].to(dtype), x["k"].to(dtype), x["v"].to(dtype),
+                            {n: None if g is None else g.to(dtype) for n, g in gates.items()},
+                            ln)
+    recorder = _Calls()
+    with mock.patch.object(kernel, "launcher", recorder), torch.no_grad():
+        decoder._kernel_steps(decoder.start(tuple(s.float() for s in x["initial_state"])), inputs)
     found = {}
-    for name, (first, close) in variants.items():
-        recorder = _Recorder()
-        with mock.patch.object(kernel, "launcher", recorder):
-            kernel.run(q, k, v, per_token, *state, first, close)
-        args, kwargs = recorder.call
+    for variant, (args, kwargs) in recorder.calls.items():
         warps = kwargs.pop("num_warps")
-        found[name] = ((kernel.launcher, args, kwargs), [(warps, 1)])
+        found[STEP_VARIANTS[variant]] = ((kernel.launcher, args, kwargs), [(warps, 1)])
     return found
 
 

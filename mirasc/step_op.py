@@ -2,7 +2,8 @@
 
 One launch steps one token: one program per sequence, head and block of value rows, which reads
 the gradient point P (W_s, or A_t Z_s with grad_at 'retained') and the running state
-R = A_t Z_s - U_t, and writes R (and P, S) in place. `mirasc.decode.Decoder` runs it on CUDA
+R = A_t Z_s - U_t (with eta_at 'query': A_t Z_s and the decayed gradient sum), and writes them
+(and the momentum) in place. `mirasc.decode.Decoder` runs it on CUDA
 tensors and under TRITON_INTERPRET=1 for the specs `codegen.step_unsupported` admits; the torch
 step (`Decoder`'s own) runs the others, and every spec on CPU tensors.
 """
@@ -34,29 +35,32 @@ def meta(dk: int, dv: int, whole_v: bool, dtype: torch.dtype) -> dict:
 
 
 class StepKernel:
-    """The step of one spec: `self.op(q, k, v, gates, point, src, dst, s_buf, first, close)` ->
-    o [B, H, Dv] in the state's dtype, for one token's q, k [B, H, Dk], v [B, H, Dv] and gates
-    [B, H(, D)] (named by `self.gates`, contiguous), the state's tracks [B, H, Dv, Dk]: at a
-    chunk's first token (`first`) point and src are the boundary's Z; `close`: the token ends a
-    chunk. dst may be src (in place) or a new tensor."""
+    """The step of one spec: `self.op(q, k, v, gates, tracks, ln, first, close)` -> o [B, H, Dv]
+    in the state's dtype, for one token's q, k [B, H, Dk], v [B, H, Dv] and gates [B, H(, D)]
+    (named by `self.gates`, contiguous), the state's pointers named by `self.tracks` (W
+    [B, H, Dv, Dk], a bias [B, H, Dv]; None where this variant reads none) and the affine layer
+    norm's (ln_weight, ln_bias) [H, Dv] or nothing. `first`: the token opens a chunk (point and
+    src are the boundary's Z); `close`: it ends one. dst may be src (in place) or a new tensor."""
 
     def __init__(self, derivation: Derivation):
         spec = derivation.spec
         module = load_step_module(spec)
         self.gates: list[str] = module.GATES
+        self.tracks: list[str] = module.TRACKS
+        self.layer_norm: bool = module.LAYER_NORM
         self.whole_v: bool = module.WHOLE_V
         self.launcher = getattr(module, f"{spec.name}_step_kernel")
         self.op = self._register(f"mirasc::{spec.name}_{module.DIGEST}_step")
 
-    def run(self, q, k, v, gates, point, src, dst, s_buf, first: bool, close: bool):
+    def run(self, q, k, v, gates, tracks, ln, first: bool, close: bool):
         """Launch the kernel: o [B, H, Dv]."""
         batch, heads, dk = q.shape
         dv = v.shape[-1]
-        o = point.new_empty(batch, heads, dv)
-        launch = meta(dk, dv, self.whole_v, point.dtype)
+        o = tracks[self.tracks.index("src")].new_empty(batch, heads, dv)
+        launch = meta(dk, dv, self.whole_v, o.dtype)
         grid = (batch, heads, triton.cdiv(dv, launch["BV"]))
-        self.launcher[grid](q, k, v, *gates, point, src, dst, s_buf, o, H=heads, FIRST=first,
-                            CLOSE=close, **launch)
+        self.launcher[grid](q, k, v, *gates, *tracks, *ln, o, H=heads, FIRST=first, CLOSE=close,
+                            **launch)
         return o
 
     def _register(self, name: str):
@@ -66,13 +70,14 @@ class StepKernel:
             return _CUSTOM_OPS[name]
 
         def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: list[torch.Tensor],
-                 point: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                 s_buf: torch.Tensor | None, first: bool, close: bool) -> torch.Tensor:
-            return self.run(q, k, v, gates, point, src, dst, s_buf, first, close)
+                 tracks: list[torch.Tensor | None], ln: list[torch.Tensor], first: bool,
+                 close: bool) -> torch.Tensor:
+            return self.run(q, k, v, gates, tracks, ln, first, close)
 
-        op = torch.library.custom_op(name, mutates_args=("point", "dst", "s_buf"))(step)
-        op.register_fake(lambda q, k, v, gates, point, src, dst, s_buf, first, close:
-                         point.new_empty(*q.shape[:2], v.shape[-1]))
+        op = torch.library.custom_op(name, mutates_args=("tracks",))(step)
+        src = self.tracks.index("src")
+        op.register_fake(lambda q, k, v, gates, tracks, ln, first, close:
+                         tracks[src].new_empty(*q.shape[:2], v.shape[-1]))
         _CUSTOM_OPS[name] = op
         return op
 

@@ -1,6 +1,7 @@
 """The Triton decode step (mirasc.step_op, templates/step.py.j2) in Triton's interpreter against
 the torch step (mirasc.decode): every covered shipped spec and generated ones (a norm bias on
-whole value rows, channel gates, grad_at 'retained', a proximal retention's map, a lag token),
+whole value rows, channel gates, grad_at 'retained', a proximal retention's map, a lag token,
+a memory bias, residual and layer norm, eta_at 'query'),
 odd head dims, steps across chunk boundaries; float32 and fp16 inputs against float32; which
 specs the kernel covers."""
 
@@ -24,7 +25,7 @@ from mirasc.reference import Inputs
 pytestmark = pytest.mark.skipif(not interpreting(), reason="the kernel runs in the interpreter")
 
 SPECS = Path(__file__).parent.parent / "specs"
-COVERED = ["deltanet", "gated_deltanet", "linear_attention", "simple_gla", "titans"]
+COVERED = ["deltanet", "gated_deltanet", "linear_attention", "simple_gla", "titans", "ttt_linear"]
 GENERATED = {
     "huber-elastic-momentum": axis_spec(bias="{kind: huber, delta: {shape: channel}}",
                                         retention="{kind: elastic_net, gamma: 0.01, decay: {}}",
@@ -34,6 +35,16 @@ GENERATED = {
                                             learner="{kind: gd, eta: {shape: channel}, "
                                                     "grad_at: retained}"),
     "lp-lag": axis_spec(bias="{kind: lp, p: 3}", extra="lag_token: true"),
+    "bias-residual-norm-momentum": axis_spec(memory="{kind: matrix, bias: true, residual: true, "
+                                                    "layer_norm: true}",
+                                             learner="{kind: momentum, eta: {}, momentum: {}}"),
+    "query-channel-retained-lag": axis_spec(learner="{kind: gd, eta: {shape: channel}, "
+                                                    "eta_at: query, grad_at: retained}",
+                                            extra="lag_token: true"),
+    "query-bias-norm-elastic": axis_spec(memory="{kind: matrix, bias: true, "
+                                                "layer_norm: {affine: true}}",
+                                         retention="{kind: elastic_net, gamma: 0.01, decay: {}}",
+                                         learner="{kind: gd, eta: {}, eta_at: query}"),
 }
 
 
@@ -49,10 +60,11 @@ def relative_error(out, ref) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def run(op, dtype, kernel=True, length=10, seed=3, dk=5, dv=7, computed=None):
+def run(op, dtype, kernel=True, length=10, seed=3, dk=5, computed=None):
     """`length` tokens one call each from a float32 random state: (o [B, H, T, Dv], final
     StepState), by the Triton step (`kernel`) or the torch step; inputs drawn in float64, cast
     to `dtype`, and the step's inputs made of them then cast to `computed`."""
+    dv = dk if op.spec.memory.residual else 7  # a residual needs Dk = Dv
     inputs = random_inputs(op, batch=2, length=length, heads=3, dk=dk, dv=dv, seed=seed)
     if "eta" in inputs and op.spec.bias.kind == "lp":  # a cubic loss diverges at steps near 1
         inputs["eta"] = inputs["eta"] * 0.3
@@ -60,16 +72,18 @@ def run(op, dtype, kernel=True, length=10, seed=3, dk=5, dv=7, computed=None):
     state = decoder.start(tuple(s.float() for s in inputs.pop("initial_state")))
     cast = {n: x.to(dtype) for n, x in inputs.items()}
     gates = {n: cast.get(n) for n in ("log_alpha", "eta", "delta", "momentum")}
+    ln = (cast["ln_weight"], cast["ln_bias"]) if op.affine else None
     outputs = []
     with torch.no_grad(), mock.patch.object(Decoder, "_uses_kernel", return_value=kernel):
         for t in range(length):
             part = {n: None if x is None else x[:, t:t + 1] for n, x in gates.items()}
             steps = Inputs.from_op(op.derivation, cast["q"][:, t:t + 1], cast["k"][:, t:t + 1],
-                                   cast["v"][:, t:t + 1], part)
+                                   cast["v"][:, t:t + 1], part, ln)
             if computed is not None:  # the step's inputs (alpha = exp(log_alpha) among them)
                 steps = Inputs(*(x.to(computed) for x in (steps.q, steps.k, steps.v)),
                                {n: g if isinstance(g, float) else g.to(computed)
-                                for n, g in steps.gates.items()})
+                                for n, g in steps.gates.items()},
+                               ln and tuple(x.to(computed) for x in ln))
             o, state = decoder(state, steps)
             outputs.append(o)
     assert (decoder._kernel is not None) == kernel
@@ -116,9 +130,9 @@ def test_a_wrong_step_is_caught(monkeypatch):
     """The comparison fails for a kernel whose retention map at a chunk end is left out."""
     spec = op_from_yaml(GENERATED["huber-elastic-momentum"]).spec
     text = render_step_module(spec)
-    assert "    if CLOSE:\n        running = " in text
-    broken = run_generated(text.replace("    if CLOSE:\n        running = ",
-                                        "    if CLOSE:\n        running = running + 0 * "))
+    assert "    if CLOSE:\n        w = " in text
+    close = "    if CLOSE:\n        w = "
+    broken = run_generated(text.replace(close, close + "w + 0 * "))
     monkeypatch.setattr(mirasc.step_op, "load_step_module", lambda _: broken)
     monkeypatch.setattr(mirasc.step_op, "_CUSTOM_OPS", {})
     errors = compare(op_from_yaml(GENERATED["huber-elastic-momentum"]), length=5)
@@ -126,12 +140,14 @@ def test_a_wrong_step_is_caught(monkeypatch):
 
 
 def test_which_specs_the_kernel_covers():
-    """The matrix memories without a bias, residual or layer norm, whose state is W, read with
-    the token's own eta; the others keep the torch step, with the reason."""
+    """The matrix memories whose state is W (no dual nonlinear retention); the others keep the
+    torch step, with the reason."""
     covered = sorted(p.stem for p in SPECS.glob("*.yaml")
                      if step_unsupported(derive(resolve(p.stem))) is None)
     assert covered == COVERED
     assert "mlp memory" in step_unsupported(derive(resolve("moneta")))
-    assert "eta_at 'query'" in step_unsupported(derive(resolve("ttt_linear")))
+    mirror = op_from_yaml(axis_spec(retention="{kind: elastic_net, gamma: 0.1, form: dual, "
+                                    "decay: {}}"))
+    assert "dual state (W = phi^-1(Z) is a second track)" in step_unsupported(mirror.derivation)
     kl = op_from_yaml(axis_spec(retention="{kind: kl, decay: {}}"))
     assert "whole-state reduction" in step_unsupported(kl.derivation)
