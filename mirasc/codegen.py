@@ -302,8 +302,8 @@ def render_step_module(spec: Spec) -> str:
     bias = triton_source(elem, names) if norm == 0 else \
         f"{triton_source(elem, names)} + {triton_source(norm, names)} * r"
     shrink = d.retention.elementwise
-    maps = [None if shrink is None else triton_source(shrink, {Z: w}) for w in ("w", "wb")]
-    code = bias + (maps[0] or "")
+    retention_map = None if shrink is None else triton_source(shrink, {Z: "w"})
+    code = bias + (retention_map or "")
     rnorm = any(e.has(RNORM) for e in (elem, norm))
     layer_norm = mem.norm
     linear = "W k" + (" + b" if mem.bias else "")
@@ -314,6 +314,8 @@ def render_step_module(spec: Spec) -> str:
         read = f"{'z' if mem.read_residual == 'output' else 'q_t'} + {read}"
     context = dict(
         name=spec.name, digest=spec.digest(), version=mirasc.__version__, gates=loaded,
+        col_gates=[n for n in loaded if channel[n] and n != "delta"],  # along the key columns
+        row_gates=[n for n in loaded if not channel[n] or n == "delta"],
         tracks=step_tracks(spec),
         gate_offsets={n: ("bh * DV + rows" if n == "delta" else "bh * DK + cols") if channel[n]
                       else "bh" for n in loaded},
@@ -328,8 +330,8 @@ def render_step_module(spec: Spec) -> str:
         norm=layer_norm is not None, affine=layer_norm is not None and layer_norm.affine,
         ln_eps=_number(layer_norm.eps) if layer_norm is not None else "",
         rnorm=rnorm, whole_v=rnorm or layer_norm is not None, rnorm_eps=_number(RNORM_EPS),
-        bias=bias, bias_text=sp.sstr(elem + norm * R), retention_map=maps[0],
-        retention_map_b=maps[1], map_text=None if shrink is None else sp.sstr(shrink),
+        bias=bias, bias_text=sp.sstr(elem + norm * R), retention_map=retention_map,
+        map_text=None if shrink is None else sp.sstr(shrink),
         memory_text=memory_text, read_text=read.replace("z", "z_t") + (
             ", z_t = W q_t" + (" + b" if mem.bias else "") if "z" in read else ""),
         helpers=sorted(set(re.findall(r"\b(" + "|".join(HELPERS) + r")\(", code))))

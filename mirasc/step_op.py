@@ -18,19 +18,21 @@ from mirasc.derive import Derivation
 from mirasc.launch import interpreting
 
 BV_SPLIT = 32  # value rows per program when g(r) is elementwise in r
-ELEMENTS_PER_THREAD = 16  # of each [BV, BK] tile: num_warps = BV * BK / (32 * this), 1 to 16
+TILE = 4096  # elements of a [BV, BK] tile: the key columns pass in blocks of TILE / BV
+ELEMENTS_PER_THREAD = 16  # of each tile: num_warps = TILE / (32 * this), fewer for smaller tiles
 
 _CUSTOM_OPS: dict[str, object] = {}  # the step op by name, the first registered
 
 
 def meta(dk: int, dv: int, whole_v: bool, dtype: torch.dtype) -> dict:
-    """The constexprs and num_warps of a launch at head dims (dk, dv) with a state of `dtype`."""
+    """The constexprs and num_warps of a launch at head dims (dk, dv) with a state of `dtype`:
+    BV value rows per program (all of them with `whole_v`), key columns in blocks of BK."""
     import triton.language as tl
 
-    bk, bdv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
+    bdk, bdv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
     bv = bdv if whole_v else min(bdv, BV_SPLIT)
-    warps = max(1, min(16, bv * bk // (32 * ELEMENTS_PER_THREAD)))
-    return dict(DK=dk, DV=dv, BK=bk, BV=bv, num_warps=warps,
+    bk = min(bdk, max(16, TILE // bv))
+    return dict(DK=dk, DV=dv, BK=bk, BV=bv, num_warps=max(1, bv * bk // (32 * ELEMENTS_PER_THREAD)),
                 ACC=tl.float64 if dtype == torch.float64 else tl.float32)
 
 

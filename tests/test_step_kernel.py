@@ -5,6 +5,7 @@ a memory bias, residual and layer norm, eta_at 'query'),
 odd head dims, steps across chunk boundaries; float32 and fp16 inputs against float32; which
 specs the kernel covers."""
 
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -130,9 +131,9 @@ def test_a_wrong_step_is_caught(monkeypatch):
     """The comparison fails for a kernel whose retention map at a chunk end is left out."""
     spec = op_from_yaml(GENERATED["huber-elastic-momentum"]).spec
     text = render_step_module(spec)
-    assert "    if CLOSE:\n        w = " in text
-    close = "    if CLOSE:\n        w = "
-    broken = run_generated(text.replace(close, close + "w + 0 * "))
+    text, found = re.subn(r"(if CLOSE:\n\s+w = )", r"\1w + 0 * ", text, count=1)
+    assert found == 1
+    broken = run_generated(text)
     monkeypatch.setattr(mirasc.step_op, "load_step_module", lambda _: broken)
     monkeypatch.setattr(mirasc.step_op, "_CUSTOM_OPS", {})
     errors = compare(op_from_yaml(GENERATED["huber-elastic-momentum"]), length=5)
