@@ -21,7 +21,7 @@ BV_SPLIT = 32  # value rows per program when g(r) is elementwise in r
 TILE = 4096  # elements of a [BV, BK] tile: the key columns pass in blocks of TILE / BV
 ELEMENTS_PER_THREAD = 16  # of each tile: num_warps = TILE / (32 * this), fewer for smaller tiles
 
-_CUSTOM_OPS: dict[str, object] = {}  # the step op by name, the first registered
+_CUSTOM_OPS: dict[str, tuple] = {}  # by name: the step op and [the StepKernel it runs]
 
 
 def meta(dk: int, dv: int, whole_v: bool, dtype: torch.dtype) -> dict:
@@ -66,21 +66,24 @@ class StepKernel:
         return o
 
     def _register(self, name: str):
-        """The custom op (once per process: a second module of the same spec and digest takes
-        the first's)."""
-        if name in _CUSTOM_OPS:
-            return _CUSTOM_OPS[name]
+        """The custom op, registered once per process under `name` (which includes the spec's
+        digest); it runs the latest `StepKernel` made for it (the same code, unless a test swaps
+        the module), so a launcher swapped on that instance is the one called."""
+        if name not in _CUSTOM_OPS:
+            runs = [self]
 
-        def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: list[torch.Tensor],
-                 tracks: list[torch.Tensor | None], ln: list[torch.Tensor], first: bool,
-                 close: bool) -> torch.Tensor:
-            return self.run(q, k, v, gates, tracks, ln, first, close)
+            def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     gates: list[torch.Tensor], tracks: list[torch.Tensor | None],
+                     ln: list[torch.Tensor], first: bool, close: bool) -> torch.Tensor:
+                return runs[0].run(q, k, v, gates, tracks, ln, first, close)
 
-        op = torch.library.custom_op(name, mutates_args=("tracks",))(step)
-        src = self.tracks.index("src")
-        op.register_fake(lambda q, k, v, gates, tracks, ln, first, close:
-                         tracks[src].new_empty(*q.shape[:2], v.shape[-1]))
-        _CUSTOM_OPS[name] = op
+            op = torch.library.custom_op(name, mutates_args=("tracks",))(step)
+            src = self.tracks.index("src")
+            op.register_fake(lambda q, k, v, gates, tracks, ln, first, close:
+                             tracks[src].new_empty(*q.shape[:2], v.shape[-1]))
+            _CUSTOM_OPS[name] = op, runs
+        op, runs = _CUSTOM_OPS[name]
+        runs[0] = self
         return op
 
 

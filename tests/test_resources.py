@@ -133,13 +133,15 @@ def test_every_shipped_spec_compiles_for_sm90(env, tmp_path):
 def test_step_kernels_do_not_spill_at_head_dim_128(env):
     """The decode step of every matrix spec at Dk = Dv = 128 (bf16 inputs, float32 state), each
     variant its chunk positions take, compiles for sm_90 without spilling a register."""
-    covered = ["deltanet", "gated_deltanet", "linear_attention", "simple_gla", "titans"]
+    covered = ["deltanet", "gated_deltanet", "linear_attention", "simple_gla", "titans",
+               "ttt_linear"]
     done = subprocess.run([sys.executable, "-c", STEPS, *covered], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert {r["spec"] for r in rows} == set(covered), rows
-    assert {r["kernel"] for r in rows if r["spec"] == "titans"} == {"step_1st", "step",
+    for spec in ("titans", "ttt_linear"):  # mini-batch: a chunk's first, inner and last token
+        assert {r["kernel"] for r in rows if r["spec"] == spec} == {"step_1st", "step",
                                                                     "step_end"}, rows
     for r in rows:
         assert r["spill"] == 0 and r["registers"] <= 255 and r["fits"], r
