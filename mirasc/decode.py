@@ -208,11 +208,11 @@ class Decoder:
         if self._kernel is None:
             self._kernel = StepKernel(self.derivation)
         kernel = self._kernel
-        ln = []
+        ln, acc = [], state.tensors()[0].dtype
         if kernel.layer_norm:
             dv, heads = inputs.v.shape[-1], inputs.v.shape[1]
-            ln = [x.contiguous() for x in inputs.ln] if inputs.ln is not None else [
-                inputs.v.new_ones(heads, dv), inputs.v.new_zeros(heads, dv)]
+            ln = [x.to(acc).contiguous() for x in inputs.ln] if inputs.ln is not None else [
+                inputs.v.new_ones(heads, dv, dtype=acc), inputs.v.new_zeros(heads, dv, dtype=acc)]
         outputs = []
         for t in range(inputs.q.shape[2]):
             close = self.chunk_end(state.position)
@@ -222,7 +222,7 @@ class Decoder:
             gates = [inputs.gates[n][:, :, t].contiguous() for n in kernel.gates]
             outputs.append(kernel.op(
                 *(x[:, :, t].contiguous() for x in (inputs.q, inputs.k, inputs.v)), gates,
-                pointers, [x.to(pointers[1].dtype) for x in ln], "zs" in state.tracks, close))
+                pointers, ln, "zs" in state.tracks, close))
             state = StepState((state.position + 1) % self.chunk, tracks, state.momentum)
         return reference._stacked(outputs, inputs), state
 

@@ -3,9 +3,9 @@
 One launch steps one token: one program per sequence, head and block of value rows, which reads
 the gradient point P (W_s, or A_t Z_s with grad_at 'retained') and the running state
 R = A_t Z_s - U_t (with eta_at 'query': A_t Z_s and the decayed gradient sum), and writes them
-(and the momentum) in place. `mirasc.decode.Decoder` runs it on CUDA
-tensors and under TRITON_INTERPRET=1 for the specs `codegen.step_unsupported` admits; the torch
-step (`Decoder`'s own) runs the others, and every spec on CPU tensors.
+(and the momentum) in place. `mirasc.decode.Decoder` runs it on CUDA tensors and under
+TRITON_INTERPRET=1 for the specs `codegen.step_unsupported` admits; the torch step (`Decoder`'s
+own) runs the others, and every spec on CPU tensors.
 """
 
 from __future__ import annotations

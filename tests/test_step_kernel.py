@@ -42,6 +42,9 @@ GENERATED = {
     "query-channel-retained-lag": axis_spec(learner="{kind: gd, eta: {shape: channel}, "
                                                     "eta_at: query, grad_at: retained}",
                                             extra="lag_token: true"),
+    "bias-retained-lag": axis_spec(memory="{kind: matrix, bias: true}",
+                                   learner="{kind: gd, eta: {}, grad_at: retained}",
+                                   extra="lag_token: true"),
     "query-bias-norm-elastic": axis_spec(memory="{kind: matrix, bias: true, "
                                                 "layer_norm: {affine: true}}",
                                          retention="{kind: elastic_net, gamma: 0.01, decay: {}}",
