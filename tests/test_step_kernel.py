@@ -117,7 +117,7 @@ def test_the_kernel_steps_like_the_torch_step(name):
     assert max(errors.values()) <= 1e-5, errors
 
 
-@pytest.mark.parametrize("name", ["titans", "huber-elastic-momentum"])
+@pytest.mark.parametrize("name", ["titans", "ttt_linear", "huber-elastic-momentum"])
 def test_fp16_inputs_against_float32(name):
     """fp16 q, k, v and gates into a float32 state: as the torch step on the same values in
     float32 (the kernel computes in float32), and near the unrounded float32 inputs."""
