@@ -1,4 +1,4 @@
-"""`python -m benchmarks {cpu,gpu,compile,resources,static,startup}` from the repository root;
+"""`python -m benchmarks {cpu,decode,gpu,compile,resources,static,startup}` from the repository root;
 see --help."""
 
 from __future__ import annotations
@@ -54,6 +54,28 @@ def cpu(specs: Specs = None,
     env = environment("cpu")
     typer.echo("\n" + bench.report(cfg, rows, env))
     write_outputs(out, "cpu", rows, {"environment": env, **vars(cfg)})
+
+
+@app.command()
+def decode(specs: Specs = None,
+           hidden: Annotated[int, typer.Option(help="The layer's hidden size.")] = 512,
+           heads: Annotated[int, typer.Option(help="Heads (head dim = hidden / heads).")] = 4,
+           repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 5,
+           threads: Annotated[int, typer.Option(help="torch.set_num_threads.")] = 1,
+           new_tokens: Annotated[int, typer.Option(help="Tokens each generate call adds.")] = 32,
+           out: Out = None):
+    """Per-token decode time by position in the chunk, the O(1) step against re-running the op
+    on the inputs since the boundary, cache bytes per layer and generate's tokens/s, on CPU
+    (all specs at hidden 512: a few minutes on 2 cores)."""
+    from benchmarks import decode as bench
+    from benchmarks.common import environment, write_outputs
+
+    cfg = bench.Config(_names(specs) if specs else list(bench.ALL_SPECS), hidden, heads, repeats,
+                       threads, new_tokens)
+    rows = bench.benchmark(cfg)
+    env = environment("cpu")
+    typer.echo("\n" + bench.report(cfg, rows, env))
+    write_outputs(out, "decode", rows, {"environment": env, **vars(cfg)})
 
 
 @app.command()

@@ -75,10 +75,23 @@ def load_module(spec: Spec) -> ModuleType:
     holds the same text, and run from that rendered text (once per process)."""
     from mirasc.codegen import render_module
 
-    target = module_path(spec)
+    return _load(module_path(spec), lambda: render_module(spec))
+
+
+def load_step_module(spec: Spec) -> ModuleType:
+    """The module of `spec`'s Triton decode step (`codegen.render_step_module`), cached beside
+    its chunk module like `load_module`'s."""
+    from mirasc.codegen import render_step_module
+
+    return _load(cache_dir() / f"{spec.name}-{spec.digest()}-step.py",
+                 lambda: render_step_module(spec))
+
+
+def _load(target: Path, render) -> ModuleType:
+    """The module of file `target` holding the text `render()` returns (see `load_module`)."""
     if target in _written:
         return _modules[target.stem]
-    text = render_module(spec)
+    text = render()
     try:
         if not target.exists() or target.read_text() != text:
             write_atomic(target, text)

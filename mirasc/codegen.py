@@ -16,7 +16,7 @@ import sympy as sp
 
 import mirasc
 from mirasc import tuning
-from mirasc.derive import DELTA, RNORM, RNORM_EPS, R, V, derive
+from mirasc.derive import DELTA, RNORM, RNORM_EPS, R, V, Z, derive
 from mirasc.expr import torch_source
 from mirasc.kernel_printer import BLOCKS, BUFFER_BLOCKS, KernelPrinter, indent
 from mirasc.memories import chunk_step
@@ -242,6 +242,102 @@ def render_triton_module(spec: Spec) -> str:
         v_blocks=macros.block_loop("DV"))
     text = environment.get_template("triton_chunk.py.j2").render(m=context)
     return wrap(drop_blank_lines_in_functions(drop_dead_assignments(text)))
+
+
+# ---- the decode step ----------------------------------------------------------------------------
+
+
+def step_unsupported(d) -> str | None:
+    """Why the Triton step kernel does not cover this spec (None when it does): it steps a
+    matrix memory W [Dv, Dk] (M(k) = W k, with its bias, residual and layer norm) whose state is
+    the memory itself. Other specs decode by the torch step on every device."""
+    mem = d.spec.memory
+    reasons = [
+        (mem.kind != "matrix", f"the {mem.kind} memory (the kernel steps a matrix memory W k)"),
+        (d.retention.dual and not d.retention.linear,
+         f"the {d.retention.kind} retention's dual state (W = phi^-1(Z) is a second track"
+         + (", a whole-state reduction)" if d.retention.elementwise is None else ")")),
+    ]
+    why = [text for failed, text in reasons if failed]
+    for expr in (d.bias.elem, d.bias.norm, d.retention.elementwise):
+        try:
+            if expr is not None:
+                triton_source(expr, {s: s.name for s in expr.free_symbols})
+        except CodegenError as exc:
+            why.append(str(exc))
+    return "; ".join(why) if why else None
+
+
+STEP_GATES = {"log_alpha": "alpha", "eta": "eta", "momentum": "momentum", "delta": "delta"}
+# the step kernel's name of each op gate (the decay enters as alpha = exp(log_alpha))
+
+
+def step_tracks(spec: Spec) -> list[str]:
+    """The step kernel's state pointers, in order: the gradient point, the running state read
+    (SRC) and written (DST), the momentum buffer, the gradient sums read and written (eta_at
+    'query'); each followed by its bias's with memory.bias."""
+    learner = spec.learner
+    by_query = learner.kind == "gd" and learner.eta_at == "query"
+    roles = ["point", "src", "dst"] + (["s_buf"] if learner.kind == "momentum" else []) \
+        + (["g_src", "g_dst"] if by_query else [])
+    return [n for r in roles for n in ([r, f"{r}_b"] if spec.memory.bias else [r])]
+
+
+def render_step_module(spec: Spec) -> str:
+    """The module holding the Triton decode step of `spec` (`templates/step.py.j2`): the bias
+    gradient g(r) and the retention's elementwise map printed from the derivation."""
+    d = derive(spec)
+    reason = step_unsupported(d)
+    if reason:
+        raise CodegenError(f"{spec.name}: the Triton step kernel does not support {reason}")
+    mem, learner = spec.memory, spec.learner
+    gates = {STEP_GATES[n]: g for n, g in d.op_gates().items()}
+    loaded = [n for n in ("alpha", "eta", "momentum", "delta") if n in gates and gates[n].is_input]
+    channel = {n: gates[n].shape == "channel" for n in loaded}
+
+    def gate(name: str) -> str:
+        return f"{name}_t" if name in loaded else _number(float(gates[name].value))
+
+    names = {R: "r", V: "v_t", RNORM: "rnorm", DELTA: "delta_t"}
+    elem, norm = d.bias.elem, d.bias.norm
+    bias = triton_source(elem, names) if norm == 0 else \
+        f"{triton_source(elem, names)} + {triton_source(norm, names)} * r"
+    shrink = d.retention.elementwise
+    retention_map = None if shrink is None else triton_source(shrink, {Z: "w"})
+    code = bias + (retention_map or "")
+    rnorm = any(e.has(RNORM) for e in (elem, norm))
+    layer_norm = mem.norm
+    linear = "W k" + (" + b" if mem.bias else "")
+    memory_text = f"LN({linear})" if layer_norm else linear
+    read = "LN(z)" if layer_norm else "z"
+    if mem.residual:
+        memory_text = f"k + {memory_text}"
+        read = f"{'z' if mem.read_residual == 'output' else 'q_t'} + {read}"
+    context = dict(
+        name=spec.name, digest=spec.digest(), version=mirasc.__version__, gates=loaded,
+        col_gates=[n for n in loaded if channel[n] and n != "delta"],  # along the key columns
+        row_gates=[n for n in loaded if not channel[n] or n == "delta"],
+        tracks=step_tracks(spec),
+        gate_offsets={n: ("bh * DV + rows" if n == "delta" else "bh * DK + cols") if channel[n]
+                      else "bh" for n in loaded},
+        gate_masks={n: ("mask_r" if n == "delta" else "mask_c") if channel[n] else ""
+                    for n in loaded},
+        retained=learner.grad_at == "retained", decays="alpha" in gates,
+        by_query=learner.kind == "gd" and learner.eta_at == "query",
+        alpha=gate("alpha") if "alpha" in gates else "", eta=gate("eta"),
+        momentum=learner.kind == "momentum",
+        momentum_gate=gate("momentum") if "momentum" in gates else "",
+        bias_memory=mem.bias, residual=mem.residual, read_output=mem.read_residual == "output",
+        norm=layer_norm is not None, affine=layer_norm is not None and layer_norm.affine,
+        ln_eps=_number(layer_norm.eps) if layer_norm is not None else "",
+        rnorm=rnorm, whole_v=rnorm or layer_norm is not None, rnorm_eps=_number(RNORM_EPS),
+        bias=bias, bias_text=sp.sstr(elem + norm * R), retention_map=retention_map,
+        map_text=None if shrink is None else sp.sstr(shrink),
+        memory_text=memory_text, read_text=read.replace("z", "z_t") + (
+            ", z_t = W q_t" + (" + b" if mem.bias else "") if "z" in read else ""),
+        helpers=sorted(set(re.findall(r"\b(" + "|".join(HELPERS) + r")\(", code))))
+    text = _environment().get_template("step.py.j2").render(s=context)
+    return wrap(drop_blank_lines_in_functions(text))
 
 
 @dataclass(frozen=True)

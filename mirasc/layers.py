@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mirasc import reference
 from mirasc.cache import compile as compile_spec
 from mirasc.catalog import resolve
+from mirasc.decode import Decoder, StepState
 from mirasc.op import BACKENDS, MirasOp
 from mirasc.spec import Spec
 
@@ -105,6 +107,7 @@ class MirasLayer(nn.Module):
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.backend, self.check_gates = backend, check_gates
         self.op: MirasOp = compile_spec(self.spec)
+        self.decoder = Decoder(self.op.derivation, self.op.oracle_chunk_size)
         width = num_heads * head_dim
         self.q_proj = nn.Linear(hidden_size, width, bias=False)
         self.k_proj = nn.Linear(hidden_size, width, bias=False)
@@ -126,11 +129,6 @@ class MirasLayer(nn.Module):
         self.o_norm = nn.RMSNorm(head_dim, eps=norm_eps)
         self.g_proj = nn.Linear(hidden_size, width, bias=False)
         self.o_proj = nn.Linear(width, hidden_size, bias=False)
-
-    @property
-    def decode_chunk(self) -> int:
-        """Tokens the op must see together to equal the parallel forward (1 when exact)."""
-        return self.op.oracle_chunk_size or 1
 
     def forward(self, x: torch.Tensor, state: dict | None = None, use_cache: bool = False):
         """x [B, T, hidden] -> (y [B, T, hidden], state or None). With a state (from a previous
@@ -169,7 +167,7 @@ class MirasLayer(nn.Module):
         sequence that ends mid-chunk gets one more token, whose output is dropped: then the
         output at t never depends on where the sequence ends (decoding equals the parallel run)."""
         length = inputs["q"].shape[1]
-        if final or length % self.decode_chunk == 0:
+        if final or length % self.decoder.chunk == 0:
             return self._run(inputs, memory, final)
         padded = {n: torch.cat([x, x[:, -1:]], 1) for n, x in inputs.items()}
         return self._run(padded, memory)[0][:, :length], None
@@ -186,25 +184,48 @@ class MirasLayer(nn.Module):
                        check_gates=self.check_gates)
 
     def _continue(self, inputs: dict, state: dict | None, batch: int, like: torch.Tensor):
-        """Run from the last chunk boundary: the state keeps the memory there and the inputs since
-        (fewer than `decode_chunk` tokens), which are run again with the new ones."""
-        memory = state["memory"] if state else self._initial_memory(batch, like)
-        if state and state["pending"] is not None:
-            seen = state["pending"]["q"].shape[1]
-            inputs = {n: torch.cat([state["pending"][n], x], 1) for n, x in inputs.items()}
-        else:
-            seen = 0
-        total = inputs["q"].shape[1]
-        whole = total - total % self.decode_chunk
+        """Continue from the state's `StepState` (O(1) in the position inside a chunk): the
+        tokens up to the next chunk boundary step, then whole chunks of a call of more than one
+        token run through the op (a prefill), and the rest steps again."""
+        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+        memory = state["memory"] if state else self._start_state(batch, like, acc)
+        length, chunk = inputs["q"].shape[1], self.decoder.chunk
+        head = min(length, -memory.position % chunk)
+        rest = length - head
+        whole = rest - rest % chunk if length > 1 else 0
         outputs = []
-        if whole:
-            o, memory = self._memory({n: x[:, :whole] for n, x in inputs.items()}, memory, True)
+        if head:
+            o, memory = self._step({n: x[:, :head] for n, x in inputs.items()}, memory)
             outputs.append(o)
-        pending = {n: x[:, whole:] for n, x in inputs.items()} if whole < total else None
-        if pending is not None:
-            outputs.append(self._memory(pending, memory)[0])
-        o = torch.cat(outputs, 1)[:, seen:]
-        return o, {"memory": memory, "pending": pending}
+        if whole:
+            part = {n: x[:, head:head + whole] for n, x in inputs.items()}
+            o, final = self._memory(part, memory.boundary, final=True)
+            outputs.append(o)
+            memory = self.decoder.start(tuple(s.to(acc) for s in final))
+        if head + whole < length:
+            o, memory = self._step({n: x[:, head + whole:] for n, x in inputs.items()}, memory)
+            outputs.append(o)
+        return torch.cat(outputs, 1), {"memory": memory}
+
+    def _start_state(self, batch: int, like: torch.Tensor, dtype: torch.dtype) -> StepState:
+        """The step state of a new sequence: the learned initial memory or zeros."""
+        memory = self._initial_memory(batch, like)
+        if memory is None:
+            shapes = self.op.state_shapes(batch, self.num_heads, self.head_dim, self.head_dim)
+            memory = tuple(like.new_zeros(s, dtype=dtype) for s in shapes)
+        return self.decoder.start(tuple(m.to(dtype) for m in memory))
+
+    def _step(self, inputs: dict, memory: StepState):
+        """The tokens of `inputs` through the O(1) step, in the state's dtype: (o, state)."""
+        dtype = memory.tensors()[0].dtype
+        cast = {n: x.to(dtype) for n, x in inputs.items()}
+        gates = {n: cast.get(n) for n in self.op.torch_input_names if n not in ("ln_weight",
+                                                                                 "ln_bias")}
+        ln = (self.ln_weight.to(dtype), self.ln_bias.to(dtype)) if self.op.affine else None
+        steps = reference.Inputs.from_op(self.op.derivation, cast["q"], cast["k"], cast["v"],
+                                         gates, ln)
+        o, memory = self.decoder(memory, steps)
+        return o.transpose(1, 2).to(inputs["v"].dtype), memory
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:

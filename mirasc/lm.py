@@ -21,6 +21,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mirasc.catalog import resolve, spec_text
+from mirasc.decode import StepState
 from mirasc.layers import MirasLayer, SlidingWindowAttention
 from mirasc.spec import Spec
 
@@ -89,8 +90,8 @@ class Block(nn.Module):
 
 
 class MirasCache:
-    """Per-layer recurrent states (memory at the last chunk boundary, pending inputs, convolution
-    tails; keys and values of the attention window) and the number of tokens seen."""
+    """Per-layer recurrent states (the memory's O(1) `StepState`, convolution tails; keys and
+    values of the attention window) and the number of tokens seen."""
 
     def __init__(self, num_layers: int):
         self.states: list[dict | None] = [None] * num_layers
@@ -107,6 +108,8 @@ class MirasCache:
 def _select(x, index):
     if isinstance(x, torch.Tensor):
         return x.index_select(0, index.to(x.device))
+    if isinstance(x, StepState):
+        return x.select(index)
     if isinstance(x, dict):
         return {k: _select(v, index) for k, v in x.items()}
     if isinstance(x, tuple | list):

@@ -137,6 +137,52 @@ def launches(op, dk: int, dv: int, dtype: torch.dtype, state_dtype: torch.dtype 
             for kernel, r in recorders.items()}
 
 
+STEP_VARIANTS = {(False, False): "step", (True, False): "step_1st", (False, True): "step_end",
+                 (True, True): "step_one"}
+# the decode step's kernel by (a chunk's first token, its last): inside a chunk, opening one,
+# closing one, a chunk of one token (an exact spec's every token, a lag token)
+
+
+class _Calls:
+    """Stands in for the step kernel's launcher: keeps the first launch of each (FIRST, CLOSE)
+    variant instead of running it."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.setdefault((kwargs["FIRST"], kwargs["CLOSE"]), (args, kwargs))
+        return launch
+
+
+def step_launches(op, dk: int, dv: int, dtype: torch.dtype) -> dict:
+    """The decode step's kernel (`mirasc.step_op`) as `Decoder` launches it over a chunk's tokens
+    of `dtype` into a float32 state at head dims (dk, dv), in each variant (`STEP_VARIANTS`)
+    the chunk's positions take: {name: ((kernel, args, kwargs), [(num_warps, num_stages)])}."""
+    from mirasc.check import random_inputs
+    from mirasc.decode import Decoder
+    from mirasc.reference import Inputs
+    from mirasc.step_op import StepKernel
+
+    decoder = Decoder(op.derivation, op.oracle_chunk_size)
+    decoder._kernel = kernel = StepKernel(op.derivation)
+    x = random_inputs(op, batch=1, length=decoder.chunk, heads=2, dk=dk, dv=dv)
+    gates = {n: x.get(n) for n in ("log_alpha", "eta", "delta", "momentum")}
+    ln = (x["ln_weight"], x["ln_bias"]) if op.affine else None
+    inputs = Inputs.from_op(op.derivation, x["q"].to(dtype), x["k"].to(dtype), x["v"].to(dtype),
+                            {n: None if g is None else g.to(dtype) for n, g in gates.items()},
+                            ln)
+    recorder = _Calls()
+    with mock.patch.object(kernel, "launcher", recorder), torch.no_grad():
+        decoder._kernel_steps(decoder.start(tuple(s.float() for s in x["initial_state"])), inputs)
+    found = {}
+    for variant, (args, kwargs) in recorder.calls.items():
+        warps = kwargs.pop("num_warps")
+        found[STEP_VARIANTS[variant]] = ((kernel.launcher, args, kwargs), [(warps, 1)])
+    return found
+
+
 def configs(op, kernel: str) -> list[tuple[int, int]]:
     """The (num_warps, num_stages) pairs the autotuner of the op's `kernel` tries."""
     from mirasc.cache import load_module
@@ -200,17 +246,31 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
     first only."""
     from triton.runtime.errors import PTXASError
 
+    from mirasc.codegen import step_unsupported
+    from mirasc.launch import interpreting
+
     if capability not in SHARED_LIMIT:
         raise CannotCompile(f"sm_{capability}: allowed: {', '.join(map(str, SHARED_LIMIT))}")
-    rows, found = [], launches(op, dk, dv, dtype, state_dtype=dtype)
+    if interpreting():
+        raise CannotCompile("TRITON_INTERPRET=1 replaces Triton's compiler; unset it")
+    found = {}
+    if op.backend == "triton":
+        found = {kernel: (launch, configs(op, kernel))
+                 for kernel, launch in launches(op, dk, dv, dtype, state_dtype=dtype).items()}
+    step = step_unsupported(op.derivation)
+    if step is None:
+        found |= step_launches(op, dk, dv, dtype)
+    elif not found:
+        raise CannotCompile(f"{op.spec.name} has no Triton kernels (it runs on the torch path; "
+                            f"the step kernel does not support {step})")
     unknown = sorted(set(only) - set(found))
     if unknown:
         raise CannotCompile(f"--kernels: {op.spec.name} has no {', '.join(unknown)}; allowed: "
                             f"{', '.join(found)}")
-    for kernel, launch in found.items():
+    rows = []
+    for kernel, (launch, tried) in found.items():
         if only and kernel not in only:
             continue
-        tried = configs(op, kernel)
         for num_warps, num_stages in tried if which == "tuned" else tried[:1]:
             start = time.perf_counter()
             try:

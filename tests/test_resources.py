@@ -17,6 +17,8 @@ import torch
 
 import mirasc
 from mirasc.cache import load_module
+from mirasc.codegen import step_unsupported
+from mirasc.derive import derive
 
 pytestmark = pytest.mark.slow  # compiles for sm_90 in subprocesses: tens of seconds a test
 
@@ -38,6 +40,18 @@ for name in sys.argv[1:]:
     for u in kernel_usage(op, 13, 13, torch.bfloat16, 90, which="first"):
         print(json.dumps({"spec": name, "kernel": u.kernel, "registers": u.registers,
                           "shared": u.shared_bytes, "limit": u.shared_limit}))
+"""
+
+STEPS = """
+import json, sys
+import torch, mirasc
+from mirasc.resources import kernel_usage, step_launches
+for name in sys.argv[1:]:
+    op = mirasc.compile(f"specs/{name}.yaml")
+    only = tuple(step_launches(op, 128, 128, torch.bfloat16))
+    for u in kernel_usage(op, 128, 128, torch.bfloat16, 90, which="first", only=only):
+        print(json.dumps({"spec": name, "kernel": u.kernel, "registers": u.registers,
+                          "spill": u.spill_bytes, "fits": u.fits}))
 """
 
 PIPELINED = """
@@ -105,12 +119,32 @@ def test_every_shipped_spec_compiles_for_sm90(env, tmp_path):
     # memory) has stages too: its inverse reads no state
     staged = {"deltanet", "gated_deltanet", str(matrix)}
     for s in names:
-        kernels = [r["kernel"] for r in rows if r["spec"] == s]
-        assert kernels == _kernels(s if s.endswith(".yaml") else f"specs/{s}.yaml"), (s, kernels)
+        path = s if s.endswith(".yaml") else f"specs/{s}.yaml"
+        steps = [r["kernel"] for r in rows if r["spec"] == s and r["kernel"].startswith("step")]
+        assert bool(steps) == (step_unsupported(derive(mirasc.load_spec(path))) is None), steps
+        kernels = [r["kernel"] for r in rows if r["spec"] == s and r["kernel"] not in steps]
+        assert kernels == _kernels(path), (s, kernels)
         assert {"fwd", "fwd_out", "bwd"} < set(kernels), (s, kernels)
         assert s not in staged or {"fwd_stage", "bwd_stage"} <= set(kernels), (s, kernels)
     for r in rows:
         assert 0 < r["registers"] <= 255 and 0 < r["shared"] <= r["limit"], r
+
+
+def test_step_kernels_do_not_spill_at_head_dim_128(env):
+    """The decode step of every matrix spec at Dk = Dv = 128 (bf16 inputs, float32 state), each
+    variant its chunk positions take, compiles for sm_90 without spilling a register."""
+    covered = ["deltanet", "gated_deltanet", "linear_attention", "simple_gla", "titans",
+               "ttt_linear"]
+    done = subprocess.run([sys.executable, "-c", STEPS, *covered], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {r["spec"] for r in rows} == set(covered), rows
+    for spec in ("titans", "ttt_linear"):  # mini-batch: a chunk's first, inner and last token
+        assert {r["kernel"] for r in rows if r["spec"] == spec} == {"step_1st", "step",
+                                                                    "step_end"}, rows
+    for r in rows:
+        assert r["spill"] == 0 and r["registers"] <= 255 and r["fits"], r
 
 
 def test_value_blocks_fit_hopper_at_head_dim_128(env):
