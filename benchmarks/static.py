@@ -71,7 +71,9 @@ def _grid(kernel, args, kwargs, grid) -> tuple[int, ...]:
 @contextlib.contextmanager
 def recording(launches: list[Launch]):
     """Within it, Triton launches append to `launches` and run nothing; an autotuned launch is
-    recorded once with every configuration its autotuner holds."""
+    recorded once with every configuration its autotuner holds. Tensors allocated empty are
+    zeros: no kernel ran to fill them, and a program interpreted later reads them (a row's flag
+    that garbage set would mask its loads off, and its bytes would not count)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
@@ -97,7 +99,9 @@ def recording(launches: list[Launch]):
         finally:
             tuned.pop()
 
-    with mock.patch.object(JITFunction, "run", run), mock.patch.object(Autotuner, "run", tune):
+    with mock.patch.object(JITFunction, "run", run), mock.patch.object(Autotuner, "run", tune), \
+            mock.patch.object(torch.Tensor, "new_empty", torch.Tensor.new_zeros), \
+            mock.patch("torch.empty_like", torch.zeros_like), mock.patch("torch.empty", torch.zeros):
         yield
 
 
