@@ -168,14 +168,21 @@ def triton_unsupported(d) -> str | None:
          and spec.learner.eta.shape == "channel",
          "learner.eta_at 'query' with a channel-wise eta on a matrix memory"),
     ]
-    why = [text for failed, text in reasons if failed]
+    why = [text for failed, text in reasons if failed] + _unprintable(d)
+    return "; ".join(why) if why else None
+
+
+def _unprintable(d) -> list[str]:
+    """Why the derivation's expressions (the bias's g, its norm term, the retention's map) do not
+    print as Triton, one reason each."""
+    why = []
     for expr in (d.bias.elem, d.bias.norm, d.retention.elementwise):
         try:
             if expr is not None:
                 triton_source(expr, {s: s.name for s in expr.free_symbols})
         except CodegenError as exc:
             why.append(str(exc))
-    return "; ".join(why) if why else None
+    return why
 
 
 def render_triton_module(spec: Spec) -> str:
@@ -258,13 +265,7 @@ def step_unsupported(d) -> str | None:
          f"the {d.retention.kind} retention's dual state (W = phi^-1(Z) is a second track"
          + (", a whole-state reduction)" if d.retention.elementwise is None else ")")),
     ]
-    why = [text for failed, text in reasons if failed]
-    for expr in (d.bias.elem, d.bias.norm, d.retention.elementwise):
-        try:
-            if expr is not None:
-                triton_source(expr, {s: s.name for s in expr.free_symbols})
-        except CodegenError as exc:
-            why.append(str(exc))
+    why = [text for failed, text in reasons if failed] + _unprintable(d)
     return "; ".join(why) if why else None
 
 

@@ -59,3 +59,23 @@ def _float64_default():
 
 
 __all__ = ["axis_spec", "op_from_yaml", "random_inputs", "run_generated"]
+
+
+def decode(layer, x, prefill):
+    """A layer's outputs when it prefills `prefill` tokens in one call, then takes one token per
+    call from the state it returned."""
+    y, state = layer(x[:, :prefill], None, use_cache=True)
+    outputs = [y]
+    for t in range(prefill, x.shape[1]):
+        y, state = layer(x[:, t:t + 1], state, use_cache=True)
+        outputs.append(y)
+    return torch.cat(outputs, 1)
+
+
+def assert_generates_alike(model, prompt: torch.Tensor, new: int) -> None:
+    """Greedy generation of `new` tokens gives the same tokens with the cache and without."""
+    cached = model.generate(prompt, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+    fresh = model.generate(prompt, max_new_tokens=new, do_sample=False, min_new_tokens=new,
+                           use_cache=False)
+    assert cached.shape == (prompt.shape[0], prompt.shape[1] + new)
+    assert torch.equal(cached, fresh)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import axis_spec, op_from_yaml
+from conftest import assert_generates_alike, axis_spec, decode, op_from_yaml
 from test_oracle import AXIS_CASES
 
 import mirasc.op
@@ -125,16 +125,6 @@ def test_every_axis_value_steps_like_the_parallel_forward(case):
     assert relative_error(o[:, :-1], parallel[:, :-1]) < 1e-10
 
 
-def layer_decode(layer, x, prefill):
-    """Prefill `prefill` tokens in one call, then one token per call."""
-    y, state = layer(x[:, :prefill], None, use_cache=True)
-    outputs = [y]
-    for t in range(prefill, x.shape[1]):
-        y, state = layer(x[:, t:t + 1], state, use_cache=True)
-        outputs.append(y)
-    return torch.cat(outputs, 1)
-
-
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_prefill_then_decode_at_every_offset(spec):
     """The layer (parallel forward: the op) against a prefill ending at each offset inside a chunk
@@ -145,7 +135,7 @@ def test_prefill_then_decode_at_every_offset(spec):
     parallel, _ = layer(x)
     for prefill in range(1, 7):
         with torch.set_grad_enabled(prefill % 2 == 0):  # the state updated in place or not
-            decoded = layer_decode(layer, x, prefill)
+            decoded = decode(layer, x, prefill)
         assert relative_error(decoded, parallel) < 1e-10, prefill
 
 
@@ -176,7 +166,7 @@ def test_float32_decoding_at_the_shipped_chunk_size(spec):
     chunk = layer.decoder.chunk
     x = torch.randn(1, chunk + 3, 16)
     parallel, _ = layer(x)
-    assert relative_error(layer_decode(layer, x, max(1, chunk - 2)), parallel) < 1e-5
+    assert relative_error(decode(layer, x, max(1, chunk - 2)), parallel) < 1e-5
 
 
 def state_bytes(state: dict) -> int:
@@ -228,11 +218,7 @@ def test_generate_with_cache_equals_without(name):
                          num_hidden_layers=2, num_heads=2)
     model = MirasForCausalLM(config).double().eval()
     prompt = torch.randint(0, 30, (2, 4))
-    cached = model.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    fresh = model.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8,
-                           use_cache=False)
-    assert cached.shape == (2, 12)
-    assert torch.equal(cached, fresh)
+    assert_generates_alike(model, prompt, 8)
 
 
 def test_bad_arguments_are_refused():
@@ -279,5 +265,5 @@ def test_bfloat16_layer_decodes_in_float32_state():
         parallel, _ = layer(x)
         _, state = layer(x[:, :6], None, use_cache=True)
         assert all(t.dtype == torch.float32 for t in state["memory"].tensors())
-        decoded = layer_decode(layer, x, 6)
+        decoded = decode(layer, x, 6)
     assert relative_error(decoded.float(), parallel.float()) < 2e-2

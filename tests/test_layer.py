@@ -3,7 +3,7 @@ kernels equal the torch path inside the layer, every parameter learns, bad input
 
 import pytest
 import torch
-from conftest import axis_spec
+from conftest import axis_spec, decode
 
 from mirasc.errors import SpecError
 from mirasc.layers import MirasLayer, SlidingWindowAttention
@@ -17,16 +17,6 @@ def relative_error(out, ref):
     if not ref.any():
         return (out - ref).norm().item()
     return ((out - ref).norm() / ref.norm()).item()
-
-
-def decode(layer, x, prefill):
-    """Prefill `prefill` tokens in one call, then one token per call."""
-    y, state = layer(x[:, :prefill], None, use_cache=True)
-    outputs = [y]
-    for t in range(prefill, x.shape[1]):
-        y, state = layer(x[:, t:t + 1], state, use_cache=True)
-        outputs.append(y)
-    return torch.cat(outputs, 1)
 
 
 CHANNEL_GATES = axis_spec(retention="{kind: l2, decay: {shape: channel}}",

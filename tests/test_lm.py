@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from conftest import assert_generates_alike
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mirasc.errors import SpecError
@@ -38,11 +39,7 @@ def test_save_and_load_round_trip(tmp_path, spec, attention):
 def test_generate_with_cache_equals_without(spec, attention):
     model = tiny(spec, attention_layers=attention, attention_window=3).double().eval()
     prompt = torch.randint(0, VOCAB, (2, 5))
-    cached = model.generate(prompt, max_new_tokens=9, do_sample=False, min_new_tokens=9)
-    fresh = model.generate(prompt, max_new_tokens=9, do_sample=False, min_new_tokens=9,
-                           use_cache=False)
-    assert cached.shape == (2, 14)
-    assert torch.equal(cached, fresh)
+    assert_generates_alike(model, prompt, 9)
 
 
 def test_generation_logs_no_deprecation():
