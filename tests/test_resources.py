@@ -126,8 +126,8 @@ def test_every_shipped_spec_compiles_for_sm90(env, tmp_path):
         assert kernels == _kernels(path), (s, kernels)
         assert {"fwd", "fwd_out", "bwd"} < set(kernels), (s, kernels)
         assert s not in staged or {"fwd_stage", "bwd_stage"} <= set(kernels), (s, kernels)
-    for r in rows:
-        assert 0 < r["registers"] <= 255 and 0 < r["shared"] <= r["limit"], r
+    for r in rows:  # a kernel with no reduction across warps holds no shared memory
+        assert 0 < r["registers"] <= 255 and 0 <= r["shared"] <= r["limit"], r
 
 
 def test_step_kernels_do_not_spill_at_head_dim_128(env):
