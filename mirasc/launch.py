@@ -118,6 +118,13 @@ class ChunkKernels:
                             dtype=operand if half else acc)
                 for _, rows, cols, half in self.m["BUFFERS"].get(key, [])]
 
+    def zero_padding_columns(self, tiles: list[torch.Tensor], key: str, dv: int) -> None:
+        """Zero the columns past Dv of the `BUFFERS[key]` tiles of rows [T, DV]: their writer's
+        blocks may end short of a reader's wider ones, which then read 0 there."""
+        for tile, (_, rows, _, _) in zip(tiles, self.m["BUFFERS"].get(key, []), strict=True):
+            if rows == "BT":
+                tile.view(*tile.shape[:2], self.m["BT"], -1)[..., dv:].zero_()
+
     # ---- launches ---------------------------------------------------------------------------
 
     def launch(self, kernel: str, grid, *args, **meta) -> None:
@@ -159,9 +166,7 @@ class ChunkKernels:
         hs = q.new_empty(chunks * self.m["SEGMENTS"], heads, size, dtype=acc)
         kept = self.buffers(q, v, chunks, "fwd_pass", acc)
         blocks = triton.cdiv(v.shape[-1], meta["BV"])
-        for tile, (_, rows, _, _) in zip(kept, self.m["BUFFERS"]["fwd_pass"], strict=True):
-            if rows == "BT":  # [T, DV] tiles: past the pass's blocks, readers of wider ones read 0
-                tile.view(*tile.shape[:2], self.m["BT"], -1)[..., blocks * meta["BV"]:].zero_()
+        self.zero_padding_columns(kept, "fwd_pass", v.shape[-1])
         staged += kept
         self.launch("fwd", (seqs, heads, blocks), *inputs, *staged, h0, ht, hs, cu_seqlens,
                     offsets, HAS_H0=h0 is not None, **meta)
@@ -188,8 +193,7 @@ class ChunkKernels:
                     **meta)
         metas = {out: self.meta(q, v, cu_seqlens, out) for out in m["OUT_KERNELS"]}
         handed = self.buffers(q, v, chunks, "bwd_out", acc)  # between the output kernels
-        for tile in handed:  # [T, DV] tiles: a reader's block past the value columns reads 0
-            tile.view(*tile.shape[:2], m["BT"], -1)[..., v.shape[-1]:].zero_()
+        self.zero_padding_columns(handed, "bwd_out", v.shape[-1])
         # the programs per chunk and head: per key block, one walking the value blocks, or per
         # value block
         blocks = {out: triton.cdiv(q.shape[-1], meta["BK"]) if out in m["KEY_PROGRAMS"]
