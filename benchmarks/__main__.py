@@ -20,9 +20,12 @@ def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
-def _names(text: str) -> list[str]:
-    from benchmarks.common import SPECS
+def _names(text: str | None) -> list[str]:
+    """The specs named in `text`, every shipped spec where it names none."""
+    from benchmarks.common import ALL_SPECS, SPECS
 
+    if not text:
+        return list(ALL_SPECS)
     names = [part.strip() for part in text.split(",") if part.strip()]
     missing = [n for n in names if not (SPECS / f"{n}.yaml").exists()]
     if missing:
@@ -48,8 +51,7 @@ def cpu(specs: Specs = None,
 
     if quick:
         specs, length = specs or "linear_attention,gated_deltanet,ttt_linear,moneta", 32
-    cfg = bench.Config(_names(specs) if specs else list(bench.ALL_SPECS), batch, length, heads,
-                       dim, repeats, threads)
+    cfg = bench.Config(_names(specs), batch, length, heads, dim, repeats, threads)
     rows = bench.benchmark(cfg)
     env = environment("cpu")
     typer.echo("\n" + bench.report(cfg, rows, env))
@@ -60,7 +62,7 @@ def cpu(specs: Specs = None,
 def decode(specs: Specs = None,
            hidden: Annotated[int, typer.Option(help="The layer's hidden size.")] = 512,
            heads: Annotated[int, typer.Option(help="Heads (head dim = hidden / heads).")] = 4,
-           repeats: Annotated[int, typer.Option(help="Timed repeats (median).")] = 5,
+           repeats: Annotated[int, typer.Option(help="Timed repeats (the least).")] = 5,
            threads: Annotated[int, typer.Option(help="torch.set_num_threads.")] = 1,
            new_tokens: Annotated[int, typer.Option(help="Tokens each generate call adds.")] = 32,
            out: Out = None):
@@ -70,8 +72,7 @@ def decode(specs: Specs = None,
     from benchmarks import decode as bench
     from benchmarks.common import environment, write_outputs
 
-    cfg = bench.Config(_names(specs) if specs else list(bench.ALL_SPECS), hidden, heads, repeats,
-                       threads, new_tokens)
+    cfg = bench.Config(_names(specs), hidden, heads, repeats, threads, new_tokens)
     rows = bench.benchmark(cfg)
     env = environment("cpu")
     typer.echo("\n" + bench.report(cfg, rows, env))
@@ -143,9 +144,9 @@ def compile_(specs: Specs = None,
              out: Out = None):
     """Cold compile time of each shipped spec: render, write, import."""
     from benchmarks import compile_time as bench
-    from benchmarks.common import SPECS, environment, write_outputs
+    from benchmarks.common import environment, write_outputs
 
-    names = _names(specs) if specs else sorted(p.stem for p in SPECS.glob("*.yaml"))
+    names = _names(specs)
     repeats = 1 if quick else repeats
     rows = bench.benchmark(names, repeats)
     env = environment("cpu")
@@ -164,10 +165,10 @@ def resources(specs: Specs = None,
     a GPU target without one (every shipped spec at D=64,128: 53 min on a 2-core machine, most of
     it ptxas on the MLP memories' backward, up to 5 min for one configuration)."""
     from benchmarks import resources as bench
-    from benchmarks.common import SPECS, environment, write_outputs
+    from benchmarks.common import environment, write_outputs
     from mirasc.resources import CannotCompile
 
-    names = _names(specs) if specs else sorted(p.stem for p in SPECS.glob("*.yaml"))
+    names = _names(specs)
     try:
         rows = bench.benchmark(names, _ints(dims), sm, first)
     except CannotCompile as exc:

@@ -17,6 +17,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
+ALL_SPECS = tuple(sorted(p.stem for p in SPECS.glob("*.yaml")))  # every shipped spec
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
           "float64": torch.float64}
 

@@ -25,7 +25,6 @@ from benchmarks.common import SPECS, flat, leaves, median_times, table
 from mirasc.check import random_inputs
 from mirasc.launch import interpreting
 
-ALL_SPECS = tuple(sorted(p.stem for p in SPECS.glob("*.yaml")))
 COLUMNS = [("spec", "spec", ""), ("impl", "impl", ""), ("pass", "pass", ""), ("s", "s", ".4f"),
            ("ktok_s", "ktok/s", ".3g"), ("speedup", "x recurrence", ".2f"),
            ("cpu_s", "CPU s", ".4f"), ("cpu_speedup", "x rec. (CPU)", ".2f")]

@@ -31,7 +31,6 @@ from mirasc.check import random_inputs
 from mirasc.layers import MirasLayer
 from mirasc.lm import MirasConfig, MirasForCausalLM
 
-ALL_SPECS = tuple(sorted(p.stem for p in SPECS.glob("*.yaml")))
 COLUMNS = [("spec", "spec", ""), ("chunk", "C", "d"),
            ("layer_early_ms", "layer early ms", ".2f"), ("layer_late_ms", "layer late ms", ".2f"),
            ("layer_ratio", "late/early", ".2f"),
