@@ -57,14 +57,15 @@ def _keepable(graph: Graph, n: str) -> bool:
     its program's own), or the count of a state's non-finite entries (which rereads the state:
     the pass has it at hand; `ACROSS_V`)."""
     node = graph.node(n)
-    return node["op"] == "dot" and graph.shape(n) == ("T", "DV") or node["op"] == "nonfinite"
+    return node["op"] == "dot" and graph.shape(n) == ("T", "DV") or node["op"] in ACROSS_V
 
 
 def kept(graph: Graph, pass_targets, out_targets, stop) -> tuple[str, ...]:
-    """The [T, DV] products of the forward pass that the output kernels read: the pass stores
-    them rather than have the output kernels recompute what led to them (as fla's state kernel
-    stores the delta rule's corrected values). Keeping the backward pass's too was measured
-    worse (gated_deltanet, sm_90, D=128): its step grew and spilled."""
+    """The tiles of the forward pass that the output kernels (forward and backward) read, of
+    those `_keepable`: the pass stores them rather than have the output kernels recompute what
+    led to them (as fla's state kernel stores the delta rule's corrected values). Keeping the
+    backward pass's too was measured worse (gated_deltanet, sm_90, D=128): its step grew and
+    spilled."""
     able = {n for n in plan(graph, pass_targets, stop) if n not in stop and _keepable(graph, n)}
     return tuple(n for n in plan(graph, out_targets, (*stop, *able)) if n in able)
 
