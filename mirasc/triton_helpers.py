@@ -70,49 +70,135 @@ def pairs(t, i, OFFSET: tl.constexpr):
 
 
 @triton.jit
-def gdot(a, b, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr):
+def _row_of_blocks(x3, j):
+    """Row j of each 16-row sub-chunk of x3 [NC, 16, D], as [NC, D]."""
+    return tl.sum(tl.where(tl.arange(0, 16)[None, :, None] == j, x3, 0.0), 1)
+
+
+@triton.jit
+def _diagonal_blocks(m, BT: tl.constexpr):
+    """The diagonal 16x16 blocks of m [BT, BT], as [BT // 16, 16, 16]."""
+    NC: tl.constexpr = BT // 16
+    offs = tl.arange(0, BT)
+    diagonal = (offs[:, None] // 16) == (offs[None, :] // 16)
+    return tl.sum(tl.reshape(tl.where(diagonal, m, 0.0), [NC, 16, NC, 16]), 2)
+
+
+@triton.jit
+def _block_diagonal(blocks, BT: tl.constexpr):
+    """The [BT, BT] tile with blocks [BT // 16, 16, 16] on its diagonal, 0 elsewhere."""
+    NC: tl.constexpr = BT // 16
+    c = tl.arange(0, NC)
+    same = c[:, None, None, None] == c[None, None, :, None]  # [NC, 1, NC, 1]
+    return tl.reshape(tl.where(same, blocks[:, :, None, :], 0.0), [BT, BT])
+
+
+@triton.jit
+def gdot(a, b, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr,
+         PRECISION: tl.constexpr):
     """out[t, i] = sum_d a[t, d] b[i, d] exp(ga[t, d] - gb[i, d]) on the pairs t - i >= OFFSET,
-    else 0, a column at a time; the exponent is selected before exp, so no decay overflows."""
+    else 0, by sub-chunks of 16 rows. In each diagonal 16x16 block every pair's exponent is
+    selected before exp; across sub-chunks, with r the first row of t's sub-chunk, a tensor-core
+    product of factors at most 1: (a_t exp(ga_t - ga_r)) (b_i exp(ga_r - gb_i))^T (ga falls down
+    the rows and no pair's exponent is positive), so nothing overflows and a weight underflows
+    only below the float range. ga, gb: [BT, D] like a and b."""
+    NC: tl.constexpr = BT // 16
+    D: tl.constexpr = a.shape[1]
+    inner = tl.arange(0, 16)
+    a3 = tl.reshape(a, [NC, 16, D])
+    b3 = tl.reshape(b, [NC, 16, D])
+    ga3 = tl.reshape(ga, [NC, 16, D])
+    gb3 = tl.reshape(gb, [NC, 16, D])
+    diag = tl.zeros([NC, 16, 16], dtype=a.dtype)
+    for j in range(16):  # column j of every diagonal block
+        b_j = _row_of_blocks(b3, j)
+        gb_j = _row_of_blocks(gb3, j)
+        paired = (inner >= j + OFFSET)[None, :, None]
+        decay = tl.exp(tl.where(paired, ga3 - gb_j[:, None, :], float("-inf")))
+        column = tl.sum(a3 * b_j[:, None, :] * decay, 2)  # [NC, 16]
+        diag = tl.where(inner[None, None, :] == j, column[:, :, None], diag)
+    out = _block_diagonal(diag, BT)
+    g_first = _row_of_blocks(ga3, 0)  # [NC, D]: ga at each sub-chunk's first row
+    a_ref = tl.reshape(a3 * tl.exp(ga3 - g_first[:, None, :]), [BT, D])
     offs = tl.arange(0, BT)
-    out = tl.zeros([BT, BT], dtype=a.dtype)
-    for i in range(0, BT):
-        pick = offs[:, None] == i
-        b_i = tl.sum(tl.where(pick, b, 0.0), 0)
-        gb_i = tl.sum(tl.where(pick, gb, 0.0), 0)
-        decay = tl.exp(tl.where(pairs(offs, i, OFFSET)[:, None], ga - gb_i[None, :], float("-inf")))
-        column = tl.sum(a * b_i[None, :] * decay, 1)
-        out = tl.where(offs[None, :] == i, column[:, None], out)
-    return out
+    sub = offs // 16
+    far = tl.zeros([BT, BT], dtype=a.dtype)
+    for s in tl.static_range(1, NC):  # the rows of sub-chunk s against every earlier row
+        g_s = tl.sum(tl.where(tl.arange(0, NC)[:, None] == s, g_first, 0.0), 0)
+        earlier = (sub < s)[:, None]
+        b_s = b * tl.exp(tl.where(earlier, g_s[None, :] - gb, float("-inf")))
+        a_s = tl.where((sub == s)[:, None], a_ref, 0.0)
+        far += tl.dot(a_s.to(DOT), tl.trans(b_s).to(DOT), input_precision=PRECISION)
+    return out + tl.where(pairs(offs[:, None], offs[None, :], OFFSET), far, 0.0)
 
 
 @triton.jit
-def gmix(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr):
-    """out[t, d] = sum_i m[t, i] x[i, d] exp(ga[t, d] - gb[i, d]) on the pairs t - i >= OFFSET."""
+def gmix(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr,
+         PRECISION: tl.constexpr):
+    """out[t, d] = sum_i m[t, i] x[i, d] exp(ga[t, d] - gb[i, d]) on the pairs t - i >= OFFSET,
+    by sub-chunks as `gdot`: exact in the diagonal blocks; across them, with r the first row of
+    t's sub-chunk, exp(ga_t - ga_r) (m @ (x exp(ga_r - gb)))_t on tensor cores."""
+    NC: tl.constexpr = BT // 16
+    D: tl.constexpr = x.shape[1]
+    inner = tl.arange(0, 16)
+    x3 = tl.reshape(x, [NC, 16, D])
+    ga3 = tl.reshape(ga, [NC, 16, D])
+    gb3 = tl.reshape(gb, [NC, 16, D])
+    m_diag = _diagonal_blocks(m, BT)
+    near = tl.zeros([NC, 16, D], dtype=x.dtype)
+    for j in range(16):  # column j of every diagonal block
+        m_j = tl.sum(tl.where(inner[None, None, :] == j, m_diag, 0.0), 2)  # [NC, 16]
+        x_j = _row_of_blocks(x3, j)
+        gb_j = _row_of_blocks(gb3, j)
+        paired = (inner >= j + OFFSET)[None, :, None]
+        decay = tl.exp(tl.where(paired, ga3 - gb_j[:, None, :], float("-inf")))
+        near += m_j[:, :, None] * x_j[:, None, :] * decay
+    g_first = _row_of_blocks(ga3, 0)
     offs = tl.arange(0, BT)
-    out = tl.zeros_like(x)
-    for i in range(0, BT):
-        pick = offs[:, None] == i
-        m_i = tl.sum(tl.where(offs[None, :] == i, m, 0.0), 1)
-        x_i = tl.sum(tl.where(pick, x, 0.0), 0)
-        gb_i = tl.sum(tl.where(pick, gb, 0.0), 0)
-        decay = tl.exp(tl.where(pairs(offs, i, OFFSET)[:, None], ga - gb_i[None, :], float("-inf")))
-        out += m_i[:, None] * x_i[None, :] * decay
-    return out
+    sub = offs // 16
+    m = tl.where(pairs(offs[:, None], offs[None, :], OFFSET), m, 0.0)
+    far = tl.zeros([BT, D], dtype=x.dtype)
+    for s in tl.static_range(1, NC):  # the rows of sub-chunk s from every earlier row
+        g_s = tl.sum(tl.where(tl.arange(0, NC)[:, None] == s, g_first, 0.0), 0)
+        x_s = x * tl.exp(tl.where((sub < s)[:, None], g_s[None, :] - gb, float("-inf")))
+        m_s = tl.where((sub == s)[:, None], m, 0.0)
+        far += tl.dot(m_s.to(DOT), x_s.to(DOT), input_precision=PRECISION)
+    far3 = tl.reshape(far, [NC, 16, D]) * tl.exp(ga3 - g_first[:, None, :])
+    return tl.reshape(near + far3, [BT, D])
 
 
 @triton.jit
-def gmix_t(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr):
-    """out[i, d] = sum_t m[t, i] x[t, d] exp(ga[t, d] - gb[i, d]) on the pairs t - i >= OFFSET."""
+def gmix_t(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr,
+           PRECISION: tl.constexpr):
+    """out[i, d] = sum_t m[t, i] x[t, d] exp(ga[t, d] - gb[i, d]) on the pairs t - i >= OFFSET,
+    by sub-chunks as `gdot`: exact in the diagonal blocks; across them, with r the first row of
+    the sub-chunk after i's, exp(ga_r - gb_i) (m^T @ (x exp(ga - ga_r)))_i on tensor cores."""
+    NC: tl.constexpr = BT // 16
+    D: tl.constexpr = x.shape[1]
+    inner = tl.arange(0, 16)
+    x3 = tl.reshape(x, [NC, 16, D])
+    ga3 = tl.reshape(ga, [NC, 16, D])
+    gb3 = tl.reshape(gb, [NC, 16, D])
+    m_diag = _diagonal_blocks(m, BT)
+    near = tl.zeros([NC, 16, D], dtype=x.dtype)
+    for j in range(16):  # row j of every diagonal block
+        m_j = tl.sum(tl.where(inner[None, :, None] == j, m_diag, 0.0), 1)  # [NC, 16]
+        x_j = _row_of_blocks(x3, j)
+        ga_j = _row_of_blocks(ga3, j)
+        paired = (j >= inner + OFFSET)[None, :, None]
+        decay = tl.exp(tl.where(paired, ga_j[:, None, :] - gb3, float("-inf")))
+        near += m_j[:, :, None] * x_j[:, None, :] * decay
+    out = tl.reshape(near, [BT, D])
+    g_first = _row_of_blocks(ga3, 0)
     offs = tl.arange(0, BT)
-    out = tl.zeros_like(x)
-    for t in range(0, BT):
-        pick = offs[:, None] == t
-        m_t = tl.sum(tl.where(pick, m, 0.0), 0)
-        x_t = tl.sum(tl.where(pick, x, 0.0), 0)
-        ga_t = tl.sum(tl.where(pick, ga, 0.0), 0)
-        before = pairs(t, offs, OFFSET)  # the columns i paired with row t
-        decay = tl.exp(tl.where(before[:, None], ga_t[None, :] - gb, float("-inf")))
-        out += m_t[:, None] * x_t[None, :] * decay
+    sub = offs // 16
+    m = tl.where(pairs(offs[:, None], offs[None, :], OFFSET), m, 0.0)
+    for s in tl.static_range(0, NC - 1):  # the rows of sub-chunk s from every later row
+        g_s = tl.sum(tl.where(tl.arange(0, NC)[:, None] == s + 1, g_first, 0.0), 0)
+        x_s = x * tl.exp(tl.where((sub > s)[:, None], ga - g_s[None, :], float("-inf")))
+        m_s = tl.where((sub == s)[None, :], m, 0.0)
+        far = tl.dot(tl.trans(m_s).to(DOT), x_s.to(DOT), input_precision=PRECISION)
+        out += far * tl.exp(tl.where((sub == s)[:, None], g_s[None, :] - gb, float("-inf")))
     return out
 
 

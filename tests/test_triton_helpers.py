@@ -89,25 +89,35 @@ def _decayed_kernel(a_ptr, b_ptr, ga_ptr, gb_ptr, out_ptr, BT: tl.constexpr, D: 
     square = rows * BT + tl.arange(0, BT)[None, :]
     wide = rows * D + tl.arange(0, D)[None, :]
     a = tl.load(a_ptr + (square if FN is not th.gdot else wide))
-    out = FN(a, tl.load(b_ptr + wide), tl.load(ga_ptr + wide), tl.load(gb_ptr + wide), BT, OFFSET)
+    out = FN(a, tl.load(b_ptr + wide), tl.load(ga_ptr + wide), tl.load(gb_ptr + wide), BT, OFFSET,
+             tl.float64, "ieee")
     tl.store(out_ptr + (square if SQUARE_OUT else wide), out)
 
 
-def _decays(rows: int, width: int) -> torch.Tensor:
-    """Running sums of log decays down the rows: a channel-wise gamma, steep enough that the
-    factors exp(gamma_t) and exp(-gamma_i) apart overflow float64 where their ratio does not."""
-    return -torch.rand(rows, width, dtype=torch.float64).mul(400.0).cumsum(0)
+def _decays(rows: int, width: int, gen: torch.Generator, steep: bool) -> torch.Tensor:
+    """Running sums of log decays down the rows, a channel-wise gamma. `steep`: up to -400 a row,
+    so that the factors exp(gamma_t) and exp(-gamma_i) apart overflow float64 where their ratio
+    does not; else mild decays (-0.1 a row) beside channels of -20 a row and rows at the floor
+    -110 in every channel, so the products across sub-chunks matter."""
+    if steep:
+        return -torch.rand(rows, width, dtype=torch.float64, generator=gen).mul(400.0).cumsum(0)
+    steps = -torch.rand(rows, width, dtype=torch.float64, generator=gen) * 0.2
+    steps[:, 1] = -20.0
+    steps[rows // 2 + 3] = -110.0
+    return steps.cumsum(0)
 
 
-@pytest.mark.parametrize("offset", [0, 1])
-def test_products_with_pairwise_decays(offset):
+@pytest.mark.parametrize("steep", [True, False])
+@pytest.mark.parametrize("offset", [0, 1, 2])
+def test_products_with_pairwise_decays(offset, steep):
     """gdot, gmix and gmix_t against their sums written out in torch, on the pairs t - i >=
-    offset, with decays whose factors alone overflow."""
-    bt, d = 16, 8
+    offset, over 64 rows (four sub-chunks of 16), with decays whose factors alone overflow and
+    with mild ones beside steep channels and a reset row."""
+    bt, d = 64, 8
     gen = torch.Generator().manual_seed(3)
     a, b = (torch.randn(bt, d, dtype=torch.float64, generator=gen) for _ in range(2))
     m = torch.randn(bt, bt, dtype=torch.float64, generator=gen)
-    ga = _decays(bt, d)
+    ga = _decays(bt, d, gen, steep)
     gb = ga - torch.rand(bt, d, dtype=torch.float64, generator=gen)  # gamma as q and k see it
     t, i = torch.arange(bt)[:, None], torch.arange(bt)[None, :]
     pair = t - i >= offset  # [t, i]
