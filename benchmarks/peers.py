@@ -92,6 +92,20 @@ def fla_gated_delta_rule(op: MirasOp, device: str) -> Impl | str:
                                  {"g": "log_alpha", "beta": "eta"})
 
 
+def fla_gla(op: MirasOp, device: str) -> Impl | str:
+    """chunk_gla(q, k, v, g=log_alpha [B, T, H, K], scale=1), on a GPU: fla's CPU GLA (its naive
+    recurrence) fixes the scale at K^-1/2."""
+    if device != "cuda":
+        return "fla's CPU GLA fixes the scale at K^-1/2: compared on a GPU only"
+    return _fla_state_recurrence(op, device, "gla", "chunk_gla", "", {"g": "log_alpha"})
+
+
+def fla_kda(op: MirasOp, device: str) -> Impl | str:
+    """chunk_kda(q, k, v, g=log_alpha [B, T, H, K], beta=eta, scale=1)."""
+    return _fla_state_recurrence(op, device, "kda", "chunk_kda", "naive_recurrent_kda",
+                                 {"g": "log_alpha", "beta": "eta"})
+
+
 def fla_delta_rule(op: MirasOp, device: str) -> Impl | str:
     """chunk_delta_rule(q, k, v, beta=eta, scale=1), on a GPU: fla's CPU delta rule (its naive
     recurrence) takes head-first inputs and scales q itself."""
@@ -175,7 +189,7 @@ def sdpa(device: str) -> Impl:
 
 FLA_PEERS = {"simple_gla": fla_simple_gla, "gated_deltanet": fla_gated_delta_rule,
              "deltanet": fla_delta_rule, "linear_attention": fla_linear_attn,
-             "ttt_linear": fla_ttt_linear}
+             "ttt_linear": fla_ttt_linear, "gla": fla_gla, "kda": fla_kda}
 
 
 def peers(op: MirasOp, device: str, compile_reference: bool,
