@@ -183,6 +183,10 @@ def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
     read = {n for k in ("fwd_out", "bwd", "bwd_out") for n in plan(graph, targets[k], first[k])}
     staged["fwd"] += tuple(c for c in stages.STAGED_CONSTS if c in read and c not in staged["fwd"])
     first = stages.stops(graph, targets, staged)[0]
+    products = [n for k in ("fwd_out", "bwd_out") for n in stages.decayed_products(
+        graph, targets[k], states + dstates, first[k]) if n not in staged["fwd"]]
+    staged["fwd"] += tuple(dict.fromkeys(products))
+    first = stages.stops(graph, targets, staged)[0]
     streamed = _hidden_streams(step, targets, first, adjoint) is not None
     if streamed:
         # The backward stage passes over the hidden blocks of the stored states too: what reads

@@ -51,6 +51,16 @@ def frontier(graph: Graph, targets, live) -> tuple[str, ...]:
     return tuple(n for n in graph.order() if n in staged)
 
 
+def decayed_products(graph: Graph, targets, live, stop) -> tuple[str, ...]:
+    """The products under per-channel decays (gdot: a loop of exact per-pair exponents besides
+    its tensor-core products) that the nodes of `targets` read and that depend on none of `live`
+    (the states, their cotangents): a stage computes each once per chunk, rather than every
+    output program (one per block of value columns) its own."""
+    nodes = plan(graph, targets, stop)
+    return tuple(n for n in nodes if n not in stop and graph.node(n)["op"] == "gdot"
+                 and not set(live) & set(plan(graph, [n])))
+
+
 def _keepable(graph: Graph, n: str) -> bool:
     """Whether a node the pass computes is a tile it stores for its output kernel: a product
     (what is costly to recompute) of the chunk's rows by value columns (a block of columns is
