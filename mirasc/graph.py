@@ -28,6 +28,7 @@ oracle for the emitted kernels and the CPU path). The chunk steps built on it ar
 
 from __future__ import annotations
 
+import functools
 import keyword
 import re
 from dataclasses import dataclass, field
@@ -431,11 +432,9 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
             out = x[0].flip(-2).cumsum(-2).flip(-2)
         elif op == "trans":
             out = x[0].transpose(-1, -2)
-        elif op == "gdot":
-            out = torch.einsum("...td,...id,...tid->...ti", x[0], x[1], _pair_decays(*x[2:], node))
-        elif op == "gmix":
-            pattern = "...ti,...id,...tid->...td" if not node["ta"] else "...ti,...td,...tid->...id"
-            out = torch.einsum(pattern, x[0], x[1], _pair_decays(*x[2:], node))
+        elif op in ("gdot", "gmix"):
+            kind = "gmix_t" if node.get("ta") else op
+            out = decayed_pairs(kind, *x, node["offset"])
         elif op == "tri_inv":  # (I + A)^-1, A strictly lower triangular
             eye = torch.eye(x[0].shape[-1], dtype=x[0].dtype, device=x[0].device)
             out = torch.linalg.solve_triangular(eye + x[0], eye.expand_as(x[0]), upper=False,
@@ -447,13 +446,89 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
     return env
 
 
-def _pair_decays(ga, gb, node):
-    """E [..., t, i, d] = exp(ga_td - gb_id) for t - i >= offset, else 0; the exponent is
-    selected before exp, so the masked pairs never overflow."""
+SUB = 16  # rows of a sub-chunk in `decayed_pairs`
+
+
+def decayed_pairs(kind: str, u, w, ga, gb, offset: int):
+    """gdot (u = a, w = b), gmix or gmix_t (u = m, w = x) of torch tiles [..., T, *], by
+    sub-chunks of SUB rows (the last may be shorter), with E_tid = exp(ga_td - gb_id) on the
+    pairs t - i >= offset. A diagonal SUB x SUB block takes every pair's exponent, selected
+    before exp. A pair (t, i) in different sub-chunks is factored at a reference row r between
+    them, exp(ga_t - gb_i) = exp(ga_t - ga_r) exp(ga_r - gb_i), so that each block of pairs is
+    one matmul:
+      gdot, gmix (t in sub-chunk s, i in earlier ones): r = the first row of s;
+      gmix_t (i in sub-chunk s, t in later ones): r = the first row of s + 1.
+    Both factors are at most 1 when ga is non-increasing in t and ga_t - gb_i <= 0 for t > i
+    (a running sum of log decays, and its exclusive form against it, as every graph builds
+    them), so no exp overflows whatever the decays. Such pairs have t - i >= 1: a larger offset
+    also masks the pair weights (m) or the product (gdot)."""
     import torch
 
     ga, gb = torch.broadcast_tensors(ga, gb)
-    rows = torch.arange(ga.shape[-2], device=ga.device)
-    pairs = rows[:, None] - rows[None, :] >= node["offset"]
-    diff = ga.unsqueeze(-2) - gb.unsqueeze(-3)
-    return torch.where(pairs[:, :, None], diff, diff.new_tensor(float("-inf"))).exp()
+    length, cols = ga.shape[-2], ga.shape[-1]
+    masks = _sub_chunk_masks(length, offset, ga.dtype, ga.device)
+    blocks = masks["later"].shape[0]
+    pad = blocks * SUB - length
+    if pad:  # rows past T: zero data, the gates' last row (so a factor stays <= 1)
+        u = torch.nn.functional.pad(u, (0, pad if kind != "gdot" else 0, 0, pad))
+        w = torch.nn.functional.pad(w, (0, 0, 0, pad))
+        ga, gb = (torch.cat([g, g[..., -1:, :].expand(*g.shape[:-2], pad, cols)], -2)
+                  for g in (ga, gb))
+    ga_b, gb_b, w_b = (x.unflatten(-2, (blocks, SUB)) for x in (ga, gb, w))
+    near = (ga_b.unsqueeze(-2) - gb_b.unsqueeze(-3) + masks["near"]).exp()  # [..., n, t, i, D]
+    if kind != "gdot" and offset > 1:
+        u = torch.where(masks["pairs"], u, 0.0)
+    if kind == "gmix_t":  # out_i = sum_(t > i) m_ti x_t E_ti; r = the next sub-chunk's first row
+        ref = torch.cat([ga_b[..., 1:, :1, :], ga_b[..., -1:, :1, :]], -3)  # [..., n, 1, D]
+        far = (u.transpose(-1, -2).unflatten(-2, (blocks, SUB)) @ (
+            w.unsqueeze(-3) * (ga.unsqueeze(-3) - ref + masks["later"]).exp())) * (
+            ref - gb_b + masks["has_later"]).exp()
+        near = (_diagonal_blocks(u, blocks).unsqueeze(-1) * near * w_b.unsqueeze(-2)).sum(-3)
+        return (far + near).flatten(-3, -2)[..., :length, :]
+    ref = ga_b[..., :1, :]  # [..., n, 1, D]: each sub-chunk's first row
+    source = w.unsqueeze(-3) * (ref - gb.unsqueeze(-3) + masks["earlier"]).exp()
+    if kind == "gmix":  # out_t = sum_(i < t) m_ti x_i E_ti
+        far = (u.unflatten(-2, (blocks, SUB)) @ source) * (ga_b - ref).exp()
+        near = (_diagonal_blocks(u, blocks).unsqueeze(-1) * near * w_b.unsqueeze(-3)).sum(-2)
+        return (far + near).flatten(-3, -2)[..., :length, :]
+    far = ((u.unflatten(-2, (blocks, SUB)) * (ga_b - ref).exp()) @ source.transpose(-1, -2))
+    near = (u.unflatten(-2, (blocks, SUB)).unsqueeze(-2) * w_b.unsqueeze(-3) * near).sum(-1)
+    out = far.flatten(-3, -2) + _block_diagonal(near)
+    if offset > 1:
+        out = torch.where(masks["pairs"], out, 0.0)
+    return out[..., :length, :length]
+
+
+@functools.lru_cache(maxsize=32)
+def _sub_chunk_masks(length: int, offset: int, dtype, device) -> dict:
+    """For `decayed_pairs` on T = `length` rows padded to n sub-chunks: the pairs [nT, nT]
+    (t - i >= offset, t real) and, as exponents' masks (0 where kept, -inf where not: exp of
+    the sum is 0 there, whatever the finite exponent), their diagonal blocks [n, SUB, SUB, 1]
+    and per sub-chunk s the rows i before it ("earlier", [n, nT, 1]), the rows t after it
+    ("later") and whether it has any ("has_later", [n, 1, 1])."""
+    import torch
+
+    blocks = -(-length // SUB)
+    rows = torch.arange(blocks * SUB, device=device)
+    pairs = (rows[:, None] - rows[None, :] >= offset) & (rows[:, None] < length)
+    block = torch.arange(blocks, device=device)[:, None]
+    keep = {"near": _diagonal_blocks(pairs, blocks)[..., None],
+            "earlier": (rows // SUB < block)[..., None], "later": (rows // SUB > block)[..., None],
+            "has_later": (block < blocks - 1)[..., None]}
+    drop = torch.tensor(float("-inf"), dtype=dtype, device=device)
+    return {"pairs": pairs} | {n: torch.where(k, 0.0, drop) for n, k in keep.items()}
+
+
+def _diagonal_blocks(x, blocks: int):
+    """The SUB x SUB diagonal blocks of [..., T, T] as [..., blocks, SUB, SUB]."""
+    x = x.unflatten(-1, (blocks, SUB)).unflatten(-3, (blocks, SUB))  # [..., n, t, n', i]
+    return x.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+def _block_diagonal(x):
+    """[..., blocks, SUB, SUB] as the block-diagonal [..., T, T]."""
+    import torch
+
+    blocks = x.shape[-3]
+    eye = torch.eye(blocks, dtype=x.dtype, device=x.device)
+    return (x.unsqueeze(-2) * eye[:, None, :, None]).flatten(-4, -3).flatten(-2, -1)
