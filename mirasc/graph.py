@@ -403,6 +403,7 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
     from mirasc.expr import to_torch
 
     env = dict(values)
+    decays = {}  # (ga, gb) -> PairDecays: shared by the gdot and gmix nodes on the same gates
     constants = {sp.Symbol(n, positive=True): v for n, v in sizes.items()}
     like = next(iter(values.values()))
     for n in graph.order() if nodes is None else nodes:
@@ -433,8 +434,11 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
         elif op == "trans":
             out = x[0].transpose(-1, -2)
         elif op in ("gdot", "gmix"):
-            kind = "gmix_t" if node.get("ta") else op
-            out = decayed_pairs(kind, *x, node["offset"])
+            gates = tuple(node["inputs"][2:])
+            if gates not in decays:
+                decays[gates] = PairDecays(*x[2:])
+            out = decayed_pairs("gmix_t" if node.get("ta") else op, *x[:2], decays[gates],
+                                node["offset"])
         elif op == "tri_inv":  # (I + A)^-1, A strictly lower triangular
             eye = torch.eye(x[0].shape[-1], dtype=x[0].dtype, device=x[0].device)
             out = torch.linalg.solve_triangular(eye + x[0], eye.expand_as(x[0]), upper=False,
@@ -449,53 +453,94 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
 SUB = 16  # rows of a sub-chunk in `decayed_pairs`
 
 
-def decayed_pairs(kind: str, u, w, ga, gb, offset: int):
-    """gdot (u = a, w = b), gmix or gmix_t (u = m, w = x) of torch tiles [..., T, *], by
-    sub-chunks of SUB rows (the last may be shorter), with E_tid = exp(ga_td - gb_id) on the
-    pairs t - i >= offset. A diagonal SUB x SUB block takes every pair's exponent, selected
-    before exp. A pair (t, i) in different sub-chunks is factored at a reference row r between
-    them, exp(ga_t - gb_i) = exp(ga_t - ga_r) exp(ga_r - gb_i), so that each block of pairs is
-    one matmul:
-      gdot, gmix (t in sub-chunk s, i in earlier ones): r = the first row of s;
-      gmix_t (i in sub-chunk s, t in later ones): r = the first row of s + 1.
-    Both factors are at most 1 when ga is non-increasing in t and ga_t - gb_i <= 0 for t > i
-    (a running sum of log decays, and its exclusive form against it, as every graph builds
-    them), so no exp overflows whatever the decays. Such pairs have t - i >= 1: a larger offset
-    also masks the pair weights (m) or the product (gdot)."""
+class PairDecays:
+    """The decays E_tid = exp(ga_td - gb_id) of two gate tiles [..., T, D] (or [..., T, 1]) by
+    sub-chunks of SUB rows (the last may be shorter; padded with the gates' last row), each
+    computed once and shared by the ops on the same gates:
+      near(offset)  the diagonal SUB x SUB blocks, every pair's exponent selected before exp
+                    (t - i >= offset), [..., n, t, i, D];
+      earlier()     exp(ga_t - ga_r) [..., n, SUB, D] and exp(ga_r - gb_i) for the rows i before
+                    sub-chunk s [..., n, nT, D], r = the first row of s (gdot, gmix);
+      later()       exp(ga_t - ga_r) for the rows t after sub-chunk s [..., n, nT, D] and
+                    exp(ga_r - gb_i) [..., n, SUB, D], r = the first row of s + 1 (gmix_t).
+    Every factor is at most 1 when ga is non-increasing in t and ga_t - gb_i <= 0 for t > i
+    (a running sum of log decays, and its exclusive form against it, as the graphs build them):
+    no exp overflows whatever the decays."""
+
+    def __init__(self, ga, gb):
+        import torch
+
+        ga, gb = torch.broadcast_tensors(ga, gb)
+        self.length = length = ga.shape[-2]
+        self.blocks = -(-length // SUB)
+        pad = self.blocks * SUB - length
+        if pad:
+            ga, gb = (torch.cat([g, g[..., -1:, :].expand(*g.shape[:-2], pad, g.shape[-1])], -2)
+                      for g in (ga, gb))
+        self.ga, self.gb = ga, gb
+        self.ga_b, self.gb_b = (g.unflatten(-2, (self.blocks, SUB)) for g in (ga, gb))
+        self.masks = functools.partial(_sub_chunk_masks, length, dtype=ga.dtype, device=ga.device)
+        self._near, self._far = {}, {}
+
+    def near(self, offset: int):
+        if offset not in self._near:
+            exponent = self.ga_b.unsqueeze(-2) - self.gb_b.unsqueeze(-3)
+            self._near[offset] = (exponent + self.masks(offset)["near"]).exp()
+        return self._near[offset]
+
+    def earlier(self):
+        if "earlier" not in self._far:
+            ref = self.ga_b[..., :1, :]  # [..., n, 1, D]: each sub-chunk's first row
+            self._far["earlier"] = ((self.ga_b - ref).exp(), (
+                ref - self.gb.unsqueeze(-3) + self.masks(0)["earlier"]).exp())
+        return self._far["earlier"]
+
+    def later(self):
+        import torch
+
+        if "later" not in self._far:
+            ga_b, masks = self.ga_b, self.masks(0)
+            ref = torch.cat([ga_b[..., 1:, :1, :], ga_b[..., -1:, :1, :]], -3)  # the next's first
+            self._far["later"] = ((self.ga.unsqueeze(-3) - ref + masks["later"]).exp(),
+                                  (ref - self.gb_b + masks["has_later"]).exp())
+        return self._far["later"]
+
+
+def decayed_pairs(kind: str, u, w, decays: PairDecays, offset: int):
+    """gdot (u = a, w = b), gmix or gmix_t (u = m, w = x) of torch tiles [..., T, *] on the
+    pairs t - i >= offset with the `decays` E_tid: the diagonal SUB x SUB blocks by their
+    exact terms, the pairs (t, i) in different sub-chunks factored at a reference row r between
+    them, exp(ga_t - gb_i) = exp(ga_t - ga_r) exp(ga_r - gb_i), so that each block row is one
+    matmul, e.g. gdot's sum_d (a_td exp(ga_td - ga_rd)) (b_id exp(ga_rd - gb_id)). Such pairs
+    have t - i >= 1: a larger offset also masks the pair weights (m) or the product (gdot)."""
     import torch
 
-    ga, gb = torch.broadcast_tensors(ga, gb)
-    length, cols = ga.shape[-2], ga.shape[-1]
-    masks = _sub_chunk_masks(length, offset, ga.dtype, ga.device)
-    blocks = masks["later"].shape[0]
+    length, blocks = decays.length, decays.blocks
     pad = blocks * SUB - length
-    if pad:  # rows past T: zero data, the gates' last row (so a factor stays <= 1)
+    if pad:  # rows past T: zero data
         u = torch.nn.functional.pad(u, (0, pad if kind != "gdot" else 0, 0, pad))
         w = torch.nn.functional.pad(w, (0, 0, 0, pad))
-        ga, gb = (torch.cat([g, g[..., -1:, :].expand(*g.shape[:-2], pad, cols)], -2)
-                  for g in (ga, gb))
-    ga_b, gb_b, w_b = (x.unflatten(-2, (blocks, SUB)) for x in (ga, gb, w))
-    near = (ga_b.unsqueeze(-2) - gb_b.unsqueeze(-3) + masks["near"]).exp()  # [..., n, t, i, D]
+    w_b = w.unflatten(-2, (blocks, SUB))
+    near = decays.near(offset)
     if kind != "gdot" and offset > 1:
-        u = torch.where(masks["pairs"], u, 0.0)
-    if kind == "gmix_t":  # out_i = sum_(t > i) m_ti x_t E_ti; r = the next sub-chunk's first row
-        ref = torch.cat([ga_b[..., 1:, :1, :], ga_b[..., -1:, :1, :]], -3)  # [..., n, 1, D]
-        far = (u.transpose(-1, -2).unflatten(-2, (blocks, SUB)) @ (
-            w.unsqueeze(-3) * (ga.unsqueeze(-3) - ref + masks["later"]).exp())) * (
-            ref - gb_b + masks["has_later"]).exp()
+        u = torch.where(decays.masks(offset)["pairs"], u, 0.0)
+    if kind == "gmix_t":  # out_i = sum_(t >= i + offset) m_ti x_t E_ti
+        sources, rows = decays.later()
+        far = (u.transpose(-1, -2).unflatten(-2, (blocks, SUB)) @ (w.unsqueeze(-3) * sources)) \
+            * rows
         near = (_diagonal_blocks(u, blocks).unsqueeze(-1) * near * w_b.unsqueeze(-2)).sum(-3)
         return (far + near).flatten(-3, -2)[..., :length, :]
-    ref = ga_b[..., :1, :]  # [..., n, 1, D]: each sub-chunk's first row
-    source = w.unsqueeze(-3) * (ref - gb.unsqueeze(-3) + masks["earlier"]).exp()
-    if kind == "gmix":  # out_t = sum_(i < t) m_ti x_i E_ti
-        far = (u.unflatten(-2, (blocks, SUB)) @ source) * (ga_b - ref).exp()
+    rows, sources = decays.earlier()
+    if kind == "gmix":  # out_t = sum_(i <= t - offset) m_ti x_i E_ti
+        far = (u.unflatten(-2, (blocks, SUB)) @ (w.unsqueeze(-3) * sources)) * rows
         near = (_diagonal_blocks(u, blocks).unsqueeze(-1) * near * w_b.unsqueeze(-3)).sum(-2)
         return (far + near).flatten(-3, -2)[..., :length, :]
-    far = ((u.unflatten(-2, (blocks, SUB)) * (ga_b - ref).exp()) @ source.transpose(-1, -2))
-    near = (u.unflatten(-2, (blocks, SUB)).unsqueeze(-2) * w_b.unsqueeze(-3) * near).sum(-1)
+    a_b = u.unflatten(-2, (blocks, SUB))
+    far = (a_b * rows) @ (w.unsqueeze(-3) * sources).transpose(-1, -2)
+    near = (a_b.unsqueeze(-2) * w_b.unsqueeze(-3) * near).sum(-1)
     out = far.flatten(-3, -2) + _block_diagonal(near)
     if offset > 1:
-        out = torch.where(masks["pairs"], out, 0.0)
+        out = torch.where(decays.masks(offset)["pairs"], out, 0.0)
     return out[..., :length, :length]
 
 
