@@ -397,7 +397,8 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
     """Run the graph (or the `nodes` of a `plan`, in order) on torch tiles [..., rows, cols] with
     any leading batch dims: the oracle for the emitted code and the reverse mode, and the CPU
     path (`mirasc.torch_chunk`). `values` holds the input and const nodes needed; `sizes` the
-    kernel constants (e.g. {"T": 64, "DV": 5})."""
+    kernel constants (e.g. {"T": 64, "DV": 5}). gdot and gmix run by sub-chunks
+    (`decayed_pairs`), their decays shared by the nodes on the same gates."""
     import torch
 
     from mirasc.expr import to_torch
