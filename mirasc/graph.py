@@ -539,7 +539,8 @@ def decayed_pairs(kind: str, u, w, decays: PairDecays, offset: int):
     a_b = u.unflatten(-2, (blocks, SUB))
     far = (a_b * rows) @ (w.unsqueeze(-3) * sources).transpose(-1, -2)
     near = (a_b.unsqueeze(-2) * w_b.unsqueeze(-3) * near).sum(-1)
-    out = far.flatten(-3, -2) + _block_diagonal(near)
+    eye = decays.masks(offset)["eye"]  # [n, 1, n, 1]: the block-diagonal's placement
+    out = far.flatten(-3, -2) + (near.unsqueeze(-2) * eye).flatten(-4, -3).flatten(-2, -1)
     if offset > 1:
         out = torch.where(decays.masks(offset)["pairs"], out, 0.0)
     return out[..., :length, :length]
@@ -548,10 +549,10 @@ def decayed_pairs(kind: str, u, w, decays: PairDecays, offset: int):
 @functools.lru_cache(maxsize=32)
 def _sub_chunk_masks(length: int, offset: int, dtype, device) -> dict:
     """For `decayed_pairs` on T = `length` rows padded to n sub-chunks: the pairs [nT, nT]
-    (t - i >= offset, t real) and, as exponents' masks (0 where kept, -inf where not: exp of
-    the sum is 0 there, whatever the finite exponent), their diagonal blocks [n, SUB, SUB, 1]
-    and per sub-chunk s the rows i before it ("earlier", [n, nT, 1]), the rows t after it
-    ("later") and whether it has any ("has_later", [n, 1, 1])."""
+    (t - i >= offset, t real), the identity [n, 1, n, 1] and, as exponents' masks (0 where
+    kept, -inf where not: exp of the sum is 0 there, whatever the finite exponent), the pairs'
+    diagonal blocks [n, SUB, SUB, 1] and per sub-chunk s the rows i before it ("earlier",
+    [n, nT, 1]), the rows t after it ("later") and whether it has any ("has_later", [n, 1, 1])."""
     import torch
 
     blocks = -(-length // SUB)
@@ -562,19 +563,11 @@ def _sub_chunk_masks(length: int, offset: int, dtype, device) -> dict:
             "earlier": (rows // SUB < block)[..., None], "later": (rows // SUB > block)[..., None],
             "has_later": (block < blocks - 1)[..., None]}
     drop = torch.tensor(float("-inf"), dtype=dtype, device=device)
-    return {"pairs": pairs} | {n: torch.where(k, 0.0, drop) for n, k in keep.items()}
+    eye = torch.eye(blocks, dtype=dtype, device=device)[:, None, :, None]
+    return {"pairs": pairs, "eye": eye} | {n: torch.where(k, 0.0, drop) for n, k in keep.items()}
 
 
 def _diagonal_blocks(x, blocks: int):
     """The SUB x SUB diagonal blocks of [..., T, T] as [..., blocks, SUB, SUB]."""
     x = x.unflatten(-1, (blocks, SUB)).unflatten(-3, (blocks, SUB))  # [..., n, t, n', i]
     return x.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
-
-
-def _block_diagonal(x):
-    """[..., blocks, SUB, SUB] as the block-diagonal [..., T, T]."""
-    import torch
-
-    blocks = x.shape[-3]
-    eye = torch.eye(blocks, dtype=x.dtype, device=x.device)
-    return (x.unsqueeze(-2) * eye[:, None, :, None]).flatten(-4, -3).flatten(-2, -1)
