@@ -8,6 +8,7 @@ comparisons, whitelisted function calls) and translated node by node into sympy.
 from __future__ import annotations
 
 import ast
+import functools
 import math
 from collections.abc import Callable, Mapping
 
@@ -218,40 +219,71 @@ _COMPARE_FNS = {sp.StrictLessThan: torch.lt, sp.LessThan: torch.le, sp.StrictGre
 
 
 def to_torch(expr: sp.Expr, env: Mapping[sp.Symbol, torch.Tensor]) -> torch.Tensor:
-    """Evaluate a sympy expression on tensors by walking its tree (the reference's evaluator)."""
+    """Evaluate a sympy expression on tensors (the reference's and `graph.evaluate`'s evaluator),
+    by a function of `env` built once per expression (`_torch_fn`)."""
+    return _torch_fn(expr)(env)
+
+
+@functools.lru_cache(maxsize=4096)
+def _torch_fn(expr: sp.Expr) -> Callable[[Mapping], torch.Tensor | float]:
+    """env -> the value of `expr`, from one walk of its tree: a Symbol's tensor, a constant's
+    float, and torch's function of its arguments' values for every other node."""
     if expr.is_Symbol:
-        return env[expr]
+        return lambda env: env[expr]
     if expr.is_number:
-        return float(expr)
+        value = float(expr)
+        return lambda env: value
     if isinstance(expr, sp.Piecewise):
-        *branches, (out, _) = expr.args
-        out = to_torch(out, env)
-        if not isinstance(out, torch.Tensor):
-            like = next((t for s in sorted(expr.free_symbols, key=str)
-                         if isinstance(t := env[s], torch.Tensor)), None)
-            out = out if like is None else like.new_tensor(out)
-        for value, cond in reversed(branches):
-            out = torch.where(to_torch(cond, env), to_torch(value, env), out)
-        return out
-    args = [to_torch(a, env) for a in expr.args]
+        *branches, (last, _) = expr.args
+        otherwise = _torch_fn(last)
+        symbols = sorted(expr.free_symbols, key=str)
+        picks = [(_torch_fn(cond), _torch_fn(value)) for value, cond in reversed(branches)]
+
+        def piecewise(env):
+            out = otherwise(env)
+            if not isinstance(out, torch.Tensor):
+                like = next((t for s in symbols if isinstance(t := env[s], torch.Tensor)), None)
+                out = out if like is None else like.new_tensor(out)
+            for cond, value in picks:
+                out = torch.where(cond(env), value(env), out)
+            return out
+
+        return piecewise
+    args = [_torch_fn(a) for a in expr.args]
+    if not args:
+        raise TypeError(f"no torch form for {expr.func.__name__}")
+    first, rest = args[0], args[1:]
     if isinstance(expr, sp.Add):
-        return sum(args[1:], args[0])
+        return lambda env: sum((f(env) for f in rest), first(env))
     if isinstance(expr, sp.Mul):
-        out = args[0]
-        for a in args[1:]:
-            out = out * a
-        return out
+        def product(env):
+            out = first(env)
+            for f in rest:
+                out = out * f(env)
+            return out
+
+        return product
     if isinstance(expr, sp.Pow):
-        return args[0] ** args[1]
+        return lambda env: first(env) ** args[1](env)
     if type(expr) in TORCH_FUNCTIONS:
-        return TORCH_FUNCTIONS[type(expr)](args[0])
+        fn = TORCH_FUNCTIONS[type(expr)]
+        return lambda env: fn(first(env))
     if type(expr) in _COMPARE_FNS:
-        out = args[0]
-        for a in args[1:]:
-            out = _COMPARE_FNS[type(expr)](out, a)
-        return out
+        compare = _COMPARE_FNS[type(expr)]
+
+        def chain(env):
+            out = first(env)
+            for f in rest:
+                out = compare(out, f(env))
+            return out
+
+        return chain
     if isinstance(expr, sp.Heaviside):
-        return (args[0] > 0).to(args[0].dtype)
+        def step(env):
+            x = first(env)
+            return (x > 0).to(x.dtype)
+
+        return step
     raise TypeError(f"no torch form for {expr.func.__name__}")
 
 

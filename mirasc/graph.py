@@ -28,6 +28,7 @@ oracle for the emitted kernels and the CPU path). The chunk steps built on it ar
 
 from __future__ import annotations
 
+import functools
 import keyword
 import re
 from dataclasses import dataclass, field
@@ -396,12 +397,14 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
     """Run the graph (or the `nodes` of a `plan`, in order) on torch tiles [..., rows, cols] with
     any leading batch dims: the oracle for the emitted code and the reverse mode, and the CPU
     path (`mirasc.torch_chunk`). `values` holds the input and const nodes needed; `sizes` the
-    kernel constants (e.g. {"T": 64, "DV": 5})."""
+    kernel constants (e.g. {"T": 64, "DV": 5}). gdot and gmix run by sub-chunks
+    (`decayed_pairs`), their decays shared by the nodes on the same gates."""
     import torch
 
     from mirasc.expr import to_torch
 
     env = dict(values)
+    decays = {}  # (ga, gb) -> PairDecays: shared by the gdot and gmix nodes on the same gates
     constants = {sp.Symbol(n, positive=True): v for n, v in sizes.items()}
     like = next(iter(values.values()))
     for n in graph.order() if nodes is None else nodes:
@@ -431,11 +434,12 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
             out = x[0].flip(-2).cumsum(-2).flip(-2)
         elif op == "trans":
             out = x[0].transpose(-1, -2)
-        elif op == "gdot":
-            out = torch.einsum("...td,...id,...tid->...ti", x[0], x[1], _pair_decays(*x[2:], node))
-        elif op == "gmix":
-            pattern = "...ti,...id,...tid->...td" if not node["ta"] else "...ti,...td,...tid->...id"
-            out = torch.einsum(pattern, x[0], x[1], _pair_decays(*x[2:], node))
+        elif op in ("gdot", "gmix"):
+            gates = tuple(node["inputs"][2:])
+            if gates not in decays:
+                decays[gates] = PairDecays(*x[2:])
+            out = decayed_pairs("gmix_t" if node.get("ta") else op, *x[:2], decays[gates],
+                                node["offset"])
         elif op == "tri_inv":  # (I + A)^-1, A strictly lower triangular
             eye = torch.eye(x[0].shape[-1], dtype=x[0].dtype, device=x[0].device)
             out = torch.linalg.solve_triangular(eye + x[0], eye.expand_as(x[0]), upper=False,
@@ -447,13 +451,123 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
     return env
 
 
-def _pair_decays(ga, gb, node):
-    """E [..., t, i, d] = exp(ga_td - gb_id) for t - i >= offset, else 0; the exponent is
-    selected before exp, so the masked pairs never overflow."""
+SUB = 16  # rows of a sub-chunk in `decayed_pairs`
+
+
+class PairDecays:
+    """The decays E_tid = exp(ga_td - gb_id) of two gate tiles [..., T, D] (or [..., T, 1]) by
+    sub-chunks of SUB rows (the last may be shorter; padded with the gates' last row), each
+    computed once and shared by the ops on the same gates:
+      near(offset)  the diagonal SUB x SUB blocks, every pair's exponent selected before exp
+                    (t - i >= offset), [..., n, t, i, D];
+      earlier()     exp(ga_t - ga_r) [..., n, SUB, D] and exp(ga_r - gb_i) for the rows i before
+                    sub-chunk s [..., n, nT, D], r = the first row of s (gdot, gmix);
+      later()       exp(ga_t - ga_r) for the rows t after sub-chunk s [..., n, nT, D] and
+                    exp(ga_r - gb_i) [..., n, SUB, D], r = the first row of s + 1 (gmix_t).
+    Every factor is at most 1 when ga is non-increasing in t and ga_t - gb_i <= 0 for t > i
+    (a running sum of log decays, and its exclusive form against it, as the graphs build them):
+    no exp overflows whatever the decays."""
+
+    def __init__(self, ga, gb):
+        import torch
+
+        ga, gb = torch.broadcast_tensors(ga, gb)
+        self.length = length = ga.shape[-2]
+        self.blocks = -(-length // SUB)
+        pad = self.blocks * SUB - length
+        if pad:
+            ga, gb = (torch.cat([g, g[..., -1:, :].expand(*g.shape[:-2], pad, g.shape[-1])], -2)
+                      for g in (ga, gb))
+        self.ga, self.gb = ga, gb
+        self.ga_b, self.gb_b = (g.unflatten(-2, (self.blocks, SUB)) for g in (ga, gb))
+        self.masks = functools.partial(_sub_chunk_masks, length, dtype=ga.dtype, device=ga.device)
+        self._near, self._far = {}, {}
+
+    def near(self, offset: int):
+        if offset not in self._near:
+            exponent = self.ga_b.unsqueeze(-2) - self.gb_b.unsqueeze(-3)
+            self._near[offset] = (exponent + self.masks(offset)["near"]).exp()
+        return self._near[offset]
+
+    def earlier(self):
+        if "earlier" not in self._far:
+            ref = self.ga_b[..., :1, :]  # [..., n, 1, D]: each sub-chunk's first row
+            self._far["earlier"] = ((self.ga_b - ref).exp(), (
+                ref - self.gb.unsqueeze(-3) + self.masks(0)["earlier"]).exp())
+        return self._far["earlier"]
+
+    def later(self):
+        import torch
+
+        if "later" not in self._far:
+            ga_b, masks = self.ga_b, self.masks(0)
+            ref = torch.cat([ga_b[..., 1:, :1, :], ga_b[..., -1:, :1, :]], -3)  # the next's first
+            self._far["later"] = ((self.ga.unsqueeze(-3) - ref + masks["later"]).exp(),
+                                  (ref - self.gb_b + masks["has_later"]).exp())
+        return self._far["later"]
+
+
+def decayed_pairs(kind: str, u, w, decays: PairDecays, offset: int):
+    """gdot (u = a, w = b), gmix or gmix_t (u = m, w = x) of torch tiles [..., T, *] on the
+    pairs t - i >= offset with the `decays` E_tid: the diagonal SUB x SUB blocks by their
+    exact terms, the pairs (t, i) in different sub-chunks factored at a reference row r between
+    them, exp(ga_t - gb_i) = exp(ga_t - ga_r) exp(ga_r - gb_i), so that each block row is one
+    matmul, e.g. gdot's sum_d (a_td exp(ga_td - ga_rd)) (b_id exp(ga_rd - gb_id)). Such pairs
+    have t - i >= 1: a larger offset also masks the pair weights (m) or the product (gdot)."""
     import torch
 
-    ga, gb = torch.broadcast_tensors(ga, gb)
-    rows = torch.arange(ga.shape[-2], device=ga.device)
-    pairs = rows[:, None] - rows[None, :] >= node["offset"]
-    diff = ga.unsqueeze(-2) - gb.unsqueeze(-3)
-    return torch.where(pairs[:, :, None], diff, diff.new_tensor(float("-inf"))).exp()
+    length, blocks = decays.length, decays.blocks
+    pad = blocks * SUB - length
+    if pad:  # rows past T: zero data
+        u = torch.nn.functional.pad(u, (0, pad if kind != "gdot" else 0, 0, pad))
+        w = torch.nn.functional.pad(w, (0, 0, 0, pad))
+    w_b = w.unflatten(-2, (blocks, SUB))
+    near = decays.near(offset)
+    if kind != "gdot" and offset > 1:
+        u = torch.where(decays.masks(offset)["pairs"], u, 0.0)
+    if kind == "gmix_t":  # out_i = sum_(t >= i + offset) m_ti x_t E_ti
+        sources, rows = decays.later()
+        far = (u.transpose(-1, -2).unflatten(-2, (blocks, SUB)) @ (w.unsqueeze(-3) * sources)) \
+            * rows
+        near = (_diagonal_blocks(u, blocks).unsqueeze(-1) * near * w_b.unsqueeze(-2)).sum(-3)
+        return (far + near).flatten(-3, -2)[..., :length, :]
+    rows, sources = decays.earlier()
+    if kind == "gmix":  # out_t = sum_(i <= t - offset) m_ti x_i E_ti
+        far = (u.unflatten(-2, (blocks, SUB)) @ (w.unsqueeze(-3) * sources)) * rows
+        near = (_diagonal_blocks(u, blocks).unsqueeze(-1) * near * w_b.unsqueeze(-3)).sum(-2)
+        return (far + near).flatten(-3, -2)[..., :length, :]
+    a_b = u.unflatten(-2, (blocks, SUB))
+    far = (a_b * rows) @ (w.unsqueeze(-3) * sources).transpose(-1, -2)
+    near = (a_b.unsqueeze(-2) * w_b.unsqueeze(-3) * near).sum(-1)
+    eye = decays.masks(offset)["eye"]  # [n, 1, n, 1]: the block-diagonal's placement
+    out = far.flatten(-3, -2) + (near.unsqueeze(-2) * eye).flatten(-4, -3).flatten(-2, -1)
+    if offset > 1:
+        out = torch.where(decays.masks(offset)["pairs"], out, 0.0)
+    return out[..., :length, :length]
+
+
+@functools.lru_cache(maxsize=32)
+def _sub_chunk_masks(length: int, offset: int, dtype, device) -> dict:
+    """For `decayed_pairs` on T = `length` rows padded to n sub-chunks: the pairs [nT, nT]
+    (t - i >= offset, t real), the identity [n, 1, n, 1] and, as exponents' masks (0 where
+    kept, -inf where not: exp of the sum is 0 there, whatever the finite exponent), the pairs'
+    diagonal blocks [n, SUB, SUB, 1] and per sub-chunk s the rows i before it ("earlier",
+    [n, nT, 1]), the rows t after it ("later") and whether it has any ("has_later", [n, 1, 1])."""
+    import torch
+
+    blocks = -(-length // SUB)
+    rows = torch.arange(blocks * SUB, device=device)
+    pairs = (rows[:, None] - rows[None, :] >= offset) & (rows[:, None] < length)
+    block = torch.arange(blocks, device=device)[:, None]
+    keep = {"near": _diagonal_blocks(pairs, blocks)[..., None],
+            "earlier": (rows // SUB < block)[..., None], "later": (rows // SUB > block)[..., None],
+            "has_later": (block < blocks - 1)[..., None]}
+    drop = torch.tensor(float("-inf"), dtype=dtype, device=device)
+    eye = torch.eye(blocks, dtype=dtype, device=device)[:, None, :, None]
+    return {"pairs": pairs, "eye": eye} | {n: torch.where(k, 0.0, drop) for n, k in keep.items()}
+
+
+def _diagonal_blocks(x, blocks: int):
+    """The SUB x SUB diagonal blocks of [..., T, T] as [..., blocks, SUB, SUB]."""
+    x = x.unflatten(-1, (blocks, SUB)).unflatten(-3, (blocks, SUB))  # [..., n, t, n', i]
+    return x.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)

@@ -113,6 +113,9 @@ def run(step: Step, q, k, v, given: dict, state):
     bad, qbad = _nonfinite_rows(data, ("k", "v", *step.step.gates)), _nonfinite_rows(data, ("q",))
     data = {x: torch.where((qbad if x == "q" else bad)[..., None], _PAD[x], t)
             for x, t in data.items()}
+    # each chunk's tiles as a tensor of its own: autograd then stacks their gradients once (a
+    # slice of the whole would scatter each into a zero tensor of all the chunks: O(chunks^2))
+    chunks = {x: t.unbind(1) for x, t in data.items()}
     per_head = {p: given[p].to(acc).unsqueeze(0).expand(batch, heads, dv).reshape(n, 1, dv)
                 for p in step.step.params}
     shapes = [graph.shape(s) for s in step.step.states]
@@ -145,9 +148,9 @@ def run(step: Step, q, k, v, given: dict, state):
             consts = _consts(step.consts, masks, ones, q.new_ones((1, 1), dtype=acc))
             loaded = ("q", "k", "v", *step.step.gates)
             if step.segments == 2:  # rows of the other segment load as padding, as in the kernel
-                values = {x: torch.where(valid[:, None], data[x][:, i], _PAD[x]) for x in loaded}
+                values = {x: torch.where(valid[:, None], chunks[x][i], _PAD[x]) for x in loaded}
             else:
-                values = {x: data[x][:, i] for x in loaded}
+                values = {x: chunks[x][i] for x in loaded}
             values |= dict(zip(step.step.states, carried, strict=True)) | per_head
             out = _ChunkFn.apply(step, consts, sizes, *(values[m] for m in step.wrt))
             o_seg, carried = out[0], list(out[1:])

@@ -11,6 +11,8 @@ import pytest
 import torch
 from fla.ops.delta_rule import naive as naive_dr
 from fla.ops.gated_delta_rule import naive as naive_gdr
+from fla.ops.gla import naive as naive_cgla
+from fla.ops.kda import naive as naive_kda
 from fla.ops.simple_gla import naive as naive_gla
 from fla.ops.ttt import naive as naive_ttt
 
@@ -72,8 +74,41 @@ def _fla_deltanet(q, k, v, eta, initial_state):
     return heads_first(o), s.transpose(-1, -2)
 
 
+def _fla_gla(q, k, v, log_alpha, initial_state):
+    """fla's GLA (a log decay per key channel), which scales q by K^-1/2 itself (undone here)."""
+    o, s = naive_cgla.naive_recurrent_gla(q * q.shape[-1] ** 0.5, k, v, log_alpha,
+                                          initial_state=initial_state.transpose(-1, -2),
+                                          output_final_state=True)
+    return o, s.transpose(-1, -2)
+
+
+def _fla_kda(q, k, v, log_alpha, eta, initial_state):
+    """fla's KDA: S <- diag(exp g) S, then the delta rule with beta; q and k taken as given (its
+    naive recurrence normalises neither)."""
+    o, s = naive_kda.naive_recurrent_kda(q, k, v, log_alpha, eta, scale=1.0,
+                                         initial_state=initial_state.transpose(-1, -2),
+                                         output_final_state=True)
+    return o, s.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+@pytest.mark.parametrize("name", ["gla", "kda"])
+def test_channel_decays_equal_fla(name, path):
+    """GLA and KDA (gated DeltaNet with a decay per key channel) against fla's naive
+    recurrences: outputs and final states, 70 tokens (a chunk and a part)."""
+    op = mirasc.compile(f"specs/{name}.yaml")
+    x = random_inputs(op, batch=2, length=70, heads=2, dk=8, dv=6, dtype=torch.float32)
+    (w0,) = x["initial_state"]
+    gates = {g: x[g] for g in ("log_alpha", "eta") if g in x}
+    run = op if path == "kernel" else op.reference
+    o, (wt,) = run(x["q"], x["k"], x["v"], **gates, initial_state=w0, output_final_state=True)
+    o_fla, s_fla = PEERS[name](x["q"], x["k"], x["v"], **gates, initial_state=w0)
+    assert relative_error(o, o_fla) < 1e-5
+    assert relative_error(wt, s_fla) < 1e-5
+
+
 PEERS = {"simple_gla": _fla_simple_gla, "gated_deltanet": _fla_gated_deltanet,
-         "deltanet": _fla_deltanet}
+         "deltanet": _fla_deltanet, "gla": _fla_gla, "kda": _fla_kda}
 
 
 @pytest.mark.parametrize("name", sorted(PEERS))

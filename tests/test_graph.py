@@ -10,7 +10,7 @@ from conftest import axis_spec
 
 from mirasc.catalog import load_spec
 from mirasc.derive import derive
-from mirasc.graph import backward, evaluate
+from mirasc.graph import PairDecays, backward, decayed_pairs, evaluate
 from mirasc.memories.matrix import matrix_chunk_step
 from mirasc.spec import parse_spec
 
@@ -75,3 +75,62 @@ def test_reverse_mode_matches_autograd(case):
         got = env[adjoint[name]] if adjoint[name] is not None else torch.zeros_like(values[name])
         want = torch.zeros_like(got) if want is None else want
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), name
+
+
+def _direct_pairs(kind, u, w, ga, gb, offset):
+    """The op written as a sum over pairs in float64: E_tid = exp(ga_td - gb_id) for
+    t - i >= offset, 0 elsewhere; gdot sum_d u_td w_id E_tid, gmix sum_i u_ti w_id E_tid,
+    gmix_t (out_i) sum_t u_ti w_td E_tid."""
+    u, w, ga, gb = (x.double() for x in (u, w, ga, gb))
+    t = torch.arange(ga.shape[0])
+    paired = (t[:, None] - t[None, :] >= offset)[..., None]
+    exponent = ga[:, None, :] - gb[None, :, :]
+    weights = torch.where(paired, exponent, -torch.inf).exp()
+    if kind == "gdot":
+        return (u[:, None, :] * w[None, :, :] * weights).sum(-1)
+    if kind == "gmix":
+        return (u[:, :, None] * w[None, :, :] * weights).sum(1)
+    return (u[:, :, None] * w[:, None, :] * weights).sum(0)
+
+
+def _decays(kind: str, length: int, cols: int, gen) -> torch.Tensor:
+    """log alpha per row: -20 per token or random in (-3, 0), each with resets (-inf, floored to
+    -110 as `memories.decay.log_gate` loads them); or mixed, from -8 to 0."""
+    if kind == "strong":
+        la = torch.full((length, cols), -20.0, dtype=torch.float64)
+        la[5::11] = -torch.inf
+        return la.clamp(min=-110.0)
+    la = -3 * torch.rand(length, cols, generator=gen, dtype=torch.float64)
+    if kind == "resets":
+        la[::7] = -torch.inf
+        return la.clamp(min=-110.0)
+    return la * torch.rand(length, 1, generator=gen, dtype=torch.float64) * 8 / 3
+
+
+@pytest.mark.parametrize("length", [64, 37])
+@pytest.mark.parametrize("decay", ["strong", "resets", "mixed"])
+@pytest.mark.parametrize("gates", ["channel", "head", "lagged"])
+def test_decayed_pairs_equal_the_sum_over_pairs(gates, decay, length):
+    """gdot, gmix and gmix_t by sub-chunks (factored across them) against the sum over pairs, for
+    the gates the graphs pass: gamma against itself ([T, D], or a head's [T, 1]) with offsets 0 and
+    1, and the exclusive prefix sum against gamma with offsets 1 and 2 (a flat node's far
+    pairs), one PairDecays shared by the ops; float64 to 1e-12 of the largest entry, float32
+    finite and to 1e-5 of the sum over pairs of its rounded inputs."""
+    gen = torch.Generator().manual_seed(3)
+    d = 5
+    la = _decays(decay, length, 1 if gates == "head" else d, gen)
+    gamma = la.cumsum(0)
+    ga, gb = (gamma - la, gamma) if gates == "lagged" else (gamma, gamma)
+    a, b = (torch.randn(length, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    m = torch.randn(length, length, generator=gen, dtype=torch.float64)
+    decays, decays32 = PairDecays(ga, gb), PairDecays(ga.float(), gb.float())  # shared by ops
+    for offset in (1, 2) if gates == "lagged" else (0, 1):
+        for kind in ("gdot", "gmix", "gmix_t"):
+            u = a if kind == "gdot" else m
+            want = _direct_pairs(kind, u, b, ga, gb, offset)
+            got = decayed_pairs(kind, u, b, decays, offset)
+            assert (got - want).abs().max() <= 1e-12 * want.abs().max(), (kind, offset)
+            got32 = decayed_pairs(kind, u.float(), b.float(), decays32, offset)
+            want32 = _direct_pairs(kind, u.float(), b.float(), ga.float(), gb.float(), offset)
+            assert torch.isfinite(got32).all(), (kind, offset)
+            assert (got32 - want32).abs().max() <= 1e-5 * want32.abs().max(), (kind, offset)

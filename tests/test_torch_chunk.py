@@ -16,7 +16,7 @@ from mirasc.check import compare, random_inputs, varlen_inputs
 from mirasc.codegen import triton_unsupported
 from mirasc.op import MirasOp
 
-SPECS = ["linear_attention", "simple_gla", "deltanet", "gated_deltanet", "titans",
+SPECS = ["linear_attention", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda", "titans",
          "ttt_linear", "ttt_mlp", "moneta", "yaad", "memora"]
 
 
