@@ -26,7 +26,8 @@ from mirasc.reference import Inputs
 pytestmark = pytest.mark.skipif(not interpreting(), reason="the kernel runs in the interpreter")
 
 SPECS = Path(__file__).parent.parent / "specs"
-COVERED = ["deltanet", "gated_deltanet", "linear_attention", "simple_gla", "titans", "ttt_linear"]
+COVERED = ["deltanet", "gated_deltanet", "gla", "kda", "linear_attention", "simple_gla", "titans",
+           "ttt_linear"]
 GENERATED = {
     "huber-elastic-momentum": axis_spec(bias="{kind: huber, delta: {shape: channel}}",
                                         retention="{kind: elastic_net, gamma: 0.01, decay: {}}",
