@@ -167,6 +167,8 @@ def triton_unsupported(d) -> str | None:
         (mem.kind == "matrix" and spec.learner.kind == "gd" and spec.learner.eta_at == "query"
          and spec.learner.eta.shape == "channel",
          "learner.eta_at 'query' with a channel-wise eta on a matrix memory"),
+        (spec.bias.window is not None,
+         "bias.window (the chunk step does not load the previous chunk's rows yet)"),
     ]
     why = [text for failed, text in reasons if failed] + _unprintable(d)
     return "; ".join(why) if why else None
@@ -264,6 +266,7 @@ def step_unsupported(d) -> str | None:
         (d.retention.dual and not d.retention.linear,
          f"the {d.retention.kind} retention's dual state (W = phi^-1(Z) is a second track"
          + (", a whole-state reduction)" if d.retention.elementwise is None else ")")),
+        (d.spec.bias.window is not None, "bias.window (a step would need the window's tokens)"),
     ]
     why = [text for failed, text in reasons if failed] + _unprintable(d)
     return "; ".join(why) if why else None

@@ -106,6 +106,10 @@ class Decoder:
 
     def start(self, state: Tensors) -> StepState:
         """The step state at a chunk boundary from the op's state (Z, then the momentum)."""
+        if self.derivation.spec.bias.window is not None:
+            raise ValueError(f"{self.derivation.spec.name}: decoding does not step a spec with "
+                             "bias.window yet (its state would hold the window's last tokens); "
+                             "run the whole sequence through the op")
         n = len(state) // 2 if self.momentum else len(state)
         own = tuple(s.clone() for s in state)  # later steps update the state in place
         return StepState(0, {"zs": own[:n]}, own[n:] if self.momentum else None)

@@ -24,12 +24,14 @@ from mirasc.decode import Decoder, StepState
 from mirasc.op import BACKENDS, MirasOp
 from mirasc.spec import Spec
 
-# How a raw projection becomes each gate: log alpha <= 0, step and momentum in (0, 1), delta > 0.
+# How a raw projection becomes each gate: log alpha <= 0, step, momentum and the window's weight in
+# (0, 1), delta > 0.
 GATE_ACTIVATIONS = {
     "log_alpha": lambda z: F.logsigmoid(z) / 16.0,  # alpha near 1 at init, as GLA normalises it
     "eta": torch.sigmoid,
     "momentum": torch.sigmoid,
     "delta": F.softplus,
+    "window_weight": torch.sigmoid,
 }
 
 

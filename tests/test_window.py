@@ -1,0 +1,83 @@
+"""bias.window (Atlas's Omega rule): the loss at t sums gamma_i l(M(k_i), v_i) over the last c
+tokens of t's sequence. The references against float64 loops written out here, c = 1 against no
+window, and varlen windows that stop at a sequence's start."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import axis_spec, op_from_yaml, random_inputs
+
+WINDOW = "{kind: l2, window: {size: 2, weight: {}}}"
+
+
+def _brute(inputs: dict, size: int, chunk: int | None):
+    """A matrix memory with the l2 bias, l2 decay and gd, per (batch, head), in plain loops:
+    W_t = alpha_t W_(t-1) - eta_t sum_(i=t-c+1..t) gamma_i (W k_i - v_i) k_i^T, the gradients at
+    W_(t-1) (token recurrence, chunk None) or at the chunk's start state W_s, where inside a chunk
+    W_t = alpha_t W_(t-1)' - eta_t grad_t(W_s) with W_(t-1)' the previous row's weights."""
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    alpha, eta, gamma = inputs["log_alpha"].exp(), inputs["eta"], inputs["window_weight"]
+    batch, length, heads, _ = q.shape
+    o = torch.zeros_like(v)
+    for b in range(batch):
+        for h in range(heads):
+            w = inputs["initial_state"][0][b, h].clone()
+            start = w
+            for t in range(length):
+                if chunk is None or t % chunk == 0:
+                    start = w
+                point = w if chunk is None else start
+                grad = sum(gamma[b, i, h] * torch.outer(point @ k[b, i, h] - v[b, i, h], k[b, i, h])
+                           for i in range(max(0, t - size + 1), t + 1))
+                w = alpha[b, t, h] * w - eta[b, t, h] * grad
+                o[b, t, h] = w @ q[b, t, h]
+    return o
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_window_against_a_brute_force_loop(chunk):
+    op = op_from_yaml(axis_spec(bias="{kind: l2, window: {size: 3, weight: {}}}"))
+    inputs = random_inputs(op, batch=1, length=8, heads=2, dk=3, dv=2)
+    o, _ = op.reference(**inputs, chunk_size=chunk)
+    torch.testing.assert_close(o, _brute(inputs, 3, chunk), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("memory", ["{kind: matrix}", "{kind: mlp, depth: 2, expansion: 1}"])
+def test_a_window_of_one_is_the_bias_alone(memory):
+    plain = op_from_yaml(axis_spec(memory=memory, bias="{kind: lp, p: 3}"))
+    one = op_from_yaml(axis_spec(memory=memory, bias="{kind: lp, p: 3, window: {size: 1}}"))
+    inputs = random_inputs(plain, batch=1, length=6, heads=1, dk=3, dv=3)
+    for chunk in (None, 4):
+        o, state = plain.reference(**inputs, chunk_size=chunk, output_final_state=True)
+        o1, state1 = one.reference(**inputs, chunk_size=chunk, output_final_state=True)
+        assert torch.equal(o, o1) and all(map(torch.equal, state, state1))
+
+
+def test_varlen_windows_stop_at_a_sequence_start():
+    op = op_from_yaml(axis_spec(bias=WINDOW))
+    inputs = random_inputs(op, batch=1, length=9, heads=1, dk=3, dv=3)
+    bounds = [0, 5, 9]
+    state = tuple(torch.cat([s, s]) for s in inputs["initial_state"])
+    packed = inputs | {"initial_state": state}
+    o, _ = op(**packed, cu_seqlens=torch.tensor(bounds))
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        alone = {n: x[:, lo:hi] if n not in ("initial_state",) else x for n, x in inputs.items()}
+        o_seq, _ = op.reference(**alone, chunk_size=op.oracle_chunk_size)
+        torch.testing.assert_close(o[:, lo:hi], o_seq, rtol=1e-12, atol=1e-12)
+    whole, _ = op.reference(**inputs, chunk_size=op.oracle_chunk_size)
+    assert not torch.allclose(o[:, 5:], whole[:, 5:])  # one sequence would reach back across
+
+
+def test_window_ops_run_the_chunked_reference_and_refuse_to_decode():
+    op = op_from_yaml(axis_spec(bias=WINDOW))
+    assert op.oracle_chunk_size == 4 and not op.derivation.exact
+    inputs = random_inputs(op, batch=1, length=6, heads=1, dk=3, dv=3)
+    o, _ = op(**inputs)
+    torch.testing.assert_close(o, op.reference(**inputs, chunk_size=4)[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="window_weight must be >= 0"):
+        op(**inputs | {"window_weight": -inputs["window_weight"]})
+    from mirasc.decode import Decoder
+
+    with pytest.raises(ValueError, match="bias.window"):
+        Decoder(op.derivation, 4).start(inputs["initial_state"])
