@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      model_serializer)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_serializer
 from pydantic_core import PydanticCustomError
 
 from mirasc.errors import MAX_EXPONENT, FieldError, SpecError

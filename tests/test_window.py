@@ -8,6 +8,9 @@ import pytest
 import torch
 from conftest import axis_spec, op_from_yaml, random_inputs
 
+from mirasc.check import compare, varlen_inputs
+from mirasc.op import MirasOp
+
 WINDOW = "{kind: l2, window: {size: 2, weight: {}}}"
 
 
@@ -81,3 +84,42 @@ def test_window_ops_run_the_chunked_reference_and_refuse_to_decode():
 
     with pytest.raises(ValueError, match="bias.window"):
         Decoder(op.derivation, 4).start(inputs["initial_state"])
+
+
+# The torch path (the chunk-step graph, forward and reverse mode) against the chunked reference,
+# float64, every input gradient; chunk_size 4, T = 11.
+GRAPH_CASES = {
+    "l2-c2-weight": {"bias": WINDOW},
+    "lp-c3-constants": {"bias": "{kind: lp, p: 3, window: {size: 3, weight: {value: 0.7}}}",
+                        "learner": "{kind: gd, eta: {value: 0.3}}"},
+    "huber-c4-bias-ln": {"bias": "{kind: huber, delta: {}, window: {size: 4, weight: {}}}",
+                         "memory": "{kind: matrix, bias: true, layer_norm: true}"},
+    "c3-momentum": {"bias": "{kind: l2, window: {size: 3}}",
+                    "learner": "{kind: momentum, eta: {}, momentum: {}}"},
+    "c2-eta-query": {"bias": WINDOW, "learner": "{kind: gd, eta: {}, eta_at: query}"},
+    "c2-kl": {"bias": WINDOW, "retention": "{kind: kl, decay: {}}"},
+    "c1-weight-retained": {"bias": "{kind: l2, window: {size: 1, weight: {}}}",
+                           "learner": "{kind: gd, eta: {}, grad_at: retained}"},
+}
+
+
+def _graph_op(text: str) -> MirasOp:
+    """An op of `text` that runs its chunk-step graph in torch (as if it had kernels)."""
+    return MirasOp(op_from_yaml(text).derivation, kernel=lambda *a: pytest.fail("kernel ran"))
+
+
+@pytest.mark.parametrize("case", sorted(GRAPH_CASES))
+def test_the_torch_path_equals_the_chunked_reference(case, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    op = _graph_op(axis_spec(**GRAPH_CASES[case]))
+    inputs = random_inputs(op, batch=1, length=11, heads=2, dk=3, dv=3)
+    errors = compare(op, inputs, chunk_size=op.oracle_chunk_size)
+    assert errors and all(e < 1e-10 for e in errors.values()), errors
+
+
+def test_the_torch_path_stops_windows_at_sequence_starts(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    op = _graph_op(axis_spec(bias="{kind: l2, window: {size: 3, weight: {}}}"))
+    inputs = varlen_inputs(op, [0, 6, 7, 17], dk=3, dv=3)
+    errors = compare(op, inputs, chunk_size=op.oracle_chunk_size)
+    assert errors and all(e < 1e-10 for e in errors.values()), errors
