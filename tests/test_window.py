@@ -100,6 +100,18 @@ GRAPH_CASES = {
     "c2-kl": {"bias": WINDOW, "retention": "{kind: kl, decay: {}}"},
     "c1-weight-retained": {"bias": "{kind: l2, window: {size: 1, weight: {}}}",
                            "learner": "{kind: gd, eta: {}, grad_at: retained}"},
+    "mlp-c3": {"bias": WINDOW.replace("size: 2", "size: 3"),
+               "memory": "{kind: mlp, depth: 2, expansion: 1}"},
+    "mlp-c2-momentum": {"bias": "{kind: lp, p: 3, window: {size: 2, weight: {}}}",
+                        "memory": "{kind: mlp, depth: 2, expansion: 1}",
+                        "learner": "{kind: momentum, eta: {}, momentum: {}}"},
+    "vector-c2-ln": {"bias": WINDOW, "memory": "{kind: vector, residual: true, layer_norm: true}"},
+    "vector-c3-momentum": {"bias": "{kind: l2, window: {size: 3, weight: {value: 0.5}}}",
+                           "memory": "{kind: vector}",
+                           "learner": "{kind: momentum, eta: {}, momentum: {}}"},
+    "vector-c1-channel": {"bias": "{kind: l2, window: {size: 1, weight: {}}}",
+                          "memory": "{kind: vector}",
+                          "retention": "{kind: l2, decay: {shape: channel}}"},
 }
 
 
