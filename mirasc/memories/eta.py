@@ -48,3 +48,11 @@ def gate_args(gr: Graph, d: Derivation, ctx: dict) -> tuple[dict, sp.Expr]:
     if gamma == gamma_sym:
         args[gamma_sym] = ctx.get("window_weight", "window_weight")
     return args, gamma * eta * mask_sym * vmask_sym
+
+
+def step_text(d: Derivation) -> str:
+    """The factor of a row's gradient in its update, as a formula reads it: eta, or with a window
+    gamma * eta (gamma alone over more than one token: eta enters through the band)."""
+    if d.spec.bias.window is None:
+        return "eta"
+    return "gamma" if banded(d) else "gamma * eta"

@@ -8,7 +8,7 @@ import sympy as sp
 from mirasc.derive import DELTA, RNORM, RNORM_EPS, Derivation, R, V
 from mirasc.graph import Graph, backward, ew
 from mirasc.memories.decay import exclusive_cumsum, previous_decays
-from mirasc.memories.eta import gate_args
+from mirasc.memories.eta import gate_args, step_text
 from mirasc.memories.maps import finish
 from mirasc.memories.step import strict_mask
 
@@ -59,7 +59,7 @@ def minibatch_updates(gr: Graph, d: Derivation, ctx: dict, rows: dict | None = N
     args, factor = gate_args(gr, d, own)
     x = sp.Symbol("x", real=True)
     return gr.ew(x * factor, args | {x: through}, name=f"u{suffix}",
-                 formula=f"u{suffix} = eta * {through}")
+                 formula=f"u{suffix} = {step_text(d)} * {through}")
 
 
 def exact_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
