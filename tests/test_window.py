@@ -151,3 +151,14 @@ def test_kernels_in_the_interpreter(tmp_path, monkeypatch):
 def test_channel_gates_with_a_wide_window_run_the_reference():
     op = mirasc.compile(axis_spec(bias=WINDOW, retention="{kind: l2, decay: {shape: channel}}"))
     assert op.backend == "reference"
+
+
+def test_explain_shows_the_window():
+    from mirasc.catalog import checked_spec
+    from mirasc.derive import explain
+
+    spec = checked_spec(axis_spec(bias="{kind: l2, window: {size: 3, weight: {}}}"))
+    text = explain(spec)
+    assert "grad_t = sum_(i=t-2..t) gamma_i dl(M_W(k_i), v_i)/dW" in text
+    assert "window of 3 tokens" in text and "mini-batch chunking" in text
+    assert r"\sum_{i=t-2}^{t} \gamma_i" in explain(spec, latex=True)
