@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import axis_spec, op_from_yaml, random_inputs
+from conftest import axis_spec, decode, op_from_yaml, random_inputs
 
 import mirasc
+import mirasc.op
 from mirasc.check import compare, varlen_inputs
+from mirasc.decode import Decoder
 from mirasc.launch import interpreting
+from mirasc.layers import MirasLayer
 from mirasc.op import MirasOp
+from mirasc.reference import Inputs
 
 WINDOW = "{kind: l2, window: {size: 2, weight: {}}}"
 
@@ -74,16 +78,40 @@ def test_varlen_windows_stop_at_a_sequence_start():
     assert not torch.allclose(o[:, 5:], whole[:, 5:])  # one sequence would reach back across
 
 
-def test_window_ops_are_mini_batch_and_refuse_to_decode():
+def test_window_ops_are_mini_batch_and_check_the_weight():
     op = op_from_yaml(axis_spec(bias=WINDOW))
     assert op.oracle_chunk_size == 4 and not op.derivation.exact
     inputs = random_inputs(op, batch=1, length=6, heads=1, dk=3, dv=3)
     with pytest.raises(ValueError, match="window_weight must be >= 0"):
         op(**inputs | {"window_weight": -inputs["window_weight"]})
-    from mirasc.decode import Decoder
 
-    with pytest.raises(ValueError, match="bias.window"):
-        Decoder(op.derivation, 4).start(inputs["initial_state"])
+
+@pytest.mark.parametrize("bias", ["{kind: huber, delta: {}, window: {size: 3, weight: {}}}",
+                                  "{kind: l2, window: {size: 4, weight: {value: 0.5}}}"])
+def test_decoding_keeps_the_window(bias, monkeypatch):
+    """Token by token (the state holds the last c - 1 tokens), and a layer's prefill then
+    decoding at several offsets, equal the parallel forward, float64."""
+    monkeypatch.setattr(mirasc.op, "interpreting", lambda: False)
+    op = op_from_yaml(axis_spec(bias=bias))
+    inputs = random_inputs(op, batch=2, length=12, heads=2, dk=3, dv=3)
+    parallel, _ = op(**inputs)
+    decoder = Decoder(op.derivation, op.oracle_chunk_size)
+    gates = {n: inputs.get(n) for n in ("log_alpha", "eta", "delta", "window_weight")}
+    state, outputs = decoder.start(inputs["initial_state"]), []
+    with torch.no_grad():
+        for t in range(12):
+            steps = Inputs.from_op(op.derivation, *(inputs[x][:, t:t + 1] for x in "qkv"),
+                                   {n: None if x is None else x[:, t:t + 1]
+                                    for n, x in gates.items()})
+            o, state = decoder(state, steps)
+            outputs.append(o.transpose(1, 2))
+    torch.testing.assert_close(torch.cat(outputs, 1), parallel, rtol=1e-10, atol=1e-10)
+    torch.manual_seed(0)
+    layer = MirasLayer(op.spec, 6, 2, head_dim=3).double()
+    x = torch.randn(1, 11, 6, dtype=torch.float64)
+    whole, _ = layer(x)
+    for prefill in (1, 5, 6):
+        torch.testing.assert_close(decode(layer, x, prefill), whole, rtol=1e-10, atol=1e-10)
 
 
 # The torch path (the chunk-step graph, forward and reverse mode) against the chunked reference,
