@@ -280,7 +280,8 @@ def step_unsupported(d) -> str | None:
         (d.retention.dual and not d.retention.linear,
          f"the {d.retention.kind} retention's dual state (W = phi^-1(Z) is a second track"
          + (", a whole-state reduction)" if d.retention.elementwise is None else ")")),
-        (d.spec.bias.window is not None, "bias.window (a step would need the window's tokens)"),
+        (d.spec.bias.window is not None,
+         "bias.window (the kernel neither weighs a gradient by gamma nor keeps earlier tokens)"),
     ]
     why = [text for failed, text in reasons if failed] + _unprintable(d)
     return "; ".join(why) if why else None
