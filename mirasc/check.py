@@ -17,7 +17,7 @@ from mirasc.expr import to_torch
 from mirasc.op import MirasOp
 
 GATE_RANGES = {"log_alpha": (-0.3, -0.01), "eta": (0.05, 0.5), "delta": (0.05, 1.0),
-               "momentum": (0.1, 0.9)}
+               "momentum": (0.1, 0.9), "window_weight": (0.2, 1.0)}
 # docs/kernels.md#precision: half inputs against the reference of the same rounded inputs, per
 # tensor; an MLP memory's gradients chain some twenty half-operand products: 10x wider.
 HALF_PRECISION = {torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pprint
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from mirasc.kernel_printer import BLOCKS, BUFFER_BLOCKS, KernelPrinter, indent
 from mirasc.memories import chunk_step
 from mirasc.schedule import schedule
 from mirasc.source_tidy import drop_blank_lines_in_functions, drop_dead_assignments, wrap
-from mirasc.spec import Spec
+from mirasc.spec import Gate, Spec
 
 _NAMES = {R: "r", V: "v", RNORM: "rnorm", DELTA: "delta"}
 
@@ -167,6 +167,10 @@ def triton_unsupported(d) -> str | None:
         (mem.kind == "matrix" and spec.learner.kind == "gd" and spec.learner.eta_at == "query"
          and spec.learner.eta.shape == "channel",
          "learner.eta_at 'query' with a channel-wise eta on a matrix memory"),
+        (spec.bias.window is not None and spec.bias.window.size > 1 and any(
+            g.shape == "channel" for f, g in spec.gates().items() if f != "bias.delta"),
+         "bias.window over more than one token with a channel-wise decay or step (the band mixes "
+         "the rows through per-head decays and steps)"),
     ]
     why = [text for failed, text in reasons if failed] + _unprintable(d)
     return "; ".join(why) if why else None
@@ -193,13 +197,18 @@ def render_triton_module(spec: Spec) -> str:
     reason = triton_unsupported(d)
     if reason:
         raise CodegenError(f"{spec.name}: the Triton backend does not support {reason}")
-    sched = schedule(chunk_step(d))
+    step = chunk_step(d)
+    previous = step.previous  # a window's rows of the previous chunk: per-token inputs as gates
+    sched = schedule(replace(step, gates=step.gates + previous, previous=()))
     step = sched.step
     graph = step.graph
     environment = _environment()
     macros = environment.get_template("statements.j2").module
-    gates = d.op_gates()
-    printer = KernelPrinter(sched, macros, triton_source, gates)
+    gates = d.op_gates() | {p: Gate(shape="head" if graph.shape(p)[1] == 1 else "channel")
+                            for p in previous}
+    window = spec.bias.window
+    printer = KernelPrinter(sched, macros, triton_source, gates, previous,
+                            1 if window is None else window.size)
     kernels = {}
     for name, kernel in sched.kernels.items():
         depth = 12 if kernel.kind == "pass" else 8  # inside the chunk and segment loops
@@ -209,7 +218,7 @@ def render_triton_module(spec: Spec) -> str:
         s: [BLOCKS[x] for x in graph.shape(s)] for s in step.states}
     for g in step.gates:
         zeros[g] = ("BT", "1") if gates[g].shape == "head" else \
-            ("BT", "BV") if g == "delta" else ("BT", "BK")
+            ("BT", "BV") if _along_values(g) else ("BT", "BK")
     zeros |= dict.fromkeys(step.params, ("1", "BV"))
     adjoint_code = {n: a if a is not None else macros.zeros(zeros[n])
                     for n, a in sched.adjoint.items()}
@@ -221,6 +230,7 @@ def render_triton_module(spec: Spec) -> str:
         helpers.add("store_sum")  # the template's in-place sums
     tables = {
         "GATES": list(step.gates), "PARAMS": list(step.params),
+        "PREVIOUS": {p: p.removesuffix("_prev") for p in previous},
         "STATES": [t.dims for t in printer.tiles], "SUMMED": list(sched.summed),
         "V_SUMMED": list(sched.walks_v), "WALKS": walks, "KEY_PROGRAMS": key_programs,
         "OUT_KERNELS": sched.groups, "STAGES": sched.stage_order,
@@ -241,14 +251,20 @@ def render_triton_module(spec: Spec) -> str:
         out_kernels=sched.groups, stage_order=sched.stage_order, staged=sched.staged,
         kept=sched.kept, handed=[b.node for b in sched.buffers["bwd_out"]],
         handover=sched.handover, kernels=kernels, adjoint=adjoint_code,
-        outputs=step.outputs,
-        channel={g: ("V" if g == "delta" else "K") if gates[g].shape == "channel" else ""
+        outputs=step.outputs, previous=list(previous),
+        channel={g: ("V" if _along_values(g) else "K") if gates[g].shape == "channel" else ""
                  for g in step.gates},
         prologue=indent(macros.prologue().splitlines(), 4),
         prologue_walking=indent(macros.prologue(False).splitlines(), 4),
         v_blocks=macros.block_loop("DV"))
     text = environment.get_template("triton_chunk.py.j2").render(m=context)
     return wrap(drop_blank_lines_in_functions(drop_dead_assignments(text)))
+
+
+def _along_values(gate: str) -> bool:
+    """Whether a channel-wise per-token input runs along the value columns (delta, and the
+    previous chunk's v and delta), not the key columns."""
+    return gate.removesuffix("_prev") in ("v", "delta")
 
 
 # ---- the decode step ----------------------------------------------------------------------------
@@ -264,6 +280,8 @@ def step_unsupported(d) -> str | None:
         (d.retention.dual and not d.retention.linear,
          f"the {d.retention.kind} retention's dual state (W = phi^-1(Z) is a second track"
          + (", a whole-state reduction)" if d.retention.elementwise is None else ")")),
+        (d.spec.bias.window is not None,
+         "bias.window (the kernel neither weighs a gradient by gamma nor keeps earlier tokens)"),
     ]
     why = [text for failed, text in reasons if failed] + _unprintable(d)
     return "; ".join(why) if why else None
@@ -355,6 +373,7 @@ class ModuleContext:
     helpers: list
     memory: str
     exact: bool
+    previous: list
     chunk: int
     tile: int
     segments: int

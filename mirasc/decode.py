@@ -7,8 +7,9 @@ A_t = prod_(s<i<=t) alpha_i the decay since the boundary and grad_i taken at W_s
                                                       U_t = alpha_t U_(t-1) + S_t)
     o_t = M_(A_t W_s - U_t)(q_t)                    (eta_at 'query': A_t W_s - eta_t G_t, with G
                                                       the decayed sum of raw gradients)
-and at the chunk's last token Z_e = A_t Z_s - U_t, mapped by the retention (phi^-1) and read there:
-o_t = M_(phi^-1(Z_e))(q_t); then Z_e is the next chunk's start and the sums restart at 0.
+(with bias.window, grad_t sums gamma_i grad_i over the window, the c - 1 tokens before t kept in
+the state) and at the chunk's last token Z_e = A_t Z_s - U_t, mapped by the retention (phi^-1)
+and read there: o_t = M_(phi^-1(Z_e))(q_t); then Z_e is the next chunk's start and the sums restart at 0.
 So a step keeps a few memory-sized tracks whatever the position (W_s, A_t Z_s - U_t and its read
 A_t W_s - U_t, or what grad_at and eta_at ask for instead; see `StepState`), and Z alone at a
 boundary. Each piece comes from the spec's derivation through the reference's functions (the
@@ -46,7 +47,10 @@ class StepState:
     start: W_s = phi^-1(Z_s) (grad_at 'previous'); base: A_t Z_s (grad_at 'retained' or eta_at
     'query'); running: A_t Z_s - U_t, and running_read: A_t W_s - U_t (a dual retention), for a
     step of the token's own eta; with eta_at 'query' instead sums: G_t and base_read: A_t W_s
-    (dual). position: tokens since the last chunk boundary; momentum: the buffers S, or None."""
+    (dual); window: with bias.window of c > 1 tokens, the last c - 1 tokens' k, v, whether each
+    is a token of the sequence (`live`) and their data-dependent delta and gamma [B, H, c - 1,
+    ...], whose gradients at the gradient point join each token's. position: tokens since the
+    last chunk boundary; momentum: the buffers S, or None."""
 
     position: int
     tracks: dict[str, Tensors]
@@ -103,12 +107,36 @@ class Decoder:
         self.momentum = spec.learner.kind == "momentum"
         self.kernel_unsupported = step_unsupported(derivation)  # why the kernel does not step it
         self._kernel = None  # its `step_op.StepKernel`, made on first use
+        window = spec.bias.window
+        self.window = 1 if window is None else window.size
+        self.window_gates = [n for n in ("delta", "window_weight")  # kept with the window's tokens
+                             if (g := derivation.op_gates().get(n)) is not None and g.is_input]
 
-    def start(self, state: Tensors) -> StepState:
-        """The step state at a chunk boundary from the op's state (Z, then the momentum)."""
+    def start(self, state: Tensors, recent: reference.Inputs | None = None) -> StepState:
+        """The step state at a chunk boundary from the op's state (Z, then the momentum); with a
+        window of c > 1 tokens, `recent` holds the tokens before it (the last c - 1 are kept)."""
         n = len(state) // 2 if self.momentum else len(state)
         own = tuple(s.clone() for s in state)  # later steps update the state in place
-        return StepState(0, {"zs": own[:n]}, own[n:] if self.momentum else None)
+        tracks = {"zs": own[:n]}
+        if self.window > 1 and recent is not None:
+            tracks["window"] = self._window_of(recent, own[0].dtype)
+        return StepState(0, tracks, own[n:] if self.momentum else None)
+
+    def _window_of(self, inputs: reference.Inputs, dtype: torch.dtype) -> Tensors:
+        """The window's track from the last c - 1 tokens of `inputs` (fewer at a sequence's
+        start: those slots not `live`): k, v, live [B, H, c - 1(, D)], then the data-dependent
+        delta and gamma of those tokens."""
+        keep = self.window - 1
+        taken = min(keep, inputs.k.shape[2])
+
+        def last(x, fill):  # [B, H, T(, D)] -> its last c - 1 tokens, left-padded with `fill`
+            x = x[:, :, x.shape[2] - taken:].to(dtype)
+            pad = x.new_full((*x.shape[:2], keep - taken, *x.shape[3:]), fill)
+            return torch.cat([pad, x], 2)
+
+        live = last(torch.ones_like(inputs.k[..., 0]), 0.0)
+        gates = [last(inputs.gates[n], 1.0) for n in self.window_gates]
+        return (last(inputs.k, 0.0), last(inputs.v, 0.0), live, *gates)
 
     def _read(self, zs: Tensors) -> Tensors:
         """W = phi^-1(Z) for a dual retention (a proximal one keeps W itself)."""
@@ -153,13 +181,16 @@ class Decoder:
         for t in range(inputs.q.shape[2]):
             k, v = inputs.k[:, :, t], inputs.v[:, :, t]
             alpha, eta = _gate(inputs, t, "alpha"), _gate(inputs, t, "eta")
+            window = state.tracks.get("window")
             tracks = self._tracks(state.tracks["zs"]) if "zs" in state.tracks \
-                else dict(state.tracks)
+                else {n: x for n, x in state.tracks.items() if n != "window"}
             for name in ("base", "base_read", "sums"):
                 if name in tracks:
                     tracks[name] = update(tracks[name], alpha)
             point = tracks["start"] if not self.retained else self._read(tracks["base"])
             grads = reference.memory_grad(d, point, k, v, inputs.gate("delta", t, v), ln=inputs.ln)
+            if d.spec.bias.window is not None:
+                grads, window = self._windowed(point, grads, inputs, t, window)
             momentum = state.momentum
             if self.by_query:  # the decayed sum of raw gradients, scaled by this token's eta
                 tracks["sums"] = update(tracks["sums"], None, grads, 1)
@@ -177,15 +208,48 @@ class Decoder:
                 end = tracks["running"]
                 read = tracks["running_read"] if self.dual else end
             position = (state.position + 1) % self.chunk
+            kept = {} if window is None else {"window": window}
             if self.chunk_end(state.position):  # the boundary: phi^-1, then the sums restart
                 zs = end if self.dual else self._read_map(end)
                 read = self._read(zs)
-                state = StepState(position, {"zs": zs}, momentum)
+                state = StepState(position, {"zs": zs} | kept, momentum)
             else:
-                state = StepState(position, tracks, momentum)
+                state = StepState(position, tracks | kept, momentum)
             outputs.append(reference.memory_apply(d, read, inputs.q[:, :, t], inputs.ln,
                                                   read=True))
         return reference._stacked(outputs, inputs), state
+
+    def _windowed(self, point: Tensors, grads: Tensors, inputs: reference.Inputs, t: int,
+                  window: Tensors | None) -> tuple[Tensors, Tensors | None]:
+        """grad_t with bias.window: token t's gradient `grads` times gamma_t, plus gamma_j times
+        the gradient at `point` of each live token j the window's track holds; and the track
+        after t (its oldest token dropped, t's appended)."""
+        d = self.derivation
+        grads = tuple(g * w if (w := inputs.gate("window_weight", t, g)) is not None else g
+                      for g in grads)
+        if self.window == 1:
+            return grads, None
+        k, v = inputs.k[:, :, t], inputs.v[:, :, t]
+        if window is None:  # a sequence's first token: no earlier ones
+            window = self._window_of(reference.Inputs(
+                inputs.q[:, :, :0], inputs.k[:, :, :0], inputs.v[:, :, :0],
+                {n: inputs.gates[n][:, :, :0] for n in self.window_gates}), k.dtype)
+        kw, vw, live, *held = window
+        held = dict(zip(self.window_gates, held, strict=True))
+        for j in range(self.window - 1):
+            delta = held["delta"][:, :, j] if "delta" in held else inputs.gates.get("delta")
+            if isinstance(delta, torch.Tensor) and delta.dim() == 2:  # per head: onto v's columns
+                delta = delta[..., None]
+            extra = reference.memory_grad(d, point, kw[:, :, j], vw[:, :, j], delta, ln=inputs.ln)
+            gamma = held["window_weight"][:, :, j] if "window_weight" in held \
+                else inputs.gates.get("window_weight", 1.0)
+            weight = live[:, :, j] * gamma
+            grads = tuple(g + e * weight.reshape(*weight.shape, *([1] * (e.dim() - 2)))
+                          for g, e in zip(grads, extra, strict=True))
+        now = [k, v, torch.ones_like(k[..., 0])] + [inputs.gates[n][:, :, t]
+                                                    for n in self.window_gates]
+        return grads, tuple(torch.cat([x[:, :, 1:], y[:, :, None].to(x.dtype)], 2)
+                            for x, y in zip(window, now, strict=True))
 
     def _uses_kernel(self, state: StepState, inputs: reference.Inputs) -> bool:
         """Whether the Triton step runs: a spec it covers, on CUDA tensors (or under the

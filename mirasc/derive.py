@@ -38,7 +38,7 @@ BUILTIN_BIASES: dict[str, tuple[str, str]] = {
 MAX_FOLDED = 6  # where()s folded into one (2^6 branches at most)
 RNORM_EPS = 1e-12  # rnorm = sqrt(||r||^2 + RNORM_EPS)
 OP_ARGUMENTS = {"retention.decay": "log_alpha", "learner.eta": "eta", "bias.delta": "delta",
-                "learner.momentum": "momentum"}
+                "learner.momentum": "momentum", "bias.window.weight": "window_weight"}
 ACTIVATIONS = {"gelu": "GELU", "silu": "SiLU", "relu": "ReLU", "tanh": "tanh"}
 
 
@@ -81,10 +81,12 @@ class Derivation:
     def exact(self) -> bool:
         """Whether chunking is exact (the token recurrence): a bias whose gradient ignores the
         state, or a quadratic one (solved by the WY/UT transform), on a plain matrix memory
-        without a bias, with linear retention and GD stepping at the key. Otherwise chunks take
-        mini-batch gradients at their start."""
+        without a bias, with linear retention and GD stepping at the key, and no bias.window (each
+        token's update would have rank c). Otherwise chunks take mini-batch gradients at their
+        start."""
         mem, learner = self.spec.memory, self.spec.learner
-        return (self.bias.kind in ("state_free", "affine") and mem.kind == "matrix"
+        return (self.bias.kind in ("state_free", "affine") and self.spec.bias.window is None
+                and mem.kind == "matrix"
                 and not mem.residual and not mem.layer_norm and not mem.bias
                 and self.retention.linear and learner.kind == "gd" and learner.eta_at == "key")
 
@@ -496,9 +498,18 @@ def explain(spec: S.Spec, latex: bool = False) -> str:
                      f"token's: W_t = W_s - {eta} * sum_(i<=t) grad_i")
     else:
         lines.append(f"learner     gd: U_t = {eta} * grad_t")
+    window = spec.bias.window
+    if window is None:
+        grad = f"  grad_t = dl(M_W(k_t), v_t)/dW at W = {grad_point}" \
+            + ("  (matrix memory: g_t k_t^T)" if spec.memory.kind == "matrix" else "")
+    else:
+        gamma = _gate_text(window.weight, "gamma")
+        gamma_i = gamma.replace("_t", "_i")
+        grad = (f"  grad_t = sum_(i=t-{window.size - 1}..t) {gamma_i} dl(M_W(k_i), v_i)/dW at "
+                f"W = {grad_point}  (window of {window.size} tokens of t's sequence, weight "
+                f"{gamma}; Omega rule)")
     lines += [
-        f"  grad_t = dl(M_W(k_t), v_t)/dW at W = {grad_point}"
-        + ("  (matrix memory: g_t k_t^T)" if spec.memory.kind == "matrix" else ""),
+        grad,
         f"output      {_read_text(spec.memory)}",
         f"chunking    chunk_size {spec.chunk_size}"
         + (", first token of each chunk exact (lag token)" if spec.lag_token else ""),
@@ -546,7 +557,14 @@ def _explain_latex(spec: S.Spec, d: Derivation) -> str:
     point = "W_{t-1}" if learner.grad_at == "previous" else r"\text{the retained state}"
     read = (r"o_t = z_t + \operatorname{LN}(z_t),\ z_t = \text{the pre-norm output at } q_t"
             if spec.memory.read_residual == "output" else "o_t = M_{W_t}(q_t)")
-    lines += [rf"  \nabla_t = \partial \ell(M_W(k_t), v_t) / \partial W \text{{ at }} W = {point}",
+    window = spec.bias.window
+    if window is None:
+        grad = rf"  \nabla_t = \partial \ell(M_W(k_t), v_t) / \partial W \text{{ at }} W = {point}"
+    else:
+        gamma = _gate_latex(window.weight, r"\gamma").replace("_t", "_i")
+        grad = (rf"  \nabla_t = \sum_{{i=t-{window.size - 1}}}^{{t}} {gamma} \partial \ell(M_W(k_i),"
+                rf" v_i) / \partial W \text{{ at }} W = {point}")
+    lines += [grad,
               f"output      {read}",
               f"chunking    chunk_size {spec.chunk_size}"
               + (", first token of each chunk exact (lag token)" if spec.lag_token else "")]

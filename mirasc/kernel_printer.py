@@ -14,7 +14,8 @@ from mirasc.schedule.stages import ACROSS_V, tile_dtype
 
 INLINE_WIDTH = 60  # the longest expression a reader takes in rather than a named value
 # what a masked or non-finite entry of an input loads as (0.0 where not named): no log(0), no 1/0
-PADS = {"v": "1.0", "delta": "1.0", "momentum": "1.0"}
+PADS = {"v": "1.0", "delta": "1.0", "momentum": "1.0", "v_prev": "1.0", "delta_prev": "1.0"}
+WINDOW_CONSTS = ("band", "band_prev", "prevmask")  # bias.window's masks, built per step
 BLOCKS = {"T": "BT", "DK": "BK", "DV": "BV", "DH": "BH", 1: "1"}  # a dim's block in a kernel
 # a dim's block in a buffer between kernels, and the offsets of its entries
 BUFFER_BLOCKS = {"T": ("BT", "offs_t"), "DK": ("BDK", "offs_k"), "DV": ("BDV", "offs_v"),
@@ -54,11 +55,14 @@ class KernelPrinter:
     """Prints the kernels of one schedule: `loads(kernel)` (the step's rows and its input tiles)
     and `body(kernel)` (its chunk step), each as lines of Triton."""
 
-    def __init__(self, sched: Schedule, macros, source, gates: dict):
+    def __init__(self, sched: Schedule, macros, source, gates: dict, previous: tuple = (),
+                 window: int = 1):
         self.sched, self.step, self.graph = sched, sched.step, sched.step.graph
         self.m = macros  # templates/statements.j2's macros
         self.source = source  # sympy expression, {symbol: name} -> Triton text
-        self.gates = gates  # the op's gates by name (head or channel)
+        self.gates = gates  # the op's gates by name (head or channel), the previous rows' too
+        self.previous = previous  # the gates that are the previous chunk's rows (a window's)
+        self.window = window  # bias.window's size
         self.tiles = state_tiles(self.step, macros)
         self.buffer_dims = {b.node: b.dims for bs in sched.buffers.values() for b in bs}
 
@@ -210,7 +214,7 @@ class KernelPrinter:
         inputs = ("q", "k", *self.step.gates)
         rows = self.row_masks(kernel)
         loads = {x: [m.load_rows(x, f"{x}_ptr", "k", "0.0", tile_dtype(graph, x, need),
-                                 rows.get(x, "valid"))]
+                                 *self.rows_of(x, rows))]
                  + ([] if x in rows else [m.pad_nonfinite(x, "0.0")])
                  for x in kernel.block_loads if x in inputs}
         states, _ = self.state_io("bwd_out", {})
@@ -218,8 +222,16 @@ class KernelPrinter:
         stores = {}
         for x in kernel.blocked:
             stores.setdefault(adjoint[x], []).append(
-                m.store_key_grad(x, adjoint[x], x in self.sched.summed))
+                m.store_key_grad(x, adjoint[x], x in self.sched.summed, *self.rows_of(x)[::-1]))
         return loads, stores
+
+    def rows_of(self, x: str, masks: dict | None = None) -> tuple[str, str]:
+        """The mask and the token index of input x's rows: a window's previous rows, one chunk
+        earlier in the sequence (`prev_rows`, `prev_tok`), else its mask in `masks` (the valid
+        rows by default) at the step's own tokens."""
+        if x in self.previous:
+            return "prev_rows", "prev_tok"
+        return (masks or {}).get(x, "valid"), "tok"
 
     def value_inputs(self, kernel: KernelPlan) -> list[str]:
         """The inputs a kernel that walks the value blocks loads per block: v, the output's
@@ -246,7 +258,7 @@ class KernelPrinter:
                 continue
             pad = PADS.get(x, "0.0")
             inner.append(m.load_rows(x, "do_ptr" if x == "d_o" else f"{x}_ptr", "v", pad,
-                                     tile_dtype(graph, x, kernel.needs), rows.get(x, "valid")))
+                                     tile_dtype(graph, x, kernel.needs), *self.rows_of(x, rows)))
             if x != "d_o" and x not in rows and kernel.pads_nonfinite:
                 inner.append(m.pad_nonfinite(x, pad))
         states, _ = self.state_io("bwd_out", {})
@@ -277,7 +289,8 @@ class KernelPrinter:
             lines += [line for n in walk.after if n in loads for line in loads[n]]
         lines += self.compute([n for n in walk.after if n not in loads], loaded)
         adjoint = self.sched.adjoint
-        return lines + [m.store_key_grad(x, adjoint[x], False) for x in kernel.blocked]
+        return lines + [m.store_key_grad(x, adjoint[x], False, *self.rows_of(x)[::-1])
+                        for x in kernel.blocked]
 
     def body(self, kernel: KernelPlan) -> list[str]:
         """The statements of a kernel's chunk step: flat, or its passes over blocks of a dim."""
@@ -307,8 +320,8 @@ class KernelPrinter:
         rows."""
         if not kernel.pads_nonfinite:
             return {}
-        masks = dict.fromkeys(("k", "v", *self.step.gates), "clean") \
-            if "tainted" in kernel.loads else {}
+        own = [g for g in self.step.gates if g not in self.previous]
+        masks = dict.fromkeys(("k", "v", *own), "clean") if "tainted" in kernel.loads else {}
         return masks | ({"q": "q_rows"} if "qbad" in kernel.loads else {})
 
     def loads(self, kernel: KernelPlan) -> list[str]:
@@ -346,16 +359,20 @@ class KernelPrinter:
                                          rows.get(x, "valid")))
         lines += [m.load_param(p) for p in self.step.params if p in need]
         for g in self.step.gates:
-            if g not in need and not taint:
+            if g not in need and (not taint or g in self.previous):
                 continue
             pads[g] = PADS.get(g, "0.0")
-            if self.gates[g].shape == "channel":
+            if g in self.previous and self.gates[g].shape == "channel":  # k_prev, v_prev
+                lines.append(m.load_rows(g, f"{g}_ptr", columns(g), pads[g], dtype(g),
+                                         *self.rows_of(g)))
+            elif self.gates[g].shape == "channel":
                 lines.append(m.load_rows(g, f"{g}_ptr", columns(g), pads[g], "ACC",
-                                         rows.get(g, "valid")))
+                                         *self.rows_of(g, rows)))
             else:
-                lines.append(m.load_gate(g, pads[g], rows.get(g, "valid")))
+                lines.append(m.load_gate(g, pads[g], *self.rows_of(g, rows)))
         if taint:
-            lines += m.taint([x for x in pads if x != "q"]).splitlines()
+            lines += m.taint([x for x in pads if x != "q" and x not in self.previous]).splitlines()
+        lines += [getattr(m, c)(self.window) for c in WINDOW_CONSTS if c in need]
         if "qbad" in need:
             lines.append(m.bad_query())
         if "d_o" in need:  # the cotangent of the output (backward kernels)

@@ -204,6 +204,9 @@ class ChunkKernels:
         tokens = dict(zip(("q", "k", "v", *m["GATES"]), inputs, strict=False))
         grads = [x.new_empty(parts[name], *x.shape, dtype=acc) if name in m["SUMMED"] and
                  parts[name] else torch.empty_like(x) for name, x in tokens.items()]
+        for i, name in enumerate(tokens):  # a sequence's last chunk has no rows of the next
+            if name in m.get("PREVIOUS", {}):
+                grads[i].zero_()
         per_chunk = [q.new_zeros(max(chunks, 1), *p.shape, dtype=acc)
                      for p in inputs[len(tokens):]]
         for out, meta in metas.items() if chunks else ():
@@ -285,9 +288,12 @@ class ChunkKernels:
     def __call__(self, q, k, v, gates: dict, initial_state, cu_seqlens):
         """(o, final state tuple) of checked inputs; `gates` holds GATES and PARAMS by name."""
         h0 = None if initial_state is None else torch.cat([s.flatten(2) for s in initial_state], 2)
+        own = {"k": k, "v": v} | gates  # a window's previous rows: the kernels load them
+        gates = gates | {p: own[x] for p, x in self.m.get("PREVIOUS", {}).items()}
         inputs = [q.contiguous(), k.contiguous(), v.contiguous(),
                   *(gates[g].contiguous() for g in self.m["GATES"] + self.m["PARAMS"])]
         o, ht, *_ = self.forward(inputs, h0, cu_seqlens)
         shapes = self.state_shapes(q.shape[-1], v.shape[-1])
         parts = ht.split([math.prod(shape) for shape in shapes], 2)
         return o, tuple(p.unflatten(2, shape) for p, shape in zip(parts, shapes, strict=True))
+

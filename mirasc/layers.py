@@ -24,12 +24,14 @@ from mirasc.decode import Decoder, StepState
 from mirasc.op import BACKENDS, MirasOp
 from mirasc.spec import Spec
 
-# How a raw projection becomes each gate: log alpha <= 0, step and momentum in (0, 1), delta > 0.
+# How a raw projection becomes each gate: log alpha <= 0, step, momentum and the window's weight in
+# (0, 1), delta > 0.
 GATE_ACTIVATIONS = {
     "log_alpha": lambda z: F.logsigmoid(z) / 16.0,  # alpha near 1 at init, as GLA normalises it
     "eta": torch.sigmoid,
     "momentum": torch.sigmoid,
     "delta": F.softplus,
+    "window_weight": torch.sigmoid,
 }
 
 
@@ -201,7 +203,8 @@ class MirasLayer(nn.Module):
             part = {n: x[:, head:head + whole] for n, x in inputs.items()}
             o, final = self._memory(part, memory.boundary, final=True)
             outputs.append(o)
-            memory = self.decoder.start(tuple(s.to(acc) for s in final))
+            memory = self.decoder.start(tuple(s.to(acc) for s in final),
+                                        self._head_major(part, acc))
         if head + whole < length:
             o, memory = self._step({n: x[:, head + whole:] for n, x in inputs.items()}, memory)
             outputs.append(o)
@@ -217,15 +220,17 @@ class MirasLayer(nn.Module):
 
     def _step(self, inputs: dict, memory: StepState):
         """The tokens of `inputs` through the O(1) step, in the state's dtype: (o, state)."""
-        dtype = memory.tensors()[0].dtype
+        o, memory = self.decoder(memory, self._head_major(inputs, memory.tensors()[0].dtype))
+        return o.transpose(1, 2).to(inputs["v"].dtype), memory
+
+    def _head_major(self, inputs: dict, dtype: torch.dtype) -> reference.Inputs:
+        """The op's inputs [B, T, H, ...] as the reference's head-major ones, in `dtype`."""
         cast = {n: x.to(dtype) for n, x in inputs.items()}
         gates = {n: cast.get(n) for n in self.op.torch_input_names if n not in ("ln_weight",
                                                                                  "ln_bias")}
         ln = (self.ln_weight.to(dtype), self.ln_bias.to(dtype)) if self.op.affine else None
-        steps = reference.Inputs.from_op(self.op.derivation, cast["q"], cast["k"], cast["v"],
-                                         gates, ln)
-        o, memory = self.decoder(memory, steps)
-        return o.transpose(1, 2).to(inputs["v"].dtype), memory
+        return reference.Inputs.from_op(self.op.derivation, cast["q"], cast["k"], cast["v"],
+                                        gates, ln)
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:

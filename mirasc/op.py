@@ -18,20 +18,22 @@ from mirasc.launch import interpreting
 from mirasc.spec import Spec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-GATE_CHANNELS = {"log_alpha": "Dk", "eta": "Dk", "momentum": "Dk", "delta": "Dv"}
+GATE_CHANNELS = {"log_alpha": "Dk", "eta": "Dk", "momentum": "Dk", "delta": "Dv",
+                 "window_weight": "Dk"}
 # Each data-dependent gate's range, as the test of an entry outside it (False for NaN: a NaN gate
 # spoils the outputs from its token on, as documented, and is not refused).
 GATE_RANGES = {"log_alpha": ("<= 0 (the log of a decay in [0, 1]; -inf is a full reset)",
                              lambda x: x > 0),
                "eta": (">= 0", lambda x: x < 0),
                "momentum": ("in [0, 1]", lambda x: (x < 0) | (x > 1)),
-               "delta": ("> 0", lambda x: x <= 0)}
+               "delta": ("> 0", lambda x: x <= 0),
+               "window_weight": (">= 0", lambda x: x < 0)}
 BACKENDS = ("auto", "torch")
 
 
 class MirasOp:
-    """op(q, k, v, *, log_alpha, eta, delta, momentum, ln_weight, ln_bias, initial_state,
-    output_final_state)."""
+    """op(q, k, v, *, log_alpha, eta, delta, momentum, window_weight, ln_weight, ln_bias,
+    initial_state, output_final_state)."""
 
     def __init__(self, derivation: Derivation, bias_grad: Callable = reference.bias_grad,
                  kernel: Callable | None = None):
@@ -97,8 +99,8 @@ class MirasOp:
         return [(batch, heads, *s) for s in shapes]
 
     def __call__(self, q, k, v, *extra, log_alpha=None, eta=None, delta=None, momentum=None,
-                 ln_weight=None, ln_bias=None, initial_state=None, output_final_state=False,
-                 cu_seqlens=None, backend="auto", check_gates=None):
+                 window_weight=None, ln_weight=None, ln_bias=None, initial_state=None,
+                 output_final_state=False, cu_seqlens=None, backend="auto", check_gates=None):
         """backend 'auto': the Triton kernels on CUDA tensors (or under Triton's interpreter),
         else torch; 'torch': the kernels' chunk-step graph in torch on any device (for a GPU
         whose shared memory a kernel does not fit). Specs without kernels run the reference's
@@ -112,7 +114,8 @@ class MirasOp:
             raise ValueError(f"{self.spec.name}: backend {backend!r}; {why}allowed: "
                              f"{', '.join(BACKENDS)}")
         self._check_positional(extra)
-        gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
+        gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum,
+                 "window_weight": window_weight}
         self._check_flag(output_final_state)
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         ln = self._check_ln(ln_weight, ln_bias, q, v)
@@ -163,11 +166,12 @@ class MirasOp:
             q, k, v, {n: given.get(n) for n in GATE_CHANNELS}, state, cu_seqlens, ln)
 
     def reference(self, q, k, v, *extra, log_alpha=None, eta=None, delta=None, momentum=None,
-                  ln_weight=None, ln_bias=None, initial_state=None, output_final_state=False,
-                  cu_seqlens=None, chunk_size=None):
+                  window_weight=None, ln_weight=None, ln_bias=None, initial_state=None,
+                  output_final_state=False, cu_seqlens=None, chunk_size=None):
         """The oracle: the token recurrence, or with `chunk_size` the mini-batch chunked one."""
         self._check_positional(extra)
-        gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
+        gates = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum,
+                 "window_weight": window_weight}
         self._check_flag(output_final_state)
         state = self._check(q, k, v, gates, initial_state, cu_seqlens)
         ln = self._check_ln(ln_weight, ln_bias, q, v)
@@ -237,8 +241,8 @@ class MirasOp:
 
     def check_gate_ranges(self, gates: dict) -> None:
         """Refuse a gate with an entry outside its range (log_alpha <= 0, eta >= 0,
-        0 <= momentum <= 1, delta > 0), naming the first such (batch, token, head[, channel]).
-        One reduction per gate and one host sync for all of them."""
+        0 <= momentum <= 1, delta > 0, window_weight >= 0), naming the first such (batch, token,
+        head[, channel]). One reduction per gate and one host sync for all of them."""
         outside = {arg: GATE_RANGES[arg][1](x) for arg, x in gates.items()
                    if arg in GATE_RANGES and not x.is_meta}  # a meta tensor has no values
         if not outside or not torch.stack([bad.any() for bad in outside.values()]).any():

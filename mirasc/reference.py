@@ -2,6 +2,7 @@
 
 For token t (per batch and head), with the state carrying Z (the retention's dual variable):
     W = phi^-1(Z_{t-1}),  r = M_W(k_t) - v_t,  grad_t = dl/dW = vjp of M_W(k_t) with g(r)
+    (with bias.window of c tokens: grad_t = sum_(i=t-c+1..t, i >= 0) gamma_i dl(M_W(k_i), v_i)/dW)
     U_t = eta_t grad_t (GD) or S_t = m_t S_{t-1} + eta_t grad_t (momentum)
     Z_t = alpha_t Z_{t-1} - U_t,   o_t = M_{phi^-1(Z_t)}(q_t)
 W stands for every tensor of the memory (the weights, then the biases with `memory.bias`).
@@ -123,6 +124,21 @@ def memory_grad(d: Derivation, weights, k, v, delta, g=bias_grad,
     return pullback(g(d, out - v, v, delta))
 
 
+def window_grad(d: Derivation, inputs: Inputs, t: int, weights, g=bias_grad):
+    """grad_t at `weights`: token t's gradient of the bias, or with bias.window of c tokens the
+    sum over i = t-c+1..t (not before the sequence's first token) of gamma_i times token i's."""
+    window = d.spec.bias.window
+    size = 1 if window is None else window.size
+    total = None
+    for i in range(max(0, t - size + 1), t + 1):
+        k, v = inputs.k[:, :, i], inputs.v[:, :, i]
+        grads = memory_grad(d, weights, k, v, inputs.gate("delta", i, v), g, inputs.ln)
+        if window is not None and window.weight is not None:
+            grads = tuple(x * inputs.gate("window_weight", i, x) for x in grads)
+        total = grads if total is None else tuple(a + b for a, b in zip(total, grads, strict=True))
+    return total
+
+
 # ---- retention --------------------------------------------------------------------------------
 
 
@@ -187,12 +203,10 @@ def recurrent(d: Derivation, inputs: Inputs, state=None):
     dual = d.retention.dual
     outputs = []
     for t in range(inputs.q.shape[2]):
-        k, v = inputs.k[:, :, t], inputs.v[:, :, t]
-        delta = inputs.gate("delta", t, v)
         retained = _decay(inputs, t, zs)
         point = zs if d.spec.learner.grad_at == "previous" else retained
         weights = tuple(read(d, z) for z in point) if dual else point
-        grads = memory_grad(d, weights, k, v, delta, ln=inputs.ln)
+        grads = window_grad(d, inputs, t, weights)
         update, momentum = _learn(d, inputs, t, grads, momentum)
         zs = tuple(z - u for z, u in zip(retained, update, strict=True))
         if not dual:
@@ -214,6 +228,7 @@ def chunked(d: Derivation, inputs: Inputs, state=None, chunk_size: int | None = 
             g=bias_grad):
     """Mini-batch chunking: gradients at the chunk-start state W_s; inside a chunk the primal
     weights move linearly from W_s, and the retention's map is applied at the chunk end only.
+    A window reaches back across the chunk's start: those tokens' gradients are taken at W_s too.
     With learner.eta_at 'query' row t reads W_t = W_s - eta_t sum_(i<=t) grad_i (decayed)."""
     zs, momentum = initial_state(d, inputs, state)
     dual, learner = d.retention.dual, d.spec.learner
@@ -224,15 +239,13 @@ def chunked(d: Derivation, inputs: Inputs, state=None, chunk_size: int | None = 
         start_weights = tuple(read(d, z) for z in zs) if dual else zs
         base_z, base_w, summed = zs, start_weights, None  # the start state decayed to row t
         for t in range(start, end):
-            k, v = inputs.k[:, :, t], inputs.v[:, :, t]
-            delta = inputs.gate("delta", t, v)
             base_z, base_w = _decay(inputs, t, base_z), _decay(inputs, t, base_w)
             if learner.grad_at == "previous":
                 point = start_weights
             else:
                 retained = _decay_span(inputs, start, t, zs)
                 point = tuple(read(d, z) for z in retained) if dual else retained
-            grads = memory_grad(d, point, k, v, delta, g, inputs.ln)
+            grads = window_grad(d, inputs, t, point, g)
             if by_query:  # the decayed sum of raw gradients, scaled by this row's step
                 new = grads
             else:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_serializer
 from pydantic_core import PydanticCustomError
 
 from mirasc.errors import MAX_EXPONENT, FieldError, SpecError
@@ -117,19 +117,41 @@ Memory = Annotated[MatrixMemory | VectorMemory | MLPMemory, Field(discriminator=
 # ---- attentional bias -----------------------------------------------------------------------
 
 
-class _Smoothing(_Strict):
+class Window(_Strict):
+    """Atlas's Omega rule: the inner loss at t is sum_(i=t-size+1..t) gamma_i l(M(k_i), v_i) over
+    the tokens of t's sequence, gamma the `weight` gate (absent: 1); size 1 is the bias alone."""
+
+    size: Count = Field(ge=1, le=1024)
+    weight: Gate | None = None
+
+
+class _BiasBase(_Strict):
+    """Every bias may take a window; a bias without one dumps as before windows existed (so its
+    spec's digest, the compile cache key, and its generated module are unchanged)."""
+
+    window: Window | None = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        if self.window is None:
+            data.pop("window", None)
+        return data
+
+
+class _Smoothing(_BiasBase):
     smooth: Flag = False
     temperature: Number = Field(10.0, gt=0)
     eps: Number = Field(1e-6, gt=0)
 
 
-class DotProductBias(_Strict):
+class DotProductBias(_BiasBase):
     """l = -<M(k), v>: the Hebbian rule (linear attention, RetNet, Mamba2, GLA)."""
 
     kind: Literal["dot_product"]
 
 
-class L2Bias(_Strict):
+class L2Bias(_BiasBase):
     """l = 1/2 ||r||^2: the delta rule."""
 
     kind: Literal["l2"]
@@ -152,7 +174,7 @@ class HuberBias(_Smoothing):
     delta: Gate
 
 
-class RobustBias(_Strict):
+class RobustBias(_BiasBase):
     """l = 1/2 ||r||^2 + delta ||r||: robust to value shifts of radius delta."""
 
     kind: Literal["robust"]
@@ -289,6 +311,9 @@ class Spec(_Strict):
                 gate = getattr(getattr(self, axis), key, None)
                 if gate is not None:
                     found[f"{axis}.{key}"] = gate
+        window = self.bias.window
+        if window is not None and window.weight is not None:
+            found["bias.window.weight"] = window.weight
         return found
 
     def digest(self) -> str:
@@ -543,6 +568,7 @@ GATE_VALUES = {  # the range of a constant gate `value`, by the gate's key
     "eta": (lambda x: x > 0, "value > 0 (a step size)"),
     "momentum": (lambda x: 0 <= x <= 1, "0 <= value <= 1 (the share of the momentum kept)"),
     "delta": (lambda x: x > 0, "value > 0 (a threshold on the residual)"),
+    "weight": (lambda x: x >= 0, "value >= 0 (the weight of a token's loss in the window)"),
 }
 
 
@@ -557,6 +583,7 @@ def _check_gates(spec: Spec) -> None:
 def _check_combinations(spec: Spec) -> None:
     """Cross-axis rules that a single field cannot express."""
     mem = spec.memory
+    _check_window(spec)
     if mem.read_residual == "output" and not mem.residual:
         raise FieldError("memory.read_residual", "'output' is not allowed without memory.residual: "
                          "true (it moves the residual's skip connection onto the read); "
@@ -578,6 +605,33 @@ def _check_combinations(spec: Spec) -> None:
                     "'channel' is not allowed with memory.kind 'mlp' (its layers have different "
                     "widths); allowed: 'head'",
                 )
+
+
+def _check_window(spec: Spec) -> None:
+    """bias.window: the window fits in a chunk (its chunk step reaches back one chunk), its weight
+    is per head, and a window of more than one token has one gradient per token: not with a lag
+    token (two segments per chunk to reach back across) nor with grad_at 'retained' (each token's
+    loss would be differentiated at every reading token's own point)."""
+    window = spec.bias.window
+    if window is None:
+        return
+    if window.size > spec.chunk_size:
+        raise FieldError("bias.window.size", f"{window.size} is not allowed with chunk_size "
+                         f"{spec.chunk_size} (a chunk reaches back into the previous chunk only); "
+                         "allowed: 1 <= size <= chunk_size")
+    if window.weight is not None and window.weight.shape == "channel":
+        raise FieldError("bias.window.weight.shape", "'channel' is not allowed (the weight "
+                         "scales a token's whole loss); allowed: 'head'")
+    if window.size == 1:
+        return
+    if spec.lag_token:
+        raise FieldError("bias.window.size", f"{window.size} is not allowed with lag_token: true "
+                         "(the lag token splits each chunk in two, and the window would reach "
+                         "back across both parts); allowed: 1, or lag_token: false")
+    if spec.learner.grad_at == "retained":
+        raise FieldError("learner.grad_at", f"'retained' is not allowed with bias.window.size "
+                         f"{window.size} (each token's loss would be differentiated at the point of "
+                         "every token whose window holds it); allowed: 'previous', or size 1")
 
 
 def read_spec(path: str | Path) -> str:

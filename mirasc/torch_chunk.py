@@ -10,6 +10,8 @@ sequence's end padded (q, k 0; v 1; log_alpha, eta 0; delta, momentum 1) and mas
 head [T, 1] or per channel, the layer norm's parameters per head, and the compute dtype is the
 kernels' accumulator (float64 for float64 inputs, else float32; o is cast back to v's dtype).
 A sequence shorter than a chunk runs in a tile of its own rows (the rest would be masked).
+A window (bias.window) takes the previous chunk's tiles of k, v and the row gates as inputs too
+(padding before the first chunk), with the bands of the window as masks.
 Non-finite inputs are loaded as the kernels load them (`memories.taints.poisoned`): a row's
 non-finite k, v or gate as padding, marking the rows from it on as tainted, a non-finite q as 0
 (row marked).
@@ -23,7 +25,7 @@ from mirasc.graph import evaluate, plan
 from mirasc.memories import chunk_step, step_adjoint
 
 _PAD = {"q": 0.0, "k": 0.0, "v": 1.0, "log_alpha": 0.0, "eta": 0.0, "delta": 1.0,
-        "momentum": 1.0}
+        "momentum": 1.0, "window_weight": 0.0}
 
 
 class Step:
@@ -41,6 +43,7 @@ class Step:
         self.chunk = spec.chunk_size
         self.segments = 2 if spec.lag_token else 1
         self.expansion = getattr(spec.memory, "expansion", 1)
+        self.window = 1 if spec.bias.window is None else spec.bias.window.size
 
 
 class _ChunkFn(torch.autograd.Function):
@@ -132,6 +135,9 @@ def run(step: Step, q, k, v, given: dict, state):
     causal = (rows_in_chunk[:, None] >= rows_in_chunk[None, :]).to(acc)
     strict = (rows_in_chunk[:, None] > rows_in_chunk[None, :]).to(acc)
     strict2 = (rows_in_chunk[:, None] > rows_in_chunk[None, :] + 1).to(acc)
+    apart = rows_in_chunk[:, None] - rows_in_chunk[None, :]  # a window's bands (t, i): t - i < c
+    band = ((apart >= 0) & (apart < step.window)).to(acc)
+    band_prev = (apart + chunk < step.window).to(acc)
     o_chunks = []
     for i in range(n_chunks):
         rows = i * chunk + rows_in_chunk
@@ -142,7 +148,9 @@ def run(step: Step, q, k, v, given: dict, state):
                 valid = valid & ((rows_in_chunk == 0) if seg == 0 else (rows_in_chunk > 0))
             last = torch.where(valid, rows, -1).max()
             tainted = (bad[:, i] & valid).cumsum(-1) > 0  # [N, chunk]: from the first bad row on
-            masks = {"causal": causal, "strict": strict, "strict2": strict2,
+            masks = {"causal": causal, "strict": strict, "strict2": strict2, "band": band,
+                     "band_prev": band_prev,
+                     "prevmask": (i > 0) * (rows_in_chunk >= chunk - step.window + 1).to(acc)[:, None],
                      "rowmask": valid.to(acc)[:, None], "lastrow": (rows == last).to(acc)[:, None],
                      "tainted": tainted.to(acc)[..., None], "qbad": qbad[:, i].to(acc)[..., None]}
             consts = _consts(step.consts, masks, ones, q.new_ones((1, 1), dtype=acc))
@@ -152,6 +160,9 @@ def run(step: Step, q, k, v, given: dict, state):
             else:
                 values = {x: chunks[x][i] for x in loaded}
             values |= dict(zip(step.step.states, carried, strict=True)) | per_head
+            for name in step.step.previous:  # the window's rows of the previous chunk
+                x = name.removesuffix("_prev")
+                values[name] = data[x][:, i - 1] if i > 0 else torch.full_like(data[x][:, i], _PAD[x])
             out = _ChunkFn.apply(step, consts, sizes, *(values[m] for m in step.wrt))
             o_seg, carried = out[0], list(out[1:])
             mask = valid[:, None]

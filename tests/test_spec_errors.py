@@ -59,6 +59,10 @@ def potential(expression: str) -> str:
     return edit((RETENTION_L2, f'  kind: mirror\n  potential: "{expression}"\n'))  # line 10
 
 
+def window(mapping: str) -> str:
+    return edit((BIAS_LP, f"{BIAS_LP}  window: {mapping}\n"))  # bias.window on line 8
+
+
 def case(id, text, line, field, *hints, marks=()):
     return pytest.param(text, line, field, hints, id=id, marks=marks)
 
@@ -295,6 +299,26 @@ CASES = [
          "memory.layer_norm.affine", "'Yes' is not allowed", "quote it ('Yes') for the text"),
     case("boolean-word-as-text", edit(("name: base", "name: off")), 1, "name",
          "'off' is not allowed", "quote it"),
+    # ---- bias.window (on line 8)
+    case("window-wider-than-a-chunk", window("{size: 17}"), 8, "bias.window.size",
+         "17 is not allowed with chunk_size 16", "allowed: 1 <= size <= chunk_size"),
+    case("window-of-no-tokens", window("{size: 0}"), 8, "bias.window.size", "0 is not allowed",
+         "greater than or equal to 1"),
+    case("window-size-not-an-integer", window("{size: 2.5}"), 8, "bias.window.size",
+         "2.5 is not allowed", "valid integer"),
+    case("window-field-typo", window("{size: 2, wieght: {}}"), 8, "bias.window.wieght",
+         "did you mean 'weight'?", "allowed: size, weight"),
+    case("window-weight-negative", window("{size: 2, weight: {value: -1}}"), 8,
+         "bias.window.weight.value", "-1.0 is not allowed", "allowed: value >= 0"),
+    case("window-weight-per-channel", window("{size: 2, weight: {shape: channel}}"), 8,
+         "bias.window.weight.shape", "'channel' is not allowed", "allowed: 'head'"),
+    case("window-with-a-lag-token", window("{size: 2}") + "lag_token: true\n", 8,
+         "bias.window.size", "2 is not allowed with lag_token: true", "allowed: 1, or lag_token"),
+    case("window-with-grad-at-retained",
+         window("{size: 3}").replace("  eta: {shape: head}\n",
+                                     "  eta: {shape: head}\n  grad_at: retained\n"), 15,
+         "learner.grad_at", "'retained' is not allowed with bias.window.size 3",
+         "allowed: 'previous', or size 1"),
 ]
 
 

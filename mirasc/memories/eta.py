@@ -8,6 +8,7 @@ import sympy as sp
 from mirasc.derive import DELTA, Derivation
 from mirasc.graph import Graph, ew
 from mirasc.memories.step import lastrow_mask
+from mirasc.memories.window import banded
 
 
 def by_query(d: Derivation) -> bool:
@@ -26,18 +27,32 @@ def last_row_eta(gr: Graph, d: Derivation) -> str | None:
 
 
 def gate_args(gr: Graph, d: Derivation, ctx: dict) -> tuple[dict, sp.Expr]:
-    """Symbols bound to the masks and gates, and the factor eta * rowmask * vmask."""
+    """Symbols bound to the masks and gates, and the factor gamma * eta * rowmask * vmask (gamma
+    the window's weight, 1 without; ctx names the rows' tiles of delta and gamma when they are
+    not the chunk's own: the previous chunk's)."""
     eta_sym, mask_sym = sp.Symbol("eta", real=True), sp.Symbol("rowmask", real=True)
-    vmask_sym = sp.Symbol("vmask", real=True)
+    vmask_sym, gamma_sym = sp.Symbol("vmask", real=True), sp.Symbol("gamma", real=True)
     args = {mask_sym: ctx["rowmask"], vmask_sym: ctx["vmask"]}
     if "delta" in gr.g:
-        args[DELTA] = "delta"
-    eta_gate = d.spec.learner.eta
-    if eta_gate.shape == "channel" or by_query(d):  # folded into the keys, or into the reads
-        eta = sp.Integer(1)
+        args[DELTA] = ctx.get("delta", "delta")
+    eta_gate, window = d.spec.learner.eta, d.spec.bias.window
+    if eta_gate.shape == "channel" or by_query(d) or banded(d):
+        eta = sp.Integer(1)  # folded into the keys, into the reads, or into the window's band
     elif eta_gate.is_input:
         args[eta_sym] = "eta"
         eta = eta_sym
     else:
         eta = sp.Float(eta_gate.value)
-    return args, eta * mask_sym * vmask_sym
+    gamma = sp.Integer(1) if window is None or window.weight is None else \
+        sp.Float(window.weight.value) if not window.weight.is_input else gamma_sym
+    if gamma == gamma_sym:
+        args[gamma_sym] = ctx.get("window_weight", "window_weight")
+    return args, gamma * eta * mask_sym * vmask_sym
+
+
+def step_text(d: Derivation) -> str:
+    """The factor of a row's gradient in its update, as a formula reads it: eta, or with a window
+    gamma * eta (gamma alone over more than one token: eta enters through the band)."""
+    if d.spec.bias.window is None:
+        return "eta"
+    return "gamma" if banded(d) else "gamma * eta"

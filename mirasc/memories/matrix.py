@@ -7,10 +7,11 @@ import sympy as sp
 from mirasc.derive import Derivation
 from mirasc.graph import Graph, ew
 from mirasc.memories.decay import chunk_decays, decayed_to_end, momentum_mixing, tail_decays
-from mirasc.memories.eta import last_row_eta
+from mirasc.memories.eta import by_query, last_row_eta
 from mirasc.memories.maps import finish, read_map
 from mirasc.memories.step import ChunkStep, chunk_inputs, last_row_reads, param_inputs
 from mirasc.memories.updates import exact_updates, minibatch_updates
+from mirasc.memories.window import banded, eta_rows, previous_rows, window_mix, window_weights
 
 
 def matrix_chunk_step(d: Derivation) -> ChunkStep:
@@ -23,13 +24,17 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
     (`_momentum_terms`) mixes the updates through the momentum's decay as well. A bias b [1, DV]
     is a weight on a constant input 1: QK^T + 1 above, b_new = exp(gamma_T) b - sum of U * tail.
     With eta_at 'query', U holds the raw g_i and row t of the mix (and the chunk end) is scaled
-    by eta_t (eta of the last row)."""
+    by eta_t (eta of the last row). A window of c > 1 tokens (`memories.window`) mixes U = gamma g
+    through the band, and the previous chunk's last c - 1 rows' U_prev through its own band:
+    O -= (Q K_prev^T * mix') U_prev, W_new -= (U_prev * tail')^T K_prev."""
     gr = Graph()
     ctx = _inputs(gr, d)
     ctx |= _decays(gr, d, ctx)
     qk, attn, read = _reads(gr, ctx)
     updates = exact_updates(gr, d, ctx) if d.exact and d.bias.kind == "affine" \
         else minibatch_updates(gr, d, ctx)
+    if banded(d):
+        ctx |= _previous(gr, d, ctx)
     keep = decayed_to_end(gr, ctx["gam_end"], ctx["state"], "keep")
     if d.spec.learner.kind == "momentum":
         z_o, acc, extra = _momentum_terms(gr, d, ctx, updates, ctx["decay_mat"], qk, read, keep)
@@ -66,6 +71,18 @@ def _decays(gr: Graph, d: Derivation, ctx: dict) -> dict:
     return dict(la=la, gam=gam, gam_end=gam_end, beta=beta, decay_mat=decay_mat, gam_row=gam_row)
 
 
+def _previous(gr: Graph, d: Derivation, ctx: dict) -> dict:
+    """The window's previous rows: their tiles, U_prev at the chunk-start W, the products
+    Q K_prev^T (+ 1 with a bias) and eta per row for the band."""
+    rows = previous_rows(gr, d, ctx, ctx["dk"])
+    u_prev = minibatch_updates(gr, d, ctx, rows)
+    qk_prev = gr.dot(ctx["q"], rows["k"], tb=True, name="qk_prev", formula="qk_prev = q k_prev^T")
+    if ctx["b"] is not None:
+        qk_prev = ew(gr, lambda a: a + 1, qk_prev, name="qk1_prev", formula="qk1_prev = qk_prev + 1")
+    return dict(k_prev=rows["k"], u_prev=u_prev, qk_prev=qk_prev,
+                eta_rows=eta_rows(gr, d, ctx["rowmask"], by_query(d)))
+
+
 def _reads(gr: Graph, ctx: dict) -> tuple[str | None, str | None, str]:
     """The rows' reads of the chunk-start state, beta * Q W^T (+ b), and the query-key products:
     (qk, None, read), or (None, attn, read) with a per-channel decay inside attn (a gdot):
@@ -93,21 +110,29 @@ def _gradient_terms(gr: Graph, d: Derivation, ctx: dict, updates: str, attn: str
     and the chunk end scaled by eta_t when the step is the reading token's."""
     channel, rowmask, k_upd, b = ctx["channel"], ctx["rowmask"], ctx["k_upd"], ctx["b"]
     eta_end = last_row_eta(gr, d)
-    if not channel:
-        attn = ew(gr, lambda a, b_: a * b_, qk, ctx["decay_mat"], name="attn",
-                  formula=f"attn = {qk} * {ctx['decay_mat']}")
-    mixed = gr.dot(attn, updates, name="mixed", formula=f"mixed = attn {updates}")
+    window = "u_prev" in ctx
+    if window:
+        mixed = _window_read(gr, ctx, qk, ctx["decay_mat"], updates)
+    else:
+        if not channel:
+            attn = ew(gr, lambda a, b_: a * b_, qk, ctx["decay_mat"], name="attn",
+                      formula=f"attn = {qk} * {ctx['decay_mat']}")
+        mixed = gr.dot(attn, updates, name="mixed", formula=f"mixed = attn {updates}")
     if eta_end is not None:
         mixed = ew(gr, lambda a, e: a * e, mixed, "eta", name="mixed_eta")
     z_o = ew(gr, lambda a, m: a - m, read, mixed, name="z_o", formula=f"z_o = {read} - {mixed}")
-    if ctx["gam_end"] is not None:  # each update decays from its row to the chunk end
-        tail = tail_decays(gr, ctx["la"], rowmask)
-        if channel:
-            k_upd = ew(gr, lambda a, b_: a * b_, k_upd, tail, name="k_tail")
-        else:
-            updates = ew(gr, lambda a, b_: a * b_, updates, tail, name="u_tail")
-    update = gr.dot(updates, k_upd, ta=True, name="update", formula=f"update = {updates}^T {k_upd}")
-    b_update = gr.sum(updates, 0, name="b_update") if b is not None else None
+    tail = None if ctx["gam_end"] is None else tail_decays(gr, ctx["la"], rowmask)
+    if window:
+        update, b_update = _window_end(gr, ctx, updates, tail or rowmask)
+    else:
+        if tail is not None:  # each update decays from its row to the chunk end
+            if channel:
+                k_upd = ew(gr, lambda a, b_: a * b_, k_upd, tail, name="k_tail")
+            else:
+                updates = ew(gr, lambda a, b_: a * b_, updates, tail, name="u_tail")
+        update = gr.dot(updates, k_upd, ta=True, name="update",
+                        formula=f"update = {updates}^T {k_upd}")
+        b_update = gr.sum(updates, 0, name="b_update") if b is not None else None
     if eta_end is not None:
         update = ew(gr, lambda a, e: a * e, update, eta_end, name="update_eta")
         if b_update is not None:
@@ -119,6 +144,35 @@ def _gradient_terms(gr: Graph, d: Derivation, ctx: dict, updates: str, attn: str
         extra["b"] = ew(gr, lambda a, u: a - u, keep_b, b_update, name="b_acc",
                         formula=f"b_acc = {keep_b} - {b_update}")
     return z_o, acc, extra
+
+
+def _window_read(gr: Graph, ctx: dict, qk: str, mat: str, updates: str) -> str:
+    """A window's reads of the updates mixed by `mat` [T, T] (the decays or the momentum's mix)
+    per (reading row, updating row), regrouped onto the gradient rows of this chunk and the
+    previous one: (QK^T * mat diag(eta) B) U + (Q K_prev^T * mat diag(eta) B') U_prev."""
+    mix, mix_prev = window_mix(gr, mat, ctx["eta_rows"], f"{mat}_win")
+    attn = ew(gr, lambda a, b_: a * b_, qk, mix, name="attn", formula=f"attn = {qk} * {mix}")
+    attn_prev = ew(gr, lambda a, b_: a * b_, ctx["qk_prev"], mix_prev, name="attn_prev",
+                   formula=f"attn_prev = {ctx['qk_prev']} * {mix_prev}")
+    return ew(gr, lambda a, c: a + c, gr.dot(attn, updates, name="mixed_own"),
+              gr.dot(attn_prev, ctx["u_prev"], name="mixed_prev"), name="mixed",
+              formula=f"mixed = attn {updates} + attn_prev u_prev")
+
+
+def _window_end(gr: Graph, ctx: dict, updates: str, weights: str) -> tuple[str, str | None]:
+    """The chunk end's sum of a window's updates, each row's `weights` [T, 1] (its decay to the
+    chunk end, or its momentum mix) regrouped onto the gradient rows of this chunk and the
+    previous one: (sum of (U * w)^T K, and with a bias sum of U * w)."""
+    ends = window_weights(gr, weights, ctx["eta_rows"], f"{weights}_win")
+    parts = [(ew(gr, lambda a, b_: a * b_, u, w, name=f"{u}_{w}"), key) for (u, key), w in
+             zip(((updates, ctx["k_upd"]), (ctx["u_prev"], ctx["k_prev"])), ends, strict=True)]
+    dots = [gr.dot(u, key, ta=True, name=f"{u}_k") for u, key in parts]
+    update = ew(gr, lambda a, c: a + c, *dots, name=f"{weights}_update",
+                formula=f"{weights}_update = (U w)^T K + (U_prev w_prev)^T K_prev")
+    if ctx["b"] is None:
+        return update, None
+    sums = [gr.sum(u, 0, name=f"{u}_sum") for u, _ in parts]
+    return update, ew(gr, lambda a, c: a + c, *sums, name=f"b_{weights}_update")
 
 
 def _chunk_end(gr: Graph, d: Derivation, ctx: dict, o: str, acc: str, extra: dict) -> ChunkStep:
@@ -150,17 +204,27 @@ def _momentum_terms(gr: Graph, d: Derivation, ctx: dict, updates: str, decay_mat
     k, rowmask = ctx["k"], ctx["rowmask"]
     s_in = gr.input("S", ("DV", ctx["dk"]))
     mix, s_vec, mix_end, s_end, m_tail, mu_end = momentum_mixing(gr, d, decay_mat, rowmask)
-    attn = ew(gr, lambda a, b: a * b, qk, mix, name="attn", formula=f"attn = {qk} * mix")
-    mixed = gr.dot(attn, updates, name="mixed", formula=f"mixed = attn {updates}")
+    window = "u_prev" in ctx
+    if window:
+        mixed = _window_read(gr, ctx, qk, mix, updates)
+    else:
+        attn = ew(gr, lambda a, b: a * b, qk, mix, name="attn", formula=f"attn = {qk} * mix")
+        mixed = gr.dot(attn, updates, name="mixed", formula=f"mixed = attn {updates}")
     qs = gr.dot(ctx["q"], s_in, tb=True, name="qs", formula="qs = q S^T")
     z_o = ew(gr, lambda a, s, x, m: a - s * x - m, read, s_vec, qs, mixed, name="z_o",
              formula=f"z_o = {read} - s_vec * qs - mixed")
-    u_mix = ew(gr, lambda a, b: a * b, updates, mix_end, name=f"{updates}_mix_end")
-    w_update = gr.dot(u_mix, k, ta=True, name="w_update", formula=f"w_update = {u_mix}^T k")
+    if window:
+        w_update = _window_end(gr, ctx, updates, mix_end)[0]
+    else:
+        u_mix = ew(gr, lambda a, b: a * b, updates, mix_end, name=f"{updates}_mix_end")
+        w_update = gr.dot(u_mix, k, ta=True, name="w_update", formula=f"w_update = {u_mix}^T k")
     acc = ew(gr, lambda a, s, x, u: a - s * x - u, keep, s_end, s_in, w_update, name="acc",
              formula=f"acc = {keep} - s_end S - w_update")
-    u_tail = ew(gr, lambda a, b: a * b, updates, m_tail, name=f"{updates}_m_tail")
-    s_update = gr.dot(u_tail, k, ta=True, name="s_update", formula=f"s_update = {u_tail}^T k")
+    if window:
+        s_update = _window_end(gr, ctx, updates, m_tail)[0]
+    else:
+        u_tail = ew(gr, lambda a, b: a * b, updates, m_tail, name=f"{updates}_m_tail")
+        s_update = gr.dot(u_tail, k, ta=True, name="s_update", formula=f"s_update = {u_tail}^T k")
     s_new = ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, s_update, name="S_new",
                formula="S_new = exp(mu_end) S + s_update")
     return z_o, acc, {"S": s_new}

@@ -20,6 +20,7 @@ class ChunkStep:
     states: tuple[str, ...]      # the carried state tiles ("W", "b" for a bias, "S" for momentum)
     outputs: dict[str, str]      # "o" and each state -> the node computing it at the chunk end
     params: tuple[str, ...] = ()  # per-head inputs [1, DV] (the layer norm's affine)
+    previous: tuple[str, ...] = ()  # tiles of the previous chunk's rows (k_prev, ..: a window)
 
 
 def chunk_inputs(gr: Graph, d: Derivation, key_dim: str) -> tuple[list[str], str]:
@@ -31,7 +32,7 @@ def chunk_inputs(gr: Graph, d: Derivation, key_dim: str) -> tuple[list[str], str
     gr.input("v", ("T", "DV"))
     gr.const("causal", ("T", "T"), "causal")
     dim_mask(gr, "DV")  # the padding of DV up to a power of two
-    data_gates = [a for a in ("log_alpha", "eta", "delta", "momentum")
+    data_gates = [a for a in ("log_alpha", "eta", "delta", "momentum", "window_weight")
                   if gates.get(a) is not None and gates[a].is_input]
     for arg in data_gates:
         width = {"delta": "DV"}.get(arg, key_dim) if gates[arg].shape == "channel" else 1

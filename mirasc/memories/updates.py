@@ -8,49 +8,58 @@ import sympy as sp
 from mirasc.derive import DELTA, RNORM, RNORM_EPS, Derivation, R, V
 from mirasc.graph import Graph, backward, ew
 from mirasc.memories.decay import exclusive_cumsum, previous_decays
-from mirasc.memories.eta import gate_args
+from mirasc.memories.eta import gate_args, step_text
 from mirasc.memories.maps import finish
 from mirasc.memories.step import strict_mask
 
 
-def bias_gradient(gr: Graph, d: Derivation, pred: str, v: str, vmask: str) -> str:
+def bias_gradient(gr: Graph, d: Derivation, pred: str, v: str, vmask: str, delta: str = "delta",
+                  suffix: str = "") -> str:
     """g = dl/dr at r = M(k) - v, rnorm = ||r|| over the real DV columns (sympy's rule).
 
     Padding (rows past the sequence, columns past DV) is loaded as v = 1 so that r != 0 there and
-    every derivative of g stays finite; the masks then zero its contributions."""
-    r = ew(gr, lambda a, b: a - b, pred, v, name="r", formula=f"r = {pred} - {v}")
-    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, vmask, name="r_sq"), 1, name="rsq")
-    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name="rnorm",
+    every derivative of g stays finite; the masks then zero its contributions. `delta` names the
+    rows' threshold tile, `suffix` the nodes of rows other than the chunk's own."""
+    r = ew(gr, lambda a, b: a - b, pred, v, name=f"r{suffix}", formula=f"r = {pred} - {v}")
+    rsq = gr.sum(ew(gr, lambda a, m: a * a * m, r, vmask, name=f"r_sq{suffix}"), 1,
+                 name=f"rsq{suffix}")
+    rnorm = ew(gr, lambda s: sp.sqrt(s + RNORM_EPS), rsq, name=f"rnorm{suffix}",
                formula="rnorm = sqrt(sum_DV r^2 + eps)")
-    args = {R: r, V: v, RNORM: rnorm} | ({DELTA: "delta"} if "delta" in gr.g else {})
+    args = {R: r, V: v, RNORM: rnorm} | ({DELTA: delta} if "delta" in gr.g else {})
     expr = d.bias.elem + d.bias.norm * R
     text = sp.sstr(expr)
-    return gr.ew(expr, args, name="g", formula=f"g = dl/dr = {text}" if len(text) <= 60 else
-                 "g = dl/dr (r, v, rnorm)")
+    return gr.ew(expr, args, name=f"g{suffix}", formula=f"g = dl/dr = {text}" if len(text) <= 60
+                 else "g = dl/dr (r, v, rnorm)")
 
 
-def minibatch_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
+def minibatch_updates(gr: Graph, d: Derivation, ctx: dict, rows: dict | None = None) -> str:
     """U = eta * g(r), r = M_W(k) - v at the chunk-start W (decayed to row t when grad_at is
-    'retained'); g = elem(r, v, rnorm, delta) + norm(rnorm, delta) * r from sympy."""
+    'retained'); g = elem(r, v, rnorm, delta) + norm(rnorm, delta) * r from sympy. With a window
+    of c > 1 tokens U = gamma * g (eta enters through the band); `rows` names the tiles of the
+    previous chunk's rows (`window.previous_rows`) to take their U at the same W."""
+    own, suffix = ctx | (rows or {}), "" if rows is None else "_prev"
+    k = own["k"]
     retained = d.spec.learner.grad_at == "retained" and ctx["beta"] is not None
     if retained and ctx["channel"]:
-        k_point = ew(gr, lambda a, b: a * b, ctx["k"], ctx["beta"], name="k_point")
+        k_point = ew(gr, lambda a, b: a * b, k, ctx["beta"], name="k_point")
         kw = gr.dot(k_point, ctx["w"], tb=True, name="kw", formula=f"kw = k_point {ctx['w']}^T")
     else:
-        kw = gr.dot(ctx["k"], ctx["w"], tb=True, name="kw", formula=f"kw = k {ctx['w']}^T")
+        kw = gr.dot(k, ctx["w"], tb=True, name=f"kw{suffix}", formula=f"kw = {k} {ctx['w']}^T")
         if ctx.get("b") is not None:
-            kw = ew(gr, lambda a, b: a + b, kw, ctx["b"], name="kwb", formula=f"kwb = kw + {ctx['b']}")
+            kw = ew(gr, lambda a, b: a + b, kw, ctx["b"], name=f"kwb{suffix}",
+                    formula=f"kwb = kw + {ctx['b']}")
         if retained:
             kw = ew(gr, lambda a, b: a * b, kw, ctx["beta"], name="pred", formula=f"pred = beta * {kw}")
     mem = d.spec.memory
-    pred = finish(gr, d, kw, ctx["k"], ctx["vmask"], name="pred_m") \
+    pred = finish(gr, d, kw, k, ctx["vmask"], name=f"pred_m{suffix}") \
         if mem.layer_norm or mem.residual else kw
-    g = bias_gradient(gr, d, pred, ctx["v"], ctx["vmask"])
+    g = bias_gradient(gr, d, pred, own["v"], ctx["vmask"], own.get("delta", "delta"), suffix)
     # J^T g: the bias gradient pulled back through LN/residual
     through = g if pred == kw else backward(gr, {pred: g}, (kw,), prefix="g_")[kw]
-    args, factor = gate_args(gr, d, ctx)
+    args, factor = gate_args(gr, d, own)
     x = sp.Symbol("x", real=True)
-    return gr.ew(x * factor, args | {x: through}, name="u", formula=f"u = eta * {through}")
+    return gr.ew(x * factor, args | {x: through}, name=f"u{suffix}",
+                 formula=f"u{suffix} = {step_text(d)} * {through}")
 
 
 def exact_updates(gr: Graph, d: Derivation, ctx: dict) -> str:

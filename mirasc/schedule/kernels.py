@@ -253,7 +253,9 @@ def schedule(step: ChunkStep) -> Schedule:
         loads[name] = loads["bwd_out"]
     streams = _hidden_streams(step, targets, loads, adjoint) if streamed else None
     split_v = separable(step)
-    summed = ("q", "k", *(g for g in step.gates if g != "delta" or graph.shape(g)[1] == 1)) \
+    summed = ("q", "k", *(g for g in step.gates  # not along the value columns (v_prev, delta)
+                          if g.removesuffix("_prev") not in ("v", "delta")
+                          or graph.shape(g)[1] == 1)) \
         if split_v else ()  # a channel-wise delta is per value column
     # The kernel of the q and k gradients walks the DV blocks, summing them (no partial copies
     # per block): in place where it runs as no `ValueWalk`, holding what each block reuses, so
