@@ -100,24 +100,21 @@ def _mirasc(env, *args) -> subprocess.CompletedProcess:
 def test_every_shipped_spec_compiles_for_sm90(env, tmp_path):
     """Triton lowers each forward and backward kernel (bf16 inputs, Dk = Dv = 13) to an sm_90
     cubin: code the interpreter accepts but the GPU compiler would reject fails here. Besides the
-    shipped specs, a vector memory with per-channel gates (its prefix sums run over Dk columns)
-    and a matrix memory with a per-channel decay (its pairs' decays: gdot, gmix, gmix_t)."""
+    shipped specs (gla and kda run the products under per-channel decays: gdot, gmix, gmix_t), a
+    vector memory with per-channel gates (its prefix sums run over Dk columns)."""
     channels = tmp_path / "channels.yaml"
     channels.write_text("name: channels\nmemory: {kind: vector}\nbias: {kind: l2}\n"
                         "retention: {kind: l2, decay: {shape: channel}}\n"
                         "learner: {kind: gd, eta: {shape: channel}}\nchunk_size: 16\n")
-    matrix = tmp_path / "channel_decay.yaml"
-    matrix.write_text("name: channel_decay\nmemory: {kind: matrix}\nbias: {kind: l2}\n"
-                      "retention: {kind: l2, decay: {shape: channel}}\n"
-                      "learner: {kind: gd, eta: {}}\nchunk_size: 64\n")
-    names = [*SPECS, str(channels), str(matrix)]
+    names = [*SPECS, str(channels)]
     done = subprocess.run([sys.executable, "-c", EVERY_SPEC, *names], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     # every spec has its passes and output kernels; the exact path (an l2 bias on a matrix
-    # memory) has stages too: its inverse reads no state
-    staged = {"deltanet", "gated_deltanet", str(matrix)}
+    # memory) has stages too: its inverse reads no state; so has a product under per-channel
+    # decays, computed once per chunk
+    staged = {"deltanet", "gated_deltanet", "gla", "kda"}
     for s in names:
         path = s if s.endswith(".yaml") else f"specs/{s}.yaml"
         steps = [r["kernel"] for r in rows if r["spec"] == s and r["kernel"].startswith("step")]
@@ -133,8 +130,8 @@ def test_every_shipped_spec_compiles_for_sm90(env, tmp_path):
 def test_step_kernels_do_not_spill_at_head_dim_128(env):
     """The decode step of every matrix spec at Dk = Dv = 128 (bf16 inputs, float32 state), each
     variant its chunk positions take, compiles for sm_90 without spilling a register."""
-    covered = ["deltanet", "gated_deltanet", "linear_attention", "simple_gla", "titans",
-               "ttt_linear"]
+    covered = ["deltanet", "gated_deltanet", "gla", "kda", "linear_attention", "simple_gla",
+               "titans", "ttt_linear"]
     done = subprocess.run([sys.executable, "-c", STEPS, *covered], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
