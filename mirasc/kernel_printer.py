@@ -112,7 +112,21 @@ class KernelPrinter:
         never named."""
         lines = []
         scope = {*nodes, *sinks}
+        twins = self.twins([n for n in nodes if n not in loaded])
+        pair_of = {m: (n, t) for n, t in twins.items() for m in (n, t)}
+        done = set()
         for n in nodes:
+            if n in done:
+                continue
+            if n in pair_of:  # both at the first of the two
+                base, twin = pair_of[n]
+                node = self.graph.node(base)
+                x = [self.ref(i) for i in node["inputs"]]
+                helper = "gmix_t" if node.get("ta") else "gmix"
+                lines.append(self.m.twin_decays(base, twin, helper, x, node["offset"]))
+                done.update((base, twin))
+                lines += [self.m.store_tile(t, self.buffer_at(t)) for t in (base, twin) if t in stored]
+                continue
             if n in loaded and self.graph.node(n)["op"] in ACROSS_V:
                 lines.append(self.m.load_across_v(n))
             elif n in loaded:
@@ -127,6 +141,22 @@ class KernelPrinter:
             if n in stored:
                 lines.append(self.m.store_tile(n, self.buffer_at(n)))
         return lines
+
+    def twins(self, nodes) -> dict[str, str]:
+        """The gmix nodes among `nodes` with a twin there: one on the same operands at the next
+        offset (a gate's gradient leaves out the nearest pairs), which one helper call computes
+        beside it from the same exponents (`triton_helpers.gmix_pair`); by the one at the lower
+        offset."""
+        graph = self.graph
+
+        def key(n, shift=0):
+            node = graph.node(n)
+            return tuple(node["inputs"]), bool(node.get("ta")), node["offset"] + shift
+
+        products = [n for n in nodes if graph.node(n)["op"] == "gmix"]
+        above = {key(n): n for n in products}
+        pairs = {n: above[key(n, 1)] for n in products if key(n, 1) in above}
+        return {n: t for n, t in pairs.items() if t not in pairs}
 
     def inlinable(self, n: str, value: str, scope) -> bool:
         """Whether node n (its expression `value`) is written into its reader rather than
@@ -298,7 +328,7 @@ class KernelPrinter:
         self.begin(kernel)
         if kernel.walk is not None:
             return self.walk_body(kernel)
-        if kernel.kind == "stage":
+        if kernel.kind == "stage" and kernel.dim != "DK":
             if kernel.passes is not None:
                 io = self.state_io("bwd_stage", {})
                 return self.passes(kernel.passes, *io, loaded, stored=kernel.stores)

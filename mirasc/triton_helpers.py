@@ -138,6 +138,15 @@ def gmix(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr
     """out[t, d] = sum_i m[t, i] x[i, d] exp(ga[t, d] - gb[i, d]) on the pairs t - i >= OFFSET,
     by sub-chunks as `gdot`: exact in the diagonal blocks; across them, with r the first row of
     t's sub-chunk, exp(ga_t - ga_r) (m @ (x exp(ga_r - gb)))_t on tensor cores."""
+    return gmix_pair(m, x, ga, gb, BT, OFFSET, DOT, PRECISION, False)[0]
+
+
+@triton.jit
+def gmix_pair(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr,
+              PRECISION: tl.constexpr, TWIN: tl.constexpr):
+    """`gmix` on the pairs t - i >= OFFSET and, with TWIN, on those t - i >= OFFSET + 1 too (a
+    gate's gradient leaves out the nearest pairs), from the same exponents and, at OFFSET 0, the
+    same products across sub-chunks; without TWIN the second is the first."""
     NC: tl.constexpr = BT // 16
     D: tl.constexpr = x.shape[1]
     inner = tl.arange(0, 16)
@@ -146,25 +155,44 @@ def gmix(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr
     gb3 = tl.reshape(gb, [NC, 16, D])
     m_diag = _diagonal_blocks(m, BT)
     near = tl.zeros([NC, 16, D], dtype=x.dtype)
+    near_twin = tl.zeros([NC, 16, D], dtype=x.dtype)
     for j in range(16):  # column j of every diagonal block
         m_j = tl.sum(tl.where(inner[None, None, :] == j, m_diag, 0.0), 2)  # [NC, 16]
         x_j = _row_of_blocks(x3, j)
         gb_j = _row_of_blocks(gb3, j)
         paired = (inner >= j + OFFSET)[None, :, None]
         decay = tl.exp(tl.where(paired, ga3 - gb_j[:, None, :], float("-inf")))
-        near += m_j[:, :, None] * x_j[:, None, :] * decay
+        term = m_j[:, :, None] * x_j[:, None, :] * decay
+        near += term
+        if TWIN:
+            near_twin += tl.where((inner >= j + OFFSET + 1)[None, :, None], term, 0.0)
     g_first = _row_of_blocks(ga3, 0)
+    to_rows = tl.exp(ga3 - g_first[:, None, :])
+    far = _mix_earlier(m, x, gb, g_first, BT, OFFSET, DOT, PRECISION)
+    out = tl.reshape(near + tl.reshape(far, [NC, 16, D]) * to_rows, [BT, D])
+    if not TWIN:
+        return out, out
+    if OFFSET > 0:  # the products across sub-chunks differ at the next offset
+        far = _mix_earlier(m, x, gb, g_first, BT, OFFSET + 1, DOT, PRECISION)
+    return out, tl.reshape(near_twin + tl.reshape(far, [NC, 16, D]) * to_rows, [BT, D])
+
+
+@triton.jit
+def _mix_earlier(m, x, gb, g_first, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """sum_i m[t, i] x[i, d] exp(ga_r - gb[i, d]) over the rows i of earlier sub-chunks than t's
+    with t - i >= OFFSET, r the first row of t's sub-chunk (g_first [NC, D]: ga there)."""
+    NC: tl.constexpr = BT // 16
     offs = tl.arange(0, BT)
     sub = offs // 16
     m = tl.where(pairs(offs[:, None], offs[None, :], OFFSET), m, 0.0)
-    far = tl.zeros([BT, D], dtype=x.dtype)
+    far = tl.zeros(x.shape, dtype=x.dtype)
     for s in tl.static_range(1, NC):  # the rows of sub-chunk s from every earlier row
         g_s = tl.sum(tl.where(tl.arange(0, NC)[:, None] == s, g_first, 0.0), 0)
         x_s = x * tl.exp(tl.where((sub < s)[:, None], g_s[None, :] - gb, float("-inf")))
         m_s = tl.where((sub == s)[:, None], m, 0.0)
         far += tl.dot(m_s.to(DOT), x_s.to(DOT), input_precision=PRECISION)
-    far3 = tl.reshape(far, [NC, 16, D]) * tl.exp(ga3 - g_first[:, None, :])
-    return tl.reshape(near + far3, [BT, D])
+    return far
 
 
 @triton.jit
@@ -173,6 +201,14 @@ def gmix_t(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constex
     """out[i, d] = sum_t m[t, i] x[t, d] exp(ga[t, d] - gb[i, d]) on the pairs t - i >= OFFSET,
     by sub-chunks as `gdot`: exact in the diagonal blocks; across them, with r the first row of
     the sub-chunk after i's, exp(ga_r - gb_i) (m^T @ (x exp(ga - ga_r)))_i on tensor cores."""
+    return gmix_t_pair(m, x, ga, gb, BT, OFFSET, DOT, PRECISION, False)[0]
+
+
+@triton.jit
+def gmix_t_pair(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr,
+                PRECISION: tl.constexpr, TWIN: tl.constexpr):
+    """`gmix_t` on the pairs t - i >= OFFSET and, with TWIN, on those t - i >= OFFSET + 1 too,
+    sharing what `gmix_pair` shares."""
     NC: tl.constexpr = BT // 16
     D: tl.constexpr = x.shape[1]
     inner = tl.arange(0, 16)
@@ -181,18 +217,38 @@ def gmix_t(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constex
     gb3 = tl.reshape(gb, [NC, 16, D])
     m_diag = _diagonal_blocks(m, BT)
     near = tl.zeros([NC, 16, D], dtype=x.dtype)
+    near_twin = tl.zeros([NC, 16, D], dtype=x.dtype)
     for j in range(16):  # row j of every diagonal block
         m_j = tl.sum(tl.where(inner[None, :, None] == j, m_diag, 0.0), 1)  # [NC, 16]
         x_j = _row_of_blocks(x3, j)
         ga_j = _row_of_blocks(ga3, j)
         paired = (j >= inner + OFFSET)[None, :, None]
         decay = tl.exp(tl.where(paired, ga_j[:, None, :] - gb3, float("-inf")))
-        near += m_j[:, :, None] * x_j[:, None, :] * decay
-    out = tl.reshape(near, [BT, D])
+        term = m_j[:, :, None] * x_j[:, None, :] * decay
+        near += term
+        if TWIN:
+            near_twin += tl.where((j >= inner + OFFSET + 1)[None, :, None], term, 0.0)
     g_first = _row_of_blocks(ga3, 0)
+    far = _mix_later(m, x, ga, gb, g_first, BT, OFFSET, DOT, PRECISION)
+    out = tl.reshape(near, [BT, D]) + far
+    if not TWIN:
+        return out, out
+    if OFFSET > 0:  # the products across sub-chunks differ at the next offset
+        far = _mix_later(m, x, ga, gb, g_first, BT, OFFSET + 1, DOT, PRECISION)
+    return out, tl.reshape(near_twin, [BT, D]) + far
+
+
+@triton.jit
+def _mix_later(m, x, ga, gb, g_first, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """sum_t m[t, i] x[t, d] exp(ga[t, d] - gb[i, d]) over the rows t of later sub-chunks than
+    i's with t - i >= OFFSET, factored at r, the first row of the sub-chunk after i's
+    (g_first [NC, D]: ga at each sub-chunk's first row)."""
+    NC: tl.constexpr = BT // 16
     offs = tl.arange(0, BT)
     sub = offs // 16
     m = tl.where(pairs(offs[:, None], offs[None, :], OFFSET), m, 0.0)
+    out = tl.zeros(x.shape, dtype=x.dtype)
     for s in tl.static_range(0, NC - 1):  # the rows of sub-chunk s from every later row
         g_s = tl.sum(tl.where(tl.arange(0, NC)[:, None] == s + 1, g_first, 0.0), 0)
         x_s = x * tl.exp(tl.where((sub > s)[:, None], ga - g_s[None, :], float("-inf")))

@@ -137,6 +137,42 @@ def test_products_with_pairwise_decays(offset, steep):
 
 
 @triton.jit
+def _twin_kernel(m_ptr, x_ptr, ga_ptr, gb_ptr, out_ptr, twin_ptr, BT: tl.constexpr, D: tl.constexpr,
+                 OFFSET: tl.constexpr, FN: tl.constexpr):
+    rows = tl.arange(0, BT)[:, None]
+    square = rows * BT + tl.arange(0, BT)[None, :]
+    wide = rows * D + tl.arange(0, D)[None, :]
+    out, twin = FN(tl.load(m_ptr + square), tl.load(x_ptr + wide), tl.load(ga_ptr + wide),
+                   tl.load(gb_ptr + wide), BT, OFFSET, tl.float64, "ieee", True)
+    tl.store(out_ptr + wide, out)
+    tl.store(twin_ptr + wide, twin)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_twin_products_at_the_next_offset(offset):
+    """gmix_pair and gmix_t_pair give gmix (gmix_t) at the offset and at the next one, each
+    against its sum written out in torch, with mild and steep decays over four sub-chunks."""
+    bt, d = 64, 8
+    gen = torch.Generator().manual_seed(5)
+    m = torch.randn(bt, bt, dtype=torch.float64, generator=gen)
+    x = torch.randn(bt, d, dtype=torch.float64, generator=gen)
+    ga = _decays(bt, d, gen, steep=False)
+    gb = ga - torch.rand(bt, d, dtype=torch.float64, generator=gen)
+    t, i = torch.arange(bt)[:, None], torch.arange(bt)[None, :]
+
+    def weight(at):
+        exponent = ga[:, None, :] - gb[None, :, :]
+        return exponent.masked_fill(~(t - i >= at)[:, :, None], float("-inf")).exp()
+
+    patterns = {th.gmix_pair: "ti,id,tid->td", th.gmix_t_pair: "ti,td,tid->id"}
+    for fn, pattern in patterns.items():
+        out, twin = (torch.full((bt, d), float("nan"), dtype=torch.float64) for _ in range(2))
+        _twin_kernel[(1,)](m, x, ga, gb, out, twin, BT=bt, D=d, OFFSET=offset, FN=fn)
+        assert relative_error(out, torch.einsum(pattern, m, x, weight(offset))) < 1e-13
+        assert relative_error(twin, torch.einsum(pattern, m, x, weight(offset + 1))) < 1e-13
+
+
+@triton.jit
 def _bounds_kernel(cu_ptr, chunk_ptr, out_ptr, T, CHUNK: tl.constexpr, IS_VARLEN: tl.constexpr):
     i_n = tl.program_id(0)
     bos, eos, first_chunk = th.sequence_bounds(cu_ptr, chunk_ptr, i_n, T, CHUNK, IS_VARLEN)
