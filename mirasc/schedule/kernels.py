@@ -203,10 +203,30 @@ def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
     return staged, loads, kept, streamed
 
 
-def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands) -> dict:
+def _key_stage(graph, nodes, stop) -> tuple | None:
+    """The products under per-channel decays among a stage's tiles (`nodes`) that its other
+    tiles do not read, as passes over blocks of key columns (each a sum over them), so that a
+    kernel of their own holds a block of q, k and the gates at a time rather than every key
+    column (GLA, D=128: the stage that held all 128 spilled 2.4 KB per thread): (the stream, the
+    key-column inputs it loads per block, the products), or None where there are none or they
+    do not pass so."""
+    gdots = [n for n in nodes if graph.node(n)["op"] == "gdot"]
+    rest = plan(graph, [n for n in nodes if n not in gdots], stop)
+    products = tuple(n for n in gdots if n not in rest)  # those the other tiles do not read
+    if not products or len(products) == len(nodes):
+        return None
+    passes = stream(graph, products, dim="DK", stop=stop)
+    if passes is None or not passes.loops or any(loop.store for loop in passes.loops):
+        return None
+    blocked = {n for loop in passes.loops for n in loop.nodes}
+    return passes, tuple(n for n in blocked if graph.node(n)["op"] == "input"), products
+
+
+def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands, key_blocks) -> dict:
     """Add each direction's stage kernels to `kernels` (one, or one per pass over hidden blocks
-    where the stage streams them) and record the tiles they read only as operands; returns the
-    tiles each direction's stage kernels hand each other."""
+    where the stage streams them, and one more for the products under per-channel decays where
+    they pass over key blocks: `_key_stage`, recorded in `key_blocks`) and record the tiles they
+    read only as operands; returns the tiles each direction's stage kernels hand each other."""
     graph, states = step.graph, list(step.states)
     handover = {}
     for direction, nodes in staged.items():
@@ -216,18 +236,25 @@ def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands) -> 
         parts = stages.stage_parts(graph, nodes, saved) if streamed_stage else \
             [nodes] if nodes else []
         handover[direction] = tuple(n for part in parts for n in part if n not in nodes)
+        keyed = None if streamed_stage else _key_stage(graph, nodes, saved)
+        if keyed is not None:
+            parts = [tuple(n for n in nodes if n not in keyed[2]), keyed[2]]
         done = ()
         for j, part in enumerate(parts):
             stop = (*saved, *done)
             part_nodes = plan(graph, part, stop)
             reads = tuple(s for s in states if s in part_nodes)
-            _operand_reads(graph, stop, set(part_nodes) - set(stop), operands)
             passes = stream(graph, part, stop=stop) if reads and streams is not None else None
             name = f"{direction}_stage{j + 1 if j else ''}"
+            dim, block_loads = ("DH" if passes is not None else None), ()
+            if keyed is not None and j == len(parts) - 1:
+                passes, block_loads = keyed[:2]
+                dim, key_blocks[name] = "DK", tuning.BK
+            _operand_reads(graph, stop, set(part_nodes) - set(stop), operands)
             kernels[name] = KernelPlan(
                 name=name, kind="stage", direction=direction, targets=part, loads=stop,
-                needs=frozenset(set(part_nodes) - set(stop)), reads=reads, stores=part,
-                passes=passes, dim="DH" if passes is not None else None,
+                needs=frozenset(set(part_nodes) - set(stop) - set(block_loads)), reads=reads,
+                stores=part, passes=passes, dim=dim, block_loads=block_loads,
                 configs=tuning.configs(name, split_v, streams is not None))
             done += part
     return handover
@@ -301,7 +328,8 @@ def schedule(step: ChunkStep) -> Schedule:
             walk=walk)
     for k in dict.fromkeys(handed.values()):  # a producer stores its handed tiles once computed
         kernels[k] = replace(kernels[k], stores=tuple(n for n in graph.order() if handed.get(n) == k))
-    handover = _stage_kernels(step, staged, loads, streams, split_v, kernels, operands)
+    handover = _stage_kernels(step, staged, loads, streams, split_v, kernels, operands,
+                              key_blocks)
     # Stage tiles read only as matmul operands are stored in the operands' dtype where the step
     # streams hidden blocks (sm_90, bf16, 8 warps, D=64: Moneta's backward output kernel spills
     # 1304 B rather than 1784, its pass needs 98 KiB of shared memory rather than 138, and at
