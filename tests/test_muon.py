@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import axis_spec, op_from_yaml, random_inputs
+from conftest import axis_spec, decode, op_from_yaml, random_inputs
 from typer.testing import CliRunner
 
 import mirasc
@@ -15,8 +15,10 @@ from mirasc.catalog import checked_spec
 from mirasc.check import compare, varlen_inputs
 from mirasc.cli import app
 from mirasc.codegen import step_unsupported
+from mirasc.decode import Decoder
 from mirasc.derive import explain
-from mirasc.reference import newton_schulz
+from mirasc.layers import MirasLayer
+from mirasc.reference import Inputs, newton_schulz
 
 MUON = "{kind: muon, eta: {}, momentum: {}}"
 
@@ -190,3 +192,32 @@ def test_check_and_explain(tmp_path):
     assert "mini-batch chunking" in text
     assert r"\operatorname{NS}_{3}(S_t)" in explain(checked_spec(path.read_text()), latex=True)
 
+
+@pytest.mark.parametrize("apply", ["token", "chunk"])
+def test_decoding_equals_the_parallel_forward(apply, monkeypatch):
+    """Token by token from the op's state (S with W; with apply: chunk one NS at each chunk's
+    last token), and a layer's prefill then decoding, equal the parallel forward, float64."""
+    monkeypatch.setattr(mirasc.op, "interpreting", lambda: False)
+    op = op_from_yaml(axis_spec(learner=MUON.replace("}}", f"}}, apply: {apply}}}")))
+    inputs = random_inputs(op, batch=2, length=10, heads=2, dk=3, dv=3)
+    parallel, _ = op(**inputs)
+    decoder = Decoder(op.derivation, op.oracle_chunk_size)
+    gates = {n: inputs[n] for n in ("log_alpha", "eta", "momentum")}
+    state, outputs = decoder.start(inputs["initial_state"]), []
+    with torch.no_grad():
+        for t in range(8):
+            steps = Inputs.from_op(op.derivation, *(inputs[x][:, t:t + 1] for x in "qkv"),
+                                   {n: x[:, t:t + 1] for n, x in gates.items()})
+            o, state = decoder(state, steps)
+            outputs.append(o.transpose(1, 2))
+    torch.testing.assert_close(torch.cat(outputs, 1), parallel[:, :8], rtol=1e-10, atol=1e-10)
+    _, eight = op(**{n: x[:, :8] if n != "initial_state" else x for n, x in inputs.items()},
+                  output_final_state=True)
+    for x, y in zip(state.boundary, eight, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    torch.manual_seed(0)
+    layer = MirasLayer(op.spec, 6, 2, head_dim=3).double()
+    x = torch.randn(1, 9, 6, dtype=torch.float64)
+    whole, _ = layer(x)
+    for prefill in (1, 6):
+        torch.testing.assert_close(decode(layer, x, prefill), whole, rtol=1e-10, atol=1e-10)
