@@ -146,19 +146,6 @@ def test_one_step_orthogonalises_each_tensor(memory):
                                    rtol=1e-10, atol=1e-12)
 
 
-def test_chunks_of_one_are_the_token_recurrence():
-    memory = "{kind: mlp, depth: 2, expansion: 1}"
-    token = op_from_yaml(axis_spec(memory=memory, learner=MUON))
-    by_chunk = op_from_yaml(axis_spec(memory=memory, learner=MUON.replace("}}", "}, apply: chunk}")))
-    inputs = random_inputs(token, batch=1, length=5, heads=1, dk=3, dv=3)
-    o, state = token.reference(**inputs, output_final_state=True)
-    for op in (token, by_chunk):
-        o1, state1 = op.reference(**inputs, chunk_size=1, output_final_state=True)
-        torch.testing.assert_close(o1, o, rtol=1e-12, atol=1e-12)
-        for x, y in zip(state1, state, strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
-
-
 def test_the_op_runs_the_reference_varlen_and_its_gradients():
     """Every muon spec is mini-batch and runs the chunked reference (no kernels: the reason names
     the learner); packed sequences (one ending mid-chunk, where apply: chunk applies) equal each
