@@ -5,6 +5,8 @@ gradients, and what runs where."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import axis_spec, decode, op_from_yaml, random_inputs
@@ -167,17 +169,19 @@ def test_the_op_runs_the_reference_varlen_and_its_gradients():
     assert all(torch.isfinite(x).all() for x in inputs["initial_state"])
 
 
-def test_check_and_explain(tmp_path):
-    path = tmp_path / "muon.yaml"
-    path.write_text(axis_spec(memory="{kind: mlp, depth: 2, expansion: 1}",
-                              learner="{kind: muon, eta: {}, momentum: {}, ns_steps: 3}"))
-    result = CliRunner().invoke(app, ["check", str(path), "--length", "6", "--head-dim", "3"])
+def test_check_and_explain():
+    """examples/specs/atlas_muon.yaml (an MLP memory, a window of 4, muon) passes `mirasc check`;
+    explain states NS_5."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "specs" / "atlas_muon.yaml"
+    args = ["check", str(path), "--length", "5", "--heads", "1", "--head-dim", "2"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "dmomentum" in result.output
-    text = explain(checked_spec(path.read_text()))
-    assert "S_t = m_t * S_(t-1) + grad_t;  U_t = eta_t * NS_3(S_t)" in text
+    assert "dmomentum" in result.output and "dwindow_weight" in result.output
+    spec = checked_spec(path.read_text())
+    text = explain(spec)
+    assert "S_t = m_t * S_(t-1) + grad_t;  U_t = eta_t * NS_5(S_t)" in text
     assert "mini-batch chunking" in text
-    assert r"\operatorname{NS}_{3}(S_t)" in explain(checked_spec(path.read_text()), latex=True)
+    assert r"\operatorname{NS}_{5}(S_t)" in explain(spec, latex=True)
 
 
 @pytest.mark.parametrize("apply", ["token", "chunk"])
