@@ -154,7 +154,7 @@ def triton_unsupported(d) -> str | None:
     mem, ret = spec.memory, spec.retention
     reasons = [
         (spec.learner.kind == "muon", "learner.kind 'muon' (the chunk step has no Newton-Schulz "
-                                      "iteration of the state-shaped momentum per token)"),
+                                      "iteration of the state-shaped momentum)"),
         (mem.kind == "mlp" and spec.learner.grad_at == "retained" and "log_alpha" in d.op_gates(),
          "grad_at 'retained' with a decaying mlp memory (the gradient point differs per row)"),
         (not d.retention.linear and spec.learner.grad_at == "retained",

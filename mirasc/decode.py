@@ -110,7 +110,7 @@ class Decoder:
         self.momentum = spec.has_momentum
         self.muon = spec.learner.kind == "muon"
         self.by_chunk = self.muon and spec.learner.apply == "chunk"  # one NS at a chunk's end
-        self.ns_steps = getattr(spec.learner, "ns_steps", 0)
+        self.ns_steps = spec.learner.ns_steps if self.muon else 0
         self.kernel_unsupported = step_unsupported(derivation)  # why the kernel does not step it
         self._kernel = None  # its `step_op.StepKernel`, made on first use
         window = spec.bias.window
