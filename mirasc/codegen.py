@@ -153,6 +153,8 @@ def triton_unsupported(d) -> str | None:
     spec = d.spec
     mem, ret = spec.memory, spec.retention
     reasons = [
+        (spec.learner.kind == "muon", "learner.kind 'muon' (the chunk step has no Newton-Schulz "
+                                      "iteration of the state-shaped momentum)"),
         (mem.kind == "mlp" and spec.learner.grad_at == "retained" and "log_alpha" in d.op_gates(),
          "grad_at 'retained' with a decaying mlp memory (the gradient point differs per row)"),
         (not d.retention.linear and spec.learner.grad_at == "retained",
@@ -280,6 +282,8 @@ def step_unsupported(d) -> str | None:
         (d.retention.dual and not d.retention.linear,
          f"the {d.retention.kind} retention's dual state (W = phi^-1(Z) is a second track"
          + (", a whole-state reduction)" if d.retention.elementwise is None else ")")),
+        (d.spec.learner.kind == "muon",
+         "learner.kind 'muon' (the kernel has no Newton-Schulz iteration)"),
         (d.spec.bias.window is not None,
          "bias.window (the kernel neither weighs a gradient by gamma nor keeps earlier tokens)"),
     ]

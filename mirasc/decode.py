@@ -4,7 +4,10 @@ Inside a chunk that starts at state Z_s the mini-batch form is linear around it.
 A_t = prod_(s<i<=t) alpha_i the decay since the boundary and grad_i taken at W_s = phi^-1(Z_s)
 (grad_at 'previous') or at the retained phi^-1(A_i Z_s) (grad_at 'retained'):
     U_t = alpha_t U_(t-1) + eta_t grad_t            (momentum: S_t = m_t S_(t-1) + eta_t grad_t,
-                                                      U_t = alpha_t U_(t-1) + S_t)
+                                                      U_t = alpha_t U_(t-1) + S_t; muon:
+                                                      S_t = m_t S_(t-1) + grad_t, U_t =
+                                                      alpha_t U_(t-1) + eta_t NS_k(S_t), with
+                                                      apply: chunk at the chunk's last token only)
     o_t = M_(A_t W_s - U_t)(q_t)                    (eta_at 'query': A_t W_s - eta_t G_t, with G
                                                       the decayed sum of raw gradients)
 (with bias.window, grad_t sums gamma_i grad_i over the window, the c - 1 tokens before t kept in
@@ -104,7 +107,10 @@ class Decoder:
         self.dual = derivation.retention.dual and not derivation.retention.linear  # W != Z
         self.retained = spec.learner.grad_at == "retained"
         self.by_query = spec.learner.kind == "gd" and spec.learner.eta_at == "query"
-        self.momentum = spec.learner.kind == "momentum"
+        self.momentum = spec.has_momentum
+        self.muon = spec.learner.kind == "muon"
+        self.by_chunk = self.muon and spec.learner.apply == "chunk"  # one NS at a chunk's end
+        self.ns_steps = spec.learner.ns_steps if self.muon else 0
         self.kernel_unsupported = step_unsupported(derivation)  # why the kernel does not step it
         self._kernel = None  # its `step_op.StepKernel`, made on first use
         window = spec.bias.window
@@ -199,9 +205,14 @@ class Decoder:
                 read = update(tracks["base_read"], None, scaled, -1, fresh=True) if self.dual \
                     else end
             else:
-                new = update(grads, eta)
-                if self.momentum:  # S_t = m_t S_(t-1) + eta_t grad_t, and U moves by S_t
-                    momentum = new = update(momentum, _gate(inputs, t, "momentum"), new, 1)
+                if self.muon:  # S_t = m_t S_(t-1) + grad_t, and U moves by eta_t NS_k(S_t)
+                    momentum = update(momentum, _gate(inputs, t, "momentum"), grads, 1)
+                    new = None if self.by_chunk and not self.chunk_end(state.position) else tuple(
+                        reference.newton_schulz(s, self.ns_steps) * eta(s) for s in momentum)
+                else:
+                    new = update(grads, eta)
+                    if self.momentum:  # S_t = m_t S_(t-1) + eta_t grad_t, and U moves by S_t
+                        momentum = new = update(momentum, _gate(inputs, t, "momentum"), new, 1)
                 for name in ("running", "running_read"):
                     if name in tracks:
                         tracks[name] = update(tracks[name], alpha, new, -1)

@@ -39,6 +39,7 @@ MAX_FOLDED = 6  # where()s folded into one (2^6 branches at most)
 RNORM_EPS = 1e-12  # rnorm = sqrt(||r||^2 + RNORM_EPS)
 OP_ARGUMENTS = {"retention.decay": "log_alpha", "learner.eta": "eta", "bias.delta": "delta",
                 "learner.momentum": "momentum", "bias.window.weight": "window_weight"}
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic Newton-Schulz step (a, b, c)
 ACTIVATIONS = {"gelu": "GELU", "silu": "SiLU", "relu": "ReLU", "tanh": "tanh"}
 
 
@@ -493,6 +494,14 @@ def explain(spec: S.Spec, latex: bool = False) -> str:
     if learner.kind == "momentum":
         mom = _gate_text(learner.momentum, "m")
         lines.append(f"learner     momentum: S_t = {mom} * S_(t-1) + {eta} * grad_t;  U_t = S_t")
+    elif learner.kind == "muon":
+        mom, k = _gate_text(learner.momentum, "m"), learner.ns_steps
+        lines += [f"learner     muon: S_t = {mom} * S_(t-1) + grad_t;  U_t = {eta} * NS_{k}(S_t)"
+                  + ("  at a chunk's last token only (apply: chunk; the rows before read the "
+                     "decayed chunk-start state)" if learner.apply == "chunk" else ""),
+                  f"  NS_{k}(X)   X / ||X||_F, then {k} steps X <- a X + (b A + c A^2) X, A = X X^T "
+                  f"(on X^T when X has more rows), (a, b, c) = {NS_COEFFICIENTS}, per matrix; a "
+                  "vector (a bias, the vector memory) x / ||x||"]
     elif learner.eta_at == "query":
         lines.append(f"learner     gd: U_t = {eta} * grad_t; inside a chunk the step is the reading "
                      f"token's: W_t = W_s - {eta} * sum_(i<=t) grad_i")
@@ -549,6 +558,12 @@ def _explain_latex(spec: S.Spec, d: Derivation) -> str:
     if learner.kind == "momentum":
         m = _gate_latex(learner.momentum, "m")
         lines.append(f"learner     S_t = {m} S_{{t-1}} + {eta} \\nabla_t;\\quad U_t = S_t")
+    elif learner.kind == "muon":
+        m = _gate_latex(learner.momentum, "m")
+        lines.append(f"learner     S_t = {m} S_{{t-1}} + \\nabla_t;\\quad U_t = {eta} "
+                     f"\\operatorname{{NS}}_{{{learner.ns_steps}}}(S_t)"
+                     + (r"\ \text{at a chunk's last token only}" if learner.apply == "chunk"
+                        else ""))
     elif learner.eta_at == "query":
         lines.append(f"learner     U_t = {eta} \\nabla_t;\\quad W_t = W_s - {eta} "
                      r"\sum_{i \le t} \nabla_i \text{ inside a chunk}")

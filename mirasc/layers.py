@@ -121,7 +121,7 @@ class MirasLayer(nn.Module):
                               GATE_ACTIVATIONS[name])
             for name, gate in self.op.derivation.op_gates().items() if gate.is_input})
         shapes = self.op.state_shapes(1, num_heads, head_dim, head_dim)
-        memory_shapes = shapes[:len(shapes) // 2] if self.spec.learner.kind == "momentum" else shapes
+        memory_shapes = shapes[:len(shapes) // 2] if self.spec.has_momentum else shapes
         self.initial_state = nn.ParameterList(
             [nn.Parameter(torch.randn(s) / math.sqrt(s[-1])) for s in memory_shapes]
             if self.spec.memory.kind == "mlp" else [])
@@ -160,7 +160,7 @@ class MirasLayer(nn.Module):
         if not len(self.initial_state):
             return None
         memory = [w.expand(batch, *w.shape[1:]).to(like.dtype) for w in self.initial_state]
-        if self.spec.learner.kind == "momentum":
+        if self.spec.has_momentum:
             memory += [torch.zeros_like(w) for w in memory]
         return tuple(memory)
 

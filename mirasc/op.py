@@ -88,13 +88,13 @@ class MirasOp:
         layers = [f"W{i + 1}" for i in range(mem.depth)] if mem.kind == "mlp" else ["W"]
         if mem.bias:
             layers += ["b" + name[1:] for name in layers]
-        if self.spec.learner.kind == "momentum":
+        if self.spec.has_momentum:
             layers += ["S" + name.removeprefix("W") for name in layers]
         return tuple(layers)
 
     def state_shapes(self, batch: int, heads: int, dk: int, dv: int) -> list[tuple[int, ...]]:
         shapes = reference.memory_shapes(self.derivation, dk, dv)
-        if self.spec.learner.kind == "momentum":
+        if self.spec.has_momentum:
             shapes = shapes + shapes
         return [(batch, heads, *s) for s in shapes]
 

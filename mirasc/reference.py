@@ -4,10 +4,13 @@ For token t (per batch and head), with the state carrying Z (the retention's dua
     W = phi^-1(Z_{t-1}),  r = M_W(k_t) - v_t,  grad_t = dl/dW = vjp of M_W(k_t) with g(r)
     (with bias.window of c tokens: grad_t = sum_(i=t-c+1..t, i >= 0) gamma_i dl(M_W(k_i), v_i)/dW)
     U_t = eta_t grad_t (GD) or S_t = m_t S_{t-1} + eta_t grad_t (momentum)
+    or S_t = m_t S_{t-1} + grad_t, U_t = eta_t NS_k(S_t) (muon: `newton_schulz` per memory tensor)
     Z_t = alpha_t Z_{t-1} - U_t,   o_t = M_{phi^-1(Z_t)}(q_t)
 W stands for every tensor of the memory (the weights, then the biases with `memory.bias`).
 `chunked` is the same recurrence with mini-batch gradients at each chunk's start state (the form
-the kernels compute); with chunk_size 1 it is the token recurrence. Autograd gives the backward.
+the kernels compute); with chunk_size 1 it is the token recurrence. Muon's `apply: chunk` exists
+in the chunked form only: one U = eta_e NS_k(S_e) per chunk, at its last token e. Autograd gives
+the backward.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mirasc.derive import DELTA, RNORM, RNORM_EPS, Derivation, R, V, Z
+from mirasc.derive import DELTA, NS_COEFFICIENTS, RNORM, RNORM_EPS, Derivation, R, V, Z
 from mirasc.expr import to_torch
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
+NS_EPS = 1e-7  # X / (||X|| + NS_EPS): a zero momentum makes a zero update
 
 
 @dataclass
@@ -170,8 +174,34 @@ def _decay(inputs: Inputs, t: int, zs: tuple[torch.Tensor, ...]):
     return tuple(z if (a := inputs.gate("alpha", t, z)) is None else z * a for z in zs)
 
 
-def _learn(d: Derivation, inputs: Inputs, t: int, grads, momentum):
-    """The learner: U_t = eta_t grad_t, or S_t = m_t S_{t-1} + eta_t grad_t with U_t = S_t."""
+def newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """NS_k(X) per [B, H] of a matrix [B, H, m, n]: X / (||X||_F + eps), then k steps
+    X <- a X + (b A + c A^2) X, A = X X^T (on X^T when m > n: the smaller Gram matrix). A vector
+    [B, H, d] (the vector memory's w, a bias) is a one-row matrix, whose polar factor the
+    iteration approaches is x / ||x||: it is normalised, and the iteration not run."""
+    if x.dim() == 3:
+        return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + NS_EPS)
+    tall = x.shape[-2] > x.shape[-1]
+    y = x.mT if tall else x
+    y = y / (torch.linalg.matrix_norm(y, keepdim=True) + NS_EPS)
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        gram = y @ y.mT
+        y = a * y + (b * gram + c * gram @ gram) @ y
+    return y.mT if tall else y
+
+
+def _learn(d: Derivation, inputs: Inputs, t: int, grads, momentum, apply: bool = True):
+    """The learner: U_t = eta_t grad_t, or S_t = m_t S_{t-1} + eta_t grad_t with U_t = S_t, or
+    (muon) S_t = m_t S_{t-1} + grad_t with U_t = eta_t NS_k(S_t), 0 where not `apply`."""
+    learner = d.spec.learner
+    if learner.kind == "muon":
+        momentum = tuple(inputs.gate("momentum", t, s) * s + g
+                         for s, g in zip(momentum, grads, strict=True))
+        if not apply:
+            return tuple(torch.zeros_like(s) for s in momentum), momentum
+        return tuple(newton_schulz(s, learner.ns_steps) * inputs.gate("eta", t, s)
+                     for s in momentum), momentum
     steps = tuple(g * inputs.gate("eta", t, g) for g in grads)
     if momentum is None:
         return steps, None
@@ -190,10 +220,10 @@ def initial_state(d: Derivation, inputs: Inputs, state):
     if state is None:
         like = inputs.k
         state = tuple(like.new_zeros(b, h, *s) for s in shapes)
-        if d.spec.learner.kind == "momentum":
+        if d.spec.has_momentum:
             state = state + tuple(like.new_zeros(b, h, *s) for s in shapes)
     memory = tuple(state[:n])
-    momentum = tuple(state[n:]) if d.spec.learner.kind == "momentum" else None
+    momentum = tuple(state[n:]) if d.spec.has_momentum else None
     return memory, momentum
 
 
@@ -229,10 +259,13 @@ def chunked(d: Derivation, inputs: Inputs, state=None, chunk_size: int | None = 
     """Mini-batch chunking: gradients at the chunk-start state W_s; inside a chunk the primal
     weights move linearly from W_s, and the retention's map is applied at the chunk end only.
     A window reaches back across the chunk's start: those tokens' gradients are taken at W_s too.
-    With learner.eta_at 'query' row t reads W_t = W_s - eta_t sum_(i<=t) grad_i (decayed)."""
+    With learner.eta_at 'query' row t reads W_t = W_s - eta_t sum_(i<=t) grad_i (decayed); with
+    muon's `apply: chunk` the rows read the decayed A_t W_s until the last, e, which applies
+    U_e = eta_e NS_k(S_e)."""
     zs, momentum = initial_state(d, inputs, state)
     dual, learner = d.retention.dual, d.spec.learner
     by_query = learner.kind == "gd" and learner.eta_at == "query"
+    by_chunk = learner.kind == "muon" and learner.apply == "chunk"
     bounds = chunk_starts(inputs.q.shape[2], chunk_size or d.spec.chunk_size, d.spec.lag_token)
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
@@ -249,7 +282,8 @@ def chunked(d: Derivation, inputs: Inputs, state=None, chunk_size: int | None = 
             if by_query:  # the decayed sum of raw gradients, scaled by this row's step
                 new = grads
             else:
-                new, momentum = _learn(d, inputs, t, grads, momentum)
+                new, momentum = _learn(d, inputs, t, grads, momentum,
+                                       apply=not by_chunk or t == end - 1)
             summed = new if summed is None else tuple(
                 s + n for s, n in zip(_decay(inputs, t, summed), new, strict=True))
             step = tuple(s * inputs.gate("eta", t, s) for s in summed) if by_query else summed

@@ -246,7 +246,7 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
     first only."""
     from triton.runtime.errors import PTXASError
 
-    from mirasc.codegen import step_unsupported
+    from mirasc.codegen import step_unsupported, triton_unsupported
     from mirasc.launch import interpreting
 
     if capability not in SHARED_LIMIT:
@@ -262,7 +262,9 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
         found |= step_launches(op, dk, dv, dtype)
     elif not found:
         raise CannotCompile(f"{op.spec.name} has no Triton kernels (it runs on the torch path; "
-                            f"the step kernel does not support {step})")
+                            f"the Triton backend does not support "
+                            f"{triton_unsupported(op.derivation)}; the step kernel does not "
+                            f"support {step})")
     unknown = sorted(set(only) - set(found))
     if unknown:
         raise CannotCompile(f"--kernels: {op.spec.name} has no {', '.join(unknown)}; allowed: "

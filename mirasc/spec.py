@@ -285,7 +285,20 @@ class MomentumLearner(_Strict):
     grad_at: Literal["previous", "retained"] = "previous"
 
 
-Learner = Annotated[GDLearner | MomentumLearner, Field(discriminator="kind")]
+class MuonLearner(_Strict):
+    """S_t = momentum_t S_{t-1} + grad_t; update_t = eta_t NS_k(S_t), NS_k the quintic
+    Newton-Schulz iteration of `ns_steps` steps per memory matrix (Muon; Atlas). `apply: chunk`
+    orthogonalises a chunk's last S once and applies it at the chunk's end (LaCT)."""
+
+    kind: Literal["muon"]
+    eta: Gate
+    momentum: Gate
+    ns_steps: Count = Field(5, ge=1, le=10)
+    apply: Literal["token", "chunk"] = "token"
+    grad_at: Literal["previous", "retained"] = "previous"
+
+
+Learner = Annotated[GDLearner | MomentumLearner | MuonLearner, Field(discriminator="kind")]
 
 
 # ---- the spec -------------------------------------------------------------------------------
@@ -302,6 +315,11 @@ class Spec(_Strict):
     learner: Learner
     chunk_size: Count = Field(64, ge=1, le=1024)
     lag_token: Flag = False
+
+    @property
+    def has_momentum(self) -> bool:
+        """Whether the state carries momentum buffers S (the momentum and muon learners)."""
+        return self.learner.kind in ("momentum", "muon")
 
     def gates(self) -> dict[str, Gate]:
         """Every gate of the spec by dotted field name."""
@@ -584,6 +602,10 @@ def _check_combinations(spec: Spec) -> None:
     """Cross-axis rules that a single field cannot express."""
     mem = spec.memory
     _check_window(spec)
+    if spec.learner.kind == "muon" and spec.learner.eta.shape == "channel":
+        raise FieldError("learner.eta.shape", "'channel' is not allowed with learner.kind 'muon' "
+                         "(the step scales the orthogonalised update NS_k(S_t) as a whole; a step "
+                         "per channel would undo its orthogonality); allowed: 'head'")
     if mem.read_residual == "output" and not mem.residual:
         raise FieldError("memory.read_residual", "'output' is not allowed without memory.residual: "
                          "true (it moves the residual's skip connection onto the read); "

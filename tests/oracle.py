@@ -7,6 +7,7 @@ Per chunk [s, e) with dual state Z_s (the memory W itself for L2 / no retention,
 elastic net's W): W_s = phi^-1(Z_s), D(i, t) = alpha_i ... alpha_t,
     g_i = grad_W l(M_W(k_i) - v_i) at W = W_s (grad_at previous) or phi^-1(D(s, i) Z_s) (retained)
     u_i = eta_i g_i (key) | g_i (eta_at query) | S_i = m_i S_(i-1) + eta_i g_i (momentum)
+          | eta_i NS_k(S_i), S_i = m_i S_(i-1) + g_i (muon; apply: chunk: at i = e-1 only, else 0)
     P_t = D(s, t) W_s - step_t,   step_t = [eta_t] sum_(s<=i<=t) D(i+1, t) u_i
     Z_e = D(s, e-1) Z_s - step_(e-1), and o_t = M_(P_t)(q_t) (the chunk's last row reads phi^-1(Z_e)).
 Chunk size 1 is the token recurrence; with a lag token each chunk's first token is a chunk alone.
@@ -247,6 +248,22 @@ def _bounds(length: int, chunk: int, lag: bool) -> list[tuple[int, int]]:
     return spans
 
 
+def newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """Muon's orthogonalisation of each [B, H] matrix: on the orientation with no more rows than
+    columns, X_0 = X / (||X||_F + 1e-7), X_(j+1) = p(X_j X_j^T) X_j with p(A) = 3.4445 I - 4.775 A
+    + 2.0315 A^2; a vector x / (||x|| + 1e-7)."""
+    if x.dim() == 3:
+        return x / (x.square().sum(-1, keepdim=True).sqrt() + 1e-7)
+    if x.shape[-2] > x.shape[-1]:
+        return newton_schulz(x.transpose(-1, -2), steps).transpose(-1, -2)
+    y = x / (x.square().sum((-2, -1), keepdim=True).sqrt() + 1e-7)
+    eye = torch.eye(y.shape[-2], dtype=y.dtype)
+    for _ in range(steps):
+        a = torch.einsum("bhik,bhjk->bhij", y, y)
+        y = torch.einsum("bhij,bhjk->bhik", 3.4445 * eye - 4.775 * a + 2.0315 * (a @ a), y)
+    return y
+
+
 def run(spec, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None, ln_weight=None,
         ln_bias=None, initial_state, chunk_size: int | None, tally: Tally | None = None):
     """o [B, T, H, Dv] and the final state tuple (memory tensors, then momentum) for the op's
@@ -292,6 +309,12 @@ def run(spec, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None, l
                 mom = tuple(_gate(gates["momentum"], t, m) * m + _gate(gates["eta"], t, x) * x
                             for m, x in zip(mom, g, strict=True))
                 updates.append(mom)
+            elif learner.kind == "muon":
+                mom = tuple(_gate(gates["momentum"], t, m) * m + x
+                            for m, x in zip(mom, g, strict=True))
+                applied = learner.apply == "token" or t == e - 1
+                updates.append(tuple(_gate(gates["eta"], t, m) * newton_schulz(m, learner.ns_steps)
+                                     if applied else torch.zeros_like(m) for m in mom))
             else:
                 updates.append(g if by_query else tuple(_gate(gates["eta"], t, x) * x for x in g))
             step = updates[-1]

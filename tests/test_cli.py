@@ -29,7 +29,7 @@ KINDS = {
     "memory": ["matrix", "vector", "mlp"],
     "bias": ["dot_product", "l2", "lp", "huber", "robust", "expression"],
     "retention": ["none", "l2", "lq", "kl", "elastic_net", "mirror"],
-    "learner": ["gd", "momentum"],
+    "learner": ["gd", "momentum", "muon"],
 }
 
 

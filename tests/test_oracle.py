@@ -123,6 +123,32 @@ def test_axis_values_match_the_oracle(case):
         _assert_small({f"chunk {chunk}: {n}": e for n, e in errors.items()})
 
 
+MUON_CASES = {  # the muon learner (reference only: no kernels) on each memory and both applies
+    "matrix, bias, layer norm": {"memory": "{kind: matrix, bias: true, layer_norm: true}",
+                                 "bias": "{kind: huber, delta: {}}",
+                                 "learner": "{kind: muon, eta: {}, momentum: {}}"},
+    "mlp, biases, apply chunk": {"memory": "{kind: mlp, depth: 2, expansion: 2, bias: true}",
+                                 "learner": "{kind: muon, eta: {}, momentum: {}, apply: chunk}"},
+    "vector, kl, retained": {"memory": "{kind: vector}", "retention": RETENTIONS[6],
+                             "learner": "{kind: muon, eta: {}, momentum: {shape: channel}, "
+                                        "ns_steps: 3, grad_at: retained}"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(MUON_CASES))
+def test_muon_matches_the_oracle(case):
+    """The reference's muon (NS_k per memory tensor, a vector's x / ||x||) against the oracle's
+    own Newton-Schulz: chunks of 5 over 12 tokens and the token recurrence, forward and every
+    input gradient."""
+    op = op_from_yaml(axis_spec(**MUON_CASES[case]).replace("chunk_size: 4", "chunk_size: 5"))
+    dv = 3 if op.spec.memory.kind == "matrix" else 4
+    inputs = draw(op, seed=sorted(MUON_CASES).index(case) + 80, length=12, dk=4, dv=dv)
+    for chunk in (5, None):
+        errors = oracle.errors_against_oracle(
+            lambda chunk=chunk, **x: op.reference(**x, chunk_size=chunk), op.spec, inputs, chunk)
+        _assert_small({f"chunk {chunk}: {n}": e for n, e in errors.items()})
+
+
 BUILDER_CASES = AXIS_CASES | {  # grad_at 'retained' on the other paths, a lag token with a
     # proximal map or an affine layer norm, an exact (WY/UT) update whose g is not r - v, and a
     # chunk-end map read through a residual and an affine layer norm

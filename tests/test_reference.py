@@ -65,6 +65,12 @@ AXIS_CASES = {
                                                 "eta_at: query}"},
     "memory-bias-momentum": {"memory": "{kind: matrix, bias: true}",
                              "learner": "{kind: momentum, eta: {}, momentum: {}}"},
+    "learner-muon": {"learner": "{kind: muon, eta: {}, momentum: {}}"},
+    "learner-muon-chunk-mlp-bias": {"memory": "{kind: mlp, bias: true}",
+                                    "learner": "{kind: muon, eta: {}, momentum: {}, apply: chunk}"},
+    "learner-muon-retained-kl-channel": {"retention": "{kind: kl, decay: {}}",
+                                         "learner": "{kind: muon, eta: {value: 0.3}, momentum: "
+                                                    "{shape: channel}, grad_at: retained}"},
 }
 
 
@@ -101,7 +107,8 @@ def test_every_axis_value_has_finite_gradients(name):
 
 @pytest.mark.parametrize("name", ["memory-mlp-silu-depth3", "bias-lp-smooth", "retention-kl-row",
                                   "learner-momentum", "bias-huber-norm", "retention-lq",
-                                  "memory-mlp-bias", "memory-ln-affine", "learner-eta-at-query"])
+                                  "memory-mlp-bias", "memory-ln-affine", "learner-eta-at-query",
+                                  "learner-muon"])
 def test_reference_backward_passes_gradcheck(name):
     """Autograd through the reference (vjp inside the recurrence) matches finite differences."""
     op = _case(name)

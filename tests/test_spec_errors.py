@@ -63,6 +63,12 @@ def window(mapping: str) -> str:
     return edit((BIAS_LP, f"{BIAS_LP}  window: {mapping}\n"))  # bias.window on line 8
 
 
+def muon(fields: str) -> str:
+    """A muon learner with `fields` (one per line, from line 15)."""
+    return edit(("  kind: gd\n  eta: {shape: head}\n",
+                 f"  kind: muon\n  eta: {{}}\n  momentum: {{}}\n{fields}"))
+
+
 def case(id, text, line, field, *hints, marks=()):
     return pytest.param(text, line, field, hints, id=id, marks=marks)
 
@@ -83,7 +89,7 @@ CASES = [
     case("unknown-memory-kind", edit(("  kind: matrix", "  kind: tensor")), 4, "memory.kind",
          "'tensor' is not known", "allowed: 'matrix', 'vector', 'mlp'"),
     case("unknown-learner-kind", edit(("  kind: gd", "  kind: adam")), 12, "learner.kind",
-         "'adam' is not known", "allowed: 'gd', 'momentum'"),
+         "'adam' is not known", "allowed: 'gd', 'momentum', 'muon'"),
     # ---- values out of range
     case("lp-p-below-1", edit(("  p: 3", "  p: 0.5")), 7, "bias.p",
          "0.5 is not allowed", "greater than or equal to 1"),
@@ -319,6 +325,20 @@ CASES = [
                                      "  eta: {shape: head}\n  grad_at: retained\n"), 15,
          "learner.grad_at", "'retained' is not allowed with bias.window.size 3",
          "allowed: 'previous', or size 1"),
+    # ---- learner muon (its fields from line 15)
+    case("muon-no-ns-steps", muon("  ns_steps: 0\n"), 15, "learner.ns_steps", "0 is not allowed",
+         "greater than or equal to 1"),
+    case("muon-too-many-ns-steps", muon("  ns_steps: 11\n"), 15, "learner.ns_steps",
+         "11 is not allowed", "less than or equal to 10"),
+    case("muon-ns-steps-not-an-integer", muon("  ns_steps: 2.5\n"), 15, "learner.ns_steps",
+         "2.5 is not allowed", "valid integer"),
+    case("muon-apply-unknown", muon("  apply: sequence\n"), 15, "learner.apply",
+         "'sequence' is not allowed", "'token' or 'chunk'"),
+    case("muon-eta-per-channel", muon("").replace("eta: {}", "eta: {shape: channel}"), 13,
+         "learner.eta.shape", "'channel' is not allowed with learner.kind 'muon'",
+         "allowed: 'head'"),
+    case("muon-eta-at", muon("  eta_at: query\n"), 15, "learner.eta_at", "unknown field",
+         "allowed: eta, momentum, ns_steps, apply, grad_at"),
 ]
 
 
