@@ -94,6 +94,15 @@ def _block_diagonal(blocks, BT: tl.constexpr):
 
 
 @triton.jit
+def _sub_chunks(m, x, ga, gb, BT: tl.constexpr):
+    """x, ga and gb [BT, D] as [BT // 16, 16, D], and m's diagonal 16x16 blocks."""
+    NC: tl.constexpr = BT // 16
+    D: tl.constexpr = x.shape[1]
+    return (tl.reshape(x, [NC, 16, D]), tl.reshape(ga, [NC, 16, D]), tl.reshape(gb, [NC, 16, D]),
+            _diagonal_blocks(m, BT))
+
+
+@triton.jit
 def gdot(a, b, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr,
          PRECISION: tl.constexpr):
     """out[t, i] = sum_d a[t, d] b[i, d] exp(ga[t, d] - gb[i, d]) on the pairs t - i >= OFFSET,
@@ -147,15 +156,10 @@ def gmix_pair(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.cons
     """`gmix` on the pairs t - i >= OFFSET and, with TWIN, on those t - i >= OFFSET + 1 too (a
     gate's gradient leaves out the nearest pairs), from the same exponents and, at OFFSET 0, the
     same products across sub-chunks; without TWIN the second is the first."""
-    NC: tl.constexpr = BT // 16
-    D: tl.constexpr = x.shape[1]
     inner = tl.arange(0, 16)
-    x3 = tl.reshape(x, [NC, 16, D])
-    ga3 = tl.reshape(ga, [NC, 16, D])
-    gb3 = tl.reshape(gb, [NC, 16, D])
-    m_diag = _diagonal_blocks(m, BT)
-    near = tl.zeros([NC, 16, D], dtype=x.dtype)
-    near_twin = tl.zeros([NC, 16, D], dtype=x.dtype)
+    x3, ga3, gb3, m_diag = _sub_chunks(m, x, ga, gb, BT)
+    near = tl.zeros_like(x3)
+    near_twin = tl.zeros_like(x3)
     for j in range(16):  # column j of every diagonal block
         m_j = tl.sum(tl.where(inner[None, None, :] == j, m_diag, 0.0), 2)  # [NC, 16]
         x_j = _row_of_blocks(x3, j)
@@ -169,12 +173,12 @@ def gmix_pair(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.cons
     g_first = _row_of_blocks(ga3, 0)
     to_rows = tl.exp(ga3 - g_first[:, None, :])
     far = _mix_earlier(m, x, gb, g_first, BT, OFFSET, DOT, PRECISION)
-    out = tl.reshape(near + tl.reshape(far, [NC, 16, D]) * to_rows, [BT, D])
+    out = tl.reshape(near + tl.reshape(far, x3.shape) * to_rows, x.shape)
     if not TWIN:
         return out, out
     if OFFSET > 0:  # the products across sub-chunks differ at the next offset
         far = _mix_earlier(m, x, gb, g_first, BT, OFFSET + 1, DOT, PRECISION)
-    return out, tl.reshape(near_twin + tl.reshape(far, [NC, 16, D]) * to_rows, [BT, D])
+    return out, tl.reshape(near_twin + tl.reshape(far, x3.shape) * to_rows, x.shape)
 
 
 @triton.jit
@@ -209,15 +213,10 @@ def gmix_t_pair(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.co
                 PRECISION: tl.constexpr, TWIN: tl.constexpr):
     """`gmix_t` on the pairs t - i >= OFFSET and, with TWIN, on those t - i >= OFFSET + 1 too,
     sharing what `gmix_pair` shares."""
-    NC: tl.constexpr = BT // 16
-    D: tl.constexpr = x.shape[1]
     inner = tl.arange(0, 16)
-    x3 = tl.reshape(x, [NC, 16, D])
-    ga3 = tl.reshape(ga, [NC, 16, D])
-    gb3 = tl.reshape(gb, [NC, 16, D])
-    m_diag = _diagonal_blocks(m, BT)
-    near = tl.zeros([NC, 16, D], dtype=x.dtype)
-    near_twin = tl.zeros([NC, 16, D], dtype=x.dtype)
+    x3, ga3, gb3, m_diag = _sub_chunks(m, x, ga, gb, BT)
+    near = tl.zeros_like(x3)
+    near_twin = tl.zeros_like(x3)
     for j in range(16):  # row j of every diagonal block
         m_j = tl.sum(tl.where(inner[None, :, None] == j, m_diag, 0.0), 1)  # [NC, 16]
         x_j = _row_of_blocks(x3, j)
@@ -230,12 +229,12 @@ def gmix_t_pair(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.co
             near_twin += tl.where((j >= inner + OFFSET + 1)[None, :, None], term, 0.0)
     g_first = _row_of_blocks(ga3, 0)
     far = _mix_later(m, x, ga, gb, g_first, BT, OFFSET, DOT, PRECISION)
-    out = tl.reshape(near, [BT, D]) + far
+    out = tl.reshape(near, x.shape) + far
     if not TWIN:
         return out, out
     if OFFSET > 0:  # the products across sub-chunks differ at the next offset
         far = _mix_later(m, x, ga, gb, g_first, BT, OFFSET + 1, DOT, PRECISION)
-    return out, tl.reshape(near_twin, [BT, D]) + far
+    return out, tl.reshape(near_twin, x.shape) + far
 
 
 @triton.jit
