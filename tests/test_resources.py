@@ -214,18 +214,19 @@ def test_precompiled_kernels_are_the_autotuners(env, tmp_path):
 
 def test_a_kernel_that_does_not_fit_is_named(env, tmp_path):
     """A depth-3 MLP has a hidden-to-hidden weight, so its state cannot pass in blocks of hidden
-    units: at D=64 (hidden width 256) its backward needs more shared memory than sm_90's 227 KiB
-    (426 KiB with bf16 tiles; at D=32 they fit since the tiles are bf16); the command says which
-    kernel at which dims, and exits 1."""
+    units: at D=64 (hidden width 256) its backward's output kernel needs more shared memory than
+    sm_90's 227 KiB (260 KiB with bf16 tiles; its backward pass 374 KiB; at D=32 they fit since
+    the tiles are bf16); the command says which kernel at which dims, and exits 1 (the output
+    kernel alone: compiling the backward pass too doubles the test's minute)."""
     spec = tmp_path / "deep.yaml"
     spec.write_text("name: deep\nmemory: {kind: mlp, depth: 3, expansion: 4}\nbias: {kind: l2}\n"
                     "retention: {kind: none}\nlearner: {kind: gd, eta: {}}\nchunk_size: 16\n")
     done = _mirasc(env, "resources", str(spec), "--head-dim", "64", "--first",
-                   "--kernels", "bwd,bwd_out")
+                   "--kernels", "bwd_out")
     assert done.returncode == 1, done.stdout + done.stderr[-3000:]
-    assert {line.split()[0] for line in done.stdout.splitlines()[2:]} == {"bwd", "bwd_out"}
-    assert re.search(r"no launch configuration of the [\w ]*\bbwd(_out)?\b[\w ]* kernel fits "
-                     r"sm_90", done.stderr), done.stderr
+    assert [line.split()[0] for line in done.stdout.splitlines()[2:]] == ["bwd_out"]
+    assert re.search(r"no launch configuration of the bwd_out kernel fits sm_90", done.stderr), \
+        done.stderr
     assert "Dk=64, Dv=64" in done.stderr
 
 
