@@ -219,7 +219,8 @@ def _key_stage(graph, nodes, stop) -> tuple | None:
     if passes is None or not passes.loops or any(loop.store for loop in passes.loops):
         return None
     blocked = {n for loop in passes.loops for n in loop.nodes}
-    return passes, tuple(n for n in blocked if graph.node(n)["op"] == "input"), products
+    inputs = tuple(n for n in graph.order() if n in blocked and graph.node(n)["op"] == "input")
+    return passes, inputs, products
 
 
 def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands, key_blocks) -> dict:
