@@ -28,7 +28,9 @@ STREAM_CONFIGS = [(8, 1)]
 BV_MAX = {"fwd": 32, "fwd_out": 64, "bwd": 16, "bwd_out": 32, "bwd_dv": 32, "bwd_dqk": 16,
           "bwd_dg": 16}
 # Up to this DV, an output kernel that walks the value blocks (summing its gradients over them)
-# takes DV in one block (no spill at D=64; at D=128 blocks of 16).
+# takes DV in one block (at D=128 blocks of 16). bf16, D=64, 8 warps (2026-12-06): the dq/dk
+# kernels of gated DeltaNet and DeltaNet spill 160 and 120 B, gated DeltaNet's gate kernel 64 B;
+# narrower blocks there are not yet measured.
 WHOLE_V = 64
 # The widest block of hidden units per pass where the state streams, at head dims up to 64
 # (halved per doubling beyond, at least 16); 16 for the kernels not named. bf16, D=64, 8 warps:
