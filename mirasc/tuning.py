@@ -30,7 +30,8 @@ BV_MAX = {"fwd": 32, "fwd_out": 64, "bwd": 16, "bwd_out": 32, "bwd_dv": 32, "bwd
 # Up to this DV, an output kernel that walks the value blocks (summing its gradients over them)
 # takes DV in one block (at D=128 blocks of 16). bf16, D=64, 8 warps (2026-12-06): the dq/dk
 # kernels of gated DeltaNet and DeltaNet spill 160 and 120 B, gated DeltaNet's gate kernel 64 B;
-# narrower blocks there are not yet measured.
+# with blocks of 32 there gated DeltaNet's spill none but run more instructions (dq/dk 262 -> 317
+# M, gate kernel 202 -> 244 M at (8, 4096, 16)): which is faster is for a GPU to say.
 WHOLE_V = 64
 # The widest block of hidden units per pass where the state streams, at head dims up to 64
 # (halved per doubling beyond, at least 16); 16 for the kernels not named. bf16, D=64, 8 warps:
