@@ -279,18 +279,15 @@ def tri_inv(a, BT: tl.constexpr, PRECISION: tl.constexpr, HALF: tl.constexpr):
     2s-block (the inverse of [[M11, 0], [M21, M22]] is [[X11, 0], [-X22 M21 X11, X22]])."""
     NB: tl.constexpr = BT // 16
     offs = tl.arange(0, BT)
-    blk = tl.arange(0, NB)
-    same = (blk[:, None, None, None] == blk[None, None, :, None])  # [NB, 1, NB, 1]
-    diagonal = (offs[:, None] // 16) == (offs[None, :] // 16)
-    diag = tl.sum(tl.reshape(tl.where(diagonal, a, 0.0), [NB, 16, NB, 16]), 2)  # [NB, 16, 16]
+    diag = _diagonal_blocks(a, BT)  # [NB, 16, 16]
     row = tl.arange(0, 16)[None, :, None]
     inverse = tl.where(row == tl.arange(0, 16)[None, None, :], 1.0, 0.0).to(a.dtype)
     inverse = tl.broadcast_to(inverse, [NB, 16, 16])
     for i in tl.static_range(1, 16):
-        a_i = tl.sum(tl.where(row == i, diag, 0.0), 1)  # [NB, 16]: row i of each block
+        a_i = _row_of_blocks(diag, i)  # [NB, 16]: row i of each block
         update = tl.sum(a_i[:, :, None] * inverse, 1)
         inverse = tl.where(row == i, inverse - update[:, None, :], inverse)
-    x = tl.reshape(tl.where(same, inverse[:, :, None, :], 0.0), [BT, BT])  # block diagonal
+    x = _block_diagonal(inverse, BT)
     for level in tl.static_range(6):  # s = 16, 32, ..., 512: chunks up to 1024 rows
         if (16 << level) < BT:
             s = 16 << level
