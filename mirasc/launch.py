@@ -144,13 +144,13 @@ class ChunkKernels:
         """The tiles that a pass's stage computes for every chunk (segment) and head (none when
         the pass reads none); the backward's stage reads the forward's (`saved`)."""
         q, v = inputs[0], inputs[2]
-        acc, meta = _accumulator(q.dtype), self.meta(q, v, cu_seqlens, f"{direction}_stage")
+        acc = _accumulator(q.dtype)
         _, offsets, chunks, seq = layout
         tiles = self.buffers(q, v, chunks, direction, acc)
         handover = self.buffers(q, v, chunks, f"{direction}_handover", acc)  # between its kernels
         for kernel in self.m["STAGES"][direction] if chunks else ():
             self.launch(kernel, (chunks, q.shape[2]), *inputs, *saved, *tiles, *handover, *extra,
-                        cu_seqlens, offsets, seq, **meta)
+                        cu_seqlens, offsets, seq, **self.meta(q, v, cu_seqlens, kernel))
         return tiles
 
     def run_forward(self, inputs, h0, cu_seqlens) -> list[torch.Tensor]:

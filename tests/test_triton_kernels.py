@@ -302,14 +302,19 @@ PER_BLOCK = ("fwd", "fwd_out", "bwd")  # with the output kernels: a program per 
 
 
 class _Grids:
-    """Stands in for a launcher (of `fwd`, `bwd`, ...) and records the grids it is launched on."""
+    """Stands in for a launcher (of `fwd`, `bwd`, ...) and records the grids it is launched on
+    and the key blocks (BK) it is launched with."""
 
     def __init__(self, launcher):
-        self.launcher, self.grids = launcher, []
+        self.launcher, self.grids, self.key_blocks = launcher, [], set()
 
     def __getitem__(self, grid):
         self.grids.append(grid)
-        return self.launcher[grid]
+
+        def launch(*args, **kwargs):
+            self.key_blocks.add(kwargs["BK"])
+            return self.launcher[grid](*args, **kwargs)
+        return launch
 
 
 @pytest.mark.parametrize("case", sorted(SPLIT_CASES))
@@ -350,7 +355,6 @@ def test_key_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
     assert set(module.BK_MAX) == set(module.OUT_KERNELS) | keyed_stages
     for kernel in module.BK_MAX:
         monkeypatch.setitem(module.BK_MAX, kernel, 16)
-    for kernel in module.KEY_PROGRAMS:
         monkeypatch.setitem(module.kernel.launchers, kernel, _Grids(module.kernel.launchers[kernel]))
     inputs = random_inputs(op, batch=2, length=23, heads=2, dk=37, dv=6)
     _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
@@ -359,6 +363,8 @@ def test_key_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
     assert "bwd_dqk" in module.KEY_PROGRAMS
     for kernel in module.KEY_PROGRAMS:  # a program per key block
         assert {grid[2] for grid in module.kernel.launchers[kernel].grids} == {3}, kernel
+    for kernel in module.BK_MAX:  # each launched with its own key block
+        assert module.kernel.launchers[kernel].key_blocks == {16}, kernel
 
 
 @pytest.mark.parametrize("spec", ["deltanet", "gated_deltanet"])
