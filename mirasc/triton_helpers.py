@@ -93,13 +93,30 @@ def _block_diagonal(blocks, BT: tl.constexpr):
     return tl.reshape(tl.where(same, blocks[:, :, None, :], 0.0), [BT, BT])
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+# The pair terms of a diagonal block's product are taken W rows (or columns) of every sub-chunk
+# at a time, [BT // 16, 16, W, D] of at most PAIR_TILE elements (at BT = 64: all 16 at once up
+# to D = 16, 8 at D = 32, 2 at D = 128). GLA, bf16, D = 128, blocks of 32 key columns, sm_90
+# (8, 4096, 16): its stage kernel of q k^T ran 739, 693 and 716 M warp-instructions at 32768,
+# 16384 and 8192 (spilling 16, 0 and 0 B), its dq/dk kernel 2534, 2355 and 2209 M (spilling
+# 1432, 1768 and 1512 B).
+PAIR_TILE = tl.constexpr(16384)
+
+
 @triton.jit
-def _sub_chunks(m, x, ga, gb, BT: tl.constexpr):
-    """x, ga and gb [BT, D] as [BT // 16, 16, D], and m's diagonal 16x16 blocks."""
-    NC: tl.constexpr = BT // 16
-    D: tl.constexpr = x.shape[1]
-    return (tl.reshape(x, [NC, 16, D]), tl.reshape(ga, [NC, 16, D]), tl.reshape(gb, [NC, 16, D]),
-            _diagonal_blocks(m, BT))
+def _exp(x):
+    """exp(x) as one ex2 of x log2(e): the float32 ex2 flushes results below 2^-126 to 0, where
+    tl.exp spends three more instructions to keep them subnormal."""
+    return tl.math.exp2(x * LOG2E)
+
+
+@triton.jit
+def _group(x3, g, W: tl.constexpr):
+    """Rows g W .. g W + W - 1 of each sub-chunk of x3 [NC, 16, D], as [NC, W, D]."""
+    NC: tl.constexpr = x3.shape[0]
+    D: tl.constexpr = x3.shape[2]
+    x4 = tl.reshape(x3, [NC, 16 // W, W, D])
+    return tl.sum(tl.where(tl.arange(0, 16 // W)[None, :, None, None] == g, x4, 0.0), 1)
 
 
 @triton.jit
@@ -107,35 +124,38 @@ def gdot(a, b, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr
          PRECISION: tl.constexpr):
     """out[t, i] = sum_d a[t, d] b[i, d] exp(ga[t, d] - gb[i, d]) on the pairs t - i >= OFFSET,
     else 0, by sub-chunks of 16 rows. In each diagonal 16x16 block every pair's exponent is
-    selected before exp; across sub-chunks, with r the first row of t's sub-chunk, a tensor-core
-    product of factors at most 1: (a_t exp(ga_t - ga_r)) (b_i exp(ga_r - gb_i))^T (ga falls down
-    the rows and no pair's exponent is positive), so nothing overflows and a weight underflows
-    only below the float range. ga, gb: [BT, D] like a and b."""
+    selected before exp, W columns of every block at a time; across sub-chunks, with r the first
+    row of t's sub-chunk, a tensor-core product of factors at most 1:
+    (a_t exp(ga_t - ga_r)) (b_i exp(ga_r - gb_i))^T (ga falls down the rows and no pair's
+    exponent is positive), so nothing overflows and a weight underflows only below the float
+    range. ga, gb: [BT, D] like a and b."""
     NC: tl.constexpr = BT // 16
     D: tl.constexpr = a.shape[1]
+    W: tl.constexpr = 16 if BT * D * 16 <= PAIR_TILE else (
+        PAIR_TILE // (BT * D) if BT * D <= PAIR_TILE else 1)
     inner = tl.arange(0, 16)
     a3 = tl.reshape(a, [NC, 16, D])
     b3 = tl.reshape(b, [NC, 16, D])
     ga3 = tl.reshape(ga, [NC, 16, D])
     gb3 = tl.reshape(gb, [NC, 16, D])
-    diag = tl.zeros([NC, 16, 16], dtype=a.dtype)
-    for j in range(16):  # column j of every diagonal block
-        b_j = _row_of_blocks(b3, j)
-        gb_j = _row_of_blocks(gb3, j)
-        paired = (inner >= j + OFFSET)[None, :, None]
-        decay = tl.exp(tl.where(paired, ga3 - gb_j[:, None, :], float("-inf")))
-        column = tl.sum(a3 * b_j[:, None, :] * decay, 2)  # [NC, 16]
-        diag = tl.where(inner[None, None, :] == j, column[:, :, None], diag)
-    out = _block_diagonal(diag, BT)
+    diag = tl.zeros([NC, 16, 16 // W, W], dtype=a.dtype)
+    for g in tl.static_range(16 // W):  # columns g W .. g W + W - 1 of every diagonal block
+        paired = (inner[:, None] >= g * W + tl.arange(0, W)[None, :] + OFFSET)[None, :, :, None]
+        decay = _exp(tl.where(paired, ga3[:, :, None, :] - _group(gb3, g, W)[:, None, :, :],
+                              float("-inf")))  # [NC, 16, W, D]
+        columns = tl.sum(a3[:, :, None, :] * _group(b3, g, W)[:, None, :, :] * decay, 3)
+        diag = tl.where(tl.arange(0, 16 // W)[None, None, :, None] == g, columns[:, :, None, :],
+                        diag)
+    out = _block_diagonal(tl.reshape(diag, [NC, 16, 16]), BT)
     g_first = _row_of_blocks(ga3, 0)  # [NC, D]: ga at each sub-chunk's first row
-    a_ref = tl.reshape(a3 * tl.exp(ga3 - g_first[:, None, :]), [BT, D])
+    a_ref = tl.reshape(a3 * _exp(ga3 - g_first[:, None, :]), [BT, D])
     offs = tl.arange(0, BT)
     sub = offs // 16
     far = tl.zeros([BT, BT], dtype=a.dtype)
     for s in tl.static_range(1, NC):  # the rows of sub-chunk s against every earlier row
         g_s = tl.sum(tl.where(tl.arange(0, NC)[:, None] == s, g_first, 0.0), 0)
         earlier = (sub < s)[:, None]
-        b_s = b * tl.exp(tl.where(earlier, g_s[None, :] - gb, float("-inf")))
+        b_s = b * _exp(tl.where(earlier, g_s[None, :] - gb, float("-inf")))
         a_s = tl.where((sub == s)[:, None], a_ref, 0.0)
         far += tl.dot(a_s.to(DOT), tl.trans(b_s).to(DOT), input_precision=PRECISION)
     return out + tl.where(pairs(offs[:, None], offs[None, :], OFFSET), far, 0.0)
@@ -156,22 +176,30 @@ def gmix_pair(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.cons
     """`gmix` on the pairs t - i >= OFFSET and, with TWIN, on those t - i >= OFFSET + 1 too (a
     gate's gradient leaves out the nearest pairs), from the same exponents and, at OFFSET 0, the
     same products across sub-chunks; without TWIN the second is the first."""
+    NC: tl.constexpr = BT // 16
+    D: tl.constexpr = x.shape[1]
+    W: tl.constexpr = 16 if BT * D * 16 <= PAIR_TILE else (
+        PAIR_TILE // (BT * D) if BT * D <= PAIR_TILE else 1)
     inner = tl.arange(0, 16)
-    x3, ga3, gb3, m_diag = _sub_chunks(m, x, ga, gb, BT)
+    x3 = tl.reshape(x, [NC, 16, D])
+    ga3 = tl.reshape(ga, [NC, 16, D])
+    gb3 = tl.reshape(gb, [NC, 16, D])
+    m_diag = tl.trans(_diagonal_blocks(m, BT), 0, 2, 1)  # [c, i, t]
     near = tl.zeros_like(x3)
     near_twin = tl.zeros_like(x3)
-    for j in range(16):  # column j of every diagonal block
-        m_j = tl.sum(tl.where(inner[None, None, :] == j, m_diag, 0.0), 2)  # [NC, 16]
-        x_j = _row_of_blocks(x3, j)
-        gb_j = _row_of_blocks(gb3, j)
-        paired = (inner >= j + OFFSET)[None, :, None]
-        decay = tl.exp(tl.where(paired, ga3 - gb_j[:, None, :], float("-inf")))
-        term = m_j[:, :, None] * x_j[:, None, :] * decay
-        near += term
+    for g in tl.static_range(16 // W):  # columns i = g W .. g W + W - 1 of every diagonal block
+        cols = g * W + tl.arange(0, W)[None, :]
+        paired = (inner[:, None] >= cols + OFFSET)[None, :, :, None]
+        decay = _exp(tl.where(paired, ga3[:, :, None, :] - _group(gb3, g, W)[:, None, :, :],
+                              float("-inf")))  # [NC, 16, W, D]
+        m_g = tl.trans(_group(m_diag, g, W), 0, 2, 1)  # [NC, 16, W]: m[t, i] of the group
+        term = m_g[:, :, :, None] * _group(x3, g, W)[:, None, :, :] * decay
+        near += tl.sum(term, 2)
         if TWIN:
-            near_twin += tl.where((inner >= j + OFFSET + 1)[None, :, None], term, 0.0)
+            twin = (inner[:, None] >= cols + OFFSET + 1)[None, :, :, None]
+            near_twin += tl.sum(tl.where(twin, term, 0.0), 2)
     g_first = _row_of_blocks(ga3, 0)
-    to_rows = tl.exp(ga3 - g_first[:, None, :])
+    to_rows = _exp(ga3 - g_first[:, None, :])
     far = _mix_earlier(m, x, gb, g_first, BT, OFFSET, DOT, PRECISION)
     out = tl.reshape(near + tl.reshape(far, x3.shape) * to_rows, x.shape)
     if not TWIN:
@@ -193,7 +221,7 @@ def _mix_earlier(m, x, gb, g_first, BT: tl.constexpr, OFFSET: tl.constexpr, DOT:
     far = tl.zeros(x.shape, dtype=x.dtype)
     for s in tl.static_range(1, NC):  # the rows of sub-chunk s from every earlier row
         g_s = tl.sum(tl.where(tl.arange(0, NC)[:, None] == s, g_first, 0.0), 0)
-        x_s = x * tl.exp(tl.where((sub < s)[:, None], g_s[None, :] - gb, float("-inf")))
+        x_s = x * _exp(tl.where((sub < s)[:, None], g_s[None, :] - gb, float("-inf")))
         m_s = tl.where((sub == s)[:, None], m, 0.0)
         far += tl.dot(m_s.to(DOT), x_s.to(DOT), input_precision=PRECISION)
     return far
@@ -213,20 +241,28 @@ def gmix_t_pair(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.co
                 PRECISION: tl.constexpr, TWIN: tl.constexpr):
     """`gmix_t` on the pairs t - i >= OFFSET and, with TWIN, on those t - i >= OFFSET + 1 too,
     sharing what `gmix_pair` shares."""
+    NC: tl.constexpr = BT // 16
+    D: tl.constexpr = x.shape[1]
+    W: tl.constexpr = 16 if BT * D * 16 <= PAIR_TILE else (
+        PAIR_TILE // (BT * D) if BT * D <= PAIR_TILE else 1)
     inner = tl.arange(0, 16)
-    x3, ga3, gb3, m_diag = _sub_chunks(m, x, ga, gb, BT)
+    x3 = tl.reshape(x, [NC, 16, D])
+    ga3 = tl.reshape(ga, [NC, 16, D])
+    gb3 = tl.reshape(gb, [NC, 16, D])
+    m_diag = _diagonal_blocks(m, BT)  # [c, t, i]
     near = tl.zeros_like(x3)
     near_twin = tl.zeros_like(x3)
-    for j in range(16):  # row j of every diagonal block
-        m_j = tl.sum(tl.where(inner[None, :, None] == j, m_diag, 0.0), 1)  # [NC, 16]
-        x_j = _row_of_blocks(x3, j)
-        ga_j = _row_of_blocks(ga3, j)
-        paired = (j >= inner + OFFSET)[None, :, None]
-        decay = tl.exp(tl.where(paired, ga_j[:, None, :] - gb3, float("-inf")))
-        term = m_j[:, :, None] * x_j[:, None, :] * decay
-        near += term
+    for g in tl.static_range(16 // W):  # rows t = g W .. g W + W - 1 of every diagonal block
+        rows = g * W + tl.arange(0, W)[:, None]
+        paired = (rows >= inner[None, :] + OFFSET)[None, :, :, None]
+        decay = _exp(tl.where(paired, _group(ga3, g, W)[:, :, None, :] - gb3[:, None, :, :],
+                              float("-inf")))  # [NC, W, 16, D]
+        m_g = _group(m_diag, g, W)  # [NC, W, 16]: m[t, i] of the group
+        term = m_g[:, :, :, None] * _group(x3, g, W)[:, :, None, :] * decay
+        near += tl.sum(term, 1)
         if TWIN:
-            near_twin += tl.where((j >= inner + OFFSET + 1)[None, :, None], term, 0.0)
+            twin = (rows >= inner[None, :] + OFFSET + 1)[None, :, :, None]
+            near_twin += tl.sum(tl.where(twin, term, 0.0), 1)
     g_first = _row_of_blocks(ga3, 0)
     far = _mix_later(m, x, ga, gb, g_first, BT, OFFSET, DOT, PRECISION)
     out = tl.reshape(near, x.shape) + far
@@ -250,10 +286,10 @@ def _mix_later(m, x, ga, gb, g_first, BT: tl.constexpr, OFFSET: tl.constexpr, DO
     out = tl.zeros(x.shape, dtype=x.dtype)
     for s in tl.static_range(0, NC - 1):  # the rows of sub-chunk s from every later row
         g_s = tl.sum(tl.where(tl.arange(0, NC)[:, None] == s + 1, g_first, 0.0), 0)
-        x_s = x * tl.exp(tl.where((sub > s)[:, None], ga - g_s[None, :], float("-inf")))
+        x_s = x * _exp(tl.where((sub > s)[:, None], ga - g_s[None, :], float("-inf")))
         m_s = tl.where((sub == s)[None, :], m, 0.0)
         far = tl.dot(tl.trans(m_s).to(DOT), x_s.to(DOT), input_precision=PRECISION)
-        out += far * tl.exp(tl.where((sub == s)[:, None], g_s[None, :] - gb, float("-inf")))
+        out += far * _exp(tl.where((sub == s)[:, None], g_s[None, :] - gb, float("-inf")))
     return out
 
 

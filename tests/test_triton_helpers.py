@@ -107,13 +107,15 @@ def _decays(rows: int, width: int, gen: torch.Generator, steep: bool) -> torch.T
     return steps.cumsum(0)
 
 
+@pytest.mark.parametrize("d", [8, 128])
 @pytest.mark.parametrize("steep", [True, False])
 @pytest.mark.parametrize("offset", [0, 1, 2])
-def test_products_with_pairwise_decays(offset, steep):
+def test_products_with_pairwise_decays(offset, steep, d):
     """gdot, gmix and gmix_t against their sums written out in torch, on the pairs t - i >=
     offset, over 64 rows (four sub-chunks of 16), with decays whose factors alone overflow and
-    with mild ones beside steep channels and a reset row."""
-    bt, d = 64, 8
+    with mild ones beside steep channels and a reset row; 8 columns (a diagonal block's pairs
+    at once) and 128 (4 rows or columns of each block at a time)."""
+    bt = 64
     gen = torch.Generator().manual_seed(3)
     a, b = (torch.randn(bt, d, dtype=torch.float64, generator=gen) for _ in range(2))
     m = torch.randn(bt, bt, dtype=torch.float64, generator=gen)
@@ -148,11 +150,12 @@ def _twin_kernel(m_ptr, x_ptr, ga_ptr, gb_ptr, out_ptr, twin_ptr, BT: tl.constex
     tl.store(twin_ptr + wide, twin)
 
 
+@pytest.mark.parametrize("d", [8, 128])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_twin_products_at_the_next_offset(offset):
+def test_twin_products_at_the_next_offset(offset, d):
     """gmix_pair and gmix_t_pair give gmix (gmix_t) at the offset and at the next one, each
     against its sum written out in torch, with mild and steep decays over four sub-chunks."""
-    bt, d = 64, 8
+    bt = 64
     gen = torch.Generator().manual_seed(5)
     m = torch.randn(bt, bt, dtype=torch.float64, generator=gen)
     x = torch.randn(bt, d, dtype=torch.float64, generator=gen)
