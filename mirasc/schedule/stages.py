@@ -52,13 +52,22 @@ def frontier(graph: Graph, targets, live) -> tuple[str, ...]:
 
 
 def decayed_products(graph: Graph, targets, live, stop) -> tuple[str, ...]:
-    """The products under per-channel decays (gdot: a loop of exact per-pair exponents besides
-    its tensor-core products) that the nodes of `targets` read and that depend on none of `live`
-    (the states, their cotangents): a stage computes each once per chunk, rather than every
-    output program (one per block of value columns) its own."""
+    """The products under per-channel decays and the prefix sums of per-channel gates that the
+    nodes of `targets` read and that depend on none of `live` (the states, their cotangents): a
+    stage computes each once per chunk, rather than every output program (one per block of value
+    or key columns) its own."""
     nodes = plan(graph, targets, stop)
-    return tuple(n for n in nodes if n not in stop and graph.node(n)["op"] == "gdot"
+    return tuple(n for n in nodes if n not in stop and _once_per_chunk(graph, n)
                  and not set(live) & set(plan(graph, [n])))
+
+
+def _once_per_chunk(graph: Graph, n: str) -> bool:
+    """A gdot (the exact pairs of its diagonal blocks besides its tensor-core products), or the
+    prefix sum of a tile of several columns: a scan across the program's warps (GLA, bf16,
+    D=128, sm_90: a third of its output kernel's instructions), where a load of the stored sums
+    is a few."""
+    node = graph.node(n)
+    return node["op"] == "gdot" or node["op"] == "cumsum" and graph.shape(n)[1] != 1
 
 
 def _keepable(graph: Graph, n: str) -> bool:
