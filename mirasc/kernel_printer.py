@@ -112,20 +112,17 @@ class KernelPrinter:
         never named."""
         lines = []
         scope = {*nodes, *sinks}
-        twins = self.twins([n for n in nodes if n not in loaded])
-        pair_of = {m: (n, t) for n, t in twins.items() for m in (n, t)}
+        calls = self.joint_products(nodes, loaded)
         done = set()
         for n in nodes:
             if n in done:
                 continue
-            if n in pair_of:  # both at the first of the two
-                base, twin = pair_of[n]
-                node = self.graph.node(base)
-                x = [self.ref(i) for i in node["inputs"]]
-                helper = "gmix_t" if node.get("ta") else "gmix"
-                lines.append(self.m.twin_decays(base, twin, helper, x, node["offset"]))
-                done.update((base, twin))
-                lines += [self.m.store_tile(t, self.buffer_at(t)) for t in (base, twin) if t in stored]
+            if n in calls:  # every product of the call at the first of them
+                outputs, helper, args, offset, twin = calls[n]
+                refs = [self.ref(a) for a in args]
+                lines.append(self.m.joint_decays(outputs, helper, refs, offset, twin))
+                done.update(outputs)
+                lines += [self.m.store_tile(t, self.buffer_at(t)) for t in outputs if t in stored]
                 continue
             if n in loaded and self.graph.node(n)["op"] in ACROSS_V:
                 lines.append(self.m.load_across_v(n))
@@ -142,21 +139,50 @@ class KernelPrinter:
                 lines.append(self.m.store_tile(n, self.buffer_at(n)))
         return lines
 
-    def twins(self, nodes) -> dict[str, str]:
-        """The gmix nodes among `nodes` with a twin there: one on the same operands at the next
-        offset (a gate's gradient leaves out the nearest pairs), which one helper call computes
-        beside it from the same exponents (`triton_helpers.gmix_pair`); by the one at the lower
-        offset."""
+    def joint_products(self, nodes, loaded) -> dict[str, tuple]:
+        """The gmix products among `nodes` (none `loaded`) that one helper call computes
+        together, by each of them: (outputs, helper, arguments, offset, twin). A product's twin is
+        one on the same operands at the next offset (a gate's gradient leaves out the nearest
+        pairs); its mate is a transposed one (gmix_t) on the same weights, exponents and offset:
+        `gmix_both` computes a product, its mate and their twins from the same pair decays
+        (outputs it returns that no node takes are `_`, and the compiler drops them). Mates are
+        joined only where the call can stand at the first of them: every argument comes
+        before it."""
         graph = self.graph
+        at = {n: i for i, n in enumerate(nodes)}
+        products = [n for n in nodes if n not in loaded and graph.node(n)["op"] == "gmix"]
 
         def key(n, shift=0):
             node = graph.node(n)
-            return tuple(node["inputs"]), bool(node.get("ta")), node["offset"] + shift
+            m, x, ga, gb = node["inputs"]
+            return m, ga, gb, bool(node.get("ta")), node["offset"] + shift, x
 
-        products = [n for n in nodes if graph.node(n)["op"] == "gmix"]
-        above = {key(n): n for n in products}
-        pairs = {n: above[key(n, 1)] for n in products if key(n, 1) in above}
-        return {n: t for n, t in pairs.items() if t not in pairs}
+        by_key = {key(n): n for n in products}
+        twin_of = {n: by_key.get(key(n, 1)) for n in products}
+        bases = [n for n in products if n not in twin_of.values()]
+        calls = {}
+        for n in bases:
+            if n in calls:
+                continue
+            m, ga, gb, ta, offset, x = key(n)
+            mates = [b for b in bases if b != n and b not in calls
+                     and key(b)[:5] == (m, ga, gb, not ta, offset)]
+            group = sorted([n, *mates[:1]], key=lambda b: bool(graph.node(b).get("ta")))
+            first = min(at[p] for b in group for p in (b, twin_of[b]) if p is not None)
+            args = [graph.node(b)["inputs"][1] for b in group]  # gmix's x, then gmix_t's
+            if any(at.get(a, -1) > first for a in (*args, m, ga, gb)):
+                group = [n]
+            twin = any(twin_of[b] is not None for b in group)
+            if len(group) == 1 and not twin:  # a product alone: its expression, maybe inlined
+                continue
+            if len(group) == 2:
+                outputs = [p or "_" for b in group for p in (b, twin_of[b])]
+                call = (outputs, "gmix_both", [m, *args, ga, gb], offset, twin)
+            else:
+                outputs = [n, twin_of[n]]
+                call = (outputs, "gmix_t_pair" if ta else "gmix_pair", [m, x, ga, gb], offset, twin)
+            calls.update(dict.fromkeys([p for p in outputs if p != "_"], call))
+        return calls
 
     def inlinable(self, n: str, value: str, scope) -> bool:
         """Whether node n (its expression `value`) is written into its reader rather than

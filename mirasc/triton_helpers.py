@@ -173,40 +173,63 @@ def gmix(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr
 @triton.jit
 def gmix_pair(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr,
               PRECISION: tl.constexpr, TWIN: tl.constexpr):
-    """`gmix` on the pairs t - i >= OFFSET and, with TWIN, on those t - i >= OFFSET + 1 too (a
-    gate's gradient leaves out the nearest pairs), from the same exponents and, at OFFSET 0, the
-    same products across sub-chunks; without TWIN the second is the first."""
+    """`gmix` on the pairs t - i >= OFFSET and, with TWIN, on those t - i >= OFFSET + 1 too
+    (`gmix_both`'s first two; the compiler drops the rest)."""
+    out, twin, _, _ = gmix_both(m, x, x, ga, gb, BT, OFFSET, DOT, PRECISION, TWIN)
+    return out, twin
+
+
+@triton.jit
+def gmix_both(m, x, y, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr,
+              PRECISION: tl.constexpr, TWIN: tl.constexpr):
+    """`gmix`(m, x) and `gmix_t`(m, y) on the same pairs, from the same exponents, and with TWIN
+    each on the pairs t - i >= OFFSET + 1 too (a gate's gradient leaves out the nearest pairs;
+    at OFFSET 0 they share the products across sub-chunks): (gmix, its twin, gmix_t, its twin),
+    without TWIN each twin is its first. The diagonal blocks' pair terms are taken W columns i
+    at a time: gmix sums them over i, gmix_t over t into those W rows of its result."""
     NC: tl.constexpr = BT // 16
     D: tl.constexpr = x.shape[1]
     W: tl.constexpr = 16 if BT * D * 16 <= PAIR_TILE else (
         PAIR_TILE // (BT * D) if BT * D <= PAIR_TILE else 1)
     inner = tl.arange(0, 16)
     x3 = tl.reshape(x, [NC, 16, D])
+    y3 = tl.reshape(y, [NC, 16, D])
     ga3 = tl.reshape(ga, [NC, 16, D])
     gb3 = tl.reshape(gb, [NC, 16, D])
     m_diag = tl.trans(_diagonal_blocks(m, BT), 0, 2, 1)  # [c, i, t]
     near = tl.zeros_like(x3)
     near_twin = tl.zeros_like(x3)
+    near_t = tl.zeros([NC, 16 // W, W, D], dtype=x.dtype)
+    near_t_twin = tl.zeros([NC, 16 // W, W, D], dtype=x.dtype)
     for g in tl.static_range(16 // W):  # columns i = g W .. g W + W - 1 of every diagonal block
         cols = g * W + tl.arange(0, W)[None, :]
         paired = (inner[:, None] >= cols + OFFSET)[None, :, :, None]
         decay = _exp(tl.where(paired, ga3[:, :, None, :] - _group(gb3, g, W)[:, None, :, :],
                               float("-inf")))  # [NC, 16, W, D]
-        m_g = tl.trans(_group(m_diag, g, W), 0, 2, 1)  # [NC, 16, W]: m[t, i] of the group
-        term = m_g[:, :, :, None] * _group(x3, g, W)[:, None, :, :] * decay
+        m_g = tl.trans(_group(m_diag, g, W), 0, 2, 1)[:, :, :, None] * decay  # [NC, 16, W, D]
+        term = m_g * _group(x3, g, W)[:, None, :, :]
+        term_t = m_g * y3[:, :, None, :]
+        slot = tl.arange(0, 16 // W)[None, :, None, None] == g
         near += tl.sum(term, 2)
+        near_t = tl.where(slot, tl.sum(term_t, 1)[:, None, :, :], near_t)
         if TWIN:
             twin = (inner[:, None] >= cols + OFFSET + 1)[None, :, :, None]
             near_twin += tl.sum(tl.where(twin, term, 0.0), 2)
+            near_t_twin = tl.where(slot, tl.sum(tl.where(twin, term_t, 0.0), 1)[:, None, :, :],
+                                   near_t_twin)
     g_first = _row_of_blocks(ga3, 0)
     to_rows = _exp(ga3 - g_first[:, None, :])
     far = _mix_earlier(m, x, gb, g_first, BT, OFFSET, DOT, PRECISION)
+    later = _mix_later(m, y, ga, gb, g_first, BT, OFFSET, DOT, PRECISION)
     out = tl.reshape(near + tl.reshape(far, x3.shape) * to_rows, x.shape)
+    out_t = tl.reshape(near_t, x.shape) + later
     if not TWIN:
-        return out, out
+        return out, out, out_t, out_t
     if OFFSET > 0:  # the products across sub-chunks differ at the next offset
         far = _mix_earlier(m, x, gb, g_first, BT, OFFSET + 1, DOT, PRECISION)
-    return out, tl.reshape(near_twin + tl.reshape(far, x3.shape) * to_rows, x.shape)
+        later = _mix_later(m, y, ga, gb, g_first, BT, OFFSET + 1, DOT, PRECISION)
+    return (out, tl.reshape(near_twin + tl.reshape(far, x3.shape) * to_rows, x.shape),
+            out_t, tl.reshape(near_t_twin, x.shape) + later)
 
 
 @triton.jit
@@ -239,38 +262,10 @@ def gmix_t(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constex
 @triton.jit
 def gmix_t_pair(m, x, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr,
                 PRECISION: tl.constexpr, TWIN: tl.constexpr):
-    """`gmix_t` on the pairs t - i >= OFFSET and, with TWIN, on those t - i >= OFFSET + 1 too,
-    sharing what `gmix_pair` shares."""
-    NC: tl.constexpr = BT // 16
-    D: tl.constexpr = x.shape[1]
-    W: tl.constexpr = 16 if BT * D * 16 <= PAIR_TILE else (
-        PAIR_TILE // (BT * D) if BT * D <= PAIR_TILE else 1)
-    inner = tl.arange(0, 16)
-    x3 = tl.reshape(x, [NC, 16, D])
-    ga3 = tl.reshape(ga, [NC, 16, D])
-    gb3 = tl.reshape(gb, [NC, 16, D])
-    m_diag = _diagonal_blocks(m, BT)  # [c, t, i]
-    near = tl.zeros_like(x3)
-    near_twin = tl.zeros_like(x3)
-    for g in tl.static_range(16 // W):  # rows t = g W .. g W + W - 1 of every diagonal block
-        rows = g * W + tl.arange(0, W)[:, None]
-        paired = (rows >= inner[None, :] + OFFSET)[None, :, :, None]
-        decay = _exp(tl.where(paired, _group(ga3, g, W)[:, :, None, :] - gb3[:, None, :, :],
-                              float("-inf")))  # [NC, W, 16, D]
-        m_g = _group(m_diag, g, W)  # [NC, W, 16]: m[t, i] of the group
-        term = m_g[:, :, :, None] * _group(x3, g, W)[:, :, None, :] * decay
-        near += tl.sum(term, 1)
-        if TWIN:
-            twin = (rows >= inner[None, :] + OFFSET + 1)[None, :, :, None]
-            near_twin += tl.sum(tl.where(twin, term, 0.0), 1)
-    g_first = _row_of_blocks(ga3, 0)
-    far = _mix_later(m, x, ga, gb, g_first, BT, OFFSET, DOT, PRECISION)
-    out = tl.reshape(near, x.shape) + far
-    if not TWIN:
-        return out, out
-    if OFFSET > 0:  # the products across sub-chunks differ at the next offset
-        far = _mix_later(m, x, ga, gb, g_first, BT, OFFSET + 1, DOT, PRECISION)
-    return out, tl.reshape(near_twin, x.shape) + far
+    """`gmix_t` on the pairs t - i >= OFFSET and, with TWIN, on those t - i >= OFFSET + 1 too
+    (`gmix_both`'s last two; the compiler drops the rest)."""
+    _, _, out, twin = gmix_both(m, x, x, ga, gb, BT, OFFSET, DOT, PRECISION, TWIN)
+    return out, twin
 
 
 @triton.jit

@@ -176,6 +176,48 @@ def test_twin_products_at_the_next_offset(offset, d):
 
 
 @triton.jit
+def _both_kernel(m_ptr, x_ptr, y_ptr, ga_ptr, gb_ptr, out_ptr, BT: tl.constexpr, D: tl.constexpr,
+                 OFFSET: tl.constexpr, TWIN: tl.constexpr):
+    rows = tl.arange(0, BT)[:, None]
+    square = rows * BT + tl.arange(0, BT)[None, :]
+    wide = rows * D + tl.arange(0, D)[None, :]
+    outs = th.gmix_both(tl.load(m_ptr + square), tl.load(x_ptr + wide), tl.load(y_ptr + wide),
+                        tl.load(ga_ptr + wide), tl.load(gb_ptr + wide), BT, OFFSET, tl.float64,
+                        "ieee", TWIN)
+    for i in tl.static_range(4):
+        tl.store(out_ptr + i * BT * D + wide, outs[i])
+
+
+@pytest.mark.parametrize("d", [8, 128])
+@pytest.mark.parametrize(("offset", "twin"), [(0, True), (1, True), (1, False)])
+def test_a_product_and_its_mate_from_one_call(offset, twin, d):
+    """gmix_both: gmix of m and x, gmix_t of m and y (other operands), each at the offset and,
+    with twin, the next, against their sums written out in torch (without twin the second of
+    each is the first)."""
+    bt = 64
+    gen = torch.Generator().manual_seed(7)
+    m = torch.randn(bt, bt, dtype=torch.float64, generator=gen)
+    x, y = (torch.randn(bt, d, dtype=torch.float64, generator=gen) for _ in range(2))
+    ga = _decays(bt, d, gen, steep=False)
+    gb = ga - torch.rand(bt, d, dtype=torch.float64, generator=gen)
+    t, i = torch.arange(bt)[:, None], torch.arange(bt)[None, :]
+
+    def weight(at):
+        exponent = ga[:, None, :] - gb[None, :, :]
+        return exponent.masked_fill(~(t - i >= at)[:, :, None], float("-inf")).exp()
+
+    second = offset + 1 if twin else offset
+    expected = [torch.einsum("ti,id,tid->td", m, x, weight(offset)),
+                torch.einsum("ti,id,tid->td", m, x, weight(second)),
+                torch.einsum("ti,td,tid->id", m, y, weight(offset)),
+                torch.einsum("ti,td,tid->id", m, y, weight(second))]
+    out = torch.full((4, bt, d), float("nan"), dtype=torch.float64)
+    _both_kernel[(1,)](m, x, y, ga, gb, out, BT=bt, D=d, OFFSET=offset, TWIN=twin)
+    for got, want in zip(out, expected, strict=True):
+        assert relative_error(got, want) < 1e-13
+
+
+@triton.jit
 def _bounds_kernel(cu_ptr, chunk_ptr, out_ptr, T, CHUNK: tl.constexpr, IS_VARLEN: tl.constexpr):
     i_n = tl.program_id(0)
     bos, eos, first_chunk = th.sequence_bounds(cu_ptr, chunk_ptr, i_n, T, CHUNK, IS_VARLEN)

@@ -1,0 +1,74 @@
+"""mirasc.kernel_printer: which products under per-pair decays one helper call prints together."""
+
+from types import SimpleNamespace
+
+from mirasc.graph import Graph
+from mirasc.kernel_printer import KernelPrinter
+
+
+def _graph():
+    g = Graph()
+    for name in ("q", "k", "v"):
+        g.input(name, ("T", "DK"))
+    g.input("m", ("T", "T"))
+    g.input("gam", ("T", "DK"))
+    return g
+
+
+def _calls(g, loaded=()):
+    """The calls of the graph's computed nodes, in the order they were added."""
+    nodes = [n for n in g.g.nodes if g.node(n)["op"] != "input"]
+    return KernelPrinter.joint_products(SimpleNamespace(graph=g), nodes, loaded)
+
+
+def test_a_product_its_mate_and_their_twins_are_one_call():
+    """gmix(m, k) and gmix_t(m, q) on the same weights, exponents and offset, each with its twin
+    at the next offset: one gmix_both call returning the four, by each of them."""
+    g = _graph()
+    a = g.gmix("m", "k", "gam", "gam", name="a")
+    a1 = g.gmix("m", "k", "gam", "gam", offset=1, name="a1")
+    b = g.gmix("m", "q", "gam", "gam", ta=True, name="b")
+    b1 = g.gmix("m", "q", "gam", "gam", offset=1, ta=True, name="b1")
+    calls = _calls(g)
+    call = (["a", "a1", "b", "b1"], "gmix_both", ["m", "k", "q", "gam", "gam"], 0, True)
+    assert calls == dict.fromkeys([a, a1, b, b1], call)
+
+
+def test_mates_without_twins_and_a_twin_pair_alone():
+    """Mates at offset 1 with no twins: gmix_both without TWIN, its twins' outputs dropped (`_`);
+    a product whose only partner is its twin: gmix_pair; a product alone: no call (its
+    expression prints it)."""
+    g = _graph()
+    g.gmix("m", "k", "gam", "gam", offset=1, name="a")
+    g.gmix("m", "k", "gam", "gam", offset=1, ta=True, name="b")
+    g.gmix("m", "v", "gam", "gam", offset=2, name="c")
+    g.gmix("m", "v", "gam", "gam", offset=3, name="c1")
+    g.gmix("m", "q", "gam", "gam", offset=5, ta=True, name="lone")
+    calls = _calls(g)
+    assert calls["a"] == calls["b"] == (["a", "_", "b", "_"], "gmix_both",
+                                        ["m", "k", "k", "gam", "gam"], 1, False)
+    assert calls["c"] == calls["c1"] == (["c", "c1"], "gmix_pair", ["m", "v", "gam", "gam"], 2, True)
+    assert "lone" not in calls
+
+
+def test_mates_stay_apart_where_the_call_would_come_before_an_argument():
+    """A mate whose own operand is computed after the first product: printing both at the first
+    would read it before it exists, so each is printed alone (with its twin)."""
+    g = _graph()
+    g.gmix("m", "k", "gam", "gam", name="a")
+    g.gmix("m", "k", "gam", "gam", offset=1, name="a1")
+    late = g.add("ew", ("T", "DK"), ("q",), name="late", expr=None, symbols=())
+    g.gmix("m", late, "gam", "gam", ta=True, name="b")
+    g.gmix("m", late, "gam", "gam", offset=1, ta=True, name="b1")
+    calls = _calls(g)
+    assert calls["a"][1] == "gmix_pair" and calls["b"][1] == "gmix_t_pair"
+    assert calls["b"] == (["b", "b1"], "gmix_t_pair", ["m", "late", "gam", "gam"], 0, True)
+
+
+def test_loaded_products_are_not_computed():
+    g = _graph()
+    g.gmix("m", "k", "gam", "gam", name="a")
+    g.gmix("m", "q", "gam", "gam", ta=True, name="b")
+    g.gmix("m", "q", "gam", "gam", offset=1, ta=True, name="b1")
+    calls = _calls(g, loaded=("b",))
+    assert "a" not in calls and "b" not in calls and "b1" not in calls
