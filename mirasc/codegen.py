@@ -216,11 +216,8 @@ def render_triton_module(spec: Spec) -> str:
         depth = 12 if kernel.kind == "pass" else 8  # inside the chunk and segment loops
         kernels[name] = dict(plan=kernel, loads=indent(printer.loads(kernel), depth),
                              body=indent(printer.body(kernel), depth))
-    zeros = {"q": ("BT", "BK"), "k": ("BT", "BK"), "v": ("BT", "BV")} | {
-        s: [BLOCKS[x] for x in graph.shape(s)] for s in step.states}
-    for g in step.gates:
-        zeros[g] = ("BT", "1") if gates[g].shape == "head" else \
-            ("BT", "BV") if _along_values(g) else ("BT", "BK")
+    per_token = ("q", "k", "v", *step.gates)  # a vector memory's q and k run along DV
+    zeros = {x: [BLOCKS[d] for d in graph.shape(x)] for x in (*per_token, *step.states)}
     zeros |= dict.fromkeys(step.params, ("1", "BV"))
     adjoint_code = {n: a if a is not None else macros.zeros(zeros[n])
                     for n, a in sched.adjoint.items()}
@@ -254,19 +251,12 @@ def render_triton_module(spec: Spec) -> str:
         kept=sched.kept, handed=[b.node for b in sched.buffers["bwd_out"]],
         handover=sched.handover, kernels=kernels, adjoint=adjoint_code,
         outputs=step.outputs, previous=list(previous),
-        channel={g: ("V" if _along_values(g) else "K") if gates[g].shape == "channel" else ""
-                 for g in step.gates},
+        columns={x: graph.shape(x)[1][1:] if graph.shape(x)[1] != 1 else "" for x in per_token},
         prologue=indent(macros.prologue().splitlines(), 4),
         prologue_walking=indent(macros.prologue(False).splitlines(), 4),
         v_blocks=macros.block_loop("DV"))
     text = environment.get_template("triton_chunk.py.j2").render(m=context)
     return wrap(drop_blank_lines_in_functions(drop_dead_assignments(text)))
-
-
-def _along_values(gate: str) -> bool:
-    """Whether a channel-wise per-token input runs along the value columns (delta, and the
-    previous chunk's v and delta), not the key columns."""
-    return gate.removesuffix("_prev") in ("v", "delta")
 
 
 # ---- the decode step ----------------------------------------------------------------------------
@@ -398,7 +388,7 @@ class ModuleContext:
     kernels: dict
     adjoint: dict
     outputs: dict
-    channel: dict
+    columns: dict  # q, k and the gates: "K" or "V", the columns they run along, or "" (per head)
     prologue: str
     prologue_walking: str
     v_blocks: str

@@ -343,6 +343,22 @@ def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
         assert {grid[2] for grid in module.kernel.launchers[kernel].grids} == {blocks}, kernel
 
 
+def test_a_vector_memory_writes_its_gradients_by_value_block(tmp_path, monkeypatch):
+    """A vector memory's q, k and gates run along the value columns: the output kernel that
+    walks the value blocks (DV = 37 in blocks of 16, past WHOLE_V) writes their gradients by
+    block (it wrote each block's tile at the first key columns, and at D = 128 no such kernel
+    compiled)."""
+    op, module = _compiled(axis_spec(memory="{kind: vector}",
+                                     retention="{kind: l2, decay: {shape: channel}}"),
+                           tmp_path, monkeypatch)
+    assert module.SPLIT_V and module.V_SUMMED
+    monkeypatch.setattr(module, "WHOLE_V", 8)
+    for kernel in module.V_SUMMED:
+        monkeypatch.setitem(module.BV_MAX, kernel, 16)
+    inputs = random_inputs(op, batch=2, length=23, heads=2, dk=37, dv=37)
+    _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
+
+
 @pytest.mark.parametrize("case", ["gated_deltanet", "simple_gla", "titans", "channel decay, channel eta",
                                   "huber per value channel"])
 def test_key_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):

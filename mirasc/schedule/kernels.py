@@ -281,10 +281,9 @@ def schedule(step: ChunkStep) -> Schedule:
         loads[name] = loads["bwd_out"]
     streams = _hidden_streams(step, targets, loads, adjoint) if streamed else None
     split_v = separable(step)
-    summed = ("q", "k", *(g for g in step.gates  # not along the value columns (v_prev, delta)
-                          if g.removesuffix("_prev") not in ("v", "delta")
-                          or graph.shape(g)[1] == 1)) \
-        if split_v else ()  # a channel-wise delta is per value column
+    # the inputs not along the value columns (a vector memory's q and k, delta, v_prev are)
+    summed = tuple(x for x in ("q", "k", *step.gates) if graph.shape(x)[1] != "DV") \
+        if split_v else ()
     # The kernel of the q and k gradients walks the DV blocks, summing them (no partial copies
     # per block): in place where it runs as no `ValueWalk`, holding what each block reuses, so
     # with narrower key blocks. Any other kernel of gradients summed over the blocks that runs
