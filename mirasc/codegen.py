@@ -143,8 +143,8 @@ def _number(value: float) -> str:
     return repr(value) if exact else f"tl.full([1, 1], {value!r}, ACC)"
 
 
-HELPERS = ("atan", "dot_fp32", "gdot", "gmix", "gmix_both", "gmix_pair", "gmix_t", "gmix_t_pair",
-           "load_rows", "sequence_bounds", "store_sum", "tanh", "tri_inv")
+HELPERS = ("atan", "dot_fp32", "gdot", "gdot_both", "gmix", "gmix_both", "gmix_pair", "gmix_t",
+           "gmix_t_pair", "load_rows", "sequence_bounds", "store_sum", "tanh", "tri_inv")
 # the functions of mirasc.triton_helpers that kernel bodies call
 
 

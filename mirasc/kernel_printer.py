@@ -238,11 +238,39 @@ class KernelPrinter:
                       for r in loop.reduce]
             inner = [line for n in loop.nodes if n in loads for line in loads[n]]
             inner += self.compute(loop.nodes, loaded, sinks=loop.reduce)
-            inner += [m.accumulate(r, self.expression(r), graph.node(r)["op"]) for r in loop.reduce]
+            inner += self.accumulations(loop.reduce)
             inner += [line for t in loop.store for line in stores[t]]
             lines += [*m.block_loop(dim).splitlines(), *_indented(inner)]
             lines += [m.store_tile(r, self.buffer_at(r)) for r in loop.reduce if r in stored]
         return lines + self.compute(passes.whole[-1], loaded, stored)
+
+    def accumulations(self, reduced) -> list[str]:
+        """Statements adding each block's part to the sums (or maxima) `reduced`: two gdot sums
+        on the same b and exponents (mates: KDA's q k^T and k k^T, each over a key block) from one
+        `gdot_both` call, which computes their pair decays once."""
+        graph, m = self.graph, self.m
+        gdots = [r for r in reduced if graph.node(r)["op"] == "gdot"]
+        mates = {}
+        for r in gdots:
+            same = [o for o in gdots if o != r and o not in mates and r not in mates
+                    and graph.node(o)["inputs"][1:] == graph.node(r)["inputs"][1:]]
+            if same:
+                mates[r], mates[same[0]] = same[0], r
+        lines, done = [], set()
+        for r in reduced:
+            if r in done:
+                continue
+            if r in mates:
+                pair = (r, mates[r])
+                parts = [graph.free(f"{n}_block") for n in pair]
+                args = [self.ref(graph.node(n)["inputs"][0]) for n in pair]
+                args += [self.ref(i) for i in graph.node(r)["inputs"][1:]]
+                lines.append(m.joint_gdots(parts, args, [graph.node(n)["offset"] for n in pair]))
+                lines += [m.accumulate(n, part, "sum") for n, part in zip(pair, parts, strict=True)]
+                done.update(pair)
+                continue
+            lines.append(m.accumulate(r, self.expression(r), graph.node(r)["op"]))
+        return lines
 
     def state_io(self, kernel: str, targets: dict) -> tuple[dict, dict]:
         """The loads of the state blocks a streamed step reads and the stores of the blocks it

@@ -128,37 +128,55 @@ def gdot(a, b, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.constexpr
     row of t's sub-chunk, a tensor-core product of factors at most 1:
     (a_t exp(ga_t - ga_r)) (b_i exp(ga_r - gb_i))^T (ga falls down the rows and no pair's
     exponent is positive), so nothing overflows and a weight underflows only below the float
-    range. ga, gb: [BT, D] like a and b."""
+    range. ga, gb: [BT, D] like a and b. (`gdot_both`'s first; the compiler drops the rest.)"""
+    return gdot_both(a, a, b, ga, gb, BT, OFFSET, OFFSET, DOT, PRECISION)[0]
+
+
+@triton.jit
+def gdot_both(a, c, b, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, OFFSET_C: tl.constexpr,
+              DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """`gdot`(a, b) on the pairs t - i >= OFFSET and `gdot`(c, b) on those t - i >= OFFSET_C,
+    from the same pair decays (at the lower offset) and the same b factors across sub-chunks."""
     NC: tl.constexpr = BT // 16
     D: tl.constexpr = a.shape[1]
     W: tl.constexpr = 16 if BT * D * 16 <= PAIR_TILE else (
         PAIR_TILE // (BT * D) if BT * D <= PAIR_TILE else 1)
+    LOW: tl.constexpr = OFFSET if OFFSET < OFFSET_C else OFFSET_C
     inner = tl.arange(0, 16)
     a3 = tl.reshape(a, [NC, 16, D])
+    c3 = tl.reshape(c, [NC, 16, D])
     b3 = tl.reshape(b, [NC, 16, D])
     ga3 = tl.reshape(ga, [NC, 16, D])
     gb3 = tl.reshape(gb, [NC, 16, D])
     diag = tl.zeros([NC, 16, 16 // W, W], dtype=a.dtype)
+    diag_c = tl.zeros([NC, 16, 16 // W, W], dtype=a.dtype)
     for g in tl.static_range(16 // W):  # columns g W .. g W + W - 1 of every diagonal block
-        paired = (inner[:, None] >= g * W + tl.arange(0, W)[None, :] + OFFSET)[None, :, :, None]
-        decay = _exp(tl.where(paired, ga3[:, :, None, :] - _group(gb3, g, W)[:, None, :, :],
-                              float("-inf")))  # [NC, 16, W, D]
-        columns = tl.sum(a3[:, :, None, :] * _group(b3, g, W)[:, None, :, :] * decay, 3)
-        diag = tl.where(tl.arange(0, 16 // W)[None, None, :, None] == g, columns[:, :, None, :],
-                        diag)
-    out = _block_diagonal(tl.reshape(diag, [NC, 16, 16]), BT)
+        paired = (inner[:, None] >= g * W + tl.arange(0, W)[None, :] + LOW)[None, :, :, None]
+        decayed = _group(b3, g, W)[:, None, :, :] * _exp(
+            tl.where(paired, ga3[:, :, None, :] - _group(gb3, g, W)[:, None, :, :],
+                     float("-inf")))  # [NC, 16, W, D]
+        slot = tl.arange(0, 16 // W)[None, None, :, None] == g
+        diag = tl.where(slot, tl.sum(a3[:, :, None, :] * decayed, 3)[:, :, None, :], diag)
+        diag_c = tl.where(slot, tl.sum(c3[:, :, None, :] * decayed, 3)[:, :, None, :], diag_c)
     g_first = _row_of_blocks(ga3, 0)  # [NC, D]: ga at each sub-chunk's first row
-    a_ref = tl.reshape(a3 * _exp(ga3 - g_first[:, None, :]), [BT, D])
+    to_first = _exp(ga3 - g_first[:, None, :])
+    a_ref = tl.reshape(a3 * to_first, [BT, D])
+    c_ref = tl.reshape(c3 * to_first, [BT, D])
     offs = tl.arange(0, BT)
     sub = offs // 16
     far = tl.zeros([BT, BT], dtype=a.dtype)
+    far_c = tl.zeros([BT, BT], dtype=a.dtype)
     for s in tl.static_range(1, NC):  # the rows of sub-chunk s against every earlier row
         g_s = tl.sum(tl.where(tl.arange(0, NC)[:, None] == s, g_first, 0.0), 0)
         earlier = (sub < s)[:, None]
-        b_s = b * _exp(tl.where(earlier, g_s[None, :] - gb, float("-inf")))
-        a_s = tl.where((sub == s)[:, None], a_ref, 0.0)
-        far += tl.dot(a_s.to(DOT), tl.trans(b_s).to(DOT), input_precision=PRECISION)
-    return out + tl.where(pairs(offs[:, None], offs[None, :], OFFSET), far, 0.0)
+        b_s = tl.trans(b * _exp(tl.where(earlier, g_s[None, :] - gb, float("-inf")))).to(DOT)
+        rows = (sub == s)[:, None]
+        far += tl.dot(tl.where(rows, a_ref, 0.0).to(DOT), b_s, input_precision=PRECISION)
+        far_c += tl.dot(tl.where(rows, c_ref, 0.0).to(DOT), b_s, input_precision=PRECISION)
+    out = _block_diagonal(tl.reshape(diag, [NC, 16, 16]), BT) + far
+    out_c = _block_diagonal(tl.reshape(diag_c, [NC, 16, 16]), BT) + far_c
+    return (tl.where(pairs(offs[:, None], offs[None, :], OFFSET), out, 0.0),
+            tl.where(pairs(offs[:, None], offs[None, :], OFFSET_C), out_c, 0.0))
 
 
 @triton.jit

@@ -72,3 +72,22 @@ def test_loaded_products_are_not_computed():
     g.gmix("m", "q", "gam", "gam", offset=1, ta=True, name="b1")
     calls = _calls(g, loaded=("b",))
     assert "a" not in calls and "b" not in calls and "b1" not in calls
+
+
+def test_two_sums_of_products_on_the_same_decays_are_one_call():
+    """Among a pass's sums over key blocks, two gdots on the same b and exponents (KDA's q k^T
+    and k k^T) take their parts from one gdot_both call; a third gdot on other exponents, and
+    a sum of another op, are added alone."""
+    g = _graph()
+    g.input("lag", ("T", "DK"))
+    g.gdot("q", "k", "gam", "gam", name="attn")
+    g.gdot("k", "k", "gam", "gam", offset=1, name="kk")
+    g.gdot("v", "k", "lag", "gam", offset=1, name="other")
+    macros = SimpleNamespace(
+        joint_gdots=lambda parts, args, offsets: f"{parts} = gdot_both({args}, {offsets})",
+        accumulate=lambda name, part, op: f"{name} += {part}")
+    printer = SimpleNamespace(graph=g, m=macros, ref=lambda n: n,
+                              expression=lambda n: f"expr({n})")
+    lines = KernelPrinter.accumulations(printer, ["attn", "kk", "other"])
+    assert lines == ["['attn_block', 'kk_block'] = gdot_both(['q', 'k', 'k', 'gam', 'gam'], [0, 1])",
+                     "attn += attn_block", "kk += kk_block", "other += expr(other)"]

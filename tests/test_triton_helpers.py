@@ -139,6 +139,40 @@ def test_products_with_pairwise_decays(offset, steep, d):
 
 
 @triton.jit
+def _gdot_both_kernel(a_ptr, c_ptr, b_ptr, ga_ptr, gb_ptr, out_ptr, BT: tl.constexpr,
+                      D: tl.constexpr, OFFSET: tl.constexpr, OFFSET_C: tl.constexpr):
+    wide = tl.arange(0, BT)[:, None] * D + tl.arange(0, D)[None, :]
+    square = tl.arange(0, BT)[:, None] * BT + tl.arange(0, BT)[None, :]
+    out, out_c = th.gdot_both(tl.load(a_ptr + wide), tl.load(c_ptr + wide), tl.load(b_ptr + wide),
+                              tl.load(ga_ptr + wide), tl.load(gb_ptr + wide), BT, OFFSET, OFFSET_C,
+                              tl.float64, "ieee")
+    tl.store(out_ptr + square, out)
+    tl.store(out_ptr + BT * BT + square, out_c)
+
+
+@pytest.mark.parametrize("d", [8, 128])
+@pytest.mark.parametrize(("offset", "offset_c"), [(0, 1), (1, 0), (2, 2)])
+def test_two_products_on_the_same_decays(offset, offset_c, d):
+    """gdot_both: gdot of a and b at one offset and of c and b at another, from the same pair
+    decays, each against its sum written out in torch."""
+    bt = 64
+    gen = torch.Generator().manual_seed(11)
+    a, b, c = (torch.randn(bt, d, dtype=torch.float64, generator=gen) for _ in range(3))
+    ga = _decays(bt, d, gen, steep=False)
+    gb = ga - torch.rand(bt, d, dtype=torch.float64, generator=gen)
+    t, i = torch.arange(bt)[:, None], torch.arange(bt)[None, :]
+
+    def weight(at):
+        exponent = ga[:, None, :] - gb[None, :, :]
+        return exponent.masked_fill(~(t - i >= at)[:, :, None], float("-inf")).exp()
+
+    out = torch.full((2, bt, bt), float("nan"), dtype=torch.float64)
+    _gdot_both_kernel[(1,)](a, c, b, ga, gb, out, BT=bt, D=d, OFFSET=offset, OFFSET_C=offset_c)
+    assert relative_error(out[0], torch.einsum("td,id,tid->ti", a, b, weight(offset))) < 1e-13
+    assert relative_error(out[1], torch.einsum("td,id,tid->ti", c, b, weight(offset_c))) < 1e-13
+
+
+@triton.jit
 def _twin_kernel(m_ptr, x_ptr, ga_ptr, gb_ptr, out_ptr, twin_ptr, BT: tl.constexpr, D: tl.constexpr,
                  OFFSET: tl.constexpr, FN: tl.constexpr):
     rows = tl.arange(0, BT)[:, None]

@@ -360,15 +360,16 @@ def test_a_vector_memory_writes_its_gradients_by_value_block(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("case", ["gated_deltanet", "simple_gla", "titans", "channel decay, channel eta",
-                                  "huber per value channel"])
+                                  "huber per value channel", "kda"])
 def test_key_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
     """The gradient kernels of a matrix memory pass over blocks of 16 key columns (DK = 37:
     three, the last one masked), their products over DK summed across the blocks and dq, dk (and
     a key-channel gate's gradient) written per block; so does the stage kernel of the products
-    under per-channel decays; packed sequences too."""
+    under per-channel decays (KDA's first: its inverse reads k k^T); packed sequences too."""
     op, module = _compiled(SPLIT_CASES.get(case, f"specs/{case}.yaml"), tmp_path, monkeypatch)
-    keyed_stages = {"fwd_stage2"} if case.startswith("channel decay") else set()
-    assert set(module.BK_MAX) == set(module.OUT_KERNELS) | keyed_stages
+    keyed_stages = {"channel decay, channel eta": {"fwd_stage2"}, "kda": {"fwd_stage"}}.get(case, set())
+    assert set(module.BK_MAX) & set(module.STAGES["fwd"]) == keyed_stages
+    assert "bwd_dqk" in module.BK_MAX and set(module.BK_MAX) <= set(module.OUT_KERNELS) | keyed_stages
     for kernel in module.BK_MAX:
         monkeypatch.setitem(module.BK_MAX, kernel, 16)
         monkeypatch.setitem(module.kernel.launchers, kernel, _Grids(module.kernel.launchers[kernel]))

@@ -204,15 +204,13 @@ def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
 
 
 def _key_stage(graph, nodes, stop) -> tuple | None:
-    """The products under per-channel decays among a stage's tiles (`nodes`) that its other
-    tiles do not read, as passes over blocks of key columns (each a sum over them), so that a
-    kernel of their own holds a block of q, k and the gates at a time rather than every key
-    column (GLA, D=128: the stage that held all 128 spilled 2.4 KB per thread): (the stream, the
-    key-column inputs it loads per block, the products), or None where there are none or they
-    do not pass so."""
-    gdots = [n for n in nodes if graph.node(n)["op"] == "gdot"]
-    rest = plan(graph, [n for n in nodes if n not in gdots], stop)
-    products = tuple(n for n in gdots if n not in rest)  # those the other tiles do not read
+    """The products under per-channel decays among a stage's tiles (`nodes`), as passes over
+    blocks of key columns (each a sum over them), so that a kernel of their own holds a block of
+    q, k and the gates at a time rather than every key column (GLA, D=128: the stage that held
+    all 128 spilled 2.4 KB per thread): (the stream, the key-column inputs it loads per block,
+    the products, whether it runs first: where the stage's other tiles read a product, they
+    load it), or None where there are none or they do not pass so."""
+    products = tuple(n for n in nodes if graph.node(n)["op"] == "gdot")
     if not products or len(products) == len(nodes):
         return None
     passes = stream(graph, products, dim="DK", stop=stop)
@@ -220,7 +218,8 @@ def _key_stage(graph, nodes, stop) -> tuple | None:
         return None
     blocked = {n for loop in passes.loops for n in loop.nodes}
     inputs = tuple(n for n in graph.order() if n in blocked and graph.node(n)["op"] == "input")
-    return passes, inputs, products
+    rest = [n for n in nodes if n not in products]
+    return passes, inputs, products, bool(set(products) & set(plan(graph, rest, stop)))
 
 
 def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands, key_blocks) -> dict:
@@ -239,7 +238,8 @@ def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands, key
         handover[direction] = tuple(n for part in parts for n in part if n not in nodes)
         keyed = None if streamed_stage else _key_stage(graph, nodes, saved)
         if keyed is not None:
-            parts = [tuple(n for n in nodes if n not in keyed[2]), keyed[2]]
+            rest = tuple(n for n in nodes if n not in keyed[2])
+            parts = [keyed[2], rest] if keyed[3] else [rest, keyed[2]]
         done = ()
         for j, part in enumerate(parts):
             stop = (*saved, *done)
@@ -248,7 +248,7 @@ def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands, key
             passes = stream(graph, part, stop=stop) if reads and streams is not None else None
             name = f"{direction}_stage{j + 1 if j else ''}"
             dim, block_loads = ("DH" if passes is not None else None), ()
-            if keyed is not None and j == len(parts) - 1:
+            if keyed is not None and part == keyed[2]:
                 passes, block_loads = keyed[:2]
                 dim, key_blocks[name] = "DK", tuning.BK
             _operand_reads(graph, stop, set(part_nodes) - set(stop), operands)
