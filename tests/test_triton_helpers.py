@@ -13,6 +13,13 @@ from mirasc.check import relative_error
 
 
 @triton.jit
+def _offsets(BT: tl.constexpr, D: tl.constexpr):
+    """The entries of a row-major [BT, BT] tile and of a [BT, D] one."""
+    rows = tl.arange(0, BT)[:, None]
+    return rows * BT + tl.arange(0, BT)[None, :], rows * D + tl.arange(0, D)[None, :]
+
+
+@triton.jit
 def _tanh_kernel(x_ptr, out_ptr, N: tl.constexpr):
     offs = tl.arange(0, N)
     tl.store(out_ptr + offs, th.tanh(tl.load(x_ptr + offs)))
@@ -85,9 +92,7 @@ def test_blocked_triangular_inverse(rows):
 @triton.jit
 def _decayed_kernel(a_ptr, b_ptr, ga_ptr, gb_ptr, out_ptr, BT: tl.constexpr, D: tl.constexpr,
                     OFFSET: tl.constexpr, FN: tl.constexpr, SQUARE_OUT: tl.constexpr):
-    rows = tl.arange(0, BT)[:, None]
-    square = rows * BT + tl.arange(0, BT)[None, :]
-    wide = rows * D + tl.arange(0, D)[None, :]
+    square, wide = _offsets(BT, D)
     a = tl.load(a_ptr + (square if FN is not th.gdot else wide))
     out = FN(a, tl.load(b_ptr + wide), tl.load(ga_ptr + wide), tl.load(gb_ptr + wide), BT, OFFSET,
              tl.float64, "ieee")
@@ -107,6 +112,14 @@ def _decays(rows: int, width: int, gen: torch.Generator, steep: bool) -> torch.T
     return steps.cumsum(0)
 
 
+def _pair_weights(ga: torch.Tensor, gb: torch.Tensor, at: int) -> torch.Tensor:
+    """exp(ga_t - gb_i) on the pairs t - i >= at, else 0, as [t, i, d]."""
+    rows = torch.arange(ga.shape[0])
+    exponent = ga[:, None, :] - gb[None, :, :]
+    return exponent.masked_fill(~(rows[:, None] - rows[None, :] >= at)[:, :, None],
+                                float("-inf")).exp()
+
+
 @pytest.mark.parametrize("d", [8, 128])
 @pytest.mark.parametrize("steep", [True, False])
 @pytest.mark.parametrize("offset", [0, 1, 2])
@@ -121,10 +134,7 @@ def test_products_with_pairwise_decays(offset, steep, d):
     m = torch.randn(bt, bt, dtype=torch.float64, generator=gen)
     ga = _decays(bt, d, gen, steep)
     gb = ga - torch.rand(bt, d, dtype=torch.float64, generator=gen)  # gamma as q and k see it
-    t, i = torch.arange(bt)[:, None], torch.arange(bt)[None, :]
-    pair = t - i >= offset  # [t, i]
-    exponent = (ga[:, None, :] - gb[None, :, :]).masked_fill(~pair[:, :, None], float("-inf"))
-    weight = exponent.exp()  # [t, i, d]: 0 off the pairs
+    weight = _pair_weights(ga, gb, offset)
     expected = {
         th.gdot: torch.einsum("td,id,tid->ti", a, b, weight),
         th.gmix: torch.einsum("ti,id,tid->td", m, b, weight),
@@ -141,8 +151,7 @@ def test_products_with_pairwise_decays(offset, steep, d):
 @triton.jit
 def _gdot_both_kernel(a_ptr, c_ptr, b_ptr, ga_ptr, gb_ptr, out_ptr, BT: tl.constexpr,
                       D: tl.constexpr, OFFSET: tl.constexpr, OFFSET_C: tl.constexpr):
-    wide = tl.arange(0, BT)[:, None] * D + tl.arange(0, D)[None, :]
-    square = tl.arange(0, BT)[:, None] * BT + tl.arange(0, BT)[None, :]
+    square, wide = _offsets(BT, D)
     out, out_c = th.gdot_both(tl.load(a_ptr + wide), tl.load(c_ptr + wide), tl.load(b_ptr + wide),
                               tl.load(ga_ptr + wide), tl.load(gb_ptr + wide), BT, OFFSET, OFFSET_C,
                               tl.float64, "ieee")
@@ -160,24 +169,18 @@ def test_two_products_on_the_same_decays(offset, offset_c, d):
     a, b, c = (torch.randn(bt, d, dtype=torch.float64, generator=gen) for _ in range(3))
     ga = _decays(bt, d, gen, steep=False)
     gb = ga - torch.rand(bt, d, dtype=torch.float64, generator=gen)
-    t, i = torch.arange(bt)[:, None], torch.arange(bt)[None, :]
-
-    def weight(at):
-        exponent = ga[:, None, :] - gb[None, :, :]
-        return exponent.masked_fill(~(t - i >= at)[:, :, None], float("-inf")).exp()
 
     out = torch.full((2, bt, bt), float("nan"), dtype=torch.float64)
     _gdot_both_kernel[(1,)](a, c, b, ga, gb, out, BT=bt, D=d, OFFSET=offset, OFFSET_C=offset_c)
-    assert relative_error(out[0], torch.einsum("td,id,tid->ti", a, b, weight(offset))) < 1e-13
-    assert relative_error(out[1], torch.einsum("td,id,tid->ti", c, b, weight(offset_c))) < 1e-13
+    for got, first, at in ((out[0], a, offset), (out[1], c, offset_c)):
+        want = torch.einsum("td,id,tid->ti", first, b, _pair_weights(ga, gb, at))
+        assert relative_error(got, want) < 1e-13
 
 
 @triton.jit
 def _twin_kernel(m_ptr, x_ptr, ga_ptr, gb_ptr, out_ptr, twin_ptr, BT: tl.constexpr, D: tl.constexpr,
                  OFFSET: tl.constexpr, FN: tl.constexpr):
-    rows = tl.arange(0, BT)[:, None]
-    square = rows * BT + tl.arange(0, BT)[None, :]
-    wide = rows * D + tl.arange(0, D)[None, :]
+    square, wide = _offsets(BT, D)
     out, twin = FN(tl.load(m_ptr + square), tl.load(x_ptr + wide), tl.load(ga_ptr + wide),
                    tl.load(gb_ptr + wide), BT, OFFSET, tl.float64, "ieee", True)
     tl.store(out_ptr + wide, out)
@@ -195,26 +198,19 @@ def test_twin_products_at_the_next_offset(offset, d):
     x = torch.randn(bt, d, dtype=torch.float64, generator=gen)
     ga = _decays(bt, d, gen, steep=False)
     gb = ga - torch.rand(bt, d, dtype=torch.float64, generator=gen)
-    t, i = torch.arange(bt)[:, None], torch.arange(bt)[None, :]
-
-    def weight(at):
-        exponent = ga[:, None, :] - gb[None, :, :]
-        return exponent.masked_fill(~(t - i >= at)[:, :, None], float("-inf")).exp()
 
     patterns = {th.gmix_pair: "ti,id,tid->td", th.gmix_t_pair: "ti,td,tid->id"}
     for fn, pattern in patterns.items():
         out, twin = (torch.full((bt, d), float("nan"), dtype=torch.float64) for _ in range(2))
         _twin_kernel[(1,)](m, x, ga, gb, out, twin, BT=bt, D=d, OFFSET=offset, FN=fn)
-        assert relative_error(out, torch.einsum(pattern, m, x, weight(offset))) < 1e-13
-        assert relative_error(twin, torch.einsum(pattern, m, x, weight(offset + 1))) < 1e-13
+        for got, at in ((out, offset), (twin, offset + 1)):
+            assert relative_error(got, torch.einsum(pattern, m, x, _pair_weights(ga, gb, at))) < 1e-13
 
 
 @triton.jit
 def _both_kernel(m_ptr, x_ptr, y_ptr, ga_ptr, gb_ptr, out_ptr, BT: tl.constexpr, D: tl.constexpr,
                  OFFSET: tl.constexpr, TWIN: tl.constexpr):
-    rows = tl.arange(0, BT)[:, None]
-    square = rows * BT + tl.arange(0, BT)[None, :]
-    wide = rows * D + tl.arange(0, D)[None, :]
+    square, wide = _offsets(BT, D)
     outs = th.gmix_both(tl.load(m_ptr + square), tl.load(x_ptr + wide), tl.load(y_ptr + wide),
                         tl.load(ga_ptr + wide), tl.load(gb_ptr + wide), BT, OFFSET, tl.float64,
                         "ieee", TWIN)
@@ -234,17 +230,12 @@ def test_a_product_and_its_mate_from_one_call(offset, twin, d):
     x, y = (torch.randn(bt, d, dtype=torch.float64, generator=gen) for _ in range(2))
     ga = _decays(bt, d, gen, steep=False)
     gb = ga - torch.rand(bt, d, dtype=torch.float64, generator=gen)
-    t, i = torch.arange(bt)[:, None], torch.arange(bt)[None, :]
-
-    def weight(at):
-        exponent = ga[:, None, :] - gb[None, :, :]
-        return exponent.masked_fill(~(t - i >= at)[:, :, None], float("-inf")).exp()
 
     second = offset + 1 if twin else offset
-    expected = [torch.einsum("ti,id,tid->td", m, x, weight(offset)),
-                torch.einsum("ti,id,tid->td", m, x, weight(second)),
-                torch.einsum("ti,td,tid->id", m, y, weight(offset)),
-                torch.einsum("ti,td,tid->id", m, y, weight(second))]
+    expected = [torch.einsum("ti,id,tid->td", m, x, _pair_weights(ga, gb, offset)),
+                torch.einsum("ti,id,tid->td", m, x, _pair_weights(ga, gb, second)),
+                torch.einsum("ti,td,tid->id", m, y, _pair_weights(ga, gb, offset)),
+                torch.einsum("ti,td,tid->id", m, y, _pair_weights(ga, gb, second))]
     out = torch.full((4, bt, d), float("nan"), dtype=torch.float64)
     _both_kernel[(1,)](m, x, y, ga, gb, out, BT=bt, D=d, OFFSET=offset, TWIN=twin)
     for got, want in zip(out, expected, strict=True):
