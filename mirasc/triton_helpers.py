@@ -99,8 +99,11 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # to D = 16, 8 at D = 32, 2 at D = 128). GLA, bf16, D = 128, blocks of 32 key columns, sm_90
 # (8, 4096, 16): its stage kernel of q k^T ran 739, 693 and 716 M warp-instructions at 32768,
 # 16384 and 8192 (spilling 16, 0 and 0 B), its dq/dk kernel 2534, 2355 and 2209 M (spilling
-# 1432, 1768 and 1512 B).
+# 1432, 1768 and 1512 B). gmix_both (dq's gmix with dk's gmix_t) holds more beside its tiles
+# and takes half as many: its dq/dk kernel ran 1871, 1722 and 2209 M at 16384, 8192 and 4096,
+# spilling 656, 304 and 1464 B (kda's: 3077, 2808, 3368 M; 2336, 1952, 2968 B).
 PAIR_TILE = tl.constexpr(16384)
+MIX_TILE = tl.constexpr(8192)
 
 
 @triton.jit
@@ -207,8 +210,8 @@ def gmix_both(m, x, y, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.c
     at a time: gmix sums them over i, gmix_t over t into those W rows of its result."""
     NC: tl.constexpr = BT // 16
     D: tl.constexpr = x.shape[1]
-    W: tl.constexpr = 16 if BT * D * 16 <= PAIR_TILE else (
-        PAIR_TILE // (BT * D) if BT * D <= PAIR_TILE else 1)
+    W: tl.constexpr = 16 if BT * D * 16 <= MIX_TILE else (
+        MIX_TILE // (BT * D) if BT * D <= MIX_TILE else 1)
     inner = tl.arange(0, 16)
     x3 = tl.reshape(x, [NC, 16, D])
     y3 = tl.reshape(y, [NC, 16, D])
