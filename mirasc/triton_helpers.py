@@ -106,6 +106,13 @@ PAIR_TILE = tl.constexpr(16384)
 MIX_TILE = tl.constexpr(8192)
 
 
+@triton.constexpr_function
+def _group_width(rows, cols, budget):
+    """W: the rows (or columns) of each diagonal block one step takes, a power of two from 1 to
+    16 such that a [rows // 16, 16, W, cols] tile holds at most `budget` elements."""
+    return max(1, min(16, budget // (rows * cols)))
+
+
 @triton.jit
 def _exp(x):
     """exp(x) as one ex2 of x log2(e): the float32 ex2 flushes results below 2^-126 to 0, where
@@ -142,8 +149,7 @@ def gdot_both(a, c, b, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, OFFSET_C:
     from the same pair decays (at the lower offset) and the same b factors across sub-chunks."""
     NC: tl.constexpr = BT // 16
     D: tl.constexpr = a.shape[1]
-    W: tl.constexpr = 16 if BT * D * 16 <= PAIR_TILE else (
-        PAIR_TILE // (BT * D) if BT * D <= PAIR_TILE else 1)
+    W: tl.constexpr = _group_width(BT, D, PAIR_TILE)
     LOW: tl.constexpr = OFFSET if OFFSET < OFFSET_C else OFFSET_C
     inner = tl.arange(0, 16)
     a3 = tl.reshape(a, [NC, 16, D])
@@ -210,8 +216,7 @@ def gmix_both(m, x, y, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.c
     at a time: gmix sums them over i, gmix_t over t into those W rows of its result."""
     NC: tl.constexpr = BT // 16
     D: tl.constexpr = x.shape[1]
-    W: tl.constexpr = 16 if BT * D * 16 <= MIX_TILE else (
-        MIX_TILE // (BT * D) if BT * D <= MIX_TILE else 1)
+    W: tl.constexpr = _group_width(BT, D, MIX_TILE)
     inner = tl.arange(0, 16)
     x3 = tl.reshape(x, [NC, 16, D])
     y3 = tl.reshape(y, [NC, 16, D])
