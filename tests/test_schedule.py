@@ -4,6 +4,7 @@ computes, loads and stores, and how a step passes over blocks of a dim."""
 from __future__ import annotations
 
 import pytest
+import sympy as sp
 
 from mirasc import tuning
 from mirasc.catalog import resolve
@@ -197,3 +198,43 @@ def test_flags_are_computed_once(name):
     assert kept and set(kept.values()) == {(1, "DV")}
     readers = [k for k in sched.kernels.values() if k.kind == "out" and k.pads_nonfinite]
     assert readers and all({"tainted", "qbad"} <= set(k.loads) for k in readers)
+
+
+@pytest.mark.parametrize("name", ["gla", "kda"])
+def test_decayed_key_tiles_are_computed_once_per_chunk(name):
+    """Under per-channel decays the tiles of rows by key columns that pass through an exp (the
+    decays, q and k scaled by them) are the forward stage's: no output kernel, whose programs
+    each take a block of value or key columns, computes one."""
+    sched = _schedule(name)
+    graph = sched.step.graph
+    live = {m for s in sched.step.states for m in (s, f"d{s}_new")}
+
+    def decayed(n):
+        node = graph.node(n)
+        return node["op"] == "ew" and graph.shape(n) == ("T", "DK") and \
+            node["expr"].has(sp.exp) and not live & set(plan(graph, [n]))
+
+    staged = [n for n in sched.staged["fwd"] if decayed(n)]
+    assert staged
+    for kernel in sched.kernels.values():
+        if kernel.kind == "out":
+            assert not any(decayed(n) for n in _computes(sched, kernel)), kernel.name
+    readers = {n: [k for k in sched.kernels.values() if n in k.loads] for n in staged}
+    assert all(readers.values())
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "moneta"])
+def test_tiles_read_only_by_products_are_stored_as_operands(name):
+    """A buffer is held in the matmul operands' dtype exactly when every kernel that reads it
+    takes it only as a dot's operand (the readers round it so anyway)."""
+    sched = _schedule(name)
+    graph = sched.step.graph
+    flags = set()
+    for buffers in sched.buffers.values():
+        for b in buffers:
+            uses = [graph.node(c)["op"] for k in sched.kernels.values() if b.node in k.loads
+                    for c in graph.g.successors(b.node) if c in k.needs]
+            assert uses, b.node
+            assert b.operand == all(op == "dot" for op in uses), b.node
+            flags.add(b.operand)
+    assert flags == {True, False}

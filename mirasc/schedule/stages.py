@@ -6,6 +6,8 @@ then only loads it (fla's chunk kernels split their work the same way)."""
 
 from __future__ import annotations
 
+import sympy as sp
+
 from mirasc.graph import Graph, plan
 from mirasc.schedule.streams import stream
 
@@ -52,13 +54,16 @@ def frontier(graph: Graph, targets, live) -> tuple[str, ...]:
 
 
 def decayed_products(graph: Graph, targets, live, stop) -> tuple[str, ...]:
-    """The products under per-channel decays and the prefix sums of per-channel gates that the
-    nodes of `targets` read and that depend on none of `live` (the states, their cotangents): a
-    stage computes each once per chunk, rather than every output program (one per block of value
-    or key columns) its own."""
+    """The products under per-channel decays, the prefix sums of per-channel gates and the
+    decayed key-column tiles (`_decayed_keys`) that the nodes of `targets` read and that depend
+    on none of `live` (the states, their cotangents): a stage computes each once per chunk,
+    rather than every output program (one per block of value or key columns) its own."""
     nodes = plan(graph, targets, stop)
-    return tuple(n for n in nodes if n not in stop and _once_per_chunk(graph, n)
-                 and not set(live) & set(plan(graph, [n])))
+    free = [n for n in nodes if n not in stop and not set(live) & set(plan(graph, [n]))]
+    decayed = {n for n in free if _decayed_keys(graph, n, stop)}
+    need = set(nodes)
+    return tuple(n for n in free if _once_per_chunk(graph, n) or n in decayed and any(
+        c in need and c not in decayed for c in graph.g.successors(n)))
 
 
 def _once_per_chunk(graph: Graph, n: str) -> bool:
@@ -68,6 +73,27 @@ def _once_per_chunk(graph: Graph, n: str) -> bool:
     is a few."""
     node = graph.node(n)
     return node["op"] == "gdot" or node["op"] == "cumsum" and graph.shape(n)[1] != 1
+
+
+def _decayed_keys(graph: Graph, n: str, stop) -> bool:
+    """An elementwise tile of the chunk's rows by key columns computed through an exp (q or k
+    under per-channel decays, the decays themselves): every program of a kernel over value
+    blocks computes the same one, and as a matmul operand in a layout that each of its warp
+    groups holds whole (GLA, bf16, D=128, sm_90, 8 warps: q exp(gamma) was half its output
+    kernel's instructions). Only the largest such tiles a kernel reads are stored."""
+    if graph.node(n)["op"] != "ew" or graph.shape(n) != ("T", "DK"):
+        return False
+    todo, seen = [n], set()
+    while todo:
+        m = todo.pop()
+        node = graph.node(m)
+        if m in seen or m in stop or node["op"] != "ew":
+            continue
+        if node["expr"].has(sp.exp):
+            return True
+        seen.add(m)
+        todo.extend(node["inputs"])
+    return False
 
 
 def _keepable(graph: Graph, n: str) -> bool:
