@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import keyword
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -206,6 +207,39 @@ def plan(graph: Graph, targets, stop=()) -> tuple[str, ...]:
                 todo.extend(graph.g.predecessors(n))
     return tuple(n for n in graph.order() if n in keep)
 
+
+def held_by_inputs(graph: Graph, n: str) -> bool:
+    """Whether every value of node n is an input's or a constant that float16 and bfloat16 hold
+    exactly: an input, or a selection among such values (max(log_alpha, -110)). Inputs share
+    q's dtype, the matmul operands' (`launch.operands`), so a product of such a tile by 0s and 1s
+    is exact on tensor cores."""
+    node = graph.node(n)
+    if node["op"] == "input":
+        return True
+    if node["op"] != "ew":
+        return False
+    held = {s for s, i in zip(node["symbols"], node["inputs"], strict=True)
+            if held_by_inputs(graph, i)}
+    return _selects(node["expr"], held)
+
+
+def _selects(expr: sp.Expr, held: set) -> bool:
+    if isinstance(expr, sp.Symbol):
+        return expr in held
+    if isinstance(expr, sp.Number):
+        return _half_exact(float(expr))
+    if isinstance(expr, sp.Piecewise):
+        return all(_selects(value, held) for value, _ in expr.args)
+    if isinstance(expr, sp.Max | sp.Min):
+        return all(_selects(a, held) for a in expr.args)
+    return False
+
+
+def _half_exact(c: float) -> bool:
+    """Whether float16 and bfloat16 both hold c: zero, or a normal float16 of at most 8
+    significant bits."""
+    mantissa = math.frexp(c)[0]
+    return c == 0 or 2.0 ** -14 <= abs(c) <= 65504 and (mantissa * 2 ** 8).is_integer()
 
 
 # ---- reverse mode --------------------------------------------------------------------------------

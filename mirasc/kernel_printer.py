@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mirasc.graph import plan
+from mirasc.graph import held_by_inputs, plan
 from mirasc.memories import ChunkStep
 from mirasc.schedule import KernelPlan, Schedule
 from mirasc.schedule.stages import ACROSS_V, tile_dtype
@@ -80,7 +80,8 @@ class KernelPrinter:
             return self.source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
         if op in ("cumsum", "revcumsum"):
             column = graph.shape(node["inputs"][0])[1] == 1
-            return m.prefix_sum(x[0], column, op == "revcumsum")
+            held = held_by_inputs(graph, node["inputs"][0])
+            return m.prefix_sum(x[0], column, op == "revcumsum", held)
         if op in ("gdot", "gmix"):
             return m.pair_decays("gmix_t" if node.get("ta") else op, x, node["offset"])
         if op in ("sum", "max"):

@@ -5,12 +5,13 @@ builds."""
 from __future__ import annotations
 
 import pytest
+import sympy as sp
 import torch
 from conftest import axis_spec
 
 from mirasc.catalog import load_spec
 from mirasc.derive import derive
-from mirasc.graph import PairDecays, backward, decayed_pairs, evaluate
+from mirasc.graph import Graph, PairDecays, backward, decayed_pairs, evaluate, ew, held_by_inputs
 from mirasc.memories.matrix import matrix_chunk_step
 from mirasc.spec import parse_spec
 
@@ -134,3 +135,21 @@ def test_decayed_pairs_equal_the_sum_over_pairs(gates, decay, length):
             want32 = _direct_pairs(kind, u.float(), b.float(), ga.float(), gb.float(), offset)
             assert torch.isfinite(got32).all(), (kind, offset)
             assert (got32 - want32).abs().max() <= 1e-5 * want32.abs().max(), (kind, offset)
+
+
+def test_held_by_inputs_follows_selections_among_inputs_and_half_constants():
+    """A tile is held by the inputs' dtype where each value is an input's or a constant of at
+    most 8 significant bits in float16's normal range (so a product by 0s and 1s is exact on
+    tensor cores); any arithmetic, or a constant bfloat16 rounds, is not."""
+    gr = Graph()
+    a, b = gr.input("a", ("T", "DK")), gr.input("b", ("T", "DK"))
+    floor = ew(gr, lambda x: sp.Piecewise((x, x > -110.0), (-110.0, True)), a, name="floor")
+    assert held_by_inputs(gr, a) and held_by_inputs(gr, floor)
+    assert held_by_inputs(gr, ew(gr, lambda x, y: sp.Max(x, y, 0.5), floor, b))
+    assert held_by_inputs(gr, ew(gr, lambda x: sp.Piecewise((x, x > 0), (2.0 ** -14, True)), a))
+    assert not held_by_inputs(gr, ew(gr, lambda x: sp.Piecewise((x, x > 0), (0.1, True)), a))
+    assert not held_by_inputs(gr, ew(gr, lambda x: sp.Piecewise((x, x > 0), (257.0, True)), a))
+    assert not held_by_inputs(gr, ew(gr, lambda x: sp.Piecewise((x, x > 0), (2.0 ** -15, True)), a))
+    assert not held_by_inputs(gr, ew(gr, lambda x: 2 * x, floor))
+    assert not held_by_inputs(gr, ew(gr, lambda x, y: sp.Max(x + y, y), a, b))
+    assert not held_by_inputs(gr, gr.cumsum(floor))

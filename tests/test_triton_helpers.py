@@ -74,6 +74,34 @@ def _invert_kernel(a_ptr, x_ptr, BT: tl.constexpr, PRECISION: tl.constexpr, HALF
     tl.store(x_ptr + tile, th.tri_inv(tl.load(a_ptr + tile), BT, PRECISION, HALF))
 
 
+@triton.jit
+def _held_cumsum_kernel(x_ptr, out_ptr, BT: tl.constexpr, D: tl.constexpr, REVERSE: tl.constexpr,
+                        DOT: tl.constexpr):
+    offs = _offsets(BT, D)[1]
+    tl.store(out_ptr + offs, th.held_cumsum(tl.load(x_ptr + offs), BT, REVERSE, DOT))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(("dtype", "dot"), [(torch.float16, tl.float16),
+                                            (torch.float32, tl.float32),
+                                            (torch.float64, tl.float64)])
+def test_prefix_sums_of_held_tiles(dtype, dot, reverse):
+    """Prefix sums over the rows (from the last row with `reverse`) of a tile the operand dtype
+    holds, by the product with a triangle of ones for half operands (float32 sums) and a scan
+    otherwise: each within rounding of the float64 sum. A float16 tile of steep log decays
+    (down to -110, and -inf clamped there) holds its values exactly."""
+    g = torch.Generator().manual_seed(4)
+    x = -torch.rand(64, 32, generator=g, dtype=torch.float64) ** 4 * 110.0
+    x[5, 3] = -110.0
+    held = x.to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.full((64, 32), float("nan"), dtype=acc)
+    _held_cumsum_kernel[(1,)](held.to(acc), out, BT=64, D=32, REVERSE=reverse, DOT=dot)
+    want = (held.double().flip(0).cumsum(0).flip(0) if reverse else held.double().cumsum(0))
+    bound = 1e-15 if dtype == torch.float64 else 1e-6
+    assert relative_error(out, want) < bound
+
+
 @pytest.mark.parametrize("rows", [16, 32, 128])
 def test_blocked_triangular_inverse(rows):
     """(I + A)^-1 (16-row blocks by substitution, merged by products) equals a triangular solve,
