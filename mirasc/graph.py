@@ -331,11 +331,16 @@ def _vjp(graph: Graph, n: str, node: dict, dy: str, prefix: str, index: int):
         # fresh: the expression may be an adjoint itself. Named by the node's place, not its
         # name: sympy orders a product's factors by name, and so the code's products.
         dsym = sp.Symbol(f"d_{index:05d}", real=True)
+        # the node's own value where its partials repeat it (d exp(x) = exp(x) dx): a kernel
+        # that loads it does not recompute it
+        ysym = sp.Symbol(f"y_{index:05d}", real=True)
         for sym, src in zip(symbols, inputs, strict=True):
             partial = _ae(sp.diff(expr, sym))
             if partial == 0:
                 continue
-            args = {s: i for s, i in zip(symbols, inputs, strict=True)} | {dsym: dy}
+            if expr.has(sp.exp):
+                partial = partial.subs(expr, ysym)
+            args = {s: i for s, i in zip(symbols, inputs, strict=True)} | {dsym: dy, ysym: n}
             chain = _chain(graph, dsym, partial, args)
             used = [i for s, i in args.items() if chain.has(s)]
             full = broadcast(*(graph.shape(i) for i in used)) if used else (1, 1)
