@@ -455,8 +455,12 @@ class KernelPrinter:
                                          *self.rows_of(g, rows)))
             else:
                 lines.append(m.load_gate(g, pads[g], *self.rows_of(g, rows)))
-        if taint:
-            lines += m.taint([x for x in pads if x != "q" and x not in self.previous]).splitlines()
+        if taint:  # one count per shape of tile: the tiles of a shape tested together
+            groups = {}
+            for x in pads:
+                if x != "q" and x not in self.previous:
+                    groups.setdefault(self.graph.shape(x), []).append(x)
+            lines += m.taint(list(groups.values())).splitlines()
         lines += [getattr(m, c)(self.window) for c in WINDOW_CONSTS if c in need]
         if "qbad" in need:
             lines.append(m.bad_query())
