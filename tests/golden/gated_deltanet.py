@@ -66,16 +66,16 @@ BUFFERS = {'fwd': [('n_tainted', '1', '1', False),
          ('gam', 'BT', '1', False),
          ('gam_end', '1', '1', False),
          ('tail', 'BT', '1', False),
-         ('A_inv', 'BT', 'BT', False),
+         ('A_inv', 'BT', 'BT', True),
          ('tainted', 'BT', '1', False),
          ('qbad', 'BT', '1', False)],
  'bwd': [('spoiled', '1', '1', False),
-         ('dqw', 'BT', 'BDV', False),
+         ('dqw', 'BT', 'BDV', True),
          ('du_from_mixed', 'BT', 'BDV', False)],
  'fwd_pass': [('kw', 'BT', 'BDV', False),
               ('inherited', '1', 'BDV', False),
               ('u', 'BT', 'BDV', False)],
- 'bwd_out': [('du', 'BT', 'BDV', False),
+ 'bwd_out': [('du', 'BT', 'BDV', True),
              ('drhs', 'BT', 'BDV', False),
              ('du_tail', 'BT', 'BDV', False)]}
 # tuning (mirasc.tuning): per kernel, the (num_warps, num_stages) its autotuner times; the
@@ -138,8 +138,7 @@ def gated_deltanet_fwd_stage_kernel(
         eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
         bad = tl.sum(tl.where(tl.abs(k) < float("inf"), 0.0, 1.0), 1)
         bad += tl.sum(tl.where(tl.abs(v) < float("inf"), 0.0, 1.0), 1)
-        bad += tl.sum(tl.where(log_alpha < float("inf"), 0.0, 1.0), 1)
-        bad += tl.sum(tl.where(tl.abs(eta) < float("inf"), 0.0, 1.0), 1)
+        bad += tl.sum(tl.where((log_alpha < float("inf")) & (tl.abs(eta) < float("inf")), 0.0, 1.0), 1)
         first = tl.min(tl.where(valid & (bad > 0), offs_t, BT), 0)
         tainted = tl.where(offs_t >= first, 1.0, 0.0).to(ACC)[:, None]
         qbad = tl.where(tl.sum(tl.where(tl.abs(q) < float("inf"), 0.0, 1.0), 1) > 0, 1.0, 0.0).to(ACC)[:, None]
@@ -692,7 +691,7 @@ def gated_deltanet_bwd_dg_kernel(
             dA_inv += tl.dot(du.to(DOT), tl.trans(rhs).to(DOT), input_precision=PRECISION)
             dtail += tl.sum((du_tail * u), 1, keep_dims=True)
             deta_from_rhs += tl.sum((drhs * rowmask * vmask * (pred + (-1.0 * v))), 1, keep_dims=True)
-            dgam_from_pred += tl.sum(((drhs * eta * rowmask * vmask) * kw * tl.exp(gam)), 1, keep_dims=True)
+            dgam_from_pred += tl.sum(((drhs * eta * rowmask * vmask) * pred), 1, keep_dims=True)
             qw = tl.full([BT, BV], 0.0, ACC)
             for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
                 offs_k = i_kb * BK + tl.arange(0, BK)
@@ -702,31 +701,31 @@ def gated_deltanet_bwd_dg_kernel(
                         other=0.0).to(ACC)
                 dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
                         mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
-                dgam_end_from_keep_full = (tl.where((spoiled > 0.0), 0.0, dW_new) * W * tl.exp(gam_end))
+                keep = (W * tl.exp(gam_end))  # keep = exp(gam_end) W
+                dgam_end_from_keep_half = tl.sum((tl.where((spoiled > 0.0), 0.0, dW_new) * keep), 0, keep_dims=True)
                 qw += tl.dot(q.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
-                dgam_end += tl.sum(tl.sum(dgam_end_from_keep_full, 0, keep_dims=True), 1, keep_dims=True)
+                dgam_end += tl.sum(dgam_end_from_keep_half, 1, keep_dims=True)
             dbeta += tl.sum((dz_o * qw), 1, keep_dims=True)
-        la = tl.where((log_alpha > -110.0), log_alpha, -110.0)  # la = max(log_alpha, -110)
         eta_c = (eta * rowmask)  # eta_c = eta*rowmask
+        beta = tl.exp(gam)  # beta = exp(gam)
+        tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
         ddecay = (dattn * qk)
         dA_from_A_inv_left = tl.dot(tl.trans(A_inv).to(DOT), dA_inv.to(DOT), input_precision=PRECISION)
-        dlog_tail = (dtail * rowmask * tl.exp(tl.trans(tl.sum((strict * la), 0, keep_dims=True))))
         dgam_from_decay_full = (ddecay * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
         dgam_row_from_decay_full = (ddecay * tl.where((strict > 0.0), (-1.0 * tl.exp((gam + (-1.0 * gam_row)))), 0.0))
         dA_from_A_inv_neg = tl.dot(dA_from_A_inv_left.to(DOT), tl.trans(A_inv).to(DOT), input_precision=PRECISION)
         dA = (-1.0 * dA_from_A_inv_neg)
         dkk_decay = (dA * eta_c)
-        dgam_from_kk_decay_full = (dkk_decay * kk * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
+        dla_from_la_after_full = (tl.broadcast_to(tl.trans((dtail * tail)), (BT, BT)) * strict)
         dgam_row_from_kk_decay_full = (dkk_decay * kk * tl.where((strict > 0.0),
                 (-1.0 * tl.exp((gam + (-1.0 * gam_row)))), 0.0))
-        dla_from_la_after = tl.sum((tl.broadcast_to(tl.trans(dlog_tail), (BT, BT)) * strict), 1, keep_dims=True)
         deta = (deta_from_rhs + (tl.sum((dA * kk_decay), 1, keep_dims=True) * rowmask))
         dgam_row = (tl.sum(dgam_row_from_kk_decay_full, 0, keep_dims=True) + tl.sum(dgam_row_from_decay_full, 0,
                 keep_dims=True))
-        dgam = (tl.sum(dgam_from_kk_decay_full, 1, keep_dims=True) + tl.sum(dgam_from_decay_full, 1,
-                keep_dims=True) + dgam_from_pred + tl.trans(dgam_row) + (dbeta * tl.exp(gam)))
+        dgam = (tl.sum((dkk_decay * kk_decay), 1, keep_dims=True) + tl.sum(dgam_from_decay_full, 1,
+                keep_dims=True) + dgam_from_pred + tl.trans(dgam_row) + (dbeta * beta))
         dla_from_gam = tl.reshape(tl.cumsum(tl.reshape(dgam, [BT]), 0, reverse=True), [BT, 1])
-        dla = (dla_from_la_after + tl.broadcast_to(dgam_end, (BT, 1)) + dla_from_gam)
+        dla = (tl.sum(dla_from_la_after_full, 1, keep_dims=True) + tl.broadcast_to(dgam_end, (BT, 1)) + dla_from_gam)
         dlog_alpha = (dla * tl.where((log_alpha > -110.0), 1.0, 0.0))
         tl.store(dlog_alpha_ptr + tok * H + i_h, tl.sum(dlog_alpha, 1), mask=valid)
         tl.store(deta_ptr + tok * H + i_h, tl.sum(deta, 1), mask=valid)
