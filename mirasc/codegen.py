@@ -152,9 +152,17 @@ def triton_unsupported(d) -> str | None:
     """Why the Triton backend cannot compile this spec yet (None when it can)."""
     spec = d.spec
     mem, ret = spec.memory, spec.retention
+    muon = spec.learner.kind == "muon"
     reasons = [
-        (spec.learner.kind == "muon", "learner.kind 'muon' (the chunk step has no Newton-Schulz "
-                                      "iteration of the state-shaped momentum)"),
+        (muon and spec.learner.apply == "token",
+         "learner.apply 'token' with learner.kind 'muon' (NS_k of every token's momentum needs a "
+         "state-shaped tile per row of the chunk; allowed with kernels: 'chunk')"),
+        (muon and mem.kind != "matrix", f"learner.kind 'muon' on a {mem.kind} memory (the kernels "
+                                        "orthogonalise a matrix memory's state; allowed: 'matrix')"),
+        (muon and mem.bias, "memory.bias with learner.kind 'muon'"),
+        (muon and spec.bias.window is not None and spec.bias.window.size > 1
+         and spec.learner.momentum.shape == "channel",
+         "bias.window over more than one token with a channel-wise muon momentum"),
         (mem.kind == "mlp" and spec.learner.grad_at == "retained" and "log_alpha" in d.op_gates(),
          "grad_at 'retained' with a decaying mlp memory (the gradient point differs per row)"),
         (not d.retention.linear and spec.learner.grad_at == "retained",

@@ -40,6 +40,7 @@ RNORM_EPS = 1e-12  # rnorm = sqrt(||r||^2 + RNORM_EPS)
 OP_ARGUMENTS = {"retention.decay": "log_alpha", "learner.eta": "eta", "bias.delta": "delta",
                 "learner.momentum": "momentum", "bias.window.weight": "window_weight"}
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic Newton-Schulz step (a, b, c)
+NS_EPS = 1e-7  # NS_k starts from X / (||X||_F + NS_EPS): a zero momentum makes a zero update
 ACTIVATIONS = {"gelu": "GELU", "silu": "SiLU", "relu": "ReLU", "tanh": "tanh"}
 
 

@@ -298,9 +298,9 @@ class KernelPrinter:
         need = set(plan(graph, kernel.targets, kernel.loads))
         inputs = ("q", "k", *self.step.gates)
         rows = self.row_masks(kernel)
-        loads = {x: [m.load_rows(x, f"{x}_ptr", "k", "0.0", tile_dtype(graph, x, need),
+        loads = {x: [m.load_rows(x, f"{x}_ptr", "k", PADS.get(x, "0.0"), tile_dtype(graph, x, need),
                                  *self.rows_of(x, rows))]
-                 + ([] if x in rows else [m.pad_nonfinite(x, "0.0")])
+                 + ([] if x in rows else [m.pad_nonfinite(x, PADS.get(x, "0.0"))])
                  for x in kernel.block_loads if x in inputs}
         states, _ = self.state_io("bwd_out", {})
         loads |= {n: lines for n, lines in states.items() if n in kernel.block_loads}

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mirasc.derive import DELTA, NS_COEFFICIENTS, RNORM, RNORM_EPS, Derivation, R, V, Z
+from mirasc.derive import DELTA, NS_COEFFICIENTS, NS_EPS, RNORM, RNORM_EPS, Derivation, R, V, Z
 from mirasc.expr import to_torch
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
-NS_EPS = 1e-7  # X / (||X|| + NS_EPS): a zero momentum makes a zero update
 
 
 @dataclass

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import oracle
 import pytest
 import torch
-from conftest import axis_spec, decode, op_from_yaml, random_inputs
+from conftest import axis_spec, decode, op_from_yaml, random_inputs, run_generated
 from typer.testing import CliRunner
 
 import mirasc
 from mirasc.catalog import checked_spec
 from mirasc.check import compare, varlen_inputs
 from mirasc.cli import app
-from mirasc.codegen import step_unsupported
+from mirasc.codegen import render_module, step_unsupported, triton_unsupported
 from mirasc.decode import Decoder
 from mirasc.derive import explain
 from mirasc.layers import MirasLayer
@@ -149,12 +150,14 @@ def test_one_step_orthogonalises_each_tensor(memory):
 
 
 def test_the_op_runs_the_reference_varlen_and_its_gradients():
-    """Every muon spec is mini-batch and runs the chunked reference (no kernels: the reason names
-    the learner); packed sequences (one ending mid-chunk, where apply: chunk applies) equal each
-    alone, and every input gradient of the op equals the reference's."""
-    text = axis_spec(learner=MUON.replace("}}", "}, apply: chunk}"))
+    """Every muon spec is mini-batch; `apply: token` runs the chunked reference (no kernels: the
+    reason names the field and what is allowed); packed sequences (one ending mid-chunk) equal
+    each alone, and every input gradient of the op equals the reference's."""
+    text = axis_spec(learner=MUON)
     op = mirasc.compile(text)
     assert op.backend == "reference" and op.oracle_chunk_size == 4 and not op.derivation.exact
+    assert "learner.apply 'token'" in triton_unsupported(op.derivation)
+    assert "allowed with kernels: 'chunk'" in triton_unsupported(op.derivation)
     assert "learner.kind 'muon'" in step_unsupported(op.derivation)
     inputs = varlen_inputs(op, [0, 6, 13], dk=3, dv=3)
     o, _ = op(**inputs)
@@ -212,3 +215,61 @@ def test_decoding_equals_the_parallel_forward(apply, monkeypatch):
     whole, _ = layer(x)
     for prefill in (1, 6):
         torch.testing.assert_close(decode(layer, x, prefill), whole, rtol=1e-10, atol=1e-10)
+
+
+BY_CHUNK = "{kind: muon, eta: {}, momentum: {}, apply: chunk}"
+
+
+def _kernels(axes: dict):
+    op = run_generated(render_module(op_from_yaml(
+        axis_spec(**({"learner": BY_CHUNK} | axes)).replace("chunk_size: 4", "chunk_size: 5")).spec)).op
+    assert op.backend == "triton"
+    return op
+
+
+def test_kernels_apply_per_chunk_as_the_oracle():
+    """The generated kernels (Triton's interpreter on CPU), apply: chunk on a matrix memory: the
+    chunk-end momentum, NS_k on the whole state tile in the pass, the last row's read of the
+    moved state and the reverse mode through the unrolled products, against the oracle's own
+    Newton-Schulz: output, final states and every input gradient, float64, chunks of 5 over 13
+    tokens, per-channel decay and momentum,
+    gradients at the retained state, DK over two blocks of key columns in the gradient kernels
+    (which pass over them)."""
+    op = _kernels({"retention": "{kind: l2, decay: {shape: channel}}",
+                   "bias": "{kind: huber, delta: {}}",
+                   "learner": "{kind: muon, eta: {}, momentum: {shape: channel}, apply: chunk, "
+                              "grad_at: retained}"})
+    inputs = random_inputs(op, batch=1, length=13, heads=2, dk=33, dv=5)
+    errors = oracle.errors_against_oracle(op, op.spec, inputs, 5)
+    bad = {n: e for n, e in errors.items() if not e <= 1e-12}  # NaN is never <= 1e-12
+    assert errors and not bad, bad
+
+
+def test_kernels_with_a_window_varlen_in_float32():
+    """A window of 3 weighted tokens (the previous chunk's rows regrouped through the band), a
+    KL retention, constant gates (momentum 0), more value than key columns (the oracle and the
+    reference take NS on X^T, the kernels on X: the same polynomial), packed sequences (one
+    ending mid-chunk, where the chunk's step applies); float32 inputs against the float64
+    reference: at most 8x what the float32 reference itself loses, or 1e-5."""
+    op = _kernels({"bias": "{kind: l2, window: {size: 3, weight: {}}}",
+                   "retention": "{kind: kl, decay: {value: 0.9}, scale: 2.0}",
+                   "learner": "{kind: muon, eta: {value: 0.3}, momentum: {value: 0}, "
+                              "apply: chunk, ns_steps: 2}"})
+    inputs = varlen_inputs(op, [0, 6, 13], dk=3, dv=6)
+    narrow = {k: (tuple(x.float() for x in v) if isinstance(v, tuple) else
+                  v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
+    kernel = compare(op, narrow, chunk_size=5, against=inputs)
+    baseline = compare(op, narrow, chunk_size=5, against=inputs, run_reference=True)
+    bad = {n: (e, baseline[n]) for n, e in kernel.items() if not e <= max(1e-5, 8 * baseline[n])}
+    assert kernel and not bad, bad
+
+
+def test_what_the_kernels_leave_to_the_reference():
+    """apply: token, an MLP or vector memory and memory.bias keep the reference; the reason names
+    the field and what is allowed."""
+    cases = {MUON: "learner.apply 'token'", "{kind: mlp}": "on a mlp memory",
+             "{kind: vector}": "allowed: 'matrix'",
+             "{kind: matrix, bias: true}": "memory.bias with learner.kind 'muon'"}
+    for axis, reason in cases.items():
+        axes = {"learner": axis} if axis == MUON else {"memory": axis, "learner": BY_CHUNK}
+        assert reason in triton_unsupported(op_from_yaml(axis_spec(**axes)).derivation)

@@ -123,7 +123,7 @@ def test_axis_values_match_the_oracle(case):
         _assert_small({f"chunk {chunk}: {n}": e for n, e in errors.items()})
 
 
-MUON_CASES = {  # the muon learner (reference only: no kernels) on each memory and both applies
+MUON_CASES = {  # the reference's muon learner on each memory and both applies
     "matrix, bias, layer norm": {"memory": "{kind: matrix, bias: true, layer_norm: true}",
                                  "bias": "{kind: huber, delta: {}}",
                                  "learner": "{kind: muon, eta: {}, momentum: {}}"},
@@ -150,8 +150,8 @@ def test_muon_matches_the_oracle(case):
 
 
 BUILDER_CASES = AXIS_CASES | {  # grad_at 'retained' on the other paths, a lag token with a
-    # proximal map or an affine layer norm, an exact (WY/UT) update whose g is not r - v, and a
-    # chunk-end map read through a residual and an affine layer norm
+    # proximal map, an affine layer norm or muon applied per chunk, an exact (WY/UT) update whose
+    # g is not r - v, and a chunk-end map read through a residual and an affine layer norm
     "retained, channel decay": {"retention": "{kind: l2, decay: {shape: channel}}",
                                 "bias": "{kind: huber, delta: {}}", "learner": LEARNERS[3]},
     "retained, channel decay, exact": {"retention": "{kind: l2, decay: {shape: channel}}",
@@ -164,6 +164,9 @@ BUILDER_CASES = AXIS_CASES | {  # grad_at 'retained' on the other paths, a lag t
     "lag token, affine layer norm": {"memory": "{kind: matrix, layer_norm: {affine: true}}",
                                      "extra": "lag_token: true"},
     "exact, g = 1.4 r + v": {"bias": "{kind: expression, loss: '0.7 * r**2 + r * v'}"},
+    "muon per chunk, lag token, lq map": {
+        "retention": RETENTIONS[4], "extra": "lag_token: true",
+        "learner": "{kind: muon, eta: {}, momentum: {}, apply: chunk, ns_steps: 3}"},
     "lq map, residual, affine layer norm": {
         "memory": "{kind: matrix, residual: true, layer_norm: {affine: true}}",
         "retention": RETENTIONS[4]},

@@ -51,8 +51,9 @@ def log_gate(gr: Graph, gates: dict, arg: str, rowmask: str, name: str) -> str |
                       name=name, formula=f"{name} = max(log_alpha, {LOG_FLOOR:g})")
         return ew(gr, lambda m: sp.log(m + MOMENTUM_EPS), arg, name=name,
                   formula=f"{name} = log({arg} + {MOMENTUM_EPS:g})")
-    return ew(gr, lambda m: m * sp.log(sp.Float(gate.value)), rowmask, name=name,
-              formula=f"{name} = log({gate.value:g}) on real rows")
+    value = gate.value + (MOMENTUM_EPS if arg == "momentum" else 0.0)
+    return ew(gr, lambda m: m * sp.log(sp.Float(value)), rowmask, name=name,
+              formula=f"{name} = log({value:g}) on real rows")
 
 
 def decay_matrix(gr: Graph, causal: str, cum: str, cum_row: str, name: str) -> str:

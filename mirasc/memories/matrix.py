@@ -6,9 +6,10 @@ import sympy as sp
 
 from mirasc.derive import Derivation
 from mirasc.graph import Graph, ew
-from mirasc.memories.decay import chunk_decays, decayed_to_end, momentum_mixing, tail_decays
-from mirasc.memories.eta import by_query, last_row_eta
+from mirasc.memories.decay import chunk_decays, decayed_to_end, log_gate, momentum_mixing, tail_decays
+from mirasc.memories.eta import last_row_eta, raw_updates
 from mirasc.memories.maps import finish, read_map
+from mirasc.memories.muon import by_chunk, chunk_momentum, newton_schulz
 from mirasc.memories.step import ChunkStep, chunk_inputs, last_row_reads, param_inputs
 from mirasc.memories.updates import exact_updates, minibatch_updates
 from mirasc.memories.window import banded, eta_rows, previous_rows, window_mix, window_weights
@@ -21,7 +22,9 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
         W_new = exp(gamma_T) W - (U * exp(gamma_T - gamma))^T K.
     U comes from mini-batch gradients at W (`minibatch_updates`) or, for a quadratic bias, from
     the exact recurrence solved by the WY/UT transform (`exact_updates`). A momentum learner
-    (`_momentum_terms`) mixes the updates through the momentum's decay as well. A bias b [1, DV]
+    (`_momentum_terms`) mixes the updates through the momentum's decay as well; muon applied per
+    chunk (`_muon_end`) leaves the rows on beta * Q W^T and moves the state at the chunk end by
+    eta_e NS_k(S_e), which the chunk's last row reads. A bias b [1, DV]
     is a weight on a constant input 1: QK^T + 1 above, b_new = exp(gamma_T) b - sum of U * tail.
     With eta_at 'query', U holds the raw g_i and row t of the mix (and the chunk end) is scaled
     by eta_t (eta of the last row). A window of c > 1 tokens (`memories.window`) mixes U = gamma g
@@ -38,6 +41,8 @@ def matrix_chunk_step(d: Derivation) -> ChunkStep:
     keep = decayed_to_end(gr, ctx["gam_end"], ctx["state"], "keep")
     if d.spec.learner.kind == "momentum":
         z_o, acc, extra = _momentum_terms(gr, d, ctx, updates, ctx["decay_mat"], qk, read, keep)
+    elif by_chunk(d):
+        z_o, (acc, extra) = read, _muon_end(gr, d, ctx, updates, keep)
     else:
         z_o, acc, extra = _gradient_terms(gr, d, ctx, updates, attn, qk, read, keep)
     o = finish(gr, d, z_o, ctx["q"], ctx["vmask"], name="o_chunk", read=True)
@@ -80,7 +85,7 @@ def _previous(gr: Graph, d: Derivation, ctx: dict) -> dict:
     if ctx["b"] is not None:
         qk_prev = ew(gr, lambda a: a + 1, qk_prev, name="qk1_prev", formula="qk1_prev = qk_prev + 1")
     return dict(k_prev=rows["k"], u_prev=u_prev, qk_prev=qk_prev,
-                eta_rows=eta_rows(gr, d, ctx["rowmask"], by_query(d)))
+                eta_rows=eta_rows(gr, d, ctx["rowmask"], raw_updates(d)))
 
 
 def _reads(gr: Graph, ctx: dict) -> tuple[str | None, str | None, str]:
@@ -177,11 +182,11 @@ def _window_end(gr: Graph, ctx: dict, updates: str, weights: str) -> tuple[str, 
 
 def _chunk_end(gr: Graph, d: Derivation, ctx: dict, o: str, acc: str, extra: dict) -> ChunkStep:
     """The step's outputs: o and the new states. A nonlinear retention maps the state at the
-    chunk end only; the chunk's last row reads it."""
+    chunk end only; the chunk's last row reads it (as it reads muon's chunk-end step)."""
     gates, q, vmask = ctx["gates"], ctx["q"], ctx["vmask"]
     states = ("W", *extra)
     params = param_inputs(gr)
-    if d.retention.linear:
+    if d.retention.linear and not by_chunk(d):
         return ChunkStep(gr, gates, states, {"o": o, "W": acc, **extra}, params)
     w_end = read_map(gr, d, acc, "W_end")
     z_end = gr.dot(q, w_end, tb=True, name="z_end", formula="z_end = q W_end^T")
@@ -228,3 +233,29 @@ def _momentum_terms(gr: Graph, d: Derivation, ctx: dict, updates: str, decay_mat
     s_new = ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, s_update, name="S_new",
                formula="S_new = exp(mu_end) S + s_update")
     return z_o, acc, {"S": s_new}
+
+
+def _muon_end(gr: Graph, d: Derivation, ctx: dict, grads: str, keep: str) -> tuple[str, dict]:
+    """Muon applied at the chunk end (LaCT): the momentum S_e = (m_(s+1)..m_e) S + sum_i
+    (m_(i+1)..m_e) g_i k_i^T of the rows' raw gradients at W (`chunk_momentum`; with a window,
+    regrouped through its band) and W_new = keep - eta_e NS_k(S_e) (`newton_schulz`, eta_e the
+    last row's step)."""
+    s_in = gr.input("S", ("DV", ctx["dk"]))
+    if "u_prev" in ctx:
+        lm = log_gate(gr, d.op_gates(), "momentum", ctx["rowmask"], name="lm")
+        tail = tail_decays(gr, lm, ctx["rowmask"], name="m_tail")
+        update = _window_end(gr, ctx, grads, tail)[0]
+        mu_end = gr.sum(lm, 0, name="mu_end", formula="mu_end = sum_t lm_t")
+        s_end = ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, update, name="S_end",
+                   formula=f"S_end = exp(mu_end) S + {update}")
+    else:
+        s_end = chunk_momentum(gr, d, s_in, grads, ctx["k"], ctx["rowmask"], "S")
+    ortho = newton_schulz(gr, s_end, d.spec.learner.ns_steps, "ns")
+    eta_end, eta = last_row_eta(gr, d), d.spec.learner.eta
+    if eta_end is None:
+        step = ew(gr, lambda x: sp.Float(eta.value) * x, ortho, name="ns_step")
+    else:
+        step = ew(gr, lambda e, x: e * x, eta_end, ortho, name="ns_step")
+    acc = ew(gr, lambda a, u: a - u, keep, step, name="acc",
+             formula=f"acc = {keep} - eta_end NS_k({s_end})")
+    return acc, {"S": s_end}

@@ -82,7 +82,7 @@ def _key_gradients(gr: Graph, d: Derivation, ctx: dict, rows: dict | None = None
     factor = factor.subs(sp.Symbol("vmask", real=True), 1)
     x_sym, m_sym = sp.Symbol("x", real=True), sp.Symbol("m", real=True)
     updates = [gr.ew(x_sym * factor * m_sym, args | {x_sym: deltas[z], m_sym: dim_mask(gr, dim)},
-                     name=f"u{i + 1}{sfx}", formula=f"u{i + 1}{sfx} = {step_text(d)} * {deltas[z]}")
+                     name=f"u{i + 1}{sfx}", formula=f"u{i + 1}{sfx} = {step_text(d)}{deltas[z]}")
                for i, (z, dim) in enumerate(zip(pre, ctx["dims"][1:], strict=True))]
     return dict(keys=keys, updates=updates)
 

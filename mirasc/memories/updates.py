@@ -59,7 +59,7 @@ def minibatch_updates(gr: Graph, d: Derivation, ctx: dict, rows: dict | None = N
     args, factor = gate_args(gr, d, own)
     x = sp.Symbol("x", real=True)
     return gr.ew(x * factor, args | {x: through}, name=f"u{suffix}",
-                 formula=f"u{suffix} = {step_text(d)} * {through}")
+                 formula=f"u{suffix} = {step_text(d)}{through}")
 
 
 def exact_updates(gr: Graph, d: Derivation, ctx: dict) -> str:
