@@ -80,7 +80,10 @@ class KernelPrinter:
             return self.source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
         if op in ("cumsum", "revcumsum"):
             column = graph.shape(node["inputs"][0])[1] == 1
-            held = held_by_inputs(graph, node["inputs"][0])
+            # as a product outside a pass over blocks only: inside one its operands sit beside
+            # the pass's tiles (KDA's key-block stage, bf16, D=128, sm_90: spilled 1760 B per
+            # thread rather than 232, and ran 1.8x the instructions)
+            held = held_by_inputs(graph, node["inputs"][0]) and n not in self.looped
             return m.prefix_sum(x[0], column, op == "revcumsum", held)
         if op in ("gdot", "gmix"):
             return m.pair_decays("gmix_t" if node.get("ta") else op, x, node["offset"])
@@ -220,6 +223,7 @@ class KernelPrinter:
                 self.places[n] = self.places.get(n, 0) + 1
         else:
             self.places = dict.fromkeys(plan(self.graph, kernel.targets, kernel.loads), 1)
+        self.looped = {n for s in streams for loop in s.loops for n in loop.nodes}
         reduced = [r for s in streams for loop in s.loops for r in loop.reduce]
         self.places.update(dict.fromkeys([*reduced, *sums], 1))
         self.pinned = {*kernel.targets, *kernel.stores, *kernel.loads, *kernel.block_loads,

@@ -1,7 +1,11 @@
-"""mirasc.kernel_printer: which products under per-pair decays one helper call prints together."""
+"""mirasc.kernel_printer: which products under per-pair decays one helper call prints together,
+and where a prefix sum prints as a product."""
 
+import re
 from types import SimpleNamespace
 
+from mirasc.catalog import resolve
+from mirasc.codegen import render_module
 from mirasc.graph import Graph
 from mirasc.kernel_printer import KernelPrinter
 
@@ -91,3 +95,14 @@ def test_two_sums_of_products_on_the_same_decays_are_one_call():
     lines = KernelPrinter.accumulations(printer, ["attn", "kk", "other"])
     assert lines == ["['attn_block', 'kk_block'] = gdot_both(['q', 'k', 'k', 'gam', 'gam'], [0, 1])",
                      "attn += attn_block", "kk += kk_block", "other += expr(other)"]
+
+
+def test_held_prefix_sums_are_products_outside_passes_over_blocks():
+    """gamma = cumsum(max(log_alpha, -110)) prints as held_cumsum (a tensor-core product) where
+    a kernel holds every key column, and as tl.cumsum inside a pass over key blocks (beside
+    the pass's pair tiles): KDA's stage computes it both ways, the key-block pass nested one
+    level deeper than the segment loop."""
+    text = render_module(resolve("kda"))
+    printed = set(re.findall(r"^( +)gam = (tl.cumsum|held_cumsum)\(", text, re.M))
+    assert {(len(indent) > 8, call) for indent, call in printed} == {
+        (True, "tl.cumsum"), (False, "held_cumsum")}
