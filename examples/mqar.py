@@ -8,7 +8,7 @@ the keys of one sequence are distinct, its values drawn with replacement.
 
     python examples/mqar.py          # six specs, 4 pairs: about 2 minutes (1 thread, 2-core sandbox)
     python examples/mqar.py --quick  # the three matrix-memory specs, under a minute
-    python examples/mqar.py --atlas  # the Omega rule: gated DeltaNet, Titans, omega, Atlas (~13 min)
+    python examples/mqar.py --atlas  # gated DeltaNet, Titans, omega and Atlas: about 11 minutes
     python examples/mqar.py --specs gated_deltanet specs/yaad.yaml --pairs 4 8 --eval-pairs 4 8 16
 
 Each spec trains a fresh MirasForCausalLM (same hidden size, layers and heads) for `--steps` steps
