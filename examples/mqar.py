@@ -8,6 +8,7 @@ the keys of one sequence are distinct, its values drawn with replacement.
 
     python examples/mqar.py          # six specs, 4 pairs: about 2 minutes (1 thread, 2-core sandbox)
     python examples/mqar.py --quick  # the three matrix-memory specs, under a minute
+    python examples/mqar.py --atlas  # gated DeltaNet, Titans, omega and Atlas: about 11 minutes
     python examples/mqar.py --specs gated_deltanet specs/yaad.yaml --pairs 4 8 --eval-pairs 4 8 16
 
 Each spec trains a fresh MirasForCausalLM (same hidden size, layers and heads) for `--steps` steps
@@ -34,6 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SPECS = ("linear_attention", "gated_deltanet", "moneta", "yaad", "memora",
          "examples/specs/cauchy_elastic.yaml")
 QUICK_SPECS = ("linear_attention", "gated_deltanet", "examples/specs/cauchy_elastic.yaml")
+# Atlas's Omega rule beside the delta rule and Titans; atlas_muon has no kernels (muon): it runs
+# the reference's chunked recurrence, token by token inside each chunk, on the CPU and on a GPU
+ATLAS_SPECS = ("gated_deltanet", "titans", "omega", "examples/specs/atlas_muon.yaml")
 IGNORE = -100
 
 
@@ -135,8 +139,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--specs", nargs="+", default=list(SPECS),
-                   help="shipped spec names or YAML paths")
+    chosen = p.add_mutually_exclusive_group()
+    chosen.add_argument("--specs", nargs="+", default=list(SPECS),
+                        help="shipped spec names or YAML paths")
+    chosen.add_argument("--atlas", action="store_true",
+                        help="the Omega rule's comparison: " + ", ".join(ATLAS_SPECS))
     p.add_argument("--pairs", type=int, nargs="+", default=[4],
                    help="key-value pairs per training sequence (every key is queried); with "
                    "several, each batch draws one of them")
@@ -160,6 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="under a minute: the matrix-memory specs only")
     p.add_argument("--out", type=Path, default=Path("runs/mqar"))
     args = p.parse_args(argv)
+    if args.atlas:
+        args.specs = list(ATLAS_SPECS)
     if args.quick:
         args.specs = [s for s in args.specs if s in QUICK_SPECS]
     return args

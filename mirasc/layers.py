@@ -188,13 +188,14 @@ class MirasLayer(nn.Module):
     def _continue(self, inputs: dict, state: dict | None, batch: int, like: torch.Tensor):
         """Continue from the state's `StepState` (O(1) in the position inside a chunk): the
         tokens up to the next chunk boundary step, then whole chunks of a call of more than one
-        token run through the op (a prefill), and the rest steps again."""
+        token run through the op (a prefill), and the rest steps again. With a window (c > 1)
+        that holds earlier tokens, every token steps: the op's window starts at its first token."""
         acc = torch.float64 if like.dtype == torch.float64 else torch.float32
         memory = state["memory"] if state else self._start_state(batch, like, acc)
         length, chunk = inputs["q"].shape[1], self.decoder.chunk
         head = min(length, -memory.position % chunk)
         rest = length - head
-        whole = rest - rest % chunk if length > 1 else 0
+        whole = rest - rest % chunk if length > 1 and "window" not in memory.tracks else 0
         outputs = []
         if head:
             o, memory = self._step({n: x[:, :head] for n, x in inputs.items()}, memory)

@@ -6,6 +6,8 @@ from the paper's chunk form (PAPER_NOTES.md §5) with explicit sums over the chu
 Per chunk [s, e) with dual state Z_s (the memory W itself for L2 / no retention, the proximal
 elastic net's W): W_s = phi^-1(Z_s), D(i, t) = alpha_i ... alpha_t,
     g_i = grad_W l(M_W(k_i) - v_i) at W = W_s (grad_at previous) or phi^-1(D(s, i) Z_s) (retained)
+          (a window of c tokens, Atlas's Omega rule: sum_(j=i-c+1..i, j>=0) gamma_j grad_W
+          l(M_W(k_j) - v_j) at i's W, the window reaching back before s)
     u_i = eta_i g_i (key) | g_i (eta_at query) | S_i = m_i S_(i-1) + eta_i g_i (momentum)
           | eta_i NS_k(S_i), S_i = m_i S_(i-1) + g_i (muon; apply: chunk: at i = e-1 only, else 0)
     P_t = D(s, t) W_s - step_t,   step_t = [eta_t] sum_(s<=i<=t) D(i+1, t) u_i
@@ -264,19 +266,23 @@ def newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
     return y
 
 
-def run(spec, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None, ln_weight=None,
-        ln_bias=None, initial_state, chunk_size: int | None, tally: Tally | None = None):
+def run(spec, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None,
+        window_weight=None, ln_weight=None, ln_bias=None, initial_state, chunk_size: int | None,
+        tally: Tally | None = None):
     """o [B, T, H, Dv] and the final state tuple (memory tensors, then momentum) for the op's
     inputs ([B, T, H, D], gates [B, T, H(, D)]); chunk_size None is the token recurrence."""
     tally = tally or Tally()
     heads_first = lambda x: x if x is None else x.transpose(1, 2)  # noqa: E731
     q, k, v = heads_first(q), heads_first(k), heads_first(v)
-    given = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum}
+    given = {"log_alpha": log_alpha, "eta": eta, "delta": delta, "momentum": momentum,
+             "window_weight": window_weight}
+    window = spec.bias.window
     gates = {}
-    for field, name in (("retention.decay", "log_alpha"), ("learner.eta", "eta"),
-                        ("bias.delta", "delta"), ("learner.momentum", "momentum")):
-        axis, key = field.split(".")
-        gate = getattr(getattr(spec, axis), key, None)
+    for name, gate in (("log_alpha", getattr(spec.retention, "decay", None)),
+                       ("eta", getattr(spec.learner, "eta", None)),
+                       ("delta", getattr(spec.bias, "delta", None)),
+                       ("momentum", getattr(spec.learner, "momentum", None)),
+                       ("window_weight", None if window is None else window.weight)):
         if gate is not None:
             x = gate.value if gate.value is not None else heads_first(given[name])
             gates[name] = x.exp() if name == "log_alpha" and isinstance(x, torch.Tensor) else x
@@ -303,8 +309,13 @@ def run(spec, q, k, v, *, log_alpha=None, eta=None, delta=None, momentum=None, l
         updates = []
         for t in range(s, e):
             point = w_s if learner.grad_at == "previous" else phi_inv(decay(s, t, z))
-            d_t = _gate(gates.get("delta"), t, v[:, :, 0]) if "delta" in gates else None
-            g = inner_grad(spec, point, k[:, :, t], v[:, :, t], d_t, ln, tally)
+            g = tuple(torch.zeros_like(x) for x in point)
+            for j in range(max(0, t - (1 if window is None else window.size) + 1), t + 1):
+                d_j = _gate(gates.get("delta"), j, v[:, :, 0]) if "delta" in gates else None
+                g_j = inner_grad(spec, point, k[:, :, j], v[:, :, j], d_j, ln, tally)
+                gamma = gates.get("window_weight")
+                g = tuple(a + (b if gamma is None else _gate(gamma, j, b) * b)
+                          for a, b in zip(g, g_j, strict=True))
             if learner.kind == "momentum":
                 mom = tuple(_gate(gates["momentum"], t, m) * m + _gate(gates["eta"], t, x) * x
                             for m, x in zip(mom, g, strict=True))

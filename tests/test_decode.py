@@ -67,7 +67,7 @@ def step_all(op, inputs: dict, per_call: int):
     decoder = Decoder(op.derivation, op.oracle_chunk_size)
     acc = inputs["q"].dtype
     state = decoder.start(inputs["initial_state"])
-    gates = {n: inputs.get(n) for n in ("log_alpha", "eta", "delta", "momentum")}
+    gates = {n: inputs.get(n) for n in mirasc.op.GATE_CHANNELS}
     ln = (inputs["ln_weight"], inputs["ln_bias"]) if op.affine else None
     outputs = []
     for t in range(0, inputs["q"].shape[1], per_call):

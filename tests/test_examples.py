@@ -72,6 +72,28 @@ def test_mqar_tiny_model_learns(example, one_thread):
     assert mqar.evaluate(model, task, sequences=64, seed=1) > 1 / task.num_values
 
 
+def test_mqar_atlas_set_builds_and_trains(example, one_thread):
+    """`--atlas`: each spec takes a training step on a tiny model that moves every parameter;
+    the Omega rule's gamma (the window weight's gate) gets a gradient; atlas_muon runs on the
+    reference."""
+    mqar = example("mqar")
+    assert mqar.parse_args(["--atlas"]).specs == list(mqar.ATLAS_SPECS)
+    task = mqar.Task(pairs=2, queries=2, num_keys=4, num_values=4)
+    for name in mqar.ATLAS_SPECS:
+        model = mqar.build_model(mqar.spec_path(name), task, hidden_size=16, layers=1, heads=1)
+        layer = model.model.layers[0].mixer
+        assert layer.op.backend == ("reference" if name.endswith("atlas_muon.yaml") else "triton")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        losses = mqar.train(model, [task], steps=1, batch_size=4, lr=1e-2)
+        assert math.isfinite(losses[0]), name
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert moved == set(before), (name, set(before) - moved)
+        windowed = name not in ("gated_deltanet", "titans")
+        assert ("window_weight" in layer.gates) == windowed, name
+        if windowed:
+            assert layer.gates["window_weight"].up.weight.grad.abs().sum() > 0, name
+
+
 def test_custom_objective_compiles_to_kernels(example, monkeypatch, tmp_path):
     monkeypatch.setenv("MIRASC_CACHE_DIR", str(tmp_path))  # generate, not load a cached module
     op = mirasc.compile(example("custom_objective").SPEC)

@@ -30,7 +30,7 @@ from mirasc.reference import bias_grad
 SPECS = Path(__file__).parent.parent / "specs"
 SHIPPED = sorted(p.stem for p in SPECS.glob("*.yaml"))
 RANGES = {"log_alpha": (-0.6, -0.02), "eta": (0.1, 1.5), "delta": (0.05, 1.0),
-          "momentum": (0.1, 0.95)}
+          "momentum": (0.1, 0.95), "window_weight": (0.2, 1.0)}
 
 
 def draw(op, seed: int, length: int = 29, heads: int = 2, dk: int = 5, dv: int = 5,
@@ -103,7 +103,9 @@ AXIS_CASES = ({f"bias {b}": {"bias": b} for b in BIASES}
               | {f"learner {lr}": {"learner": lr} for lr in LEARNERS}
               | {f"memory {m}": {"memory": m} for m in MEMORIES}
               | {f"option {name}": axes for name, axes in OPTION_CASES.items()}
-              | {"lag token, momentum": {"learner": LEARNERS[5], "extra": "lag_token: true"}})
+              | {"lag token, momentum": {"learner": LEARNERS[5], "extra": "lag_token: true"}}
+              | {"window of 3, huber": {"bias": "{kind: huber, delta: {}, window: {size: 3, "
+                                                "weight: {}}}"}})
 
 
 @pytest.mark.parametrize("case", sorted(AXIS_CASES))
