@@ -92,7 +92,8 @@ class ChunkKernels:
 
     def meta(self, q, v, cu_seqlens, kernel: str) -> dict:
         """The constexprs of a `kernel` launch: head dims, block sizes within the module's limits
-        (a stage takes whole rows of value columns), dtypes and precision."""
+        (a stage takes whole rows of value columns; a stage's key block is its width at head
+        dims up to 64), dtypes and precision."""
         m = self.m
         _, length, heads, dk = q.shape
         dv, dh = v.shape[-1], m["EXPANSION"] * dk
@@ -101,8 +102,11 @@ class ChunkKernels:
         bv = _block(dv) if kernel in m["V_SUMMED"] and _block(dv) <= m["WHOLE_V"] else bv
         widest = max(16, m["BH_MAX"].get(kernel, 16) * 64 // max(64, _block(max(dk, dv))))
         bh = min(_block(dh), widest) if m["STREAM_H"] else _block(dh)
+        bk = m["BK_MAX"].get(kernel, _block(dk))
+        if kernel in m["BK_MAX"] and any(kernel in stage for stage in m["STAGES"].values()):
+            bk = max(16, bk * 64 // max(64, _block(dk)))  # halved per doubling past 64
         return dict(T=length, H=heads, DK=dk, DV=dv, DH=dh, CHUNK=m["CHUNK"], BT=m["BT"],
-                    BK=min(_block(dk), m["BK_MAX"].get(kernel, _block(dk))), BDK=_block(dk),
+                    BK=min(_block(dk), bk), BDK=_block(dk),
                     BV=bv, BDV=_block(dv), BH=bh, STATE=self.state_size(q, v),
                     SEGMENTS=m["SEGMENTS"], IS_VARLEN=cu_seqlens is not None,
                     ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,

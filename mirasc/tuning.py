@@ -41,12 +41,25 @@ BH_MAX = {"fwd": 32}
 # The widest block of key columns of a gradient kernel that passes over them: 16 where its
 # program also walks the value blocks (it holds what each block reuses), else 32.
 BK_WALKING_V, BK = 16, 32
+# The key block of a stage kernel that passes over the key columns (the products under
+# per-channel decays, `schedule.kernels._key_stage`) at head dims up to 64, halved per doubling
+# beyond (`launch`). Bf16, sm_90, 8 warps, (8, 4096, 16): at D=64 one block of 64 ran GLA's
+# stage in 235 M warp-instructions rather than 354 in blocks of 32, and KDA's in 353 M (168 B
+# spilled) rather than 623 (280 B); at D=128 blocks of 64 ran GLA's in 656 M rather than 575,
+# and KDA's in 1074 M (416 B) rather than 1010 (232 B).
+BK_STAGE = 64
 # A gradient kernel with a program per key block that walks the value blocks, summing over them
 # in registers (`schedule.streams.ValueWalk`): its key block, and 8 warps. bf16, D=128, blocks of
 # 16 value columns: gated DeltaNet's dq/dk kernel at 8 warps spilled 56 B per thread with key
 # blocks of 64, none with 32 (245 registers); at 4 warps 576 and 224 B. Simple GLA's spills
 # none in any of these. Blocks of 32 value columns spilled 40 B at 8 warps.
 BK_PER_PROGRAM = 32
+# Such a kernel holding products under per-channel decays (their [NC, 16, W, D] pair tiles):
+# key blocks of 16. Bf16, sm_90, (8, 4096, 16): GLA's dq/dk kernel spills none at D=128 and 64
+# (2198 and 923 M warp-instructions) where blocks of 32 spilled 168 and 888 B (1575 and 751 M);
+# KDA's spills 320 B at D=128 (3587 M) rather than 1400 (2613 M), 656 B at D=64 (1558 M) rather
+# than 2192 (1215 M).
+BK_PAIRS = 16
 WALK_CONFIGS = [(8, 1)]
 
 

@@ -238,3 +238,17 @@ def test_tiles_read_only_by_products_are_stored_as_operands(name):
             assert b.operand == all(op == "dot" for op in uses), b.node
             flags.add(b.operand)
     assert flags == {True, False}
+
+
+@pytest.mark.parametrize(("name", "dqk", "stages"), [
+    ("gla", tuning.BK_PAIRS, {"fwd_stage2": tuning.BK_STAGE}),
+    ("kda", tuning.BK_PAIRS, {"fwd_stage": tuning.BK_STAGE}),
+    ("gated_deltanet", tuning.BK_PER_PROGRAM, {})])
+def test_key_blocks_by_what_the_kernel_holds(name, dqk, stages):
+    """The dq/dk kernel's programs take key blocks of BK_PAIRS where they hold products under
+    per-channel decays (their pair tiles), else BK_PER_PROGRAM; a stage passing over the key
+    columns takes BK_STAGE (its width at head dims up to 64)."""
+    sched = _schedule(name)
+    assert sched.kernels["bwd_dqk"].walk.per_key_block
+    assert sched.key_blocks["bwd_dqk"] == dqk
+    assert {k: b for k, b in sched.key_blocks.items() if sched.kernels[k].kind == "stage"} == stages

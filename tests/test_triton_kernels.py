@@ -384,6 +384,20 @@ def test_key_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
         assert module.kernel.launchers[kernel].key_blocks == {16}, kernel
 
 
+def test_a_stage_key_block_is_its_width_at_head_dims_up_to_64(monkeypatch):
+    """GLA's key-block stage takes blocks of BK_STAGE columns up to D = 64 (one block there),
+    halved per doubling of the head dim beyond; its dq/dk kernel keeps BK_PAIRS at every D, and
+    its other stage kernel holds every key column."""
+    op, module = _compiled("specs/gla.yaml", None, monkeypatch)
+    blocks = {}
+    for dk in (32, 64, 128, 256):
+        q = torch.empty(1, 8, 2, dk)
+        blocks[dk] = [module.kernel.meta(q, q, None, k)["BK"]
+                      for k in ("fwd_stage2", "bwd_dqk", "fwd_stage")]
+    assert blocks == {32: [32, 16, 32], 64: [64, 16, 64], 128: [32, 16, 128],
+                      256: [16, 16, 256]}
+
+
 @pytest.mark.parametrize("spec", ["deltanet", "gated_deltanet"])
 def test_chunks_run_apart_but_the_passes(spec, monkeypatch):
     """Only the passes walk the chunks: the stage kernels (the exact path's (I + A)^-1 reads no
@@ -439,14 +453,14 @@ def _module_table(source: str, name: str):
 
 @pytest.mark.parametrize("name", ["ttt_mlp", "moneta", "yaad", "memora", "gated_deltanet"])
 def test_operand_tiles_are_stored_in_the_operand_dtype(name, monkeypatch):
-    """An MLP memory's stage tiles that every kernel reads only as matmul operands are stored in
-    the operands' dtype (bf16 for bf16 inputs), so Triton takes them from shared memory; every
-    kernel that loads one uses it only in `tl.dot`. A matrix memory keeps float32 buffers."""
+    """The buffers that every kernel reads only as matmul operands are stored in the operands'
+    dtype (bf16 for bf16 inputs), an MLP memory's and a matrix memory's: every kernel that loads
+    one uses it only in `tl.dot`; the others stay float32."""
     spec = mirasc.load_spec(f"specs/{name}.yaml")
     source = render_module(spec)
     table = _module_table(source, "BUFFERS")
     halves = [n for tiles in table.values() for n, *_, half in tiles if half]
-    assert bool(halves) == (spec.memory.kind == "mlp")
+    assert halves and len(halves) < sum(len(tiles) for tiles in table.values())
     kernels = source.split("@triton.jit")[1:]
     for n in halves:
         readers = [k for k in kernels if f"{n} = tl.load({n}_ptr" in k]

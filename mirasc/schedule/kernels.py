@@ -250,7 +250,7 @@ def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands, key
             dim, block_loads = ("DH" if passes is not None else None), ()
             if keyed is not None and part == keyed[2]:
                 passes, block_loads = keyed[:2]
-                dim, key_blocks[name] = "DK", tuning.BK
+                dim, key_blocks[name] = "DK", tuning.BK_STAGE
             _operand_reads(graph, stop, set(part_nodes) - set(stop), operands)
             kernels[name] = KernelPlan(
                 name=name, kind="stage", direction=direction, targets=part, loads=stop,
@@ -311,7 +311,8 @@ def schedule(step: ChunkStep) -> Schedule:
             key_blocks[name] = tuning.BK_WALKING_V if name in in_place else tuning.BK
             walk = value_walk(graph, t, stop) if name in walkers else None
             if walk is not None and walk.per_key_block:
-                key_blocks[name] = tuning.BK_PER_PROGRAM
+                pairs = any(graph.node(n)["op"] == "gmix" for n in need)
+                key_blocks[name] = tuning.BK_PAIRS if pairs else tuning.BK_PER_PROGRAM
         elif streams is not None:
             passes, dim = streams[name], "DH"
         stored = kept if name == "fwd" else ()
