@@ -61,12 +61,19 @@ BK_PER_PROGRAM = 32
 # than 2192 (1215 M).
 BK_PAIRS = 16
 WALK_CONFIGS = [(8, 1)]
+# The stage kernels of a step with products under per-channel decays: 8 warps. GLA, bf16, sm_90:
+# at 4 warps its two forward stage kernels spilled 432 and 496 B per thread at D=128 and the
+# key-block one 896 B at D=64; at 8 warps none.
+PAIR_STAGE_CONFIGS = [(8, 1)]
 
 
-def configs(kernel: str, split_v: bool, streamed: bool) -> list[tuple[int, int]]:
-    """The (num_warps, num_stages) pairs of `kernel` ('fwd', 'bwd' are the passes)."""
+def configs(kernel: str, split_v: bool, streamed: bool, pairs: bool = False) -> list[tuple[int, int]]:
+    """The (num_warps, num_stages) pairs of `kernel` ('fwd', 'bwd' are the passes; `pairs`: the
+    step has products under per-channel decays)."""
     if split_v and kernel in ("fwd", "bwd"):
         return PASS_CONFIGS
     if streamed and kernel not in ("fwd", "bwd"):
         return STREAM_CONFIGS
+    if pairs and "stage" in kernel:
+        return PAIR_STAGE_CONFIGS
     return CONFIGS

@@ -252,3 +252,14 @@ def test_key_blocks_by_what_the_kernel_holds(name, dqk, stages):
     assert sched.kernels["bwd_dqk"].walk.per_key_block
     assert sched.key_blocks["bwd_dqk"] == dqk
     assert {k: b for k, b in sched.key_blocks.items() if sched.kernels[k].kind == "stage"} == stages
+
+
+@pytest.mark.parametrize(("name", "configs"), [("gla", tuning.PAIR_STAGE_CONFIGS),
+                                               ("kda", tuning.PAIR_STAGE_CONFIGS),
+                                               ("gated_deltanet", tuning.CONFIGS)])
+def test_stage_warps_under_per_channel_decays(name, configs):
+    """A step with products under per-channel decays runs its stage kernels at 8 warps only
+    (at 4 they spill); another step's stage kernels leave both to the autotuner."""
+    sched = _schedule(name)
+    stages = [k for k in sched.kernels.values() if k.kind == "stage"]
+    assert stages and all(k.configs == configs for k in stages)

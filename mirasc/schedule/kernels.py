@@ -228,6 +228,7 @@ def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands, key
     they pass over key blocks: `_key_stage`, recorded in `key_blocks`) and record the tiles they
     read only as operands; returns the tiles each direction's stage kernels hand each other."""
     graph, states = step.graph, list(step.states)
+    pairs = any(graph.node(n)["op"] in ("gdot", "gmix") for n in graph.order())
     handover = {}
     for direction, nodes in staged.items():
         saved = loads["fwd_out"] if direction == "bwd" else ()
@@ -256,7 +257,7 @@ def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands, key
                 name=name, kind="stage", direction=direction, targets=part, loads=stop,
                 needs=frozenset(set(part_nodes) - set(stop) - set(block_loads)), reads=reads,
                 stores=part, passes=passes, dim=dim, block_loads=block_loads,
-                configs=tuning.configs(name, split_v, streams is not None))
+                configs=tuning.configs(name, split_v, streams is not None, pairs))
             done += part
     return handover
 
