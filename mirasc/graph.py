@@ -224,6 +224,7 @@ def held_by_inputs(graph: Graph, n: str) -> bool:
 
 
 def _selects(expr: sp.Expr, held: set) -> bool:
+    """Whether expr takes only the values of the `held` symbols and of half-exact constants."""
     if isinstance(expr, sp.Symbol):
         return expr in held
     if isinstance(expr, sp.Number):
