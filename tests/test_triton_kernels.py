@@ -252,7 +252,8 @@ def _leaves(inputs: dict) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize(("spec", "dtype"), [
     ("gated_deltanet", torch.bfloat16), ("gated_deltanet", torch.float16),
-    ("simple_gla", torch.bfloat16), ("simple_gla", torch.float16), ("yaad", torch.float16)])
+    ("simple_gla", torch.bfloat16), ("simple_gla", torch.float16), ("yaad", torch.float16),
+    ("gla", torch.float16), ("kda", torch.float16)])
 def test_half_precision_inputs_accumulate_in_float32(spec, dtype):
     """bf16/fp16 inputs: matmul operands in the input dtype, float32 accumulation and state;
     output, final state and every input gradient against the float32 reference of the same
