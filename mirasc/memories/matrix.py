@@ -6,10 +6,10 @@ import sympy as sp
 
 from mirasc.derive import Derivation
 from mirasc.graph import Graph, ew
-from mirasc.memories.decay import chunk_decays, decayed_to_end, log_gate, momentum_mixing, tail_decays
+from mirasc.memories.decay import chunk_decays, decayed_to_end, momentum_mixing, tail_decays
 from mirasc.memories.eta import last_row_eta, raw_updates
 from mirasc.memories.maps import finish, read_map
-from mirasc.memories.muon import by_chunk, chunk_momentum, newton_schulz
+from mirasc.memories.muon import by_chunk, chunk_momentum, decayed_gradients, newton_schulz
 from mirasc.memories.step import ChunkStep, chunk_inputs, last_row_reads, param_inputs
 from mirasc.memories.updates import exact_updates, minibatch_updates
 from mirasc.memories.window import banded, eta_rows, previous_rows, window_mix, window_weights
@@ -242,14 +242,12 @@ def _muon_end(gr: Graph, d: Derivation, ctx: dict, grads: str, keep: str) -> tup
     last row's step)."""
     s_in = gr.input("S", ("DV", ctx["dk"]))
     if "u_prev" in ctx:
-        lm = log_gate(gr, d.op_gates(), "momentum", ctx["rowmask"], name="lm")
-        tail = tail_decays(gr, lm, ctx["rowmask"], name="m_tail")
-        update = _window_end(gr, ctx, grads, tail)[0]
-        mu_end = gr.sum(lm, 0, name="mu_end", formula="mu_end = sum_t lm_t")
-        s_end = ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, update, name="S_end",
-                   formula=f"S_end = exp(mu_end) S + {update}")
+        def update(tail):
+            return _window_end(gr, ctx, grads, tail)[0]
     else:
-        s_end = chunk_momentum(gr, d, s_in, grads, ctx["k"], ctx["rowmask"], "S")
+        def update(tail):
+            return decayed_gradients(gr, grads, ctx["k"], tail, "S")
+    s_end = chunk_momentum(gr, d, s_in, ctx["rowmask"], "S", update)
     ortho = newton_schulz(gr, s_end, d.spec.learner.ns_steps, "ns")
     eta_end, eta = last_row_eta(gr, d), d.spec.learner.eta
     if eta_end is None:

@@ -3,6 +3,8 @@ orthogonalised once, by the Newton-Schulz iteration on the state tile."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import sympy as sp
 
 from mirasc.derive import NS_COEFFICIENTS, NS_EPS, Derivation
@@ -16,24 +18,30 @@ def by_chunk(d: Derivation) -> bool:
     return learner.kind == "muon" and learner.apply == "chunk"
 
 
-def chunk_momentum(gr: Graph, d: Derivation, s_in: str, grads: str, keys: str, rowmask: str,
-                   name: str) -> str:
-    """S_e = (m_(s+1) .. m_e) S_s + sum_i (m_(i+1) .. m_e) grad_i at the chunk's last row e, for
-    a layer whose chunk gradients are grads^T keys (`grads` [T, out] the rows' raw gradients,
-    no step): one dot, the momentum's tail decays on the gradients (a per-head momentum) or on
-    the keys (a per-channel one)."""
+def chunk_momentum(gr: Graph, d: Derivation, s_in: str, rowmask: str, name: str,
+                   update: Callable[[str], str]) -> str:
+    """S_e = (m_(s+1) .. m_e) S_s + sum_i (m_(i+1) .. m_e) grad_i at the chunk's last row e:
+    `update` maps the momentum's tail decays m_tail [T, 1 or DK] to the decayed sum of the
+    chunk's gradients (`decayed_gradients`, or a window's regrouping of them)."""
     lm = log_gate(gr, d.op_gates(), "momentum", rowmask, name="lm")
     m_tail = "m_tail" if "m_tail" in gr.g else tail_decays(gr, lm, rowmask, name="m_tail")
     mu_end = "mu_end" if "mu_end" in gr.g else \
         gr.sum(lm, 0, name="mu_end", formula="mu_end = sum_t lm_t")
+    summed = update(m_tail)
+    return ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, summed, name=f"{name}_end",
+              formula=f"{name}_end = exp(mu_end) {s_in} + {summed}")
+
+
+def decayed_gradients(gr: Graph, grads: str, keys: str, m_tail: str, name: str) -> str:
+    """sum_i (m_(i+1) .. m_e) grad_i for a layer whose chunk gradients are grads^T keys (`grads`
+    [T, out] the rows' raw gradients, no step): one dot, the tail decays on the gradients (a
+    per-head momentum) or on the keys (a per-channel one)."""
     if gr.shape(m_tail)[1] == 1:
         grads = ew(gr, lambda a, b: a * b, grads, m_tail, name=f"{grads}_m_tail")
     else:
         keys = ew(gr, lambda a, b: a * b, keys, m_tail, name=f"{keys}_m_tail")
-    update = gr.dot(grads, keys, ta=True, name=f"{name}_update",
-                    formula=f"{name}_update = {grads}^T {keys}")
-    return ew(gr, lambda e, x, u: sp.exp(e) * x + u, mu_end, s_in, update, name=f"{name}_end",
-              formula=f"{name}_end = exp(mu_end) {s_in} + {name}_update")
+    return gr.dot(grads, keys, ta=True, name=f"{name}_update",
+                  formula=f"{name}_update = {grads}^T {keys}")
 
 
 def newton_schulz(gr: Graph, x: str, steps: int, name: str) -> str:
