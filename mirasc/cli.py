@@ -210,10 +210,11 @@ def resources(spec: SpecSource,
                                                         "(default: all).")] = ""):
     """Compile SPEC's kernels for a GPU (no GPU needed: Triton and its ptxas run here) and print
     each launch configuration's registers and spills per thread, tensor-core instructions (HGMMA,
-    HMMA), shared memory per program and the instructions of its largest loop.
+    HMMA), shared memory per program, the instructions of its largest loop, and whether the
+    autotuner times it (of a kernel's configurations that fit, those that spill least).
     Exits 1 when no configuration of a kernel fits the GPU's shared memory."""
     _quiet_triton()
-    from mirasc.resources import SHARED_LIMIT, CannotCompile, kernel_usage
+    from mirasc.resources import SHARED_LIMIT, CannotCompile, kernel_usage, timed
 
     dtypes = _kernel_dtypes()
     only = tuple(k for k in kernels.split(",") if k)
@@ -232,15 +233,16 @@ def resources(spec: SpecSource,
     typer.echo(f"{op.spec.name}: Dk={head_dim}, Dv={dv}, {dtype}, sm_{sm} (shared memory limit "
                f"{SHARED_LIMIT[sm] // 1024} KiB per block)")
     typer.echo(f"{'kernel':<9}  {'warps':>5}  {'stages':>6}  {'registers':>9}  {'spill B':>7}  "
-               f"{'tensor-core ops':>15}  {'shared KiB':>10}  {'loop instr':>10}  fits")
-    for u in rows:
+               f"{'tensor-core ops':>15}  {'shared KiB':>10}  {'loop instr':>10}  fits  timed")
+    for u, kept in zip(rows, timed(rows), strict=True):
         head = f"{u.kernel:<9}  {u.num_warps:>5}  {u.num_stages:>6}  "
         if u.error is not None:
             typer.echo(f"{head}ptxas refused it: {u.error}")
             continue
         loop = "-" if u.loop is None else u.loop
         typer.echo(f"{head}{u.registers:>9}  {u.spill_bytes:>7}  {u.tensor_core:>15}  "
-                   f"{u.shared_bytes / 1024:>10.1f}  {loop:>10}  {'yes' if u.fits else 'NO'}")
+                   f"{u.shared_bytes / 1024:>10.1f}  {loop:>10}  {'yes' if u.fits else 'NO ':<4}  "
+                   f"{'yes' if kept else 'no'}")
     unfit = sorted({u.kernel for u in rows} - {u.kernel for u in rows if u.fits})
     if unfit:
         typer.echo(f"{op.spec.name}: no launch configuration of the {' and '.join(unfit)} kernel "

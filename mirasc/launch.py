@@ -14,7 +14,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
+from triton.runtime.errors import OutOfResources, PTXASError
 
 
 def interpreting() -> bool:
@@ -46,14 +46,51 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def spills(compiled) -> int | None:
+    """Bytes per thread that a compiled kernel spills to local memory: its cubin's stack, read
+    without loading it (so also where `mirasc.resources` compiles for a GPU that is not there);
+    0 for a backend that emits no cubin; None where it needs more shared memory than its target
+    has (`resources.SHARED_LIMIT`)."""
+    from mirasc.resources import SHARED_LIMIT, resource_usage
+
+    if compiled.metadata.shared > SHARED_LIMIT.get(compiled.metadata.target.arch, math.inf):
+        return None
+    cubin = compiled.asm.get("cubin")
+    return 0 if cubin is None else resource_usage(cubin)[1]
+
+
+def least_spilling(kernel, spilled=spills):
+    """The autotuner's first cut (`early_config_prune`): each configuration compiled (the timer
+    compiles them anyway, and reuses these), only those that spill the fewest bytes per thread
+    are timed; one that ptxas refuses or that does not fit is dropped, and where none is left
+    the autotuner gets them all back and reports its own error."""
+
+    def prune(configs, named_args, **meta):
+        if len(configs) < 2:
+            return configs
+        found = {}
+        meta = {k: v for k, v in meta.items() if k not in ("grid", "warmup")}  # the call's own
+        for config in configs:
+            try:
+                found[config] = spilled(kernel.warmup(**named_args, **meta, **config.all_kwargs(),
+                                                      grid=(1,)))
+            except PTXASError:  # the timer skips it too
+                continue
+        least = min((n for n in found.values() if n is not None), default=None)
+        return [c for c in configs if least is not None and found.get(c) == least] or configs
+
+    return prune
+
+
 def tuned(kernel, configs):
     """The kernel under Triton's autotuner over `configs`, keyed by the head dims and the DV
-    block (Triton adds the inputs' dtypes); in the interpreter, which has no timer, the kernel
-    as is."""
+    block (Triton adds the inputs' dtypes), timing only the configurations that spill least
+    (`least_spilling`); in the interpreter, which has no timer, the kernel as is."""
     if interpreting():
         return kernel
     return triton.autotune([triton.Config({}, num_warps=w, num_stages=s) for w, s in configs],
-                           key=["DK", "DV", "BV"])(kernel)
+                           key=["DK", "DV", "BV"],
+                           prune_configs_by={"early_config_prune": least_spilling(kernel)})(kernel)
 
 
 class ChunkKernels:

@@ -57,6 +57,17 @@ class Usage:
         return self.error is None and self.shared_bytes <= self.shared_limit
 
 
+def timed(rows: list[Usage]) -> list[bool]:
+    """Per row, whether the autotuner times that configuration: it fits, and of its kernel's
+    configurations that fit it spills fewest (`launch.least_spilling`; one that spills more
+    never runs)."""
+    least: dict[str, int] = {}
+    for u in rows:
+        if u.fits:
+            least[u.kernel] = min(least.get(u.kernel, u.spill_bytes), u.spill_bytes)
+    return [u.fits and u.spill_bytes == least[u.kernel] for u in rows]
+
+
 class _StandIn:
     """Triton's active driver while compiling for sm_`capability`: reports that target, and a
     device key of its own (the JIT keeps its compiled kernels per device). Nothing launches."""
@@ -203,21 +214,31 @@ def compile_launch(launch: tuple, capability: int, num_warps: int, num_stages: i
         return kernel.warmup(*args, grid=(1,), **kwargs, **config)
 
 
-def sass(cubin: bytes) -> tuple[int, int, str]:
-    """REG and STACK of the cubin's kernel, as cuobjdump -res-usage prints them, and its SASS."""
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """What Triton's bundled cuobjdump prints for the cubin with `flag`."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage, listing = (subprocess.run([str(tool), flag, f.name], capture_output=True,
-                                         text=True, check=True).stdout
-                          for flag in ("-res-usage", "-sass"))
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """REG and STACK of the cubin's kernel (registers and spill bytes per thread), as cuobjdump
+    -res-usage prints them: no GPU needed."""
+    usage = _cuobjdump(cubin, "-res-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"cuobjdump printed no resource usage:\n{usage}")
-    return int(found[1]), int(found[2]), listing
+    return int(found[1]), int(found[2])
+
+
+def sass(cubin: bytes) -> tuple[int, int, str]:
+    """`resource_usage` of the cubin's kernel and its SASS."""
+    return *resource_usage(cubin), _cuobjdump(cubin, "-sass")
 
 
 def largest_loop(listing: str) -> int | None:

@@ -19,6 +19,7 @@ import mirasc
 from mirasc.cache import load_module
 from mirasc.codegen import step_unsupported
 from mirasc.derive import derive
+from mirasc.resources import Usage, timed
 
 pytestmark = pytest.mark.slow  # compiles for sm_90 in subprocesses: tens of seconds a test
 
@@ -73,14 +74,18 @@ if __name__ == "__main__":
 """
 
 AUTOTUNE = """
-import torch, mirasc
-from mirasc.resources import compiling_for, launches
+import json, torch, mirasc
+from mirasc.resources import compiling_for, launches, resource_usage
 from mirasc.cache import load_module
 op = mirasc.compile("specs/ttt_linear.yaml")
 module = load_module(op.spec)
 for name, (_, args, kwargs) in launches(op, 16, 16, torch.bfloat16, torch.float32).items():
+    tuner = module.kernel.launchers[name]
     with compiling_for(90):
-        module.kernel.launchers[name].warmup(*args, grid=(1,), **kwargs)
+        timed = tuner.warmup(*args, grid=(1,), **kwargs)
+        every = [tuner.fn.warmup(*args, grid=(1,), **kwargs, **c.all_kwargs()) for c in tuner.configs]
+    spills = lambda compiled: [resource_usage(c.asm["cubin"])[1] for c in compiled]
+    print(json.dumps([name, spills(timed), spills(every)]))
 """
 
 
@@ -153,7 +158,7 @@ def test_value_blocks_fit_hopper_at_head_dim_128(env):
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("fwd", "bwd"))]
     assert [r[0] for r in rows] == _kernels("specs/gated_deltanet.yaml"), done.stdout
     assert [r[0] for r in rows][-3:] == ["bwd_dv", "bwd_dqk", "bwd_dg"], done.stdout
-    assert all(r[-1] == "yes" for r in rows), done.stdout
+    assert all(r[-2:] == ["yes", "yes"] for r in rows), done.stdout  # fits, timed
 
 
 def test_hidden_blocks_fit_hopper_at_head_dim_64(env):
@@ -163,7 +168,7 @@ def test_hidden_blocks_fit_hopper_at_head_dim_64(env):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("fwd", "bwd"))]
     assert [r[0] for r in rows] == _kernels("specs/ttt_mlp.yaml"), done.stdout
-    assert all(r[-1] == "yes" for r in rows), done.stdout
+    assert all(r[-2:] == ["yes", "yes"] for r in rows), done.stdout  # fits, timed
 
 
 def _chunk_loop(ttgir: str) -> tuple[str, list[str]]:
@@ -195,7 +200,7 @@ def test_precompiled_kernels_are_the_autotuners(env, tmp_path):
     """precompile compiles each kernel of ttt_linear (D=16, bf16, a float32 initial state, as the
     GPU benchmark calls it) in each autotuned configuration, in worker processes, into Triton's
     cache; the autotuner compiling every configuration of the same launch then finds all of them
-    there: the cache gains no entry."""
+    there: the cache gains no entry. It times those that spill least (`least_spilling`)."""
     done = subprocess.run([sys.executable, "-c", PRECOMPILE], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -210,6 +215,8 @@ def test_precompiled_kernels_are_the_autotuners(env, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert set(cache.iterdir()) == entries
+    for name, kept, every in map(json.loads, done.stdout.splitlines()):  # `least_spilling`
+        assert kept == [min(every)] * every.count(min(every)), (name, kept, every)
 
 
 def test_a_kernel_that_does_not_fit_is_named(env, tmp_path):
@@ -228,6 +235,18 @@ def test_a_kernel_that_does_not_fit_is_named(env, tmp_path):
     assert re.search(r"no launch configuration of the bwd_out kernel fits sm_90", done.stderr), \
         done.stderr
     assert "Dk=64, Dv=64" in done.stderr
+
+
+def test_the_timed_configurations_are_those_that_fit_and_spill_least():
+    """`timed` marks, per kernel, the configurations the autotuner times: of those that fit,
+    the ones spilling fewest bytes (a refused one is neither)."""
+    def usage(kernel, warps, spill, shared=1024, error=None):
+        return Usage(kernel, warps, 1, 128, spill, shared, 232448, 0.0, error=error)
+
+    rows = [usage("fwd", 4, 24), usage("fwd", 8, 0), usage("bwd", 4, 0, shared=300000),
+            usage("bwd", 8, 16), usage("bwd_dv", 4, 8), usage("bwd_dv", 8, 8),
+            usage("bwd_dqk", 4, None, None, error="ptxas fatal"), usage("bwd_dqk", 8, 320)]
+    assert timed(rows) == [False, True, False, True, True, True, False, True]
 
 
 def test_bad_arguments_are_refused(env):

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import ast
 import functools
+import inspect
 import math
 import re
 
 import oracle
 import pytest
 import torch
+import triton
 import triton.language as tl
 from conftest import axis_spec, op_from_yaml, run_generated
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
-from triton.runtime.errors import OutOfResources
+from triton.runtime.errors import OutOfResources, PTXASError
 
 import mirasc
 from mirasc import launch, memories
@@ -515,6 +517,46 @@ def test_a_launch_that_does_not_fit_the_gpu_names_the_kernel(monkeypatch):
                                            r"\(shared memory\), over this GPU's 232448; `mirasc "
                                            r"resources SPEC --head-dim 8`.*backend='torch'"):
         o.sum().backward()
+
+
+def test_the_autotuner_times_only_the_configurations_that_spill_least(monkeypatch):
+    """`least_spilling`: each configuration compiled with the call's arguments and constexprs;
+    those spilling more than the least are dropped, as are one that ptxas refuses and one that
+    does not fit (None); ties all stay, and where none is left the autotuner gets every
+    configuration back."""
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 1), (8, 1), (8, 2))]
+
+    class Kernel:
+        def __init__(self, spilled):
+            self.spilled, self.calls = spilled, []
+
+        def warmup(self, grid, **kwargs):
+            self.calls.append(kwargs)
+            found = self.spilled[kwargs["num_warps"], kwargs["num_stages"]]
+            if isinstance(found, Exception):
+                raise found
+            return found
+
+    def keep(spilled):
+        kernel = Kernel(spilled)
+        kept = launch.least_spilling(kernel, spilled=lambda compiled: compiled)(
+            configs, {"q_ptr": "q", "T": 20}, BV=16, grid=(3, 2), warmup=False)
+        assert all(c["q_ptr"] == "q" and c["T"] == 20 and c["BV"] == 16 for c in kernel.calls)
+        return [(c.num_warps, c.num_stages) for c in kept]
+
+    refused = PTXASError("ptxas fatal: out of registers")
+    assert keep({(4, 1): 24, (8, 1): 0, (8, 2): 8}) == [(8, 1)]
+    assert keep({(4, 1): 0, (8, 1): 0, (8, 2): 8}) == [(4, 1), (8, 1)]
+    assert keep({(4, 1): 16, (8, 1): refused, (8, 2): 16}) == [(4, 1), (8, 2)]
+    assert keep({(4, 1): None, (8, 1): 32, (8, 2): refused}) == [(8, 1)]
+    assert keep({(4, 1): None, (8, 1): refused, (8, 2): None}) == [(4, 1), (8, 1), (8, 2)]
+    assert launch.least_spilling(None)(configs[:1], {}) == configs[:1]  # nothing to compile
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    generated = load_module(mirasc.compile("specs/simple_gla.yaml").spec).simple_gla_fwd_kernel
+    tuner = launch.tuned(generated, [(4, 1), (8, 1)])
+    prune = tuner.early_config_prune
+    assert prune.__qualname__ == launch.least_spilling(None).__qualname__
+    assert inspect.getclosurevars(prune).nonlocals["kernel"] is generated
 
 
 def test_backend_torch_runs_the_chunk_step_in_torch_where_kernels_would_run(monkeypatch):
