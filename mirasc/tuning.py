@@ -6,18 +6,21 @@ and CONFIGS tables); the figures behind each choice are sm_90 compilations witho
 
 from __future__ import annotations
 
-# The (num_warps, num_stages) pairs the autotuner times for a kernel. 16 warps caps registers at
-# 128 per thread and spills more than 4 or 8, and of 4 and 8 neither wins everywhere. 2 stages
-# (which pipeline an MLP memory's loops over hidden blocks) spilled more in every kernel of
-# moneta at D=64 and doubled its compile time.
+# The (num_warps, num_stages) pairs the autotuner compiles for a kernel; of those it times only
+# the ones that spill least (`launch.least_spilling`), so a pair that spills for one spec or head
+# dim may stay for another. 16 warps caps registers at 128 per thread and spills more than 4 or
+# 8. Bf16, sm_90, D=128, (8, 4096, 16) (2026-12-06): at 4 warps the head-decay specs' dq/dk
+# kernels spill none and run 0.55-0.6x the warp-instructions of 8 (gated DeltaNet 787 -> 432 M),
+# where simple GLA's dv and gate kernels spill 24 and 48 B at 4 and none at 8; GLA's stage
+# kernels spill 432-896 B at 4 warps and none at 8.
 CONFIGS = [(4, 1), (8, 1)]
-# The passes of a memory whose step never mixes value columns: 8 warps, without or with their
-# loads prefetched a chunk step ahead (2 stages). Gated DeltaNet, DeltaNet, simple GLA and linear
-# attention at D=64, 128: 4 warps took 1.1-1.6x the step's instructions of 8 (and spilled at 128
-# in the delta rules); 2 stages spill nothing.
-PASS_CONFIGS = [(8, 1), (8, 2)]
+# The passes: also 8 warps with their loads prefetched a chunk step ahead (2 stages). Gated
+# DeltaNet at D=128: its passes spill none at 4 warps and run 0.64-0.68x the warp-instructions
+# of 8 (each warp's step is longer: 4 warps took 1.1-1.6x the step's instructions of 8).
+PASS_CONFIGS = [(4, 1), (8, 1), (8, 2)]
 # The stage and output kernels of a memory that streams hidden blocks: 8 warps. Moneta, Yaad and
-# Memora at D=64: 4 warps spilled 1.2-4.4x more in each of them; their passes keep CONFIGS
+# Memora at D=64: 4 warps spilled 1.2-4.4x more in each of them (and compiling those MLP kernels
+# a second time would only add to the autotuner's first call); their passes keep CONFIGS
 # (their backward passes spill less at 4 warps at D=64, more at D=128).
 STREAM_CONFIGS = [(8, 1)]
 
@@ -49,31 +52,22 @@ BK_WALKING_V, BK = 16, 32
 # and KDA's in 1074 M (416 B) rather than 1010 (232 B).
 BK_STAGE = 64
 # A gradient kernel with a program per key block that walks the value blocks, summing over them
-# in registers (`schedule.streams.ValueWalk`): its key block, and 8 warps. bf16, D=128, blocks of
-# 16 value columns: gated DeltaNet's dq/dk kernel at 8 warps spilled 56 B per thread with key
-# blocks of 64, none with 32 (245 registers); at 4 warps 576 and 224 B. Simple GLA's spills
-# none in any of these. Blocks of 32 value columns spilled 40 B at 8 warps.
+# in registers (`schedule.streams.ValueWalk`): its key block. bf16, D=128, blocks of 16 value
+# columns: gated DeltaNet's dq/dk kernel at 8 warps spilled 56 B per thread with key blocks of
+# 64, none with 32. Blocks of 32 value columns spilled 40 B at 8 warps.
 BK_PER_PROGRAM = 32
 # Such a kernel holding products under per-channel decays (their [NC, 16, W, D] pair tiles):
-# key blocks of 16. Bf16, sm_90, (8, 4096, 16): GLA's dq/dk kernel spills none at D=128 and 64
-# (2198 and 923 M warp-instructions) where blocks of 32 spilled 168 and 888 B (1575 and 751 M);
-# KDA's spills 320 B at D=128 (3587 M) rather than 1400 (2613 M), 656 B at D=64 (1558 M) rather
-# than 2192 (1215 M).
+# key blocks of 16. Bf16, sm_90, (8, 4096, 16), 8 warps: GLA's dq/dk kernel spills none at D=128
+# and 64 (2198 and 923 M warp-instructions) where blocks of 32 spilled 168 and 888 B (1575 and
+# 751 M); KDA's spills 320 B at D=128 (3587 M) rather than 1400 (2613 M), 656 B at D=64 (1558 M)
+# rather than 2192 (1215 M).
 BK_PAIRS = 16
-WALK_CONFIGS = [(8, 1)]
-# The stage kernels of a step with products under per-channel decays: 8 warps. GLA, bf16, sm_90:
-# at 4 warps its two forward stage kernels spilled 432 and 496 B per thread at D=128 and the
-# key-block one 896 B at D=64; at 8 warps none.
-PAIR_STAGE_CONFIGS = [(8, 1)]
 
 
-def configs(kernel: str, split_v: bool, streamed: bool, pairs: bool = False) -> list[tuple[int, int]]:
-    """The (num_warps, num_stages) pairs of `kernel` ('fwd', 'bwd' are the passes; `pairs`: the
-    step has products under per-channel decays)."""
+def configs(kernel: str, split_v: bool, streamed: bool) -> list[tuple[int, int]]:
+    """The (num_warps, num_stages) pairs of `kernel` ('fwd', 'bwd' are the passes)."""
     if split_v and kernel in ("fwd", "bwd"):
         return PASS_CONFIGS
     if streamed and kernel not in ("fwd", "bwd"):
         return STREAM_CONFIGS
-    if pairs and "stage" in kernel:
-        return PAIR_STAGE_CONFIGS
     return CONFIGS

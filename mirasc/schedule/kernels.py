@@ -228,7 +228,6 @@ def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands, key
     they pass over key blocks: `_key_stage`, recorded in `key_blocks`) and record the tiles they
     read only as operands; returns the tiles each direction's stage kernels hand each other."""
     graph, states = step.graph, list(step.states)
-    pairs = any(graph.node(n)["op"] in ("gdot", "gmix") for n in graph.order())
     handover = {}
     for direction, nodes in staged.items():
         saved = loads["fwd_out"] if direction == "bwd" else ()
@@ -257,7 +256,7 @@ def _stage_kernels(step, staged, loads, streams, split_v, kernels, operands, key
                 name=name, kind="stage", direction=direction, targets=part, loads=stop,
                 needs=frozenset(set(part_nodes) - set(stop) - set(block_loads)), reads=reads,
                 stores=part, passes=passes, dim=dim, block_loads=block_loads,
-                configs=tuning.configs(name, split_v, streams is not None, pairs))
+                configs=tuning.configs(name, split_v, streams is not None))
             done += part
     return handover
 
@@ -326,7 +325,7 @@ def schedule(step: ChunkStep) -> Schedule:
             # row, memories.taints.poisoned) and scalars of them needs no padding in place of a
             # non-finite input.
             pads_nonfinite=name != "fwd" or any("T" in graph.shape(n) for n in stored),
-            configs=tuning.WALK_CONFIGS if walk else tuning.configs(name, split_v, streams is not None),
+            configs=tuning.configs(name, split_v, streams is not None),
             walk=walk)
     for k in dict.fromkeys(handed.values()):  # a producer stores its handed tiles once computed
         kernels[k] = replace(kernels[k], stores=tuple(n for n in graph.order() if handed.get(n) == k))

@@ -78,18 +78,18 @@ BUFFERS = {'fwd': [('n_tainted', '1', '1', False),
  'bwd_out': [('du', 'BT', 'BDV', True),
              ('drhs', 'BT', 'BDV', False),
              ('du_tail', 'BT', 'BDV', False)]}
-# tuning (mirasc.tuning): per kernel, the (num_warps, num_stages) its autotuner times; the
-# widest block of value columns (when SPLIT_V), of key columns (in the kernels that pass over
-# them) and of hidden units (when STREAM_H, at head dims up to 64) per program; up to WHOLE_V,
-# a kernel of V_SUMMED takes DV in one block
+# tuning (mirasc.tuning): per kernel, the (num_warps, num_stages) its autotuner compiles (it
+# times those that spill least); the widest block of value columns (when SPLIT_V), of key
+# columns (in the kernels that pass over them) and of hidden units (when STREAM_H, at head dims
+# up to 64) per program; up to WHOLE_V, a kernel of V_SUMMED takes DV in one block
 CONFIGS = {'fwd_stage': [(4, 1), (8, 1)],
- 'fwd': [(8, 1), (8, 2)],
+ 'fwd': [(4, 1), (8, 1), (8, 2)],
  'fwd_out': [(4, 1), (8, 1)],
  'bwd_stage': [(4, 1), (8, 1)],
- 'bwd': [(8, 1), (8, 2)],
+ 'bwd': [(4, 1), (8, 1), (8, 2)],
  'bwd_dv': [(4, 1), (8, 1)],
- 'bwd_dqk': [(8, 1)],
- 'bwd_dg': [(8, 1)]}
+ 'bwd_dqk': [(4, 1), (8, 1)],
+ 'bwd_dg': [(4, 1), (8, 1)]}
 BV_MAX = {'fwd': 32, 'fwd_out': 64, 'bwd': 16, 'bwd_out': 32, 'bwd_dv': 32, 'bwd_dqk': 16, 'bwd_dg': 16}
 BK_MAX = {'bwd_dv': 32, 'bwd_dqk': 32, 'bwd_dg': 32}
 BH_MAX = {'fwd': 32}
