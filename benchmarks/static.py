@@ -8,8 +8,9 @@ its cubin read: registers and spill stack per thread, shared memory per program,
 instructions by operand type, and the static instructions of its largest loop (for a kernel
 that walks the chunks, one chunk step: a static estimate of the dynamic instructions per
 sequential step, per warp, inner loops counted once). Without a GPU the autotuner's choice is
-unknown: of the configurations compiled, the row shows the one that spills least (then uses
-fewest registers). fla is imported as on an H100 (sm_90, 227 KiB of shared memory, 132 SMs), so
+unknown: of the configurations compiled, the row shows the one that spills least (the autotuner
+times only those, `mirasc.launch.least_spilling`), then runs the fewest warp-instructions (a
+stand-in for its timer). fla is imported as on an H100 (sm_90, 227 KiB of shared memory, 132 SMs), so
 it picks its configuration lists as there."""
 
 from __future__ import annotations
@@ -160,9 +161,9 @@ def _tensor_core(text: str) -> Counter:
     return kinds
 
 
-def compile_launch(launch: Launch, capability: int, most: int) -> dict:
-    """The launch compiled in its first `most` configurations: the row of the one that spills
-    least (then uses fewest registers), with the compile seconds of all."""
+def compile_launch(launch: Launch, capability: int, most: int) -> list[dict]:
+    """The launch compiled in its first `most` configurations, a row each (its SASS with source
+    lines under "sass")."""
     rows = []
     for index, kwargs in enumerate(launch.configs[:most]):
         start = time.perf_counter()
@@ -179,25 +180,29 @@ def compile_launch(launch: Launch, capability: int, most: int) -> dict:
             "half_share": 100 * (kinds["bf16"] + kinds["fp16"]) / sum(kinds.values())
             if kinds else None,
             "loop": largest_loop(listing), "seconds": time.perf_counter() - start,
-            "config": index, "cubin": compiled.asm["cubin"]})
-    best = min(rows, key=lambda r: (r["spill_bytes"], r["registers"]))
-    return {k: v for k, v in best.items() if k != "cubin"} | {
-        "sass": sass_with_lines(best["cubin"]),  # with source lines, for `launch_work`
-        "seconds": sum(r["seconds"] for r in rows), "tried": f"{len(rows)}/{len(launch.configs)}"}
+            "config": index, "sass": sass_with_lines(compiled.asm["cubin"])})
+    return rows
 
 
-def launch_work(launch: Launch, config: int, sass: list) -> dict:
-    """The launch's whole work in configuration `config` (`benchmarks.work`): dynamic
-    warp-instructions, bytes its programs' loads and stores move, and bytes of the argument
-    tensors they touch."""
+def launch_work(launch: Launch, rows: list[dict]) -> dict:
+    """The launch's whole work (`benchmarks.work`): dynamic warp-instructions, bytes its
+    programs' loads and stores move, and bytes of the argument tensors they touch, in the
+    configuration of `rows` (`compile_launch`'s, or one of them) that spills least, then runs
+    the fewest warp-instructions: the autotuner times only those that spill least
+    (`mirasc.launch.least_spilling`), and of those the fewest instructions stand in for its
+    timer. The row comes back with the compile seconds of all."""
     programs = math.prod(launch.grid)
-    kwargs = launch.configs[config]
-    run = run_program(launch.kernel, launch.args, kwargs, launch.grid)
-    tensors = [launch.args[key] if isinstance(key, int) else kwargs[key] for key in run.tensors]
+    run = run_program(launch.kernel, launch.args, launch.configs[rows[0]["config"]], launch.grid)
+    for row in rows:
+        row["warp_instr"] = per_warp(row["sass"], run) * row["num_warps"] * programs / 1e6
+    best = min(rows, key=lambda r: (r["spill_bytes"], r["warp_instr"]))
+    tensors = [launch.args[key] if isinstance(key, int) else launch.configs[best["config"]][key]
+               for key in run.tensors]
     touched = sum(t.numel() * t.element_size() for t in tensors)
-    return {"warp_instr": per_warp(sass, run) * kwargs.get("num_warps", 4) * programs / 1e6,
-            "moved_mb": run.bytes_moved * programs / 2**20, "tensor_mb": touched / 2**20,
-            "split_loops": split_loops(sass)}
+    return best | {"moved_mb": run.bytes_moved * programs / 2**20, "tensor_mb": touched / 2**20,
+                   "split_loops": split_loops(best["sass"]),
+                   "seconds": sum(r["seconds"] for r in rows),
+                   "tried": f"{len(rows)}/{len(launch.configs)}"}
 
 
 def benchmark(specs: list[str], batch: int, length: int, heads: int, dim: int, capability: int,
@@ -213,14 +218,13 @@ def benchmark(specs: list[str], batch: int, length: int, heads: int, dim: int, c
                 if key in seen:  # launched again alike: the same row, its work once more
                     row = seen[key]
                     row["launches"] += 1
-                    work = launch_work(launch, row["config"], row["sass"])
+                    work = launch_work(launch, [dict(row)])
                     for total in ("warp_instr", "moved_mb", "tensor_mb"):
                         row[total] += work[total]
                     continue
                 row = {"spec": spec, "impl": impl, "pass": name, "launches": 1,
                        "kernel": launch.kernel.fn.__name__, "programs": math.prod(launch.grid)}
-                row |= compile_launch(launch, capability, most)
-                row |= launch_work(launch, row["config"], row["sass"])
+                row |= launch_work(launch, compile_launch(launch, capability, most))
                 seen[key] = row
                 rows.append(row)
     for row in rows:
@@ -251,7 +255,8 @@ def report(rows: list[dict], shape: tuple, capability: int, most: int, environme
     lines = [environment,
              f"kernels compiled for sm_{capability}, bf16 inputs, (B, T, H, D) = {shape}; nothing "
              f"ran. configs: compiled / held by the autotuner (the first {most}); the row is the "
-             "one that spills least. loop instr: static SASS instructions of the largest loop "
+             "one that spills least, then runs the fewest warp-instructions. loop instr: static "
+             "SASS instructions of the largest loop "
              "(a kernel walking the chunks: one chunk step, per warp; an estimate). warp-instr: "
              "dynamic SASS instructions summed over every warp of every program of every launch "
              "of the row; moved: bytes its loads and stores move; tensors: bytes of the argument "

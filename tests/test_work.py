@@ -36,6 +36,13 @@ for n in (3, 10):
     run = run_program(kernel, (x, w, y, n), {"B": 16}, (4,))
     out[n] = {"instructions": per_warp(sass, run), "bytes": run.bytes_moved,
               "tensors": sorted(run.tensors), "middle": int(y.view(4, -1)[2].abs().sum() > 0)}
+from benchmarks.static import Launch, compile_launch, launch_work
+launch = Launch(kernel, (x, w, y, 3), [{"B": 16, "num_warps": 4}, {"B": 16, "num_warps": 8}], (4,))
+rows = compile_launch(launch, 90, 2)
+out["instr"] = [launch_work(launch, [row])["warp_instr"] for row in rows]
+out["picked"] = launch_work(launch, rows)["num_warps"]
+rows[out["instr"].index(min(out["instr"]))]["spill_bytes"] = 8  # the cheaper one, made to spill
+out["picked_unspilled"] = launch_work(launch, rows)["num_warps"]
 print(json.dumps(out))
 """
 
@@ -62,3 +69,8 @@ def test_loops_count_by_their_trips_and_bytes_by_their_lanes(tmp_path):
     assert out["loops"] >= 1 and out["split"] == 0  # one loop per `for`, not unrolled
     grown = out["10"]["instructions"] - out["3"]["instructions"]
     assert grown > 0 and grown % 7 == 0, out  # 7 more trips of the same body
+    # `benchmarks.static`'s row: of 4 and 8 warps the one that spills least, then runs fewest
+    # warp-instructions
+    cheaper, dearer = sorted(zip(out["instr"], (4, 8), strict=True))
+    assert cheaper[0] < dearer[0] and out["picked"] == cheaper[1], out
+    assert out["picked_unspilled"] == dearer[1], out
