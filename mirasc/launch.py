@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 
 import torch
 import triton
@@ -48,15 +49,19 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 
 def spills(compiled) -> int | None:
     """Bytes per thread that a compiled kernel spills to local memory: its cubin's stack, read
-    without loading it (so also where `mirasc.resources` compiles for a GPU that is not there);
-    0 for a backend that emits no cubin; None where it needs more shared memory than its target
-    has (`resources.SHARED_LIMIT`)."""
+    by Triton's cuobjdump without loading it (so also where `mirasc.resources` compiles for a GPU
+    that is not there); 0 where there is no cubin or no cuobjdump to read it (then the spills
+    prune nothing); None where it needs more shared memory than its target has
+    (`resources.SHARED_LIMIT`)."""
     from mirasc.resources import SHARED_LIMIT, resource_usage
 
     if compiled.metadata.shared > SHARED_LIMIT.get(compiled.metadata.target.arch, math.inf):
         return None
     cubin = compiled.asm.get("cubin")
-    return 0 if cubin is None else resource_usage(cubin)[1]
+    try:
+        return 0 if cubin is None else resource_usage(cubin)[1]
+    except (OSError, subprocess.CalledProcessError):
+        return 0
 
 
 def least_spilling(kernel, spilled=spills):

@@ -559,6 +559,30 @@ def test_the_autotuner_times_only_the_configurations_that_spill_least(monkeypatc
     assert inspect.getclosurevars(prune).nonlocals["kernel"] is generated
 
 
+def test_a_compiled_kernels_spills_are_its_cubins_stack(monkeypatch):
+    """`launch.spills`: the stack cuobjdump reads from the cubin; None over the target's shared
+    memory; 0 without a cubin or without cuobjdump (nothing is pruned then)."""
+    from types import SimpleNamespace
+
+    import mirasc.resources
+
+    def compiled(shared, cubin=b"cubin"):
+        target = SimpleNamespace(arch=90)
+        return SimpleNamespace(metadata=SimpleNamespace(shared=shared, target=target),
+                               asm={"cubin": cubin} if cubin else {})
+
+    monkeypatch.setattr(mirasc.resources, "resource_usage", lambda cubin: (255, 48))
+    assert launch.spills(compiled(1024)) == 48
+    assert launch.spills(compiled(232449)) is None
+    assert launch.spills(compiled(1024, cubin=None)) == 0
+
+    def missing(cubin):
+        raise FileNotFoundError("cuobjdump")
+
+    monkeypatch.setattr(mirasc.resources, "resource_usage", missing)
+    assert launch.spills(compiled(1024)) == 0
+
+
 def test_backend_torch_runs_the_chunk_step_in_torch_where_kernels_would_run(monkeypatch):
     """op(..., backend='torch') never launches a kernel (here: where the interpreter would run
     them) and computes the same function, gradients included."""
