@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 import mirasc
 from benchmarks.common import SPECS, table
-from mirasc.resources import SHARED_LIMIT, kernel_usage
+from mirasc.cubin import SHARED_LIMIT
+from mirasc.resources import kernel_usage
 
 COLUMNS = [("spec", "spec", ""), ("dim", "D", "d"), ("kernel", "kernel", ""),
            ("num_warps", "warps", "d"), ("num_stages", "stages", "d"),

@@ -32,7 +32,8 @@ from benchmarks.common import SPECS, leaves, table
 from benchmarks.peers import FLA_PEERS
 from benchmarks.work import compiled_afresh, per_warp, run_program, sass_with_lines, split_loops
 from mirasc.check import random_inputs
-from mirasc.resources import SHARED_LIMIT, compiling_for, largest_loop, sass
+from mirasc.cubin import SHARED_LIMIT, sass
+from mirasc.resources import compiling_for, largest_loop
 
 COLUMNS = [("impl", "impl", ""), ("pass", "pass", ""), ("kernel", "kernel", ""),
            ("programs", "programs", "d"), ("tried", "configs", ""),

@@ -214,7 +214,8 @@ def resources(spec: SpecSource,
     autotuner times it (of a kernel's configurations that fit, those that spill least).
     Exits 1 when no configuration of a kernel fits the GPU's shared memory."""
     _quiet_triton()
-    from mirasc.resources import SHARED_LIMIT, CannotCompile, kernel_usage, timed
+    from mirasc.cubin import SHARED_LIMIT
+    from mirasc.resources import CannotCompile, kernel_usage, timed
 
     dtypes = _kernel_dtypes()
     only = tuple(k for k in kernels.split(",") if k)

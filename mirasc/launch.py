@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources, PTXASError
 
+from mirasc import cubin
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
@@ -52,14 +54,12 @@ def spills(compiled) -> int | None:
     by Triton's cuobjdump without loading it (so also where `mirasc.resources` compiles for a GPU
     that is not there); 0 where there is no cubin or no cuobjdump to read it (then the spills
     prune nothing); None where it needs more shared memory than its target has
-    (`resources.SHARED_LIMIT`)."""
-    from mirasc.resources import SHARED_LIMIT, resource_usage
-
-    if compiled.metadata.shared > SHARED_LIMIT.get(compiled.metadata.target.arch, math.inf):
+    (`cubin.SHARED_LIMIT`)."""
+    if compiled.metadata.shared > cubin.SHARED_LIMIT.get(compiled.metadata.target.arch, math.inf):
         return None
-    cubin = compiled.asm.get("cubin")
+    binary = compiled.asm.get("cubin")
     try:
-        return 0 if cubin is None else resource_usage(cubin)[1]
+        return 0 if binary is None else cubin.resource_usage(binary)[1]
     except (OSError, subprocess.CalledProcessError):
         return 0
 

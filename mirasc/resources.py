@@ -16,20 +16,15 @@ import io
 import multiprocessing
 import os
 import re
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
 from unittest import mock
 
 import torch
 
-# Shared memory a block may opt into, in bytes, by compute capability (CUDA C++ Programming
-# Guide, "Technical Specifications per Compute Capability").
-SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+from mirasc.cubin import SHARED_LIMIT, sass
 
 
 class CannotCompile(ValueError):
@@ -212,33 +207,6 @@ def compile_launch(launch: tuple, capability: int, num_warps: int, num_stages: i
     config = triton.Config({}, num_warps=num_warps, num_stages=num_stages).all_kwargs()
     with compiling_for(capability), contextlib.redirect_stdout(io.StringIO()):  # ptxas: the PTX
         return kernel.warmup(*args, grid=(1,), **kwargs, **config)
-
-
-def _cuobjdump(cubin: bytes, flag: str) -> str:
-    """What Triton's bundled cuobjdump prints for the cubin with `flag`."""
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True,
-                              check=True).stdout
-
-
-def resource_usage(cubin: bytes) -> tuple[int, int]:
-    """REG and STACK of the cubin's kernel (registers and spill bytes per thread), as cuobjdump
-    -res-usage prints them: no GPU needed."""
-    usage = _cuobjdump(cubin, "-res-usage")
-    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    if found is None:
-        raise RuntimeError(f"cuobjdump printed no resource usage:\n{usage}")
-    return int(found[1]), int(found[2])
-
-
-def sass(cubin: bytes) -> tuple[int, int, str]:
-    """`resource_usage` of the cubin's kernel and its SASS."""
-    return *resource_usage(cubin), _cuobjdump(cubin, "-sass")
 
 
 def largest_loop(listing: str) -> int | None:

@@ -75,7 +75,8 @@ if __name__ == "__main__":
 
 AUTOTUNE = """
 import json, torch, mirasc
-from mirasc.resources import compiling_for, launches, resource_usage
+from mirasc.cubin import resource_usage
+from mirasc.resources import compiling_for, launches
 from mirasc.cache import load_module
 op = mirasc.compile("specs/ttt_linear.yaml")
 module = load_module(op.spec)

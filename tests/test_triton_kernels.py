@@ -564,22 +564,22 @@ def test_a_compiled_kernels_spills_are_its_cubins_stack(monkeypatch):
     memory; 0 without a cubin or without cuobjdump (nothing is pruned then)."""
     from types import SimpleNamespace
 
-    import mirasc.resources
+    from mirasc import cubin
 
-    def compiled(shared, cubin=b"cubin"):
+    def compiled(shared, binary=b"cubin"):
         target = SimpleNamespace(arch=90)
         return SimpleNamespace(metadata=SimpleNamespace(shared=shared, target=target),
-                               asm={"cubin": cubin} if cubin else {})
+                               asm={"cubin": binary} if binary else {})
 
-    monkeypatch.setattr(mirasc.resources, "resource_usage", lambda cubin: (255, 48))
+    monkeypatch.setattr(cubin, "resource_usage", lambda cubin: (255, 48))
     assert launch.spills(compiled(1024)) == 48
     assert launch.spills(compiled(232449)) is None
-    assert launch.spills(compiled(1024, cubin=None)) == 0
+    assert launch.spills(compiled(1024, binary=None)) == 0
 
     def missing(cubin):
         raise FileNotFoundError("cuobjdump")
 
-    monkeypatch.setattr(mirasc.resources, "resource_usage", missing)
+    monkeypatch.setattr(cubin, "resource_usage", missing)
     assert launch.spills(compiled(1024)) == 0
 
 
