@@ -10,7 +10,7 @@ from __future__ import annotations
 # the ones that spill least (`launch.least_spilling`), so a pair that spills for one spec or head
 # dim may stay for another. 16 warps caps registers at 128 per thread and spills more than 4 or
 # 8. Bf16, sm_90, D=128, (8, 4096, 16) (2026-12-06): at 4 warps the head-decay specs' dq/dk
-# kernels spill none and run 0.55-0.6x the warp-instructions of 8 (gated DeltaNet 787 -> 432 M),
+# kernels spill none and run 0.55-0.62x the warp-instructions of 8 (gated DeltaNet 787 -> 432 M),
 # where simple GLA's dv and gate kernels spill 24 and 48 B at 4 and none at 8; GLA's stage
 # kernels spill 432-896 B at 4 warps and none at 8.
 CONFIGS = [(4, 1), (8, 1)]
