@@ -57,10 +57,15 @@ BK_WALKING_V, BK = 16, 32
 # and KDA's in 1074 M (416 B) rather than 1010 (232 B).
 BK_STAGE = 64
 # A gradient kernel with a program per key block that walks the value blocks, summing over them
-# in registers (`schedule.streams.ValueWalk`): its key block. bf16, D=128, blocks of 16 value
-# columns: gated DeltaNet's dq/dk kernel at 8 warps spilled 56 B per thread with key blocks of
-# 64, none with 32. Blocks of 32 value columns spilled 40 B at 8 warps.
-BK_PER_PROGRAM = 32
+# in registers (`schedule.streams.ValueWalk`): its key block. Wider blocks run the value side of
+# the walk (its [T, T] products over DV) for fewer key blocks. Bf16, sm_90, D=128,
+# (8, 4096, 16), blocks of 16 value columns: the dq/dk kernels of DeltaNet, gated DeltaNet,
+# simple GLA and linear attention ran 358, 432, 289 and 199 M warp-instructions in key blocks of
+# 32, 204, 422, 171 and 126 in blocks of 64, 197, 247, 106 and 123 in one of 128, none spilling;
+# but at 128 those of Titans and Omega spill (192 and 312 B at 8 warps; none at 32 or 64), and
+# at D=64 Omega's spills 368 B in one block of 64 against 72 B in two of 32. The key block is
+# not the autotuner's to choose yet (the grid would have to follow it).
+BK_PER_PROGRAM = 64
 # Such a kernel holding products under per-channel decays (their [NC, 16, W, D] pair tiles):
 # key blocks of 16. Bf16, sm_90, (8, 4096, 16), 8 warps: GLA's dq/dk kernel spills none at D=128
 # and 64 (2198 and 923 M warp-instructions) where blocks of 32 spilled 168 and 888 B (1575 and

@@ -91,7 +91,7 @@ CONFIGS = {'fwd_stage': [(4, 1), (8, 1)],
  'bwd_dqk': [(4, 1), (8, 1)],
  'bwd_dg': [(4, 1), (8, 1)]}
 BV_MAX = {'fwd': 32, 'fwd_out': 128, 'bwd': 16, 'bwd_out': 32, 'bwd_dv': 32, 'bwd_dqk': 16, 'bwd_dg': 16}
-BK_MAX = {'bwd_dv': 32, 'bwd_dqk': 32, 'bwd_dg': 32}
+BK_MAX = {'bwd_dv': 32, 'bwd_dqk': 64, 'bwd_dg': 32}
 BH_MAX = {'fwd': 32}
 WHOLE_V = 64
 
