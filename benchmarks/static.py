@@ -10,8 +10,8 @@ that walks the chunks, one chunk step: a static estimate of the dynamic instruct
 sequential step, per warp, inner loops counted once). Without a GPU the autotuner's choice is
 unknown: of the configurations compiled, the row shows the one that spills least (the autotuner
 times only those, `mirasc.launch.least_spilling`), then runs the fewest warp-instructions (a
-stand-in for its timer). fla is imported as on an H100 (sm_90, 227 KiB of shared memory, 132 SMs), so
-it picks its configuration lists as there."""
+stand-in for its timer). fla is imported as on an H100 (sm_90, 227 KiB of shared memory, 132
+SMs), so it picks its configuration lists as there."""
 
 from __future__ import annotations
 

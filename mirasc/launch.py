@@ -64,6 +64,13 @@ def spills(compiled) -> int | None:
         return 0
 
 
+def fewest_spills(spilled: dict) -> list:
+    """The keys of `spilled` (a configuration's spill bytes per thread, None where it does not
+    fit), in order, that spill the fewest bytes of those that fit; none where none fits."""
+    least = min((n for n in spilled.values() if n is not None), default=None)
+    return [c for c, n in spilled.items() if least is not None and n == least]
+
+
 def least_spilling(kernel, spilled=spills):
     """The autotuner's first cut (`early_config_prune`): each configuration compiled (the timer
     compiles them anyway, and reuses these), only those that spill the fewest bytes per thread
@@ -81,8 +88,7 @@ def least_spilling(kernel, spilled=spills):
                                                       grid=(1,)))
             except PTXASError:  # the timer skips it too
                 continue
-        least = min((n for n in found.values() if n is not None), default=None)
-        return [c for c in configs if least is not None and found.get(c) == least] or configs
+        return fewest_spills(found) or configs
 
     return prune
 

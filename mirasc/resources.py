@@ -56,11 +56,13 @@ def timed(rows: list[Usage]) -> list[bool]:
     """Per row, whether the autotuner times that configuration: it fits, and of its kernel's
     configurations that fit it spills fewest (`launch.least_spilling`; one that spills more
     never runs)."""
-    least: dict[str, int] = {}
-    for u in rows:
-        if u.fits:
-            least[u.kernel] = min(least.get(u.kernel, u.spill_bytes), u.spill_bytes)
-    return [u.fits and u.spill_bytes == least[u.kernel] for u in rows]
+    from mirasc.launch import fewest_spills
+
+    kept = set()
+    for kernel in {u.kernel for u in rows}:
+        kept.update(fewest_spills({i: u.spill_bytes if u.fits else None
+                                   for i, u in enumerate(rows) if u.kernel == kernel}))
+    return [i in kept for i in range(len(rows))]
 
 
 class _StandIn:

@@ -257,9 +257,9 @@ def test_key_blocks_by_what_the_kernel_holds(name, dqk, stages):
 @pytest.mark.parametrize("name", ["gla", "kda", "gated_deltanet", "ttt_mlp"])
 def test_warps_are_left_to_the_spill_pruning_autotuner(name):
     """Every kernel offers the autotuner 4 and 8 warps (the passes also 8 with a prefetching
-    stage), and `launch.least_spilling` drops those that spill more: the products under
-    per-channel decays spill at 4 warps in GLA's stages, not in its dq/dk kernel. A memory that
-    streams hidden blocks keeps 8 warps outside its passes."""
+    stage), and `launch.least_spilling` drops those that spill more (GLA's stages and dq/dk
+    kernel spill at 4 warps, the head-decay specs' dq/dk kernels do not). A memory that streams
+    hidden blocks keeps 8 warps outside its passes."""
     sched = _schedule(name)
     streamed = name == "ttt_mlp"
     for kernel in sched.kernels.values():
