@@ -233,6 +233,8 @@ def render_triton_module(spec: Spec) -> str:
     helpers = set(re.findall(r"\b(" + "|".join(HELPERS) + r")\(", code))
     walks = [k for k in sched.walks_v if sched.kernels[k].walk is not None]
     key_programs = [k for k in walks if sched.kernels[k].walk.per_key_block]
+    key_shares = [x for k in key_programs if sched.kernels[k].walk.shares
+                  for x in sched.groups[k] if sched.adjoint[x] in sched.kernels[k].walk.shares.shares]
     if set(sched.walks_v) - set(walks):
         helpers.add("store_sum")  # the template's in-place sums
     tables = {
@@ -240,6 +242,7 @@ def render_triton_module(spec: Spec) -> str:
         "PREVIOUS": {p: p.removesuffix("_prev") for p in previous},
         "STATES": [t.dims for t in printer.tiles], "SUMMED": list(sched.summed),
         "V_SUMMED": list(sched.walks_v), "WALKS": walks, "KEY_PROGRAMS": key_programs,
+        "KEY_SHARES": key_shares,
         "OUT_KERNELS": sched.groups, "STAGES": sched.stage_order,
         "BUFFERS": {k: [(b.node, *(BUFFER_BLOCKS[x][0] for x in b.dims), b.operand) for b in bs]
                     for k, bs in sched.buffers.items()},
@@ -255,6 +258,7 @@ def render_triton_module(spec: Spec) -> str:
         segments=2 if spec.lag_token else 1, expansion=getattr(spec.memory, "expansion", 1),
         gates=list(step.gates), params=list(step.params), states=printer.tiles,
         split_v=sched.split_v, stream=sched.streamed, summed=sched.summed, v_summed=sched.walks_v,
+        key_programs=key_programs, key_shares=key_shares,
         out_kernels=sched.groups, stage_order=sched.stage_order, staged=sched.staged,
         kept=sched.kept, handed=[b.node for b in sched.buffers["bwd_out"]],
         handover=sched.handover, kernels=kernels, adjoint=adjoint_code,
@@ -387,6 +391,8 @@ class ModuleContext:
     stream: bool
     summed: tuple
     v_summed: tuple
+    key_programs: list
+    key_shares: list
     out_kernels: dict
     stage_order: dict
     staged: dict

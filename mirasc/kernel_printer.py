@@ -65,6 +65,7 @@ class KernelPrinter:
         self.window = window  # bias.window's size
         self.tiles = state_tiles(self.step, macros)
         self.buffer_dims = {b.node: b.dims for bs in sched.buffers.values() for b in bs}
+        self.constants = {}  # the kernel's key-block shares with a constant term (`begin`)
 
     # ---- expressions ----------------------------------------------------------------------
 
@@ -76,6 +77,11 @@ class KernelPrinter:
         op = node["op"]
         if op == "dot":
             return m.dot(x[0], x[1], node["ta"], node["tb"])
+        if op == "ew" and n in self.constants:  # a key block's share: the first counts it
+            names = dict(zip(node["symbols"], x, strict=True))
+            constant = self.constants[n]
+            return m.first_key_block(self.source(node["expr"] - constant, names),
+                                     self.source(constant, names))
         if op == "ew":
             return self.source(node["expr"], dict(zip(node["symbols"], x, strict=True)))
         if op in ("cumsum", "revcumsum"):
@@ -213,11 +219,14 @@ class KernelPrinter:
         """Start printing `kernel`: where each node is printed, what must keep its name."""
         self.inlined, self.loaded = {}, set(kernel.loads)
         walk = kernel.walk
+        shares = walk.shares if walk else None
+        self.constants = shares.constants if shares else {}
         streams = (walk.before, walk.walk) if walk else (kernel.passes,) if kernel.passes else ()
-        sums = walk.sums if walk else ()
+        sums = (*walk.sums, *(shares.sums if shares else ())) if walk else ()
         if streams:
             scopes = [*(part for s in streams for part in (*s.whole, *(loop.nodes for loop in s.loops))),
-                      *((walk.after,) if walk else ())]
+                      *((walk.after,) if walk else ()),
+                      *((shares.pre, shares.inner, shares.after) if shares else ())]
             self.places = {}
             for n in (n for scope in scopes for n in scope):
                 self.places[n] = self.places.get(n, 0) + 1
@@ -227,6 +236,7 @@ class KernelPrinter:
         reduced = [r for s in streams for loop in s.loops for r in loop.reduce]
         self.places.update(dict.fromkeys([*reduced, *sums], 1))
         self.pinned = {*kernel.targets, *kernel.stores, *kernel.loads, *kernel.block_loads,
+                       *(shares.targets if shares else ()),
                        *reduced, *sums, *self.step.states, *(f"d{s}_new" for s in self.step.states)}
 
     def passes(self, passes, loads: dict, stores: dict, loaded=(), dim="DH",
@@ -338,8 +348,19 @@ class KernelPrinter:
         loads, _ = self.key_io(kernel)
         lines = ["i_k = tl.program_id(2)  # the program's block of key columns"] \
             if walk.per_key_block else []
+        shares = walk.shares
         lines += self.passes(walk.before, loads, {}, loaded, "DK")
-        lines += [m.accumulator(n, [BLOCKS[d] for d in graph.shape(n)], "sum") for n in walk.sums]
+        lines += self.compute(shares.pre, loaded) if shares else []
+        sums = (*walk.sums, *(shares.sums if shares else ()))
+        columns = {n: graph.free(f"{n}_cols") for n in sums if self.by_columns(n)}
+        lines += [m.accumulator(columns.get(n, n), [BLOCKS[d] for d in graph.shape(
+            graph.node(n)["inputs"][0] if n in columns else n)], "sum") for n in sums]
+
+        def add(n):  # a value block's part of a sum over them
+            if n in columns:
+                return m.accumulate(columns[n], self.ref(graph.node(n)["inputs"][0]), "sum")
+            return m.accumulate(n, self.expression(n), "sum")
+
         inner, rows = [], self.row_masks(kernel)
         for x in self.value_inputs(kernel):
             if x in self.step.params:
@@ -357,12 +378,12 @@ class KernelPrinter:
         own = walk.walk.loops[-1] if walk.per_key_block else None
         for whole, loop in zip(walk.walk.whole, walk.walk.loops, strict=False):
             inner += self.compute([n for n in whole if n not in sums], loaded, sinks=sums)
-            inner += [m.accumulate(n, self.expression(n), "sum") for n in whole if n in sums]
+            inner += [add(n) for n in whole if n in sums]
             body = [line for n in loop.nodes if n in loads for line in loads[n]]
             body += self.compute([n for n in loop.nodes if n not in sums], loaded,
                                  sinks=(*loop.reduce, *loop.store))
             body += [m.accumulate(r, self.expression(r), graph.node(r)["op"]) for r in loop.reduce]
-            body += [m.accumulate(n, self.expression(n), "sum") for n in loop.store]
+            body += [add(n) for n in loop.store]
             if loop is own:
                 inner += [*m.own_key_block().splitlines(), *body]
             else:  # a sum over the value blocks too starts before the walk
@@ -371,15 +392,41 @@ class KernelPrinter:
                 inner += [*m.block_loop("DK").splitlines(), *_indented(body)]
         last = walk.walk.whole[len(walk.walk.loops)]
         inner += self.compute([n for n in last if n not in sums], loaded, sinks=sums)
-        inner += [m.accumulate(n, self.expression(n), "sum") for n in last if n in sums]
+        inner += [add(n) for n in last if n in sums]
+        if shares:  # on the program's key block, as the walk's own pass
+            inner += self.block_loads(shares.inner, loads, own.nodes)
+            inner += self.compute(shares.inner, loaded, sinks=shares.sums)
+            inner += [add(n) for n in shares.sums]
         lines += [*m.block_loop("DV").splitlines(), *_indented(inner)]
+        lines += [m.assign(n, m.reduce("sum", c, graph.node(n)["axis"])) for n, c in columns.items()]
         if walk.per_key_block:
             lines += m.own_key_block().splitlines()
-            lines += [line for n in walk.after if n in loads for line in loads[n]]
+            lines += self.block_loads(walk.after, loads)
         lines += self.compute([n for n in walk.after if n not in loads], loaded)
         adjoint = self.sched.adjoint
-        return lines + [m.store_key_grad(x, adjoint[x], False, *self.rows_of(x)[::-1])
-                        for x in kernel.blocked]
+        lines += [m.store_key_grad(x, adjoint[x], False, *self.rows_of(x)[::-1])
+                  for x in kernel.blocked]
+        if shares:  # after the walk's own gradients are stored: it holds them no longer
+            lines += self.block_loads(shares.after, loads, walk.after)
+            lines += self.compute(shares.after, loaded)
+        return lines
+
+    def by_columns(self, n: str) -> bool:
+        """Whether a sum over the value blocks adds up its input's entries across the walk,
+        reduced over the value columns once after it: a sum over the rows of a tile [DV, ...]
+        (a state's), which each value block would otherwise reduce across the warps. Sm_90,
+        bf16, D=128, (8, 4096, 16), the dq/dk kernels: summed so, simple GLA's ran 501 M
+        warp-instructions at 8 warps rather than 549; with the rows' sums over a tile [T, DV]
+        summed so too (476 M), DeltaNet's spilled 8 B at 4 warps, where it spills none (246 M;
+        at 8 warps 382)."""
+        node = self.graph.node(n)
+        return node["op"] == "sum" and node["axis"] == 0 and \
+            self.graph.shape(node["inputs"][0])[0] == "DV"
+
+    @staticmethod
+    def block_loads(nodes, loads: dict, held=()) -> list[str]:
+        """The loads of the key block of each of `nodes` that has one, but those `held`."""
+        return [line for n in nodes if n in loads and n not in held for line in loads[n]]
 
     def body(self, kernel: KernelPlan) -> list[str]:
         """The statements of a kernel's chunk step: flat, or its passes over blocks of a dim."""

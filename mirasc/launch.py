@@ -251,7 +251,9 @@ class ChunkKernels:
         blocks = {out: triton.cdiv(q.shape[-1], meta["BK"]) if out in m["KEY_PROGRAMS"]
                   else 1 if out in m["V_SUMMED"] else triton.cdiv(v.shape[-1], meta["BV"])
                   for out, meta in metas.items()}
-        parts = {x: 0 if out in m["WALKS"] else blocks[out]  # 0: stored once
+        # 0: stored once; a key block's share (`KeyShares`) per key block, as a value block's
+        # partial sums per value block
+        parts = {x: 0 if out in m["WALKS"] and x not in m["KEY_SHARES"] else blocks[out]
                  for out, xs in m["OUT_KERNELS"].items() for x in xs}
         tokens = dict(zip(("q", "k", "v", *m["GATES"]), inputs, strict=False))
         grads = [x.new_empty(parts[name], *x.shape, dtype=acc) if name in m["SUMMED"] and

@@ -72,6 +72,13 @@ BK_PER_PROGRAM = 64
 # 751 M); KDA's spills 320 B at D=128 (3587 M) rather than 1400 (2613 M), 656 B at D=64 (1558 M)
 # rather than 2192 (1215 M).
 BK_PAIRS = 16
+# The most products per value block (dots over the program's key block: q W^T, ...) that the
+# per-head gates' gradients may add to such a kernel's walk when they join it as key-block
+# shares (`schedule.streams.KeyShares`); with more, they keep a kernel of their own. Bf16, sm_90,
+# (8, 4096, 16), 8 warps, D=128: joined, the dq/dk kernels of simple GLA (2 products), gated
+# DeltaNet (2) and DeltaNet (none) spill none, where Titans' (4) spilled 432 B (1312 at D=64)
+# and Omega's (3) 992 B (1632), against none and 0 / 368 B apart.
+SHARE_PRODUCTS = 2
 
 
 def configs(kernel: str, split_v: bool, streamed: bool) -> list[tuple[int, int]]:

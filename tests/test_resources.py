@@ -158,7 +158,7 @@ def test_value_blocks_fit_hopper_at_head_dim_128(env):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("fwd", "bwd"))]
     assert [r[0] for r in rows] == _kernels("specs/gated_deltanet.yaml"), done.stdout
-    assert [r[0] for r in rows][-3:] == ["bwd_dv", "bwd_dqk", "bwd_dg"], done.stdout
+    assert [r[0] for r in rows][-2:] == ["bwd_dv", "bwd_dqk"], done.stdout
     assert all(r[-2:] == ["yes", "yes"] for r in rows), done.stdout  # fits, timed
 
 

@@ -3,13 +3,16 @@ computes, loads and stores, and how a step passes over blocks of a dim."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import sympy as sp
+import torch
 
 from mirasc import tuning
 from mirasc.catalog import resolve
 from mirasc.derive import derive
-from mirasc.graph import plan
+from mirasc.graph import evaluate, plan
 from mirasc.memories import chunk_step, step_adjoint
 from mirasc.schedule import schedule
 from mirasc.schedule.streams import stream
@@ -88,9 +91,8 @@ def test_query_gradient_runs_apart_from_the_state_gradient(name):
     assert {"k", "v"} <= set(sched.groups["bwd_out"])
     assert not dstates & sched.kernels["bwd_dq"].needs
     assert dstates & sched.kernels["bwd_out"].needs
-    matrix = _schedule("gated_deltanet")
-    assert matrix.groups == {"bwd_dv": ("v",), "bwd_dqk": ("q", "k"),
-                             "bwd_dg": ("log_alpha", "eta")}  # per-head gates: one per row
+    matrix = _schedule("gated_deltanet")  # the per-head gates' join the dq/dk kernel
+    assert matrix.groups == {"bwd_dv": ("v",), "bwd_dqk": ("q", "k", "log_alpha", "eta")}
 
 
 @pytest.mark.parametrize("name", ["gated_deltanet", "simple_gla", "titans"])
@@ -109,7 +111,8 @@ def test_matrix_gradients_pass_over_key_blocks(name):
     assert "bwd_dqk" in sched.walks_v and {"q", "k"} <= set(sched.summed)
     assert sched.key_blocks["bwd_dqk"] == tuning.BK_PER_PROGRAM
     walk = dqk.walk
-    assert walk is not None and walk.sums and set(dqk.targets) <= set(walk.after)
+    shared = walk.shares.targets if walk.shares else ()
+    assert walk is not None and walk.sums and set(dqk.targets) - set(shared) <= set(walk.after)
     assert not any("DV" in graph.shape(n) for n in (*walk.sums, *walk.after))
     keyed = {n for n in walk.sums if "DK" in graph.shape(n)}
     own = walk.walk.loops[-1]
@@ -118,26 +121,123 @@ def test_matrix_gradients_pass_over_key_blocks(name):
         assert not any("DV" in graph.shape(i) for i in graph.node(n)["inputs"]), n
 
 
-@pytest.mark.parametrize("name", ["gated_deltanet", "simple_gla"])
-def test_gate_gradients_walk_the_value_blocks_once(name):
-    """The per-head gates' kernel runs one program per chunk and head that walks the value
-    blocks (`ValueWalk` without key blocks): the key-side products (q k^T, and k k^T where the
-    step has them) over every key block once before the walk, the sums over value blocks kept
-    in registers (a sum over the state's entries summed over its key blocks too), and the
-    gates' gradients (reverse cumulative sums among them) once after it, from tiles with
-    neither key nor value columns."""
+@pytest.mark.parametrize("name", ["gated_deltanet", "simple_gla", "deltanet", "titans", "omega"])
+def test_gate_gradients_join_the_dq_dk_kernel_as_key_block_shares(name, monkeypatch):
+    """The per-head gates' gradients run in the dq/dk kernel (no kernel of their own), from its
+    program's key block alone (`KeyShares`): no share has a key column, the products over key
+    columns they read (q k^T, q W^T, ...) are shares computed on that block, not over every key
+    block before the walk, their sums over value blocks have no value column (a key column is
+    the program's block), and each gradient is a share or (Titans' eta) reads no
+    sum over key columns. Where they would add more than `tuning.SHARE_PRODUCTS` products to
+    each value block's step (Titans, Omega), they keep their kernel."""
+    joins = _products(name) <= tuning.SHARE_PRODUCTS
+    assert joins == (name not in ("titans", "omega"))
+    if not joins:
+        assert "bwd_dg" in _schedule(name).kernels
+        monkeypatch.setattr(tuning, "SHARE_PRODUCTS", _products(name))
     sched = _schedule(name)
     graph = sched.step.graph
-    dg = sched.kernels["bwd_dg"]
-    walk = dg.walk
-    assert walk is not None and not walk.per_key_block and "bwd_dg" in sched.walks_v
-    assert "qk" in {r for loop in walk.before.loops for r in loop.reduce}
-    assert not any("DV" in graph.shape(n) or "DK" in graph.shape(n)
-                   for n in (*walk.sums, *walk.after))
-    assert set(dg.targets) <= set(walk.after)
-    assert any(graph.node(n)["op"] == "revcumsum" for n in walk.after)
-    summed_over_keys = {r for loop in walk.walk.loops for r in loop.reduce} & set(walk.sums)
-    assert summed_over_keys == {"dgam_end"}
+    assert "bwd_dg" not in sched.kernels
+    dqk = sched.kernels["bwd_dqk"]
+    heads = [x for x in sched.groups["bwd_dqk"] if graph.shape(x)[1] == 1]
+    assert heads and not set(heads) & set(dqk.blocked)
+    shares = dqk.walk.shares
+    assert set(shares.targets) == {sched.adjoint[x] for x in heads}
+    assert not any("DK" in graph.shape(n) for n in shares.shares)
+    folds = {n for n in shares.shares if graph.node(n)["op"] == "dot" and "DK" in graph.shape(
+        graph.node(n)["inputs"][0])}
+    assert folds and folds <= set(shares.inner) | set(shares.after)
+    assert not folds & {r for loop in dqk.walk.before.loops for r in loop.reduce}
+    assert shares.sums and not any("DV" in graph.shape(n) for n in shares.sums)
+    assert set(shares.constants) <= shares.shares
+    assert all(graph.node(n)["op"] == "ew" for n in shares.constants)
+
+
+def test_gates_keep_their_kernel_beside_pair_tiles():
+    """KDA's dq/dk kernel holds pair tiles (key blocks of `tuning.BK_PAIRS`: eight programs per
+    chunk at D=128): its per-head gate's gradient keeps a kernel of its own."""
+    sched = _schedule("kda")
+    assert sched.key_blocks["bwd_dqk"] == tuning.BK_PAIRS
+    assert sched.groups["bwd_dg"] == ("eta",) and sched.kernels["bwd_dqk"].walk.shares is None
+
+
+def _products(name) -> int:
+    """The products per value block the per-head gates' gradients of spec `name` would add to
+    its dq/dk kernel's walk, joined."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tuning, "SHARE_PRODUCTS", 99)
+        shares = _schedule(name).kernels["bwd_dqk"].walk.shares
+    graph = _schedule(name).step.graph
+    return sum(graph.node(n)["op"] == "dot" for n in shares.inner)
+
+
+def _tiles(graph, sizes, seed=0) -> dict:
+    """Random float64 inputs for every input node of `graph` (decays in (-1, 0), rates in
+    (0.1, 0.6)) and the chunk's masks for its consts, every row real and clean."""
+    gen = torch.Generator().manual_seed(seed)
+    t = sizes["T"]
+    ones = torch.ones(t, t, dtype=torch.float64)
+    masks = {"causal": ones.tril(), "strict": ones.tril(-1), "strict2": ones.tril(-2),
+             "rowmask": torch.ones(t, 1, dtype=torch.float64),
+             "vmask": torch.ones(1, sizes["DV"], dtype=torch.float64),
+             "lastrow": torch.eye(t, dtype=torch.float64)[:, -1:],
+             "tainted": torch.zeros(t, 1, dtype=torch.float64),
+             "qbad": torch.zeros(t, 1, dtype=torch.float64),
+             "nanfill": torch.full((1, 1), float("nan"), dtype=torch.float64)}
+    values = {}
+    for n in graph.g:
+        node = graph.node(n)
+        if node["op"] == "const":
+            values[n] = masks[n]
+        elif node["op"] == "input":
+            x = torch.randn(*[1 if d == 1 else sizes[d] for d in node["shape"]], generator=gen,
+                            dtype=torch.float64)
+            values[n] = -x.abs().clamp(max=1) if n.startswith("log_") else \
+                0.1 + 0.5 * torch.rand_like(x) if graph.shape(n)[1] == 1 else x
+    return values
+
+
+def _key_columns(graph, n, x, cols):
+    """The tile of node n restricted to the key columns `cols` (along each dim that is DK)."""
+    for axis, d in enumerate(graph.shape(n)):
+        if d == "DK":
+            x = x.index_select(axis - 2, cols)
+    return x
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "simple_gla", "titans"])
+def test_key_block_shares_add_up_to_the_gradients(name, monkeypatch):
+    """What makes the joint kernel right, on the graph itself (`graph.evaluate`, float64): each
+    key block's shares of the per-head gates' gradients, computed from the block's key columns
+    (the walk's own tiles whole, as the kernel holds them), each constant term counted by the
+    first block alone, add up over the blocks to the gradients of the whole step; counted by
+    every block instead, they do not (Titans' joined as well, past `tuning.SHARE_PRODUCTS`)."""
+    monkeypatch.setattr(tuning, "SHARE_PRODUCTS", 99)
+    sched = _schedule(name)
+    graph = sched.step.graph
+    dqk = sched.kernels["bwd_dqk"]
+    shares = dqk.walk.shares
+    assert shares.constants
+    sizes = {"T": 8, "DK": 7, "DV": 5}
+    values = _tiles(graph, sizes)
+    whole = evaluate(graph, values, sizes)
+    walked = set(plan(graph, [t for t in dqk.targets if t not in shares.targets], dqk.loads))
+    first = sp.Symbol("FIRST", positive=True)
+    counted = copy.deepcopy(graph)
+    for n, c in shares.constants.items():
+        counted.node(n)["expr"] = graph.node(n)["expr"] - c + first * c
+    mine = [n for n in plan(graph, shares.targets, dqk.loads) if n not in walked]
+    for once in (True, False):
+        total = dict.fromkeys(shares.targets, 0.0)
+        for b, cols in enumerate(torch.arange(7).split(3)):  # blocks of 3, 3 and 1 key columns
+            held = {n: _key_columns(graph, n, whole[n], cols) for n in walked | set(dqk.loads)}
+            held |= {n: _key_columns(graph, n, values[n], cols) for n in values}
+            env = evaluate(counted, held, sizes | {"DK": len(cols), "FIRST": int(b == 0 or not once)},
+                           [n for n in mine if n not in held])
+            for t in shares.targets:  # a gradient that is no share: the first block's
+                total[t] = total[t] + env[t] if t in shares.shares or b == 0 else total[t]
+        close = all(torch.allclose(total[t], whole[t], rtol=1e-9, atol=1e-11) for t in shares.targets)
+        assert close == once, once
 
 
 def test_kernels_launch_order_and_kinds():
@@ -146,11 +246,10 @@ def test_kernels_launch_order_and_kinds():
     sched = _schedule("gated_deltanet")
     kinds = {name: k.kind for name, k in sched.kernels.items()}
     assert kinds == {"fwd": "pass", "fwd_out": "out", "bwd": "pass", "bwd_dv": "out",
-                     "bwd_dqk": "out", "bwd_dg": "out", "fwd_stage": "stage",
-                     "bwd_stage": "stage"}
+                     "bwd_dqk": "out", "fwd_stage": "stage", "bwd_stage": "stage"}
     assert sched.stage_order == {"fwd": ["fwd_stage"], "bwd": ["bwd_stage"]}
     assert list(sched.kernels) == ["fwd_stage", "fwd", "fwd_out", "bwd_stage", "bwd", "bwd_dv",
-                                   "bwd_dqk", "bwd_dg"]
+                                   "bwd_dqk"]
     assert all(k.direction == k.name[:3] for k in sched.kernels.values())
 
 

@@ -8,6 +8,7 @@ import functools
 import inspect
 import math
 import re
+from pathlib import Path
 
 import oracle
 import pytest
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from triton.runtime.errors import OutOfResources, PTXASError
 
 import mirasc
-from mirasc import launch, memories
+from mirasc import launch, memories, tuning
 from mirasc.cache import load_module
 from mirasc.check import compare, random_inputs, relative_error, varlen_inputs
 from mirasc.codegen import render_module, triton_unsupported
@@ -368,8 +369,13 @@ def test_key_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
     """The gradient kernels of a matrix memory pass over blocks of 16 key columns (DK = 37:
     three, the last one masked), their products over DK summed across the blocks and dq, dk (and
     a key-channel gate's gradient) written per block; so does the stage kernel of the products
-    under per-channel decays (KDA's first: its inverse reads k k^T); packed sequences too."""
+    under per-channel decays (KDA's first: its inverse reads k k^T); packed sequences too. The
+    per-head gates' gradients of gated DeltaNet and simple GLA are each key block's share,
+    summed over the three."""
     op, module = _compiled(SPLIT_CASES.get(case, f"specs/{case}.yaml"), tmp_path, monkeypatch)
+    shared = {"gated_deltanet": ["log_alpha", "eta"], "simple_gla": ["log_alpha"]}
+    if case in shared:
+        assert list(module.KEY_SHARES) == shared[case]
     keyed_stages = {"channel decay, channel eta": {"fwd_stage2"}, "kda": {"fwd_stage"}}.get(case, set())
     assert set(module.BK_MAX) & set(module.STAGES["fwd"]) == keyed_stages
     assert "bwd_dqk" in module.BK_MAX and set(module.BK_MAX) <= set(module.OUT_KERNELS) | keyed_stages
@@ -385,6 +391,24 @@ def test_key_blocks_pass_one_at_a_time(case, tmp_path, monkeypatch):
         assert {grid[2] for grid in module.kernel.launchers[kernel].grids} == {3}, kernel
     for kernel in module.BK_MAX:  # each launched with its own key block
         assert module.kernel.launchers[kernel].key_blocks == {16}, kernel
+
+
+def test_gate_gradients_joined_past_the_product_cap_sum_over_key_blocks(tmp_path, monkeypatch):
+    """Titans' per-head gates joined to its dq/dk kernel (past `tuning.SHARE_PRODUCTS`, which
+    keeps them apart by default): log_alpha's and momentum's gradients as each key block's share
+    summed over three blocks of 16 (DK = 37), eta's, which reads no product over key columns,
+    written whole by the first block; packed sequences too."""
+    monkeypatch.setattr(tuning, "SHARE_PRODUCTS", 99)
+    text = Path("specs/titans.yaml").read_text().replace("name: titans", "name: titans_joined")
+    op, module = _compiled(text, tmp_path, monkeypatch)
+    assert "bwd_dg" not in module.OUT_KERNELS
+    assert list(module.KEY_SHARES) == ["log_alpha", "momentum"]
+    assert "eta" in module.OUT_KERNELS["bwd_dqk"]
+    monkeypatch.setitem(module.BK_MAX, "bwd_dqk", 16)
+    inputs = random_inputs(op, batch=2, length=23, heads=2, dk=37, dv=6)
+    _assert_close(compare(op, inputs, chunk_size=op.oracle_chunk_size), torch.float64)
+    packed = varlen_inputs(op, [0, 9, 30], dk=37, dv=5)
+    _assert_close(compare(op, packed, chunk_size=op.oracle_chunk_size), torch.float64)
 
 
 def test_a_stage_key_block_is_its_width_at_head_dims_up_to_64(monkeypatch):

@@ -3,7 +3,9 @@ as passes over blocks of a dimension, one block at a time (`stream`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import sympy as sp
 
 from mirasc.graph import Graph, plan
 from mirasc.memories import ChunkStep
@@ -113,6 +115,7 @@ class ValueWalk:
     sums: tuple[str, ...]
     after: tuple[str, ...]
     per_key_block: bool
+    shares: KeyShares | None = None
 
 
 def _blocked_inputs(graph: Graph, roots, blocked) -> set[str]:
@@ -222,3 +225,120 @@ def value_walk(graph: Graph, targets, stop=()) -> ValueWalk | None:
             not per_key_block and "DK" in graph.shape(n)) for n in tail):
         return None
     return ValueWalk(before, walk, tuple(sums), tuple(tail), per_key_block)
+
+
+# ops linear in each input (a dot in each operand apart): a key block's share passes through them
+_LINEAR = ("dot", "sum", "trans", "broadcast", "cumsum", "revcumsum")
+
+
+@dataclass(frozen=True)
+class KeyShares:
+    """Gradients without key columns (per-head gates) that a per-key-block `ValueWalk` computes
+    beside its own from the program's key block alone, as fla's dq/dk kernels do their gates'
+    gradients: each sum over key columns they read covers that block only, and as the gradients
+    are affine in those sums, the programs' values add up to the whole gradient, each affine
+    constant counted by the first key block alone (`constants`: node -> its constant term).
+    `pre`: key-free tiles the walk's step reads, before the walk; `inner`: one value block's step
+    on the program's key block, after the walk's own; `sums`: over the value blocks; `after`:
+    what follows, after the walk's own; `shares`: the nodes whose value is a key block's share;
+    `targets`: the gradients, each written per key block and summed after where it is a share,
+    else (read no sum over key columns) whole, by the first key block."""
+
+    targets: tuple[str, ...]
+    pre: tuple[str, ...]
+    inner: tuple[str, ...]
+    sums: tuple[str, ...]
+    after: tuple[str, ...]
+    shares: frozenset
+    constants: dict = field(default_factory=dict)
+
+
+def _visible(graph: Graph, walk: ValueWalk) -> tuple[set, set, set]:
+    """The walk's nodes that hold their value (the whole tile, or the program's key block)
+    before the walk, in a value block's step after the walk's own pass, and after the walk."""
+    before = {n for w in walk.before.whole for n in w} | \
+        {r for loop in walk.before.loops for r in loop.reduce}
+    inner = before | {n for w in walk.walk.whole for n in w} | set(walk.walk.loops[-1].nodes) | \
+        {r for loop in walk.walk.loops for r in loop.reduce}
+    return before, inner, before | set(walk.sums) | set(walk.after)
+
+
+def _affine(graph: Graph, n: str, shares) -> tuple[bool, sp.Expr | None]:
+    """Whether node n is affine in its inputs among `shares` (linear in them jointly, so that a
+    key block's shares give a share of n), and its constant term where it has one."""
+    node = graph.node(n)
+    inputs = node["inputs"]
+    if node["op"] in _LINEAR:
+        return node["op"] != "dot" or not all(i in shares for i in inputs), None
+    if node["op"] != "ew":
+        return False, None
+    gens = [s for s, i in zip(node["symbols"], inputs, strict=True) if i in shares]
+    try:
+        poly = sp.Poly(node["expr"], *gens)
+    except sp.PolynomialError:
+        return False, None
+    if poly.total_degree() != 1:
+        return False, None
+    constant = poly.coeff_monomial(1)
+    return True, (None if constant == 0 else constant)
+
+
+def key_shares(graph: Graph, walk: ValueWalk, targets, theirs, stop=()) -> KeyShares | None:
+    """`targets` (gradients without key columns) beside `walk` (per key block, computing
+    `theirs`) as `KeyShares`; None where they are not affine in their sums over key columns, or
+    read a tile of the walk where it does not hold the program's key block."""
+    nodes = plan(graph, [*theirs, *targets], stop)
+    classes = _by_values(graph, nodes, stop)
+    if not walk.per_key_block or classes is None:
+        return None
+    value, sums, after = classes
+    walked = set(plan(graph, theirs, stop))
+    mine = [n for n in nodes if n not in walked]
+    shares, constants = set(), {}
+    for n in mine:
+        if n in stop:
+            continue
+        if set(graph.node(n)["inputs"]) & shares:
+            able, constant = _affine(graph, n, shares)
+            if not able:
+                return None
+            if constant is not None:
+                constants[n] = constant
+        elif not _folds(graph, n, "DK"):
+            continue
+        if "DK" in graph.shape(n):  # a block of key columns is the program's own, no share
+            return None
+        shares.add(n)
+    keyed = set()
+    for n in mine:
+        if n in shares or "DK" in graph.shape(n) or (
+                n not in stop and set(graph.node(n)["inputs"]) & keyed):
+            keyed.add(n)
+    inner = {n for n in mine if n in value}
+    own_sums = [n for n in sums if n in mine]
+    late = {n for n in mine if n in after}
+    pre, ours = set(), set(mine)
+    for n in reversed(mine):
+        if n in inner or n in late or n in own_sums:
+            continue
+        readers = [c for c in graph.g.successors(n) if c in ours]
+        if any(c in inner or c in own_sums or c in pre for c in readers):
+            (inner if n in keyed else pre).add(n)
+        if n in targets or n not in pre and any(c in late for c in readers):
+            late.add(n)
+    # what the walk holds where a section reads it; an input or a loaded tile it does not hold
+    # there is loaded again
+    before, during, behind = _visible(graph, walk)
+    for section, seen, also in ((pre, before, ()), (inner, during | pre, own_sums),
+                                (late, behind | pre, ())):
+        for n in [*section, *also]:
+            for i in () if n in stop else graph.node(n)["inputs"]:
+                if i not in walked or i in seen:
+                    continue
+                if graph.node(i)["op"] != "input" and i not in stop:
+                    return None
+                section.add(i)
+    order = list(nodes)
+    return KeyShares(tuple(targets), *(tuple(n for n in order if n in s) for s in (pre, inner)),
+                     tuple(own_sums), tuple(n for n in order if n in late), frozenset(shares),
+                     constants)

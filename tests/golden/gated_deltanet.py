@@ -51,11 +51,14 @@ SUMMED = ['q', 'k', 'log_alpha', 'eta']
 # output kernels whose program walks every DV block (the others write a partial copy per
 # block): summing in place, or (WALKS) in registers, storing their gradients once, in the
 # inputs' dtype; of these, KEY_PROGRAMS run a program per block of key columns
-V_SUMMED = ['bwd_dqk', 'bwd_dg']
-WALKS = ['bwd_dqk', 'bwd_dg']
+V_SUMMED = ['bwd_dqk']
+WALKS = ['bwd_dqk']
 KEY_PROGRAMS = ['bwd_dqk']
+# gradients without key columns that a kernel of KEY_PROGRAMS writes as one share per key block
+# (float32 buffers, summed after)
+KEY_SHARES = ['log_alpha', 'eta']
 # the backward's output kernels and the inputs whose gradients each writes
-OUT_KERNELS = {'bwd_dv': ('v',), 'bwd_dqk': ('q', 'k'), 'bwd_dg': ('log_alpha', 'eta')}
+OUT_KERNELS = {'bwd_dv': ('v',), 'bwd_dqk': ('q', 'k', 'log_alpha', 'eta')}
 # per direction, its stage kernels in launch order
 STAGES = {'fwd': ['fwd_stage'], 'bwd': ['bwd_stage']}
 KERNELS = [*STAGES["fwd"], "fwd", "fwd_out", *STAGES["bwd"], "bwd", *OUT_KERNELS]  # in launch order
@@ -75,9 +78,9 @@ BUFFERS = {'fwd': [('n_tainted', '1', '1', False),
  'fwd_pass': [('kw', 'BT', 'BDV', False),
               ('inherited', '1', 'BDV', False),
               ('u', 'BT', 'BDV', False)],
- 'bwd_out': [('du', 'BT', 'BDV', True),
-             ('drhs', 'BT', 'BDV', False),
-             ('du_tail', 'BT', 'BDV', False)]}
+ 'bwd_out': [('du_tail', 'BT', 'BDV', False),
+             ('du', 'BT', 'BDV', True),
+             ('drhs', 'BT', 'BDV', False)]}
 # tuning (mirasc.tuning): per kernel, the (num_warps, num_stages) its autotuner compiles (it
 # times those that spill least); the widest block of value columns (when SPLIT_V), of key
 # columns (in the kernels that pass over them) and of hidden units (when STREAM_H, at head dims
@@ -88,10 +91,9 @@ CONFIGS = {'fwd_stage': [(4, 1), (8, 1)],
  'bwd_stage': [(4, 1), (8, 1)],
  'bwd': [(4, 1), (8, 1), (8, 2)],
  'bwd_dv': [(4, 1), (8, 1)],
- 'bwd_dqk': [(4, 1), (8, 1)],
- 'bwd_dg': [(4, 1), (8, 1)]}
+ 'bwd_dqk': [(4, 1), (8, 1)]}
 BV_MAX = {'fwd': 32, 'fwd_out': 128, 'bwd': 16, 'bwd_out': 32, 'bwd_dv': 32, 'bwd_dqk': 16, 'bwd_dg': 16}
-BK_MAX = {'bwd_dv': 32, 'bwd_dqk': 64, 'bwd_dg': 32}
+BK_MAX = {'bwd_dv': 32, 'bwd_dqk': 64}
 BH_MAX = {'fwd': 32}
 WHOLE_V = 64
 
@@ -439,15 +441,16 @@ def gated_deltanet_bwd_kernel(
 @triton.jit
 def gated_deltanet_bwd_dv_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, du_ptr, drhs_ptr,
-            du_tail_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, du_tail_ptr, du_ptr,
+            drhs_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr,
             seq_ptr, T, NTOK,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The gradients of v: one program per chunk, head (and block of value columns),
+    """The gradients of v:
+    one program per chunk, head (and block of value columns),
     reading the stored chunk-start state and the gradient of the chunk-end state."""
     i_c = tl.program_id(0).to(tl.int64)  # the chunk, counted over all sequences
     i_h = tl.program_id(1)
@@ -503,15 +506,16 @@ def gated_deltanet_bwd_dv_kernel(
 @triton.jit
 def gated_deltanet_bwd_dqk_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, du_ptr, drhs_ptr,
-            du_tail_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, du_tail_ptr, du_ptr,
+            drhs_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr,
             seq_ptr, T, NTOK,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The gradients of q, k: one program per chunk, head and block of key columns walks the blocks of value columns,
+    """The gradients of q, k, log_alpha, eta:
+    one program per chunk, head and block of key columns walks the blocks of value columns,
     reading the stored chunk-start state and the gradient of the chunk-end state."""
     i_c = tl.program_id(0).to(tl.int64)  # the chunk, counted over all sequences
     i_h = tl.program_id(1)
@@ -537,6 +541,7 @@ def gated_deltanet_bwd_dqk_kernel(
         # rows before the first with a non-finite input
         clean = valid & (tl.load(tainted_ptr + srow * BT + offs_t) == 0.0)
         q_rows = valid & (tl.load(qbad_ptr + srow * BT + offs_t) == 0.0)  # rows with a finite q
+        log_alpha = tl.load(log_alpha_ptr + tok * H + i_h, mask=clean, other=0.0).to(ACC)[:, None]
         eta = tl.load(eta_ptr + tok * H + i_h, mask=clean, other=0.0).to(ACC)[:, None]
         state_ptr = hs_ptr + srow * STATE
         dstate_ptr = dhs_ptr + srow * STATE
@@ -551,125 +556,14 @@ def gated_deltanet_bwd_dqk_kernel(
         spoiled = tl.load(spoiled_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
         tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
         A_inv = tl.load(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :])
+        gam_end = tl.load(gam_end_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
         dq_from_qw = tl.full([BT, BK], 0.0, ACC)
         dattn = tl.full([BT, BT], 0.0, ACC)
         dA_inv = tl.full([BT, BT], 0.0, ACC)
         dk_from_update = tl.full([BT, BK], 0.0, ACC)
         dk_from_kw = tl.full([BT, BK], 0.0, ACC)
-        for i_v in range(0, tl.cdiv(DV, BV)):  # the blocks of value columns, one at a time
-            offs_v = i_v * BV + tl.arange(0, BV)
-            mask_v = offs_v < DV
-            vmask = tl.where(mask_v, 1.0, 0.0).to(ACC)[None, :]
-            v = load_rows(v_ptr, tok * H + i_h, offs_v, clean, mask_v, DV, 1.0, ACC)
-            d_o = load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)
-            kw = tl.load(kw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            pred = (kw * tl.exp(gam))  # pred = kw * exp(gam)
-            rhs = (eta * rowmask * vmask * (pred + (-1.0 * v)))  # rhs = eta*(pred - v)
-            dqw = tl.load(dqw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            du = tl.load(du_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            drhs = tl.load(drhs_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            dattn += tl.dot((-1.0 * (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))).to(DOT), tl.trans(u).to(DOT),
-                    input_precision=PRECISION)
-            dA_inv += tl.dot(du.to(DOT), tl.trans(rhs).to(DOT), input_precision=PRECISION)
-            offs_k = i_k * BK + tl.arange(0, BK)  # this program's block of key columns
-            mask_k = offs_k < DK
-            W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
-                    other=0.0).to(ACC)
-            dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
-                    mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
-            dq_from_qw += tl.dot(dqw.to(DOT), W.to(DOT), input_precision=PRECISION)
-            dk_from_update += tl.dot((u * tail).to(DOT), (-1.0 * tl.where((spoiled > 0.0), 0.0, dW_new)).to(DOT),
-                    input_precision=PRECISION)
-            dk_from_kw += tl.dot(((drhs * eta * rowmask * vmask) * tl.exp(gam)).to(DOT), W.to(DOT),
-                    input_precision=PRECISION)
-        offs_k = i_k * BK + tl.arange(0, BK)  # this program's block of key columns
-        mask_k = offs_k < DK
-        q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
-        k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
-        eta_c = (eta * rowmask)  # eta_c = eta*rowmask
-        gam_row = tl.trans(gam)
-        # decay_ti = exp(gam_t - gam_i) (t > i), 1 (t = i), 0 (t < i)
-        decay = tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), tl.where((causal > 0.0), 1.0, 0.0))
-        dqk = (dattn * decay)
-        dA_from_A_inv_left = tl.dot(tl.trans(A_inv).to(DOT), dA_inv.to(DOT), input_precision=PRECISION)
-        dk_from_qk = tl.dot(tl.trans(dqk).to(DOT), q.to(DOT), input_precision=PRECISION)
-        dA_from_A_inv_neg = tl.dot(dA_from_A_inv_left.to(DOT), tl.trans(A_inv).to(DOT), input_precision=PRECISION)
-        dq = (dq_from_qw + tl.dot(dqk.to(DOT), k.to(DOT), input_precision=PRECISION))
-        dkk = (((-1.0 * dA_from_A_inv_neg) * eta_c) * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
-        dk_from_kk_2 = tl.dot(tl.trans(dkk).to(DOT), k.to(DOT), input_precision=PRECISION)
-        dk = (dk_from_update + dk_from_kw + tl.dot(dkk.to(DOT), k.to(DOT),
-                input_precision=PRECISION) + dk_from_kk_2 + dk_from_qk)
-        tl.store(dq_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], dq, valid[:, None] & mask_k[None, :])
-        tl.store(dk_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], dk, valid[:, None] & mask_k[None, :])
-
-
-@triton.jit
-def gated_deltanet_bwd_dg_kernel(
-    q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, du_ptr, drhs_ptr,
-            du_tail_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr,
-            seq_ptr, T, NTOK,
-    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
-    BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The gradients of log_alpha, eta: one program per chunk, head walks the blocks of value columns,
-    reading the stored chunk-start state and the gradient of the chunk-end state."""
-    i_c = tl.program_id(0).to(tl.int64)  # the chunk, counted over all sequences
-    i_h = tl.program_id(1)
-    if IS_VARLEN:
-        i_n = tl.load(seq_ptr + i_c)
-    else:
-        i_n = i_c // tl.cdiv(T, CHUNK)
-    bos, eos, first_chunk = sequence_bounds(cu_ptr, chunk_ptr, i_n, T, CHUNK, IS_VARLEN)
-    offs_t = tl.arange(0, BT)
-    offs_k = tl.arange(0, BK)
-    mask_k = offs_k < DK
-    strict = tl.where(offs_t[:, None] > offs_t[None, :], 1.0, 0.0).to(ACC)
-    i_t = i_c - first_chunk
-    for seg in tl.static_range(SEGMENTS):
-        srow = ((first_chunk + i_t) * SEGMENTS + seg) * H + i_h  # the step's row of the buffers
-        rows = i_t * CHUNK + offs_t
-        valid = (offs_t < CHUNK) & (rows < eos - bos)
-        if SEGMENTS == 2:  # the lag token: row 0 alone, then the rest of the chunk
-            valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
-        tok = bos + rows
-        rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]
-        # rows before the first with a non-finite input
-        clean = valid & (tl.load(tainted_ptr + srow * BT + offs_t) == 0.0)
-        q_rows = valid & (tl.load(qbad_ptr + srow * BT + offs_t) == 0.0)  # rows with a finite q
-        log_alpha = tl.load(log_alpha_ptr + tok * H + i_h, mask=clean, other=0.0).to(ACC)[:, None]
-        eta = tl.load(eta_ptr + tok * H + i_h, mask=clean, other=0.0).to(ACC)[:, None]
-        state_ptr = hs_ptr + srow * STATE
-        dstate_ptr = dhs_ptr + srow * STATE
-        tainted = tl.load(tainted_ptr + srow * BT + offs_t[:, None])
-        qbad = tl.load(qbad_ptr + srow * BT + offs_t[:, None])
-        offs_dv = tl.arange(0, BDV)[None, :]  # every value column of the buffer
-        inherited = tl.max(tl.load(inherited_ptr + srow * BDV + offs_dv, mask=offs_dv < DV, other=0.0), 1,
-                keep_dims=True)
-        gam_end = tl.load(gam_end_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
-        bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
-        spoiled = tl.load(spoiled_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
-        A_inv = tl.load(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :])
-        qk = tl.full([BT, BT], 0.0, ACC)
-        kk = tl.full([BT, BT], 0.0, ACC)
-        for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
-            offs_k = i_kb * BK + tl.arange(0, BK)
-            mask_k = offs_k < DK
-            q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
-            k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
-            qk += tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)
-            kk += tl.dot(k.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)
-        gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
-        gam_row = tl.trans(gam)
-        # kk_decay_ti = kk_ti exp(gam_t - gam_i) (t > i), 0 (t <= i)
-        kk_decay = (kk * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
+        dgam_end_from_keep_half_cols = tl.full([BV, BK], 0.0, ACC)
         dbeta = tl.full([BT, 1], 0.0, ACC)
-        dgam_end = tl.full([1, 1], 0.0, ACC)
-        dattn = tl.full([BT, BT], 0.0, ACC)
-        dA_inv = tl.full([BT, BT], 0.0, ACC)
         dtail = tl.full([BT, 1], 0.0, ACC)
         deta_from_rhs = tl.full([BT, 1], 0.0, ACC)
         dgam_from_pred = tl.full([BT, 1], 0.0, ACC)
@@ -683,52 +577,79 @@ def gated_deltanet_bwd_dg_kernel(
             pred = (kw * tl.exp(gam))  # pred = kw * exp(gam)
             rhs = (eta * rowmask * vmask * (pred + (-1.0 * v)))  # rhs = eta*(pred - v)
             dz_o = (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))
-            du_tail = tl.load(du_tail_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            dqw = tl.load(dqw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             du = tl.load(du_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             drhs = tl.load(drhs_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            dpred = (drhs * eta * rowmask * vmask)
             dattn += tl.dot((-1.0 * dz_o).to(DOT), tl.trans(u).to(DOT), input_precision=PRECISION)
             dA_inv += tl.dot(du.to(DOT), tl.trans(rhs).to(DOT), input_precision=PRECISION)
+            offs_k = i_k * BK + tl.arange(0, BK)  # this program's block of key columns
+            mask_k = offs_k < DK
+            W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
+                    other=0.0).to(ACC)
+            dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
+                    mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
+            dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
+            dq_from_qw += tl.dot(dqw.to(DOT), W.to(DOT), input_precision=PRECISION)
+            dk_from_update += tl.dot((u * tail).to(DOT), (-1.0 * dacc).to(DOT), input_precision=PRECISION)
+            dk_from_kw += tl.dot((dpred * tl.exp(gam)).to(DOT), W.to(DOT), input_precision=PRECISION)
+            q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
+            qw = tl.dot(q.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)  # qw = q W^T
+            keep = (W * tl.exp(gam_end))  # keep = exp(gam_end) W
+            du_tail = tl.load(du_tail_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            dgam_end_from_keep_half_cols += (dacc * keep)
+            dbeta += tl.sum((dz_o * qw), 1, keep_dims=True)
             dtail += tl.sum((du_tail * u), 1, keep_dims=True)
             deta_from_rhs += tl.sum((drhs * rowmask * vmask * (pred + (-1.0 * v))), 1, keep_dims=True)
-            dgam_from_pred += tl.sum(((drhs * eta * rowmask * vmask) * pred), 1, keep_dims=True)
-            qw = tl.full([BT, BV], 0.0, ACC)
-            for i_kb in range(0, tl.cdiv(DK, BK)):  # the blocks of key columns, one at a time
-                offs_k = i_kb * BK + tl.arange(0, BK)
-                mask_k = offs_k < DK
-                q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
-                W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
-                        other=0.0).to(ACC)
-                dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
-                        mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
-                keep = (W * tl.exp(gam_end))  # keep = exp(gam_end) W
-                dgam_end_from_keep_half = tl.sum((tl.where((spoiled > 0.0), 0.0, dW_new) * keep), 0, keep_dims=True)
-                qw += tl.dot(q.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)
-                dgam_end += tl.sum(dgam_end_from_keep_half, 1, keep_dims=True)
-            dbeta += tl.sum((dz_o * qw), 1, keep_dims=True)
+            dgam_from_pred += tl.sum((dpred * pred), 1, keep_dims=True)
+        dgam_end_from_keep_half = tl.sum(dgam_end_from_keep_half_cols, 0, keep_dims=True)
+        offs_k = i_k * BK + tl.arange(0, BK)  # this program's block of key columns
+        mask_k = offs_k < DK
+        q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
+        k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
         eta_c = (eta * rowmask)  # eta_c = eta*rowmask
-        beta = tl.exp(gam)  # beta = exp(gam)
-        tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
-        ddecay = (dattn * qk)
+        gam_row = tl.trans(gam)
+        # decay_ti = exp(gam_t - gam_i) (t > i), 1 (t = i), 0 (t < i)
+        decay = tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), tl.where((causal > 0.0), 1.0, 0.0))
+        dqk = (dattn * decay)
         dA_from_A_inv_left = tl.dot(tl.trans(A_inv).to(DOT), dA_inv.to(DOT), input_precision=PRECISION)
-        dgam_from_decay_full = (ddecay * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
-        dgam_row_from_decay_full = (ddecay * tl.where((strict > 0.0), (-1.0 * tl.exp((gam + (-1.0 * gam_row)))), 0.0))
+        dk_from_qk = tl.dot(tl.trans(dqk).to(DOT), q.to(DOT), input_precision=PRECISION)
         dA_from_A_inv_neg = tl.dot(dA_from_A_inv_left.to(DOT), tl.trans(A_inv).to(DOT), input_precision=PRECISION)
+        dq = (dq_from_qw + tl.dot(dqk.to(DOT), k.to(DOT), input_precision=PRECISION))
         dA = (-1.0 * dA_from_A_inv_neg)
         dkk_decay = (dA * eta_c)
+        dkk = (dkk_decay * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
+        dk_from_kk_2 = tl.dot(tl.trans(dkk).to(DOT), k.to(DOT), input_precision=PRECISION)
+        dk = (dk_from_update + dk_from_kw + tl.dot(dkk.to(DOT), k.to(DOT),
+                input_precision=PRECISION) + dk_from_kk_2 + dk_from_qk)
+        tl.store(dq_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], dq, valid[:, None] & mask_k[None, :])
+        tl.store(dk_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], dk, valid[:, None] & mask_k[None, :])
+        qk = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)  # qk = q k^T
+        kk = tl.dot(k.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)  # kk = k k^T
+        beta = tl.exp(gam)  # beta = exp(gam)
+        # kk_decay_ti = kk_ti exp(gam_t - gam_i) (t > i), 0 (t <= i)
+        kk_decay = (kk * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
+        dla_from_gam_end = tl.broadcast_to(tl.sum(dgam_end_from_keep_half, 1, keep_dims=True), (BT, 1))
+        ddecay = (dattn * qk)
+        dgam_from_decay_full = (ddecay * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
+        dgam_row_from_decay_full = (ddecay * tl.where((strict > 0.0), (-1.0 * tl.exp((gam + (-1.0 * gam_row)))), 0.0))
         dla_from_la_after_full = (tl.broadcast_to(tl.trans((dtail * tail)), (BT, BT)) * strict)
         dgam_row_from_kk_decay_full = (dkk_decay * kk * tl.where((strict > 0.0),
                 (-1.0 * tl.exp((gam + (-1.0 * gam_row)))), 0.0))
-        deta = (deta_from_rhs + (tl.sum((dA * kk_decay), 1, keep_dims=True) * rowmask))
+        deta = (tl.sum((dA * kk_decay), 1, keep_dims=True) * rowmask) + tl.where(i_k == 0, deta_from_rhs, 0.0)
         dgam_row = (tl.sum(dgam_row_from_kk_decay_full, 0, keep_dims=True) + tl.sum(dgam_row_from_decay_full, 0,
                 keep_dims=True))
-        dgam = (tl.sum((dkk_decay * kk_decay), 1, keep_dims=True) + tl.sum(dgam_from_decay_full, 1,
-                keep_dims=True) + dgam_from_pred + tl.trans(dgam_row) + (dbeta * beta))
+        dgam = (tl.sum((dkk_decay * kk_decay), 1, keep_dims=True) + tl.sum(dgam_from_decay_full, 1, keep_dims=True)
+                + tl.trans(dgam_row) + (dbeta * beta)) + tl.where(i_k == 0, dgam_from_pred, 0.0)
         dla_from_gam = tl.reshape(tl.cumsum(tl.reshape(dgam, [BT]), 0, reverse=True), [BT, 1])
-        dla = (tl.sum(dla_from_la_after_full, 1, keep_dims=True) + tl.broadcast_to(dgam_end, (BT, 1)) + dla_from_gam)
+        dla = (dla_from_gam_end + dla_from_gam) + tl.where(i_k == 0, tl.sum(dla_from_la_after_full, 1, keep_dims=True),
+                0.0)
         dlog_alpha = (dla * tl.where((log_alpha > -110.0), 1.0, 0.0))
-        tl.store(dlog_alpha_ptr + tok * H + i_h, tl.sum(dlog_alpha, 1), mask=valid)
-        tl.store(deta_ptr + tok * H + i_h, tl.sum(deta, 1), mask=valid)
+        # this key block's share
+        tl.store(dlog_alpha_ptr + tok * H + i_h + i_k.to(tl.int64) * NTOK * H, tl.sum(dlog_alpha, 1), mask=valid)
+        # this key block's share
+        tl.store(deta_ptr + tok * H + i_h + i_k.to(tl.int64) * NTOK * H, tl.sum(deta, 1), mask=valid)
 
 
 kernel = ChunkKernels(globals())  # the op's Triton path: launches, custom ops, autograd
