@@ -1,5 +1,7 @@
-"""Layout analysis: whether blocks of a dimension's columns run apart (`separable`), and a step
-as passes over blocks of a dimension, one block at a time (`stream`)."""
+"""Layout analysis: whether blocks of a dimension's columns run apart (`separable`), a step as
+passes over blocks of a dimension, one block at a time (`stream`), an output kernel walking the
+value blocks (`value_walk`), and the gradients its programs per key block compute as shares
+summed after (`key_shares`)."""
 
 from __future__ import annotations
 
