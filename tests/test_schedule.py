@@ -166,9 +166,9 @@ def _products(name) -> int:
     its dq/dk kernel's walk, joined."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tuning, "SHARE_PRODUCTS", 99)
-        shares = _schedule(name).kernels["bwd_dqk"].walk.shares
-    graph = _schedule(name).step.graph
-    return sum(graph.node(n)["op"] == "dot" for n in shares.inner)
+        sched = _schedule(name)
+    graph = sched.step.graph
+    return sum(graph.node(n)["op"] == "dot" for n in sched.kernels["bwd_dqk"].walk.shares.inner)
 
 
 def _tiles(graph, sizes, seed=0) -> dict:

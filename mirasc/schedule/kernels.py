@@ -168,6 +168,12 @@ def _handed(graph, producers: dict[str, KernelPlan], targets, stop) -> dict[str,
     return {n: able[n] for n in plan(graph, targets, (*stop, *able)) if n in able}
 
 
+def _holds_pairs(graph, nodes) -> bool:
+    """Whether a kernel computing `nodes` holds pair tiles (a product under per-channel decays,
+    `gmix`): its key blocks are `tuning.BK_PAIRS`."""
+    return any(graph.node(n)["op"] == "gmix" for n in nodes)
+
+
 def _join_shares(step, name, groups, targets, stop, producers, adjoint) -> tuple | None:
     """Where kernel `name` runs a program per key block walking the value blocks, the kernels
     after it writing only gradients without key columns (per-head gates) join it as
@@ -186,7 +192,7 @@ def _join_shares(step, name, groups, targets, stop, producers, adjoint) -> tuple
     theirs = [n for k in joining for n in targets[k]]
     full = (*stop, *_handed(graph, producers, own + theirs, stop))
     if _key_passes(step, full, adjoint, groups[name]) is None or \
-            any(graph.node(n)["op"] == "gmix" for n in plan(graph, own, full)):
+            _holds_pairs(graph, plan(graph, own, full)):
         return None
     walk = value_walk(graph, own, full)
     shares = None if walk is None else key_shares(graph, walk, theirs, own, full)
@@ -357,8 +363,8 @@ def schedule(step: ChunkStep) -> Schedule:
             walk = joined[1] if joined is not None else \
                 value_walk(graph, t, stop) if name in walkers else None
             if walk is not None and walk.per_key_block:
-                pairs = any(graph.node(n)["op"] == "gmix" for n in need)
-                key_blocks[name] = tuning.BK_PAIRS if pairs else tuning.BK_PER_PROGRAM
+                key_blocks[name] = tuning.BK_PAIRS if _holds_pairs(graph, need) \
+                    else tuning.BK_PER_PROGRAM
         elif streams is not None:
             passes, dim = streams[name], "DH"
         stored = kept if name == "fwd" else ()

@@ -5,7 +5,7 @@ summed after (`key_shares`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sympy as sp
 
@@ -252,10 +252,10 @@ class KeyShares:
     sums: tuple[str, ...]
     after: tuple[str, ...]
     shares: frozenset
-    constants: dict = field(default_factory=dict)
+    constants: dict
 
 
-def _visible(graph: Graph, walk: ValueWalk) -> tuple[set, set, set]:
+def _visible(walk: ValueWalk) -> tuple[set, set, set]:
     """The walk's nodes that hold their value (the whole tile, or the program's key block)
     before the walk, in a value block's step after the walk's own pass, and after the walk."""
     before = {n for w in walk.before.whole for n in w} | \
@@ -330,7 +330,7 @@ def key_shares(graph: Graph, walk: ValueWalk, targets, theirs, stop=()) -> KeySh
             late.add(n)
     # what the walk holds where a section reads it; an input or a loaded tile it does not hold
     # there is loaded again
-    before, during, behind = _visible(graph, walk)
+    before, during, behind = _visible(walk)
     for section, seen, also in ((pre, before, ()), (inner, during | pre, own_sums),
                                 (late, behind | pre, ())):
         for n in [*section, *also]:
