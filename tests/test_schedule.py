@@ -299,6 +299,37 @@ def test_flags_are_computed_once(name):
     assert readers and all({"tainted", "qbad"} <= set(k.loads) for k in readers)
 
 
+@pytest.mark.parametrize("name", ["linear_attention", "simple_gla", "gated_deltanet", "titans"])
+def test_output_kernels_compute_the_elementwise_stage_tiles(name):
+    """A stage tile of rows by columns made elementwise of inputs and the stage's per-row tiles
+    (u = -v, the masked output cotangent) is loaded by the sequential passes and the forward's
+    output kernel and computed by the backward's output kernels, from per-row tiles they load;
+    a stage tile made through a product or a reduction is loaded by every kernel that reads
+    it."""
+    sched = _schedule(name)
+    graph = sched.step.graph
+    staged = sched.staged["fwd"] + sched.staged["bwd"]
+    rows = [n for n in staged if 1 in graph.shape(n)]
+
+    def elementwise(n, stop):
+        return all(graph.node(m)["op"] in ("input", "const", "broadcast", "ew")
+                   for m in plan(graph, [n], stop) if m not in stop)
+
+    wide = [n for n in staged if n not in rows]
+    cheap = [n for n in wide if elementwise(n, rows)]
+    assert cheap
+    seen = set()
+    for kernel in sched.kernels.values():
+        reads = set(plan(graph, kernel.targets, kernel.loads))
+        for n in set(wide) & reads:
+            if kernel.kind == "out" and kernel.direction == "bwd" and n in cheap:
+                assert n not in kernel.loads and elementwise(n, kernel.loads), (kernel.name, n)
+            else:
+                assert n in kernel.loads or kernel.kind == "stage", (kernel.name, n)
+            seen.add((kernel.kind, n in cheap))
+    assert {("pass", True), ("out", True)} <= seen
+
+
 @pytest.mark.parametrize("name", ["gla", "kda"])
 def test_decayed_key_tiles_are_computed_once_per_chunk(name):
     """Under per-channel decays the tiles of rows by key columns that pass through an exp (the

@@ -243,7 +243,11 @@ def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
         # The stored states are at hand: the backward pass carries dW alone.
         staged["bwd"] = stages.frontier(graph, targets["bwd"], dstates)
     loads, kept = stages.stops(graph, targets, staged)
-    staged["bwd"] = tuple(n for n in staged["bwd"] if n not in loads["fwd_out"])
+    staged["bwd"] = tuple(n for n in staged["bwd"] if n not in (*staged["fwd"], *kept))
+    rows = [m for n in loads["bwd"] if stages.recomputed(graph, n)
+            for m in stages.row_operands(graph, n) if m not in loads["bwd"]]
+    staged["bwd"] += tuple(dict.fromkeys(rows))
+    loads = stages.stops(graph, targets, staged)[0]
     return staged, loads, kept, streamed
 
 

@@ -30,6 +30,41 @@ def stageable(graph: Graph, n: str) -> bool:
     return computed and (rows in ("T", 1) or cols == 1) and "DH" not in (rows, cols)
 
 
+def recomputed(graph: Graph, n: str) -> bool:
+    """Whether the backward's output kernels compute a stage tile rather than load it: an
+    elementwise tile of the chunk's rows by columns made of inputs and per-row or per-column
+    tiles alone (linear attention's u = -v, simple GLA's u exp(gamma_end - gamma), the masked
+    output cotangent). Simple GLA, sm_90, bf16, D=128: its dq/dk kernel, loading two float32
+    [T, BV] tiles per value block, ran 501 M warp-instructions at 8 warps (at 4 it spilled);
+    computing them, 330 M at 4 warps without spilling. The passes load it (computed, a tile
+    taken transposed into a product goes through shared memory: linear attention's backward
+    pass, D=64, 14.9 -> 32.9 M), and so does the forward's output kernel (linear attention's,
+    D=128, ran 11 M more computing u than loading it)."""
+    node = graph.node(n)
+    if node["op"] != "ew" or graph.shape(n)[0] != "T" or graph.shape(n)[1] == 1:
+        return False
+    for m in node["inputs"]:
+        op, shape = graph.node(m)["op"], graph.shape(m)
+        if not (op in ("input", "const", "broadcast") and graph.node(m).get("kind")
+                not in STAGED_CONSTS or 1 in shape or recomputed(graph, m)):
+            return False
+    return True
+
+
+def row_operands(graph: Graph, n: str) -> tuple[str, ...]:
+    """The computed per-row or per-column tiles a `recomputed` tile reads: the backward's stage
+    stores them, so that its output kernels compute the tile from them and its inputs."""
+    out = []
+    for m in graph.node(n)["inputs"]:
+        node = graph.node(m)
+        if recomputed(graph, m):
+            out += row_operands(graph, m)
+        elif 1 in graph.shape(m) and (node["op"] not in ("input", "const", "broadcast")
+                                      or node.get("kind") in STAGED_CONSTS):
+            out.append(m)
+    return tuple(dict.fromkeys(out))
+
+
 def frontier(graph: Graph, targets, live) -> tuple[str, ...]:
     """The state-free tiles that the nodes of `targets` depending on `live` (the states, their
     cotangents) read: what a stage kernel computes for every chunk at once, so that the
@@ -121,7 +156,8 @@ def stops(graph: Graph, targets: dict, staged: dict) -> tuple[dict, tuple]:
     stage's. Also the tiles the forward pass stores (`kept`)."""
     stored = kept(graph, targets["fwd"], targets["fwd_out"] + targets["bwd_out"], staged["fwd"])
     loads = {"fwd": staged["fwd"], "fwd_out": staged["fwd"] + stored}
-    loads["bwd"] = loads["bwd_out"] = tuple(dict.fromkeys(loads["fwd_out"] + staged["bwd"]))
+    loads["bwd"] = tuple(dict.fromkeys(loads["fwd_out"] + staged["bwd"]))
+    loads["bwd_out"] = tuple(n for n in loads["bwd"] if not recomputed(graph, n))
     return loads, stored
 
 

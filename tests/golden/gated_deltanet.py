@@ -74,7 +74,9 @@ BUFFERS = {'fwd': [('n_tainted', '1', '1', False),
          ('qbad', 'BT', '1', False)],
  'bwd': [('spoiled', '1', '1', False),
          ('dqw', 'BT', 'BDV', True),
-         ('du_from_mixed', 'BT', 'BDV', False)],
+         ('du_from_mixed', 'BT', 'BDV', False),
+         ('beta', 'BT', '1', False),
+         ('bad_rows', 'BT', '1', False)],
  'fwd_pass': [('kw', 'BT', 'BDV', False),
               ('inherited', '1', 'BDV', False),
               ('u', 'BT', 'BDV', False)],
@@ -173,15 +175,16 @@ def gated_deltanet_fwd_stage_kernel(
 @triton.jit
 def gated_deltanet_bwd_stage_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, cu_ptr,
-            chunk_ptr, seq_ptr, T,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, beta_ptr, bad_rows_ptr,
+            do_ptr, hs_ptr, cu_ptr, chunk_ptr, seq_ptr, T,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The backward pass's stage: one program per chunk and head computes the tiles its chunk step
-    reads that do not depend on what the pass carries (spoiled, dqw, du_from_mixed)."""
+    reads that do not depend on what the pass carries (spoiled, dqw, du_from_mixed, beta,
+    bad_rows)."""
     i_c = tl.program_id(0).to(tl.int64)  # the chunk, counted over all sequences
     i_h = tl.program_id(1)
     if IS_VARLEN:
@@ -220,9 +223,11 @@ def gated_deltanet_bwd_stage_kernel(
         n_tainted = tl.load(n_tainted_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
         gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
         bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
+        tl.store(bad_rows_ptr + srow * BT + offs_t[:, None], bad_rows)
         spoiled = (n_tainted + inherited)  # spoiled = n_tainted + inherited
         tl.store(spoiled_ptr + srow + tl.zeros([1, 1], dtype=tl.int32), spoiled)
         beta = tl.exp(gam)  # beta = exp(gam)
+        tl.store(beta_ptr + srow * BT + offs_t[:, None], beta)
         # decay_ti = exp(gam_t - gam_i) (t > i), 1 (t = i), 0 (t < i)
         decay = tl.where((strict > 0.0), tl.exp((gam + (-1.0 * tl.trans(gam)))), tl.where((causal > 0.0), 1.0, 0.0))
         dz_o = (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))
@@ -372,8 +377,8 @@ def gated_deltanet_fwd_out_kernel(
 @triton.jit
 def gated_deltanet_bwd_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, do_ptr, hs_ptr, dht_ptr,
-            dhs_ptr, dh0_ptr, cu_ptr, chunk_ptr, T,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, beta_ptr, bad_rows_ptr,
+            do_ptr, hs_ptr, dht_ptr, dhs_ptr, dh0_ptr, cu_ptr, chunk_ptr, T,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -441,9 +446,9 @@ def gated_deltanet_bwd_kernel(
 @triton.jit
 def gated_deltanet_bwd_dv_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, du_tail_ptr, du_ptr,
-            drhs_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr,
-            seq_ptr, T, NTOK,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, beta_ptr, bad_rows_ptr,
+            du_tail_ptr, du_ptr, drhs_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr,
+            cu_ptr, chunk_ptr, seq_ptr, T, NTOK,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -506,9 +511,9 @@ def gated_deltanet_bwd_dv_kernel(
 @triton.jit
 def gated_deltanet_bwd_dqk_kernel(
     q_ptr, k_ptr, v_ptr, log_alpha_ptr, eta_ptr, n_tainted_ptr, gam_ptr, gam_end_ptr, tail_ptr, A_inv_ptr, tainted_ptr,
-            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, du_tail_ptr, du_ptr,
-            drhs_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr, cu_ptr, chunk_ptr,
-            seq_ptr, T, NTOK,
+            qbad_ptr, kw_ptr, inherited_ptr, u_ptr, spoiled_ptr, dqw_ptr, du_from_mixed_ptr, beta_ptr, bad_rows_ptr,
+            du_tail_ptr, du_ptr, drhs_ptr, do_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dv_ptr, dlog_alpha_ptr, deta_ptr,
+            cu_ptr, chunk_ptr, seq_ptr, T, NTOK,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DH: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BDK: tl.constexpr, BV: tl.constexpr, BDV: tl.constexpr,
     BH: tl.constexpr, STATE: tl.constexpr, SEGMENTS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -546,14 +551,10 @@ def gated_deltanet_bwd_dqk_kernel(
         state_ptr = hs_ptr + srow * STATE
         dstate_ptr = dhs_ptr + srow * STATE
         i_k = tl.program_id(2)  # the program's block of key columns
-        tainted = tl.load(tainted_ptr + srow * BT + offs_t[:, None])
-        qbad = tl.load(qbad_ptr + srow * BT + offs_t[:, None])
-        offs_dv = tl.arange(0, BDV)[None, :]  # every value column of the buffer
-        inherited = tl.max(tl.load(inherited_ptr + srow * BDV + offs_dv, mask=offs_dv < DV, other=0.0), 1,
-                keep_dims=True)
         gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
-        bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
+        bad_rows = tl.load(bad_rows_ptr + srow * BT + offs_t[:, None])
         spoiled = tl.load(spoiled_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
+        beta = tl.load(beta_ptr + srow * BT + offs_t[:, None])
         tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
         A_inv = tl.load(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :])
         gam_end = tl.load(gam_end_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
@@ -577,7 +578,7 @@ def gated_deltanet_bwd_dqk_kernel(
             pred = (kw * tl.exp(gam))  # pred = kw * exp(gam)
             rhs = (eta * rowmask * vmask * (pred + (-1.0 * v)))  # rhs = eta*(pred - v)
             dz_o = (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))
-            dqw = tl.load(dqw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
+            dread = dz_o
             u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             du = tl.load(du_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             drhs = tl.load(drhs_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
@@ -591,7 +592,7 @@ def gated_deltanet_bwd_dqk_kernel(
             dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
                     mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
             dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
-            dq_from_qw += tl.dot(dqw.to(DOT), W.to(DOT), input_precision=PRECISION)
+            dq_from_qw += tl.dot((dread * beta).to(DOT), W.to(DOT), input_precision=PRECISION)
             dk_from_update += tl.dot((u * tail).to(DOT), (-1.0 * dacc).to(DOT), input_precision=PRECISION)
             dk_from_kw += tl.dot((dpred * tl.exp(gam)).to(DOT), W.to(DOT), input_precision=PRECISION)
             q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
@@ -599,7 +600,7 @@ def gated_deltanet_bwd_dqk_kernel(
             keep = (W * tl.exp(gam_end))  # keep = exp(gam_end) W
             du_tail = tl.load(du_tail_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             dgam_end_from_keep_half_cols += (dacc * keep)
-            dbeta += tl.sum((dz_o * qw), 1, keep_dims=True)
+            dbeta += tl.sum((dread * qw), 1, keep_dims=True)
             dtail += tl.sum((du_tail * u), 1, keep_dims=True)
             deta_from_rhs += tl.sum((drhs * rowmask * vmask * (pred + (-1.0 * v))), 1, keep_dims=True)
             dgam_from_pred += tl.sum((dpred * pred), 1, keep_dims=True)
@@ -627,7 +628,6 @@ def gated_deltanet_bwd_dqk_kernel(
         tl.store(dk_ptr + (tok * H + i_h)[:, None] * DK + offs_k[None, :], dk, valid[:, None] & mask_k[None, :])
         qk = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)  # qk = q k^T
         kk = tl.dot(k.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)  # kk = k k^T
-        beta = tl.exp(gam)  # beta = exp(gam)
         # kk_decay_ti = kk_ti exp(gam_t - gam_i) (t > i), 0 (t <= i)
         kk_decay = (kk * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
         dla_from_gam_end = tl.broadcast_to(tl.sum(dgam_end_from_keep_half, 1, keep_dims=True), (BT, 1))
