@@ -18,7 +18,7 @@ Every value is a 2-D tile whose dims are symbolic ("T" chunk rows, "DK", "DV", o
            same pairs, or with `ta` out[i, d] = sum_t m[t, i] x[t, d] exp(ga[t, d] - gb[i, d])
            (every pair's exponent is selected before exp: exact for any decay, no overflow).
            `flat`: the exponent of the nearest pairs (t - i = offset) is 0 whatever the gates
-  nonfinite  how many entries of a tile are NaN or +-inf, as [1, 1]; it passes no gradient
+  nonfinite  1 where an entry of a tile is NaN or +-inf, else 0, as [1, 1]; it passes no gradient
 The backward is derived here, on the graph: `backward(graph, seeds, wrt)` adds the adjoint nodes
 by reverse mode, with sympy differentiating every `ew` node, so no rule is written per model.
 `plan` picks the nodes some targets need, in order; `evaluate` runs them on torch tiles (the
@@ -465,7 +465,7 @@ def evaluate(graph: Graph, values: dict, sizes: dict, nodes=None) -> dict:
         elif op == "sum":
             out = x[0].sum(node["axis"] - 2, keepdim=True)
         elif op == "nonfinite":
-            out = (~torch.isfinite(x[0])).sum((-2, -1), keepdim=True).to(x[0].dtype)
+            out = (~torch.isfinite(x[0])).any(-1, keepdim=True).any(-2, keepdim=True).to(x[0].dtype)
         elif op == "max":  # a stabiliser: no gradient flows through it
             out = x[0].amax(node["axis"] - 2, keepdim=True).detach()
         elif op == "cumsum":

@@ -19,7 +19,7 @@ def poisoned(step: ChunkStep) -> ChunkStep:
     gr = step.graph
     tainted, qbad = gr.const("tainted", ("T", 1), "tainted"), gr.const("qbad", ("T", 1), "qbad")
     nan = gr.const("nanfill", (1, 1), "nanfill")
-    formula = "inherited = how many entries of the states are not finite"
+    formula = "inherited = how many states hold an entry that is not finite"
     if len(step.states) == 1:
         inherited = gr.add("nonfinite", (1, 1), step.states, name="inherited", formula=formula)
     else:

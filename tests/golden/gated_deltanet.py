@@ -140,12 +140,12 @@ def gated_deltanet_fwd_stage_kernel(
         v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)
         log_alpha = tl.load(log_alpha_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
         eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-        bad = tl.sum(tl.where(tl.abs(k) < float("inf"), 0.0, 1.0), 1)
-        bad += tl.sum(tl.where(tl.abs(v) < float("inf"), 0.0, 1.0), 1)
-        bad += tl.sum(tl.where((log_alpha < float("inf")) & (tl.abs(eta) < float("inf")), 0.0, 1.0), 1)
+        bad = tl.where(tl.sum(k * 0.0, 1) == 0.0, 0.0, 1.0)
+        bad += tl.where(tl.sum(v * 0.0, 1) == 0.0, 0.0, 1.0)
+        bad += tl.max(tl.where((log_alpha < float("inf")) & (tl.abs(eta) < float("inf")), 0.0, 1.0), 1)
         first = tl.min(tl.where(valid & (bad > 0), offs_t, BT), 0)
         tainted = tl.where(offs_t >= first, 1.0, 0.0).to(ACC)[:, None]
-        qbad = tl.where(tl.sum(tl.where(tl.abs(q) < float("inf"), 0.0, 1.0), 1) > 0, 1.0, 0.0).to(ACC)[:, None]
+        qbad = tl.where(tl.sum(q * 0.0, 1) == 0.0, 0.0, 1.0).to(ACC)[:, None]
         q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
         k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
         v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
@@ -285,9 +285,8 @@ def gated_deltanet_fwd_kernel(
                     mask=mask_v[:, None] & mask_k[None, :])
             kw = tl.dot(k.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)  # kw = k W^T
             tl.store(kw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :], kw)
-            # inherited = how many entries of the states are not finite
-            inherited = tl.sum(tl.sum(tl.where(tl.abs(W) < float("inf"), 0.0, 1.0), 1, keep_dims=True), 0,
-                    keep_dims=True)
+            # inherited = how many states hold an entry that is not finite
+            inherited = tl.where(tl.sum(tl.sum(W * 0.0, 1, keep_dims=True), 0, keep_dims=True) == 0.0, 0.0, 1.0)
             tl.store(inherited_ptr + srow * BDV + offs_v[None, :], inherited)
             n_tainted = tl.load(n_tainted_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
             gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
