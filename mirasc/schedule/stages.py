@@ -53,7 +53,10 @@ def recomputed(graph: Graph, n: str) -> bool:
 
 def row_operands(graph: Graph, n: str) -> tuple[str, ...]:
     """The computed per-row or per-column tiles a `recomputed` tile reads: the backward's stage
-    stores them, so that its output kernels compute the tile from them and its inputs."""
+    stores them, so that its output kernels compute the tile from them and its inputs. In the
+    forward's stage, beside the tile, simple GLA's tail exp(gamma_end - gamma) would cost 9 and
+    18 M more warp-instructions at D=128 and 64 (sm_90, bf16), and save the backward's 26: so
+    the forward phase keeps its cost."""
     out = []
     for m in graph.node(n)["inputs"]:
         node = graph.node(m)
