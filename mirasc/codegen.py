@@ -144,7 +144,8 @@ def _number(value: float) -> str:
 
 
 HELPERS = ("atan", "dot_fp32", "gdot", "gdot_both", "gmix", "gmix_both", "gmix_pair", "gmix_t",
-           "gmix_t_pair", "held_cumsum", "load_rows", "sequence_bounds", "store_sum", "tanh", "tri_inv")
+           "gmix_t_pair", "held_cumsum", "largest_magnitude", "load_rows", "sequence_bounds",
+           "store_sum", "tanh", "tri_inv")
 # the functions of mirasc.triton_helpers that kernel bodies call
 
 

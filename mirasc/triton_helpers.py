@@ -31,6 +31,18 @@ def load_rows(ptr, tok, cols, valid, mask_cols, width, other, ACC: tl.constexpr)
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def largest_magnitude(x, axis: tl.constexpr, keep_dims: tl.constexpr = False):
+    """max |x| along `axis`, NaN where an entry is NaN: finite exactly where every entry is, at
+    one max an entry."""
+    return tl.reduce(tl.abs(x), axis, _max_nan, keep_dims=keep_dims)
+
+
+@triton.jit
 def store_sum(ptr, value, mask, i_v):
     """*ptr = value for the first block of value columns (i_v = 0), *ptr += value after it."""
     tl.store(ptr, value + tl.load(ptr, mask=mask & (i_v > 0), other=0.0), mask=mask)

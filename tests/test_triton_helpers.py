@@ -31,6 +31,30 @@ def _atan_kernel(x_ptr, out_ptr, N: tl.constexpr):
     tl.store(out_ptr + offs, th.atan(tl.load(x_ptr + offs)))
 
 
+@triton.jit
+def _largest_magnitude_kernel(x_ptr, rows_ptr, whole_ptr, R: tl.constexpr, C: tl.constexpr):
+    x = tl.load(x_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
+    tl.store(rows_ptr + tl.arange(0, R), th.largest_magnitude(x, 1))
+    whole = th.largest_magnitude(th.largest_magnitude(x, 1, True), 0, True)
+    tl.store(whole_ptr + tl.zeros([1, 1], dtype=tl.int32), whole)
+
+
+@pytest.mark.parametrize("whole_nan", [False, True])
+def test_largest_magnitude_keeps_nan(whole_nan):
+    """max |x| per row and over the tile: NaN where an entry is NaN, wherever it sits among
+    the row's entries (a plain max passes over it), inf where one is +-inf."""
+    x = torch.randn(8, 16) * 100
+    x[1, 0], x[2, 15], x[3, 7], x[5, 2] = float("nan"), float("nan"), -float("inf"), float("inf")
+    x[5, 9] = float("nan")  # after an inf in its row
+    if not whole_nan:
+        x[[1, 2, 5], [0, 15, 9]] = 3.0
+    rows, whole = torch.empty(8), torch.empty(1)
+    _largest_magnitude_kernel[(1,)](x, rows, whole, R=8, C=16)
+    torch.testing.assert_close(rows, x.abs().amax(1), rtol=0, atol=0, equal_nan=True)
+    assert rows.isnan().sum() == (3 if whole_nan else 0)
+    assert whole.isnan().item() == whole_nan and (whole_nan or whole.item() == float("inf"))
+
+
 @pytest.mark.parametrize(("kernel", "expected"), [(_tanh_kernel, torch.tanh),
                                                   (_atan_kernel, torch.atan)])
 def test_elementwise_functions_are_exact_in_float64(kernel, expected):

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from mirasc.launch import ChunkKernels
 from mirasc.op import MirasOp
-from mirasc.triton_helpers import load_rows, sequence_bounds, tri_inv
+from mirasc.triton_helpers import largest_magnitude, load_rows, sequence_bounds, tri_inv
 
 SPEC = {'bias': {'kind': 'l2'},
  'chunk_size': 64,
@@ -140,12 +140,12 @@ def gated_deltanet_fwd_stage_kernel(
         v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)
         log_alpha = tl.load(log_alpha_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
         eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-        bad = tl.where(tl.sum(k * 0.0, 1) == 0.0, 0.0, 1.0)
-        bad += tl.where(tl.sum(v * 0.0, 1) == 0.0, 0.0, 1.0)
+        bad = tl.where((largest_magnitude(k, 1) < float("inf")), 0.0, 1.0)
+        bad += tl.where((largest_magnitude(v, 1) < float("inf")), 0.0, 1.0)
         bad += tl.max(tl.where((log_alpha < float("inf")) & (tl.abs(eta) < float("inf")), 0.0, 1.0), 1)
         first = tl.min(tl.where(valid & (bad > 0), offs_t, BT), 0)
         tainted = tl.where(offs_t >= first, 1.0, 0.0).to(ACC)[:, None]
-        qbad = tl.where(tl.sum(q * 0.0, 1) == 0.0, 0.0, 1.0).to(ACC)[:, None]
+        qbad = tl.where((largest_magnitude(q, 1) < float("inf")), 0.0, 1.0).to(ACC)[:, None]
         q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
         k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
         v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
@@ -286,7 +286,7 @@ def gated_deltanet_fwd_kernel(
             kw = tl.dot(k.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)  # kw = k W^T
             tl.store(kw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :], kw)
             # inherited = how many states hold an entry that is not finite
-            inherited = tl.where(tl.sum(tl.sum(W * 0.0, 1, keep_dims=True), 0, keep_dims=True) == 0.0, 0.0, 1.0)
+            inherited = tl.where(largest_magnitude(largest_magnitude(W, 1, True), 0, True) < float("inf"), 0.0, 1.0)
             tl.store(inherited_ptr + srow * BDV + offs_v[None, :], inherited)
             n_tainted = tl.load(n_tainted_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
             gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
