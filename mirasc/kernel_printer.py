@@ -100,7 +100,7 @@ class KernelPrinter:
         if op == "tri_inv":
             return m.tri_inv(x[0])
         if op == "nonfinite":
-            return m.nonfinite_count(x[0])
+            return m.nonfinite_flag(x[0])
         return m.broadcast(x[0], [BLOCKS[s] for s in node["shape"]])
 
     def ref(self, n: str) -> str:

@@ -244,6 +244,7 @@ def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
         staged["bwd"] = stages.frontier(graph, targets["bwd"], dstates)
     loads, kept = stages.stops(graph, targets, staged)
     staged["bwd"] = tuple(n for n in staged["bwd"] if n not in (*staged["fwd"], *kept))
+    # what the backward's output kernels compute an elementwise stage tile from
     rows = [m for n in loads["bwd"] if stages.recomputed(graph, n)
             for m in stages.row_operands(graph, n) if m not in loads["bwd"]]
     staged["bwd"] += tuple(dict.fromkeys(rows))
