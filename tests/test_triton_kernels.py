@@ -151,7 +151,7 @@ def test_random_axis_combinations(memory, bias, retention, learner, chunk, lag, 
 
 @pytest.mark.slow
 def test_random_axis_combinations_ran_kernels():
-    """The sweep above ran kernels in at least 20 of its 33 examples."""
+    """The sweep above ran kernels in at least 20 of its 41 examples."""
     if not sum(SWEEP.values()):
         pytest.skip("the sweep did not run in this session")
     assert SWEEP["kernels"] >= 20, SWEEP
