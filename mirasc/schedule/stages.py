@@ -43,12 +43,14 @@ def recomputed(graph: Graph, n: str) -> bool:
     node = graph.node(n)
     if node["op"] != "ew" or graph.shape(n)[0] != "T" or graph.shape(n)[1] == 1:
         return False
-    for m in node["inputs"]:
-        op, shape = graph.node(m)["op"], graph.shape(m)
-        if not (op in ("input", "const", "broadcast") and graph.node(m).get("kind")
-                not in STAGED_CONSTS or 1 in shape or recomputed(graph, m)):
-            return False
-    return True
+    return all(_given(graph, m) or 1 in graph.shape(m) or recomputed(graph, m)
+               for m in node["inputs"])
+
+
+def _given(graph: Graph, n: str) -> bool:
+    """An input, or a constant every kernel makes itself (a mask), not a stage's row flags."""
+    node = graph.node(n)
+    return node["op"] in ("input", "const", "broadcast") and node.get("kind") not in STAGED_CONSTS
 
 
 def row_operands(graph: Graph, n: str) -> tuple[str, ...]:
@@ -59,11 +61,9 @@ def row_operands(graph: Graph, n: str) -> tuple[str, ...]:
     the forward phase keeps its cost."""
     out = []
     for m in graph.node(n)["inputs"]:
-        node = graph.node(m)
         if recomputed(graph, m):
             out += row_operands(graph, m)
-        elif 1 in graph.shape(m) and (node["op"] not in ("input", "const", "broadcast")
-                                      or node.get("kind") in STAGED_CONSTS):
+        elif 1 in graph.shape(m) and not _given(graph, m):
             out.append(m)
     return tuple(dict.fromkeys(out))
 
