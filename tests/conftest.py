@@ -52,6 +52,20 @@ class OnBackend:
         return self.op(*args, **kwargs, backend=self.backend)
 
 
+WORKERS_AT_MOST = 4  # each holds torch, Triton and fla in memory (about 1.5 GB)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): a worker per CPU core, at most WORKERS_AT_MOST."""
+    return max(1, min(os.cpu_count() or 1, WORKERS_AT_MOST))
+
+
+def pytest_configure(config) -> None:
+    """Workers share the cores: each runs torch on its share rather than on all of them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(autouse=True)
 def _float64_default():
     torch.manual_seed(0)
