@@ -249,6 +249,7 @@ def render_triton_module(spec: Spec) -> str:
                     for k, bs in sched.buffers.items()},
         "CONFIGS": {k: p.configs for k, p in sched.kernels.items()}, "BV_MAX": tuning.BV_MAX,
         "BK_MAX": sched.key_blocks, "BH_MAX": tuning.BH_MAX, "WHOLE_V": tuning.WHOLE_V,
+        "OPERAND_STATES": list(sched.operand_states),
     }
     context = ModuleContext(
         name=spec.name, digest=spec.digest(), version=mirasc.__version__,
@@ -259,7 +260,7 @@ def render_triton_module(spec: Spec) -> str:
         segments=2 if spec.lag_token else 1, expansion=getattr(spec.memory, "expansion", 1),
         gates=list(step.gates), params=list(step.params), states=printer.tiles,
         split_v=sched.split_v, stream=sched.streamed, summed=sched.summed, v_summed=sched.walks_v,
-        key_programs=key_programs, key_shares=key_shares,
+        key_programs=key_programs, key_shares=key_shares, operand_states=sched.operand_states,
         out_kernels=sched.groups, stage_order=sched.stage_order, staged=sched.staged,
         kept=sched.kept, handed=[b.node for b in sched.buffers["bwd_out"]],
         handover=sched.handover, kernels=kernels, adjoint=adjoint_code,
@@ -394,6 +395,7 @@ class ModuleContext:
     v_summed: tuple
     key_programs: list
     key_shares: list
+    operand_states: tuple  # the stored states' buffers held in the operands' dtype
     out_kernels: dict
     stage_order: dict
     staged: dict

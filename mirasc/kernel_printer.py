@@ -293,12 +293,14 @@ class KernelPrinter:
         next step's (next_ptr); the backward kernels read the gradient of the step-end state
         (dstate_ptr), and the backward pass writes that of the step-start state (dnext_ptr)."""
         m = self.m
+        dtype = {b: "DOT" if b in self.sched.operand_states else "ACC" for b in ("hs", "dhs")}
         loads, stores = {}, {}
         for tile in self.tiles:
             s = tile.name
-            loads[s] = [m.load_state(s, "state_ptr", tile.tile, tile.mask)]
+            loads[s] = [m.load_state(s, "state_ptr", tile.tile, tile.mask, dtype["hs"])]
             if kernel.startswith("bwd"):
-                loads[f"d{s}_new"] = [m.load_state(f"d{s}_new", "dstate_ptr", tile.tile, tile.mask)]
+                loads[f"d{s}_new"] = [m.load_state(f"d{s}_new", "dstate_ptr", tile.tile, tile.mask,
+                                                   dtype["dhs"])]
             if kernel in ("fwd", "bwd"):
                 out = "next_ptr" if kernel == "fwd" else "dnext_ptr"
                 stores.setdefault(targets[s], []).append(

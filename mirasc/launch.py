@@ -170,6 +170,15 @@ class ChunkKernels:
                             dtype=operand if half else acc)
                 for _, rows, cols, half in self.m["BUFFERS"].get(key, [])]
 
+    def state_dtype(self, q, buffer: str) -> torch.dtype:
+        """The dtype of the stored states ("hs") or of their gradients ("dhs"): the matmul
+        operands' where every reader takes them only as operands (`OPERAND_STATES`), else the
+        accumulators'."""
+        acc = _accumulator(q.dtype)
+        if buffer in self.m["OPERAND_STATES"] and operands(q.dtype) in (tl.float16, tl.bfloat16):
+            return q.dtype
+        return acc
+
     def zero_padding_columns(self, tiles: list[torch.Tensor], key: str, dv: int) -> None:
         """Zero the columns past Dv of the `BUFFERS[key]` tiles of rows [T, DV]: their writer's
         blocks may end short of a reader's wider ones, which then read 0 there."""
@@ -215,7 +224,7 @@ class ChunkKernels:
         acc, meta = _accumulator(q.dtype), self.meta(q, v, cu_seqlens, "fwd")
         heads, size = q.shape[2], self.state_size(q, v)
         ht = q.new_empty(seqs, heads, size, dtype=acc)
-        hs = q.new_empty(chunks * self.m["SEGMENTS"], heads, size, dtype=acc)
+        hs = q.new_empty(chunks * self.m["SEGMENTS"], heads, size, dtype=self.state_dtype(q, "hs"))
         kept = self.buffers(q, v, chunks, "fwd_pass", acc)
         blocks = triton.cdiv(v.shape[-1], meta["BV"])
         self.zero_padding_columns(kept, "fwd_pass", v.shape[-1])
@@ -239,7 +248,7 @@ class ChunkKernels:
         acc, meta = _accumulator(q.dtype), self.meta(q, v, cu_seqlens, "bwd")
         staged = [*saved, *self.stage_tiles("bwd", inputs, saved, (do, hs), cu_seqlens, layout)]
         dh0 = q.new_empty(seqs, q.shape[2], self.state_size(q, v), dtype=acc)
-        dhs = torch.empty_like(hs)  # the gradient of each step's end state
+        dhs = hs.new_empty(hs.shape, dtype=self.state_dtype(q, "dhs"))  # each step-end state's gradient
         self.launch("bwd", (seqs, q.shape[2], triton.cdiv(v.shape[-1], meta["BV"])), *inputs,
                     *staged, do, hs, dht, dhs, dh0, cu_seqlens, offsets, HAS_DHT=dht is not None,
                     **meta)
@@ -327,7 +336,7 @@ class ChunkKernels:
         else:
             seqs, chunks = cu_seqlens.shape[0] - 1, torch.library.get_ctx().new_dynamic_size()
         return [torch.empty_like(v), q.new_empty(seqs, heads, size, dtype=acc),
-                q.new_empty(chunks * self.m["SEGMENTS"], heads, size, dtype=acc),
+                q.new_empty(chunks * self.m["SEGMENTS"], heads, size, dtype=self.state_dtype(q, "hs")),
                 *self.buffers(q, v, chunks, "fwd", acc),
                 *self.buffers(q, v, chunks, "fwd_pass", acc)]
 

@@ -27,7 +27,7 @@ from mirasc.check import compare, random_inputs, relative_error, varlen_inputs
 from mirasc.codegen import render_module, triton_unsupported
 from mirasc.derive import derive
 from mirasc.errors import SpecError
-from mirasc.schedule import streams
+from mirasc.schedule import kernels, streams
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 TRITON_SPECS = ["linear_attention", "simple_gla", "deltanet", "gated_deltanet", "titans",
@@ -283,6 +283,43 @@ def test_half_precision_inputs_accumulate_in_float32(spec, dtype):
     errors += [relative_error(s, r) for s, r in zip(states, states_ref, strict=True)]
     errors += [relative_error(g, r) for g, r in zip(grads, grads_ref, strict=True)]
     assert max(errors) < HALF_TOLERANCE[dtype] * (10 if op.spec.memory.kind == "mlp" else 1), errors
+
+
+@pytest.mark.parametrize("spec", ["linear_attention", "deltanet"])
+def test_states_stored_as_operands_change_no_result(spec, monkeypatch):
+    """Where every kernel after its writer takes the stored chunk-start states and their
+    gradients only as matmul operands (through a sign or a NaN select at most), they are stored
+    in the operands' dtype: fp16 here, half the bytes. Over three chunks, outputs, final states
+    and every gradient are bit-equal to those of the module rendered with float32 buffers."""
+    held = run_generated(render_module(mirasc.load_spec(f"specs/{spec}.yaml")))
+    assert held.OPERAND_STATES == ["hs", "dhs"]
+    monkeypatch.setattr(kernels, "operand_states", lambda *args: ())
+    wide = run_generated(render_module(mirasc.load_spec(f"specs/{spec}.yaml").model_copy(
+        update={"name": f"{spec}_wide"})))  # a name of its own: ops of their own
+    assert wide.OPERAND_STATES == []
+    stored = []  # each module's chunk-start states
+
+    def keeping_states(forward):
+        def run(*args):
+            outputs = forward(*args)
+            stored.append(outputs[2])
+            return outputs
+        return run
+
+    for module in (held, wide):
+        monkeypatch.setattr(module.kernel, "run_forward", keeping_states(module.kernel.run_forward))
+    runs = []
+    for op in (held.op, wide.op):
+        inputs = random_inputs(op, batch=2, length=150, heads=2, dk=24, dv=20, dtype=torch.float16)
+        leaves = [x.requires_grad_() for x in _leaves(inputs)]
+        o, states = op(**inputs, output_final_state=True)
+        grads = torch.autograd.grad((o.float() * torch.linspace(-1, 1, o.numel()).view_as(o)).sum(),
+                                    leaves)
+        runs.append([o, *states, *grads])
+    assert [h.dtype for h in stored] == [torch.float16, torch.float32]
+    assert torch.equal(stored[0], stored[1].half()) and stored[1].abs().amax(-1).gt(0).all()
+    assert all(torch.isfinite(x).all() for x in runs[0])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 def test_matmul_operands_by_input_dtype(monkeypatch):

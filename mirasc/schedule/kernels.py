@@ -72,7 +72,8 @@ class Schedule:
     layout choices: `split_v` (blocks of value columns run as programs of their own), `streamed`
     (states pass over blocks of hidden units), `summed` (gradients summed over value blocks),
     `walks_v` (output kernels whose program walks every value block), `key_blocks` (output kernels
-    that pass over key blocks: their widest block)."""
+    that pass over key blocks: their widest block), `operand_states` (the stored states' buffers
+    held in the matmul operands' dtype: `operand_states`)."""
 
     step: ChunkStep
     adjoint: dict
@@ -87,6 +88,7 @@ class Schedule:
     summed: tuple[str, ...]
     walks_v: tuple[str, ...]
     key_blocks: dict[str, int]
+    operand_states: tuple[str, ...] = ()
 
     @property
     def stage_order(self) -> dict[str, list[str]]:
@@ -211,6 +213,23 @@ def _operand_reads(graph, stop, need, operands: dict[str, bool]) -> None:
     for n in stop:
         if any(c in need for c in graph.g.successors(n)):
             operands[n] = operands.get(n, True) and stages.tile_dtype(graph, n, need) == "DOT"
+
+
+def operand_states(graph, kernels: dict[str, KernelPlan], states, streamed: bool) -> tuple:
+    """The stored states' buffers ("hs": each chunk-start state, written by the forward pass;
+    "dhs": the gradient of each step-end state, written by the backward pass) that every other
+    kernel reads only as a matmul operand: they are stored in the operands' dtype, which every
+    reader rounds them to anyway (fla stores its states so too). Streamed states stay in the
+    accumulators' dtype: the backward pass sums the gradient's blocks in place."""
+    if streamed:
+        return ()
+    held = []
+    for buffer, writer, names in (("hs", "fwd", states), ("dhs", "bwd", [f"d{s}_new" for s in states])):
+        readers = [(p, n) for k, p in kernels.items() if k != writer for n in names
+                   if any(c in p.needs for c in graph.g.successors(n))]
+        if readers and all(stages.operand_only(graph, n, p.needs) for p, n in readers):
+            held.append(buffer)
+    return tuple(held)
 
 
 def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
@@ -406,4 +425,5 @@ def schedule(step: ChunkStep) -> Schedule:
     return Schedule(step=step, adjoint=adjoint, kernels=kernels, groups=groups, staged=staged,
                     kept=kept, handover=handover, buffers=buffers, split_v=split_v,
                     streamed=streams is not None, summed=summed, walks_v=walks_v,
-                    key_blocks=key_blocks)
+                    key_blocks=key_blocks,
+                    operand_states=operand_states(graph, kernels, states, streams is not None))

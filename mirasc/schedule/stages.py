@@ -208,3 +208,25 @@ def tile_dtype(graph: Graph, x: str, need) -> str:
     `need`) uses it only as one, exact and half the registers at bf16; else ACC."""
     uses = [n for n in graph.g.successors(x) if n in need]
     return "DOT" if uses and all(graph.node(n)["op"] == "dot" for n in uses) else "ACC"
+
+
+def _rounds_alike(graph: Graph, n: str, x: str) -> bool:
+    """Whether elementwise node n of tile x commutes with rounding x: in every branch it is x,
+    -x or a constant, under conditions that do not read x (a sign, a select against NaN)."""
+    node = graph.node(n)
+    if node["op"] != "ew" or list(node["inputs"]).count(x) != 1:
+        return False
+    sym = node["symbols"][list(node["inputs"]).index(x)]
+    pieces = node["expr"].args if isinstance(node["expr"], sp.Piecewise) else ((node["expr"], True),)
+    return all(sym not in sp.sympify(cond).free_symbols and
+               (value in (sym, -sym) or sym not in value.free_symbols) for value, cond in pieces)
+
+
+def operand_only(graph: Graph, x: str, need) -> bool:
+    """Whether the kernel computing `need` uses tile x only as a matmul operand, directly or
+    through nodes that commute with rounding it (`_rounds_alike`): held in the operands' dtype,
+    it then computes the same values."""
+    uses = [n for n in graph.g.successors(x) if n in need]
+    return bool(uses) and all(graph.node(n)["op"] == "dot" or (
+        _rounds_alike(graph, n, x) and operand_only(graph, n, need)) for n in uses)
+

@@ -83,6 +83,9 @@ BUFFERS = {'fwd': [('n_tainted', '1', '1', False),
  'bwd_out': [('du_tail', 'BT', 'BDV', False),
              ('du', 'BT', 'BDV', True),
              ('drhs', 'BT', 'BDV', False)]}
+# the stored states' buffers ("hs": the chunk-start states, "dhs": their gradients) in the
+# matmul operands' dtype: every kernel reads them only as operands (else float32)
+OPERAND_STATES = []
 # tuning (mirasc.tuning): per kernel, the (num_warps, num_stages) its autotuner compiles (it
 # times those that spill least); the widest block of value columns (when SPLIT_V), of key
 # columns (in the kernels that pass over them) and of hidden units (when STREAM_H, at head dims
