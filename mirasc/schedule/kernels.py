@@ -218,8 +218,9 @@ def _operand_reads(graph, stop, need, operands: dict[str, bool]) -> None:
 def operand_states(graph, kernels: dict[str, KernelPlan], states, streamed: bool) -> tuple:
     """The stored states' buffers ("hs": each chunk-start state, written by the forward pass;
     "dhs": the gradient of each step-end state, written by the backward pass) that every other
-    kernel reads only as a matmul operand: they are stored in the operands' dtype, which every
-    reader rounds them to anyway (fla stores its states so too). Streamed states stay in the
+    kernel reads only as a matmul operand (`stages.operand_only`; into sums too where
+    `tuning.STATES_INTO_SUMS`): they are stored in the operands' dtype, which every reader
+    rounds them to anyway (fla stores its states so too). Streamed states stay in the
     accumulators' dtype: the backward pass sums the gradient's blocks in place."""
     if streamed:
         return ()
@@ -227,7 +228,8 @@ def operand_states(graph, kernels: dict[str, KernelPlan], states, streamed: bool
     for buffer, writer, names in (("hs", "fwd", states), ("dhs", "bwd", [f"d{s}_new" for s in states])):
         readers = [(p, n) for k, p in kernels.items() if k != writer for n in names
                    if any(c in p.needs for c in graph.g.successors(n))]
-        if readers and all(stages.operand_only(graph, n, p.needs) for p, n in readers):
+        if readers and all(stages.operand_only(graph, n, p.needs, tuning.STATES_INTO_SUMS)
+                           for p, n in readers):
             held.append(buffer)
     return tuple(held)
 

@@ -222,11 +222,21 @@ def _rounds_alike(graph: Graph, n: str, x: str) -> bool:
                (value in (sym, -sym) or sym not in value.free_symbols) for value, cond in pieces)
 
 
-def operand_only(graph: Graph, x: str, need) -> bool:
+def _only_summed(graph: Graph, n: str, need) -> bool:
+    """Whether node n reaches the kernel's results only through sums (and elementwise nodes)."""
+    uses = [c for c in graph.g.successors(n) if c in need]
+    return bool(uses) and all(graph.node(c)["op"] == "sum" or (
+        graph.node(c)["op"] == "ew" and _only_summed(graph, c, need)) for c in uses)
+
+
+def operand_only(graph: Graph, x: str, need, into_sums: bool = False) -> bool:
     """Whether the kernel computing `need` uses tile x only as a matmul operand, directly or
     through nodes that commute with rounding it (`_rounds_alike`): held in the operands' dtype,
-    it then computes the same values."""
+    it then computes the same values. With `into_sums`, also through elementwise nodes whose
+    results are only summed (each summand then rounded as a matmul operand would be)."""
     uses = [n for n in graph.g.successors(x) if n in need]
     return bool(uses) and all(graph.node(n)["op"] == "dot" or (
-        _rounds_alike(graph, n, x) and operand_only(graph, n, need)) for n in uses)
+        _rounds_alike(graph, n, x) and operand_only(graph, n, need, into_sums)) or (
+        into_sums and graph.node(n)["op"] == "ew" and _only_summed(graph, n, need))
+        for n in uses)
 

@@ -85,7 +85,7 @@ BUFFERS = {'fwd': [('n_tainted', '1', '1', False),
              ('drhs', 'BT', 'BDV', False)]}
 # the stored states' buffers ("hs": the chunk-start states, "dhs": their gradients) in the
 # matmul operands' dtype: every kernel reads them only as operands (else float32)
-OPERAND_STATES = []
+OPERAND_STATES = ['hs', 'dhs']
 # tuning (mirasc.tuning): per kernel, the (num_warps, num_stages) its autotuner compiles (it
 # times those that spill least); the widest block of value columns (when SPLIT_V), of key
 # columns (in the kernels that pass over them) and of hidden units (when STREAM_H, at head dims
@@ -353,7 +353,7 @@ def gated_deltanet_fwd_out_kernel(
         nanfill = tl.full([1, 1], float("nan"), ACC)
         state_ptr = hs_ptr + srow * STATE
         W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
-                other=0.0).to(ACC)
+                other=0.0).to(DOT)
         tainted = tl.load(tainted_ptr + srow * BT + offs_t[:, None])
         qbad = tl.load(qbad_ptr + srow * BT + offs_t[:, None])
         qk = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)  # qk = q k^T
@@ -494,7 +494,7 @@ def gated_deltanet_bwd_dv_kernel(
             mask_k = offs_k < DK
             k = load_rows(k_ptr, tok * H + i_h, offs_k, clean, mask_k, DK, 0.0, DOT)
             dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
-                    mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
+                    mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(DOT)
             du_tail += tl.dot(k.to(DOT), tl.trans((-1.0 * tl.where((spoiled > 0.0), 0.0, dW_new))).to(DOT),
                     input_precision=PRECISION)
         tl.store(du_tail_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :], du_tail)
@@ -590,9 +590,9 @@ def gated_deltanet_bwd_dqk_kernel(
             offs_k = i_k * BK + tl.arange(0, BK)  # this program's block of key columns
             mask_k = offs_k < DK
             W = tl.load(state_ptr + offs_v[:, None] * DK + offs_k[None, :], mask=mask_v[:, None] & mask_k[None, :],
-                    other=0.0).to(ACC)
+                    other=0.0).to(DOT)
             dW_new = tl.load(dstate_ptr + offs_v[:, None] * DK + offs_k[None, :],
-                    mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(ACC)
+                    mask=mask_v[:, None] & mask_k[None, :], other=0.0).to(DOT)
             dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
             dq_from_qw += tl.dot((dread * beta).to(DOT), W.to(DOT), input_precision=PRECISION)
             dk_from_update += tl.dot((u * tail).to(DOT), (-1.0 * dacc).to(DOT), input_precision=PRECISION)
