@@ -52,7 +52,7 @@ class OnBackend:
         return self.op(*args, **kwargs, backend=self.backend)
 
 
-WORKERS_AT_MOST = 4  # each holds torch, Triton and fla in memory (about 1.5 GB)
+WORKERS_AT_MOST = 4  # each worker holds its own torch, Triton and fla in memory
 
 
 def pytest_xdist_auto_num_workers(config) -> int:

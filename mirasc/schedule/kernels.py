@@ -73,7 +73,7 @@ class Schedule:
     (states pass over blocks of hidden units), `summed` (gradients summed over value blocks),
     `walks_v` (output kernels whose program walks every value block), `key_blocks` (output kernels
     that pass over key blocks: their widest block), `operand_states` (the stored states' buffers
-    held in the matmul operands' dtype: `operand_states`)."""
+    held in the matmul operands' dtype, by the rule of the function of that name)."""
 
     step: ChunkStep
     adjoint: dict

@@ -239,4 +239,3 @@ def operand_only(graph: Graph, x: str, need, into_sums: bool = False) -> bool:
         _rounds_alike(graph, n, x) and operand_only(graph, n, need, into_sums)) or (
         into_sums and graph.node(n)["op"] == "ew" and _only_summed(graph, n, need))
         for n in uses)
-
