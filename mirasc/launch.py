@@ -49,6 +49,14 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _stored(dtype: torch.dtype, operand: bool) -> torch.dtype:
+    """The dtype of a buffer between kernels, for inputs of `dtype`: the matmul operands' where
+    every reader takes it only as one (half inputs: their own), else the accumulators'."""
+    if operand and operands(dtype) in (tl.float16, tl.bfloat16):
+        return dtype
+    return _accumulator(dtype)
+
+
 def spills(compiled) -> int | None:
     """Bytes per thread that a compiled kernel spills to local memory: its cubin's stack, read
     by Triton's cuobjdump without loading it (so also where `mirasc.resources` compiles for a GPU
@@ -165,7 +173,7 @@ class ChunkKernels:
         """The `BUFFERS[key]` tiles [chunks * SEGMENTS, H, rows * cols]: in `acc`, or in the
         dtype of the matmul operands where every reader takes the tile only as one."""
         meta = self.meta(q, v, None, "fwd") | {"1": 1}
-        operand = q.dtype if operands(q.dtype) in (tl.float16, tl.bfloat16) else acc
+        operand = _stored(q.dtype, True)
         return [q.new_empty((chunks * self.m["SEGMENTS"], q.shape[2], meta[rows] * meta[cols]),
                             dtype=operand if half else acc)
                 for _, rows, cols, half in self.m["BUFFERS"].get(key, [])]
@@ -174,10 +182,7 @@ class ChunkKernels:
         """The dtype of the stored states ("hs") or of their gradients ("dhs"): the matmul
         operands' where every reader takes them only as operands (`OPERAND_STATES`), else the
         accumulators'."""
-        acc = _accumulator(q.dtype)
-        if buffer in self.m["OPERAND_STATES"] and operands(q.dtype) in (tl.float16, tl.bfloat16):
-            return q.dtype
-        return acc
+        return _stored(q.dtype, buffer in self.m["OPERAND_STATES"])
 
     def zero_padding_columns(self, tiles: list[torch.Tensor], key: str, dv: int) -> None:
         """Zero the columns past Dv of the `BUFFERS[key]` tiles of rows [T, DV]: their writer's
