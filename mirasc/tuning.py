@@ -14,10 +14,17 @@ from __future__ import annotations
 # where simple GLA's dv and gate kernels spill 24 and 48 B at 4 and none at 8; GLA's stage
 # kernels spill 432-896 B at 4 warps and none at 8.
 CONFIGS = [(4, 1), (8, 1)]
-# The passes: also 8 warps with their loads prefetched a chunk step ahead (2 stages). Gated
-# DeltaNet at D=128: its passes spill none at 4 warps and run 0.64-0.68x the warp-instructions
-# of 8 (each warp's step is longer: 4 warps took 1.1-1.6x the step's instructions of 8).
-PASS_CONFIGS = [(4, 1), (8, 1), (8, 2)]
+# The stage kernels and the passes over blocks of value columns: also 2 warps, as fla's state
+# kernels run 1 or 2 (the passes also 8 warps with their loads prefetched a chunk step ahead:
+# 2 stages). Bf16, sm_90, (8, 4096, 16), 2 warps against 4, neither spilling: the forward
+# passes of linear attention and simple GLA ran 0.75-0.85x the warp-instructions at D=64 and
+# 128, the backward's stage of simple GLA 0.34-0.42x (a per-row tile in its [BT, BT] sums laid
+# out over 4 warps cost 9.5 M instructions to load at D=64); gated DeltaNet's stage and passes
+# spill at 2 warps (the autotuner drops them). Gated DeltaNet at D=128: its passes spill none at
+# 4 warps and run 0.64-0.68x the warp-instructions of 8 (each warp's step is longer: 4 warps
+# took 1.1-1.6x the step's instructions of 8).
+STAGE_CONFIGS = [(2, 1), (4, 1), (8, 1)]
+PASS_CONFIGS = [(2, 1), (4, 1), (8, 1), (8, 2)]
 # The stage and output kernels of a memory that streams hidden blocks: 8 warps. Moneta, Yaad and
 # Memora at D=64: 4 warps spilled 1.2-4.4x more in each of them (and compiling those MLP kernels
 # a second time would only add to the autotuner's first call); their passes keep CONFIGS
@@ -96,4 +103,4 @@ def configs(kernel: str, split_v: bool, streamed: bool) -> list[tuple[int, int]]
         return PASS_CONFIGS
     if streamed and kernel not in ("fwd", "bwd"):
         return STREAM_CONFIGS
-    return CONFIGS
+    return STAGE_CONFIGS if "_stage" in kernel else CONFIGS

@@ -386,15 +386,19 @@ def test_key_blocks_by_what_the_kernel_holds(name, dqk, stages):
 
 @pytest.mark.parametrize("name", ["gla", "kda", "gated_deltanet", "ttt_mlp"])
 def test_warps_are_left_to_the_spill_pruning_autotuner(name):
-    """Every kernel offers the autotuner 4 and 8 warps (the passes also 8 with a prefetching
-    stage), and `launch.least_spilling` drops those that spill more (GLA's stages and dq/dk
-    kernel spill at 4 warps, the head-decay specs' dq/dk kernels do not). A memory that streams
-    hidden blocks keeps 8 warps outside its passes."""
+    """Every kernel offers the autotuner 4 and 8 warps (the stages and the passes over value
+    blocks also 2, those passes also 8 with a prefetching stage), and `launch.least_spilling`
+    drops those that spill more (GLA's stages and dq/dk kernel spill at 4 warps, the head-decay
+    specs' dq/dk kernels do not). A memory that streams hidden blocks keeps 8 warps outside its
+    passes."""
     sched = _schedule(name)
     streamed = name == "ttt_mlp"
     for kernel in sched.kernels.values():
         if kernel.name in ("fwd", "bwd"):
             assert kernel.configs == ([(4, 1), (8, 1)] if streamed else
-                                      [(4, 1), (8, 1), (8, 2)]), kernel.name
+                                      [(2, 1), (4, 1), (8, 1), (8, 2)]), kernel.name
+        elif kernel.kind == "stage":
+            assert kernel.configs == ([(8, 1)] if streamed else [(2, 1), (4, 1), (8, 1)]), \
+                kernel.name
         else:
             assert kernel.configs == ([(8, 1)] if streamed else [(4, 1), (8, 1)]), kernel.name

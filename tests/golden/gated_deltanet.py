@@ -90,11 +90,11 @@ OPERAND_STATES = ['hs', 'dhs']
 # times those that spill least); the widest block of value columns (when SPLIT_V), of key
 # columns (in the kernels that pass over them) and of hidden units (when STREAM_H, at head dims
 # up to 64) per program; up to WHOLE_V, a kernel of V_SUMMED takes DV in one block
-CONFIGS = {'fwd_stage': [(4, 1), (8, 1)],
- 'fwd': [(4, 1), (8, 1), (8, 2)],
+CONFIGS = {'fwd_stage': [(2, 1), (4, 1), (8, 1)],
+ 'fwd': [(2, 1), (4, 1), (8, 1), (8, 2)],
  'fwd_out': [(4, 1), (8, 1)],
- 'bwd_stage': [(4, 1), (8, 1)],
- 'bwd': [(4, 1), (8, 1), (8, 2)],
+ 'bwd_stage': [(2, 1), (4, 1), (8, 1)],
+ 'bwd': [(2, 1), (4, 1), (8, 1), (8, 2)],
  'bwd_dv': [(4, 1), (8, 1)],
  'bwd_dqk': [(4, 1), (8, 1)]}
 BV_MAX = {'fwd': 32, 'fwd_out': 128, 'bwd': 16, 'bwd_out': 32, 'bwd_dv': 32, 'bwd_dqk': 16, 'bwd_dg': 16}
