@@ -80,7 +80,7 @@ class CodegenError(ValueError):
 
 
 KERNEL_CONSTANTS = {"DV": "DV", "DK": "DK"}  # symbols the kernels know as constexprs
-TRITON_FUNCTIONS = {sp.exp: "tl.exp", sp.log: "tl.log", sp.Abs: "tl.abs", sp.erf: "tl.erf",
+TRITON_FUNCTIONS = {sp.exp: "exp_flushed", sp.log: "tl.log", sp.Abs: "tl.abs", sp.erf: "tl.erf",
                     sp.tanh: "tanh", sp.atan: "atan"}  # mirasc.triton_helpers
 
 
@@ -100,7 +100,8 @@ def triton_source(expr: sp.Expr, names) -> str:
             return f"{TRITON_FUNCTIONS[type(e)]}({show(e.args[0])})"
         if isinstance(e, sp.sinh | sp.cosh):
             x = show(e.args[0])
-            return f"((tl.exp({x}) {'-' if isinstance(e, sp.sinh) else '+'} tl.exp(-{x})) * 0.5)"
+            sign = "-" if isinstance(e, sp.sinh) else "+"
+            return f"((exp_flushed({x}) {sign} exp_flushed(-{x})) * 0.5)"
         if isinstance(e, sp.sign):
             x = show(e.args[0])
             return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"
@@ -129,7 +130,8 @@ def _pow(base: str, exponent: sp.Expr) -> str:
         return f"tl.sqrt({base})"
     if exponent == -sp.Rational(1, 2):
         return f"(1.0 / tl.sqrt({base}))"
-    return f"tl.exp({_number(float(exponent))} * tl.log({base}))"  # a positive base (smoothed norms)
+    # a positive base (smoothed norms)
+    return f"exp_flushed({_number(float(exponent))} * tl.log({base}))"
 
 
 def _number(value: float) -> str:
@@ -143,9 +145,9 @@ def _number(value: float) -> str:
     return repr(value) if exact else f"tl.full([1, 1], {value!r}, ACC)"
 
 
-HELPERS = ("atan", "dot_fp32", "gdot", "gdot_both", "gmix", "gmix_both", "gmix_pair", "gmix_t",
-           "gmix_t_pair", "held_cumsum", "largest_magnitude", "load_rows", "sequence_bounds",
-           "store_sum", "tanh", "tri_inv")
+HELPERS = ("atan", "dot_fp32", "exp_flushed", "gdot", "gdot_both", "gmix", "gmix_both",
+           "gmix_pair", "gmix_t", "gmix_t_pair", "held_cumsum", "largest_magnitude", "load_rows",
+           "sequence_bounds", "store_sum", "tanh", "tri_inv")
 # the functions of mirasc.triton_helpers that kernel bodies call
 
 

@@ -62,12 +62,23 @@ def held_cumsum(x, BT: tl.constexpr, REVERSE: tl.constexpr, DOT: tl.constexpr):
     return tl.dot(tl.where(ones, 1.0, 0.0).to(DOT), x.to(DOT))
 
 
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def exp_flushed(x):
+    """exp(x) as one ex2 of x log2(e), results below 2^-126 flushed to 0: in float32, tl.exp
+    takes the same ex2 of the same product and spends three more instructions keeping those
+    results subnormal (sm_90: 5 instructions rather than 2)."""
+    return tl.math.exp2(x * LOG2E)
+
+
 @triton.jit
 def tanh(x):
     """tanh without cancellation: its odd series to x^15 near 0 (error below 1e-18), and
     (1 - e^-2|x|) / (1 + e^-2|x|) elsewhere."""
     a = tl.abs(x)
-    t = tl.exp(-2.0 * a)
+    t = exp_flushed(-2.0 * a)
     x2 = x * x
     series = 21844.0 / 6081075.0 - x2 * (929569.0 / 638512875.0)  # tanh(x)/x by Horner in x^2
     series = 62.0 / 2835.0 + x2 * (-1382.0 / 155925.0 + x2 * series)
@@ -119,7 +130,6 @@ def _block_diagonal(blocks, BT: tl.constexpr):
     return tl.reshape(tl.where(same, blocks[:, :, None, :], 0.0), [BT, BT])
 
 
-LOG2E = tl.constexpr(1.4426950408889634)
 # The pair terms of a diagonal block's product are taken W rows (or columns) of every sub-chunk
 # at a time, [BT // 16, 16, W, D] of at most PAIR_TILE elements (at BT = 64: all 16 at once up
 # to D = 16, 8 at D = 32, 2 at D = 128). GLA, bf16, D = 128, blocks of 32 key columns, sm_90
@@ -139,11 +149,6 @@ def _group_width(rows, cols, budget):
     return max(1, min(16, budget // (rows * cols)))
 
 
-@triton.jit
-def _exp(x):
-    """exp(x) as one ex2 of x log2(e): the float32 ex2 flushes results below 2^-126 to 0, where
-    tl.exp spends three more instructions to keep them subnormal."""
-    return tl.math.exp2(x * LOG2E)
 
 
 @triton.jit
@@ -187,14 +192,14 @@ def gdot_both(a, c, b, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, OFFSET_C:
     diag_c = tl.zeros([NC, 16, 16 // W, W], dtype=a.dtype)
     for g in tl.static_range(16 // W):  # columns g W .. g W + W - 1 of every diagonal block
         paired = (inner[:, None] >= g * W + tl.arange(0, W)[None, :] + LOW)[None, :, :, None]
-        decayed = _group(b3, g, W)[:, None, :, :] * _exp(
+        decayed = _group(b3, g, W)[:, None, :, :] * exp_flushed(
             tl.where(paired, ga3[:, :, None, :] - _group(gb3, g, W)[:, None, :, :],
                      float("-inf")))  # [NC, 16, W, D]
         slot = tl.arange(0, 16 // W)[None, None, :, None] == g
         diag = tl.where(slot, tl.sum(a3[:, :, None, :] * decayed, 3)[:, :, None, :], diag)
         diag_c = tl.where(slot, tl.sum(c3[:, :, None, :] * decayed, 3)[:, :, None, :], diag_c)
     g_first = _row_of_blocks(ga3, 0)  # [NC, D]: ga at each sub-chunk's first row
-    to_first = _exp(ga3 - g_first[:, None, :])
+    to_first = exp_flushed(ga3 - g_first[:, None, :])
     a_ref = tl.reshape(a3 * to_first, [BT, D])
     c_ref = tl.reshape(c3 * to_first, [BT, D])
     offs = tl.arange(0, BT)
@@ -204,7 +209,7 @@ def gdot_both(a, c, b, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, OFFSET_C:
     for s in tl.static_range(1, NC):  # the rows of sub-chunk s against every earlier row
         g_s = tl.sum(tl.where(tl.arange(0, NC)[:, None] == s, g_first, 0.0), 0)
         earlier = (sub < s)[:, None]
-        b_s = tl.trans(b * _exp(tl.where(earlier, g_s[None, :] - gb, float("-inf")))).to(DOT)
+        b_s = tl.trans(b * exp_flushed(tl.where(earlier, g_s[None, :] - gb, float("-inf")))).to(DOT)
         rows = (sub == s)[:, None]
         far += tl.dot(tl.where(rows, a_ref, 0.0).to(DOT), b_s, input_precision=PRECISION)
         far_c += tl.dot(tl.where(rows, c_ref, 0.0).to(DOT), b_s, input_precision=PRECISION)
@@ -256,7 +261,7 @@ def gmix_both(m, x, y, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.c
     for g in tl.static_range(16 // W):  # columns i = g W .. g W + W - 1 of every diagonal block
         cols = g * W + tl.arange(0, W)[None, :]
         paired = (inner[:, None] >= cols + OFFSET)[None, :, :, None]
-        decay = _exp(tl.where(paired, ga3[:, :, None, :] - _group(gb3, g, W)[:, None, :, :],
+        decay = exp_flushed(tl.where(paired, ga3[:, :, None, :] - _group(gb3, g, W)[:, None, :, :],
                               float("-inf")))  # [NC, 16, W, D]
         m_g = tl.trans(_group(m_diag, g, W), 0, 2, 1)[:, :, :, None] * decay  # [NC, 16, W, D]
         term = m_g * _group(x3, g, W)[:, None, :, :]
@@ -270,7 +275,7 @@ def gmix_both(m, x, y, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.c
             near_t_twin = tl.where(slot, tl.sum(tl.where(twin, term_t, 0.0), 1)[:, None, :, :],
                                    near_t_twin)
     g_first = _row_of_blocks(ga3, 0)
-    to_rows = _exp(ga3 - g_first[:, None, :])
+    to_rows = exp_flushed(ga3 - g_first[:, None, :])
     far = _mix_earlier(m, x, gb, g_first, BT, OFFSET, DOT, PRECISION)
     later = _mix_later(m, y, ga, gb, g_first, BT, OFFSET, DOT, PRECISION)
     out = tl.reshape(near + tl.reshape(far, x3.shape) * to_rows, x.shape)
@@ -296,7 +301,7 @@ def _mix_earlier(m, x, gb, g_first, BT: tl.constexpr, OFFSET: tl.constexpr, DOT:
     far = tl.zeros(x.shape, dtype=x.dtype)
     for s in tl.static_range(1, NC):  # the rows of sub-chunk s from every earlier row
         g_s = tl.sum(tl.where(tl.arange(0, NC)[:, None] == s, g_first, 0.0), 0)
-        x_s = x * _exp(tl.where((sub < s)[:, None], g_s[None, :] - gb, float("-inf")))
+        x_s = x * exp_flushed(tl.where((sub < s)[:, None], g_s[None, :] - gb, float("-inf")))
         m_s = tl.where((sub == s)[:, None], m, 0.0)
         far += tl.dot(m_s.to(DOT), x_s.to(DOT), input_precision=PRECISION)
     return far
@@ -333,10 +338,10 @@ def _mix_later(m, x, ga, gb, g_first, BT: tl.constexpr, OFFSET: tl.constexpr, DO
     out = tl.zeros(x.shape, dtype=x.dtype)
     for s in tl.static_range(0, NC - 1):  # the rows of sub-chunk s from every later row
         g_s = tl.sum(tl.where(tl.arange(0, NC)[:, None] == s + 1, g_first, 0.0), 0)
-        x_s = x * _exp(tl.where((sub > s)[:, None], ga - g_s[None, :], float("-inf")))
+        x_s = x * exp_flushed(tl.where((sub > s)[:, None], ga - g_s[None, :], float("-inf")))
         m_s = tl.where((sub == s)[None, :], m, 0.0)
         far = tl.dot(tl.trans(m_s).to(DOT), x_s.to(DOT), input_precision=PRECISION)
-        out += far * _exp(tl.where((sub == s)[:, None], g_s[None, :] - gb, float("-inf")))
+        out += far * exp_flushed(tl.where((sub == s)[:, None], g_s[None, :] - gb, float("-inf")))
     return out
 
 

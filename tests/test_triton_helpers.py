@@ -32,6 +32,27 @@ def _atan_kernel(x_ptr, out_ptr, N: tl.constexpr):
 
 
 @triton.jit
+def _exp_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, th.exp_flushed(tl.load(x_ptr + offs)))
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+def test_exp_flushed_is_exp(dtype, rtol):
+    """exp_flushed(x) = exp(x) to the rounding of x log2(e): a relative error below
+    |x| eps log2(e) ln 2 = |x| eps (|x| <= 80 here); exact at the gates' edges: exp(-inf) = 0,
+    exp(0) = 1, exp(inf) = inf, and NaN stays NaN."""
+    x = torch.cat([torch.linspace(-80, 80, 124, dtype=torch.float64),
+                   torch.tensor([0.0, -float("inf"), float("inf"), float("nan")], dtype=torch.float64)])
+    out = torch.full_like(x, 7.0, dtype=dtype)
+    _exp_kernel[(1,)](x.to(dtype), out, N=128)
+    want = torch.exp(x[:124])
+    assert torch.all((out[:124].double() - want).abs() <= rtol * want), \
+        ((out[:124].double() - want).abs() / want).max()
+    assert out[124] == 1.0 and out[125] == 0.0 and out[126] == float("inf") and out[127].isnan()
+
+
+@triton.jit
 def _largest_magnitude_kernel(x_ptr, rows_ptr, whole_ptr, R: tl.constexpr, C: tl.constexpr):
     x = tl.load(x_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
     tl.store(rows_ptr + tl.arange(0, R), th.largest_magnitude(x, 1))

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from mirasc.launch import ChunkKernels
 from mirasc.op import MirasOp
-from mirasc.triton_helpers import largest_magnitude, load_rows, sequence_bounds, tri_inv
+from mirasc.triton_helpers import exp_flushed, largest_magnitude, load_rows, sequence_bounds, tri_inv
 
 SPEC = {'bias': {'kind': 'l2'},
  'chunk_size': 64,
@@ -166,10 +166,10 @@ def gated_deltanet_fwd_stage_kernel(
         gam_end = tl.sum(la, 0, keep_dims=True)  # gam_end = sum_t la_t
         tl.store(gam_end_ptr + srow + tl.zeros([1, 1], dtype=tl.int32), gam_end)
         # kk_decay_ti = kk_ti exp(gam_t - gam_i) (t > i), 0 (t <= i)
-        kk_decay = (kk * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * tl.trans(gam)))), 0.0))
+        kk_decay = (kk * tl.where((strict > 0.0), exp_flushed((gam + (-1.0 * tl.trans(gam)))), 0.0))
         A = (eta_c * kk_decay)  # A = diag(eta_c) kk_decay
         # tail_i = exp(sum_(s>i) la_s) on real rows
-        tail = (rowmask * tl.exp(tl.trans(tl.sum((strict * la), 0, keep_dims=True))))
+        tail = (rowmask * exp_flushed(tl.trans(tl.sum((strict * la), 0, keep_dims=True))))
         tl.store(tail_ptr + srow * BT + offs_t[:, None], tail)
         A_inv = tri_inv(A, BT, PRECISION, DOT)  # A_inv = (I + A)^-1
         tl.store(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :], A_inv)
@@ -229,10 +229,11 @@ def gated_deltanet_bwd_stage_kernel(
         tl.store(bad_rows_ptr + srow * BT + offs_t[:, None], bad_rows)
         spoiled = (n_tainted + inherited)  # spoiled = n_tainted + inherited
         tl.store(spoiled_ptr + srow + tl.zeros([1, 1], dtype=tl.int32), spoiled)
-        beta = tl.exp(gam)  # beta = exp(gam)
+        beta = exp_flushed(gam)  # beta = exp(gam)
         tl.store(beta_ptr + srow * BT + offs_t[:, None], beta)
         # decay_ti = exp(gam_t - gam_i) (t > i), 1 (t = i), 0 (t < i)
-        decay = tl.where((strict > 0.0), tl.exp((gam + (-1.0 * tl.trans(gam)))), tl.where((causal > 0.0), 1.0, 0.0))
+        decay = tl.where((strict > 0.0), exp_flushed((gam + (-1.0 * tl.trans(gam)))),
+                tl.where((causal > 0.0), 1.0, 0.0))
         dz_o = (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))
         attn = (qk * decay)  # attn = qk * decay
         dqw = (dz_o * beta)
@@ -295,8 +296,8 @@ def gated_deltanet_fwd_kernel(
             gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
             gam_end = tl.load(gam_end_ptr + srow + tl.zeros([1, 1], dtype=tl.int32))
             spoiled = (n_tainted + inherited)  # spoiled = n_tainted + inherited
-            pred = (kw * tl.exp(gam))  # pred = kw * exp(gam)
-            keep = (W * tl.exp(gam_end))  # keep = exp(gam_end) W
+            pred = (kw * exp_flushed(gam))  # pred = kw * exp(gam)
+            keep = (W * exp_flushed(gam_end))  # keep = exp(gam_end) W
             rhs = (eta * rowmask * vmask * (pred + (-1.0 * v)))  # rhs = eta*(pred - v)
             tail = tl.load(tail_ptr + srow * BT + offs_t[:, None])
             A_inv = tl.load(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :])
@@ -363,10 +364,11 @@ def gated_deltanet_fwd_out_kernel(
                 keep_dims=True)
         gam = tl.load(gam_ptr + srow * BT + offs_t[:, None])
         bad_rows = (tainted + qbad + inherited)  # bad_rows = tainted + qbad + inherited
-        beta = tl.exp(gam)  # beta = exp(gam)
+        beta = exp_flushed(gam)  # beta = exp(gam)
         read = (beta * qw)  # read = beta * qw
         # decay_ti = exp(gam_t - gam_i) (t > i), 1 (t = i), 0 (t < i)
-        decay = tl.where((strict > 0.0), tl.exp((gam + (-1.0 * tl.trans(gam)))), tl.where((causal > 0.0), 1.0, 0.0))
+        decay = tl.where((strict > 0.0), exp_flushed((gam + (-1.0 * tl.trans(gam)))),
+                tl.where((causal > 0.0), 1.0, 0.0))
         attn = (qk * decay)  # attn = qk * decay
         u = tl.load(u_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
         mixed = tl.dot(attn.to(DOT), u.to(DOT), input_precision=PRECISION)  # mixed = attn u
@@ -437,9 +439,9 @@ def gated_deltanet_bwd_kernel(
             dW_from_qw = tl.dot(tl.trans(dqw).to(DOT), q.to(DOT), input_precision=PRECISION)
             drhs = tl.dot(tl.trans(A_inv).to(DOT), ((du_tail * tail) + du_from_mixed).to(DOT),
                     input_precision=PRECISION)
-            dW_from_kw = tl.dot(tl.trans(((drhs * eta * rowmask * vmask) * tl.exp(gam))).to(DOT), k.to(DOT),
+            dW_from_kw = tl.dot(tl.trans(((drhs * eta * rowmask * vmask) * exp_flushed(gam))).to(DOT), k.to(DOT),
                     input_precision=PRECISION)
-            dW = ((dacc * tl.exp(gam_end)) + dW_from_kw + dW_from_qw)
+            dW = ((dacc * exp_flushed(gam_end)) + dW_from_kw + dW_from_qw)
             dW_new = dW
     tl.store(dh0_ptr + (i_n * H + i_h) * STATE + offs_v[:, None] * DK + offs_k[None, :], dW_new,
             mask=mask_v[:, None] & mask_k[None, :])
@@ -577,7 +579,7 @@ def gated_deltanet_bwd_dqk_kernel(
             v = load_rows(v_ptr, tok * H + i_h, offs_v, clean, mask_v, DV, 1.0, ACC)
             d_o = load_rows(do_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 0.0, ACC)
             kw = tl.load(kw_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
-            pred = (kw * tl.exp(gam))  # pred = kw * exp(gam)
+            pred = (kw * exp_flushed(gam))  # pred = kw * exp(gam)
             rhs = (eta * rowmask * vmask * (pred + (-1.0 * v)))  # rhs = eta*(pred - v)
             dz_o = (d_o * tl.where((bad_rows > 0.0), 0.0, 1.0))
             dread = dz_o
@@ -596,10 +598,10 @@ def gated_deltanet_bwd_dqk_kernel(
             dacc = tl.where((spoiled > 0.0), 0.0, dW_new)
             dq_from_qw += tl.dot((dread * beta).to(DOT), W.to(DOT), input_precision=PRECISION)
             dk_from_update += tl.dot((u * tail).to(DOT), (-1.0 * dacc).to(DOT), input_precision=PRECISION)
-            dk_from_kw += tl.dot((dpred * tl.exp(gam)).to(DOT), W.to(DOT), input_precision=PRECISION)
+            dk_from_kw += tl.dot((dpred * exp_flushed(gam)).to(DOT), W.to(DOT), input_precision=PRECISION)
             q = load_rows(q_ptr, tok * H + i_h, offs_k, q_rows, mask_k, DK, 0.0, DOT)
             qw = tl.dot(q.to(DOT), tl.trans(W).to(DOT), input_precision=PRECISION)  # qw = q W^T
-            keep = (W * tl.exp(gam_end))  # keep = exp(gam_end) W
+            keep = (W * exp_flushed(gam_end))  # keep = exp(gam_end) W
             du_tail = tl.load(du_tail_ptr + srow * (BT * BDV) + offs_t[:, None] * BDV + offs_v[None, :])
             dgam_end_from_keep_half_cols += (dacc * keep)
             dbeta += tl.sum((dread * qw), 1, keep_dims=True)
@@ -614,7 +616,7 @@ def gated_deltanet_bwd_dqk_kernel(
         eta_c = (eta * rowmask)  # eta_c = eta*rowmask
         gam_row = tl.trans(gam)
         # decay_ti = exp(gam_t - gam_i) (t > i), 1 (t = i), 0 (t < i)
-        decay = tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), tl.where((causal > 0.0), 1.0, 0.0))
+        decay = tl.where((strict > 0.0), exp_flushed((gam + (-1.0 * gam_row))), tl.where((causal > 0.0), 1.0, 0.0))
         dqk = (dattn * decay)
         dA_from_A_inv_left = tl.dot(tl.trans(A_inv).to(DOT), dA_inv.to(DOT), input_precision=PRECISION)
         dk_from_qk = tl.dot(tl.trans(dqk).to(DOT), q.to(DOT), input_precision=PRECISION)
@@ -622,7 +624,7 @@ def gated_deltanet_bwd_dqk_kernel(
         dq = (dq_from_qw + tl.dot(dqk.to(DOT), k.to(DOT), input_precision=PRECISION))
         dA = (-1.0 * dA_from_A_inv_neg)
         dkk_decay = (dA * eta_c)
-        dkk = (dkk_decay * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
+        dkk = (dkk_decay * tl.where((strict > 0.0), exp_flushed((gam + (-1.0 * gam_row))), 0.0))
         dk_from_kk_2 = tl.dot(tl.trans(dkk).to(DOT), k.to(DOT), input_precision=PRECISION)
         dk = (dk_from_update + dk_from_kw + tl.dot(dkk.to(DOT), k.to(DOT),
                 input_precision=PRECISION) + dk_from_kk_2 + dk_from_qk)
@@ -631,14 +633,15 @@ def gated_deltanet_bwd_dqk_kernel(
         qk = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)  # qk = q k^T
         kk = tl.dot(k.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)  # kk = k k^T
         # kk_decay_ti = kk_ti exp(gam_t - gam_i) (t > i), 0 (t <= i)
-        kk_decay = (kk * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
+        kk_decay = (kk * tl.where((strict > 0.0), exp_flushed((gam + (-1.0 * gam_row))), 0.0))
         dla_from_gam_end = tl.broadcast_to(tl.sum(dgam_end_from_keep_half, 1, keep_dims=True), (BT, 1))
         ddecay = (dattn * qk)
-        dgam_from_decay_full = (ddecay * tl.where((strict > 0.0), tl.exp((gam + (-1.0 * gam_row))), 0.0))
-        dgam_row_from_decay_full = (ddecay * tl.where((strict > 0.0), (-1.0 * tl.exp((gam + (-1.0 * gam_row)))), 0.0))
+        dgam_from_decay_full = (ddecay * tl.where((strict > 0.0), exp_flushed((gam + (-1.0 * gam_row))), 0.0))
+        dgam_row_from_decay_full = (ddecay * tl.where((strict > 0.0), (-1.0 * exp_flushed((gam + (-1.0 * gam_row)))),
+                0.0))
         dla_from_la_after_full = (tl.broadcast_to(tl.trans((dtail * tail)), (BT, BT)) * strict)
         dgam_row_from_kk_decay_full = (dkk_decay * kk * tl.where((strict > 0.0),
-                (-1.0 * tl.exp((gam + (-1.0 * gam_row)))), 0.0))
+                (-1.0 * exp_flushed((gam + (-1.0 * gam_row)))), 0.0))
         deta = (tl.sum((dA * kk_decay), 1, keep_dims=True) * rowmask) + tl.where(i_k == 0, deta_from_rhs, 0.0)
         dgam_row = (tl.sum(dgam_row_from_kk_decay_full, 0, keep_dims=True) + tl.sum(dgam_row_from_decay_full, 0,
                 keep_dims=True))
