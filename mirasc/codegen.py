@@ -262,7 +262,7 @@ def render_triton_module(spec: Spec) -> str:
         segments=2 if spec.lag_token else 1, expansion=getattr(spec.memory, "expansion", 1),
         gates=list(step.gates), params=list(step.params), states=printer.tiles,
         split_v=sched.split_v, stream=sched.streamed, summed=sched.summed, v_summed=sched.walks_v,
-        key_programs=key_programs, key_shares=key_shares, operand_states=sched.operand_states,
+        key_programs=key_programs, key_shares=key_shares, state_dtypes=sched.state_dtypes,
         out_kernels=sched.groups, stage_order=sched.stage_order, staged=sched.staged,
         kept=sched.kept, handed=[b.node for b in sched.buffers["bwd_out"]],
         handover=sched.handover, kernels=kernels, adjoint=adjoint_code,
@@ -397,7 +397,7 @@ class ModuleContext:
     v_summed: tuple
     key_programs: list
     key_shares: list
-    operand_states: tuple  # the stored states' buffers held in the operands' dtype
+    state_dtypes: dict  # the dtype each stored states' buffer loads in (Schedule.state_dtypes)
     out_kernels: dict
     stage_order: dict
     staged: dict

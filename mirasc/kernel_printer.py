@@ -293,7 +293,7 @@ class KernelPrinter:
         next step's (next_ptr); the backward kernels read the gradient of the step-end state
         (dstate_ptr), and the backward pass writes that of the step-start state (dnext_ptr)."""
         m = self.m
-        dtype = {b: "DOT" if b in self.sched.operand_states else "ACC" for b in ("hs", "dhs")}
+        dtype = self.sched.state_dtypes
         loads, stores = {}, {}
         for tile in self.tiles:
             s = tile.name

@@ -91,6 +91,12 @@ class Schedule:
     operand_states: tuple[str, ...] = ()
 
     @property
+    def state_dtypes(self) -> dict[str, str]:
+        """The dtype every kernel loads each stored states' buffer in ("hs", "dhs"): the
+        operands' ("DOT") where it is held so (`operand_states`), else the accumulators'."""
+        return {b: "DOT" if b in self.operand_states else "ACC" for b in ("hs", "dhs")}
+
+    @property
     def stage_order(self) -> dict[str, list[str]]:
         """Per direction, its stage kernels in launch order."""
         return {d: [k for k, p in self.kernels.items() if p.kind == "stage" and p.direction == d]
