@@ -19,8 +19,8 @@ from mirasc.resources import kernel_usage
 
 COLUMNS = [("spec", "spec", ""), ("dim", "D", "d"), ("kernel", "kernel", ""),
            ("num_warps", "warps", "d"), ("num_stages", "stages", "d"),
-           ("registers", "registers", "d"), ("spill_bytes", "spill B", "d"),
-           ("tensor_core", "tensor-core ops", "d"),
+           ("block", "value block", ""), ("registers", "registers", "d"),
+           ("spill_bytes", "spill B", "d"), ("tensor_core", "tensor-core ops", "d"),
            ("shared_kib", "shared KiB", ".1f"), ("fits", "fits", ""), ("seconds", "compile s", ".1f"),
            ("error", "ptxas error", "")]
 

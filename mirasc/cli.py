@@ -236,7 +236,8 @@ def resources(spec: SpecSource,
     typer.echo(f"{'kernel':<9}  {'warps':>5}  {'stages':>6}  {'registers':>9}  {'spill B':>7}  "
                f"{'tensor-core ops':>15}  {'shared KiB':>10}  {'loop instr':>10}  fits  timed")
     for u, kept in zip(rows, timed(rows), strict=True):
-        head = f"{u.kernel:<9}  {u.num_warps:>5}  {u.num_stages:>6}  "
+        kernel = u.kernel if u.block is None else f"{u.kernel} BV={u.block}"
+        head = f"{kernel:<9}  {u.num_warps:>5}  {u.num_stages:>6}  "
         if u.error is not None:
             typer.echo(f"{head}ptxas refused it: {u.error}")
             continue
@@ -292,8 +293,9 @@ def precompile(specs: Annotated[list[str], typer.Argument(help="Shipped spec nam
     try:
         for job in run(ops, [(d, d) for d in head_dim], dtypes[dtype], states[state], sm, jobs):
             done.append(job)
+            block = "" if job.block is None else f" BV={job.block}"
             typer.echo(f"{job.spec} D={job.dk} {job.kernel} warps={job.num_warps} "
-                       f"stages={job.num_stages}: {job.seconds:.1f} s"
+                       f"stages={job.num_stages}{block}: {job.seconds:.1f} s"
                        + (f", failed: {job.error}" if job.error else ""))
     except CannotCompile as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -101,15 +101,60 @@ def least_spilling(kernel, spilled=spills):
     return prune
 
 
-def tuned(kernel, configs):
-    """The kernel under Triton's autotuner over `configs`, keyed by the head dims and the DV
-    block (Triton adds the inputs' dtypes), timing only the configurations that spill least
-    (`least_spilling`); in the interpreter, which has no timer, the kernel as is."""
-    if interpreting():
-        return kernel
-    return triton.autotune([triton.Config({}, num_warps=w, num_stages=s) for w, s in configs],
+def _autotuner(kernel, configs, value_blocks=()):
+    """Triton's autotuner of `kernel` over `configs` (each with each block of `value_blocks`,
+    which then sets BV in place of the launch), keyed by the head dims and the DV block (Triton
+    adds the inputs' dtypes), timing only the configurations that spill least
+    (`least_spilling`)."""
+    return triton.autotune([triton.Config({"BV": b} if b else {}, num_warps=w, num_stages=s)
+                            for b in value_blocks or (None,) for w, s in configs],
                            key=["DK", "DV", "BV"],
                            prune_configs_by={"early_config_prune": least_spilling(kernel)})(kernel)
+
+
+def tuned(kernel, configs, walks_v: bool = False):
+    """The kernel under `_autotuner` over `configs`, as `WalkedBlocks` where its program walks
+    the value blocks (`walks_v`); in the interpreter, which has no timer, the kernel as is."""
+    if interpreting():
+        return kernel
+    return WalkedBlocks(kernel, configs) if walks_v else _autotuner(kernel, configs)
+
+
+def walked_blocks(meta: dict) -> tuple[int, ...]:
+    """The value blocks that the autotuner of a kernel walking them (`WalkedBlocks`) times for a
+    launch of `meta`: the launch's, and half of it too where that takes DV in one block (BV =
+    BDV: at most `WHOLE_V`), at least 16."""
+    block = meta["BV"]
+    return (block, block // 2) if block == meta["BDV"] and block >= 32 else (block,)
+
+
+class WalkedBlocks:
+    """The autotuner of a kernel whose program walks the value blocks (`V_SUMMED`). A launch
+    that takes DV in one block is also timed in blocks of half that (`walked_blocks`): two
+    shorter steps, each holding half the value columns (sm_90, bf16, D=64: simple GLA's dq/dk
+    kernel spills 296 B at 4 warps in one block and none in two, where it runs 129 M
+    warp-instructions against 147 M at 8 warps in one). Any other launch, and every attribute
+    (configs, fn, warmup), is the autotuner over `configs` alone's."""
+
+    def __init__(self, kernel, configs):
+        self.kernel, self.pairs = kernel, configs
+        self.whole = _autotuner(kernel, configs)
+        self.halved = {}  # by the blocks timed
+
+    def __getattr__(self, name):
+        return getattr(self.whole, name)
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            blocks = walked_blocks(meta)
+            if len(blocks) == 1:
+                return self.whole[grid](*args, **meta)
+            if blocks not in self.halved:
+                self.halved[blocks] = _autotuner(self.kernel, self.pairs, blocks)
+            del meta["BV"]  # the configuration's
+            return self.halved[blocks][grid](*args, **meta)
+
+        return launch
 
 
 class ChunkKernels:
@@ -120,7 +165,8 @@ class ChunkKernels:
     def __init__(self, m: dict):
         self.m = m
         name = m["SPEC"]["name"]
-        self.launchers = {k: tuned(m[f"{name}_{k}_kernel"], m["CONFIGS"][k]) for k in m["KERNELS"]}
+        self.launchers = {k: tuned(m[f"{name}_{k}_kernel"], m["CONFIGS"][k], k in m["V_SUMMED"])
+                          for k in m["KERNELS"]}
         self.forward, self.backward = self._register(f"mirasc::{name}_{m['DIGEST']}")
 
     # ---- sizes ------------------------------------------------------------------------------

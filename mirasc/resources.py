@@ -46,6 +46,7 @@ class Usage:
     tensor_core: int | None = None  # tensor-core instructions in the SASS (HGMMA, HMMA)
     loop: int | None = None    # instructions of the largest loop (`largest_loop`)
     error: str | None = None   # why ptxas refused the kernel (the autotuner skips such a config)
+    block: int | None = None   # the value block the configuration sets (None: the launch's)
 
     @property
     def fits(self) -> bool:
@@ -167,7 +168,8 @@ class _Calls:
 def step_launches(op, dk: int, dv: int, dtype: torch.dtype) -> dict:
     """The decode step's kernel (`mirasc.step_op`) as `Decoder` launches it over a chunk's tokens
     of `dtype` into a float32 state at head dims (dk, dv), in each variant (`STEP_VARIANTS`)
-    the chunk's positions take: {name: ((kernel, args, kwargs), [(num_warps, num_stages)])}."""
+    the chunk's positions take: {name: ((kernel, args, kwargs), [(num_warps, num_stages,
+    None)])}."""
     from mirasc.check import random_inputs
     from mirasc.decode import Decoder
     from mirasc.reference import Inputs
@@ -187,25 +189,35 @@ def step_launches(op, dk: int, dv: int, dtype: torch.dtype) -> dict:
     found = {}
     for variant, (args, kwargs) in recorder.calls.items():
         warps = kwargs.pop("num_warps")
-        found[STEP_VARIANTS[variant]] = ((kernel.launcher, args, kwargs), [(warps, 1)])
+        found[STEP_VARIANTS[variant]] = ((kernel.launcher, args, kwargs), [(warps, 1, None)])
     return found
 
 
-def configs(op, kernel: str) -> list[tuple[int, int]]:
-    """The (num_warps, num_stages) pairs the autotuner of the op's `kernel` tries."""
+def configs(op, kernel: str, launch: tuple | None = None) -> list[tuple[int, int, int | None]]:
+    """The (num_warps, num_stages, value block) configurations the autotuner of the op's
+    `kernel` tries (on `launch`, where it walks the value blocks: `launch.walked_blocks`; else
+    the block is None, the launch's)."""
     from mirasc.cache import load_module
+    from mirasc.launch import walked_blocks
 
-    return load_module(op.spec).CONFIGS[kernel]
+    module = load_module(op.spec)
+    blocks = walked_blocks(launch[2]) if launch is not None and kernel in module.V_SUMMED \
+        else ()
+    return [(w, s, b if len(blocks) > 1 else None) for b in blocks or (None,)
+            for w, s in module.CONFIGS[kernel]]
 
 
-def compile_launch(launch: tuple, capability: int, num_warps: int, num_stages: int):
-    """A launch (kernel, args, kwargs) compiled for sm_`capability` in one configuration, as the
-    autotuner's call would compile it: `.asm` holds every stage ("ttir", "ttgir", "ptx",
-    "cubin"), `.metadata.shared` the shared memory per program. Raises PTXASError when ptxas
-    refuses it."""
+def compile_launch(launch: tuple, capability: int, num_warps: int, num_stages: int,
+                   block: int | None = None):
+    """A launch (kernel, args, kwargs) compiled for sm_`capability` in one configuration (its
+    value block `block` in place of the launch's, where given), as the autotuner's call would
+    compile it: `.asm` holds every stage ("ttir", "ttgir", "ptx", "cubin"), `.metadata.shared`
+    the shared memory per program. Raises PTXASError when ptxas refuses it."""
     import triton
 
     kernel, args, kwargs = launch
+    if block is not None:
+        kwargs = kwargs | {"BV": block}
     config = triton.Config({}, num_warps=num_warps, num_stages=num_stages).all_kwargs()
     with compiling_for(capability), contextlib.redirect_stdout(io.StringIO()):  # ptxas: the PTX
         return kernel.warmup(*args, grid=(1,), **kwargs, **config)
@@ -246,7 +258,7 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
         raise CannotCompile("TRITON_INTERPRET=1 replaces Triton's compiler; unset it")
     found = {}
     if op.backend == "triton":
-        found = {kernel: (launch, configs(op, kernel))
+        found = {kernel: (launch, configs(op, kernel, launch))
                  for kernel, launch in launches(op, dk, dv, dtype, state_dtype=dtype).items()}
     step = step_unsupported(op.derivation)
     if step is None:
@@ -264,20 +276,20 @@ def kernel_usage(op, dk: int, dv: int, dtype: torch.dtype = torch.bfloat16,
     for kernel, (launch, tried) in found.items():
         if only and kernel not in only:
             continue
-        for num_warps, num_stages in tried if which == "tuned" else tried[:1]:
+        for num_warps, num_stages, block in tried if which == "tuned" else tried[:1]:
             start = time.perf_counter()
             try:
-                compiled = compile_launch(launch, capability, num_warps, num_stages)
+                compiled = compile_launch(launch, capability, num_warps, num_stages, block)
             except PTXASError as exc:
                 reason = next((line for line in str(exc).splitlines() if "fatal" in line), str(exc))
                 rows.append(Usage(kernel, num_warps, num_stages, None, None, None,
                                   SHARED_LIMIT[capability], time.perf_counter() - start,
-                                  error=reason.strip()))
+                                  error=reason.strip(), block=block))
                 continue
             registers, stack, tensor_core, loop = _cubin_facts(compiled.asm["cubin"])
             rows.append(Usage(kernel, num_warps, num_stages, registers, stack,
                               compiled.metadata.shared, SHARED_LIMIT[capability],
-                              time.perf_counter() - start, tensor_core, loop=loop))
+                              time.perf_counter() - start, tensor_core, loop=loop, block=block))
     return rows
 
 
@@ -293,22 +305,23 @@ class Precompiled:
     num_stages: int
     seconds: float             # in its worker (a cache hit takes well under a second)
     error: str | None = None   # why it did not compile (the autotuner skips such a config)
+    block: int | None = None   # the value block the configuration sets (None: the launch's)
 
 
 def _precompile_one(spec, dk, dv, dtype, state_dtype, capability, kernel, num_warps,
-                    num_stages) -> Precompiled:
+                    num_stages, block) -> Precompiled:
     """A worker's job: one kernel in one configuration, into Triton's cache."""
     import mirasc
 
     start = time.perf_counter()
     try:
         launch = launches(mirasc.compile(spec), dk, dv, dtype, state_dtype)[kernel]
-        compile_launch(launch, capability, num_warps, num_stages)
+        compile_launch(launch, capability, num_warps, num_stages, block)
         error = None
     except Exception as exc:  # reported per job: the others still compile
         error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
     return Precompiled(spec.name, dk, dv, kernel, num_warps, num_stages,
-                       time.perf_counter() - start, error)
+                       time.perf_counter() - start, error, block)
 
 
 def precompile(ops: list, dims: list[tuple[int, int]], dtype: torch.dtype = torch.bfloat16,
@@ -325,11 +338,13 @@ def precompile(ops: list, dims: list[tuple[int, int]], dtype: torch.dtype = torc
             raise CannotCompile("no GPU here: name the target's compute capability (--sm)")
         major, minor = torch.cuda.get_device_capability()
         capability = 10 * major + minor
-    # the kernels of each op; refuses what cannot compile, before forking
-    kernels = [list(launches(op, *dims[0], dtype, state_dtype)) for op in ops]
-    jobs = [(op.spec, dk, dv, dtype, state_dtype, capability, kernel, warps, stages)
-            for op, names in zip(ops, kernels, strict=True) for dk, dv in dims for kernel in names
-            for warps, stages in configs(op, kernel)]
+    # the launches of each op at each dims; refuses what cannot compile, before forking
+    found = {(i, dk, dv): launches(op, dk, dv, dtype, state_dtype)
+             for i, op in enumerate(ops) for dk, dv in dims}
+    jobs = [(op.spec, dk, dv, dtype, state_dtype, capability, kernel, warps, stages, block)
+            for i, op in enumerate(ops) for dk, dv in dims
+            for kernel, launch in found[i, dk, dv].items()
+            for warps, stages, block in configs(op, kernel, launch)]
     context = multiprocessing.get_context("spawn")  # a forked CUDA context would not work
     with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=context) as pool:
         for done in as_completed([pool.submit(_precompile_one, *job) for job in jobs]):

@@ -19,7 +19,7 @@ import mirasc
 from mirasc.cache import load_module
 from mirasc.codegen import step_unsupported
 from mirasc.derive import derive
-from mirasc.resources import Usage, timed
+from mirasc.resources import Usage, configs, timed
 
 pytestmark = pytest.mark.slow  # compiles for sm_90 in subprocesses: tens of seconds a test
 
@@ -208,7 +208,8 @@ def test_precompiled_kernels_are_the_autotuners(env, tmp_path):
     lines = done.stdout.split("\n")[:-1]
     kernels = {line.split()[0] for line in lines}
     assert kernels == set(_kernels("specs/ttt_linear.yaml")), lines
-    assert sorted(lines) == sorted(f"{k} {w} 1 None" for k in kernels for w in (4, 8))
+    tried = load_module(mirasc.load_spec("specs/ttt_linear.yaml")).CONFIGS
+    assert sorted(lines) == sorted(f"{k} {w} {s} None" for k in kernels for w, s in tried[k])
     cache = tmp_path / "triton"
     entries = set(cache.iterdir())
     assert len(entries) == len(lines)
@@ -236,6 +237,18 @@ def test_a_kernel_that_does_not_fit_is_named(env, tmp_path):
     assert re.search(r"no launch configuration of the bwd_out kernel fits sm_90", done.stderr), \
         done.stderr
     assert "Dk=64, Dv=64" in done.stderr
+
+
+def test_a_kernel_walking_the_value_blocks_is_tried_in_halves_too():
+    """`resources.configs`: the dq/dk kernel of simple GLA, whose program walks the value
+    blocks, is compiled (by `mirasc resources` and `precompile`, as its autotuner does) in each
+    warp configuration with the whole block of D = 64 and with half of it; at D = 128, in blocks
+    of 16, with the launch's block alone, as is the dv kernel, which runs a program per block."""
+    op = mirasc.compile("specs/simple_gla.yaml")
+    whole, blocked = (None, (), {"BV": 64, "BDV": 64}), (None, (), {"BV": 16, "BDV": 128})
+    assert configs(op, "bwd_dqk", whole) == [(4, 1, 64), (8, 1, 64), (4, 1, 32), (8, 1, 32)]
+    assert configs(op, "bwd_dqk", blocked) == [(4, 1, None), (8, 1, None)]
+    assert configs(op, "bwd_dv", whole) == [(4, 1, None), (8, 1, None)]
 
 
 def test_the_timed_configurations_are_those_that_fit_and_spill_least():
@@ -276,7 +289,8 @@ def test_static_sets_mirasc_beside_fla(env, tmp_path):
     grid is the launch's (mirasc: one program per sequence, head and block of 32 (forward) or 16
     (backward) value columns;
     fla's output kernel: one per chunk of 64 tokens and head); bf16 inputs reach the tensor cores
-    as bf16, and the loop of mirasc's chunk steps is found in the SASS."""
+    as bf16, and the loop of mirasc's chunk steps is found in the SASS; the configurations
+    recorded are those each autotuner holds."""
     done = subprocess.run([sys.executable, "-m", "benchmarks", "static", "--specs", "simple_gla",
                            "--length", "256", "--heads", "2", "--dim", "64", "--configs", "1",
                            "--out", str(tmp_path / "out")],
@@ -291,4 +305,7 @@ def test_static_sets_mirasc_beside_fla(env, tmp_path):
     assert {impl for impl, _, _ in kernels} == {"mirasc", "fla"}
     for r in (fwd, bwd):
         assert r["half_share"] == 100 and "bf16" in r["tensor_core"], r
-        assert r["loop"] > 64 and r["registers"] > 0 and r["tried"] == "1/3", r
+        assert r["loop"] > 64 and r["registers"] > 0 and r["tried"] == "1/4", r
+    # the dq/dk kernel walks the value blocks: its autotuner also times blocks of half of D = 64
+    assert kernels["mirasc", "bwd", "simple_gla_bwd_dqk_kernel"]["tried"] == "1/4"
+    assert kernels["mirasc", "bwd", "simple_gla_bwd_dv_kernel"]["tried"] == "1/2"
