@@ -112,47 +112,48 @@ def _autotuner(kernel, configs, value_blocks=()):
                            prune_configs_by={"early_config_prune": least_spilling(kernel)})(kernel)
 
 
-def tuned(kernel, configs, walks_v: bool = False):
+def tuned(kernel, configs, narrow: int | None = None):
     """The kernel under `_autotuner` over `configs`, as `WalkedBlocks` where its program walks
-    the value blocks (`walks_v`); in the interpreter, which has no timer, the kernel as is."""
+    the value blocks (`narrow`: its blocks where Dv is past `WHOLE_V`); in the interpreter, which
+    has no timer, the kernel as is."""
     if interpreting():
         return kernel
-    return WalkedBlocks(kernel, configs) if walks_v else _autotuner(kernel, configs)
+    return WalkedBlocks(kernel, configs, narrow) if narrow else _autotuner(kernel, configs)
 
 
-def walked_blocks(meta: dict) -> tuple[int, ...]:
+def walked_blocks(meta: dict, narrow: int) -> tuple[int, ...]:
     """The value blocks that the autotuner of a kernel walking them (`WalkedBlocks`) times for a
-    launch of `meta`: the launch's, and half of it too where that takes DV in one block (BV =
-    BDV: at most `WHOLE_V`), at least 16."""
+    launch of `meta`: the launch's, and where that takes Dv in one block (BV = BDV: at most
+    `WHOLE_V`) also the `narrow` blocks it takes past that."""
     block = meta["BV"]
-    return (block, block // 2) if block == meta["BDV"] and block >= 32 else (block,)
+    return (block, narrow) if block == meta["BDV"] and block > narrow else (block,)
 
 
 class WalkedBlocks:
     """The autotuner of a kernel whose program walks the value blocks (`V_SUMMED`). A launch
-    that takes DV in one block is also timed in blocks of half that (`walked_blocks`): two
-    shorter steps, each holding half the value columns (sm_90, bf16, D=64: simple GLA's dq/dk
-    kernel spills 296 B at 4 warps in one block and none in two, where it runs 129 M
+    that takes Dv in one block is also timed in the kernel's narrow blocks (`walked_blocks`):
+    more, shorter steps, each holding fewer value columns (sm_90, bf16, D=64: simple GLA's dq/dk
+    kernel spills 296 B at 4 warps in one block and none in blocks of 16, where it runs 129 M
     warp-instructions against 147 M at 8 warps in one). Any other launch, and every attribute
     (configs, fn, warmup), is the autotuner over `configs` alone's."""
 
-    def __init__(self, kernel, configs):
-        self.kernel, self.pairs = kernel, configs
+    def __init__(self, kernel, configs, narrow: int):
+        self.kernel, self.pairs, self.narrow = kernel, configs, narrow
         self.whole = _autotuner(kernel, configs)
-        self.halved = {}  # by the blocks timed
+        self.blocked = {}  # by the blocks timed
 
     def __getattr__(self, name):
         return getattr(self.whole, name)
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
-            blocks = walked_blocks(meta)
+            blocks = walked_blocks(meta, self.narrow)
             if len(blocks) == 1:
                 return self.whole[grid](*args, **meta)
-            if blocks not in self.halved:
-                self.halved[blocks] = _autotuner(self.kernel, self.pairs, blocks)
+            if blocks not in self.blocked:
+                self.blocked[blocks] = _autotuner(self.kernel, self.pairs, blocks)
             del meta["BV"]  # the configuration's
-            return self.halved[blocks][grid](*args, **meta)
+            return self.blocked[blocks][grid](*args, **meta)
 
         return launch
 
@@ -165,7 +166,8 @@ class ChunkKernels:
     def __init__(self, m: dict):
         self.m = m
         name = m["SPEC"]["name"]
-        self.launchers = {k: tuned(m[f"{name}_{k}_kernel"], m["CONFIGS"][k], k in m["V_SUMMED"])
+        self.launchers = {k: tuned(m[f"{name}_{k}_kernel"], m["CONFIGS"][k],
+                                   m["BV_MAX"][k] if k in m["V_SUMMED"] else None)
                           for k in m["KERNELS"]}
         self.forward, self.backward = self._register(f"mirasc::{name}_{m['DIGEST']}")
 

@@ -201,8 +201,8 @@ def configs(op, kernel: str, launch: tuple | None = None) -> list[tuple[int, int
     from mirasc.launch import walked_blocks
 
     module = load_module(op.spec)
-    blocks = walked_blocks(launch[2]) if launch is not None and kernel in module.V_SUMMED \
-        else ()
+    blocks = walked_blocks(launch[2], module.BV_MAX[kernel]) \
+        if launch is not None and kernel in module.V_SUMMED else ()
     return [(w, s, b if len(blocks) > 1 else None) for b in blocks or (None,)
             for w, s in module.CONFIGS[kernel]]
 

@@ -239,14 +239,15 @@ def test_a_kernel_that_does_not_fit_is_named(env, tmp_path):
     assert "Dk=64, Dv=64" in done.stderr
 
 
-def test_a_kernel_walking_the_value_blocks_is_tried_in_halves_too():
+def test_a_kernel_walking_the_value_blocks_is_tried_in_narrow_blocks_too():
     """`resources.configs`: the dq/dk kernel of simple GLA, whose program walks the value
     blocks, is compiled (by `mirasc resources` and `precompile`, as its autotuner does) in each
-    warp configuration with the whole block of D = 64 and with half of it; at D = 128, in blocks
-    of 16, with the launch's block alone, as is the dv kernel, which runs a program per block."""
+    warp configuration with the whole block of D = 64 and with the blocks of 16 it takes past
+    WHOLE_V; at D = 128, in blocks of 16, with the launch's block alone, as is the dv kernel,
+    which runs a program per block."""
     op = mirasc.compile("specs/simple_gla.yaml")
     whole, blocked = (None, (), {"BV": 64, "BDV": 64}), (None, (), {"BV": 16, "BDV": 128})
-    assert configs(op, "bwd_dqk", whole) == [(4, 1, 64), (8, 1, 64), (4, 1, 32), (8, 1, 32)]
+    assert configs(op, "bwd_dqk", whole) == [(4, 1, 64), (8, 1, 64), (4, 1, 16), (8, 1, 16)]
     assert configs(op, "bwd_dqk", blocked) == [(4, 1, None), (8, 1, None)]
     assert configs(op, "bwd_dv", whole) == [(4, 1, None), (8, 1, None)]
 
@@ -306,6 +307,6 @@ def test_static_sets_mirasc_beside_fla(env, tmp_path):
     for r in (fwd, bwd):
         assert r["half_share"] == 100 and "bf16" in r["tensor_core"], r
         assert r["loop"] > 64 and r["registers"] > 0 and r["tried"] == "1/4", r
-    # the dq/dk kernel walks the value blocks: its autotuner also times blocks of half of D = 64
+    # the dq/dk kernel walks the value blocks: its autotuner also times blocks of 16 at D = 64
     assert kernels["mirasc", "bwd", "simple_gla_bwd_dqk_kernel"]["tried"] == "1/4"
     assert kernels["mirasc", "bwd", "simple_gla_bwd_dv_kernel"]["tried"] == "1/2"

@@ -397,7 +397,7 @@ def test_dv_blocks_run_apart(case, tmp_path, monkeypatch):
     """SPLIT_V: blocks of 16 value columns run as programs of their own (DV = 37: three, the last
     one masked) in the passes and the output kernels, but for the kernels of the q, k and
     per-head gate gradients, whose programs walk the blocks and sum over them (WHOLE_V lowered,
-    as at D = 128, or as in the halved blocks `launch.WalkedBlocks` offers the autotuner at
+    as at D = 128, or as in the narrow blocks `launch.WalkedBlocks` offers the autotuner at
     D = 64); packed sequences too. The tiles the kernels pass each other start as NaN, so that
     reading one no kernel wrote shows."""
     op, module = _compiled(SPLIT_CASES[case], tmp_path, monkeypatch)
@@ -657,24 +657,24 @@ def test_the_autotuner_times_only_the_configurations_that_spill_least(monkeypatc
     assert inspect.getclosurevars(prune).nonlocals["kernel"] is generated
 
 
-def test_a_kernel_walking_the_value_blocks_is_timed_in_halves_too(monkeypatch):
-    """`launch.WalkedBlocks`: a launch that takes DV in one block (BV = BDV = 64) runs under an
-    autotuner that also holds each warp configuration with half that block, the configuration
-    setting BV in place of the launch; a launch in blocks (BV = 16 of 128), or of 16 columns,
-    runs under the autotuner of the warp configurations alone, its own BV kept, and so do the
-    attributes the autotuner's callers read."""
+def test_a_kernel_walking_the_value_blocks_is_timed_in_narrow_blocks_too(monkeypatch):
+    """`launch.WalkedBlocks`: a launch that takes Dv in one block (BV = BDV = 64) runs under an
+    autotuner that also holds each warp configuration with the kernel's narrow block (16, as
+    past WHOLE_V), the configuration setting BV in place of the launch; a launch in blocks
+    (BV = 16 of 128), or of 16 columns, runs under the autotuner of the warp configurations
+    alone, its own BV kept, and so do the attributes the autotuner's callers read."""
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     generated = load_module(mirasc.compile("specs/simple_gla.yaml").spec).simple_gla_bwd_dqk_kernel
-    walked = launch.tuned(generated, [(4, 1), (8, 1)], walks_v=True)
+    walked = launch.tuned(generated, [(4, 1), (8, 1)], narrow=16)
     calls = []
     monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "run",
                         lambda self, *args, **kwargs: calls.append((self, kwargs)))
     walked[(1,)](DK=64, BV=64, BDV=64)
     walked[(1,)](DK=128, BV=16, BDV=128)
     walked[(1,)](DK=16, BV=16, BDV=16)
-    (halves, first), (whole, second), (alone, third) = calls
-    assert [(c.kwargs, c.num_warps) for c in halves.configs] == \
-        [({"BV": 64}, 4), ({"BV": 64}, 8), ({"BV": 32}, 4), ({"BV": 32}, 8)]
+    (blocked, first), (whole, second), (alone, third) = calls
+    assert [(c.kwargs, c.num_warps) for c in blocked.configs] == \
+        [({"BV": 64}, 4), ({"BV": 64}, 8), ({"BV": 16}, 4), ({"BV": 16}, 8)]
     assert "BV" not in first and second["BV"] == 16 and third["BV"] == 16
     assert whole is alone is walked.whole and [c.kwargs for c in whole.configs] == [{}, {}]
     assert walked.configs is whole.configs and walked.fn is whole.fn
