@@ -17,12 +17,12 @@ CONFIGS = [(4, 1), (8, 1)]
 # The stage kernels and the passes over blocks of value columns: also 2 warps, as fla's state
 # kernels run 1 or 2 (the passes also 8 warps with their loads prefetched a chunk step ahead:
 # 2 stages). Bf16, sm_90, (8, 4096, 16), 2 warps against 4, neither spilling: the forward
-# passes of linear attention and simple GLA ran 0.75-0.85x the warp-instructions at D=64 and
+# passes of linear attention and simple GLA ran 0.74-0.85x the warp-instructions at D=64 and
 # 128, the backward's stage of simple GLA 0.34-0.42x (a per-row tile in its [BT, BT] sums laid
-# out over 4 warps cost 9.5 M instructions to load at D=64); gated DeltaNet's stage and passes
-# spill at 2 warps (the autotuner drops them). Gated DeltaNet at D=128: its passes spill none at
-# 4 warps and run 0.64-0.68x the warp-instructions of 8 (each warp's step is longer: 4 warps
-# took 1.1-1.6x the step's instructions of 8).
+# out over 4 warps cost 9.5 M instructions to load at D=64); gated DeltaNet's stages spill at
+# 2 warps, and its passes at D=128 (the autotuner drops them). Gated DeltaNet at D=128: its
+# passes spill none at 4 warps and run 0.64-0.68x the warp-instructions of 8 (each warp's step
+# is longer: 4 warps took 1.1-1.6x the step's instructions of 8).
 STAGE_CONFIGS = [(2, 1), (4, 1), (8, 1)]
 PASS_CONFIGS = [(2, 1), (4, 1), (8, 1), (8, 2)]
 # The stage and output kernels of a memory that streams hidden blocks: 8 warps. Moneta, Yaad and
