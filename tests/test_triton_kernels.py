@@ -649,8 +649,8 @@ def test_the_autotuner_times_only_the_configurations_that_spill_least(monkeypatc
     assert keep({(4, 1): None, (8, 1): 32, (8, 2): refused}) == [(8, 1)]
     assert keep({(4, 1): None, (8, 1): refused, (8, 2): None}) == [(4, 1), (8, 1), (8, 2)]
     assert launch.least_spilling(None)(configs[:1], {}) == configs[:1]  # nothing to compile
-    monkeypatch.setattr(launch, "interpreting", lambda: False)
     generated = load_module(mirasc.compile("specs/simple_gla.yaml").spec).simple_gla_fwd_kernel
+    monkeypatch.setattr(launch, "interpreting", lambda: False)  # the module loaded untuned
     tuner = launch.tuned(generated, [(4, 1), (8, 1)])
     prune = tuner.early_config_prune
     assert prune.__qualname__ == launch.least_spilling(None).__qualname__
@@ -663,8 +663,8 @@ def test_a_kernel_walking_the_value_blocks_is_timed_in_narrow_blocks_too(monkeyp
     past WHOLE_V), the configuration setting BV in place of the launch; a launch in blocks
     (BV = 16 of 128), or of 16 columns, runs under the autotuner of the warp configurations
     alone, its own BV kept, and so do the attributes the autotuner's callers read."""
-    monkeypatch.setattr(launch, "interpreting", lambda: False)
     generated = load_module(mirasc.compile("specs/simple_gla.yaml").spec).simple_gla_bwd_dqk_kernel
+    monkeypatch.setattr(launch, "interpreting", lambda: False)  # the module loaded untuned
     walked = launch.tuned(generated, [(4, 1), (8, 1)], narrow=16)
     calls = []
     monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "run",
