@@ -217,13 +217,12 @@ class ChunkKernels:
                     DOT=operands(q.dtype),
                     PRECISION="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32")
 
-    def buffers(self, q, v, chunks: int, key: str, acc: torch.dtype) -> list[torch.Tensor]:
-        """The `BUFFERS[key]` tiles [chunks * SEGMENTS, H, rows * cols]: in `acc`, or in the
-        dtype of the matmul operands where every reader takes the tile only as one."""
+    def buffers(self, q, v, chunks: int, key: str) -> list[torch.Tensor]:
+        """The `BUFFERS[key]` tiles [chunks * SEGMENTS, H, rows * cols]: in the accumulators'
+        dtype, or in the matmul operands' where every reader takes the tile only as one."""
         meta = self.meta(q, v, None, "fwd") | {"1": 1}
-        operand = _stored(q.dtype, True)
         return [q.new_empty((chunks * self.m["SEGMENTS"], q.shape[2], meta[rows] * meta[cols]),
-                            dtype=operand if half else acc)
+                            dtype=_stored(q.dtype, half))
                 for _, rows, cols, half in self.m["BUFFERS"].get(key, [])]
 
     def state_dtype(self, q, buffer: str) -> torch.dtype:
@@ -258,10 +257,9 @@ class ChunkKernels:
         """The tiles that a pass's stage computes for every chunk (segment) and head (none when
         the pass reads none); the backward's stage reads the forward's (`saved`)."""
         q, v = inputs[0], inputs[2]
-        acc = _accumulator(q.dtype)
         _, offsets, chunks, seq = layout
-        tiles = self.buffers(q, v, chunks, direction, acc)
-        handover = self.buffers(q, v, chunks, f"{direction}_handover", acc)  # between its kernels
+        tiles = self.buffers(q, v, chunks, direction)
+        handover = self.buffers(q, v, chunks, f"{direction}_handover")  # between its kernels
         for kernel in self.m["STAGES"][direction] if chunks else ():
             self.launch(kernel, (chunks, q.shape[2]), *inputs, *saved, *tiles, *handover, *extra,
                         cu_seqlens, offsets, seq, **self.meta(q, v, cu_seqlens, kernel))
@@ -278,7 +276,7 @@ class ChunkKernels:
         heads, size = q.shape[2], self.state_size(q, v)
         ht = q.new_empty(seqs, heads, size, dtype=acc)
         hs = q.new_empty(chunks * self.m["SEGMENTS"], heads, size, dtype=self.state_dtype(q, "hs"))
-        kept = self.buffers(q, v, chunks, "fwd_pass", acc)
+        kept = self.buffers(q, v, chunks, "fwd_pass")
         blocks = triton.cdiv(v.shape[-1], meta["BV"])
         self.zero_padding_columns(kept, "fwd_pass", v.shape[-1])
         staged += kept
@@ -306,7 +304,7 @@ class ChunkKernels:
                     *staged, do, hs, dht, dhs, dh0, cu_seqlens, offsets, HAS_DHT=dht is not None,
                     **meta)
         metas = {out: self.meta(q, v, cu_seqlens, out) for out in m["OUT_KERNELS"]}
-        handed = self.buffers(q, v, chunks, "bwd_out", acc)  # between the output kernels
+        handed = self.buffers(q, v, chunks, "bwd_out")  # between the output kernels
         self.zero_padding_columns(handed, "bwd_out", v.shape[-1])
         # the programs per chunk and head: per key block, one walking the value blocks, or per
         # value block
@@ -390,8 +388,8 @@ class ChunkKernels:
             seqs, chunks = cu_seqlens.shape[0] - 1, torch.library.get_ctx().new_dynamic_size()
         return [torch.empty_like(v), q.new_empty(seqs, heads, size, dtype=acc),
                 q.new_empty(chunks * self.m["SEGMENTS"], heads, size, dtype=self.state_dtype(q, "hs")),
-                *self.buffers(q, v, chunks, "fwd", acc),
-                *self.buffers(q, v, chunks, "fwd_pass", acc)]
+                *self.buffers(q, v, chunks, "fwd"),
+                *self.buffers(q, v, chunks, "fwd_pass")]
 
     def _fake_backward(self, inputs, hs, saved, do, dht, cu_seqlens):
         q, v = inputs[0], inputs[2]

@@ -575,7 +575,7 @@ def test_operand_tiles_are_stored_in_the_operand_dtype(name, monkeypatch):
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     q = v = torch.zeros(1, 64, 2, 16, dtype=torch.bfloat16)
     for key, tiles in table.items():
-        dtypes = [b.dtype for b in module.kernel.buffers(q, v, 1, key, torch.float32)]
+        dtypes = [b.dtype for b in module.kernel.buffers(q, v, 1, key)]
         assert dtypes == [torch.bfloat16 if half else torch.float32 for *_, half in tiles]
 
 
