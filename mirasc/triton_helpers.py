@@ -149,8 +149,6 @@ def _group_width(rows, cols, budget):
     return max(1, min(16, budget // (rows * cols)))
 
 
-
-
 @triton.jit
 def _group(x3, g, W: tl.constexpr):
     """Rows g W .. g W + W - 1 of each sub-chunk of x3 [NC, 16, D], as [NC, W, D]."""
@@ -262,7 +260,7 @@ def gmix_both(m, x, y, ga, gb, BT: tl.constexpr, OFFSET: tl.constexpr, DOT: tl.c
         cols = g * W + tl.arange(0, W)[None, :]
         paired = (inner[:, None] >= cols + OFFSET)[None, :, :, None]
         decay = exp_flushed(tl.where(paired, ga3[:, :, None, :] - _group(gb3, g, W)[:, None, :, :],
-                              float("-inf")))  # [NC, 16, W, D]
+                                     float("-inf")))  # [NC, 16, W, D]
         m_g = tl.trans(_group(m_diag, g, W), 0, 2, 1)[:, :, :, None] * decay  # [NC, 16, W, D]
         term = m_g * _group(x3, g, W)[:, None, :, :]
         term_t = m_g * y3[:, :, None, :]
