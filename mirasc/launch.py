@@ -132,10 +132,9 @@ def walked_blocks(meta: dict, narrow: int) -> tuple[int, ...]:
 class WalkedBlocks:
     """The autotuner of a kernel whose program walks the value blocks (`V_SUMMED`). A launch
     that takes Dv in one block is also timed in the kernel's narrow blocks (`walked_blocks`):
-    more, shorter steps, each holding fewer value columns (sm_90, bf16, D=64: simple GLA's dq/dk
-    kernel spills 296 B at 4 warps in one block and none in blocks of 16, where it runs 100 M
-    warp-instructions against 149 M at 8 warps in one). Any other launch, and every attribute
-    (configs, fn, warmup), is the autotuner over `configs` alone's."""
+    more, shorter steps, each holding fewer value columns (the figures: `tuning.WHOLE_V`). Any
+    other launch, and every attribute (configs, fn, warmup), is the autotuner over `configs`
+    alone's."""
 
     def __init__(self, kernel, configs, narrow: int):
         self.kernel, self.pairs, self.narrow = kernel, configs, narrow
