@@ -35,6 +35,8 @@ from mirasc.check import random_inputs
 from mirasc.cubin import SHARED_LIMIT, sass
 from mirasc.resources import compiling_for, largest_loop
 
+# launch options that set no block size: configurations differing only in them run alike
+LAUNCH_ONLY = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 COLUMNS = [("impl", "impl", ""), ("pass", "pass", ""), ("kernel", "kernel", ""),
            ("programs", "programs", "d"), ("tried", "configs", ""),
            ("num_warps", "warps", "d"), ("num_stages", "stages", "d"),
@@ -52,12 +54,18 @@ PHASE = [("impl", "impl", ""), ("pass", "pass", ""), ("warp_instr", "warp-instr 
 
 @dataclass
 class Launch:
-    """One recorded launch of a Triton kernel in each configuration its autotuner would time."""
+    """One recorded launch of a Triton kernel in each configuration its autotuner would time,
+    each with its own grid (a configuration that sets a block size sets the programs too)."""
 
     kernel: object               # the JITFunction
     args: tuple
     configs: list[dict]          # the keyword arguments of each configuration's launch
-    grid: tuple[int, ...]
+    grids: list[tuple[int, ...]]  # each configuration's grid
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The grid of the first configuration."""
+        return self.grids[0]
 
 
 def _grid(kernel, args, kwargs, grid) -> tuple[int, ...]:
@@ -85,12 +93,13 @@ def recording(launches: list[Launch]):
     def run(self, *args, grid, warmup, **kwargs):
         if warmup:
             return compile_only(self, *args, grid=grid, warmup=warmup, **kwargs)
+        shape = _grid(self, args, kwargs, grid)
         if tuned:
             tuned[-1].append(kwargs)
             if len(tuned[-1]) > 1:
+                launches[-1].grids.append(shape)
                 return None
-        launches.append(Launch(self, args, tuned[-1] if tuned else [kwargs],
-                               _grid(self, args, kwargs, grid)))
+        launches.append(Launch(self, args, tuned[-1] if tuned else [kwargs], [shape]))
         return None
 
     def tune(self, *args, **kwargs):
@@ -191,12 +200,23 @@ def launch_work(launch: Launch, rows: list[dict]) -> dict:
     configuration of `rows` (`compile_launch`'s, or one of them) that spills least, then runs
     the fewest warp-instructions: the autotuner times only those that spill least
     (`mirasc.launch.least_spilling`), and of those the fewest instructions stand in for its
-    timer. The row comes back with the compile seconds of all."""
-    programs = math.prod(launch.grid)
-    run = run_program(launch.kernel, launch.args, launch.configs[rows[0]["config"]], launch.grid)
+    timer. Each configuration's loops run the trips, and its grid the programs, of its own
+    block sizes: one interpreted program per distinct blocking. The row comes back with the
+    compile seconds of all."""
+    runs = {}
     for row in rows:
-        row["warp_instr"] = per_warp(row["sass"], run) * row["num_warps"] * programs / 1e6
+        config, grid = launch.configs[row["config"]], launch.grids[row["config"]]
+        blocking = (repr(sorted((k, v) for k, v in config.items() if k not in LAUNCH_ONLY
+                                and not isinstance(v, torch.Tensor))), grid)
+        if blocking not in runs:
+            runs[blocking] = run_program(launch.kernel, launch.args, config, grid)
+        row["run"], row["programs"] = runs[blocking], math.prod(grid)
+        row["warp_instr"] = per_warp(row["sass"], row["run"]) * row["num_warps"] * \
+            row["programs"] / 1e6
     best = min(rows, key=lambda r: (r["spill_bytes"], r["warp_instr"]))
+    run, programs = best.pop("run"), best["programs"]
+    for row in rows:
+        row.pop("run", None)
     tensors = [launch.args[key] if isinstance(key, int) else launch.configs[best["config"]][key]
                for key in run.tensors]
     touched = sum(t.numel() * t.element_size() for t in tensors)
@@ -224,7 +244,7 @@ def benchmark(specs: list[str], batch: int, length: int, heads: int, dim: int, c
                         row[total] += work[total]
                     continue
                 row = {"spec": spec, "impl": impl, "pass": name, "launches": 1,
-                       "kernel": launch.kernel.fn.__name__, "programs": math.prod(launch.grid)}
+                       "kernel": launch.kernel.fn.__name__}
                 row |= launch_work(launch, compile_launch(launch, capability, most))
                 seen[key] = row
                 rows.append(row)

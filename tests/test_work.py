@@ -27,6 +27,14 @@ def kernel(x_ptr, w_ptr, y_ptr, N, B: tl.constexpr):
         acc = tl.dot(x, tl.load(w_ptr + tl.arange(0, B)[:, None] * B + tl.arange(0, B)[None, :]), acc)
     tl.store(y_ptr + rows[:, None] * B + tl.arange(0, B)[None, :], acc, mask=rows[:, None] < 40)
 
+@triton.jit
+def blocked(x_ptr, y_ptr, N, BN: tl.constexpr):
+    pid = tl.program_id(0)
+    acc = tl.zeros([BN], tl.float32)
+    for i in range(0, tl.cdiv(N, BN)):
+        acc += tl.load(x_ptr + pid * N + i * BN + tl.arange(0, BN))
+    tl.store(y_ptr + pid * BN + tl.arange(0, BN), acc)
+
 x, w, y = torch.randn(64 * 16 + 64), torch.randn(16 * 16), torch.empty(64 * 16)
 with compiling_for(90), compiled_afresh():
     compiled = kernel.warmup(x, w, y, 3, grid=(1,), B=16, num_warps=4)
@@ -37,12 +45,22 @@ for n in (3, 10):
     out[n] = {"instructions": per_warp(sass, run), "bytes": run.bytes_moved,
               "tensors": sorted(run.tensors), "middle": int(y.view(4, -1)[2].abs().sum() > 0)}
 from benchmarks.static import Launch, compile_launch, launch_work
-launch = Launch(kernel, (x, w, y, 3), [{"B": 16, "num_warps": 4}, {"B": 16, "num_warps": 8}], (4,))
+launch = Launch(kernel, (x, w, y, 3), [{"B": 16, "num_warps": 4}, {"B": 16, "num_warps": 8}],
+                [(4,), (4,)])
 rows = compile_launch(launch, 90, 2)
 out["instr"] = [launch_work(launch, [row])["warp_instr"] for row in rows]
 out["picked"] = launch_work(launch, rows)["num_warps"]
 rows[out["instr"].index(min(out["instr"]))]["spill_bytes"] = 8  # the cheaper one, made to spill
 out["picked_unspilled"] = launch_work(launch, rows)["num_warps"]
+# a configuration of narrower blocks, second in its launch's list, and the same one alone
+narrow, wide = {"BN": 16, "num_warps": 4}, {"BN": 64, "num_warps": 4}
+xb, yb = torch.randn(16 * 256), torch.empty(256)
+both = Launch(blocked, (xb, yb, 256), [wide, narrow], [(4,), (16,)])
+row = compile_launch(both, 90, 2)[1]
+alone = Launch(blocked, (xb, yb, 256), [narrow], [(16,)])
+for name, work in (("second", launch_work(both, [dict(row)])),
+                   ("alone", launch_work(alone, [dict(row, config=0)]))):
+    out[name] = {k: work[k] for k in ("warp_instr", "programs", "moved_mb")}
 print(json.dumps(out))
 """
 
@@ -74,3 +92,6 @@ def test_loops_count_by_their_trips_and_bytes_by_their_lanes(tmp_path):
     cheaper, dearer = sorted(zip(out["instr"], (4, 8), strict=True))
     assert cheaper[0] < dearer[0] and out["picked"] == cheaper[1], out
     assert out["picked_unspilled"] == dearer[1], out
+    # a configuration's blocks set its loops' trips and its grid, wherever it stands in the list
+    assert out["second"] == out["alone"] and out["second"]["programs"] == 16, out
+    assert out["second"]["moved_mb"] * 2**20 == 16 * 256 * 4 + 256 * 4, out
