@@ -147,7 +147,7 @@ def _number(value: float) -> str:
 
 HELPERS = ("atan", "dot_fp32", "exp_flushed", "gdot", "gdot_both", "gmix", "gmix_both",
            "gmix_pair", "gmix_t", "gmix_t_pair", "held_cumsum", "largest_magnitude", "load_rows",
-           "sequence_bounds", "store_sum", "tanh", "tri_inv")
+           "nonfinite_rows", "sequence_bounds", "store_sum", "tanh", "tri_inv")
 # the functions of mirasc.triton_helpers that kernel bodies call
 
 

@@ -90,6 +90,27 @@ def test_a_bad_token_leaves_the_tokens_before_it(compiled, spec, field, value, b
     assert torch.equal(final[0][others], final_clean[0][others])
 
 
+@pytest.mark.parametrize(("field", "value"), [("v", float("nan")), ("k", -float("inf"))])
+@pytest.mark.parametrize("spec", ["gated_delta", "gla"])
+def test_a_bad_half_entry_leaves_the_tokens_before_it(compiled, spec, field, value):
+    """Half inputs, head dims of 20 (tiles of 32 columns): the kernels flag a row by its sum in
+    a tensor-core product (`triton_helpers.nonfinite_rows`), and one bad entry of token t
+    leaves every output before t as the sequence cut before t gives it, and spoils the rest of
+    its head."""
+    op = compiled(spec)
+    inputs = _narrow(random_inputs(op, batch=2, length=LENGTH, heads=2, dk=20, dv=20),
+                     torch.float16)
+    inputs[field][0, CUT, 1, 7] = value
+    with torch.no_grad():
+        o, final = _run(op, "triton", inputs)
+        o_cut, _ = _run(op, "triton", _cut(inputs, CUT))
+    assert torch.isfinite(o_cut).all()
+    assert torch.equal(o[:, :CUT], o_cut)
+    assert not torch.isfinite(o[0, CUT:, 1]).any()
+    assert not torch.isfinite(final[0][0, 1]).any()
+    assert torch.isfinite(o[1]).all() and torch.isfinite(o[0, :, 0]).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cut", [16, 17])
 def test_a_bad_token_spoils_every_later_chunk(compiled, cut, backend):

@@ -76,6 +76,31 @@ def test_largest_magnitude_keeps_nan(whole_nan):
     assert whole.isnan().item() == whole_nan and (whole_nan or whole.item() == float("inf"))
 
 
+@triton.jit
+def _nonfinite_rows_kernel(x_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr):
+    x = tl.load(x_ptr + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :])
+    tl.store(out_ptr + tl.arange(0, R), th.nonfinite_rows(x, x.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("cols", [8, 64])
+def test_nonfinite_rows(dtype, cols):
+    """1 exactly for the rows holding a NaN or an inf, in fp16 (a tensor-core row sum from 16
+    columns) and float32 (each entry's magnitude): rows of the dtype's largest values, of one
+    sign or both, stay finite; a NaN among them, or an inf of either sign, does not."""
+    big = torch.finfo(dtype).max
+    x = torch.randn(16, cols).to(dtype)
+    x[1], x[2, ::2], x[2, 1::2] = big, big, -big
+    x[3], x[3, cols - 1] = big, float("nan")
+    x[5, 0], x[6, 3], x[8, cols // 2], x[9, 1] = float("nan"), float("inf"), -float("inf"), float("nan")
+    x[9, 2] = float("inf")
+    out = torch.empty(16)
+    _nonfinite_rows_kernel[(1,)](x, out, R=16, C=cols)
+    want = (~torch.isfinite(x).all(1)).float()
+    assert torch.equal(out, want), (out, want)
+    assert want.sum() == 5
+
+
 @pytest.mark.parametrize(("kernel", "expected"), [(_tanh_kernel, torch.tanh),
                                                   (_atan_kernel, torch.atan)])
 def test_elementwise_functions_are_exact_in_float64(kernel, expected):

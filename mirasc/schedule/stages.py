@@ -205,9 +205,10 @@ def stage_parts(graph: Graph, targets, saved) -> list[tuple[str, ...]]:
 
 def tile_dtype(graph: Graph, x: str, need) -> str:
     """The dtype a tile loads in: that of the matmul operands (DOT) where the kernel (its nodes
-    `need`) uses it only as one, exact and half the registers at bf16; else ACC."""
+    `need`) uses it only as one, or reads it only for the rows' flags (`nonfinite_rows` takes
+    them so), exact and half the registers at bf16; else ACC."""
     uses = [n for n in graph.g.successors(x) if n in need]
-    return "DOT" if uses and all(graph.node(n)["op"] == "dot" for n in uses) else "ACC"
+    return "DOT" if all(graph.node(n)["op"] == "dot" for n in uses) else "ACC"
 
 
 def _rounds_alike(graph: Graph, n: str, x: str) -> bool:

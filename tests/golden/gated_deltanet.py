@@ -15,7 +15,7 @@ import triton.language as tl
 
 from mirasc.launch import ChunkKernels
 from mirasc.op import MirasOp
-from mirasc.triton_helpers import exp_flushed, largest_magnitude, load_rows, sequence_bounds, tri_inv
+from mirasc.triton_helpers import exp_flushed, largest_magnitude, load_rows, nonfinite_rows, sequence_bounds, tri_inv
 
 SPEC = {'bias': {'kind': 'l2'},
  'chunk_size': 64,
@@ -138,17 +138,17 @@ def gated_deltanet_fwd_stage_kernel(
             valid = valid & tl.where(seg == 0, rows == i_t * CHUNK, rows > i_t * CHUNK)
         tok = bos + rows
         rowmask = tl.where(valid, 1.0, 0.0).to(ACC)[:, None]
-        q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, ACC)
+        q = load_rows(q_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
         k = load_rows(k_ptr, tok * H + i_h, offs_k, valid, mask_k, DK, 0.0, DOT)
-        v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, ACC)
+        v = load_rows(v_ptr, tok * H + i_h, offs_v, valid, mask_v, DV, 1.0, DOT)
         log_alpha = tl.load(log_alpha_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
         eta = tl.load(eta_ptr + tok * H + i_h, mask=valid, other=0.0).to(ACC)[:, None]
-        bad = tl.where((largest_magnitude(k, 1) < float("inf")), 0.0, 1.0)
-        bad += tl.where((largest_magnitude(v, 1) < float("inf")), 0.0, 1.0)
+        bad = nonfinite_rows(k, DOT)
+        bad += nonfinite_rows(v, DOT)
         bad += tl.max(tl.where((log_alpha < float("inf")) & (tl.abs(eta) < float("inf")), 0.0, 1.0), 1)
         first = tl.min(tl.where(valid & (bad > 0), offs_t, BT), 0)
         tainted = tl.where(offs_t >= first, 1.0, 0.0).to(ACC)[:, None]
-        qbad = tl.where((largest_magnitude(q, 1) < float("inf")), 0.0, 1.0).to(ACC)[:, None]
+        qbad = nonfinite_rows(q, DOT).to(ACC)[:, None]
         q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
         k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
         v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
