@@ -45,11 +45,12 @@ BV_MAX = {"fwd": 32, "fwd_out": 128, "bwd": 16, "bwd_out": 32, "bwd_dv": 32, "bw
 # Up to this DV, an output kernel that walks the value blocks (summing its gradients over them)
 # takes DV in one block, and its autotuner also times its BV_MAX blocks, which it takes past
 # that (`launch.WalkedBlocks`). Bf16, sm_90, D=64, (8, 4096, 16) (2026-12-07, `python -m
-# benchmarks static`): in one block the dq/dk kernels of simple GLA and gated DeltaNet spill
-# 296 and 1528 B at 4 warps, and gated DeltaNet's 824 B at 8; in blocks of 16, simple GLA's
-# runs 100 M warp-instructions at 4 warps (149 M at 8 in one block), gated DeltaNet's 201 M
-# at 8 without spilling (256 M), DeltaNet's 101 M at 8 (115 M); linear attention's keeps one
-# block (35 M at 4 warps). Which is faster is the timer's to say.
+# benchmarks static`, each configuration counted with its own blocks' trips): simple GLA's
+# dq/dk kernel spills 296 B at 4 warps in one block, none in blocks of 16 (129 M
+# warp-instructions, against 147 M at 8 warps in one block); gated DeltaNet's spills in every
+# configuration but blocks of 16 at 8 warps (264 M; 504 B spilled at 8 warps in one block, 239
+# M); DeltaNet's and linear attention's run fewest in one block (115 M at 8 warps, 35 M at 4).
+# Which is faster is the timer's to say.
 WHOLE_V = 64
 # The widest block of hidden units per pass where the state streams, at head dims up to 64
 # (halved per doubling beyond, at least 16); 16 for the kernels not named. bf16, D=64, 8 warps:
