@@ -508,8 +508,8 @@ class KernelPrinter:
                                          *self.rows_of(g, rows)))
             else:
                 lines.append(m.load_gate(g, pads[g], *self.rows_of(g, rows)))
+        groups = {}
         if taint:  # one count per shape of tile: the tiles of a shape tested together
-            groups = {}
             for x in pads:
                 if x != "q" and x not in self.previous:
                     groups.setdefault(self.graph.shape(x), []).append(x)
@@ -521,8 +521,10 @@ class KernelPrinter:
             lines.append(m.load_rows("d_o", "do_ptr", "v", "0.0", dtype("d_o")))
         if "nanfill" in need:
             lines.append(m.nan_fill())
-        if kernel.pads_nonfinite:
-            lines += [m.pad_nonfinite(x, pad) for x, pad in pads.items() if x not in rows]
+        if kernel.pads_nonfinite:  # where the kernel flags the rows itself, whole rows
+            flags = {x: "bad[:, None]" for group in groups.values() for x in group} if taint else {}
+            flags |= {"q": "qbad"} if "qbad" in need else {}
+            lines += [m.pad_nonfinite(x, pad, flags.get(x)) for x, pad in pads.items() if x not in rows]
         return lines
 
 

@@ -48,9 +48,9 @@ def nonfinite_rows(x, DOT: tl.constexpr):
     (DOT): the row's sum, each entry scaled by 1/C (a power of two), in one tensor-core product
     of exact float32 terms, which no finite row takes past float32's range (its sum is at most
     the largest half value) and a non-finite entry leaves non-finite (bf16, D=128, sm_90: a fifth
-    of a row's largest magnitude, one max an entry). Wider ones (or under 16 columns): that
-    largest magnitude."""
-    if DOT.primitive_bitwidth > 16 or x.shape[1] < 16:
+    of a row's largest magnitude, one max an entry). Wider ones, or tiles under 16 rows or
+    columns: that largest magnitude."""
+    if DOT.primitive_bitwidth > 16 or x.shape[0] < 16 or x.shape[1] < 16:
         return tl.where(largest_magnitude(x, 1) < float("inf"), 0.0, 1.0)
     scale = tl.full([x.shape[1], 16], 1.0 / x.shape[1], DOT)
     sums = tl.dot(x.to(DOT), scale)  # [R, 16]: every column the row's sum

@@ -149,11 +149,11 @@ def gated_deltanet_fwd_stage_kernel(
         first = tl.min(tl.where(valid & (bad > 0), offs_t, BT), 0)
         tainted = tl.where(offs_t >= first, 1.0, 0.0).to(ACC)[:, None]
         qbad = nonfinite_rows(q, DOT).to(ACC)[:, None]
-        q = tl.where(tl.abs(q) < float("inf"), q, 0.0)
-        k = tl.where(tl.abs(k) < float("inf"), k, 0.0)
-        v = tl.where(tl.abs(v) < float("inf"), v, 1.0)
-        log_alpha = tl.where(log_alpha < float("inf"), log_alpha, 0.0)
-        eta = tl.where(tl.abs(eta) < float("inf"), eta, 0.0)
+        q = tl.where(qbad > 0, 0.0, q)
+        k = tl.where(bad[:, None] > 0, 0.0, k)
+        v = tl.where(bad[:, None] > 0, 1.0, v)
+        log_alpha = tl.where(bad[:, None] > 0, 0.0, log_alpha)
+        eta = tl.where(bad[:, None] > 0, 0.0, eta)
         tl.store(tainted_ptr + srow * BT + offs_t[:, None], tainted)
         tl.store(qbad_ptr + srow * BT + offs_t[:, None], qbad)
         kk = tl.dot(k.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION)  # kk = k k^T
