@@ -50,11 +50,14 @@ def nonfinite_rows(x, DOT: tl.constexpr):
     the largest half value) and a non-finite entry leaves non-finite (bf16, D=128, sm_90: a fifth
     of a row's largest magnitude, one max an entry). Wider ones, or tiles under 16 rows or
     columns: that largest magnitude."""
-    if DOT.primitive_bitwidth > 16 or x.shape[0] < 16 or x.shape[1] < 16:
+    R: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    if DOT.primitive_bitwidth > 16 or R < 16 or C < 16:
         return tl.where(largest_magnitude(x, 1) < float("inf"), 0.0, 1.0)
-    scale = tl.full([x.shape[1], 16], 1.0 / x.shape[1], DOT)
-    sums = tl.dot(x.to(DOT), scale)  # [R, 16]: every column the row's sum
-    return tl.where(largest_magnitude(sums, 1) < float("inf"), 0.0, 1.0)
+    else:
+        scale = tl.full([C, 16], 1.0 / C, DOT)
+        sums = tl.dot(x.to(DOT), scale)  # [R, 16]: every column the row's sum
+        return tl.where(largest_magnitude(sums, 1) < float("inf"), 0.0, 1.0)
 
 
 @triton.jit
