@@ -47,9 +47,9 @@ def nonfinite_rows(x, DOT: tl.constexpr):
     """1.0 for each row of x [R, C] that holds a NaN or an inf, else 0.0, as [R]. Half operands
     (DOT): the row's sum, each entry scaled by 1/C (a power of two), in one tensor-core product
     of exact float32 terms, which no finite row takes past float32's range (its sum is at most
-    the largest half value) and a non-finite entry leaves non-finite (bf16, D=128, sm_90: a fifth
-    of a row's largest magnitude, one max an entry). Wider ones, or tiles under 16 rows or
-    columns: that largest magnitude."""
+    the largest half value) and a non-finite entry leaves non-finite (bf16, D=128, sm_90: a
+    quarter of the instructions of a row's largest magnitude, one max an entry). Wider ones, or
+    tiles under 16 rows or columns: that largest magnitude."""
     R: tl.constexpr = x.shape[0]
     C: tl.constexpr = x.shape[1]
     if DOT.primitive_bitwidth > 16 or R < 16 or C < 16:
