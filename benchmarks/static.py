@@ -203,20 +203,21 @@ def launch_work(launch: Launch, rows: list[dict]) -> dict:
     timer. Each configuration's loops run the trips, and its grid the programs, of its own
     block sizes: one interpreted program per distinct blocking. The row comes back with the
     compile seconds of all."""
+    def blocking(row):
+        config = launch.configs[row["config"]]
+        return repr(sorted((k, v) for k, v in config.items() if k not in LAUNCH_ONLY
+                           and not isinstance(v, torch.Tensor))), launch.grids[row["config"]]
+
     runs = {}
     for row in rows:
-        config, grid = launch.configs[row["config"]], launch.grids[row["config"]]
-        blocking = (repr(sorted((k, v) for k, v in config.items() if k not in LAUNCH_ONLY
-                                and not isinstance(v, torch.Tensor))), grid)
-        if blocking not in runs:
-            runs[blocking] = run_program(launch.kernel, launch.args, config, grid)
-        row["run"], row["programs"] = runs[blocking], math.prod(grid)
-        row["warp_instr"] = per_warp(row["sass"], row["run"]) * row["num_warps"] * \
+        if blocking(row) not in runs:
+            runs[blocking(row)] = run_program(launch.kernel, launch.args,
+                                              launch.configs[row["config"]], blocking(row)[1])
+        row["programs"] = math.prod(blocking(row)[1])
+        row["warp_instr"] = per_warp(row["sass"], runs[blocking(row)]) * row["num_warps"] * \
             row["programs"] / 1e6
     best = min(rows, key=lambda r: (r["spill_bytes"], r["warp_instr"]))
-    run, programs = best.pop("run"), best["programs"]
-    for row in rows:
-        row.pop("run", None)
+    run, programs = runs[blocking(best)], best["programs"]
     tensors = [launch.args[key] if isinstance(key, int) else launch.configs[best["config"]][key]
                for key in run.tensors]
     touched = sum(t.numel() * t.element_size() for t in tensors)

@@ -522,7 +522,7 @@ class KernelPrinter:
         if "nanfill" in need:
             lines.append(m.nan_fill())
         if kernel.pads_nonfinite:  # where the kernel flags the rows itself, whole rows
-            flags = {x: "bad[:, None]" for group in groups.values() for x in group} if taint else {}
+            flags = {x: "bad[:, None]" for group in groups.values() for x in group}
             flags |= {"q": "qbad"} if "qbad" in need else {}
             lines += [m.pad_nonfinite(x, pad, flags.get(x)) for x, pad in pads.items() if x not in rows]
         return lines
