@@ -153,3 +153,30 @@ def test_held_by_inputs_follows_selections_among_inputs_and_half_constants():
     assert not held_by_inputs(gr, ew(gr, lambda x: 2 * x, floor))
     assert not held_by_inputs(gr, ew(gr, lambda x, y: sp.Max(x + y, y), a, b))
     assert not held_by_inputs(gr, gr.cumsum(floor))
+
+
+def test_an_adjoints_pair_sums_along_one_axis_reduce_once():
+    """Gated DeltaNet's gate gradient takes row and column sums of [T, T] tiles from both decay
+    matrices (the output's and the WY system's): each adjoint reduces each axis once, over the
+    sum of its tiles (the values are test_reverse_mode_matches_autograd's)."""
+    step = matrix_chunk_step(derive(_spec(CASES["gated_deltanet (exact WY)"])))
+    graph = step.graph
+    seeds = {step.outputs["o"]: graph.input("d_o", ("T", "DV"))}
+    for state in step.states:
+        seeds[step.outputs[state]] = graph.input(f"d{state}_new", graph.shape(step.outputs[state]))
+    before = set(graph.g)
+    backward(graph, seeds, ("q", "k", "v", *step.states, *step.gates))
+
+    def pair_sum(n):
+        node = graph.node(n)
+        return node["op"] == "sum" and graph.shape(node["inputs"][0]) == ("T", "T")
+
+    merged = 0
+    for n in set(graph.g) - before:
+        sums = [graph.node(i)["axis"] for i in graph.node(n)["inputs"] if pair_sum(i)]
+        assert len(sums) == len(set(sums)), n
+        if pair_sum(n):
+            summed = graph.node(graph.node(n)["inputs"][0])
+            merged += summed["op"] == "ew" and isinstance(summed["expr"], sp.Add) and \
+                all(graph.shape(i) == ("T", "T") for i in summed["inputs"])
+    assert merged == 2  # the gate's row sums, and its transpose's column sums

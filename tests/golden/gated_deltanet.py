@@ -643,10 +643,9 @@ def gated_deltanet_bwd_dqk_kernel(
         dgam_row_from_kk_decay_full = (dkk_decay * kk * tl.where((strict > 0.0),
                 (-1.0 * exp_flushed((gam + (-1.0 * gam_row)))), 0.0))
         deta = (tl.sum((dA * kk_decay), 1, keep_dims=True) * rowmask) + tl.where(i_k == 0, deta_from_rhs, 0.0)
-        dgam_row = (tl.sum(dgam_row_from_kk_decay_full, 0, keep_dims=True) + tl.sum(dgam_row_from_decay_full, 0,
-                keep_dims=True))
-        dgam = (tl.sum((dkk_decay * kk_decay), 1, keep_dims=True) + tl.sum(dgam_from_decay_full, 1, keep_dims=True)
-                + tl.trans(dgam_row) + (dbeta * beta)) + tl.where(i_k == 0, dgam_from_pred, 0.0)
+        dgam_sum = tl.sum(((dkk_decay * kk_decay) + dgam_from_decay_full), 1, keep_dims=True)
+        dgam_row_sum = tl.sum((dgam_row_from_kk_decay_full + dgam_row_from_decay_full), 0, keep_dims=True)
+        dgam = (dgam_sum + tl.trans(dgam_row_sum) + (dbeta * beta)) + tl.where(i_k == 0, dgam_from_pred, 0.0)
         dla_from_gam = tl.reshape(tl.cumsum(tl.reshape(dgam, [BT]), 0, reverse=True), [BT, 1])
         dla = (dla_from_gam_end + dla_from_gam) + tl.where(i_k == 0, tl.sum(dla_from_la_after_full, 1, keep_dims=True),
                 0.0)
