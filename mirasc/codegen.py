@@ -251,6 +251,7 @@ def render_triton_module(spec: Spec) -> str:
                     for k, bs in sched.buffers.items()},
         "CONFIGS": {k: p.configs for k, p in sched.kernels.items()}, "BV_MAX": tuning.BV_MAX,
         "BK_MAX": sched.key_blocks, "BH_MAX": tuning.BH_MAX, "WHOLE_V": tuning.WHOLE_V,
+        "WHOLE_V_PROGRAMS": [k for k in tuning.WHOLE_V_PROGRAMS if k in sched.kernels],
         "OPERAND_STATES": list(sched.operand_states),
     }
     context = ModuleContext(

@@ -196,13 +196,15 @@ class ChunkKernels:
     def meta(self, q, v, cu_seqlens, kernel: str) -> dict:
         """The constexprs of a `kernel` launch: head dims, block sizes within the module's limits
         (a stage takes whole rows of value columns; a stage's key block is its width at head
-        dims up to 64), dtypes and precision."""
+        dims up to 64; up to WHOLE_V, the kernels of V_SUMMED and WHOLE_V_PROGRAMS take the value
+        columns in one block), dtypes and precision."""
         m = self.m
         _, length, heads, dk = q.shape
         dv, dh = v.shape[-1], m["EXPANSION"] * dk
         bv = min(_block(dv), m["BV_MAX"][kernel]) if m["SPLIT_V"] and kernel in m["BV_MAX"] \
             else _block(dv)
-        bv = _block(dv) if kernel in m["V_SUMMED"] and _block(dv) <= m["WHOLE_V"] else bv
+        whole = kernel in m["V_SUMMED"] or kernel in m["WHOLE_V_PROGRAMS"]
+        bv = _block(dv) if whole and _block(dv) <= m["WHOLE_V"] else bv
         widest = max(16, m["BH_MAX"].get(kernel, 16) * 64 // max(64, _block(max(dk, dv))))
         bh = min(_block(dh), widest) if m["STREAM_H"] else _block(dh)
         bk = m["BK_MAX"].get(kernel, _block(dk))

@@ -52,6 +52,14 @@ BV_MAX = {"fwd": 32, "fwd_out": 128, "bwd": 16, "bwd_out": 32, "bwd_dv": 32, "bw
 # M); DeltaNet's and linear attention's run fewest in one block (115 M at 8 warps, 35 M at 4).
 # Which is faster is the timer's to say.
 WHOLE_V = 64
+# The output kernels with a program per block of value columns that take DV in one block up to
+# WHOLE_V: each program computes the chunk's products free of the value columns (q k^T and its
+# decays) for its own block, so in one block once per chunk. Bf16, sm_90, D=64, (8, 4096, 16)
+# (2026-12-07), 4 warps, none spilling: the dv kernels of simple GLA, linear attention, DeltaNet
+# and gated DeltaNet ran 46.0, 33.7, 31.2 and 34.9 M warp-instructions in one block against
+# 71.6, 49.1, 38.9 and 41.0 in blocks of 32 (at D=128 blocks of 64 ran simple GLA's in 1.2x
+# those of 32: see BV_MAX).
+WHOLE_V_PROGRAMS = ("bwd_dv",)
 # The widest block of hidden units per pass where the state streams, at head dims up to 64
 # (halved per doubling beyond, at least 16); 16 for the kernels not named. bf16, D=64, 8 warps:
 # at 64 Moneta's forward pass spilled 144 B (at 32 none); at 32 the forward output kernels of

@@ -499,6 +499,18 @@ def test_a_stage_key_block_is_its_width_at_head_dims_up_to_64(monkeypatch):
                       256: [16, 16, 256]}
 
 
+def test_the_dv_kernel_takes_the_value_columns_whole_up_to_whole_v(monkeypatch):
+    """Simple GLA's dv kernel, a program per block of value columns, takes them in one block up
+    to WHOLE_V (its q k^T and decays computed once per chunk), in BV_MAX's blocks past it, as
+    does its dq/dk kernel (which walks them); its forward pass keeps its narrow blocks."""
+    op, module = _compiled("specs/simple_gla.yaml", None, monkeypatch)
+    blocks = {}
+    for dv in (20, 64, 128):
+        q, v = torch.empty(1, 8, 2, 64), torch.empty(1, 8, 2, dv)
+        blocks[dv] = [module.kernel.meta(q, v, None, k)["BV"] for k in ("bwd_dv", "bwd_dqk", "fwd")]
+    assert blocks == {20: [32, 32, 32], 64: [64, 64, 32], 128: [32, 16, 32]}
+
+
 @pytest.mark.parametrize("spec", ["deltanet", "gated_deltanet"])
 def test_chunks_run_apart_but_the_passes(spec, monkeypatch):
     """Only the passes walk the chunks: the stage kernels (the exact path's (I + A)^-1 reads no

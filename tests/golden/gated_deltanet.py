@@ -89,7 +89,8 @@ OPERAND_STATES = ['hs', 'dhs']
 # tuning (mirasc.tuning): per kernel, the (num_warps, num_stages) its autotuner compiles (it
 # times those that spill least); the widest block of value columns (when SPLIT_V), of key
 # columns (in the kernels that pass over them) and of hidden units (when STREAM_H, at head dims
-# up to 64) per program; up to WHOLE_V, a kernel of V_SUMMED takes DV in one block
+# up to 64) per program; up to WHOLE_V, a kernel of V_SUMMED or WHOLE_V_PROGRAMS takes DV in
+# one block
 CONFIGS = {'fwd_stage': [(2, 1), (4, 1), (8, 1)],
  'fwd': [(2, 1), (4, 1), (8, 1), (8, 2)],
  'fwd_out': [(4, 1), (8, 1)],
@@ -101,6 +102,7 @@ BV_MAX = {'fwd': 32, 'fwd_out': 128, 'bwd': 16, 'bwd_out': 32, 'bwd_dv': 32, 'bw
 BK_MAX = {'bwd_dv': 32, 'bwd_dqk': 64}
 BH_MAX = {'fwd': 32}
 WHOLE_V = 64
+WHOLE_V_PROGRAMS = ['bwd_dv']
 
 
 @triton.jit
