@@ -306,7 +306,7 @@ def _one_sum(graph: Graph, parts: list[str], name: str) -> list[str]:
     one sum of their sum, sum(X) + sum(Y) = sum(X + Y): one reduction (a column sum crosses the
     warps) where there were several. Gated DeltaNet, bf16, D=64, sm_90, (8, 4096, 16): its gate
     gradient's two row and two column sums (from its two decay matrices) as one each cut its
-    dq/dk kernel from 264 to 256 M warp-instructions. Pair tiles only: they live in the kernels
+    dq/dk kernel from 264 to 257 M warp-instructions. Pair tiles only: they live in the kernels
     holding a chunk's pairs, where a sum of tiles [T, DV] may be a stage's (a [1, DV] tile
     through memory, not a [T, DV] one)."""
     groups: dict[int, list[str]] = {}
