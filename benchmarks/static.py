@@ -210,11 +210,12 @@ def launch_work(launch: Launch, rows: list[dict]) -> dict:
 
     runs = {}
     for row in rows:
-        if blocking(row) not in runs:
-            runs[blocking(row)] = run_program(launch.kernel, launch.args,
-                                              launch.configs[row["config"]], blocking(row)[1])
-        row["programs"] = math.prod(blocking(row)[1])
-        row["warp_instr"] = per_warp(row["sass"], runs[blocking(row)]) * row["num_warps"] * \
+        key = blocking(row)
+        grid = key[1]
+        if key not in runs:
+            runs[key] = run_program(launch.kernel, launch.args, launch.configs[row["config"]], grid)
+        row["programs"] = math.prod(grid)
+        row["warp_instr"] = per_warp(row["sass"], runs[key]) * row["num_warps"] * \
             row["programs"] / 1e6
     best = min(rows, key=lambda r: (r["spill_bytes"], r["warp_instr"]))
     run, programs = runs[blocking(best)], best["programs"]
