@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from mirasc.graph import held_by_inputs, plan
 from mirasc.memories import ChunkStep
+from mirasc.memories.step import masked_input
 from mirasc.schedule import KernelPlan, Schedule
 from mirasc.schedule.stages import ACROSS_V, tile_dtype
 
@@ -66,6 +67,7 @@ class KernelPrinter:
         self.tiles = state_tiles(self.step, macros)
         self.buffer_dims = {b.node: b.dims for bs in sched.buffers.values() for b in bs}
         self.constants = {}  # the kernel's key-block shares with a constant term (`begin`)
+        self.masked = {}  # the masked inputs the kernel loads (`begin`)
 
     # ---- expressions ----------------------------------------------------------------------
 
@@ -138,7 +140,7 @@ class KernelPrinter:
                 lines.append(self.m.load_across_v(n))
             elif n in loaded:
                 lines.append(self.m.load_tile(n, self.buffer_at(n)))
-            elif self.graph.node(n)["op"] not in ("input", "const"):
+            elif self.graph.node(n)["op"] not in ("input", "const") and n not in self.masked:
                 value = self.expression(n)
                 if self.inlinable(n, value, scope):
                     self.inlined[n] = value if _atomic(value) else f"({value})"
@@ -218,6 +220,7 @@ class KernelPrinter:
     def begin(self, kernel: KernelPlan) -> None:
         """Start printing `kernel`: where each node is printed, what must keep its name."""
         self.inlined, self.loaded = {}, set(kernel.loads)
+        self.masked = self.masked_loads(kernel)
         walk = kernel.walk
         shares = walk.shares if walk else None
         self.constants = shares.constants if shares else {}
@@ -339,8 +342,17 @@ class KernelPrinter:
         cotangent, value-channel gates and per-head parameters."""
         if kernel.walk is None:
             return []
-        candidates = ("v", "d_o", *self.step.gates, *self.step.params)
+        candidates = ("v", *self.masked_loads(kernel), "d_o", *self.step.gates, *self.step.params)
         return [x for x in candidates if x in kernel.needs and "DV" in self.graph.shape(x)]
+
+    def masked_loads(self, kernel: KernelPlan) -> dict[str, str]:
+        """The tiles of an input under its masks (`masked_input`) that the kernel loads, padded
+        with 0, rather than computes, each with its input: where the input loads raw (a kernel
+        that pads no non-finite entry) or under the rows a stage flagged, not by key blocks."""
+        rows = self.row_masks(kernel)
+        found = {n: masked_input(self.graph, n) for n in self.graph.order() if n in kernel.needs}
+        return {n: x for n, x in found.items() if x is not None and x not in kernel.block_loads
+                and (x in rows or not kernel.pads_nonfinite)}
 
     def walk_body(self, kernel: KernelPlan) -> list[str]:
         """A program per key block walking the value blocks (`ValueWalk`): the value-free tiles
@@ -367,6 +379,10 @@ class KernelPrinter:
         for x in self.value_inputs(kernel):
             if x in self.step.params:
                 inner.append(m.load_param(x))
+                continue
+            if x in self.masked:
+                inner.append(m.load_rows(x, f"{self.masked[x]}_ptr", "v", "0.0", tile_dtype(
+                    graph, x, kernel.needs), *self.rows_of(self.masked[x], rows)))
                 continue
             pad = PADS.get(x, "0.0")
             inner.append(m.load_rows(x, "do_ptr" if x == "d_o" else f"{x}_ptr", "v", pad,
@@ -495,6 +511,8 @@ class KernelPrinter:
                 pads[x] = PADS.get(x, "0.0")
                 lines.append(m.load_rows(x, f"{x}_ptr", columns(x), pads[x], dtype(x),
                                          rows.get(x, "valid")))
+        lines += [m.load_rows(n, f"{x}_ptr", columns(x), "0.0", dtype(n), rows.get(x, "valid"))
+                  for n, x in self.masked_loads(kernel).items() if n in need]
         lines += [m.load_param(p) for p in self.step.params if p in need]
         for g in self.step.gates:
             if g not in need and (not taint or g in self.previous):

@@ -4,6 +4,8 @@ builds."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import sympy as sp
 import torch
@@ -14,6 +16,7 @@ from mirasc.derive import derive
 from mirasc.graph import Graph, PairDecays, backward, decayed_pairs, evaluate, ew, held_by_inputs
 from mirasc.memories import step_adjoint
 from mirasc.memories.matrix import matrix_chunk_step
+from mirasc.memories.step import fold_masked_operands, masked_input
 from mirasc.spec import parse_spec
 
 CASES = {
@@ -178,3 +181,30 @@ def test_an_adjoints_pair_sums_along_one_axis_reduce_once():
             merged += summed["op"] == "ew" and isinstance(summed["expr"], sp.Add) and \
                 all(graph.shape(i) == ("T", "T") for i in summed["inputs"])
     assert merged == 2  # the gate's row sums, and its transpose's column sums
+
+
+def test_a_products_masked_input_operand_keeps_what_the_step_computes():
+    """Linear attention's u = eta * (-v), eta = 1, feeds the products u^T k and attn u: after
+    `fold_masked_operands` both read v under its masks and -1 moves into their readers (W -
+    u^T k = W + v_masked^T k), and the step's outputs are what they were, with a padded row
+    and a padded value column (graph.evaluate, float64)."""
+    step = matrix_chunk_step(derive(load_spec("specs/linear_attention.yaml")))
+    unfolded = copy.deepcopy(step)
+    graph = fold_masked_operands(step).graph
+    masked = [n for n in graph.g if masked_input(graph, n) == "v"]
+    assert len(masked) == 1
+    assert sorted(graph.node(c)["op"] for c in graph.g.successors(masked[0])) == ["dot", "dot"]
+    t, dk, dv = 6, 5, 4
+    sizes = {"T": t, "DK": dk, "DV": dv}
+    gen = torch.Generator().manual_seed(1)
+    values = {n: torch.randn(*[sizes.get(s, 1) for s in graph.shape(n)], generator=gen,
+                             dtype=torch.float64)
+              for n in graph.g if graph.node(n)["op"] == "input"}
+    ones = torch.ones(t, t, dtype=torch.float64)
+    rowmask, vmask = torch.ones(t, 1, dtype=torch.float64), torch.ones(1, dv, dtype=torch.float64)
+    rowmask[-1], vmask[0, -1] = 0, 0
+    values |= {"rowmask": rowmask, "vmask": vmask, "causal": ones.tril(), "strict": ones.tril(-1)}
+    for before, after in zip(unfolded.outputs.values(), step.outputs.values(), strict=True):
+        want = evaluate(unfolded.graph, values, sizes)[before]
+        got = evaluate(graph, values, sizes)[after]
+        assert torch.allclose(got, want, rtol=1e-13, atol=1e-14), after

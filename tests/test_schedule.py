@@ -4,6 +4,7 @@ computes, loads and stores, and how a step passes over blocks of a dim."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import sympy as sp
@@ -11,6 +12,7 @@ import torch
 
 from mirasc import tuning
 from mirasc.catalog import resolve
+from mirasc.codegen import render_triton_module
 from mirasc.derive import derive
 from mirasc.graph import evaluate, plan
 from mirasc.memories import chunk_step, step_adjoint
@@ -302,8 +304,9 @@ def test_flags_are_computed_once(name):
 @pytest.mark.parametrize("name", ["linear_attention", "simple_gla", "gated_deltanet", "titans"])
 def test_output_kernels_compute_the_elementwise_stage_tiles(name):
     """A stage tile of rows by columns made elementwise of inputs and the stage's per-row tiles
-    (u = -v, the masked output cotangent) is loaded by the sequential passes and the forward's
-    output kernel and computed by the backward's output kernels, from per-row tiles they load;
+    (simple GLA's u exp(gamma_end - gamma), the masked output cotangent) is loaded by the
+    sequential passes and the forward's output kernel and computed by the backward's output
+    kernels, from per-row tiles they load;
     a stage tile made through a product or a reduction is loaded by every kernel that reads
     it."""
     sched = _schedule(name)
@@ -402,3 +405,18 @@ def test_warps_are_left_to_the_spill_pruning_autotuner(name):
                 kernel.name
         else:
             assert kernel.configs == ([(8, 1)] if streamed else [(4, 1), (8, 1)]), kernel.name
+
+
+def test_kernels_load_the_values_under_their_masks():
+    """Linear attention's u = eta * (-v), eta = 1: its products read v under its masks
+    (`memories.step.fold_masked_operands`), a tile no stage stores (u was the forward stage's
+    one [T, DV] buffer) and every kernel reading it loads, padded with 0, in the operands'
+    dtype, rather than computes."""
+    sched = _schedule("linear_attention")
+    graph = sched.step.graph
+    assert not [n for n in sched.staged["fwd"] if graph.shape(n) == ("T", "DV")]
+    text = render_triton_module(resolve("linear_attention"))
+    loads = re.findall(r"v_masked = load_rows\(v_ptr, .*\)", text)
+    assert len(loads) == 3  # the forward pass, its output kernel, the dq/dk kernel's walk
+    assert all(line.endswith(", 0.0, DOT)") for line in loads)
+    assert "v_masked = (" not in text and "v_masked_ptr" not in text

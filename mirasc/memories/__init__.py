@@ -9,7 +9,7 @@ from mirasc.derive import Derivation
 from mirasc.graph import backward
 from mirasc.memories.matrix import matrix_chunk_step
 from mirasc.memories.mlp import mlp_chunk_step
-from mirasc.memories.step import ChunkStep, kept_when_empty
+from mirasc.memories.step import ChunkStep, fold_masked_operands, kept_when_empty
 from mirasc.memories.taints import poisoned
 from mirasc.memories.vector import vector_chunk_step
 from mirasc.memories.window import PREVIOUS
@@ -22,6 +22,7 @@ def chunk_step(d: Derivation) -> ChunkStep:
     builders = {"matrix": matrix_chunk_step, "vector": vector_chunk_step, "mlp": mlp_chunk_step}
     step = builders[d.spec.memory.kind](d)
     step = poisoned(kept_when_empty(step) if d.spec.lag_token else step)
+    step = fold_masked_operands(step)
     return replace(step, previous=tuple(f"{n}_prev" for n in PREVIOUS if f"{n}_prev" in step.graph.g))
 
 

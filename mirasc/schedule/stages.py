@@ -9,6 +9,7 @@ from __future__ import annotations
 import sympy as sp
 
 from mirasc.graph import Graph, plan
+from mirasc.memories.step import masked_input
 from mirasc.schedule.streams import stream
 
 STAGED_CONSTS = ("tainted", "qbad")  # consts that read every input: a stage computes them once
@@ -21,25 +22,27 @@ ACROSS_V = ("nonfinite",)
 
 def stageable(graph: Graph, n: str) -> bool:
     """Whether a state-free node can be a stage kernel's output: a tile of the chunk's rows (or
-    one row, or one column of key or value entries), not a loaded input and not a state-shaped
-    tile, which the pass computes itself rather than move one per chunk through memory."""
+    one row, or one column of key or value entries), not a loaded input (nor one under its
+    masks, `masked_input`) and not a state-shaped tile, which the pass computes itself rather
+    than move one per chunk through memory."""
     node = graph.node(n)
     rows, cols = node["shape"]
     computed = node["op"] not in ("input", "const", "broadcast", "trans") or \
         node.get("kind") in STAGED_CONSTS
-    return computed and (rows in ("T", 1) or cols == 1) and "DH" not in (rows, cols)
+    return computed and (rows in ("T", 1) or cols == 1) and "DH" not in (rows, cols) and \
+        masked_input(graph, n) is None
 
 
 def recomputed(graph: Graph, n: str) -> bool:
     """Whether the backward's output kernels compute a stage tile rather than load it: an
     elementwise tile of the chunk's rows by columns made of inputs and per-row or per-column
-    tiles alone (linear attention's u = -v, simple GLA's u exp(gamma_end - gamma), the masked
-    output cotangent). Simple GLA, sm_90, bf16, D=128: its dq/dk kernel, loading two float32
-    [T, BV] tiles per value block, ran 501 M warp-instructions at 8 warps (at 4 it spilled);
-    computing them, 330 M at 4 warps without spilling. The passes load it (computed, a tile
-    taken transposed into a product goes through shared memory: linear attention's backward
-    pass, D=64, 14.9 -> 32.9 M), and so does the forward's output kernel (linear attention's,
-    D=128, ran 11 M more computing u than loading it)."""
+    tiles alone (simple GLA's u exp(gamma_end - gamma), the masked output cotangent). Simple
+    GLA, sm_90, bf16, D=128: its dq/dk kernel, loading two float32 [T, BV] tiles per value
+    block, ran 501 M warp-instructions at 8 warps (at 4 it spilled); computing them, 330 M at 4
+    warps without spilling. The passes load it (computed, a tile taken transposed into a
+    product goes through shared memory: linear attention's backward pass, D=64, 14.9 -> 32.9 M,
+    computing u = -v before `fold_masked_operands`), and so does the forward's output kernel
+    (linear attention's, D=128, ran 11 M more computing u than loading it)."""
     node = graph.node(n)
     if node["op"] != "ew" or graph.shape(n)[0] != "T" or graph.shape(n)[1] == 1:
         return False
