@@ -68,6 +68,7 @@ class KernelPrinter:
         self.buffer_dims = {b.node: b.dims for bs in sched.buffers.values() for b in bs}
         self.constants = {}  # the kernel's key-block shares with a constant term (`begin`)
         self.masked = {}  # the masked inputs the kernel loads (`begin`)
+        self.stores = set()  # the tiles the kernel stores (`begin`)
 
     # ---- expressions ----------------------------------------------------------------------
 
@@ -99,8 +100,9 @@ class KernelPrinter:
             return m.reduce(op, x[0], node["axis"])
         if op == "trans":
             return m.trans(x[0])
-        if op == "tri_inv":
-            return m.tri_inv(x[0])
+        if op == "tri_inv":  # its buffer holds the tile for its rows, where the kernel stores it
+            (rows, _), (cols, _) = (BUFFER_BLOCKS[d] for d in graph.shape(n))
+            return m.tri_inv(x[0], m.buffer_base(n, rows, cols) if n in self.stores else "None")
         if op == "nonfinite":
             return m.nonfinite_flag(x[0])
         return m.broadcast(x[0], [BLOCKS[s] for s in node["shape"]])
@@ -219,7 +221,7 @@ class KernelPrinter:
 
     def begin(self, kernel: KernelPlan) -> None:
         """Start printing `kernel`: where each node is printed, what must keep its name."""
-        self.inlined, self.loaded = {}, set(kernel.loads)
+        self.inlined, self.loaded, self.stores = {}, set(kernel.loads), set(kernel.stores)
         self.masked = self.masked_loads(kernel)
         walk = kernel.walk
         shares = walk.shares if walk else None

@@ -139,10 +139,12 @@ def test_split_half_products_keep_float32_precision():
 
 
 @triton.jit
-def _invert_kernel(a_ptr, x_ptr, BT: tl.constexpr, PRECISION: tl.constexpr, HALF: tl.constexpr):
+def _invert_kernel(a_ptr, x_ptr, scratch_ptr, BT: tl.constexpr, PRECISION: tl.constexpr,
+                   HALF: tl.constexpr, SCRATCH: tl.constexpr):
     offs = tl.arange(0, BT)
     tile = offs[:, None] * BT + offs[None, :]
-    tl.store(x_ptr + tile, th.tri_inv(tl.load(a_ptr + tile), BT, PRECISION, HALF))
+    x = th.tri_inv(tl.load(a_ptr + tile), scratch_ptr if SCRATCH else None, BT, PRECISION, HALF)
+    tl.store(x_ptr + tile, x)
 
 
 @triton.jit
@@ -173,18 +175,22 @@ def test_prefix_sums_of_held_tiles(dtype, dot, reverse):
     assert relative_error(out, want) < bound
 
 
+@pytest.mark.parametrize("scratch", [None, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows", [16, 32, 128])
-def test_blocked_triangular_inverse(rows):
+def test_blocked_triangular_inverse(rows, scratch):
     """(I + A)^-1 (16-row blocks by substitution, merged by products) equals a triangular solve,
     for one block, one merge and three; A with entries of either sign. In float64 exactly; in
-    float32 with the merges of half inputs (split fp16 products) to 1e-5."""
+    float32 with the merges of half inputs (split fp16 products) to 1e-5. The substitution takes
+    the rows of A from registers, or loads them from a scratch buffer of BT * BT entries (a half
+    one holds A's float32 diagonal blocks from BT = 32 on; at 16 the rows stay in registers)."""
     a = (torch.randn(rows, rows, dtype=torch.float64) * 0.4).tril(-1)
     eye = torch.eye(rows, dtype=a.dtype)
     expected = torch.linalg.solve_triangular(eye + a, eye, upper=False, unitriangular=True)
     for dtype, precision, half, tolerance in ((torch.float64, "ieee", tl.float64, 1e-13),
                                               (torch.float32, "tf32", tl.float16, 1e-5)):
         x = torch.full_like(a, float("nan"), dtype=dtype)
-        _invert_kernel[(1,)](a.to(dtype), x, rows, precision, half)
+        space = torch.full_like(a, float("nan"), dtype=scratch or dtype)
+        _invert_kernel[(1,)](a.to(dtype), x, space, rows, precision, half, scratch is not None)
         assert relative_error(x, expected) < tolerance, dtype
 
 

@@ -173,7 +173,7 @@ def gated_deltanet_fwd_stage_kernel(
         # tail_i = exp(sum_(s>i) la_s) on real rows
         tail = (rowmask * exp_flushed(tl.trans(tl.sum((strict * la), 0, keep_dims=True))))
         tl.store(tail_ptr + srow * BT + offs_t[:, None], tail)
-        A_inv = tri_inv(A, BT, PRECISION, DOT)  # A_inv = (I + A)^-1
+        A_inv = tri_inv(A, A_inv_ptr + srow * (BT * BT), BT, PRECISION, DOT)  # A_inv = (I + A)^-1
         tl.store(A_inv_ptr + srow * (BT * BT) + offs_t[:, None] * BT + offs_t[None, :], A_inv)
 
 
