@@ -101,8 +101,7 @@ class KernelPrinter:
         if op == "trans":
             return m.trans(x[0])
         if op == "tri_inv":  # its buffer holds the tile for its rows, where the kernel stores it
-            (rows, _), (cols, _) = (BUFFER_BLOCKS[d] for d in graph.shape(n))
-            return m.tri_inv(x[0], m.buffer_base(n, rows, cols) if n in self.stores else "None")
+            return m.tri_inv(x[0], self.buffer_at(n, base=True) if n in self.stores else "None")
         if op == "nonfinite":
             return m.nonfinite_flag(x[0])
         return m.broadcast(x[0], [BLOCKS[s] for s in node["shape"]])
@@ -111,10 +110,10 @@ class KernelPrinter:
         """How a statement reads node n: its name, or its expression where it is inlined."""
         return self.inlined.get(n, n)
 
-    def buffer_at(self, n: str) -> str:
-        """The address of node n's tile in its buffer at this step."""
+    def buffer_at(self, n: str, base: bool = False) -> str:
+        """The address of node n's tile in its buffer at this step (`base`: of its first entry)."""
         (rows, r), (cols, c) = (BUFFER_BLOCKS[x] for x in self.buffer_dims.get(n, self.graph.shape(n)))
-        return self.m.buffer_at(n, rows, cols, r, c)
+        return self.m.buffer_base(n, rows, cols) if base else self.m.buffer_at(n, rows, cols, r, c)
 
     # ---- statements -----------------------------------------------------------------------
 

@@ -69,7 +69,12 @@ def masked_input(gr: Graph, n: str) -> str | None:
     x = next((i for i in node["inputs"] if i in ("q", "k", "v")), None)
     if x is None or gr.shape(n) != gr.shape(x):
         return None
-    return x if set(node["inputs"]) == {x, "rowmask", MASKS[gr.shape(x)[1]]} else None
+    return x if set(node["inputs"]) == _with_masks(gr, x) else None
+
+
+def _with_masks(gr: Graph, x: str) -> set[str]:
+    """Input x and the masks of its rows and its columns."""
+    return {x, "rowmask", MASKS[gr.shape(x)[1]]}
 
 
 def _expanded(gr: Graph, n: str, depth: int = 4) -> sp.Expr:
@@ -86,10 +91,10 @@ def _scaled_input(gr: Graph, n: str) -> tuple[sp.Number, str] | None:
     """(c, x) when node n computes c * x * rowmask * colmask through elementwise nodes, c a
     number and x the input q, k or v; else None."""
     c, rest = _expanded(gr, n).as_coeff_Mul()
-    names = sorted(str(s) for s in rest.args) if isinstance(rest, sp.Mul) else []
+    names = {str(s) for s in rest.free_symbols}
     x = next((x for x in ("q", "k", "v") if x in names), None)
     if x is None or gr.shape(n) != gr.shape(x) or rest != sp.Mul(*rest.free_symbols) or \
-            set(names) != {x, "rowmask", MASKS[gr.shape(x)[1]]}:
+            names != _with_masks(gr, x):
         return None
     return (sp.Integer(int(c)) if float(c).is_integer() else c), x
 
