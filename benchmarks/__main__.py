@@ -1,5 +1,5 @@
-"""`python -m benchmarks {cpu,decode,gpu,compile,resources,static,startup}` from the repository root;
-see --help."""
+"""`python -m benchmarks {cpu,decode,gpu,compile,inverse,resources,static,startup}` from the
+repository root; see --help."""
 
 from __future__ import annotations
 
@@ -152,6 +152,22 @@ def compile_(specs: Specs = None,
     env = environment("cpu")
     typer.echo("\n" + bench.report(rows, repeats, env))
     write_outputs(out, "compile", rows, {"environment": env, "repeats": repeats})
+
+
+@app.command()
+def inverse(tiles: Annotated[int, typer.Option(help="Tiles per case.")] = 64,
+            rows: Annotated[int, typer.Option(help="Rows of a tile (the chunk).")] = 64,
+            dim: Annotated[int, typer.Option(help="Dk.")] = 64,
+            out: Out = None):
+    """The triangular inverse's error by the precision of its merges' products (float32, bf16
+    splits, tf32, fp16 splits), modelled on the CPU, before and after it is stored."""
+    from benchmarks import inverse as bench
+    from benchmarks.common import environment, write_outputs
+
+    rows_ = bench.benchmark(tiles, rows, dim)
+    typer.echo(bench.report(rows_, tiles, rows, dim))
+    write_outputs(out, "inverse", rows_, {"environment": environment("cpu"), "tiles": tiles,
+                                          "rows": rows, "dim": dim})
 
 
 @app.command()

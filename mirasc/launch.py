@@ -33,9 +33,8 @@ def operands(dtype: torch.dtype):
     accumulation), else the tiles' own (float32 or float64 dots, exact: input_precision "ieee").
     Triton 3.9's interpreter computes bf16 dots wrongly, so there bf16 inputs take float32
     operands (fp16 runs the half-precision path). The float32 dots left (the merges of the
-    triangular inverse) are exact for float inputs; for half inputs `dot_fp32` splits their
-    operands in two halves, so that every tensor-core instruction takes half operands (bfloat16
-    halves keep 16 significant bits, fp16 ones 21 but overflow beyond 65504)."""
+    triangular inverse) are exact for float inputs; for half inputs `dot_fp32` makes them tf32
+    products (bf16) or splits their operands in two fp16 halves (about 21 bits)."""
     if dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreting()):
         return tl.float16 if dtype == torch.float16 else tl.bfloat16
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -363,11 +363,15 @@ def _mix_later(m, x, ga, gb, g_first, BT: tl.constexpr, OFFSET: tl.constexpr, DO
 
 @triton.jit
 def dot_fp32(a, b, PRECISION: tl.constexpr, HALF: tl.constexpr):
-    """a @ b of float32 tiles: at PRECISION when that is exact or HALF is no half type, else as
-    three tensor-core products in HALF of the splits a = a1 + a2, b = b1 + b2 (a1 = a rounded to
-    HALF): a1 b1 + a1 b2 + a2 b1, about 16 significant bits with bfloat16 halves (tf32: 10)."""
+    """a @ b of float32 tiles (the triangular inverse's merges), by the inputs' dtype HALF: exact
+    at PRECISION "ieee" or for float inputs. For bfloat16 inputs one tf32 product: the tensor
+    core reads 10 of each operand's 23 mantissa bits, and the inverse is stored in bf16, which
+    keeps 7. For float16 inputs, stored with 10 bits, three fp16 products of the splits
+    a = a1 + a2, b = b1 + b2 (a1 = a rounded to HALF): a1 b1 + a1 b2 + a2 b1, about 21 bits."""
     if PRECISION == "ieee" or HALF == tl.float32:  # noqa: SIM300 - HALF is the argument
         return tl.dot(a, b, input_precision=PRECISION)
+    if HALF == tl.bfloat16:  # noqa: SIM300 - HALF is the argument
+        return tl.dot(a, b, input_precision="tf32")
     a1 = a.to(HALF)
     b1 = b.to(HALF)
     a2 = (a - a1.to(a.dtype)).to(HALF)
@@ -384,7 +388,8 @@ def tri_inv(a, scratch, BT: tl.constexpr, PRECISION: tl.constexpr, HALF: tl.cons
     `scratch` (or None): BT * BT entries the program may overwrite (the inverse's buffer), where
     the diagonal blocks are stored in a's dtype, if they fit, so that each step loads its rows;
     taking them out of the registers is a reduction across the threads (gated DeltaNet's stage
-    kernel, bf16, D=64, sm_90, 4 warps: 135.5 M warp-instructions that way, 124.7 M loading)."""
+    kernel, bf16, D=64, sm_90, 4 warps, split merges: 135.5 M warp-instructions that way, 124.7 M
+    loading)."""
     NB: tl.constexpr = BT // 16
     offs = tl.arange(0, BT)
     row = tl.arange(0, 16)[None, :, None]

@@ -90,6 +90,26 @@ for name, (_, args, kwargs) in launches(op, 16, 16, torch.bfloat16, torch.float3
 """
 
 
+MERGES = """
+import json, re, torch, triton, triton.language as tl
+from mirasc.resources import compiling_for
+from mirasc.triton_helpers import dot_fp32
+
+@triton.jit
+def merge(a_ptr, b_ptr, out_ptr, HALF: tl.constexpr):
+    offs = tl.arange(0, 32)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    tl.store(out_ptr + offs, dot_fp32(tl.load(a_ptr + offs), tl.load(b_ptr + offs), "tf32", HALF))
+
+a, b, out = (torch.empty(32, 32) for _ in range(3))
+kinds = {}
+for name, half in (("bf16", tl.bfloat16), ("fp16", tl.float16)):
+    with compiling_for(90):
+        ptx = merge.warmup(a, b, out, HALF=half, grid=(1,), num_warps=4).asm["ptx"]
+    mma = r"mma\\.sync\\.aligned\\.\\w+\\.row\\.col\\.f32\\.(\\w+)\\."
+    kinds[name] = sorted(set(re.findall(mma, ptx)))
+print(json.dumps(kinds))
+"""
+
 @pytest.fixture
 def env(tmp_path) -> dict:
     """The environment of a child: compiler on, caches of its own."""
@@ -195,6 +215,18 @@ def test_pipelined_passes_never_prefetch_across_a_chunk_step(env):
         assert any("ttg.async_copy_global_to_local" in op for op in body), kernel
         assert "!ttg.async.token" not in header, (kernel, header)
         assert re.match(r"(ttg|gpu)\.barrier", body[-1]), (kernel, body[-3:])  # Triton 3.9, 3.6
+
+
+def test_inverse_merges_take_tf32_for_bf16_and_split_halves_for_fp16(env, tmp_path):
+    """dot_fp32 compiled for sm_90: with bf16 inputs a merge of the triangular inverse is one tf32
+    product (the inverse is stored in bf16); with fp16 inputs it stays three fp16 products of
+    split operands, since fp16 keeps as many mantissa bits as tf32 reads."""
+    child = tmp_path / "merges.py"  # Triton reads a kernel's source from its file
+    child.write_text(MERGES)
+    done = subprocess.run([sys.executable, str(child)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == {"bf16": ["tf32"], "fp16": ["f16"]}
 
 
 def test_precompiled_kernels_are_the_autotuners(env, tmp_path):

@@ -138,6 +138,25 @@ def test_split_half_products_keep_float32_precision():
     assert errors[tl.float32] < 1e-6, errors
 
 
+
+def test_merge_precision_by_input_dtype():
+    """Why dot_fp32 takes tf32 for bf16 inputs and split fp16 products for fp16 ones, on the
+    torch model of tri_inv's arithmetic (`benchmarks inverse`): with tf32 merges the inverse
+    stored in bf16 errs at most 2x as much as with exact ones, even for ill-conditioned I + A;
+    stored in fp16 tf32 merges would err 2.7x to 10x more than split ones. The model itself, with
+    float32 merges, is the inverse to float32 precision."""
+    from benchmarks import inverse as model
+
+    rows = model.benchmark(n=8, bt=64, d=32)
+    err = {(r["case"], r["merge"], r["stored"]): r for r in rows}
+    for case in model.CASES:
+        assert err[case.name, "float32", "bfloat16"]["error"] < 1e-6
+        exact = err[case.name, "float32", "bfloat16"]["stored_error"]
+        assert err[case.name, "tf32", "bfloat16"]["stored_error"] < 2 * exact
+        split = err[case.name, "split fp16", "float16"]["stored_error"]
+        assert err[case.name, "tf32", "float16"]["stored_error"] > 2 * split
+
+
 @triton.jit
 def _invert_kernel(a_ptr, x_ptr, scratch_ptr, BT: tl.constexpr, PRECISION: tl.constexpr,
                    HALF: tl.constexpr, SCRATCH: tl.constexpr):
