@@ -110,6 +110,7 @@ for name, half in (("bf16", tl.bfloat16), ("fp16", tl.float16)):
 print(json.dumps(kinds))
 """
 
+
 @pytest.fixture
 def env(tmp_path) -> dict:
     """The environment of a child: compiler on, caches of its own."""

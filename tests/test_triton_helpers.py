@@ -124,7 +124,7 @@ def _product_kernel(a_ptr, b_ptr, out_ptr, N: tl.constexpr, PRECISION: tl.conste
 
 
 def test_split_half_products_keep_float32_precision():
-    """The merges of the triangular inverse for half inputs: three products of the operands'
+    """The merges of the triangular inverse for fp16 inputs: three products of the operands'
     two-half splits, near float32 (a single fp16 product of the rounded operands errs ~3e-4)."""
     a, b = (torch.randn(32, 32, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
     exact = a.double() @ b.double()
@@ -136,7 +136,6 @@ def test_split_half_products_keep_float32_precision():
     rounded = a.half().double() @ b.half().double()
     assert errors[tl.float16] < 1e-5 < relative_error(rounded, exact), errors
     assert errors[tl.float32] < 1e-6, errors
-
 
 
 def test_merge_precision_by_input_dtype():
