@@ -368,10 +368,8 @@ def dot_fp32(a, b, PRECISION: tl.constexpr, HALF: tl.constexpr):
     core reads 10 of each operand's 23 mantissa bits, and the inverse is stored in bf16, which
     keeps 7. For float16 inputs, stored with 10 bits, three fp16 products of the splits
     a = a1 + a2, b = b1 + b2 (a1 = a rounded to HALF): a1 b1 + a1 b2 + a2 b1, about 21 bits."""
-    if PRECISION == "ieee" or HALF == tl.float32:  # noqa: SIM300 - HALF is the argument
-        return tl.dot(a, b, input_precision=PRECISION)
-    if HALF == tl.bfloat16:  # noqa: SIM300 - HALF is the argument
-        return tl.dot(a, b, input_precision="tf32")
+    if PRECISION == "ieee" or HALF != tl.float16:  # noqa: SIM300 - HALF is the argument
+        return tl.dot(a, b, input_precision=PRECISION)  # exact, or tf32 for half inputs
     a1 = a.to(HALF)
     b1 = b.to(HALF)
     a2 = (a - a1.to(a.dtype)).to(HALF)
