@@ -335,6 +335,20 @@ def _reduce_to(graph: Graph, grad: str, shape: tuple, name: str) -> str:
     return grad
 
 
+def symmetric(graph: Graph, n: str) -> bool:
+    """Whether node n is a symmetric matrix by construction: a Gram matrix x x^T (x^T x), a
+    product of a symmetric matrix with itself, or an elementwise function of symmetric matrices
+    and scalars (Newton-Schulz's A, A^2 and b A + c A^2)."""
+    node, shape = graph.node(n), graph.shape(n)
+    if shape[0] != shape[1] or 1 in shape:
+        return False
+    if node["op"] == "dot":
+        a, b = node["inputs"]
+        return a == b and (node["ta"] != node["tb"] or symmetric(graph, a))
+    return node["op"] == "ew" and all(graph.shape(i) == (1, 1) or symmetric(graph, i)
+                                      for i in node["inputs"])
+
+
 def _vjp(graph: Graph, n: str, node: dict, dy: str, prefix: str, index: int):
     """(input, its contribution) of node n (the graph's `index`-th) with adjoint dy; a
     contribution to x is named `{prefix}x_from_n`, n without a `_from_` part of its own (and the
@@ -344,13 +358,24 @@ def _vjp(graph: Graph, n: str, node: dict, dy: str, prefix: str, index: int):
     def part(src):
         return f"{prefix}{src}_from_{n.split('_from_')[0]}"
 
-    if op == "dot":
+    if op == "dot" and inputs[0] == inputs[1] and node["ta"] != node["tb"] and \
+            "T" not in graph.shape(n):
+        # a Gram matrix of a state-sized tile, x x^T (x^T x): d x = (dy + dy^T) x (x (dy + dy^T)),
+        # one product where there were two (Newton-Schulz's reverse holds one operand fewer)
+        x = inputs[0]
+        both = ew(graph, lambda u, v: u + v, dy, graph.trans(dy, name=f"{dy}_t"),
+                  name=f"{dy}_sym")
+        yield x, graph.dot(x, both, name=part(x)) if node["ta"] else \
+            graph.dot(both, x, name=part(x))
+    elif op == "dot":
         a, b = inputs
-        ta, tb = node["ta"], node["tb"]
+        # a symmetric operand is its own transpose: every product reads it one way round
+        sa, sb = symmetric(graph, a), symmetric(graph, b)
+        ta, tb = node["ta"] and not sa, node["tb"] and not sb
         da = graph.dot(b, dy, ta=tb, tb=True, name=part(a)) if ta else \
-            graph.dot(dy, b, tb=not tb, name=part(a))
+            graph.dot(dy, b, tb=not (tb or sb), name=part(a))
         db = graph.dot(dy, a, ta=True, tb=ta, name=part(b)) if tb else \
-            graph.dot(a, dy, ta=not ta, name=part(b))
+            graph.dot(a, dy, ta=not (ta or sa), name=part(b))
         yield a, da
         yield b, db
     elif op == "ew":

@@ -13,7 +13,16 @@ from conftest import axis_spec
 
 from mirasc.catalog import load_spec
 from mirasc.derive import derive
-from mirasc.graph import Graph, PairDecays, backward, decayed_pairs, evaluate, ew, held_by_inputs
+from mirasc.graph import (
+    Graph,
+    PairDecays,
+    backward,
+    decayed_pairs,
+    evaluate,
+    ew,
+    held_by_inputs,
+    symmetric,
+)
 from mirasc.memories import step_adjoint
 from mirasc.memories.matrix import matrix_chunk_step
 from mirasc.memories.step import fold_masked_operands, masked_input
@@ -30,6 +39,8 @@ CASES = {
     "lp + momentum + constant decay": axis_spec(
         bias="{kind: lp, p: 3}", retention="{kind: l2, decay: {value: 0.9}}",
         learner="{kind: momentum, eta: {}, momentum: {}}"),
+    "muon per chunk (Newton-Schulz)": axis_spec(
+        learner="{kind: muon, eta: {}, momentum: {}, apply: chunk, ns_steps: 3}"),
 }
 
 
@@ -208,3 +219,42 @@ def test_a_products_masked_input_operand_keeps_what_the_step_computes():
         want = evaluate(unfolded.graph, values, sizes)[before]
         got = evaluate(graph, values, sizes)[after]
         assert torch.allclose(got, want, rtol=1e-13, atol=1e-14), after
+
+
+def test_newton_schulz_reverse_reads_its_symmetric_tiles_one_way_round():
+    """Newton-Schulz's A = X X^T, A^2 and b A + c A^2 are symmetric: no product of the reverse
+    reads one transposed (each transposed copy is another operand in shared memory), and each
+    Gram matrix passes its adjoint to X as one product, (dA + dA^T) X, not two (the values are
+    test_reverse_mode_matches_autograd's)."""
+    step = matrix_chunk_step(derive(_spec(CASES["muon per chunk (Newton-Schulz)"])))
+    graph = step.graph
+    before = set(graph.g)
+    grams = [n for n in graph.order() if graph.node(n)["op"] == "dot"
+             and len(set(graph.node(n)["inputs"])) == 1 and graph.shape(n) == ("DV", "DV")]
+    assert len(grams) == 6 and all(symmetric(graph, n) for n in grams)  # 3 steps: A and A^2
+    step_adjoint(step)
+    for n in set(graph.g) - before:
+        node = graph.node(n)
+        if node["op"] == "dot":
+            flags = (node["ta"], node["tb"])
+            assert not any(f and symmetric(graph, x) for f, x in zip(flags, node["inputs"],
+                                                                     strict=True)), n
+    for gram in grams[::2]:
+        x = graph.node(gram)["inputs"][0]
+        from_gram = [n for n in set(graph.g) - before if n.startswith(f"d{x}_from_{gram}")]
+        assert len(from_gram) == 1 and graph.node(from_gram[0])["op"] == "dot", from_gram
+
+
+def test_symmetric_by_construction_only():
+    """x x^T and functions of it are symmetric; x y^T, x x (not a Gram product) and a masked
+    Gram matrix are not."""
+    graph = Graph()
+    x, y = graph.input("x", ("DV", "DK")), graph.input("y", ("DV", "DK"))
+    mask = graph.input("m", ("DV", "DV"))
+    gram = graph.dot(x, x, tb=True)
+    assert symmetric(graph, gram) and symmetric(graph, graph.dot(gram, gram))
+    assert symmetric(graph, ew(graph, lambda a, b: 2 * a + b ** 2, gram, graph.dot(gram, gram)))
+    assert not symmetric(graph, graph.dot(x, y, tb=True))
+    assert not symmetric(graph, ew(graph, lambda a, b: a * b, gram, mask))
+    square = graph.input("s", ("DV", "DV"))
+    assert not symmetric(graph, graph.dot(square, square))
