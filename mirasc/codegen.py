@@ -265,7 +265,7 @@ def render_triton_module(spec: Spec) -> str:
         split_v=sched.split_v, stream=sched.streamed, summed=sched.summed, v_summed=sched.walks_v,
         key_programs=key_programs, key_shares=key_shares, state_dtypes=sched.state_dtypes,
         out_kernels=sched.groups, stage_order=sched.stage_order, staged=sched.staged,
-        kept=sched.kept, handed=[b.node for b in sched.buffers["bwd_out"]],
+        kept=sched.kept, carried=sched.carried, handed=[b.node for b in sched.buffers["bwd_out"]],
         handover=sched.handover, kernels=kernels, adjoint=adjoint_code,
         outputs=step.outputs, previous=list(previous),
         columns={x: graph.shape(x)[1][1:] if graph.shape(x)[1] != 1 else "" for x in per_token},
@@ -402,7 +402,8 @@ class ModuleContext:
     out_kernels: dict
     stage_order: dict
     staged: dict
-    kept: tuple
+    kept: tuple  # the tiles the forward pass stores for the output kernels
+    carried: tuple  # those the backward pass stores for its output kernels
     handed: list  # the tiles the backward's output kernels hand the later ones
     handover: dict
     kernels: dict

@@ -122,14 +122,19 @@ class KernelPrinter:
         node is read from the buffer another kernel wrote, a `stored` one written to its buffer
         as soon as it is computed. A node read once, by a node of the same statements (or a sum
         of `sinks`), is inlined there rather than named; a node that is another's plain name is
-        never named."""
+        never named. Some tiles are printed just before the first statement that reads them
+        (`_late`)."""
         lines = []
         scope = {*nodes, *sinks}
         calls = self.joint_products(nodes, loaded)
-        done = set()
+        reverse = any(self._kept_state(n, loaded) for n in nodes)
+        done, late = set(), {}
         for n in nodes:
             if n in done:
                 continue
+            deferred = n not in stored and n not in calls and self._late(n, loaded, late, reverse)
+            for r in () if deferred else calls[n][0] if n in calls else (n,):
+                lines += self._late_inputs(self.reads(r), late)
             if n in calls:  # every product of the call at the first of them
                 outputs, helper, args, offset, twin = calls[n]
                 refs = [self.ref(a) for a in args]
@@ -137,20 +142,58 @@ class KernelPrinter:
                 done.update(outputs)
                 lines += [self.m.store_tile(t, self.buffer_at(t)) for t in outputs if t in stored]
                 continue
+            statements = []
             if n in loaded and self.graph.node(n)["op"] in ACROSS_V:
-                lines.append(self.m.load_across_v(n))
+                statements.append(self.m.load_across_v(n))
             elif n in loaded:
-                lines.append(self.m.load_tile(n, self.buffer_at(n)))
+                statements.append(self.m.load_tile(n, self.buffer_at(n)))
             elif self.graph.node(n)["op"] not in ("input", "const") and n not in self.masked:
                 value = self.expression(n)
                 if self.inlinable(n, value, scope):
                     self.inlined[n] = value if _atomic(value) else f"({value})"
-                    continue
-                formula = self.graph.node(n).get("formula")
-                lines.append(self.m.assign(n, value, formula))
+                else:
+                    formula = self.graph.node(n).get("formula")
+                    statements.append(self.m.assign(n, value, formula))
+            if deferred:  # with what it reads: nothing where loaded
+                late[n] = statements, () if n in loaded else self.reads(n)
+                continue
+            lines += statements
             if n in stored:
                 lines.append(self.m.store_tile(n, self.buffer_at(n)))
+        return lines + self._late_inputs([n for n in nodes if n in late], late)  # for the sums
+
+    def _kept_state(self, n: str, loaded) -> bool:
+        """Whether node n is a state-shaped tile a pass kept (`stages.kept`), loaded here."""
+        shape, states = self.graph.shape(n), {self.graph.shape(s) for s in self.step.states}
+        return n in loaded and 1 not in shape and shape in states
+
+    def _late(self, n: str, loaded, late: dict, reverse: bool) -> bool:
+        """Whether node n is printed just before its first reader rather than in the graph's
+        order: a loaded state-shaped tile, a tile without the chunk's rows computed from a late
+        one, and, in a kernel that loads such a tile (a `reverse` pass over the forward's
+        Newton-Schulz iterates, which it reads last to first), every state- or Gram-sized tile.
+        Printed in order, each iterate and the Gram matrices of the first would stay live
+        through the reverse, as a product's operand in shared memory: the muon spec's backward
+        pass at D=128 (sm_90, bf16, 8 warps) needed 496 KiB of it, printed late 176."""
+        shape = self.graph.shape(n)
+        if n in loaded:
+            return self._kept_state(n, loaded)
+        return "T" not in shape and (reverse and 1 not in shape or any(
+            m in late for m in self.graph.node(n)["inputs"]))
+
+    def _late_inputs(self, nodes, late: dict) -> list[str]:
+        """The statements of the `late` nodes among `nodes`, each after those of the late nodes
+        it reads; taken out of `late`."""
+        lines = []
+        for m in nodes:
+            if m in late:
+                own, reads = late.pop(m)
+                lines += self._late_inputs(reads, late) + own
         return lines
+
+    def reads(self, n: str) -> tuple[str, ...]:
+        """The nodes node n is computed from (none for a joint call's unused output `_`)."""
+        return self.graph.node(n)["inputs"] if n in self.graph.g else ()
 
     def joint_products(self, nodes, loaded) -> dict[str, tuple]:
         """The gmix products among `nodes` (none `loaded`) that one helper call computes

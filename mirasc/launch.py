@@ -298,6 +298,7 @@ class ChunkKernels:
         do = do.contiguous()
         acc, meta = _accumulator(q.dtype), self.meta(q, v, cu_seqlens, "bwd")
         staged = [*saved, *self.stage_tiles("bwd", inputs, saved, (do, hs), cu_seqlens, layout)]
+        staged += self.buffers(q, v, chunks, "bwd_pass")  # what the pass keeps for the others
         dh0 = q.new_empty(seqs, q.shape[2], self.state_size(q, v), dtype=acc)
         dhs = hs.new_empty(hs.shape, dtype=self.state_dtype(q, "dhs"))  # each step-end state's gradient
         self.launch("bwd", (seqs, q.shape[2], triton.cdiv(v.shape[-1], meta["BV"])), *inputs,

@@ -106,3 +106,27 @@ def test_held_prefix_sums_are_products_outside_passes_over_blocks():
     printed = set(re.findall(r"^( +)gam = (tl.cumsum|held_cumsum)\(", text, re.M))
     assert {(len(indent) > 8, call) for indent, call in printed} == {
         (True, "tl.cumsum"), (False, "held_cumsum")}
+
+
+def test_a_reverse_pass_reads_the_kept_iterates_where_it_needs_them():
+    """Muon per chunk: the backward pass loads each Newton-Schulz iterate the forward pass kept
+    just before the reverse of its step, last to first, and computes the first step's Gram
+    matrix (from the recomputed X_0) only for the reverse of that step; every other shipped
+    spec's kernels print in the graph's order (gated DeltaNet's module is tests/golden's)."""
+    from conftest import axis_spec
+
+    from mirasc.catalog import checked_spec
+
+    learner = "{kind: muon, eta: {}, momentum: {}, apply: chunk, ns_steps: 4}"
+    text = render_module(checked_spec(axis_spec(learner=learner)))
+    body = text[text.index("def axis_case_bwd_kernel"):text.index("def axis_case_bwd_dv_kernel")]
+
+    def at(pattern):
+        found = [m.start() for m in re.finditer(pattern, body)]
+        assert len(found) == 1, (pattern, found)
+        return found[0]
+
+    loads = [at(rf"\bns{j} = tl\.load") for j in (3, 2)] + [at(r"\bns_moved1 = tl\.load")]
+    reverse = [at(rf"\bdns{j} = ") for j in (3, 2, 1)]
+    assert loads[0] < reverse[0] < loads[1] < reverse[1] < loads[2] < reverse[2]
+    assert reverse[2] < at(r"\bns_gram1 = tl\.dot") < at(r"\bdns0 = ")

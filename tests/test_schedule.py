@@ -9,9 +9,10 @@ import re
 import pytest
 import sympy as sp
 import torch
+from conftest import axis_spec
 
 from mirasc import tuning
-from mirasc.catalog import resolve
+from mirasc.catalog import checked_spec, resolve
 from mirasc.codegen import render_triton_module
 from mirasc.derive import derive
 from mirasc.graph import evaluate, plan
@@ -420,3 +421,48 @@ def test_kernels_load_the_values_under_their_masks():
     assert len(loads) == 3  # the forward pass, its output kernel, the dq/dk kernel's walk
     assert all(line.endswith(", 0.0, DOT)") for line in loads)
     assert "v_masked = (" not in text and "v_masked_ptr" not in text
+
+
+def _state_products(sched, kernel) -> list[str]:
+    """The products of two tiles without the chunk's rows that a kernel computes (Newton-Schulz's
+    Gram matrices, its moves, their reverse)."""
+    graph = sched.step.graph
+    return [n for n in _computes(sched, kernel) if graph.node(n)["op"] == "dot"
+            and all("T" not in graph.shape(m) for m in graph.node(n)["inputs"])]
+
+
+@pytest.mark.parametrize("momentum", ["{}", "{shape: channel}"])
+def test_newton_schulz_runs_in_the_passes_and_the_backward_stage(momentum):
+    """Muon per chunk: the forward pass stores NS_k(S_e) and the backward pass the gradient of
+    S_e, so no output kernel runs the iteration or its reverse (each ran both, from the stored
+    chunk-start states); the backward's stage computes the iterates per chunk from the stored
+    states, and the backward pass loads them for its reverse rather than recompute them."""
+    learner = f"{{kind: muon, eta: {{}}, momentum: {momentum}, apply: chunk}}"
+    sched = schedule(chunk_step(derive(checked_spec(axis_spec(learner=learner)))))
+    graph = sched.step.graph
+    shapes = {graph.shape(s) for s in sched.step.states}
+    for name in ("fwd", "bwd_stage", "bwd"):
+        assert _state_products(sched, sched.kernels[name]), name
+    for name, kernel in sched.kernels.items():
+        if kernel.kind == "out":
+            assert not _state_products(sched, kernel), name
+    assert sched.carried and all(graph.shape(n) in shapes for n in sched.carried)
+    assert set(sched.carried) <= set(sched.kernels["bwd"].stores)
+    assert [n for n in sched.kept if graph.shape(n) in shapes]
+    for name in sched.groups:
+        assert set(sched.carried) <= set(sched.kernels[name].loads)
+    iterates = [n for n in sched.staged["bwd"] if graph.shape(n) in shapes]
+    assert len(iterates) == 4 and set(iterates) <= set(sched.kernels["bwd"].loads)
+    assert not set(iterates) & set(_computes(sched, sched.kernels["bwd"]))
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "moneta", "ttt_mlp", "kda"])
+def test_no_pass_keeps_a_state_shaped_tile_without_newton_schulz(name):
+    """Without a product of state-shaped tiles the passes keep what they kept before: the
+    backward pass nothing, the forward pass no state-shaped tile; and no stage stores one."""
+    sched = _schedule(name)
+    graph = sched.step.graph
+    shapes = {graph.shape(s) for s in sched.step.states}
+    assert sched.carried == () and not sched.kernels["bwd"].stores
+    staged = [n for nodes in sched.staged.values() for n in nodes]
+    assert not [n for n in (*sched.kept, *staged) if graph.shape(n) in shapes]

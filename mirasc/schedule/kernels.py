@@ -67,13 +67,14 @@ class KernelPlan:
 @dataclass(frozen=True)
 class Schedule:
     """The kernels of a chunk step (`kernels`, by name, in launch order) and what connects them: the
-    tiles each direction's stage stores (`staged`), those the forward pass keeps (`kept`), those a
-    stage's kernels hand each other (`handover`), every buffer (`buffers`, by writer), and the
-    layout choices: `split_v` (blocks of value columns run as programs of their own), `streamed`
-    (states pass over blocks of hidden units), `summed` (gradients summed over value blocks),
-    `walks_v` (output kernels whose program walks every value block), `key_blocks` (output kernels
-    that pass over key blocks: their widest block), `operand_states` (the stored states' buffers
-    held in the matmul operands' dtype, by the rule of the function of that name)."""
+    tiles each direction's stage stores (`staged`), those the forward pass keeps (`kept`), those
+    the backward pass keeps (`carried`), those a stage's kernels hand each other (`handover`),
+    every buffer (`buffers`, by writer), and the layout choices: `split_v` (blocks of value
+    columns run as programs of their own), `streamed` (states pass over blocks of hidden units),
+    `summed` (gradients summed over value blocks), `walks_v` (output kernels whose program walks
+    every value block), `key_blocks` (output kernels that pass over key blocks: their widest
+    block), `operand_states` (the stored states' buffers held in the matmul operands' dtype, by
+    the rule of the function of that name)."""
 
     step: ChunkStep
     adjoint: dict
@@ -81,6 +82,7 @@ class Schedule:
     groups: dict[str, tuple[str, ...]]
     staged: dict[str, tuple[str, ...]]
     kept: tuple[str, ...]
+    carried: tuple[str, ...]
     handover: dict[str, tuple[str, ...]]
     buffers: dict[str, list[Buffer]]
     split_v: bool
@@ -241,23 +243,23 @@ def operand_states(graph, kernels: dict[str, KernelPlan], states, streamed: bool
 
 
 def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
-    """The tiles each direction's stage computes, each kernel's loads, the forward pass's kept
-    tiles, and whether the step streams hidden blocks."""
+    """The tiles each direction's stage computes, each kernel's loads, the tiles the forward and
+    the backward pass keep, and whether the step streams hidden blocks."""
     graph = step.graph
     states = list(step.states)
     dstates = [f"d{s}_new" for s in states]
     staged = {"fwd": stages.frontier(graph, targets["fwd"], states),
               "bwd": stages.frontier(graph, targets["bwd"], states + dstates)}
-    first = stages.stops(graph, targets, staged)[0]
+    first = stages.stops(graph, targets, staged, states)[0]
     # The rows' flags read every input: the forward stage computes them once, and every kernel
     # after it loads them (and its inputs' flagged rows as padding, testing no entry).
     read = {n for k in ("fwd_out", "bwd", "bwd_out") for n in plan(graph, targets[k], first[k])}
     staged["fwd"] += tuple(c for c in stages.STAGED_CONSTS if c in read and c not in staged["fwd"])
-    first = stages.stops(graph, targets, staged)[0]
+    first = stages.stops(graph, targets, staged, states)[0]
     products = [n for k in ("fwd_out", "bwd_out") for n in stages.decayed_products(
         graph, targets[k], states + dstates, first[k]) if n not in staged["fwd"]]
     staged["fwd"] += tuple(dict.fromkeys(products))
-    first = stages.stops(graph, targets, staged)[0]
+    first = stages.stops(graph, targets, staged, states)[0]
     streamed = _hidden_streams(step, targets, first, adjoint) is not None
     if streamed:
         # The backward stage passes over the hidden blocks of the stored states too: what reads
@@ -267,16 +269,19 @@ def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
         if stream(graph, wide, stop=first["fwd_out"]) is not None:
             staged["bwd"] = wide
     else:
-        # The stored states are at hand: the backward pass carries dW alone.
-        staged["bwd"] = stages.frontier(graph, targets["bwd"], dstates)
-    loads, kept = stages.stops(graph, targets, staged)
+        # The stored states are at hand: the backward pass carries dW alone. The state-shaped
+        # tiles nonlinear in them (the iterates of Newton-Schulz, whose reverse reads them last
+        # to first) are the stage's too, rather than recomputed, and held, in the pass.
+        staged["bwd"] = stages.frontier(graph, targets["bwd"], dstates,
+                                        stages.nonlinear_states(graph, states))
+    loads, kept, _ = stages.stops(graph, targets, staged, states)
     staged["bwd"] = tuple(n for n in staged["bwd"] if n not in (*staged["fwd"], *kept))
     # what the backward's output kernels compute an elementwise stage tile from
     rows = [m for n in loads["bwd"] if stages.recomputed(graph, n)
             for m in stages.row_operands(graph, n) if m not in loads["bwd"]]
     staged["bwd"] += tuple(dict.fromkeys(rows))
-    loads = stages.stops(graph, targets, staged)[0]
-    return staged, loads, kept, streamed
+    loads, _, carried = stages.stops(graph, targets, staged, states)
+    return staged, loads, (kept, carried), streamed
 
 
 def _key_stage(graph, nodes, stop) -> tuple | None:
@@ -349,7 +354,7 @@ def schedule(step: ChunkStep) -> Schedule:
         "bwd": [adjoint[s] for s in states if adjoint[s] is not None],
         "bwd_out": [adjoint[x] for x in wrt if x not in states and adjoint[x] is not None],
     }
-    staged, loads, kept, streamed = _stage_targets(step, targets, adjoint)
+    staged, loads, (kept, carried), streamed = _stage_targets(step, targets, adjoint)
     groups = gradient_groups(step, adjoint, streamed)
     del targets["bwd_out"]
     for name, grads in groups.items():
@@ -399,7 +404,7 @@ def schedule(step: ChunkStep) -> Schedule:
                     else tuning.BK_PER_PROGRAM
         elif streams is not None:
             passes, dim = streams[name], "DH"
-        stored = kept if name == "fwd" else ()
+        stored = {"fwd": kept, "bwd": carried}.get(name, ())
         kernels[name] = KernelPlan(
             name=name, kind=kind, direction=direction, targets=tuple(t), loads=stop,
             needs=frozenset(need), reads=tuple(s for s in states + dstates if s in need),
@@ -422,7 +427,8 @@ def schedule(step: ChunkStep) -> Schedule:
     halves = {n for n, only in operands.items() if only}
     buffers = {key: [Buffer(n, (1, "DV") if graph.node(n)["op"] in stages.ACROSS_V
                             else graph.shape(n), n in halves) for n in nodes]
-               for key, nodes in [*staged.items(), ("fwd_pass", kept), ("bwd_out", tuple(handed)),
+               for key, nodes in [*staged.items(), ("fwd_pass", kept), ("bwd_pass", carried),
+                                  ("bwd_out", tuple(handed)),
                                   *((f"{k}_handover", n) for k, n in handover.items() if n)]}
     order = [*(k for k, p in kernels.items() if p.kind == "stage" and p.direction == "fwd"),
              "fwd", "fwd_out",
@@ -431,7 +437,7 @@ def schedule(step: ChunkStep) -> Schedule:
     kernels = {k: kernels[k] for k in order}  # in launch order
     walks_v = tuple(k for k in groups if k in in_place or kernels[k].walk is not None)
     return Schedule(step=step, adjoint=adjoint, kernels=kernels, groups=groups, staged=staged,
-                    kept=kept, handover=handover, buffers=buffers, split_v=split_v,
+                    kept=kept, carried=carried, handover=handover, buffers=buffers, split_v=split_v,
                     streamed=streams is not None, summed=summed, walks_v=walks_v,
                     key_blocks=key_blocks,
                     operand_states=operand_states(graph, kernels, states, streams is not None))

@@ -1,5 +1,5 @@
 """Stages: which state-free tiles a stage kernel computes for every chunk at once, which tiles
-the forward pass stores for its output kernel, and what each kernel loads rather than computes.
+each pass stores for the output kernels, and what each kernel loads rather than computes.
 
 A stage tile is a node of the chunk step that does not depend on the state; the sequential pass
 then only loads it (fla's chunk kernels split their work the same way)."""
@@ -24,7 +24,8 @@ def stageable(graph: Graph, n: str) -> bool:
     """Whether a state-free node can be a stage kernel's output: a tile of the chunk's rows (or
     one row, or one column of key or value entries), not a loaded input (nor one under its
     masks, `masked_input`) and not a state-shaped tile, which the pass computes itself rather
-    than move one per chunk through memory."""
+    than move one per chunk through memory (but for those that `frontier` is told to stage:
+    the backward's stage computes the tiles nonlinear in the stored states)."""
     node = graph.node(n)
     rows, cols = node["shape"]
     computed = node["op"] not in ("input", "const", "broadcast", "trans") or \
@@ -71,11 +72,11 @@ def row_operands(graph: Graph, n: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def frontier(graph: Graph, targets, live) -> tuple[str, ...]:
+def frontier(graph: Graph, targets, live, also=frozenset()) -> tuple[str, ...]:
     """The state-free tiles that the nodes of `targets` depending on `live` (the states, their
     cotangents) read: what a stage kernel computes for every chunk at once, so that the
-    sequential pass only loads them. A state-free node that cannot be staged runs in the pass,
-    and its own state-free inputs join the frontier."""
+    sequential pass only loads them. A state-free node that cannot be staged (`stageable`, or
+    one of `also`) runs in the pass, and its own state-free inputs join the frontier."""
     nodes = plan(graph, targets)
     dep = set(live)
     for n in nodes:
@@ -86,7 +87,7 @@ def frontier(graph: Graph, targets, live) -> tuple[str, ...]:
         n = todo.pop()
         if n in dep or n in staged:
             continue
-        if stageable(graph, n):
+        if stageable(graph, n) or n in also:
             staged.add(n)
         else:
             dep.add(n)
@@ -137,34 +138,74 @@ def _decayed_keys(graph: Graph, n: str, stop) -> bool:
     return False
 
 
-def _keepable(graph: Graph, n: str) -> bool:
-    """Whether a node the pass computes is a tile it stores for its output kernel: a product
-    (what is costly to recompute) of the chunk's rows by value columns (a block of columns is
-    its program's own), or the count of a state's non-finite entries (which rereads the state:
-    the pass has it at hand; `ACROSS_V`)."""
+def _keepable(graph: Graph, n: str, nonlinear) -> bool:
+    """Whether a node the forward pass computes is a tile it stores for the output kernels: a
+    product (what is costly to recompute) of the chunk's rows by value columns (a block of
+    columns is its program's own), the count of a state's non-finite entries (which rereads
+    the state: the pass has it at hand; `ACROSS_V`), or a `nonlinear` state-shaped tile."""
     node = graph.node(n)
-    return node["op"] == "dot" and graph.shape(n) == ("T", "DV") or node["op"] in ACROSS_V
+    return node["op"] == "dot" and graph.shape(n) == ("T", "DV") or node["op"] in ACROSS_V or \
+        n in nonlinear
 
 
-def kept(graph: Graph, pass_targets, out_targets, stop) -> tuple[str, ...]:
-    """The tiles of the forward pass that the output kernels (forward and backward) read, of
-    those `_keepable`: the pass stores them rather than have the output kernels recompute what
-    led to them (as fla's state kernel stores the delta rule's corrected values). Keeping the
-    backward pass's too was measured worse (gated_deltanet, sm_90, D=128): its step grew and
-    spilled."""
-    able = {n for n in plan(graph, pass_targets, stop) if n not in stop and _keepable(graph, n)}
+def nonlinear_states(graph: Graph, live) -> set[str]:
+    """The state-shaped tiles that are not linear in `live` (the states, or their cotangents)
+    and cost a product to recompute: computed through a product of two tiles without the
+    chunk's rows that both read one (the Newton-Schulz iteration's Gram matrices, and their
+    reverse), by a product or from two such tiles. An elementwise tile of one such tile and
+    linear ones (the step eta_e NS_k(S_e), the moved state) is not: a kernel recomputes it from
+    that tile. Without them an output kernel would rerun the iteration in every program."""
+    shapes = {graph.shape(s) for s in live}
+    reads, nonlinear, able = set(live), set(), set()
+    for n in graph.order():
+        node = graph.node(n)
+        inputs = node["inputs"] if n not in live else ()
+        if any(m in reads for m in inputs):
+            reads.add(n)
+        product = node["op"] == "dot" and all(m in reads and "T" not in graph.shape(m)
+                                               for m in inputs)
+        mixed = [m for m in inputs if m in nonlinear]
+        if product or mixed:
+            nonlinear.add(n)
+        if product or node["op"] == "dot" and mixed or len(mixed) > 1:
+            able.add(n)
+    return {n for n in able if graph.shape(n) in shapes}
+
+
+def kept(graph: Graph, pass_targets, out_targets, stop, keepable) -> tuple[str, ...]:
+    """The tiles of a pass (computing `pass_targets` from `stop`) that the output kernels (of
+    `out_targets`) read, of those `keepable`: the pass stores them rather than have the output
+    kernels recompute what led to them (as fla's state kernel stores the delta rule's corrected
+    values)."""
+    able = {n for n in plan(graph, pass_targets, stop) if n not in stop and keepable(n)}
     return tuple(n for n in plan(graph, out_targets, (*stop, *able)) if n in able)
 
 
-def stops(graph: Graph, targets: dict, staged: dict) -> tuple[dict, tuple]:
+def stops(graph: Graph, targets: dict, staged: dict, states) -> tuple[dict, tuple, tuple]:
     """Per kernel, the tiles it loads rather than computes: the forward's stage tiles, then
     those of the forward pass (the forward saves both for the backward), then the backward
-    stage's. Also the tiles the forward pass stores (`kept`)."""
-    stored = kept(graph, targets["fwd"], targets["fwd_out"] + targets["bwd_out"], staged["fwd"])
+    stage's, and for the backward's output kernels those of the backward pass. Also the tiles
+    each pass stores (`kept`). The backward pass keeps only the state-shaped tiles nonlinear in
+    the states or their cotangents: keeping its [T, DV] products too was measured worse
+    (gated_deltanet, sm_90, D=128): its step grew and spilled."""
+    dstates = [f"d{s}_new" for s in states]
+    backward, forward = nonlinear_states(graph, (*states, *dstates)), nonlinear_states(graph, states)
+
+    def carried(stop):
+        return kept(graph, targets["bwd"], targets["bwd_out"], (*stop, *staged["bwd"]),
+                    backward.__contains__)
+
+    # what the forward pass keeps for the backward's output kernels depends on what the
+    # backward pass keeps for them, and the other way round: the latter first as if the
+    # forward kept nothing, then again from what it keeps
+    stored = kept(graph, targets["fwd"], targets["fwd_out"] + targets["bwd_out"],
+                  (*staged["fwd"], *carried(staged["fwd"])),
+                  lambda n: _keepable(graph, n, forward))
     loads = {"fwd": staged["fwd"], "fwd_out": staged["fwd"] + stored}
     loads["bwd"] = tuple(dict.fromkeys(loads["fwd_out"] + staged["bwd"]))
-    loads["bwd_out"] = tuple(n for n in loads["bwd"] if not recomputed(graph, n))
-    return loads, stored
+    after = carried(loads["fwd_out"])
+    loads["bwd_out"] = tuple(n for n in loads["bwd"] if not recomputed(graph, n)) + after
+    return loads, stored, after
 
 
 def stage_parts(graph: Graph, targets, saved) -> list[tuple[str, ...]]:

@@ -62,7 +62,7 @@ OUT_KERNELS = {'bwd_dv': ('v',), 'bwd_dqk': ('q', 'k', 'log_alpha', 'eta')}
 # per direction, its stage kernels in launch order
 STAGES = {'fwd': ['fwd_stage'], 'bwd': ['bwd_stage']}
 KERNELS = [*STAGES["fwd"], "fwd", "fwd_out", *STAGES["bwd"], "bwd", *OUT_KERNELS]  # in launch order
-# the tiles each stage ("fwd", "bwd"), the forward pass ("fwd_pass"), a stage's kernels
+# the tiles each stage ("fwd", "bwd"), each pass ("fwd_pass", "bwd_pass"), a stage's kernels
 # between them ("*_handover") and the backward's output kernels ("bwd_out") store for the
 # kernels after them: (node, rows, cols as blocks, whether in the matmul operands' dtype)
 BUFFERS = {'fwd': [('n_tainted', '1', '1', False),
@@ -80,6 +80,7 @@ BUFFERS = {'fwd': [('n_tainted', '1', '1', False),
  'fwd_pass': [('kw', 'BT', 'BDV', False),
               ('inherited', '1', 'BDV', False),
               ('u', 'BT', 'BDV', False)],
+ 'bwd_pass': [],
  'bwd_out': [('du_tail', 'BT', 'BDV', False),
              ('du', 'BT', 'BDV', True),
              ('drhs', 'BT', 'BDV', False)]}
