@@ -16,7 +16,7 @@ import sympy as sp
 
 import mirasc
 from mirasc import tuning
-from mirasc.derive import DELTA, RNORM, RNORM_EPS, R, V, Z, derive
+from mirasc.derive import DELTA, NS_COEFFICIENTS, NS_EPS, RNORM, RNORM_EPS, R, V, Z, derive
 from mirasc.expr import torch_source
 from mirasc.kernel_printer import BLOCKS, BUFFER_BLOCKS, KernelPrinter, indent
 from mirasc.memories import chunk_step
@@ -147,7 +147,7 @@ def _number(value: float) -> str:
 
 HELPERS = ("atan", "dot_fp32", "exp_flushed", "gdot", "gdot_both", "gmix", "gmix_both",
            "gmix_pair", "gmix_t", "gmix_t_pair", "held_cumsum", "largest_magnitude", "load_rows",
-           "nonfinite_rows", "sequence_bounds", "store_sum", "tanh", "tri_inv")
+           "newton_schulz", "nonfinite_rows", "sequence_bounds", "store_sum", "tanh", "tri_inv")
 # the functions of mirasc.triton_helpers that kernel bodies call
 
 
@@ -289,8 +289,8 @@ def step_unsupported(d) -> str | None:
         (d.retention.dual and not d.retention.linear,
          f"the {d.retention.kind} retention's dual state (W = phi^-1(Z) is a second track"
          + (", a whole-state reduction)" if d.retention.elementwise is None else ")")),
-        (d.spec.learner.kind == "muon",
-         "learner.kind 'muon' (the kernel has no Newton-Schulz iteration)"),
+        (d.spec.learner.kind == "muon" and mem.bias,
+         "memory.bias with learner.kind 'muon' (the kernel orthogonalises W alone)"),
         (d.spec.bias.window is not None,
          "bias.window (the kernel neither weighs a gradient by gamma nor keeps earlier tokens)"),
     ]
@@ -308,7 +308,7 @@ def step_tracks(spec: Spec) -> list[str]:
     'query'); each followed by its bias's with memory.bias."""
     learner = spec.learner
     by_query = learner.kind == "gd" and learner.eta_at == "query"
-    roles = ["point", "src", "dst"] + (["s_buf"] if learner.kind == "momentum" else []) \
+    roles = ["point", "src", "dst"] + (["s_buf"] if spec.has_momentum else []) \
         + (["g_src", "g_dst"] if by_query else [])
     return [n for r in roles for n in ([r, f"{r}_b"] if spec.memory.bias else [r])]
 
@@ -321,6 +321,7 @@ def render_step_module(spec: Spec) -> str:
     if reason:
         raise CodegenError(f"{spec.name}: the Triton step kernel does not support {reason}")
     mem, learner = spec.memory, spec.learner
+    muon = learner.kind == "muon"
     gates = {STEP_GATES[n]: g for n, g in d.op_gates().items()}
     loaded = [n for n in ("alpha", "eta", "momentum", "delta") if n in gates and gates[n].is_input]
     channel = {n: gates[n].shape == "channel" for n in loaded}
@@ -355,17 +356,20 @@ def render_step_module(spec: Spec) -> str:
         retained=learner.grad_at == "retained", decays="alpha" in gates,
         by_query=learner.kind == "gd" and learner.eta_at == "query",
         alpha=gate("alpha") if "alpha" in gates else "", eta=gate("eta"),
-        momentum=learner.kind == "momentum",
+        momentum=learner.kind == "momentum", muon=muon,
+        by_chunk=muon and learner.apply == "chunk", ns_steps=learner.ns_steps if muon else 0,
+        ns=", ".join(map(repr, (*NS_COEFFICIENTS, NS_EPS))),
         momentum_gate=gate("momentum") if "momentum" in gates else "",
         bias_memory=mem.bias, residual=mem.residual, read_output=mem.read_residual == "output",
         norm=layer_norm is not None, affine=layer_norm is not None and layer_norm.affine,
         ln_eps=_number(layer_norm.eps) if layer_norm is not None else "",
-        rnorm=rnorm, whole_v=rnorm or layer_norm is not None, rnorm_eps=_number(RNORM_EPS),
+        rnorm=rnorm, whole_v=rnorm or layer_norm is not None or muon, rnorm_eps=_number(RNORM_EPS),
         bias=bias, bias_text=sp.sstr(elem + norm * R), retention_map=retention_map,
         map_text=None if shrink is None else sp.sstr(shrink),
         memory_text=memory_text, read_text=read.replace("z", "z_t") + (
             ", z_t = W q_t" + (" + b" if mem.bias else "") if "z" in read else ""),
-        helpers=sorted(set(re.findall(r"\b(" + "|".join(HELPERS) + r")\(", code))))
+        helpers=sorted(set(re.findall(r"\b(" + "|".join(HELPERS) + r")\(", code))
+                       | ({"newton_schulz"} if muon else set())))
     text = _environment().get_template("step.py.j2").render(s=context)
     return wrap(drop_blank_lines_in_functions(text))
 

@@ -1,11 +1,12 @@
 """The decode step's Triton kernel (`codegen.render_step_module`) as a PyTorch custom op.
 
-One launch steps one token: one program per sequence, head and block of value rows, which reads
-the gradient point P (W_s, or A_t Z_s with grad_at 'retained') and the running state
-R = A_t Z_s - U_t (with eta_at 'query': A_t Z_s and the decayed gradient sum), and writes them
-(and the momentum) in place. `mirasc.decode.Decoder` runs it on CUDA tensors and under
-TRITON_INTERPRET=1 for the specs `codegen.step_unsupported` admits; the torch step (`Decoder`'s
-own) runs the others, and every spec on CPU tensors.
+One launch steps one token: one program per sequence, head and block of value rows (the whole
+state, for the muon learner's Newton-Schulz iteration), which reads the gradient point P (W_s,
+or A_t Z_s with grad_at 'retained') and the running state R = A_t Z_s - U_t (with eta_at
+'query': A_t Z_s and the decayed gradient sum), and writes them (and the momentum) in place.
+`mirasc.decode.Decoder` runs it on CUDA tensors and under TRITON_INTERPRET=1 for the specs
+`codegen.step_unsupported` admits; the torch step (`Decoder`'s own) runs the others, and every
+spec on CPU tensors.
 """
 
 from __future__ import annotations
@@ -20,19 +21,24 @@ from mirasc.launch import interpreting
 BV_SPLIT = 32  # value rows per program when g(r) is elementwise in r
 TILE = 4096  # elements of a [BV, BK] tile: the key columns pass in blocks of TILE / BV
 ELEMENTS_PER_THREAD = 16  # of each tile: num_warps = TILE / (32 * this), fewer for smaller tiles
+MOST_WARPS = 8  # a whole state's tile (NS_k) of 128 x 128 holds more elements per thread
 
 _CUSTOM_OPS: dict[str, tuple] = {}  # by name: the step op and [the StepKernel it runs]
 
 
-def meta(dk: int, dv: int, whole_v: bool, dtype: torch.dtype) -> dict:
+def meta(dk: int, dv: int, whole_v: bool, dtype: torch.dtype, whole_k: bool = False) -> dict:
     """The constexprs and num_warps of a launch at head dims (dk, dv) with a state of `dtype`:
-    BV value rows per program (all of them with `whole_v`), key columns in blocks of BK."""
+    BV value rows per program (all of them with `whole_v`), key columns in blocks of BK (all
+    of them with `whole_k`, in a tile of at least 16 x 16, the least a product takes)."""
     import triton.language as tl
 
     bdk, bdv = triton.next_power_of_2(dk), triton.next_power_of_2(dv)
     bv = bdv if whole_v else min(bdv, BV_SPLIT)
     bk = min(bdk, max(16, TILE // bv))
-    return dict(DK=dk, DV=dv, BK=bk, BV=bv, num_warps=max(1, bv * bk // (32 * ELEMENTS_PER_THREAD)),
+    if whole_k:
+        bv, bk = max(16, bv), max(16, bdk)
+    warps = max(1, bv * bk // (32 * ELEMENTS_PER_THREAD))
+    return dict(DK=dk, DV=dv, BK=bk, BV=bv, num_warps=min(warps, MOST_WARPS),
                 ACC=tl.float64 if dtype == torch.float64 else tl.float32)
 
 
@@ -51,6 +57,7 @@ class StepKernel:
         self.tracks: list[str] = module.TRACKS
         self.layer_norm: bool = module.LAYER_NORM
         self.whole_v: bool = module.WHOLE_V
+        self.whole_k: bool = module.WHOLE_K
         self.launcher = getattr(module, f"{spec.name}_step_kernel")
         self.op = self._register(f"mirasc::{spec.name}_{module.DIGEST}_step")
 
@@ -59,7 +66,7 @@ class StepKernel:
         batch, heads, dk = q.shape
         dv = v.shape[-1]
         o = tracks[self.tracks.index("src")].new_empty(batch, heads, dv)
-        launch = meta(dk, dv, self.whole_v, o.dtype)
+        launch = meta(dk, dv, self.whole_v, o.dtype, self.whole_k)
         grid = (batch, heads, triton.cdiv(dv, launch["BV"]))
         self.launcher[grid](q, k, v, *gates, *tracks, *ln, o, H=heads, FIRST=first, CLOSE=close,
                             **launch)

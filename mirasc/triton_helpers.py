@@ -1,5 +1,6 @@
 """Triton functions the generated kernels call: row loads, exact elementwise functions, products
-with per-pair decays, split-half products and the blocked triangular inverse.
+with per-pair decays, split-half products, the blocked triangular inverse and the decode step's
+Newton-Schulz iteration.
 
 Each is a `triton.jit` function; tests/test_triton_helpers.py checks them one by one."""
 
@@ -81,6 +82,29 @@ def held_cumsum(x, BT: tl.constexpr, REVERSE: tl.constexpr, DOT: tl.constexpr):
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def newton_schulz(x, STEPS: tl.constexpr, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
+                  EPS: tl.constexpr, TALL: tl.constexpr):
+    """NS_k(X) of a whole matrix tile (its padding 0): X / (||X||_F + EPS), then STEPS times
+    X <- A X + (B G + C G^2) X with G = X X^T, or (TALL, more rows than columns) on X^T:
+    X <- A X + X (B G + C G^2) with G = X^T X, the smaller Gram matrix. A float32 tile's
+    products are three tf32 tensor-core products of the operands' splits each (about float32's
+    precision): as float32 products on the CUDA cores, the step at D=64 (sm_90, 8 warps) kept
+    3 KiB per thread in local memory. A float64 tile's are float64 products."""
+    P: tl.constexpr = "ieee" if x.dtype == tl.float64 else "tf32x3"
+    y = x / (tl.sqrt(tl.sum(tl.sum(x * x, 1, keep_dims=True), 0, keep_dims=True)) + EPS)
+    for _ in tl.static_range(STEPS):
+        if TALL:
+            gram = tl.dot(tl.trans(y), y, input_precision=P)
+            poly = B * gram + C * tl.dot(gram, gram, input_precision=P)
+            y = A * y + tl.dot(y, poly, input_precision=P)
+        else:
+            gram = tl.dot(y, tl.trans(y), input_precision=P)
+            poly = B * gram + C * tl.dot(gram, gram, input_precision=P)
+            y = A * y + tl.dot(poly, y, input_precision=P)
+    return y
 
 
 @triton.jit

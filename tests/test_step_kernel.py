@@ -1,8 +1,8 @@
 """The Triton decode step (mirasc.step_op, templates/step.py.j2) in Triton's interpreter against
 the torch step (mirasc.decode): every covered shipped spec and generated ones (a norm bias on
 whole value rows, channel gates, grad_at 'retained', a proximal retention's map, a lag token,
-a memory bias, residual and layer norm, eta_at 'query'),
-odd head dims, steps across chunk boundaries; float32 and fp16 inputs against float32; which
+a memory bias, residual and layer norm, eta_at 'query', the muon learner per token and per
+chunk), odd head dims, steps across chunk boundaries; float32 and fp16 inputs against float32; which
 specs the kernel covers."""
 
 import re
@@ -50,6 +50,12 @@ GENERATED = {
                                                 "layer_norm: {affine: true}}",
                                          retention="{kind: elastic_net, gamma: 0.01, decay: {}}",
                                          learner="{kind: gd, eta: {}, eta_at: query}"),
+    "muon-token-channel": axis_spec(learner="{kind: muon, eta: {}, momentum: {shape: channel}}"),
+    "muon-chunk-retained-elastic": axis_spec(
+        bias="{kind: huber, delta: {}}",
+        retention="{kind: elastic_net, gamma: 0.01, decay: {shape: channel}}",
+        learner="{kind: muon, eta: {}, momentum: {}, apply: chunk, grad_at: retained, "
+                "ns_steps: 3}"),
 }
 
 
@@ -118,6 +124,14 @@ def test_the_kernel_steps_like_the_torch_step(name):
     assert max(errors.values()) <= 1e-5, errors
 
 
+@pytest.mark.parametrize("name", ["muon-token-channel", "muon-chunk-retained-elastic"])
+def test_newton_schulz_on_a_wide_state(name):
+    """More key than value columns (Dk=9, Dv=7; above, Dk=5): NS_k's other orientation, and a
+    whole state padded on both dims (16 x 16); within 1e-5 as above."""
+    errors = compare(spec_op(name), dk=9)
+    assert max(errors.values()) <= 1e-5, errors
+
+
 @pytest.mark.parametrize("name", ["titans", "ttt_linear", "huber-elastic-momentum"])
 def test_fp16_inputs_against_float32(name):
     """fp16 q, k, v and gates into a float32 state: as the torch step on the same values in
@@ -156,3 +170,6 @@ def test_which_specs_the_kernel_covers():
     assert "dual state (W = phi^-1(Z) is a second track)" in step_unsupported(mirror.derivation)
     kl = op_from_yaml(axis_spec(retention="{kind: kl, decay: {}}"))
     assert "whole-state reduction" in step_unsupported(kl.derivation)
+    muon = op_from_yaml(axis_spec(memory="{kind: matrix, bias: true}",
+                                  learner="{kind: muon, eta: {}, momentum: {}}"))
+    assert "memory.bias with learner.kind 'muon'" in step_unsupported(muon.derivation)

@@ -395,3 +395,30 @@ def test_sequence_bounds(packed):
     _bounds_kernel[(3,)](cu, chunks, out, 37, CHUNK=16, IS_VARLEN=packed)
     expected = [[cu[i], cu[i + 1], chunks[i]] for i in range(3)]
     assert out.tolist() == torch.tensor(expected).tolist()
+
+
+@triton.jit
+def _newton_schulz_kernel(x_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr,
+                          BC: tl.constexpr, STEPS: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
+                          CC: tl.constexpr, EPS: tl.constexpr):
+    rows, cols = tl.arange(0, BR)[:, None], tl.arange(0, BC)[None, :]
+    mask = (rows < R) & (cols < C)
+    x = tl.load(x_ptr + rows * C + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + rows * C + cols, th.newton_schulz(x, STEPS, A, B, CC, EPS, R > C), mask=mask)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 9), (16, 16)])
+def test_newton_schulz_of_a_padded_tile(shape):
+    """The decode step's NS_k of a matrix padded to a 16 x 16 tile, on X^T where it has more
+    rows (as the reference), float64: the reference's iteration to 1e-12; a zero matrix stays 0."""
+    from mirasc.derive import NS_COEFFICIENTS, NS_EPS
+    from mirasc.reference import newton_schulz
+
+    a, b, c = NS_COEFFICIENTS
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for given, steps in ((x, 5), (x, 1), (torch.zeros_like(x), 5)):
+        out = torch.full_like(given, float("nan"))
+        _newton_schulz_kernel[(1,)](given, out, R=shape[0], C=shape[1], BR=16, BC=16,
+                                    STEPS=steps, A=a, B=b, CC=c, EPS=NS_EPS)
+        want = newton_schulz(given[None, None], steps)[0, 0]
+        assert torch.allclose(out, want, rtol=1e-12, atol=1e-12), (out - want).abs().max()
