@@ -89,11 +89,14 @@ def newton_schulz(x, STEPS: tl.constexpr, A: tl.constexpr, B: tl.constexpr, C: t
                   EPS: tl.constexpr, TALL: tl.constexpr):
     """NS_k(X) of a whole matrix tile (its padding 0): X / (||X||_F + EPS), then STEPS times
     X <- A X + (B G + C G^2) X with G = X X^T, or (TALL, more rows than columns) on X^T:
-    X <- A X + X (B G + C G^2) with G = X^T X, the smaller Gram matrix. A float32 tile's
-    products are three tf32 tensor-core products of the operands' splits each (about float32's
-    precision): as float32 products on the CUDA cores, the step at D=64 (sm_90, 8 warps) kept
-    3 KiB per thread in local memory. A float64 tile's are float64 products."""
-    P: tl.constexpr = "ieee" if x.dtype == tl.float64 else "tf32x3"
+    X <- A X + X (B G + C G^2) with G = X^T X, the smaller Gram matrix. A float32 tile of up
+    to 64 x 64 takes each product as three tf32 tensor-core products of the operands' splits
+    (about float32's precision; as float32 products on the CUDA cores, the step at D=64, sm_90,
+    8 warps, kept 3 KiB per thread in local memory); a larger one as one tf32 product (10 bits
+    of each operand: at 128 x 128 the splits took 384 KiB of shared memory, over sm_90's 227).
+    A float64 tile's are float64 products."""
+    P: tl.constexpr = "ieee" if x.dtype == tl.float64 else \
+        "tf32x3" if x.shape[0] * x.shape[1] <= 4096 else "tf32"
     y = x / (tl.sqrt(tl.sum(tl.sum(x * x, 1, keep_dims=True), 0, keep_dims=True)) + EPS)
     for _ in tl.static_range(STEPS):
         if TALL:

@@ -55,6 +55,16 @@ for name in sys.argv[1:]:
                           "spill": u.spill_bytes, "fits": u.fits}))
 """
 
+MUON_STEP = """
+import json, sys
+import torch, mirasc
+from mirasc.resources import kernel_usage
+op = mirasc.compile(sys.argv[1])
+for u in kernel_usage(op, 128, 128, torch.bfloat16, 90, which="first", only=("step",)):
+    print(json.dumps({"kernel": u.kernel, "shared": u.shared_bytes, "limit": u.shared_limit,
+                      "fits": u.fits}))
+"""
+
 PIPELINED = """
 import json, sys
 import torch, mirasc
@@ -169,6 +179,19 @@ def test_step_kernels_do_not_spill_at_head_dim_128(env):
                                                                     "step_end"}, rows
     for r in rows:
         assert r["spill"] == 0 and r["registers"] <= 255 and r["fits"], r
+
+
+def test_the_muon_step_fits_hopper_at_head_dim_128(env):
+    """The decode step of the muon learner holds the whole 128 x 128 state and runs NS_k on it at
+    every token: it fits sm_90's shared memory (with tf32x3 products it needed 384 KiB)."""
+    spec = ("name: muon_step\nmemory: {kind: matrix}\nbias: {kind: l2}\n"
+            "retention: {kind: l2, decay: {}}\nlearner: {kind: muon, eta: {}, momentum: {}}\n")
+    done = subprocess.run([sys.executable, "-c", MUON_STEP, spec], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["kernel"] for r in rows] == ["step"], rows
+    assert rows[0]["fits"] and 0 < rows[0]["shared"] <= rows[0]["limit"], rows
 
 
 def test_value_blocks_fit_hopper_at_head_dim_128(env):
