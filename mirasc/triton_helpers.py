@@ -81,9 +81,6 @@ def held_cumsum(x, BT: tl.constexpr, REVERSE: tl.constexpr, DOT: tl.constexpr):
     return tl.dot(tl.where(ones, 1.0, 0.0).to(DOT), x.to(DOT))
 
 
-LOG2E = tl.constexpr(1.4426950408889634)
-
-
 @triton.jit
 def newton_schulz(x, STEPS: tl.constexpr, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
                   EPS: tl.constexpr, TALL: tl.constexpr):
@@ -108,6 +105,9 @@ def newton_schulz(x, STEPS: tl.constexpr, A: tl.constexpr, B: tl.constexpr, C: t
             poly = B * gram + C * tl.dot(gram, gram, input_precision=P)
             y = A * y + tl.dot(poly, y, input_precision=P)
     return y
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
