@@ -65,6 +65,7 @@ class KernelPrinter:
         self.previous = previous  # the gates that are the previous chunk's rows (a window's)
         self.window = window  # bias.window's size
         self.tiles = state_tiles(self.step, macros)
+        self.state_shapes = {self.graph.shape(s) for s in self.step.states}
         self.buffer_dims = {b.node: b.dims for bs in sched.buffers.values() for b in bs}
         self.constants = {}  # the kernel's key-block shares with a constant term (`begin`)
         self.masked = {}  # the masked inputs the kernel loads (`begin`)
@@ -164,8 +165,8 @@ class KernelPrinter:
 
     def _kept_state(self, n: str, loaded) -> bool:
         """Whether node n is a state-shaped tile a pass kept (`stages.kept`), loaded here."""
-        shape, states = self.graph.shape(n), {self.graph.shape(s) for s in self.step.states}
-        return n in loaded and 1 not in shape and shape in states
+        shape = self.graph.shape(n)
+        return n in loaded and 1 not in shape and shape in self.state_shapes
 
     def _late(self, n: str, loaded, late: dict, reverse: bool) -> bool:
         """Whether node n is printed just before its first reader rather than in the graph's

@@ -1,10 +1,12 @@
 """mirasc.kernel_printer: which products under per-pair decays one helper call prints together,
-and where a prefix sum prints as a product."""
+where a prefix sum prints as a product, and where a reverse pass reads the tiles it loads."""
 
 import re
 from types import SimpleNamespace
 
-from mirasc.catalog import resolve
+from conftest import axis_spec
+
+from mirasc.catalog import checked_spec, resolve
 from mirasc.codegen import render_module
 from mirasc.graph import Graph
 from mirasc.kernel_printer import KernelPrinter
@@ -109,14 +111,10 @@ def test_held_prefix_sums_are_products_outside_passes_over_blocks():
 
 
 def test_a_reverse_pass_reads_the_kept_iterates_where_it_needs_them():
-    """Muon per chunk: the backward pass loads each Newton-Schulz iterate the forward pass kept
-    just before the reverse of its step, last to first, and computes the first step's Gram
-    matrix (from the recomputed X_0) only for the reverse of that step; every other shipped
+    """Muon per chunk: the backward pass loads each Newton-Schulz iterate the backward's stage
+    stored just before the reverse of its step, last to first, and computes the first step's
+    Gram matrix (from the recomputed X_0) only for the reverse of that step; every other shipped
     spec's kernels print in the graph's order (gated DeltaNet's module is tests/golden's)."""
-    from conftest import axis_spec
-
-    from mirasc.catalog import checked_spec
-
     learner = "{kind: muon, eta: {}, momentum: {}, apply: chunk, ns_steps: 4}"
     text = render_module(checked_spec(axis_spec(learner=learner)))
     body = text[text.index("def axis_case_bwd_kernel"):text.index("def axis_case_bwd_dv_kernel")]

@@ -250,16 +250,18 @@ def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
     dstates = [f"d{s}_new" for s in states]
     staged = {"fwd": stages.frontier(graph, targets["fwd"], states),
               "bwd": stages.frontier(graph, targets["bwd"], states + dstates)}
-    first = stages.stops(graph, targets, staged, states)[0]
+    nonlinear = stages.nonlinear_states(graph, states), \
+        stages.nonlinear_states(graph, states + dstates)
+    first = stages.stops(graph, targets, staged, *nonlinear)[0]
     # The rows' flags read every input: the forward stage computes them once, and every kernel
     # after it loads them (and its inputs' flagged rows as padding, testing no entry).
     read = {n for k in ("fwd_out", "bwd", "bwd_out") for n in plan(graph, targets[k], first[k])}
     staged["fwd"] += tuple(c for c in stages.STAGED_CONSTS if c in read and c not in staged["fwd"])
-    first = stages.stops(graph, targets, staged, states)[0]
+    first = stages.stops(graph, targets, staged, *nonlinear)[0]
     products = [n for k in ("fwd_out", "bwd_out") for n in stages.decayed_products(
         graph, targets[k], states + dstates, first[k]) if n not in staged["fwd"]]
     staged["fwd"] += tuple(dict.fromkeys(products))
-    first = stages.stops(graph, targets, staged, states)[0]
+    first = stages.stops(graph, targets, staged, *nonlinear)[0]
     streamed = _hidden_streams(step, targets, first, adjoint) is not None
     if streamed:
         # The backward stage passes over the hidden blocks of the stored states too: what reads
@@ -272,15 +274,14 @@ def _stage_targets(step, targets, adjoint) -> tuple[dict, dict, tuple, bool]:
         # The stored states are at hand: the backward pass carries dW alone. The state-shaped
         # tiles nonlinear in them (the iterates of Newton-Schulz, whose reverse reads them last
         # to first) are the stage's too, rather than recomputed, and held, in the pass.
-        staged["bwd"] = stages.frontier(graph, targets["bwd"], dstates,
-                                        stages.nonlinear_states(graph, states))
-    loads, kept, _ = stages.stops(graph, targets, staged, states)
+        staged["bwd"] = stages.frontier(graph, targets["bwd"], dstates, nonlinear[0])
+    loads, kept, _ = stages.stops(graph, targets, staged, *nonlinear)
     staged["bwd"] = tuple(n for n in staged["bwd"] if n not in (*staged["fwd"], *kept))
     # what the backward's output kernels compute an elementwise stage tile from
     rows = [m for n in loads["bwd"] if stages.recomputed(graph, n)
             for m in stages.row_operands(graph, n) if m not in loads["bwd"]]
     staged["bwd"] += tuple(dict.fromkeys(rows))
-    loads, _, carried = stages.stops(graph, targets, staged, states)
+    loads, _, carried = stages.stops(graph, targets, staged, *nonlinear)
     return staged, loads, (kept, carried), streamed
 
 

@@ -181,15 +181,15 @@ def kept(graph: Graph, pass_targets, out_targets, stop, keepable) -> tuple[str, 
     return tuple(n for n in plan(graph, out_targets, (*stop, *able)) if n in able)
 
 
-def stops(graph: Graph, targets: dict, staged: dict, states) -> tuple[dict, tuple, tuple]:
+def stops(graph: Graph, targets: dict, staged: dict, forward: set,
+          backward: set) -> tuple[dict, tuple, tuple]:
     """Per kernel, the tiles it loads rather than computes: the forward's stage tiles, then
     those of the forward pass (the forward saves both for the backward), then the backward
     stage's, and for the backward's output kernels those of the backward pass. Also the tiles
-    each pass stores (`kept`). The backward pass keeps only the state-shaped tiles nonlinear in
-    the states or their cotangents: keeping its [T, DV] products too was measured worse
-    (gated_deltanet, sm_90, D=128): its step grew and spilled."""
-    dstates = [f"d{s}_new" for s in states]
-    backward, forward = nonlinear_states(graph, (*states, *dstates)), nonlinear_states(graph, states)
+    each pass stores (`kept`). `forward` and `backward` are the `nonlinear_states` in the states
+    and in the states and their cotangents; the backward pass keeps only those: keeping its
+    [T, DV] products too was measured worse (gated_deltanet, sm_90, D=128): its step grew and
+    spilled."""
 
     def carried(stop):
         return kept(graph, targets["bwd"], targets["bwd_out"], (*stop, *staged["bwd"]),
